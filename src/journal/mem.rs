@@ -1,0 +1,40 @@
+//! In-memory journal backend for unit tests. Same atomicity contract as RocksDB; nothing durable.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::{Kv, KvOp, Result};
+
+#[derive(Default)]
+pub struct MemKv {
+    map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl Kv for MemKv {
+    fn write(&self, ops: Vec<KvOp>, _sync: bool) -> Result<()> {
+        let mut m = self.map.lock().unwrap();
+        for op in ops {
+            match op {
+                KvOp::Put(k, v) => {
+                    m.insert(k, v);
+                }
+                KvOp::Delete(k) => {
+                    m.remove(&k);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.map.lock().unwrap().get(key).cloned())
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let m = self.map.lock().unwrap();
+        Ok(m.range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
