@@ -1,0 +1,326 @@
+//! Copy-up: the first change to an OLD-only entry brings it into NEW (rule 3).
+//!
+//! A file is copied into an anonymous file in the right NEW directory (O_TMPFILE), its data
+//! (holes kept), xattrs, owner, mode and times are set, it is fsync'ed, and only then linked
+//! under its name and the directory fsync'ed. So no partial file is ever visible in NEW, and a
+//! crash leaves either no copy or a complete one. The data copy runs under the inode's claim
+//! only; the namespace lock is taken just to link, so a long copy does not stall the view.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom, Timestamps};
+
+use super::inode::{Identity, Inode};
+use super::{Kind, View};
+use crate::error::{Context, Result, errno_err};
+use crate::store::posix;
+
+/// Copy `len` bytes from `src` to `dst` at the same offsets, with copy_file_range where the file
+/// systems allow it, else plain read/write.
+pub(crate) fn copy_range(src: &File, dst: &File, mut off: u64, end: u64) -> Result<()> {
+    let mut use_cfr = true;
+    let mut buf = Vec::new();
+    while off < end {
+        let want = (end - off).min(16 << 20) as usize;
+        if use_cfr {
+            let mut so = off;
+            let mut d_off = off;
+            match rustix::fs::copy_file_range(src, Some(&mut so), dst, Some(&mut d_off), want) {
+                Ok(0) => break, // source shrank under us; the caller truncates to the size it saw
+                Ok(n) => {
+                    off += n as u64;
+                    continue;
+                }
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::NOSYS,
+                ) => use_cfr = false,
+                Err(e) => return Err(e).ctx("copy_file_range"),
+            }
+        }
+        use std::os::unix::fs::FileExt;
+        buf.resize(want.min(1 << 20), 0);
+        let n = src.read_at(&mut buf, off).ctx("read OLD")?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..n], off).ctx("write NEW")?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Copy a file's data keeping holes: only the ranges SEEK_DATA finds are copied.
+pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
+    let mut off = 0u64;
+    while off < size {
+        let data = match rustix::fs::seek(src, SeekFrom::Data(off)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            // No SEEK_DATA support: copy everything.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
+                copy_range(src, dst, off, size)?;
+                break;
+            }
+            Err(e) => return Err(e).ctx("lseek SEEK_DATA"),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = rustix::fs::seek(src, SeekFrom::Hole(data))
+            .ctx("lseek SEEK_HOLE")?
+            .min(size);
+        copy_range(src, dst, data, hole)?;
+        off = hole;
+    }
+    rustix::fs::ftruncate(dst, size).ctx("ftruncate copy")?;
+    Ok(())
+}
+
+/// Copy every xattr of `src` onto `dst` (both fds; O_PATH fds work through /proc).
+pub(crate) fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
+    let sp = posix::proc_path(src);
+    let dp = posix::proc_path(dst);
+    let mut list = vec![0u8; 64 * 1024];
+    let n = match rustix::fs::listxattr(sp.as_c_str(), &mut list[..]) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::OPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(e).ctx("listxattr OLD"),
+    };
+    let mut val = vec![0u8; 64 * 1024];
+    for name in list[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let name = <OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name);
+        let len = match rustix::fs::getxattr(sp.as_c_str(), name, &mut val[..]) {
+            Ok(l) => l,
+            Err(rustix::io::Errno::NODATA) => continue,
+            Err(e) => return Err(e).ctx("getxattr OLD"),
+        };
+        match rustix::fs::setxattr(
+            dp.as_c_str(),
+            name,
+            &val[..len],
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            Ok(()) => {}
+            // security.* / system.* that NEW's file system refuses: nothing we can carry.
+            Err(e @ (rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::PERM))
+                if !name.as_encoded_bytes().starts_with(b"user.") =>
+            {
+                tracing::warn!(?name, error = %e, "xattr not carried into NEW");
+            }
+            Err(e) => return Err(e).ctx("setxattr NEW"),
+        }
+    }
+    Ok(())
+}
+
+fn timestamps(st: &rustix::fs::Stat) -> Timestamps {
+    Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    }
+}
+
+/// Give the NEW entry `name` in `dir` OLD's owner, mode and times (after the data and xattrs,
+/// and chmod after chown, because chown clears set-id bits).
+pub(crate) fn apply_meta(dir: BorrowedFd<'_>, name: &OsStr, st: &rustix::fs::Stat) -> Result<()> {
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .ctx("chown NEW")?;
+    if Kind::from_mode(st.st_mode) != Kind::Symlink {
+        rustix::fs::chmodat(
+            dir,
+            name,
+            Mode::from_raw_mode(st.st_mode & 0o7777),
+            AtFlags::empty(),
+        )
+        .ctx("chmod NEW")?;
+    }
+    rustix::fs::utimensat(dir, name, &timestamps(st), AtFlags::SYMLINK_NOFOLLOW)
+        .ctx("utimens NEW")?;
+    Ok(())
+}
+
+fn fsync_dir(dir: BorrowedFd<'_>) -> Result<()> {
+    let d = posix::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY).ctx("open NEW dir")?;
+    rustix::fs::fsync(&d).ctx("fsync NEW dir")
+}
+
+impl View {
+    /// The view name to place `inode` at: any of its live names.
+    fn placement(&self, inode: &Inode) -> Result<(Arc<Inode>, std::ffi::OsString)> {
+        let names = inode.node().names.clone();
+        for (p, name) in names {
+            if let Ok(parent) = self.inode(p) {
+                return Ok((parent, name));
+            }
+        }
+        Err(errno_err("copy-up: entry has no name left", libc::ENOENT))
+    }
+
+    /// Make sure directory `dir` exists in NEW; returns its NEW fd. Caller holds `ns` write.
+    pub(crate) fn ensure_new_dir_locked(&self, dir: &Inode) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = dir.node().new.clone() {
+            return Ok(fd);
+        }
+        let (parent, name) = self.placement(dir)?;
+        let pfd = self.ensure_new_dir_locked(&parent)?;
+        let old = dir
+            .node()
+            .old
+            .clone()
+            .ok_or_else(|| errno_err("copy-up dir: no backing", libc::ENOENT))?;
+        let st = posix::stat_fd(old.fd.as_fd()).ctx("stat OLD dir")?;
+        match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e).ctx("mkdir NEW"),
+        }
+        let fd = posix::open_child(pfd.as_fd(), &name).ctx("open NEW dir")?;
+        copy_xattrs(old.fd.as_fd(), fd.as_fd())?;
+        apply_meta(pfd.as_fd(), &name, &st)?;
+        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
+        let fd = Arc::new(fd);
+        dir.node().new = Some(fd.clone());
+        self.inodes
+            .add_identity(dir, Identity::New(nst.st_dev, nst.st_ino));
+        Ok(fd)
+    }
+
+    /// Copy `inode` up into NEW unless it is there already. `data: false` when the caller is
+    /// about to truncate to zero (O_TRUNC): OLD's bytes are irrelevant, so none are copied.
+    pub(crate) fn copy_up(&self, inode: &Inode, data: bool) -> Result<()> {
+        if inode.node().new.is_some() {
+            return Ok(());
+        }
+        let _claim = inode.claim.lock().unwrap_or_else(|p| p.into_inner());
+        if inode.node().new.is_some() {
+            return Ok(());
+        }
+        match inode.kind {
+            Kind::Dir => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.ensure_new_dir_locked(inode).map(drop)
+            }
+            Kind::File => self.copy_up_file(inode, data),
+            _ => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.copy_up_special_locked(inode)
+            }
+        }
+    }
+
+    fn copy_up_file(&self, inode: &Inode, data: bool) -> Result<()> {
+        let old = inode
+            .node()
+            .old
+            .clone()
+            .ok_or_else(|| errno_err("copy-up: no backing", libc::ENOENT))?;
+        let src = posix::reopen(old.fd.as_fd(), OFlags::RDONLY | OFlags::NOATIME)
+            .or_else(|_| posix::reopen(old.fd.as_fd(), OFlags::RDONLY))
+            .ctx("open OLD file")?;
+        let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+        let pfd = {
+            let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+            let (parent, _) = self.placement(inode)?;
+            self.ensure_new_dir_locked(&parent)?
+        };
+        let tmp = rustix::fs::openat(
+            pfd.as_fd(),
+            ".",
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
+        let tmp = File::from(tmp);
+        if data {
+            copy_data(&src, &tmp, st.st_size as u64)?;
+        }
+        copy_xattrs(src.as_fd(), tmp.as_fd())?;
+        rustix::fs::fchown(
+            &tmp,
+            Some(rustix::fs::Uid::from_raw(st.st_uid)),
+            Some(rustix::fs::Gid::from_raw(st.st_gid)),
+        )
+        .ctx("fchown copy")?;
+        rustix::fs::fchmod(&tmp, Mode::from_raw_mode(st.st_mode & 0o7777)).ctx("fchmod copy")?;
+        rustix::fs::futimens(&tmp, &timestamps(&st)).ctx("futimens copy")?;
+        rustix::fs::fsync(&tmp).ctx("fsync copy")?;
+
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        // The entry may have been renamed while we copied: place it where it is now.
+        let (parent, name) = self.placement(inode)?;
+        let pfd = self.ensure_new_dir_locked(&parent)?;
+        let tp = posix::proc_path(tmp.as_fd());
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            tp.as_c_str(),
+            pfd.as_fd(),
+            &name,
+            AtFlags::SYMLINK_FOLLOW,
+        )
+        .ctx("link copy into NEW")?;
+        fsync_dir(pfd.as_fd())?;
+        let fd = posix::open_child(pfd.as_fd(), &name).ctx("open NEW copy")?;
+        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW copy")?;
+        inode.node().new = Some(Arc::new(fd));
+        self.inodes
+            .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
+        tracing::debug!(
+            ino = inode.ino,
+            bytes = if data { st.st_size } else { 0 },
+            "copied up"
+        );
+        Ok(())
+    }
+
+    /// Symlinks, FIFOs, sockets and device nodes: created in place (each creation is atomic).
+    fn copy_up_special_locked(&self, inode: &Inode) -> Result<()> {
+        let old = inode
+            .node()
+            .old
+            .clone()
+            .ok_or_else(|| errno_err("copy-up: no backing", libc::ENOENT))?;
+        let st = posix::stat_fd(old.fd.as_fd()).ctx("stat OLD entry")?;
+        let (parent, name) = self.placement(inode)?;
+        let pfd = self.ensure_new_dir_locked(&parent)?;
+        if inode.kind == Kind::Symlink {
+            let target =
+                rustix::fs::readlinkat(old.fd.as_fd(), "", Vec::new()).ctx("readlink OLD")?;
+            rustix::fs::symlinkat(target.as_c_str(), pfd.as_fd(), &name).ctx("symlink NEW")?;
+        } else {
+            rustix::fs::mknodat(
+                pfd.as_fd(),
+                &name,
+                rustix::fs::FileType::from_raw_mode(st.st_mode),
+                Mode::from_raw_mode(st.st_mode & 0o7777),
+                st.st_rdev,
+            )
+            .ctx("mknod NEW")?;
+        }
+        let fd = posix::open_child(pfd.as_fd(), &name).ctx("open NEW entry")?;
+        copy_xattrs(old.fd.as_fd(), fd.as_fd())?;
+        apply_meta(pfd.as_fd(), &name, &st)?;
+        fsync_dir(pfd.as_fd())?;
+        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW entry")?;
+        inode.node().new = Some(Arc::new(fd));
+        self.inodes
+            .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! Open files and directories.
+//!
+//! A read-only open of an OLD-only file reads OLD directly (rule 2). A write open copies up
+//! first and then works on NEW. A handle opened on OLD that sees its inode copied up by someone
+//! else switches to NEW at its next read, so every open of a file sees one file.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rustix::fs::OFlags;
+
+use super::inode::Inode;
+use super::{DirEntry, Kind, View};
+use crate::error::{Context, Error, Result};
+use crate::store::posix;
+
+pub(crate) struct FileHandle {
+    inode: Arc<Inode>,
+    /// The open file, and whether it is NEW's.
+    file: RwLock<(Arc<File>, bool)>,
+    flags: i32,
+}
+
+pub(crate) enum Handle {
+    File(FileHandle),
+    Dir(Vec<DirEntry>),
+}
+
+#[derive(Default)]
+pub(crate) struct HandleTable {
+    map: Mutex<HashMap<u64, Arc<Handle>>>,
+    next: AtomicU64,
+}
+
+impl HandleTable {
+    fn insert(&self, h: Handle) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.map.lock().unwrap().insert(fh, Arc::new(h));
+        fh
+    }
+    pub fn insert_dir(&self, entries: Vec<DirEntry>) -> u64 {
+        self.insert(Handle::Dir(entries))
+    }
+    fn get(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.map
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| Error::refused(libc::EBADF, "unknown file handle"))
+    }
+    pub fn remove(&self, fh: u64) {
+        self.map.lock().unwrap().remove(&fh);
+    }
+    pub fn dir_entries(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>> {
+        match &*self.get(fh)? {
+            Handle::Dir(entries) => Ok(entries
+                .iter()
+                .enumerate()
+                .skip(offset as usize)
+                .map(|(i, e)| (i as u64 + 1, e.clone()))
+                .collect()),
+            Handle::File(_) => Err(Error::refused(libc::ENOTDIR, "not a directory handle")),
+        }
+    }
+    fn file(&self, fh: u64) -> Result<Arc<Handle>> {
+        let h = self.get(fh)?;
+        match &*h {
+            Handle::File(_) => Ok(h),
+            Handle::Dir(_) => Err(Error::refused(libc::EISDIR, "directory handle")),
+        }
+    }
+}
+
+/// What `open` tells the kernel besides the handle.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenFile {
+    pub fh: u64,
+    /// The file's data did not change since the kernel last cached it: keep the page cache.
+    pub keep_cache: bool,
+}
+
+/// Open flags that were for the kernel (or are handled by the view), not for the backing file.
+const STRIP: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT;
+
+fn wants_write(flags: i32) -> bool {
+    (flags & libc::O_ACCMODE) != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl View {
+    pub fn open(&self, ino: u64, flags: i32) -> Result<OpenFile> {
+        let inode = self.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(Error::refused(libc::EISDIR, "open of a directory"));
+        }
+        if wants_write(flags) {
+            self.copy_up(&inode, flags & libc::O_TRUNC == 0)?;
+        }
+        self.open_inode(inode, flags)
+    }
+
+    pub(crate) fn open_inode(&self, inode: Arc<Inode>, flags: i32) -> Result<OpenFile> {
+        let (fd, on_new) = {
+            let n = inode.node();
+            match (&n.new, &n.old) {
+                (Some(fd), _) => (fd.clone(), true),
+                (None, Some(o)) => (o.fd.clone(), false),
+                (None, None) => return Err(crate::error::errno_err("open", libc::ENOENT)),
+            }
+        };
+        let file = posix::reopen(
+            fd.as_fd(),
+            OFlags::from_bits_retain((flags & !STRIP) as u32),
+        )
+        .ctx(if on_new {
+            "open NEW file"
+        } else {
+            "open OLD file"
+        })?;
+        if flags & libc::O_TRUNC != 0 && on_new {
+            file.set_len(0).ctx("truncate on open")?;
+        }
+        let st = posix::stat_fd(file.as_fd()).ctx("fstat open file")?;
+        #[allow(clippy::unnecessary_cast)]
+        let stamp = (
+            st.st_mtime as i64,
+            st.st_mtime_nsec as i64,
+            st.st_size as i64,
+            st.st_ino as u64,
+        );
+        let keep_cache = {
+            let mut n = inode.node();
+            let same = n.cache_stamp == Some(stamp);
+            n.cache_stamp = Some(stamp);
+            same
+        };
+        let fh = self.handles.insert(Handle::File(FileHandle {
+            inode,
+            file: RwLock::new((Arc::new(file), on_new)),
+            flags,
+        }));
+        Ok(OpenFile { fh, keep_cache })
+    }
+
+    /// The handle's file, switched to NEW if the inode was copied up since it was opened.
+    fn handle_file(&self, h: &FileHandle) -> Result<Arc<File>> {
+        {
+            let g = h.file.read().unwrap();
+            if g.1 {
+                return Ok(g.0.clone());
+            }
+        }
+        let new = h.inode.node().new.clone();
+        let mut g = h.file.write().unwrap();
+        if let (Some(fd), false) = (new, g.1) {
+            let f = posix::reopen(
+                fd.as_fd(),
+                OFlags::from_bits_retain((h.flags & !STRIP) as u32),
+            )
+            .ctx("reopen on NEW after copy-up")?;
+            *g = (Arc::new(f), true);
+        }
+        Ok(g.0.clone())
+    }
+
+    fn with_file<T>(&self, fh: u64, f: impl FnOnce(&File, &FileHandle) -> Result<T>) -> Result<T> {
+        let h = self.handles.file(fh)?;
+        let Handle::File(fhd) = &*h else {
+            unreachable!()
+        };
+        let file = self.handle_file(fhd)?;
+        f(&file, fhd)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.with_file(fh, |file, _| {
+            let mut buf = vec![0u8; size as usize];
+            let mut done = 0;
+            while done < buf.len() {
+                let n = file
+                    .read_at(&mut buf[done..], offset + done as u64)
+                    .ctx("read")?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            Ok(buf)
+        })
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.with_file(fh, |file, h| {
+            if h.flags & libc::O_APPEND != 0 {
+                // The backing file is O_APPEND too: the kernel's offset is advisory.
+                use std::io::Write;
+                (&*file).write_all(data).ctx("append")?;
+            } else {
+                file.write_all_at(data, offset).ctx("write")?;
+            }
+            Ok(data.len() as u32)
+        })
+    }
+
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        self.with_file(fh, |file, _| {
+            if datasync {
+                file.sync_data().ctx("fdatasync")
+            } else {
+                file.sync_all().ctx("fsync")
+            }
+        })
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        self.with_file(fh, |file, _| {
+            rustix::fs::fallocate(
+                file,
+                rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                offset,
+                len,
+            )
+            .ctx("fallocate")
+        })
+    }
+
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        self.with_file(fh, |file, _| {
+            let pos = match whence {
+                libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+                libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+                libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+                libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+                _ => return Err(Error::refused(libc::EINVAL, "lseek whence")),
+            };
+            rustix::fs::seek(file, pos).map(|p| p as i64).ctx("lseek")
+        })
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+}

@@ -1,0 +1,201 @@
+//! The inode table: the view's inode numbers and what backs each one.
+//!
+//! An inode number is allocated the first time the kernel learns of an entry and stays with
+//! that entry for the life of the mount, across copy-up (rule 6): copy-up changes what backs the
+//! inode, never its number. Entries are found again by their backing identity (NEW's or OLD's
+//! st_dev/st_ino), so hard links share one inode. An inode leaves the table when the kernel
+//! forgets it.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::attr::Kind;
+
+pub const ROOT_INO: u64 = 1;
+
+/// Which store's inode an entry currently is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Identity {
+    New(u64, u64),
+    Old(u64, u64),
+}
+
+/// The OLD entry behind a view entry: its path below OLD's root (what redirects record) and an
+/// O_PATH fd resolved beneath the root without following symlinks.
+#[derive(Debug, Clone)]
+pub struct OldRef {
+    pub path: Vec<u8>,
+    pub fd: Arc<OwnedFd>,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    /// Names this inode is known by in the view: (parent ino, name). One for everything but
+    /// hard links. Copy-up places the NEW copy at one of these.
+    pub names: Vec<(u64, OsString)>,
+    /// O_PATH fd of the entry in NEW, once it exists there.
+    pub new: Option<Arc<OwnedFd>>,
+    /// The OLD entry: the data of an OLD-only file, or the OLD half of a merged directory.
+    pub old: Option<OldRef>,
+    /// Journal directory id (directories only), once anything below needed a record.
+    pub dir_id: Option<u64>,
+    pub ids: Vec<Identity>,
+    /// (mtime, mtime_nsec, size, st_ino) of the data when the kernel last opened it: an open
+    /// that finds the same stamp keeps the kernel's page cache.
+    pub cache_stamp: Option<(i64, i64, i64, u64)>,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: u64,
+    pub kind: Kind,
+    lookups: AtomicU64,
+    node: Mutex<Node>,
+    /// The copy-up claim: held for the whole of a copy-up so no two copy the same file.
+    pub claim: Mutex<()>,
+}
+
+impl Inode {
+    pub fn node(&self) -> MutexGuard<'_, Node> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    by_ino: HashMap<u64, Arc<Inode>>,
+    by_id: HashMap<Identity, u64>,
+}
+
+pub struct InodeTable {
+    t: Mutex<Tables>,
+    next: AtomicU64,
+}
+
+impl InodeTable {
+    pub fn new(root: Node) -> InodeTable {
+        let mut t = Tables::default();
+        for id in &root.ids {
+            t.by_id.insert(*id, ROOT_INO);
+        }
+        t.by_ino.insert(
+            ROOT_INO,
+            Arc::new(Inode {
+                ino: ROOT_INO,
+                kind: Kind::Dir,
+                // The root is never forgotten.
+                lookups: AtomicU64::new(1 << 62),
+                node: Mutex::new(root),
+                claim: Mutex::new(()),
+            }),
+        );
+        InodeTable {
+            t: Mutex::new(t),
+            next: AtomicU64::new(ROOT_INO + 1),
+        }
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.t.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
+        self.tables().by_ino.get(&ino).cloned()
+    }
+
+    /// The inode number already serving `id`, if any (for readdir's d_ino).
+    pub fn ino_of(&self, id: &Identity) -> Option<u64> {
+        self.tables().by_id.get(id).copied()
+    }
+
+    /// Find the inode for an entry the kernel is about to learn of (counting one lookup), or
+    /// create it from `make`. `name` is added to the inode's names.
+    pub fn lookup_or_insert(
+        &self,
+        id: Identity,
+        kind: Kind,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        make: impl FnOnce() -> Node,
+    ) -> Arc<Inode> {
+        let mut t = self.tables();
+        if let Some(ino) = t.by_id.get(&id).copied()
+            && let Some(inode) = t.by_ino.get(&ino).cloned()
+            && inode.kind == kind
+        {
+            inode.lookups.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut n = inode.node();
+                if !n.names.iter().any(|(p, nm)| *p == parent && nm == name) {
+                    n.names.push((parent, name.to_owned()));
+                }
+            }
+            return inode;
+        }
+        let ino = self.next.fetch_add(1, Ordering::Relaxed);
+        let node = make();
+        for i in &node.ids {
+            t.by_id.insert(*i, ino);
+        }
+        t.by_id.insert(id, ino);
+        let inode = Arc::new(Inode {
+            ino,
+            kind,
+            lookups: AtomicU64::new(1),
+            node: Mutex::new(Node {
+                ids: {
+                    let mut v = node.ids.clone();
+                    if !v.contains(&id) {
+                        v.push(id);
+                    }
+                    v
+                },
+                ..node
+            }),
+            claim: Mutex::new(()),
+        });
+        t.by_ino.insert(ino, inode.clone());
+        inode
+    }
+
+    /// Record that `inode` is now also (or instead) known as `id` (after copy-up or link).
+    pub fn add_identity(&self, inode: &Inode, id: Identity) {
+        let mut t = self.tables();
+        t.by_id.insert(id, inode.ino);
+        let mut n = inode.node();
+        if !n.ids.contains(&id) {
+            n.ids.push(id);
+        }
+    }
+
+    /// The kernel dropped `count` references; remove the inode when none remain.
+    pub fn forget(&self, ino: u64, count: u64) {
+        let mut t = self.tables();
+        let Some(inode) = t.by_ino.get(&ino).cloned() else {
+            return;
+        };
+        let prev = inode.lookups.fetch_sub(
+            count.min(inode.lookups.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        if prev <= count {
+            t.by_ino.remove(&ino);
+            for id in inode.node().ids.iter() {
+                if t.by_id.get(id) == Some(&ino) {
+                    t.by_id.remove(id);
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tables().by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,567 @@
+//! The view: one namespace over OLD and NEW (DESIGN "The view's rules").
+//!
+//! Owns the decisions: what a name resolves to, when an entry is copied up, what the journal
+//! records and in which order relative to NEW. Returns plain values; nothing here knows FUSE.
+//!
+//! Ordering invariant: the journal half of an operation is durable before the NEW half starts,
+//! and a journal record without its NEW half always means the same view as before the operation
+//! (or an [`Intent`] finishes the NEW half at the next mount). So a crash at any point leaves
+//! either the old or the new state of every acknowledged operation.
+//!
+//! Locking: `ns` is held shared by resolution and exclusively by every namespace change, so a
+//! rename is atomic as applications see it. Data I/O takes no namespace lock; copy-up copies
+//! data under the inode's claim only and takes `ns` just to link the copy into place.
+
+pub mod attr;
+mod copyup;
+mod handles;
+pub mod inode;
+mod ops;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::{Arc, RwLock};
+
+pub use attr::{Attr, Kind};
+pub use handles::OpenFile;
+use inode::{Identity, Inode, InodeTable, Node, OldRef, ROOT_INO};
+pub use ops::{SetAttr, SetTime, XattrReply};
+
+use crate::error::{Context, Error, Result};
+use crate::journal::{self, Dentry, Intent, Journal, ROOT_DIR};
+use crate::store::posix::{self, PosixStore};
+
+/// Longest name a directory entry may have (NAME_MAX).
+pub const NAME_MAX: usize = 255;
+
+/// Who is asking: new entries belong to the caller (rule 8).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl From<journal::JournalError> for Error {
+    fn from(e: journal::JournalError) -> Self {
+        Error::Journal(e.to_string())
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub name: OsString,
+    pub kind: Kind,
+    pub ino: u64,
+}
+
+/// What the view shows at one name, before an inode is attached to it.
+pub(crate) struct Resolved {
+    pub kind: Kind,
+    /// NEW's entry and its stat, when NEW has the name.
+    pub new: Option<(OwnedFd, rustix::fs::Stat)>,
+    /// OLD's entry: for OLD-only entries and for the OLD half of merged directories.
+    pub old: Option<(Vec<u8>, OwnedFd, rustix::fs::Stat)>,
+    pub record: Option<Dentry>,
+}
+
+impl Resolved {
+    fn identity(&self) -> Identity {
+        match (&self.new, &self.old) {
+            (Some((_, st)), _) => Identity::New(st.st_dev, st.st_ino),
+            (None, Some((_, _, st))) => Identity::Old(st.st_dev, st.st_ino),
+            (None, None) => unreachable!("a resolved entry has a backing"),
+        }
+    }
+    fn stat(&self) -> &rustix::fs::Stat {
+        match (&self.new, &self.old) {
+            (Some((_, st)), _) => st,
+            (None, Some((_, _, st))) => st,
+            (None, None) => unreachable!("a resolved entry has a backing"),
+        }
+    }
+}
+
+pub struct View {
+    old: PosixStore,
+    new: PosixStore,
+    journal: Journal,
+    inodes: InodeTable,
+    handles: handles::HandleTable,
+    ns: RwLock<()>,
+}
+
+fn check_name(name: &OsStr) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(Error::refused(
+            libc::ENAMETOOLONG,
+            "name longer than 255 bytes",
+        ));
+    }
+    if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&b'/') {
+        return Err(Error::refused(libc::EINVAL, "not a plain name"));
+    }
+    Ok(())
+}
+
+fn join(base: &[u8], name: &OsStr) -> Vec<u8> {
+    if base.is_empty() {
+        return name.as_bytes().to_vec();
+    }
+    let mut p = base.to_vec();
+    p.push(b'/');
+    p.extend_from_slice(name.as_bytes());
+    p
+}
+
+fn not_found(op: &'static str) -> Error {
+    crate::error::errno_err(op, libc::ENOENT)
+}
+
+impl View {
+    /// Open the view over two stores and a journal, finishing any NEW-side work a crash left.
+    pub fn new(old: PosixStore, new: PosixStore, journal: Journal) -> Result<View> {
+        let old_root = old
+            .open_path(std::path::Path::new(""))
+            .ctx("open OLD root")?;
+        let new_root = new
+            .open_path(std::path::Path::new(""))
+            .ctx("open NEW root")?;
+        let ost = posix::stat_fd(old_root.as_fd()).ctx("stat OLD root")?;
+        let nst = posix::stat_fd(new_root.as_fd()).ctx("stat NEW root")?;
+        let root = Node {
+            names: vec![(ROOT_INO, OsString::new())],
+            new: Some(Arc::new(new_root)),
+            old: Some(OldRef {
+                path: Vec::new(),
+                fd: Arc::new(old_root),
+            }),
+            dir_id: Some(ROOT_DIR),
+            cache_stamp: None,
+            ids: vec![
+                Identity::New(nst.st_dev, nst.st_ino),
+                Identity::Old(ost.st_dev, ost.st_ino),
+            ],
+        };
+        let view = View {
+            old,
+            new,
+            journal,
+            inodes: InodeTable::new(root),
+            handles: handles::HandleTable::default(),
+            ns: RwLock::new(()),
+        };
+        view.replay_intents()?;
+        Ok(view)
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Finish the NEW half of operations whose journal half was durable at the crash.
+    fn replay_intents(&self) -> Result<()> {
+        for (id, intent) in self.journal.intents()? {
+            match &intent {
+                Intent::Rename { from, to, ino } => {
+                    let from_p = std::path::Path::new(OsStr::from_bytes(from));
+                    if let Ok(fd) = self.new.open_path(from_p)
+                        && posix::stat_fd(fd.as_fd()).ok().map(|s| s.st_ino) == Some(*ino)
+                    {
+                        rustix::fs::renameat(
+                            self.new.root(),
+                            OsStr::from_bytes(from),
+                            self.new.root(),
+                            OsStr::from_bytes(to),
+                        )
+                        .ctx("replay rename")?;
+                    }
+                }
+                Intent::Remove { path, ino } => {
+                    let p = std::path::Path::new(OsStr::from_bytes(path));
+                    if let Ok(fd) = self.new.open_path(p)
+                        && let Ok(st) = posix::stat_fd(fd.as_fd())
+                        && st.st_ino == *ino
+                    {
+                        let flags = if Kind::from_mode(st.st_mode) == Kind::Dir {
+                            rustix::fs::AtFlags::REMOVEDIR
+                        } else {
+                            rustix::fs::AtFlags::empty()
+                        };
+                        rustix::fs::unlinkat(self.new.root(), OsStr::from_bytes(path), flags)
+                            .ctx("replay remove")?;
+                    }
+                }
+            }
+            tracing::info!(?intent, "finished an operation interrupted by a crash");
+            let mut b = journal::Batch::new();
+            b.clear_intent(id);
+            self.journal.commit(b, true)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn inode(&self, ino: u64) -> Result<Arc<Inode>> {
+        self.inodes
+            .get(ino)
+            .ok_or_else(|| Error::refused(libc::ESTALE, "unknown inode"))
+    }
+
+    /// Resolve `name` inside the directory `parent` (rules 1 and 9).
+    pub(crate) fn resolve(&self, parent: &Inode, name: &OsStr) -> Result<Option<Resolved>> {
+        check_name(name)?;
+        if parent.kind != Kind::Dir {
+            return Err(Error::refused(libc::ENOTDIR, "not a directory"));
+        }
+        let (pnew, pold, pdir) = {
+            let n = parent.node();
+            (n.new.clone(), n.old.clone(), n.dir_id)
+        };
+        let record = match pdir {
+            Some(d) => self.journal.get(d, name.as_bytes())?,
+            None => None,
+        };
+        let new = match &pnew {
+            Some(dfd) => match posix::open_child(dfd.as_fd(), name) {
+                Ok(fd) => {
+                    let st = posix::stat_fd(fd.as_fd()).ctx("fstat NEW entry")?;
+                    Some((fd, st))
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+                Err(e) => {
+                    return Err(Error::Store {
+                        op: "open NEW entry",
+                        source: e,
+                    });
+                }
+            },
+            None => None,
+        };
+        // A non-directory in NEW hides OLD entirely; only directories merge.
+        let wants_old = match &new {
+            Some((_, st)) => Kind::from_mode(st.st_mode) == Kind::Dir,
+            None => true,
+        };
+        let old = if wants_old {
+            self.resolve_old(&record, pold.as_ref(), name)?
+        } else {
+            None
+        };
+        let old = match (&new, old) {
+            // A directory merges only with an OLD directory.
+            (Some(_), Some((_, _, st))) if Kind::from_mode(st.st_mode) != Kind::Dir => None,
+            (_, o) => o,
+        };
+        let kind = match (&new, &old) {
+            (Some((_, st)), _) => Kind::from_mode(st.st_mode),
+            (None, Some((_, _, st))) => Kind::from_mode(st.st_mode),
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Resolved {
+            kind,
+            new,
+            old,
+            record,
+        }))
+    }
+
+    /// Where OLD's content for a name lives, following the journal's redirects.
+    fn resolve_old(
+        &self,
+        record: &Option<Dentry>,
+        parent_old: Option<&OldRef>,
+        name: &OsStr,
+    ) -> Result<Option<(Vec<u8>, OwnedFd, rustix::fs::Stat)>> {
+        let opened = match record {
+            Some(Dentry::Tombstone) | Some(Dentry::Dir { origin: None, .. }) => return Ok(None),
+            Some(Dentry::File { origin: None }) => return Ok(None),
+            Some(Dentry::Dir {
+                origin: Some(o), ..
+            })
+            | Some(Dentry::File { origin: Some(o) }) => {
+                let p = std::path::Path::new(OsStr::from_bytes(o));
+                (o.clone(), self.old.open_path(p))
+            }
+            None => match parent_old {
+                Some(po) => (join(&po.path, name), posix::open_child(po.fd.as_fd(), name)),
+                None => return Ok(None),
+            },
+        };
+        match opened {
+            (path, Ok(fd)) => {
+                let st = posix::stat_fd(fd.as_fd()).ctx("fstat OLD entry")?;
+                // A redirect names a directory or a non-directory; if OLD's entry there has
+                // changed kind behind our back (a directory swapped for a symlink), the
+                // redirect's content is gone, and nothing else is shown in its place.
+                let is_dir = Kind::from_mode(st.st_mode) == Kind::Dir;
+                match record {
+                    Some(Dentry::Dir { .. }) if !is_dir => return Ok(None),
+                    Some(Dentry::File { .. }) if is_dir => return Ok(None),
+                    _ => {}
+                }
+                Ok(Some((path, fd, st)))
+            }
+            (_, Err(e))
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                ) =>
+            {
+                Ok(None)
+            }
+            (_, Err(e)) => Err(Error::Store {
+                op: "open OLD entry",
+                source: e,
+            }),
+        }
+    }
+
+    /// Attach an inode to a resolved entry (counts one kernel lookup).
+    pub(crate) fn attach(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        r: Resolved,
+    ) -> Result<(Arc<Inode>, Attr)> {
+        let id = r.identity();
+        let st = *r.stat();
+        let dir_id = match &r.record {
+            Some(Dentry::Dir { id, .. }) if r.kind == Kind::Dir => Some(*id),
+            _ => None,
+        };
+        let Resolved { kind, new, old, .. } = r;
+        let inode = self
+            .inodes
+            .lookup_or_insert(id, kind, parent, name, || Node {
+                names: vec![(parent, name.to_owned())],
+                ids: old
+                    .as_ref()
+                    .map(|(_, _, s)| vec![Identity::Old(s.st_dev, s.st_ino)])
+                    .unwrap_or_default(),
+                new: new.map(|(fd, _)| Arc::new(fd)),
+                old: old.map(|(path, fd, _)| OldRef {
+                    path,
+                    fd: Arc::new(fd),
+                }),
+                dir_id,
+                cache_stamp: None,
+            });
+        let attr = self.attr_of(&inode, &st)?;
+        Ok((inode, attr))
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+        let p = self.inode(parent)?;
+        let r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
+        Ok(self.attach(parent, name, r)?.1)
+    }
+
+    pub fn forget(&self, ino: u64, count: u64) {
+        self.inodes.forget(ino, count);
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let inode = self.inode(ino)?;
+        let st = self.backing_stat(&inode)?;
+        self.attr_of(&inode, &st)
+    }
+
+    /// stat of whatever backs the inode now: NEW if it is there, else OLD.
+    pub(crate) fn backing_stat(&self, inode: &Inode) -> Result<rustix::fs::Stat> {
+        let n = inode.node();
+        match (&n.new, &n.old) {
+            (Some(fd), _) => posix::stat_fd(fd.as_fd()).ctx("fstat NEW"),
+            (None, Some(o)) => posix::stat_fd(o.fd.as_fd()).ctx("fstat OLD"),
+            (None, None) => Err(not_found("getattr")),
+        }
+    }
+
+    fn attr_of(&self, inode: &Inode, st: &rustix::fs::Stat) -> Result<Attr> {
+        let mut a = Attr::from_stat(inode.ino, st);
+        if inode.kind == Kind::Dir {
+            // A merged directory's link count is 2 + its subdirectories in the view, which
+            // neither store's count alone gives.
+            let merged = {
+                let n = inode.node();
+                n.old.is_some() && (n.new.is_some() || n.dir_id.is_some())
+            };
+            if merged {
+                let subdirs = self
+                    .list(inode)?
+                    .iter()
+                    .filter(|e| e.kind == Kind::Dir)
+                    .count();
+                a.nlink = 2 + subdirs as u32;
+            }
+        }
+        Ok(a)
+    }
+
+    /// The merged listing of a directory (rule 7: each name once, tombstoned names hidden).
+    pub(crate) fn list(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
+        let n = dir.node();
+        let sides = Node {
+            names: Vec::new(),
+            new: n.new.clone(),
+            old: n.old.clone(),
+            dir_id: n.dir_id,
+            ids: Vec::new(),
+            cache_stamp: None,
+        };
+        drop(n);
+        self.list_node(&sides)
+    }
+
+    /// The merged listing of the directory whose two sides and id `sides` holds.
+    pub(crate) fn list_node(&self, sides: &Node) -> Result<Vec<DirEntry>> {
+        let (dnew, dold, did) = (sides.new.clone(), sides.old.clone(), sides.dir_id);
+        let records: HashMap<Vec<u8>, Dentry> = match did {
+            Some(id) => self.journal.list(id)?.into_iter().collect(),
+            None => HashMap::new(),
+        };
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut out = Vec::new();
+        if let Some(fd) = &dnew {
+            for (name, t) in posix::read_dir_names(fd.as_fd()).ctx("readdir NEW")? {
+                let kind = match Kind::from_dtype(t) {
+                    Some(k) => k,
+                    None => Kind::from_mode(
+                        posix::stat_at(fd.as_fd(), OsStr::from_bytes(&name))
+                            .ctx("stat NEW entry")?
+                            .st_mode,
+                    ),
+                };
+                out.push(self.dir_entry(&name, kind, true, fd.as_fd()));
+                seen.insert(name);
+            }
+        }
+        if let Some(o) = &dold {
+            for (name, t) in posix::read_dir_names(o.fd.as_fd()).ctx("readdir OLD")? {
+                if seen.contains(&name) || records.contains_key(&name) {
+                    continue;
+                }
+                let kind = match Kind::from_dtype(t) {
+                    Some(k) => k,
+                    None => Kind::from_mode(
+                        posix::stat_at(o.fd.as_fd(), OsStr::from_bytes(&name))
+                            .ctx("stat OLD entry")?
+                            .st_mode,
+                    ),
+                };
+                out.push(self.dir_entry(&name, kind, false, o.fd.as_fd()));
+                seen.insert(name);
+            }
+        }
+        for (name, rec) in &records {
+            if seen.contains(name) {
+                continue;
+            }
+            let origin = match rec {
+                Dentry::Dir {
+                    origin: Some(o), ..
+                }
+                | Dentry::File { origin: Some(o) } => o,
+                _ => continue,
+            };
+            let p = std::path::Path::new(OsStr::from_bytes(origin));
+            if let Ok(fd) = self.old.open_path(p)
+                && let Ok(st) = posix::stat_fd(fd.as_fd())
+            {
+                let kind = Kind::from_mode(st.st_mode);
+                if matches!(rec, Dentry::Dir { .. }) && kind != Kind::Dir {
+                    continue;
+                }
+                let id = Identity::Old(st.st_dev, st.st_ino);
+                out.push(DirEntry {
+                    name: OsString::from_vec(name.clone()),
+                    kind,
+                    ino: self.inodes.ino_of(&id).unwrap_or(synthetic_ino(st.st_ino)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn dir_entry(
+        &self,
+        name: &[u8],
+        kind: Kind,
+        in_new: bool,
+        dir: std::os::fd::BorrowedFd<'_>,
+    ) -> DirEntry {
+        // d_ino: the inode number the kernel knows, when it knows the entry; else a number
+        // from the store's inode with the top bit set, which no allocated number can equal.
+        let ino = posix::stat_at(dir, OsStr::from_bytes(name))
+            .ok()
+            .map(|st| {
+                let id = if in_new {
+                    Identity::New(st.st_dev, st.st_ino)
+                } else {
+                    Identity::Old(st.st_dev, st.st_ino)
+                };
+                self.inodes.ino_of(&id).unwrap_or(synthetic_ino(st.st_ino))
+            })
+            .unwrap_or(synthetic_ino(0));
+        DirEntry {
+            name: OsString::from_vec(name.to_vec()),
+            kind,
+            ino,
+        }
+    }
+
+    /// Snapshot a directory for readdir; offsets index this snapshot, so they stay valid
+    /// whatever changes while the application reads it (rule 7).
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+        let dir = self.inode(ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(Error::refused(libc::ENOTDIR, "not a directory"));
+        }
+        let parent = dir
+            .node()
+            .names
+            .first()
+            .map(|(p, _)| *p)
+            .unwrap_or(ROOT_INO);
+        let mut entries = vec![
+            DirEntry {
+                name: ".".into(),
+                kind: Kind::Dir,
+                ino,
+            },
+            DirEntry {
+                name: "..".into(),
+                kind: Kind::Dir,
+                ino: parent,
+            },
+        ];
+        entries.extend(self.list(&dir)?);
+        Ok(self.handles.insert_dir(entries))
+    }
+
+    /// Entries of an open directory from `offset` (0 = start). Each entry's own offset is its
+    /// index + 1.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>> {
+        self.handles.dir_entries(fh, offset)
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
+        rustix::fs::fstatvfs(self.new.root()).ctx("statvfs NEW")
+    }
+
+    /// Number of inodes the kernel holds (for status and tests).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+}
+
+fn synthetic_ino(store_ino: u64) -> u64 {
+    store_ino | (1 << 63)
+}

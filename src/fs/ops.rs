@@ -1,0 +1,720 @@
+//! Namespace and metadata changes through the view.
+//!
+//! Each change copies up what it touches (rule 3), records in the journal what NEW cannot show
+//! (tombstones, redirects), and applies the rest to NEW. The journal half is committed durably
+//! before the NEW half; see the ordering invariant in `fs/mod.rs`.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+
+use super::inode::{Identity, Inode, ROOT_INO};
+use super::{Attr, Caller, Kind, OpenFile, Resolved, View, join, not_found};
+use crate::error::{Context, Error, Result, errno_err};
+use crate::journal::{Batch, Dentry, Intent};
+use crate::store::posix;
+
+/// A time to set: a given instant or "now".
+#[derive(Debug, Clone, Copy)]
+pub enum SetTime {
+    At(SystemTime),
+    Now,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub fh: Option<u64>,
+}
+
+fn timespec(t: Option<SetTime>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT as _,
+        },
+        Some(SetTime::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW as _,
+        },
+        Some(SetTime::At(t)) => {
+            let (sec, nsec) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let mut s = -(d.as_secs() as i64);
+                    let mut n = -(d.subsec_nanos() as i64);
+                    if n < 0 {
+                        s -= 1;
+                        n += 1_000_000_000;
+                    }
+                    (s, n)
+                }
+            };
+            Timespec {
+                tv_sec: sec,
+                tv_nsec: nsec as _,
+            }
+        }
+    }
+}
+
+/// The owner a new entry gets: the caller, or the directory's group when it is set-group-ID
+/// (as the kernel's inode_init_owner does).
+fn new_owner(caller: Caller, parent_st: &rustix::fs::Stat) -> (u32, u32) {
+    let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
+        parent_st.st_gid
+    } else {
+        caller.gid
+    };
+    (caller.uid, gid)
+}
+
+impl View {
+    /// Give directory `dir` a journal id, recording it (and its parents) first. Caller holds
+    /// `ns` write. The record only restates what the view already shows, so it is written
+    /// without a sync; the durable batch that needs it syncs it too (the WAL is ordered).
+    pub(crate) fn ensure_dir_id_locked(&self, dir: &Inode) -> Result<u64> {
+        if let Some(id) = dir.node().dir_id {
+            return Ok(id);
+        }
+        let (parent, name) = {
+            let n = dir.node();
+            n.names
+                .first()
+                .cloned()
+                .ok_or_else(|| errno_err("record dir: no name", libc::ENOENT))?
+        };
+        let parent = self.inode(parent)?;
+        let pid = self.ensure_dir_id_locked(&parent)?;
+        let id = self.journal.alloc_id();
+        let origin = dir.node().old.as_ref().map(|o| o.path.clone());
+        let mut b = Batch::new();
+        b.put(pid, name.as_bytes(), &Dentry::Dir { id, origin });
+        self.journal.commit(b, false)?;
+        dir.node().dir_id = Some(id);
+        Ok(id)
+    }
+
+    /// Does OLD hold something at `name` in `dir`'s default OLD location?
+    fn old_at_default(&self, dir: &Inode, name: &OsStr) -> bool {
+        let old = dir.node().old.clone();
+        old.is_some_and(|o| posix::stat_at(o.fd.as_fd(), name).is_ok())
+    }
+
+    /// NEW-relative path of a directory inode (for redo intents only).
+    fn new_path(&self, dir: &Inode) -> Result<Vec<u8>> {
+        let mut parts: Vec<OsString> = Vec::new();
+        let mut cur = self.inode(dir.ino)?;
+        while cur.ino != ROOT_INO {
+            let (p, name) = cur
+                .node()
+                .names
+                .first()
+                .cloned()
+                .ok_or_else(|| errno_err("path of a removed dir", libc::ENOENT))?;
+            parts.push(name);
+            cur = self.inode(p)?;
+        }
+        let mut out = Vec::new();
+        for name in parts.iter().rev() {
+            out = join(&out, name);
+        }
+        Ok(out)
+    }
+
+    /// Any record at a name that is now getting a fresh NEW entry is replaced by a tombstone:
+    /// the fresh entry must not inherit an older redirect.
+    fn reset_record_locked(&self, parent: &Inode, name: &OsStr, r: Option<&Dentry>) -> Result<()> {
+        if let Some(rec) = r
+            && *rec != Dentry::Tombstone
+        {
+            let pid = self.ensure_dir_id_locked(parent)?;
+            let mut b = Batch::new();
+            b.put(pid, name.as_bytes(), &Dentry::Tombstone);
+            self.journal.commit(b, true)?;
+        }
+        Ok(())
+    }
+
+    fn record_at(&self, parent: &Inode, name: &OsStr) -> Result<Option<Dentry>> {
+        match parent.node().dir_id {
+            Some(id) => Ok(self.journal.get(id, name.as_bytes())?),
+            None => Ok(None),
+        }
+    }
+
+    /// Common part of every creation: refuse an existing name, bring the parent into NEW,
+    /// run `make` in NEW's parent, hand the entry to the caller, attach it.
+    fn create_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        caller: Caller,
+        make: impl FnOnce(BorrowedFd<'_>, &rustix::fs::Stat) -> Result<Option<u32>>,
+    ) -> Result<(Arc<Inode>, Attr)> {
+        let p = self.inode(parent)?;
+        if self.resolve(&p, name)?.is_some() {
+            return Err(Error::refused(libc::EEXIST, "name exists"));
+        }
+        let rec = self.record_at(&p, name)?;
+        self.reset_record_locked(&p, name, rec.as_ref())?;
+        let pfd = self.ensure_new_dir_locked(&p)?;
+        let pst = posix::stat_fd(pfd.as_fd()).ctx("stat NEW parent")?;
+        let chmod_after = make(pfd.as_fd(), &pst)?;
+        let (uid, gid) = new_owner(caller, &pst);
+        rustix::fs::chownat(
+            pfd.as_fd(),
+            name,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .ctx("chown new entry")?;
+        if let Some(mode) = chmod_after {
+            // chown clears set-id bits; put back the ones the caller asked for.
+            rustix::fs::chmodat(
+                pfd.as_fd(),
+                name,
+                Mode::from_raw_mode(mode),
+                AtFlags::empty(),
+            )
+            .ctx("chmod new entry")?;
+        }
+        let r = self
+            .resolve(&p, name)?
+            .ok_or_else(|| errno_err("created entry vanished", libc::EIO))?;
+        self.attach(parent, name, r)
+    }
+
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, OpenFile)> {
+        let (inode, attr) = {
+            let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+            self.create_entry(parent, name, caller, |pfd, _| {
+                let perm = mode & 0o7777;
+                rustix::fs::openat(
+                    pfd,
+                    name,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(perm),
+                )
+                .ctx("create in NEW")?;
+                Ok((perm & 0o6000 != 0).then_some(perm))
+            })?
+        };
+        let of = self.open_inode(inode, flags & !libc::O_TRUNC)?;
+        Ok((attr, of))
+    }
+
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<Attr> {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .create_entry(parent, name, caller, |pfd, _| {
+                let perm = mode & 0o7777;
+                rustix::fs::mknodat(
+                    pfd,
+                    name,
+                    rustix::fs::FileType::from_raw_mode(mode),
+                    Mode::from_raw_mode(perm),
+                    rdev as u64,
+                )
+                .ctx("mknod in NEW")?;
+                Ok((perm & 0o6000 != 0).then_some(perm))
+            })?
+            .1)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .create_entry(parent, name, caller, |pfd, pst| {
+                let mut perm = mode & 0o7777;
+                if pst.st_mode & libc::S_ISGID != 0 {
+                    perm |= libc::S_ISGID;
+                }
+                rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(perm)).ctx("mkdir in NEW")?;
+                Ok(Some(perm))
+            })?
+            .1)
+    }
+
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> Result<Attr> {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .create_entry(parent, name, caller, |pfd, _| {
+                rustix::fs::symlinkat(target, pfd, name).ctx("symlink in NEW")?;
+                Ok(None)
+            })?
+            .1)
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        let inode = self.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(Error::refused(libc::EPERM, "hard link to a directory"));
+        }
+        self.copy_up(&inode, true)?;
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let np = self.inode(newparent)?;
+        if self.resolve(&np, newname)?.is_some() {
+            return Err(Error::refused(libc::EEXIST, "name exists"));
+        }
+        let rec = self.record_at(&np, newname)?;
+        self.reset_record_locked(&np, newname, rec.as_ref())?;
+        let pfd = self.ensure_new_dir_locked(&np)?;
+        let src = inode
+            .node()
+            .new
+            .clone()
+            .ok_or_else(|| errno_err("link: not in NEW", libc::EIO))?;
+        rustix::fs::linkat(src.as_fd(), "", pfd.as_fd(), newname, AtFlags::EMPTY_PATH)
+            .ctx("link in NEW")?;
+        let r = self
+            .resolve(&np, newname)?
+            .ok_or_else(|| errno_err("linked entry vanished", libc::EIO))?;
+        Ok(self.attach(newparent, newname, r)?.1)
+    }
+
+    /// Whether removing/renaming away this resolved entry must leave a tombstone: OLD shows (or
+    /// a record says) something at the name.
+    fn old_visible(&self, parent: &Inode, name: &OsStr, r: &Resolved) -> bool {
+        r.record.is_some() || r.old.is_some() || self.old_at_default(parent, name)
+    }
+
+    fn forget_name(&self, r: &Resolved, parent: u64, name: &OsStr) {
+        if let Some(ino) = self.inodes.ino_of(&r.identity())
+            && let Some(inode) = self.inodes.get(ino)
+        {
+            inode
+                .node()
+                .names
+                .retain(|(p, n)| !(*p == parent && n == name));
+        }
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let p = self.inode(parent)?;
+        let r = self.resolve(&p, name)?.ok_or_else(|| not_found("unlink"))?;
+        if r.kind == Kind::Dir {
+            return Err(Error::refused(libc::EISDIR, "unlink of a directory"));
+        }
+        if self.old_visible(&p, name, &r) && r.record != Some(Dentry::Tombstone) {
+            let pid = self.ensure_dir_id_locked(&p)?;
+            let mut b = Batch::new();
+            b.put(pid, name.as_bytes(), &Dentry::Tombstone);
+            self.journal.commit(b, true)?;
+        }
+        if r.new.is_some() {
+            let pfd = p.node().new.clone().expect("NEW entry has a NEW parent");
+            rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty()).ctx("unlink in NEW")?;
+        }
+        self.forget_name(&r, parent, name);
+        Ok(())
+    }
+
+    /// The merged listing of a resolved directory that may have no inode yet.
+    fn is_empty_dir(&self, r: &Resolved) -> Result<bool> {
+        let probe = super::inode::Node {
+            names: Vec::new(),
+            new: r
+                .new
+                .as_ref()
+                .map(|(fd, _)| rustix::io::dup(fd))
+                .transpose()
+                .ctx("dup")?
+                .map(Arc::new),
+            old: r
+                .old
+                .as_ref()
+                .map(|(p, fd, _)| -> Result<_> {
+                    Ok(super::inode::OldRef {
+                        path: p.clone(),
+                        fd: Arc::new(rustix::io::dup(fd).ctx("dup")?),
+                    })
+                })
+                .transpose()?,
+            dir_id: match &r.record {
+                Some(Dentry::Dir { id, .. }) => Some(*id),
+                _ => None,
+            },
+            ids: Vec::new(),
+            cache_stamp: None,
+        };
+        Ok(self.list_node(&probe)?.is_empty())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let p = self.inode(parent)?;
+        let r = self.resolve(&p, name)?.ok_or_else(|| not_found("rmdir"))?;
+        if r.kind != Kind::Dir {
+            return Err(Error::refused(libc::ENOTDIR, "rmdir of a non-directory"));
+        }
+        if !self.is_empty_dir(&r)? {
+            return Err(Error::refused(libc::ENOTEMPTY, "directory not empty"));
+        }
+        let mut b = Batch::new();
+        if let Some(Dentry::Dir { id, .. }) = &r.record {
+            for (n, _) in self.journal.list(*id)? {
+                b.delete(*id, &n);
+            }
+        }
+        if self.old_visible(&p, name, &r) {
+            let pid = self.ensure_dir_id_locked(&p)?;
+            b.put(pid, name.as_bytes(), &Dentry::Tombstone);
+        }
+        if !b.is_empty() {
+            self.journal.commit(b, true)?;
+        }
+        if r.new.is_some() {
+            let pfd = p.node().new.clone().expect("NEW entry has a NEW parent");
+            rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::REMOVEDIR).ctx("rmdir in NEW")?;
+        }
+        self.forget_name(&r, parent, name);
+        Ok(())
+    }
+
+    /// rename (rule 5): atomic as applications see it, and O(1) whatever the entry holds: a
+    /// directory keeps its journal id, so everything recorded below it moves with one record;
+    /// an OLD-only file gets a redirect instead of a copy.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        if flags & (libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT) != 0 {
+            return Err(Error::refused(libc::EINVAL, "rename flag not supported"));
+        }
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let sp = self.inode(parent)?;
+        let dp = self.inode(newparent)?;
+        let src = self
+            .resolve(&sp, name)?
+            .ok_or_else(|| not_found("rename"))?;
+        let dst = self.resolve(&dp, newname)?;
+        if let Some(d) = &dst {
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(Error::refused(libc::EEXIST, "target exists"));
+            }
+            if d.identity() == src.identity() {
+                return Ok(()); // two names of one file: POSIX says do nothing
+            }
+            match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
+                (true, false) => {
+                    return Err(Error::refused(libc::ENOTDIR, "target is not a directory"));
+                }
+                (false, true) => return Err(Error::refused(libc::EISDIR, "target is a directory")),
+                (true, true) if !self.is_empty_dir(d)? => {
+                    return Err(Error::refused(
+                        libc::ENOTEMPTY,
+                        "target directory not empty",
+                    ));
+                }
+                _ => {}
+            }
+        }
+
+        let sid = self.ensure_dir_id_locked(&sp)?;
+        let did = self.ensure_dir_id_locked(&dp)?;
+        let mut b = Batch::new();
+        // The old name: hide whatever OLD has there.
+        if self.old_visible(&sp, name, &src) {
+            b.put(sid, name.as_bytes(), &Dentry::Tombstone);
+        }
+        // The new name.
+        let mut moved_dir_id = None;
+        let target_rec = if src.kind == Kind::Dir {
+            let id = match &src.record {
+                Some(Dentry::Dir { id, .. }) => *id,
+                _ => self.journal.alloc_id(),
+            };
+            moved_dir_id = Some(id);
+            Some(Dentry::Dir {
+                id,
+                origin: src.old.as_ref().map(|(p, _, _)| p.clone()),
+            })
+        } else if src.new.is_none() {
+            Some(Dentry::File {
+                origin: src.old.as_ref().map(|(p, _, _)| p.clone()),
+            })
+        } else if dst
+            .as_ref()
+            .is_some_and(|d| self.old_visible(&dp, newname, d))
+            || self.old_at_default(&dp, newname)
+        {
+            Some(Dentry::Tombstone)
+        } else {
+            None
+        };
+        match &target_rec {
+            Some(rec) => {
+                b.put(did, newname.as_bytes(), rec);
+            }
+            None => {
+                b.delete(did, newname.as_bytes());
+            }
+        }
+        if let Some(Resolved {
+            record: Some(Dentry::Dir { id, .. }),
+            ..
+        }) = &dst
+        {
+            for (n, _) in self.journal.list(*id)? {
+                b.delete(*id, &n);
+            }
+        }
+        // The NEW half, as a redo intent in the same batch.
+        let intent = if let Some((_, st)) = &src.new {
+            self.ensure_new_dir_locked(&dp)?;
+            Some(Intent::Rename {
+                from: join(&self.new_path(&sp)?, name),
+                to: join(&self.new_path(&dp)?, newname),
+                ino: st.st_ino,
+            })
+        } else if let Some(Resolved {
+            new: Some((_, st)), ..
+        }) = &dst
+        {
+            Some(Intent::Remove {
+                path: join(&self.new_path(&dp)?, newname),
+                ino: st.st_ino,
+            })
+        } else {
+            None
+        };
+        let intent_id = intent.as_ref().map(|i| {
+            let id = self.journal.alloc_id();
+            b.intent(id, i);
+            id
+        });
+        self.journal.commit(b, true)?;
+
+        match &intent {
+            Some(Intent::Rename { .. }) => {
+                let sfd = sp.node().new.clone().expect("NEW source has a NEW parent");
+                let dfd = dp.node().new.clone().expect("ensured above");
+                rustix::fs::renameat(sfd.as_fd(), name, dfd.as_fd(), newname)
+                    .ctx("rename in NEW")?;
+            }
+            Some(Intent::Remove { .. }) => {
+                let dfd = dp.node().new.clone().expect("NEW target has a NEW parent");
+                let f = if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                rustix::fs::unlinkat(dfd.as_fd(), newname, f).ctx("remove target in NEW")?;
+            }
+            None => {}
+        }
+        if let Some(id) = intent_id {
+            let mut b = Batch::new();
+            b.clear_intent(id);
+            self.journal.commit(b, false)?;
+        }
+
+        if let Some(d) = &dst {
+            self.forget_name(d, newparent, newname);
+        }
+        if let Some(ino) = self.inodes.ino_of(&src.identity())
+            && let Some(inode) = self.inodes.get(ino)
+        {
+            let mut n = inode.node();
+            for entry in n.names.iter_mut() {
+                if entry.0 == parent && entry.1 == name {
+                    *entry = (newparent, newname.to_owned());
+                }
+            }
+            if let Some(id) = moved_dir_id {
+                n.dir_id = Some(id);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
+        let inode = self.inode(ino)?;
+        let only_truncating_to_zero = s.size == Some(0);
+        self.copy_up(&inode, !only_truncating_to_zero)?;
+        let fd = inode
+            .node()
+            .new
+            .clone()
+            .ok_or_else(|| errno_err("setattr: not in NEW", libc::EIO))?;
+        let path = posix::proc_path(fd.as_fd());
+        if let Some(size) = s.size {
+            if inode.kind != Kind::File {
+                return Err(Error::refused(libc::EINVAL, "truncate of a non-file"));
+            }
+            let f = posix::reopen(fd.as_fd(), OFlags::WRONLY).ctx("open for truncate")?;
+            f.set_len(size).ctx("truncate")?;
+        }
+        if s.uid.is_some() || s.gid.is_some() {
+            rustix::fs::chownat(
+                fd.as_fd(),
+                "",
+                s.uid.map(rustix::fs::Uid::from_raw),
+                s.gid.map(rustix::fs::Gid::from_raw),
+                AtFlags::EMPTY_PATH,
+            )
+            .ctx("chown")?;
+        }
+        if let Some(mode) = s.mode {
+            if inode.kind == Kind::Symlink {
+                return Err(Error::refused(libc::EOPNOTSUPP, "chmod of a symlink"));
+            }
+            rustix::fs::chmod(path.as_c_str(), Mode::from_raw_mode(mode & 0o7777)).ctx("chmod")?;
+        }
+        if s.atime.is_some() || s.mtime.is_some() {
+            let ts = Timestamps {
+                last_access: timespec(s.atime),
+                last_modification: timespec(s.mtime),
+            };
+            if inode.kind == Kind::Symlink {
+                let (p, name) = inode
+                    .node()
+                    .names
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| not_found("utimens"))?;
+                let pfd = self
+                    .inode(p)?
+                    .node()
+                    .new
+                    .clone()
+                    .ok_or_else(|| not_found("utimens parent"))?;
+                rustix::fs::utimensat(pfd.as_fd(), &name, &ts, AtFlags::SYMLINK_NOFOLLOW)
+                    .ctx("utimens")?;
+            } else {
+                rustix::fs::utimensat(rustix::fs::CWD, path.as_c_str(), &ts, AtFlags::empty())
+                    .ctx("utimens")?;
+            }
+        }
+        self.getattr(ino)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let fd = {
+            let n = inode.node();
+            n.new
+                .clone()
+                .or_else(|| n.old.as_ref().map(|o| o.fd.clone()))
+        }
+        .ok_or_else(|| not_found("readlink"))?;
+        let t = rustix::fs::readlinkat(fd.as_fd(), "", Vec::new()).ctx("readlink")?;
+        Ok(t.into_bytes())
+    }
+
+    fn backing_path(&self, inode: &Inode) -> Result<std::ffi::CString> {
+        let n = inode.node();
+        let fd = n
+            .new
+            .clone()
+            .or_else(|| n.old.as_ref().map(|o| o.fd.clone()))
+            .ok_or_else(|| not_found("xattr"))?;
+        Ok(posix::proc_path(fd.as_fd()))
+    }
+
+    /// getxattr: with `size == 0` returns only the length (as a Vec of that many zero bytes is
+    /// wasteful, the caller gets `Err(len)` semantics through [`XattrReply`]).
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<XattrReply> {
+        let inode = self.inode(ino)?;
+        let _fd_keepalive = inode.node().new.clone();
+        let p = self.backing_path(&inode)?;
+        let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
+        let n = rustix::fs::getxattr(p.as_c_str(), name, &mut buf[..]).ctx("getxattr")?;
+        buf.truncate(n);
+        Ok(if size == 0 {
+            XattrReply::Size(n as u32)
+        } else {
+            XattrReply::Data(buf)
+        })
+    }
+
+    pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
+        let inode = self.inode(ino)?;
+        let p = self.backing_path(&inode)?;
+        let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
+        let n = rustix::fs::listxattr(p.as_c_str(), &mut buf[..]).ctx("listxattr")?;
+        buf.truncate(n);
+        Ok(if size == 0 {
+            XattrReply::Size(n as u32)
+        } else {
+            XattrReply::Data(buf)
+        })
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let inode = self.inode(ino)?;
+        self.copy_up(&inode, true)?;
+        let p = self.backing_path(&inode)?;
+        rustix::fs::setxattr(
+            p.as_c_str(),
+            name,
+            value,
+            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+        )
+        .ctx("setxattr")
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        let inode = self.inode(ino)?;
+        self.copy_up(&inode, true)?;
+        let p = self.backing_path(&inode)?;
+        rustix::fs::removexattr(p.as_c_str(), name).ctx("removexattr")
+    }
+
+    pub fn fsyncdir(&self, ino: u64) -> Result<()> {
+        let inode = self.inode(ino)?;
+        if let Some(fd) = inode.node().new.clone() {
+            let d =
+                posix::reopen(fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY).ctx("open dir")?;
+            rustix::fs::fsync(&d).ctx("fsyncdir")?;
+        }
+        Ok(())
+    }
+
+    /// Identity of an inode's current backing (tests: st_ino stability).
+    pub fn identities(&self, ino: u64) -> Result<Vec<Identity>> {
+        Ok(self.inode(ino)?.node().ids.clone())
+    }
+}
+
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
