@@ -1,0 +1,356 @@
+//! Serving a view: mount orchestration, readiness, signals, unmount.
+//!
+//! `mount` without `--foreground` re-executes itself in the foreground as a detached child and
+//! waits on a pipe until the child says the view serves (or why it could not), so the command
+//! returns exactly when the mount is usable, and fails with the child's reason otherwise.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::fs::View;
+use crate::fuse::FerryFs;
+use crate::state::Migration;
+use crate::store::StoreSpec;
+use crate::store::posix::PosixStore;
+
+pub const READY_FD_ENV: &str = "FERRYFS_READY_FD";
+pub const FS_TYPE: &str = "ferryfs";
+
+#[derive(Debug, Clone)]
+pub struct MountArgs {
+    pub state: PathBuf,
+    pub mountpoint: PathBuf,
+    pub options: Vec<String>,
+    pub threads: usize,
+}
+
+/// A line of /proc/self/mountinfo: (mount point, fs type, source).
+fn mounts() -> Vec<(PathBuf, String, String)> {
+    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let unescape = |f: &str| -> String {
+        let mut out = Vec::new();
+        let b = f.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\' && i + 3 < b.len() {
+                if let Ok(v) = u8::from_str_radix(&f[i + 1..i + 4], 8) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    s.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mp = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            let fstype = post.next()?;
+            let source = post.next().unwrap_or("");
+            Some((
+                PathBuf::from(unescape(mp)),
+                fstype.to_string(),
+                unescape(source),
+            ))
+        })
+        .collect()
+}
+
+/// The ferryfs mount at `mp`, if any: its source (`ferryfs:<state dir>`). Recognised by that
+/// source: a direct mount(2) shows the type as plain `fuse`, without our subtype.
+pub fn ferryfs_mount_at(mp: &Path) -> Option<String> {
+    let mp = std::fs::canonicalize(mp).unwrap_or_else(|_| mp.to_path_buf());
+    mounts()
+        .into_iter()
+        .rev()
+        .find(|(m, t, s)| {
+            *m == mp && t.starts_with("fuse") && s.starts_with(&format!("{FS_TYPE}:"))
+        })
+        .map(|(_, _, s)| s)
+}
+
+/// Is a daemon serving the migration in `state`? It holds the state dir's lock while it lives.
+fn state_is_served(state: &Path) -> bool {
+    match std::fs::File::open(state.join("lock")) {
+        Ok(f) => rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err(),
+        Err(_) => false,
+    }
+}
+
+/// Detach ferryfs mounts at `path` whose daemon is gone (killed, OOM): no daemon holds their
+/// state dir's lock. `own_state` is ours, locked by this process, so any mount of it is dead.
+/// A live view of another migration is refused. A dead mount cannot be told apart by stat: the
+/// kernel keeps answering from its attribute cache for a while after the daemon died.
+fn clear_dead_mounts(path: &Path, own_state: &Path) -> Result<(), String> {
+    while let Some(src) = ferryfs_mount_at(path) {
+        let state = PathBuf::from(src.strip_prefix(&format!("{FS_TYPE}:")).unwrap_or(&src));
+        if state != own_state && state_is_served(&state) {
+            return Err(format!(
+                "{} is already a live ferryfs view ({src}); unmount it first",
+                path.display()
+            ));
+        }
+        tracing::warn!(path = %path.display(), %src, "detaching a dead view left by a killed daemon");
+        rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
+            .map_err(|e| format!("{}: cannot detach dead mount: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn mount_options(opts: &[String]) -> (Vec<MountOption>, SessionACL) {
+    let mut acl = SessionACL::Owner;
+    let mut out = Vec::new();
+    for o in opts
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        match o {
+            "allow_other" => acl = SessionACL::All,
+            "allow_root" => acl = SessionACL::RootAndOwner,
+            "ro" => out.push(MountOption::RO),
+            "rw" => out.push(MountOption::RW),
+            "dev" => out.push(MountOption::Dev),
+            "nodev" => out.push(MountOption::NoDev),
+            "suid" => out.push(MountOption::Suid),
+            "nosuid" => out.push(MountOption::NoSuid),
+            "exec" => out.push(MountOption::Exec),
+            "noexec" => out.push(MountOption::NoExec),
+            "noatime" => out.push(MountOption::NoAtime),
+            "atime" => out.push(MountOption::Atime),
+            "default_permissions" => {} // always on
+            other => out.push(MountOption::CUSTOM(other.to_string())),
+        }
+    }
+    (out, acl)
+}
+
+/// Serve the view in this process until it is unmounted. `ready` is told once the kernel has
+/// accepted the mount.
+pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), String> {
+    let fail = |ready: &mut Option<std::fs::File>, msg: String| -> String {
+        if let Some(r) = ready.as_mut() {
+            let _ = writeln!(r, "ERROR {msg}");
+        }
+        msg
+    };
+    let mp = &args.mountpoint;
+    let migration = match Migration::open(&args.state) {
+        Ok(m) => m,
+        Err(e) => return Err(fail(&mut ready, e.to_string())),
+    };
+    let state_abs = std::fs::canonicalize(&args.state).unwrap_or(args.state.clone());
+    // Dead views first (also over OLD's path, when mounted in place), so the stores below are
+    // the real directories again.
+    let StoreSpec::Posix { path: old_path } = &migration.config.old;
+    let StoreSpec::Posix { path: new_path } = &migration.config.new;
+    for p in [mp, old_path, new_path] {
+        if let Err(e) = clear_dead_mounts(p, &state_abs) {
+            return Err(fail(&mut ready, e));
+        }
+    }
+    for (what, p) in [("OLD", old_path), ("NEW", new_path)] {
+        if let Some(src) = ferryfs_mount_at(p) {
+            return Err(fail(
+                &mut ready,
+                format!(
+                    "{what} store {} is covered by a live ferryfs view ({src})",
+                    p.display()
+                ),
+            ));
+        }
+    }
+    // Open both stores before mounting: the mountpoint may be OLD's own path (rule 11).
+    let old = match PosixStore::open(old_path) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(&mut ready, format!("OLD store: {e}"))),
+    };
+    let new = match PosixStore::open(new_path) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(&mut ready, format!("NEW store: {e}"))),
+    };
+    raise_nofile_limit();
+    let view = match View::new(old, new, migration.journal.clone()) {
+        Ok(v) => Arc::new(v),
+        Err(e) => return Err(fail(&mut ready, format!("opening the view: {e}"))),
+    };
+    let (mut opts, acl) = mount_options(&args.options);
+    opts.push(MountOption::FSName(format!(
+        "{FS_TYPE}:{}",
+        state_abs.display()
+    )));
+    opts.push(MountOption::Subtype(FS_TYPE.into()));
+    opts.push(MountOption::DefaultPermissions);
+    let mut cfg = Config::default();
+    cfg.mount_options = opts;
+    cfg.acl = acl;
+    cfg.n_threads = Some(args.threads.max(1));
+    cfg.clone_fd = true;
+    let mut session = match fuser::Session::new(FerryFs::new(view), mp, &cfg) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
+    };
+    tracing::info!(mountpoint = %mp.display(), state = %state_abs.display(), "view serving");
+    if let Some(mut r) = ready.take() {
+        let _ = writeln!(r, "READY");
+    }
+    let mut unmounter = session.unmount_callable();
+    let mp_for_signal = mp.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            wait_for_termination();
+            tracing::info!(mountpoint = %mp_for_signal.display(), "signal received: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!(error = %e, "unmount on signal failed");
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let res = session.run();
+    drop(migration);
+    tracing::info!("view stopped");
+    res.map_err(|e| format!("serving: {e}"))
+}
+
+/// Block SIGTERM/SIGINT/SIGHUP in every thread (call before spawning any), so only the signal
+/// thread's sigwait sees them and the view shuts down through a clean unmount.
+pub fn block_termination_signals() {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_for_termination() {
+    // SAFETY: as above; sigwait writes the received signal number into `sig`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+}
+
+/// The view holds an O_PATH fd per inode the kernel knows (as virtiofsd does): raise the
+/// open-file limit to the hard limit.
+fn raise_nofile_limit() {
+    if let Ok(l) = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .ok_or(())
+    {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: Some(l),
+                maximum: Some(l),
+            },
+        );
+    }
+}
+
+/// Start the daemon in the background and wait until it serves (or fails).
+pub fn spawn_background(args: &MountArgs, raw_args: &[OsString]) -> Result<(), String> {
+    let (rd, wr) = rustix::pipe::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // The child inherits only the write end.
+    rustix::io::fcntl_setfd(&wr, rustix::io::FdFlags::empty()).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&args.state).ok();
+    let log_path = args.state.join("ferryfs.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(raw_args)
+        .arg("--foreground")
+        .env(READY_FD_ENV, wr.as_raw_fd().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the daemon: {e}"))?;
+    drop(wr);
+    let mut line = String::new();
+    let mut reader = BufReader::new(std::fs::File::from(rd));
+    let _ = reader.read_line(&mut line);
+    let line = line.trim_end();
+    if line == "READY" {
+        return Ok(());
+    }
+    let _ = child.wait();
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    Err(match line.strip_prefix("ERROR ") {
+        Some(msg) => msg.to_string(),
+        None => format!(
+            "the daemon exited before serving; see {}",
+            log_path.display()
+        ),
+    })
+}
+
+/// The readiness pipe given by a parent `mount`, if any.
+pub fn ready_pipe_from_env() -> Option<std::fs::File> {
+    let fd: i32 = std::env::var(READY_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: the parent put this fd number in our environment for exactly this purpose and
+    // nothing else in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: removing our own variable before any thread is spawned.
+    unsafe { std::env::remove_var(READY_FD_ENV) };
+    Some(std::fs::File::from(owned))
+}
+
+/// `ferryfs unmount`: unmount, then wait until the daemon has released its state dir.
+pub fn unmount(mp: &Path) -> Result<(), String> {
+    let source =
+        ferryfs_mount_at(mp).ok_or_else(|| format!("{} is not a ferryfs mount", mp.display()))?;
+    rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty()).map_err(|e| {
+        if e == rustix::io::Errno::BUSY {
+            format!(
+                "{}: busy (files are open in the view); close them and retry",
+                mp.display()
+            )
+        } else {
+            format!("{}: {e}", mp.display())
+        }
+    })?;
+    if let Some(state) = source.strip_prefix(&format!("{FS_TYPE}:")) {
+        let lock = Path::new(state).join("lock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(f) = std::fs::File::open(&lock)
+                && rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return Err(format!(
+            "unmounted, but the daemon for {state} has not exited after 30 s"
+        ));
+    }
+    Ok(())
+}
