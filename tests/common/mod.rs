@@ -1,0 +1,324 @@
+//! Shared harness for tests that mount a real view: temp OLD/NEW/state dirs, the real
+//! `ferryfs` binary, and a manifest of a tree (content and metadata) to compare stores.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ferryfs");
+
+/// Fail loudly, naming what is missing, when the machine cannot run FUSE tests.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: these tests mount a real FUSE view (run scripts/setup.sh)"
+    );
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "these tests must run as root: they mount FUSE and change owners"
+    );
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+pub fn ferryfs(args: &[&OsStr]) -> Output {
+    run(Command::new(BIN).args(args))
+}
+
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub struct Fixture {
+    pub root: tempfile::TempDir,
+    pub old: PathBuf,
+    pub new: PathBuf,
+    pub state: PathBuf,
+    pub mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Fixture {
+    /// Empty OLD and NEW; call `prepare` after filling OLD.
+    pub fn new() -> Fixture {
+        require_fuse();
+        let root = tempfile::Builder::new()
+            .prefix("ferryfs-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let p = root.path().to_path_buf();
+        for d in ["old", "new", "mnt"] {
+            fs::create_dir(p.join(d)).unwrap();
+        }
+        Fixture {
+            old: p.join("old"),
+            new: p.join("new"),
+            state: p.join("state"),
+            mnt: p.join("mnt"),
+            root,
+            mounted: false,
+        }
+    }
+
+    pub fn prepare(&self) {
+        ok(ferryfs(&[
+            "prepare".as_ref(),
+            "--old".as_ref(),
+            self.old.as_os_str(),
+            "--new".as_ref(),
+            self.new.as_os_str(),
+            "--state".as_ref(),
+            self.state.as_os_str(),
+        ]));
+    }
+
+    pub fn mount_at(&mut self, mp: &Path) {
+        ok(ferryfs(&[
+            "mount".as_ref(),
+            "--state".as_ref(),
+            self.state.as_os_str(),
+            mp.as_os_str(),
+            "-o".as_ref(),
+            "allow_other".as_ref(),
+        ]));
+        self.mounted = true;
+    }
+
+    pub fn mount(&mut self) {
+        let mp = self.mnt.clone();
+        self.mount_at(&mp);
+    }
+
+    /// Prepare and mount in one go.
+    pub fn start(&mut self) {
+        self.prepare();
+        self.mount();
+    }
+
+    pub fn unmount_at(&mut self, mp: &Path) {
+        ok(ferryfs(&["unmount".as_ref(), mp.as_os_str()]));
+        self.mounted = false;
+    }
+
+    pub fn unmount(&mut self) {
+        let mp = self.mnt.clone();
+        self.unmount_at(&mp);
+    }
+
+    /// A path inside the view.
+    pub fn v(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = ok(ferryfs(&[
+            "status".as_ref(),
+            "--state".as_ref(),
+            self.state.as_os_str(),
+            "--json".as_ref(),
+        ]));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+    }
+
+    /// The pid of the daemon serving this fixture's state dir.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let state = fs::canonicalize(&self.state).ok()?;
+        for ent in fs::read_dir("/proc").ok()? {
+            let ent = ent.ok()?;
+            let Ok(pid) = ent.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = fs::read(ent.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            if args.iter().any(|a| *a == b"--foreground")
+                && args.iter().any(|a| {
+                    *a == state.as_os_str().as_bytes() || *a == self.state.as_os_str().as_bytes()
+                })
+            {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    /// kill -9 the daemon and wait for it to be gone; the mount is left dead.
+    pub fn kill9(&mut self) {
+        let pid = self.daemon_pid().expect("daemon running");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        let t = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            // A zombie until its parent (init) reaps it; its cmdline goes empty.
+            if fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.is_empty())
+                .unwrap_or(true)
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon {pid} did not die"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.mounted = true; // dead, still mounted: the next mount must cope
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Best effort, lazy: a failed test must not leave a mount behind for the next.
+        for mp in [&self.mnt, &self.old] {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(mp)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// What a tree holds, entry by entry: type, mode, owner, size, mtime (ns), content hash,
+/// symlink target, xattrs, link count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub nlink: u64,
+    pub content: u64,
+    pub target: Option<Vec<u8>>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+pub type Manifest = BTreeMap<Vec<u8>, EntryInfo>;
+
+fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+pub fn xattrs(p: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut list = vec![0u8; 65536];
+    let Ok(n) = rustix::fs::llistxattr(p, &mut list[..]) else {
+        return out;
+    };
+    for name in list[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let mut val = vec![0u8; 65536];
+        if let Ok(l) = rustix::fs::lgetxattr(p, OsStr::from_bytes(name), &mut val[..]) {
+            out.insert(name.to_vec(), val[..l].to_vec());
+        }
+    }
+    out
+}
+
+pub fn entry_info(p: &Path, with_times: bool) -> EntryInfo {
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        "dir"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_file() {
+        "file"
+    } else {
+        "special"
+    };
+    EntryInfo {
+        kind,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        size: if ft.is_dir() { 0 } else { md.len() },
+        mtime_ns: if with_times && !ft.is_dir() {
+            md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128
+        } else {
+            0
+        },
+        nlink: if ft.is_dir() { 0 } else { md.nlink() },
+        content: if ft.is_file() {
+            fnv(&fs::read(p).unwrap())
+        } else {
+            0
+        },
+        target: ft
+            .is_symlink()
+            .then(|| fs::read_link(p).unwrap().as_os_str().as_bytes().to_vec()),
+        xattrs: xattrs(p),
+    }
+}
+
+/// The manifest of a tree below `root` (root itself excluded).
+pub fn manifest(root: &Path, with_times: bool) -> Manifest {
+    let mut m = Manifest::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        for ent in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let ent = ent.unwrap();
+            let r = rel.join(ent.file_name());
+            let info = entry_info(&root.join(&r), with_times);
+            if info.kind == "dir" {
+                stack.push(r.clone());
+            }
+            m.insert(r.as_os_str().as_bytes().to_vec(), info);
+        }
+    }
+    m
+}
+
+/// Names in a directory, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn write(p: &Path, data: &[u8]) {
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(p, data).unwrap();
+}
+
+/// Run a shell command as another user (uid:gid), returning its output.
+pub fn sh_as(uid: u32, gid: u32, script: &str) -> Output {
+    use std::os::unix::process::CommandExt;
+    run(Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .uid(uid)
+        .gid(gid))
+}

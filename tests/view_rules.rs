@@ -1,0 +1,684 @@
+//! One test (or more) per rule of DESIGN.md "The view's rules", against a real mount.
+//! docs/SEMANTICS.md names these tests next to the rules they prove.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::Path;
+
+use common::*;
+
+/// A small realistic OLD tree.
+fn populate_old(old: &Path) {
+    write(&old.join("a.txt"), b"alpha from OLD\n");
+    write(&old.join("dir/b.txt"), b"beta from OLD\n");
+    write(&old.join("dir/sub/c.txt"), b"gamma\n");
+    write(&old.join("both.txt"), b"OLD version\n");
+    fs::create_dir(old.join("emptydir")).unwrap();
+    symlink("a.txt", old.join("link-to-a")).unwrap();
+}
+
+#[test]
+fn rule01_a_name_is_in_the_view_if_new_or_old_has_it_and_new_wins() {
+    let mut f = Fixture::new();
+    populate_old(&f.old);
+    f.prepare();
+    // NEW has its own entries (written before mounting, as a pre-seeded NEW would).
+    write(&f.new.join("only-new.txt"), b"NEW only\n");
+    write(&f.new.join("both.txt"), b"NEW version\n");
+    fs::create_dir(f.new.join("dir")).unwrap();
+    write(&f.new.join("dir/new-in-dir.txt"), b"x");
+    f.mount();
+    assert_eq!(
+        names(&f.mnt),
+        [
+            "a.txt",
+            "both.txt",
+            "dir",
+            "emptydir",
+            "link-to-a",
+            "only-new.txt"
+        ]
+    );
+    assert_eq!(fs::read(f.v("both.txt")).unwrap(), b"NEW version\n");
+    assert_eq!(names(&f.v("dir")), ["b.txt", "new-in-dir.txt", "sub"]);
+    assert!(!f.v("nonexistent").exists());
+    f.unmount();
+}
+
+#[test]
+fn rule02_reads_of_old_only_files_return_old_bytes_exactly() {
+    let mut f = Fixture::new();
+    // Bytes of every value, a size that is not a page multiple, and a larger file.
+    let small: Vec<u8> = (0..=255u8).cycle().take(10_007).collect();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    write(&f.old.join("small.bin"), &small);
+    write(&f.old.join("d/big.bin"), &big);
+    f.start();
+    assert_eq!(fs::read(f.v("small.bin")).unwrap(), small);
+    assert_eq!(fs::read(f.v("d/big.bin")).unwrap(), big);
+    // Reads at offsets.
+    let mut h = fs::File::open(f.v("d/big.bin")).unwrap();
+    h.seek(SeekFrom::Start(1_234_567)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    h.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, big[1_234_567..1_234_567 + 4096]);
+    drop(h);
+    // Nothing was copied into NEW by reading.
+    assert_eq!(names(&f.new), Vec::<String>::new());
+    f.unmount();
+}
+
+#[test]
+fn rule03_first_change_copies_up_and_the_change_lands_in_new() {
+    let mut f = Fixture::new();
+    for name in ["w", "t", "m", "x", "l", "a"] {
+        write(&f.old.join("d").join(name), b"0123456789");
+    }
+    let before = manifest(&f.old, true);
+    f.start();
+    // write open
+    let mut h = OpenOptions::new().write(true).open(f.v("d/w")).unwrap();
+    h.write_all(b"AB").unwrap();
+    drop(h);
+    assert_eq!(fs::read(f.v("d/w")).unwrap(), b"AB23456789");
+    assert_eq!(fs::read(f.new.join("d/w")).unwrap(), b"AB23456789");
+    // truncate
+    OpenOptions::new()
+        .write(true)
+        .open(f.v("d/t"))
+        .unwrap()
+        .set_len(4)
+        .unwrap();
+    assert_eq!(fs::read(f.new.join("d/t")).unwrap(), b"0123");
+    // chmod (metadata only): data comes along
+    fs::set_permissions(f.v("d/m"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        fs::metadata(f.new.join("d/m")).unwrap().mode() & 0o7777,
+        0o600
+    );
+    assert_eq!(fs::read(f.v("d/m")).unwrap(), b"0123456789");
+    // xattr
+    rustix::fs::setxattr(f.v("d/x"), "user.k", b"v", rustix::fs::XattrFlags::empty()).unwrap();
+    assert_eq!(
+        xattrs(&f.new.join("d/x"))
+            .get(b"user.k".as_slice())
+            .unwrap(),
+        b"v"
+    );
+    // link
+    fs::hard_link(f.v("d/l"), f.v("d/l2")).unwrap();
+    assert_eq!(fs::metadata(f.new.join("d/l")).unwrap().nlink(), 2);
+    // O_TRUNC open: the result is empty, whatever OLD held.
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(f.v("d/a"))
+        .unwrap();
+    assert_eq!(fs::read(f.v("d/a")).unwrap(), b"");
+    assert_eq!(fs::metadata(f.new.join("d/a")).unwrap().len(), 0);
+    f.unmount();
+    assert_eq!(
+        manifest(&f.old, true),
+        before,
+        "OLD was modified through the view"
+    );
+}
+
+#[test]
+fn rule04_deleting_an_old_only_name_records_a_tombstone_and_leaves_old_untouched() {
+    let mut f = Fixture::new();
+    populate_old(&f.old);
+    let before = manifest(&f.old, true);
+    f.start();
+    fs::remove_file(f.v("a.txt")).unwrap();
+    fs::remove_file(f.v("dir/sub/c.txt")).unwrap();
+    fs::remove_dir(f.v("dir/sub")).unwrap();
+    fs::remove_dir(f.v("emptydir")).unwrap();
+    assert!(!f.v("a.txt").exists());
+    assert!(!names(&f.mnt).contains(&"a.txt".to_string()));
+    assert_eq!(names(&f.v("dir")), ["b.txt"]);
+    // NEW holds no whiteout files or markers: at most the copied-up parent directory.
+    let new_entries: Vec<_> = manifest(&f.new, false).into_keys().collect();
+    assert!(
+        new_entries.iter().all(|k| k == b"dir"),
+        "litter in NEW: {new_entries:?}"
+    );
+    // The tombstones survive a remount.
+    f.unmount();
+    // a.txt, dir/sub and emptydir: removing dir/sub dropped the tombstone recorded below it.
+    assert_eq!(f.status_json()["tombstones"], 3);
+    f.mount();
+    assert!(!f.v("a.txt").exists());
+    assert!(!f.v("dir/sub").exists());
+    // A name deleted and created again shows the new entry, not OLD's.
+    write(&f.v("a.txt"), b"new a");
+    assert_eq!(fs::read(f.v("a.txt")).unwrap(), b"new a");
+    fs::create_dir(f.v("dir/sub")).unwrap();
+    assert_eq!(
+        names(&f.v("dir/sub")),
+        Vec::<String>::new(),
+        "a recreated dir must be opaque"
+    );
+    f.unmount();
+    assert_eq!(manifest(&f.old, true), before);
+}
+
+#[test]
+fn rule05_rename_of_a_directory_holding_old_only_content_copies_no_data() {
+    let mut f = Fixture::new();
+    for i in 0..200 {
+        write(
+            &f.old.join(format!("src/deep/f{i}")),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    write(&f.old.join("src/top.txt"), b"top");
+    write(&f.old.join("file.txt"), b"plain file");
+    f.start();
+    fs::rename(f.v("src"), f.v("dst")).unwrap();
+    assert!(!f.v("src").exists());
+    assert_eq!(fs::read(f.v("dst/deep/f17")).unwrap(), b"file 17");
+    assert_eq!(names(&f.v("dst/deep")).len(), 200);
+    // Only the renamed directory itself (no file) is in NEW.
+    let copied_files = manifest(&f.new, false)
+        .values()
+        .filter(|e| e.kind == "file")
+        .count();
+    assert_eq!(copied_files, 0, "rename copied data into NEW");
+    // An OLD-only file renamed: a redirect, no data copy.
+    fs::rename(f.v("file.txt"), f.v("dst/moved.txt")).unwrap();
+    assert_eq!(fs::read(f.v("dst/moved.txt")).unwrap(), b"plain file");
+    assert!(!f.new.join("dst/moved.txt").exists());
+    // Changes below a renamed dir, then rename it again, then remount: all still right.
+    fs::remove_file(f.v("dst/deep/f3")).unwrap();
+    write(&f.v("dst/deep/new.txt"), b"born in view");
+    fs::rename(f.v("dst"), f.v("again")).unwrap();
+    f.unmount();
+    f.mount();
+    assert!(!f.v("again/deep/f3").exists());
+    assert_eq!(
+        fs::read(f.v("again/deep/new.txt")).unwrap(),
+        b"born in view"
+    );
+    assert_eq!(fs::read(f.v("again/deep/f199")).unwrap(), b"file 199");
+    assert_eq!(fs::read(f.v("again/moved.txt")).unwrap(), b"plain file");
+    assert_eq!(names(&f.v("again/deep")).len(), 200);
+    assert!(!f.v("src").exists() && !f.v("dst").exists());
+    f.unmount();
+}
+
+#[test]
+fn rule05_rename_over_a_nonempty_directory_looks_at_both_stores() {
+    let mut f = Fixture::new();
+    write(&f.old.join("target/old-only.txt"), b"x");
+    fs::create_dir(f.old.join("src")).unwrap();
+    f.start();
+    let err = fs::rename(f.v("src"), f.v("target")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY));
+    // Empty it through the view; then the rename succeeds.
+    fs::remove_file(f.v("target/old-only.txt")).unwrap();
+    fs::rename(f.v("src"), f.v("target")).unwrap();
+    assert!(f.v("target").is_dir() && !f.v("src").exists());
+    f.unmount();
+}
+
+#[test]
+fn rule06_st_ino_is_stable_across_copy_up_and_hard_links_share_an_inode() {
+    let mut f = Fixture::new();
+    write(&f.old.join("file"), b"data");
+    write(&f.old.join("d/inner"), b"x");
+    f.start();
+    let ino_before = fs::metadata(f.v("file")).unwrap().ino();
+    let dir_ino = fs::metadata(f.v("d")).unwrap().ino();
+    // Keep the file open so the kernel keeps its inode, then copy it up.
+    let _keep = fs::File::open(f.v("file")).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(f.v("file"))
+        .unwrap()
+        .write_all(b"+")
+        .unwrap();
+    assert!(f.new.join("file").exists());
+    assert_eq!(fs::metadata(f.v("file")).unwrap().ino(), ino_before);
+    write(&f.v("d/new"), b"y"); // copies the directory up
+    assert_eq!(fs::metadata(f.v("d")).unwrap().ino(), dir_ino);
+    // Hard links: one inode, right link count, on every name.
+    fs::hard_link(f.v("file"), f.v("d/file-link")).unwrap();
+    let a = fs::metadata(f.v("file")).unwrap();
+    let b = fs::metadata(f.v("d/file-link")).unwrap();
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!((a.nlink(), b.nlink()), (2, 2));
+    fs::remove_file(f.v("file")).unwrap();
+    assert_eq!(fs::metadata(f.v("d/file-link")).unwrap().nlink(), 1);
+    assert_eq!(fs::read(f.v("d/file-link")).unwrap(), b"data+");
+    drop(_keep);
+    f.unmount();
+}
+
+#[test]
+fn rule07_readdir_lists_each_name_once_hides_tombstones_and_survives_changes() {
+    let mut f = Fixture::new();
+    for i in 0..300 {
+        write(&f.old.join(format!("d/old{i:03}")), b"o");
+    }
+    f.prepare();
+    fs::create_dir(f.new.join("d")).unwrap();
+    for i in 0..100 {
+        // Half overlap with OLD's names.
+        write(&f.new.join(format!("d/old{:03}", i * 2)), b"n");
+        write(&f.new.join(format!("d/new{i:03}")), b"n");
+    }
+    f.mount();
+    fs::remove_file(f.v("d/old001")).unwrap();
+    fs::remove_file(f.v("d/old002")).unwrap(); // in both stores
+    let listed = names(&f.v("d"));
+    let mut dedup = listed.clone();
+    dedup.dedup();
+    assert_eq!(listed, dedup, "a name listed twice");
+    assert_eq!(listed.len(), 300 + 100 - 2);
+    assert!(!listed.contains(&"old001".into()) && !listed.contains(&"old002".into()));
+    // Concurrent changes while reading: offsets stay valid, nothing listed twice, every name
+    // that existed throughout is listed.
+    let mut rd = fs::read_dir(f.v("d")).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen.push(rd.next().unwrap().unwrap().file_name());
+    }
+    for i in 0..50 {
+        write(&f.v(&format!("d/late{i}")), b"l");
+        let _ = fs::remove_file(f.v(&format!("d/old{:03}", 250 + i)));
+    }
+    for e in rd {
+        seen.push(e.unwrap().file_name());
+    }
+    let mut s = seen.clone();
+    s.sort();
+    s.dedup();
+    assert_eq!(
+        s.len(),
+        seen.len(),
+        "a name listed twice during concurrent changes"
+    );
+    for i in 3..250 {
+        assert!(
+            seen.contains(&format!("old{i:03}").into()),
+            "old{i:03} missing"
+        );
+    }
+    f.unmount();
+}
+
+#[test]
+fn rule08_permissions_are_checked_and_new_entries_belong_to_the_caller() {
+    let mut f = Fixture::new();
+    write(&f.old.join("private"), b"secret");
+    fs::set_permissions(f.old.join("private"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(f.old.join("shared")).unwrap();
+    fs::set_permissions(f.old.join("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::create_dir(f.old.join("locked")).unwrap();
+    fs::set_permissions(f.old.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
+    f.start();
+    fs::set_permissions(&f.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let v = f.mnt.display().to_string();
+    let out = sh_as(65534, 65534, &format!("cat {v}/private"));
+    assert!(!out.status.success(), "nobody read a 0600 root file");
+    let out = sh_as(65534, 65534, &format!("touch {v}/locked/x"));
+    assert!(!out.status.success(), "nobody created in a 0755 root dir");
+    let out = sh_as(
+        65534,
+        65534,
+        &format!("echo hi > {v}/shared/mine && mkdir {v}/shared/d"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in ["shared/mine", "shared/d"] {
+        let md = fs::metadata(f.v(p)).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (65534, 65534),
+            "{p} not owned by its creator"
+        );
+        let md = fs::metadata(f.new.join(p)).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (65534, 65534),
+            "{p} in NEW not owned by its creator"
+        );
+    }
+    f.unmount();
+}
+
+#[test]
+fn rule09_symlinks_inside_stores_are_never_followed() {
+    let mut f = Fixture::new();
+    let outside = f.root.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    write(&outside.join("secret"), b"outside data");
+    write(&f.old.join("victim/file"), b"inside");
+    symlink(&outside, f.old.join("escape")).unwrap();
+    f.start();
+    // A symlink in OLD is shown as a symlink, never resolved by the view.
+    assert!(
+        fs::symlink_metadata(f.v("escape"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(!names(&f.mnt).is_empty());
+    // The view records a redirect to OLD's "victim" (a rename), so it will resolve that OLD
+    // path by itself from now on.
+    fs::rename(f.v("victim"), f.v("renamed")).unwrap();
+    f.unmount();
+    // Behind the view's back, OLD's directory becomes a symlink to a directory outside OLD.
+    fs::remove_dir_all(f.old.join("victim")).unwrap();
+    symlink(&outside, f.old.join("victim")).unwrap();
+    f.mount();
+    // The redirect's OLD directory is gone (it is a symlink now): the view shows nothing at
+    // the renamed name, and nothing outside OLD can be read through it ...
+    assert!(
+        fs::symlink_metadata(f.v("renamed")).is_err(),
+        "a redirect followed a symlink"
+    );
+    assert!(
+        fs::read(f.v("renamed/secret")).is_err(),
+        "read outside OLD through the view"
+    );
+    // ... or written.
+    let _ = fs::write(f.v("renamed/planted"), b"x");
+    assert_eq!(
+        names(&outside),
+        ["secret"],
+        "wrote outside OLD through the view"
+    );
+    assert_eq!(fs::read(outside.join("secret")).unwrap(), b"outside data");
+    // A directory the kernel already holds, swapped behind the view's back: the view keeps
+    // working on the directory it resolved, never on the link that replaced it.
+    write(&f.old.join("held/inside"), b"in");
+    let held = fs::File::open(f.v("held")).unwrap();
+    assert_eq!(names(&f.v("held")), ["inside"]);
+    fs::rename(f.old.join("held"), f.root.path().join("held-moved-away")).unwrap();
+    symlink(&outside, f.old.join("held")).unwrap();
+    assert!(
+        !names(&f.v("held")).contains(&"secret".to_string()),
+        "listed outside OLD"
+    );
+    drop(held);
+    f.unmount();
+}
+
+#[test]
+fn rule10_copy_up_preserves_links_holes_xattrs_mode_owner_and_ns_times() {
+    let mut f = Fixture::new();
+    // A sparse file: 1 MiB hole, 4 KiB data, 1 MiB hole, data.
+    {
+        let mut h = fs::File::create(f.old.join("sparse")).unwrap();
+        h.seek(SeekFrom::Start(1 << 20)).unwrap();
+        h.write_all(&[7u8; 4096]).unwrap();
+        h.seek(SeekFrom::Start(2 << 20)).unwrap();
+        h.write_all(b"tail").unwrap();
+    }
+    write(&f.old.join("meta"), b"m");
+    rustix::fs::setxattr(
+        f.old.join("meta"),
+        "user.one",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    rustix::fs::chown(
+        f.old.join("meta"),
+        Some(rustix::fs::Uid::from_raw(1234)),
+        Some(rustix::fs::Gid::from_raw(4321)),
+    )
+    .unwrap();
+    fs::set_permissions(f.old.join("meta"), fs::Permissions::from_mode(0o4750)).unwrap();
+    let t = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: 1_100_000_000,
+            tv_nsec: 987_654_321,
+        },
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        f.old.join("meta"),
+        &t,
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
+    symlink("some/target", f.old.join("sym")).unwrap();
+    write(&f.old.join("d/x"), b"x");
+    let old_meta = entry_info(&f.old.join("meta"), true);
+    f.start();
+    // Copy up by opening for write without writing: data, metadata and holes must survive.
+    OpenOptions::new().write(true).open(f.v("sparse")).unwrap();
+    OpenOptions::new().write(true).open(f.v("meta")).unwrap();
+    let new_sparse = fs::metadata(f.new.join("sparse")).unwrap();
+    assert_eq!(
+        fs::read(f.new.join("sparse")).unwrap(),
+        fs::read(f.old.join("sparse")).unwrap()
+    );
+    assert!(
+        new_sparse.blocks() * 512 < 64 * 1024,
+        "holes were filled: {} blocks",
+        new_sparse.blocks()
+    );
+    let copied = entry_info(&f.new.join("meta"), true);
+    assert_eq!(copied, old_meta);
+    // Symlink copy-up (by chown of the link itself).
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        f.v("sym"),
+        Some(rustix::fs::Uid::from_raw(7)),
+        None,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read_link(f.new.join("sym")).unwrap(),
+        Path::new("some/target")
+    );
+    assert_eq!(fs::symlink_metadata(f.new.join("sym")).unwrap().uid(), 7);
+    f.unmount();
+}
+
+#[test]
+fn rule11_the_view_can_be_mounted_in_place_over_the_old_path() {
+    let mut f = Fixture::new();
+    write(&f.old.join("data.txt"), b"served from OLD under the mount");
+    let old_path = f.old.clone();
+    f.prepare();
+    f.mount_at(&old_path);
+    // The view now covers OLD's path and still serves OLD's data.
+    assert_eq!(
+        fs::read(old_path.join("data.txt")).unwrap(),
+        b"served from OLD under the mount"
+    );
+    write(&old_path.join("written.txt"), b"lands in NEW");
+    assert_eq!(
+        fs::read(f.new.join("written.txt")).unwrap(),
+        b"lands in NEW"
+    );
+    f.unmount_at(&old_path);
+    assert!(
+        !old_path.join("written.txt").exists(),
+        "the write went to OLD"
+    );
+    assert_eq!(
+        fs::read(old_path.join("data.txt")).unwrap(),
+        b"served from OLD under the mount"
+    );
+}
+
+#[test]
+fn names_longer_than_255_bytes_get_enametoolong() {
+    let mut f = Fixture::new();
+    f.start();
+    let long = "x".repeat(256);
+    let err = fs::write(f.v(&long), b"").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG));
+    let err = fs::metadata(f.v(&long)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG));
+    write(&f.v(&"y".repeat(255)), b"ok");
+    f.unmount();
+}
+
+#[test]
+fn old_is_never_modified_through_the_view() {
+    let mut f = Fixture::new();
+    populate_old(&f.old);
+    write(&f.old.join("dir/sub/deeper/e"), b"e");
+    let before = manifest(&f.old, true);
+    f.start();
+    // A bit of everything.
+    write(&f.v("a.txt"), b"overwritten");
+    fs::rename(f.v("dir"), f.v("renamed")).unwrap();
+    fs::remove_file(f.v("renamed/b.txt")).unwrap();
+    fs::set_permissions(f.v("renamed/sub/c.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::create_dir(f.v("renamed/sub/deeper/newdir")).unwrap();
+    fs::hard_link(f.v("both.txt"), f.v("both-link")).unwrap();
+    fs::remove_dir(f.v("emptydir")).unwrap();
+    rustix::fs::setxattr(
+        f.v("renamed/sub/deeper/e"),
+        "user.t",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TRUNC)
+        .open(f.v("link-to-a"))
+        .unwrap();
+    f.unmount();
+    assert_eq!(manifest(&f.old, true), before, "OLD changed");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_gets_a_clear_error() {
+    let mut f = Fixture::new();
+    f.start();
+    let other = f.root.path().join("mnt2");
+    fs::create_dir(&other).unwrap();
+    let out = ferryfs(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        other.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use by another ferryfs process"),
+        "unclear error: {err}"
+    );
+    f.unmount();
+}
+
+#[test]
+fn mounting_again_over_a_dead_mount_after_kill9_needs_no_cleanup() {
+    let mut f = Fixture::new();
+    write(&f.old.join("keep"), b"k");
+    f.start();
+    write(&f.v("acked"), b"acknowledged before the crash");
+    fs::remove_file(f.v("keep")).unwrap();
+    f.kill9();
+    f.mount();
+    assert_eq!(
+        fs::read(f.v("acked")).unwrap(),
+        b"acknowledged before the crash"
+    );
+    assert!(!f.v("keep").exists());
+    f.unmount();
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let f = Fixture::new();
+    let missing = f.root.path().join("nope");
+    let out = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        missing.as_os_str(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OLD store"));
+    let out = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        "relative/path".as_ref(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("absolute"));
+    write(&f.new.join("x"), b"x");
+    let out = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        f.old.as_os_str(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    fs::remove_file(f.new.join("x")).unwrap();
+    f.prepare();
+    let out = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        f.old.as_os_str(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a migration"));
+    let out = ferryfs(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        missing.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn status_json_reports_phase_totals_local_and_tombstones() {
+    let mut f = Fixture::new();
+    populate_old(&f.old);
+    f.start();
+    write(&f.v("newfile"), b"n");
+    fs::remove_file(f.v("a.txt")).unwrap();
+    let s = f.status_json();
+    assert_eq!(s["phase"], "prepared");
+    assert_eq!(s["files"]["total"], 5);
+    assert_eq!(s["dirs"]["total"], 3);
+    assert_eq!(s["local"], 1);
+    assert_eq!(s["tombstones"], 1);
+    assert!(s["errors"].as_array().unwrap().is_empty());
+    assert_eq!(s["mounted"], true);
+    f.unmount();
+}
