@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# scripts/setup.sh — prepare a Debian 12 machine to build, test and demo ferryfs.
+#
+# Idempotent. Run as root. Assumes Rust (rustup, cargo) is already installed.
+# Installs the missing system packages with apt-get (one `apt-get update`, and only
+# when something is actually missing), makes sure rustfmt/clippy are present, and
+# makes sure /dev/fuse exists. A machine that is already set up makes no apt call.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/env.sh
+source "$SCRIPT_DIR/env.sh"
+
+log() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[[ "$(id -u)" -eq 0 ]] || die "must run as root (ferryfs mounts FUSE file systems and apt-get installs packages)"
+command -v apt-get >/dev/null 2>&1 || die "apt-get not found: this script targets Debian 12"
+command -v dpkg-query >/dev/null 2>&1 || die "dpkg-query not found: this script targets Debian 12"
+
+pkg_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# package -> why we need it
+declare -A WHY=(
+    [libclang-dev]="libclang for rocksdb's bindgen"
+    [g++]="C++ compiler for the bundled RocksDB"
+    [fuse3]="fusermount3, used to mount/unmount the view"
+    [pkg-config]="build-time library discovery"
+    [attr]="getfattr/setfattr (xattr tests and demo)"
+    [bindfs]="reference FUSE file system for comparison tests"
+    [fio]="I/O benchmarks"
+    [rsync]="tree copies/comparisons in tests and benchmarks"
+    [python3]="helper scripts"
+)
+PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync python3)
+
+missing=()
+for p in "${PKGS[@]}"; do
+    case "$p" in
+        # python3 may come from elsewhere (pyenv, /usr/local); a working command is enough.
+        python3) command -v python3 >/dev/null 2>&1 && continue ;;
+        # any C++ compiler will do.
+        g++) { command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1; } && continue ;;
+    esac
+    if pkg_installed "$p"; then
+        continue
+    fi
+    missing+=("$p")
+done
+
+if ((${#missing[@]} > 0)); then
+    for p in "${missing[@]}"; do
+        log "missing: $p (${WHY[$p]})"
+    done
+    export DEBIAN_FRONTEND=noninteractive
+    log "running apt-get update"
+    apt-get update -q || die "apt-get update failed"
+    log "running apt-get install -y ${missing[*]}"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || die "apt-get install failed for: ${missing[*]}"
+    for p in "${missing[@]}"; do
+        [[ "$p" == python3 || "$p" == g++ ]] && continue
+        pkg_installed "$p" || die "package $p still not installed after apt-get install"
+    done
+    log "installed: ${missing[*]}"
+else
+    log "system packages: all present (${PKGS[*]}); no apt-get needed"
+fi
+
+# Commands the scripts and tests rely on.
+for c in fusermount3 getfattr setfattr bindfs fio rsync pkg-config python3; do
+    command -v "$c" >/dev/null 2>&1 || die "command '$c' not found after setup"
+done
+
+# Rust toolchain: we do not install Rust, but we do add rustfmt/clippy if missing.
+command -v cargo >/dev/null 2>&1 \
+    || die "cargo not found (install Rust with rustup first; looked in PATH and \$HOME/.cargo/bin)"
+need_components=()
+cargo fmt --version >/dev/null 2>&1 || need_components+=(rustfmt)
+cargo clippy --version >/dev/null 2>&1 || need_components+=(clippy)
+if ((${#need_components[@]} > 0)); then
+    command -v rustup >/dev/null 2>&1 \
+        || die "missing Rust components (${need_components[*]}) and rustup is not available to add them"
+    log "running rustup component add ${need_components[*]}"
+    rustup component add "${need_components[@]}" || die "rustup component add ${need_components[*]} failed"
+else
+    log "rust: $(cargo --version) with rustfmt and clippy"
+fi
+if command -v cargo-nextest >/dev/null 2>&1; then
+    log "cargo-nextest: present"
+else
+    log "cargo-nextest: not found; scripts/test.sh will fall back to 'cargo test'"
+fi
+
+# /dev/fuse
+if [[ ! -c /dev/fuse ]]; then
+    log "/dev/fuse missing; trying 'modprobe fuse'"
+    modprobe fuse 2>/dev/null || log "modprobe fuse failed (ignored; checking /dev/fuse again)"
+fi
+[[ -c /dev/fuse ]] || die "/dev/fuse is not available: load the fuse kernel module on the host, or run the container with --device /dev/fuse --cap-add SYS_ADMIN"
+log "/dev/fuse: present"
+
+log "done"

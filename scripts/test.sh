@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# scripts/test.sh — THE test command for ferryfs (CI runs it through .ci/run).
+#
+#   1. scripts/setup.sh            system packages, /dev/fuse (idempotent)
+#   2. cargo fmt --check
+#   3. cargo clippy --all-targets -- -D warnings
+#   4. cargo nextest run --no-fail-fast   (or `cargo test --no-fail-fast` without nextest)
+#      + cargo test --doc when nextest is used (nextest does not run doc tests)
+#
+# Steps 2-4 all run even if an earlier one fails, so one run reports everything; the script
+# exits non-zero if any step failed. Tests mount FUSE file systems, so this runs as root.
+# Warnings are errors via clippy -D warnings (see scripts/env.sh for why not RUSTFLAGS).
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=scripts/env.sh
+source "$SCRIPT_DIR/env.sh"
+cd "$FERRYFS_ROOT"
+
+START=$SECONDS
+declare -a RESULTS=()
+FAILED=0
+
+on_exit() {
+    local rc=$?
+    ferryfs_cleanup_stale_mounts /tmp/ || true
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+header() { printf '\n==== %s ====\n' "$*"; }
+
+# run_step NAME CMD... : run a step, record "NAME ok|FAILED (rc)", never abort the script.
+run_step() {
+    local name="$1" rc=0 t0=$SECONDS
+    shift
+    header "$name: $*"
+    "$@" || rc=$?
+    if ((rc == 0)); then
+        RESULTS+=("$name: ok ($((SECONDS - t0))s)")
+    else
+        RESULTS+=("$name: FAILED (exit $rc, $((SECONDS - t0))s)")
+        FAILED=1
+    fi
+}
+
+header "setup"
+bash "$SCRIPT_DIR/setup.sh" || { echo "test.sh: FAIL — scripts/setup.sh failed" >&2; exit 1; }
+
+header "clean up stale ferryfs mounts under /tmp"
+ferryfs_cleanup_stale_mounts /tmp/
+
+header "environment"
+echo "repo:             $FERRYFS_ROOT"
+echo "CARGO_TARGET_DIR: $CARGO_TARGET_DIR"
+echo "CI:               ${CI:-<unset>}"
+cargo --version
+rustc --version
+
+run_step fmt cargo fmt --all --check
+run_step clippy cargo clippy --all-targets -- -D warnings
+if command -v cargo-nextest >/dev/null 2>&1; then
+    run_step tests cargo nextest run --no-fail-fast
+    run_step doctests cargo test --doc --no-fail-fast
+else
+    echo "cargo-nextest not found; using cargo test"
+    run_step tests cargo test --no-fail-fast
+fi
+
+elapsed=$((SECONDS - START))
+header "summary"
+for r in "${RESULTS[@]}"; do
+    echo "  $r"
+done
+if ((FAILED)); then
+    printf 'test.sh: FAIL — %s (%dm%02ds)\n' "$(printf '%s\n' "${RESULTS[@]}" | grep FAILED | cut -d: -f1 | paste -sd, -)" $((elapsed / 60)) $((elapsed % 60))
+    exit 1
+fi
+printf 'test.sh: PASS — fmt, clippy and tests all passed (%dm%02ds)\n' $((elapsed / 60)) $((elapsed % 60))
