@@ -1,0 +1,451 @@
+#!/usr/bin/env bash
+# bench/run.sh — measure the ferryfs view against direct access and bindfs, in one command.
+#
+#   bash bench/run.sh [--quick]
+#
+# Variants (each on its own mount point, all backed by the same file system):
+#   plain        the OLD directory itself, no FUSE
+#   bindfs       `bindfs -o allow_other OLD MNT` (a plain FUSE passthrough, the peer)
+#   ferryfs-old  a ferryfs view whose NEW is empty: reads fall through to OLD
+#   ferryfs-new  a second ferryfs migration of the same OLD whose NEW got a copy of the big
+#                file after `prepare` and before `mount`: reads are served from NEW
+# Workloads: seq read cold/warm, seq write + fsync, 4 KiB random read (warm), small-file
+# creates, and recursive stat of a small-file tree (cold = caches dropped right after a fresh
+# mount, warm = the pass right after). Every variant is mounted afresh for each run; each cell
+# is the median of 3 runs (1 with --quick). Prints a Markdown table and writes it, with the
+# date, kernel and exact command, to bench/results/latest.md.
+#
+# Needs root (drop_caches, allow_other), /dev/fuse, fio, bindfs, fusermount3, python3.
+# Scratch data lives in /var/tmp/ferryfs-bench-$$ (about 4 GiB free needed, 0.8 GiB with
+# --quick) and is removed, with everything unmounted, on exit — also on failure or Ctrl-C.
+#
+# Environment:
+#   FERRYFS_BIN        ferryfs binary (default $CARGO_TARGET_DIR/release/ferryfs; when it is
+#                      missing, `cargo build --release` runs first)
+#   CARGO_TARGET_DIR   default /root/.cache/ferryfs/target (scripts/env.sh, if present)
+#   BENCH_VARIANTS     subset to run, e.g. "plain bindfs" (plain is always the baseline)
+#   BENCH_FILE_MB, BENCH_TREE_N, BENCH_CREATE_N, BENCH_REPS   override the sizes / run count
+#   BENCH_OUT          results file (default bench/results/latest.md)
+set -euo pipefail
+shopt -s inherit_errexit
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$BENCH_DIR/.." && pwd)"
+JOBS="$BENCH_DIR/jobs"
+SMALLFILES="$BENCH_DIR/smallfiles.py"
+REPORT="$BENCH_DIR/report.py"
+
+log() { printf '[bench] %s\n' "$*"; }
+die() {
+    printf '\nbench/run.sh: FAIL — %s\n' "$*" >&2
+    exit 1
+}
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+
+# The exact command, with the environment overrides that change what it measures.
+CMD=""
+for v in FERRYFS_BIN CARGO_TARGET_DIR BENCH_VARIANTS BENCH_FILE_MB BENCH_TREE_N BENCH_CREATE_N \
+    BENCH_REPS BENCH_OUT; do
+    if [[ -n "${!v:-}" ]]; then CMD+="$v=$(printf '%q' "${!v}") "; fi
+done
+CMD+="bash bench/run.sh"
+for a in "$@"; do CMD+=" $(printf '%q' "$a")"; done
+
+QUICK=0
+for a in "$@"; do
+    case "$a" in
+        --quick) QUICK=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $a" ;;
+    esac
+done
+
+# scripts/env.sh sets CARGO_TARGET_DIR but also points FERRYFS_BIN at the *debug* binary:
+# keep the caller's FERRYFS_BIN, and default to the release binary.
+USER_BIN="${FERRYFS_BIN:-}"
+if [[ -f "$ROOT/scripts/env.sh" ]]; then
+    # shellcheck source=SCRIPTDIR/../scripts/env.sh
+    source "$ROOT/scripts/env.sh"
+fi
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/root/.cache/ferryfs/target}"
+BIN="${USER_BIN:-$CARGO_TARGET_DIR/release/ferryfs}"
+
+if ((QUICK)); then
+    FILE_MB="${BENCH_FILE_MB:-64}" TREE_N="${BENCH_TREE_N:-10000}" REPS="${BENCH_REPS:-1}"
+else
+    FILE_MB="${BENCH_FILE_MB:-1024}" TREE_N="${BENCH_TREE_N:-100000}" REPS="${BENCH_REPS:-3}"
+fi
+CREATE_N="${BENCH_CREATE_N:-10000}"
+OUT="${BENCH_OUT:-$BENCH_DIR/results/latest.md}"
+for n in FILE_MB TREE_N CREATE_N REPS; do
+    [[ "${!n}" =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive integer, got '${!n}'"
+done
+FILE_BYTES=$((FILE_MB * 1048576))
+SIZE="${FILE_MB}m" # fio sizes are base 2: 1024m = 1 GiB
+# smallfiles.py puts 1000 files per subdirectory.
+TREE_ENTRIES=$((TREE_N + (TREE_N + 999) / 1000))
+
+ALL_VARIANTS="plain bindfs ferryfs-old ferryfs-new"
+VARIANTS=(plain)
+for v in ${BENCH_VARIANTS:-$ALL_VARIANTS}; do
+    case " $ALL_VARIANTS " in *" $v "*) ;; *) die "unknown variant '$v' (known: $ALL_VARIANTS)" ;; esac
+    [[ "$v" == plain ]] || VARIANTS+=("$v")
+done
+NEED_FERRYFS=0
+case " ${VARIANTS[*]} " in *" ferryfs-"*) NEED_FERRYFS=1 ;; esac
+
+# ---------------------------------------------------------------------------------------------
+# Scratch dir, mounts and cleanup.
+
+S="" # scratch dir; set once created
+STEP="start-up"
+
+# Mount points under the scratch dir, deepest first, as /proc/mounts lists them.
+mounts_under() {
+    [[ -n "$S" ]] || return 0
+    awk -v p="$S/" 'index($2, p) == 1 { print length($2) "\t" $2 }' /proc/mounts |
+        sort -rn | cut -f2-
+}
+
+is_listed_mount() { awk -v m="$1" '$2 == m { f = 1 } END { exit !f }' /proc/mounts; }
+
+force_unmount() {
+    local m="$1"
+    case "$m" in
+        */ferryfs-*) [[ -x "$BIN" ]] && timeout 120 "$BIN" unmount "$m" >/dev/null 2>&1 ;;
+    esac
+    is_listed_mount "$m" || return 0
+    fusermount3 -u "$m" 2>/dev/null || fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m"
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - INT TERM
+    if [[ -n "$S" && -d "$S" ]]; then
+        if ((rc != 0)); then
+            local f
+            for f in "$S"/state-*/ferryfs.log; do
+                [[ -s "$f" ]] || continue
+                printf '\n---- last 30 lines of %s ----\n' "$f" >&2
+                tail -n 30 "$f" >&2
+            done
+        fi
+        local m
+        while IFS= read -r m; do
+            [[ -n "$m" ]] || continue
+            force_unmount "$m" || printf 'bench/run.sh: WARNING: could not unmount %s\n' "$m" >&2
+        done < <(mounts_under)
+        # Never rm -rf through a mount point.
+        if [[ -n "$(mounts_under)" ]]; then
+            printf 'bench/run.sh: WARNING: still mounted under %s; leaving it in place\n' "$S" >&2
+            ((rc != 0)) || rc=1
+        else
+            rm -rf --one-file-system -- "$S"
+        fi
+    fi
+    if ((rc == 0)); then
+        printf '\nbench/run.sh: PASS — results in %s\n' "$OUT"
+    else
+        printf '\nbench/run.sh: FAIL (exit %d) during: %s\n' "$rc" "$STEP" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Print a command's captured output files (after a failure).
+show() {
+    local f
+    for f in "$@"; do
+        [[ -s "$f" ]] || continue
+        printf -- '---- %s ----\n' "$f" >&2
+        tail -n 60 "$f" >&2
+    done
+}
+
+# run NAME CMD...: run CMD with its output in $LOGS/NAME.{out,err}; on failure print both.
+run() {
+    local name="$1"
+    shift
+    if ! "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err"; then
+        show "$LOGS/$name.out" "$LOGS/$name.err"
+        die "$name failed: $*"
+    fi
+}
+
+drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
+
+STEP="checks"
+((EUID == 0)) || die "must run as root (drop_caches, allow_other)"
+missing=()
+for t in fio bindfs fusermount3 python3 mountpoint findmnt timeout dd cp awk; do
+    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (bash scripts/setup.sh installs them)"
+[[ -c /dev/fuse ]] || die "/dev/fuse is missing (in a container: --device /dev/fuse --cap-add SYS_ADMIN)"
+(drop_caches) 2>/dev/null || die "cannot write /proc/sys/vm/drop_caches: cold numbers would be warm"
+for f in seq_read_1g.fio seq_write_1g.fio rand_read_4k.fio; do
+    [[ -f "$JOBS/$f" ]] || die "missing fio job $JOBS/$f"
+done
+
+if ((NEED_FERRYFS)) && [[ ! -x "$BIN" ]]; then
+    STEP="cargo build --release"
+    log "ferryfs binary not found at $BIN: building it (cargo build --release)"
+    command -v cargo >/dev/null 2>&1 || die "cargo not found and no ferryfs binary at $BIN"
+    (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
+    [[ -x "$BIN" ]] || die "no ferryfs binary at $BIN after the build (check FERRYFS_BIN / CARGO_TARGET_DIR)"
+fi
+
+need_mb=$((FILE_MB * 3 + (TREE_N + CREATE_N) * 5 / 1000 + 512))
+avail_mb=$(df -P -m /var/tmp | awk 'NR == 2 { print $4 }')
+((avail_mb >= need_mb)) || die "/var/tmp has ${avail_mb} MiB free, need about ${need_mb} MiB"
+mem_mb=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
+if ((mem_mb < FILE_MB * 3)); then
+    log "WARNING: only ${mem_mb} MiB memory available; 'warm' reads of a ${FILE_MB} MiB file may not be warm"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Data set.
+
+STEP="creating the data set"
+S="/var/tmp/ferryfs-bench-$$"
+[[ ! -e "$S" ]] || die "$S already exists"
+mkdir -p "$S"
+OLD="$S/old"
+LOGS="$S/logs"
+mkdir -p "$OLD" "$LOGS" "$S/mnt"
+for v in "${VARIANTS[@]}"; do
+    [[ "$v" == plain ]] || mkdir "$S/mnt/$v"
+done
+SAMPLES="$S/samples.tsv"
+: >"$SAMPLES"
+
+log "scratch dir $S ($(findmnt -no FSTYPE -T "$S") on $(findmnt -no SOURCE -T "$S"))"
+log "OLD: ${FILE_MB} MiB file, ${TREE_N}-file tree; ${REPS} run(s) per cell; variants: ${VARIANTS[*]}"
+run dd_big dd if=/dev/urandom of="$OLD/big.bin" bs=1M count="$FILE_MB" iflag=fullblock status=none
+run tree_create python3 "$SMALLFILES" create "$OLD/tree" "$TREE_N"
+run tree_check python3 "$SMALLFILES" stat "$OLD/tree"
+got=$(python3 "$REPORT" kv "$(cat "$LOGS/tree_check.out")" entries)
+((got == TREE_ENTRIES)) || die "tree has $got entries, expected $TREE_ENTRIES"
+
+# ferryfs migrations: prepare with an empty NEW (the CLI requires it), and for ferryfs-new copy
+# the big file into NEW before mounting so the view serves it from NEW.
+for v in "${VARIANTS[@]}"; do
+    case "$v" in
+        ferryfs-old | ferryfs-new)
+            STEP="ferryfs prepare ($v)"
+            mkdir "$S/new-$v"
+            run "prepare-$v" "$BIN" prepare --old "$OLD" --new "$S/new-$v" --state "$S/state-$v"
+            if [[ "$v" == ferryfs-new ]]; then
+                run copy_to_new cp --reflink=never "$OLD/big.bin" "$S/new-$v/big.bin"
+            fi
+            ;;
+    esac
+done
+sync
+
+# ---------------------------------------------------------------------------------------------
+# Mounting.
+
+TARGET="" # the directory the workloads run in for the current variant
+
+mount_variant() {
+    local v="$1" mnt="$S/mnt/$1"
+    STEP="mounting $v"
+    case "$v" in
+        plain) TARGET="$OLD"; return 0 ;;
+        bindfs) run "mount-$v" bindfs -o allow_other "$OLD" "$mnt" ;;
+        ferryfs-*) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other ;;
+    esac
+    mountpoint -q "$mnt" || die "$v: $mnt is not a mount point after mounting"
+    TARGET="$mnt"
+}
+
+unmount_variant() {
+    local v="$1" mnt="$S/mnt/$1"
+    STEP="unmounting $v"
+    case "$v" in
+        plain) return 0 ;;
+        bindfs) run "unmount-$v" fusermount3 -u "$mnt" ;;
+        ferryfs-*) run "unmount-$v" timeout 120 "$BIN" unmount "$mnt" ;;
+    esac
+    ! is_listed_mount "$mnt" || die "$v: $mnt is still mounted after unmounting"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Workloads. Each records "key variant run value" in $SAMPLES.
+
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$SAMPLES"; }
+
+# fio_job NAME JOB FILE DIR METRIC [FIO ARGS...]: run one fio job, print the metric.
+fio_job() {
+    local name="$1" job="$2" file="$3" ddir="$4" metric="$5" out val
+    local -a expect=()
+    shift 5
+    out="$LOGS/$name.json"
+    # Sequential jobs must move exactly the whole file; the time-based random job does not.
+    [[ "$job" == rand_read_4k.fio ]] || expect=("$FILE_BYTES")
+    if ! FILE="$file" SIZE="$SIZE" fio "$@" --output-format=json --output="$out" "$JOBS/$job" \
+        >"$LOGS/$name.out" 2>"$LOGS/$name.err"; then
+        show "$out" "$LOGS/$name.out" "$LOGS/$name.err"
+        die "fio $job on $file failed"
+    fi
+    if ! val=$(python3 "$REPORT" fio "$out" "$ddir" "$metric" "${expect[@]}"); then
+        show "$LOGS/$name.out" "$LOGS/$name.err"
+        die "fio $job on $file: bad result"
+    fi
+    printf '%s\n' "$val"
+}
+
+# smallfiles NAME ARGS...: run smallfiles.py, print its output line.
+smallfiles() {
+    local name="$1"
+    shift
+    run "$name" python3 "$SMALLFILES" "$@"
+    cat "$LOGS/$name.out"
+}
+
+bench_variant() {
+    local v="$1" r="$2" tag="$1.run$2" t line n val
+    log "== run $r/$REPS: $v =="
+    mount_variant "$v"
+    t="$TARGET"
+
+    STEP="$v run $r: checking the view"
+    [[ -f "$t/big.bin" ]] || die "$v: $t/big.bin is missing"
+    n=$(stat -c %s "$t/big.bin")
+    ((n == FILE_BYTES)) || die "$v: $t/big.bin is $n bytes, expected $FILE_BYTES"
+    [[ ! -e "$t/bench-write.bin" && ! -e "$t/bench-create" ]] ||
+        die "$v: leftovers of an earlier run in $t"
+
+    STEP="$v run $r: stat tree, cold"
+    drop_caches
+    line=$(smallfiles "stat-cold.$tag" stat "$t/tree")
+    n=$(python3 "$REPORT" kv "$line" entries)
+    ((n == TREE_ENTRIES)) || die "$v: stat saw $n entries, expected $TREE_ENTRIES"
+    val=$(python3 "$REPORT" kv "$line" seconds)
+    record stat_cold "$v" "$r" "$val"
+    log "$v run $r: stat cold: $val s"
+
+    STEP="$v run $r: stat tree, warm"
+    line=$(smallfiles "stat-warm.$tag" stat "$t/tree")
+    n=$(python3 "$REPORT" kv "$line" entries)
+    ((n == TREE_ENTRIES)) || die "$v: stat saw $n entries, expected $TREE_ENTRIES"
+    val=$(python3 "$REPORT" kv "$line" seconds)
+    record stat_warm "$v" "$r" "$val"
+    log "$v run $r: stat warm: $val s"
+
+    STEP="$v run $r: seq read, cold"
+    drop_caches
+    val=$(fio_job "seq-read-cold.$tag" seq_read_1g.fio "$t/big.bin" read mibs --readonly)
+    record seq_read_cold "$v" "$r" "$val"
+    log "$v run $r: seq read cold: $val MiB/s"
+
+    STEP="$v run $r: seq read, warm"
+    fio_job "seq-read-warmup.$tag" seq_read_1g.fio "$t/big.bin" read mibs --readonly >/dev/null
+    val=$(fio_job "seq-read-warm.$tag" seq_read_1g.fio "$t/big.bin" read mibs --readonly)
+    record seq_read_warm "$v" "$r" "$val"
+    log "$v run $r: seq read warm: $val MiB/s"
+
+    STEP="$v run $r: 4 KiB random read, warm"
+    val=$(fio_job "rand-read.$tag" rand_read_4k.fio "$t/big.bin" read iops --readonly)
+    record rand_read_4k "$v" "$r" "$val"
+    log "$v run $r: rand read 4k: $val IOPS"
+
+    STEP="$v run $r: seq write"
+    val=$(fio_job "seq-write.$tag" seq_write_1g.fio "$t/bench-write.bin" write mibs)
+    n=$(stat -c %s "$t/bench-write.bin")
+    ((n == FILE_BYTES)) || die "$v: wrote a $n-byte file, expected $FILE_BYTES"
+    rm -- "$t/bench-write.bin"
+    record seq_write "$v" "$r" "$val"
+    log "$v run $r: seq write: $val MiB/s"
+
+    STEP="$v run $r: create small files"
+    sync
+    line=$(smallfiles "create.$tag" create "$t/bench-create" "$CREATE_N")
+    val=$(python3 "$REPORT" kv "$line" seconds)
+    rm -rf -- "$t/bench-create"
+    record create "$v" "$r" "$val"
+    log "$v run $r: create $CREATE_N files: $val s"
+
+    unmount_variant "$v"
+    sync
+}
+
+# ---------------------------------------------------------------------------------------------
+# Run.
+
+started=$(date +%s)
+for ((r = 1; r <= REPS; r++)); do
+    for v in "${VARIANTS[@]}"; do
+        bench_variant "$v" "$r"
+    done
+done
+elapsed=$(($(date +%s) - started))
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+STEP="writing the report"
+if ((FILE_MB % 1024 == 0)); then human="$((FILE_MB / 1024)) GiB"; else human="$FILE_MB MiB"; fi
+SPEC="$S/spec.tsv"
+{
+    printf 'seq_read_cold\tmibs\tseq read %s, cold, bs=1M (MiB/s)\n' "$human"
+    printf 'seq_read_warm\tmibs\tseq read %s, warm, bs=1M (MiB/s)\n' "$human"
+    printf 'seq_write\tmibs\tseq write %s + fsync, bs=1M (MiB/s)\n' "$human"
+    printf 'rand_read_4k\tiops\trand read 4 KiB, warm, QD1, 10 s (IOPS)\n'
+    printf 'create\tsecs\tcreate %d files of 4 KiB (s)\n' "$CREATE_N"
+    printf 'stat_cold\tsecs\tstat %d entries, cold (s)\n' "$TREE_ENTRIES"
+    printf 'stat_warm\tsecs\tstat %d entries, warm (s)\n' "$TREE_ENTRIES"
+} >"$SPEC"
+TABLE="$S/table.md"
+python3 "$REPORT" table "$SPEC" "$SAMPLES" "${VARIANTS[@]}" >"$TABLE" || die "report.py table failed"
+
+if [[ -x "$BIN" ]] && ((NEED_FERRYFS)); then
+    ferry_version="$("$BIN" --version 2>&1 | head -n 1) ($BIN)"
+else
+    ferry_version="not used"
+fi
+git_rev="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo none)"
+if [[ -n "$(git -C "$ROOT" status --porcelain 2>/dev/null | head -n 1)" ]]; then git_rev+=" (dirty)"; fi
+
+mkdir -p "$(dirname "$OUT")"
+{
+    printf '# ferryfs benchmark results\n\n'
+    printf -- '- date: %s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    # shellcheck disable=SC2016 # literal backticks: Markdown code
+    printf -- '- command: `%s` (in %s)\n' "$CMD" "$ROOT"
+    printf -- '- kernel: %s\n' "$(uname -srvm)"
+    printf -- '- machine: %s CPUs (%s), %s MiB RAM\n' "$(nproc)" \
+        "$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
+        "$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)"
+    printf -- '- scratch file system: %s on %s (/var/tmp)\n' \
+        "$(findmnt -no FSTYPE -T /var/tmp)" "$(findmnt -no SOURCE -T /var/tmp)"
+    printf -- '- ferryfs: %s, git %s\n' "$ferry_version" "$git_rev"
+    printf -- '- %s; %s; %s\n' "$(bindfs --version 2>&1 | head -n 1)" "$(fio --version)" "$(python3 --version)"
+    printf -- '- runs per cell: %d (cells are medians); wall time %d s\n\n' "$REPS" "$elapsed"
+    cat "$TABLE"
+    printf '\n'
+    cat <<'EOF'
+Higher "x plain" is better: variant/plain for MiB/s and IOPS, plain/variant for seconds
+(the ratio of ops/s). plain = the OLD directory itself; bindfs = bindfs of OLD;
+ferryfs-old = the view reading files that are only in OLD; ferryfs-new = a view whose NEW
+holds a copy of the big file (stat still runs over the OLD tree; writes and creates land in
+NEW for both ferryfs variants). Every variant is mounted afresh for each run. "cold" =
+`sync; echo 3 > /proc/sys/vm/drop_caches` just before; "warm" seq read = measured right
+after an unmeasured read of the same file; random reads follow the warm seq reads. Writes
+and creates go to a new name and are deleted afterwards.
+EOF
+} >"$OUT.tmp"
+mv -f -- "$OUT.tmp" "$OUT"
+
+printf '\n'
+cat "$TABLE"
