@@ -424,35 +424,36 @@ impl View {
         };
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut out = Vec::new();
-        if let Some(fd) = &dnew {
-            for (name, t) in posix::read_dir_names(fd.as_fd()).ctx("readdir NEW")? {
-                let kind = match Kind::from_dtype(t) {
-                    Some(k) => k,
-                    None => Kind::from_mode(
-                        posix::stat_at(fd.as_fd(), OsStr::from_bytes(&name))
-                            .ctx("stat NEW entry")?
-                            .st_mode,
-                    ),
-                };
-                out.push(self.dir_entry(&name, kind, true, fd.as_fd()));
-                seen.insert(name);
-            }
-        }
-        if let Some(o) = &dold {
-            for (name, t) in posix::read_dir_names(o.fd.as_fd()).ctx("readdir OLD")? {
-                if seen.contains(&name) || records.contains_key(&name) {
+        let sides = [(dnew, true), (dold.map(|o| o.fd), false)];
+        for (fd, in_new) in sides {
+            let Some(fd) = fd else { continue };
+            let dev = posix::stat_fd(fd.as_fd()).ctx("stat dir")?.st_dev;
+            for ent in posix::read_dir_names(fd.as_fd()).ctx("readdir")? {
+                // OLD's entries are hidden by NEW's and by any record at their name.
+                if seen.contains(&ent.name) || (!in_new && records.contains_key(&ent.name)) {
                     continue;
                 }
-                let kind = match Kind::from_dtype(t) {
+                let kind = match Kind::from_dtype(ent.dtype) {
                     Some(k) => k,
                     None => Kind::from_mode(
-                        posix::stat_at(o.fd.as_fd(), OsStr::from_bytes(&name))
-                            .ctx("stat OLD entry")?
+                        posix::stat_at(fd.as_fd(), OsStr::from_bytes(&ent.name))
+                            .ctx("stat entry")?
                             .st_mode,
                     ),
                 };
-                out.push(self.dir_entry(&name, kind, false, o.fd.as_fd()));
-                seen.insert(name);
+                // d_ino: the number the kernel knows for the entry, when it knows it; else the
+                // store's number with the top bit set, which no allocated number can equal.
+                let id = if in_new {
+                    Identity::New(dev, ent.ino)
+                } else {
+                    Identity::Old(dev, ent.ino)
+                };
+                out.push(DirEntry {
+                    name: OsString::from_vec(ent.name.clone()),
+                    kind,
+                    ino: self.inodes.ino_of(&id).unwrap_or(synthetic_ino(ent.ino)),
+                });
+                seen.insert(ent.name);
             }
         }
         for (name, rec) in &records {
@@ -471,7 +472,8 @@ impl View {
                 && let Ok(st) = posix::stat_fd(fd.as_fd())
             {
                 let kind = Kind::from_mode(st.st_mode);
-                if matches!(rec, Dentry::Dir { .. }) && kind != Kind::Dir {
+                // Same rule as resolution: a redirect whose OLD entry changed kind shows nothing.
+                if matches!(rec, Dentry::Dir { .. }) != (kind == Kind::Dir) {
                     continue;
                 }
                 let id = Identity::Old(st.st_dev, st.st_ino);
@@ -483,33 +485,6 @@ impl View {
             }
         }
         Ok(out)
-    }
-
-    fn dir_entry(
-        &self,
-        name: &[u8],
-        kind: Kind,
-        in_new: bool,
-        dir: std::os::fd::BorrowedFd<'_>,
-    ) -> DirEntry {
-        // d_ino: the inode number the kernel knows, when it knows the entry; else a number
-        // from the store's inode with the top bit set, which no allocated number can equal.
-        let ino = posix::stat_at(dir, OsStr::from_bytes(name))
-            .ok()
-            .map(|st| {
-                let id = if in_new {
-                    Identity::New(st.st_dev, st.st_ino)
-                } else {
-                    Identity::Old(st.st_dev, st.st_ino)
-                };
-                self.inodes.ino_of(&id).unwrap_or(synthetic_ino(st.st_ino))
-            })
-            .unwrap_or(synthetic_ino(0));
-        DirEntry {
-            name: OsString::from_vec(name.to_vec()),
-            kind,
-            ino,
-        }
     }
 
     /// Snapshot a directory for readdir; offsets index this snapshot, so they stay valid

@@ -140,8 +140,15 @@ pub fn reopen(fd: BorrowedFd<'_>, flags: OFlags) -> io::Result<File> {
     Ok(File::from(f))
 }
 
-/// Open a directory (given by an `O_PATH` fd) for reading its entries.
-pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u8)>> {
+/// One directory entry as getdents returns it: name, `d_type`, `d_ino`.
+pub struct RawEntry {
+    pub name: Vec<u8>,
+    pub dtype: u8,
+    pub ino: u64,
+}
+
+/// The entries of a directory (given by an `O_PATH` fd), without `.` and `..`.
+pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<RawEntry>> {
     let fd = rustix::fs::openat(
         dir,
         ".",
@@ -157,7 +164,11 @@ pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, u8)>> {
         if name == b"." || name == b".." {
             continue;
         }
-        out.push((name.to_vec(), ent.file_type() as u8));
+        out.push(RawEntry {
+            name: name.to_vec(),
+            dtype: ent.file_type() as u8,
+            ino: ent.ino(),
+        });
     }
     Ok(out)
 }

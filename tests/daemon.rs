@@ -1,0 +1,125 @@
+//! The daemon's life: foreground serving, clean shutdown by signal, by `umount`, by
+//! `fusermount3 -u`, and refusal of a mountpoint already served.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn mounted(mp: &std::path::Path) -> bool {
+    let mp = fs::canonicalize(mp).unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()) && l.contains(" - fuse"))
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The lock is free again once the daemon has really let go of the state dir.
+fn state_released(f: &Fixture) -> bool {
+    let lock = fs::File::open(f.state.join("lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+}
+
+#[test]
+fn foreground_serves_until_sigterm_then_unmounts_and_exits_zero() {
+    let f = Fixture::new();
+    write(&f.old.join("x"), b"x");
+    f.prepare();
+    let mut child = Command::new(BIN)
+        .args(["mount", "--foreground", "--state"])
+        .arg(&f.state)
+        .arg(&f.mnt)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the foreground mount", || mounted(&f.mnt));
+    assert_eq!(fs::read(f.v("x")).unwrap(), b"x");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "--foreground must stay attached"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(!mounted(&f.mnt), "SIGTERM left the mount behind");
+    assert!(state_released(&f));
+}
+
+#[test]
+fn plain_umount_and_fusermount3_stop_the_daemon_cleanly() {
+    let mut f = Fixture::new();
+    f.start();
+    write(&f.v("before"), b"1");
+    let st = Command::new("umount").arg(&f.mnt).status().unwrap();
+    assert!(st.success());
+    wait_until("the daemon to release the state dir after umount", || {
+        state_released(&f)
+    });
+    f.mount();
+    assert_eq!(fs::read(f.v("before")).unwrap(), b"1");
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&f.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until(
+        "the daemon to release the state dir after fusermount3 -u",
+        || state_released(&f),
+    );
+    assert!(!mounted(&f.mnt));
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    assert!(
+        log.contains("view stopped"),
+        "no clean stop in the log:\n{log}"
+    );
+}
+
+#[test]
+fn a_mountpoint_served_by_another_view_is_refused() {
+    let mut a = Fixture::new();
+    a.start();
+    let b = Fixture::new();
+    b.prepare();
+    let out = ferryfs(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        b.state.as_os_str(),
+        a.mnt.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already a live ferryfs view"),
+        "unclear error: {err}"
+    );
+    assert!(mounted(&a.mnt), "the live view was disturbed");
+    a.unmount();
+}
+
+#[test]
+fn unmount_of_a_path_that_is_not_a_view_says_so() {
+    let f = Fixture::new();
+    let out = ferryfs(&["unmount".as_ref(), f.mnt.as_os_str()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a ferryfs mount"));
+}
