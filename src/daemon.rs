@@ -251,21 +251,32 @@ fn wait_for_termination() {
     }
 }
 
-/// The view holds an O_PATH fd per inode the kernel knows (as virtiofsd does): raise the
-/// open-file limit to the hard limit.
+/// The view holds an O_PATH fd per inode the kernel knows (as virtiofsd does; two for a merged
+/// directory), so the daemon needs far more fds than a login's default limit. As root it may
+/// raise even the hard limit, up to the kernel's `fs.nr_open`; anything lower is kept as is.
 fn raise_nofile_limit() {
-    if let Ok(l) = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .maximum
-        .ok_or(())
-    {
-        let _ = rustix::process::setrlimit(
-            rustix::process::Resource::Nofile,
-            rustix::process::Rlimit {
-                current: Some(l),
-                maximum: Some(l),
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let cur = getrlimit(Resource::Nofile);
+    let want = Rlimit {
+        current: Some(nr_open),
+        maximum: Some(nr_open),
+    };
+    if setrlimit(Resource::Nofile, want).is_err() {
+        // Not privileged to raise the hard limit: take the soft limit up to it.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: cur.maximum,
+                maximum: cur.maximum,
             },
         );
     }
+    let now = getrlimit(Resource::Nofile);
+    tracing::info!(open_files = ?now.current, "open-file limit");
 }
 
 /// Start the daemon in the background and wait until it serves (or fails).

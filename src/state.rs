@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::journal::rocks::RocksKv;
-use crate::journal::{Batch, Journal, JournalError};
+use crate::journal::rocks::RocksJournal;
+use crate::journal::{Batch, JournalError, Records};
 use crate::store::StoreSpec;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub const PHASE_PREPARED: &str = "prepared";
 pub struct Migration {
     pub dir: PathBuf,
     pub config: Config,
-    pub journal: Journal,
+    pub journal: Records,
     _lock: File,
 }
 
@@ -160,8 +160,8 @@ pub fn prepare(
         .map_err(io_at(state))?;
     let _lock = take_lock(state)?;
     let totals = scan_totals(&op).map_err(io_at(&op))?;
-    let kv = RocksKv::open(&journal_dir(state), true)?;
-    let journal = Journal::new(Arc::new(kv))?;
+    let kv = RocksJournal::open(&journal_dir(state), true)?;
+    let journal = Records::new(Arc::new(kv))?;
     let config = Config {
         old: StoreSpec::Posix { path: op },
         new: StoreSpec::Posix { path: np },
@@ -180,7 +180,7 @@ pub fn prepare(
     Ok(totals)
 }
 
-fn read_config(journal: &Journal, state: &Path) -> Result<Config, StateError> {
+fn read_config(journal: &Records, state: &Path) -> Result<Config, StateError> {
     let raw = journal.meta("config")?.ok_or_else(|| {
         StateError::Invalid(format!(
             "{}: journal has no migration config",
@@ -201,7 +201,7 @@ impl Migration {
             )));
         }
         let lock = take_lock(state)?;
-        let journal = Journal::new(Arc::new(RocksKv::open(&journal_dir(state), false)?))?;
+        let journal = Records::new(Arc::new(RocksJournal::open(&journal_dir(state), false)?))?;
         let config = read_config(&journal, state)?;
         Ok(Migration {
             dir: state.to_path_buf(),
@@ -264,7 +264,7 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
             state.display()
         )));
     }
-    let journal = Journal::new(Arc::new(RocksKv::open_read_only(&journal_dir(state))?))?;
+    let journal = Records::new(Arc::new(RocksJournal::open_read_only(&journal_dir(state))?))?;
     let config = read_config(&journal, state)?;
     let totals: Totals = journal
         .meta("totals")?

@@ -7,8 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use ferryfs::fs::View;
-use ferryfs::journal::mem::MemKv;
-use ferryfs::journal::{Batch, Intent, Journal};
+use ferryfs::journal::mem::MemJournal;
+use ferryfs::journal::{Batch, Intent, Records};
 use ferryfs::store::posix::PosixStore;
 
 struct Stores {
@@ -29,7 +29,7 @@ fn stores() -> Stores {
     }
 }
 
-fn open_view(s: &Stores, j: &Journal) -> View {
+fn open_view(s: &Stores, j: &Records) -> View {
     View::new(
         PosixStore::open(&s.old).unwrap(),
         PosixStore::open(&s.new).unwrap(),
@@ -44,7 +44,7 @@ fn an_interrupted_rename_is_finished_at_the_next_mount() {
     fs::create_dir(s.new.join("a")).unwrap();
     fs::write(s.new.join("a/f"), b"payload").unwrap();
     let ino = fs::metadata(s.new.join("a")).unwrap().ino();
-    let j = Journal::new(Arc::new(MemKv::default())).unwrap();
+    let j = Records::new(Arc::new(MemJournal::default())).unwrap();
     let mut b = Batch::new();
     b.intent(
         7,
@@ -69,7 +69,7 @@ fn an_intent_never_touches_a_newer_entry_of_the_same_name() {
     let s = stores();
     fs::write(s.new.join("a"), b"newer file, not the one the intent named").unwrap();
     let ino = fs::metadata(s.new.join("a")).unwrap().ino();
-    let j = Journal::new(Arc::new(MemKv::default())).unwrap();
+    let j = Records::new(Arc::new(MemJournal::default())).unwrap();
     let mut b = Batch::new();
     b.intent(
         1,
@@ -97,7 +97,7 @@ fn an_interrupted_replacing_rename_removes_the_replaced_entry() {
     let s = stores();
     fs::write(s.new.join("victim"), b"replaced by an OLD-only file").unwrap();
     let ino = fs::metadata(s.new.join("victim")).unwrap().ino();
-    let j = Journal::new(Arc::new(MemKv::default())).unwrap();
+    let j = Records::new(Arc::new(MemJournal::default())).unwrap();
     let mut b = Batch::new();
     b.intent(
         3,

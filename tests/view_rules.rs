@@ -682,3 +682,52 @@ fn status_json_reports_phase_totals_local_and_tombstones() {
     assert_eq!(s["mounted"], true);
     f.unmount();
 }
+
+/// Pages of `p` resident in the page cache (opens the file once more, through the view).
+fn resident_pages(p: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only shared mapping of a file we hold open, unmapped before return;
+    // mincore writes one byte per page into `vec`, which has room for every page.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    vec.iter().filter(|b| **b & 1 == 1).count()
+}
+
+#[test]
+fn unchanged_files_keep_the_page_cache_across_opens_and_changed_ones_are_read_fresh() {
+    let mut f = Fixture::new();
+    let first = vec![1u8; 1 << 20];
+    write(&f.old.join("f"), &first);
+    f.start();
+    assert_eq!(fs::read(f.v("f")).unwrap(), first);
+    assert_eq!(
+        resident_pages(&f.v("f")),
+        256,
+        "reopening an unchanged file dropped its page cache"
+    );
+    // OLD changes behind the view's back: same size, other bytes, newer mtime.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write(&f.old.join("f"), &vec![2u8; 1 << 20]);
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // the kernel's attribute TTL
+    assert_eq!(
+        fs::read(f.v("f")).unwrap(),
+        vec![2u8; 1 << 20],
+        "stale page cache served after OLD changed"
+    );
+    f.unmount();
+}

@@ -30,7 +30,7 @@ use inode::{Identity, Inode, InodeTable, Node, OldRef, ROOT_INO};
 pub use ops::{SetAttr, SetTime, XattrReply};
 
 use crate::error::{Context, Error, Result};
-use crate::journal::{self, Dentry, Intent, Journal, ROOT_DIR};
+use crate::journal::{self, Dentry, Intent, ROOT_DIR, Records};
 use crate::store::posix::{self, PosixStore};
 
 /// Longest name a directory entry may have (NAME_MAX).
@@ -87,7 +87,7 @@ impl Resolved {
 pub struct View {
     old: PosixStore,
     new: PosixStore,
-    journal: Journal,
+    journal: Records,
     inodes: InodeTable,
     handles: handles::HandleTable,
     ns: RwLock<()>,
@@ -122,7 +122,7 @@ fn not_found(op: &'static str) -> Error {
 
 impl View {
     /// Open the view over two stores and a journal, finishing any NEW-side work a crash left.
-    pub fn new(old: PosixStore, new: PosixStore, journal: Journal) -> Result<View> {
+    pub fn new(old: PosixStore, new: PosixStore, journal: Records) -> Result<View> {
         let old_root = old
             .open_path(std::path::Path::new(""))
             .ctx("open OLD root")?;
@@ -157,7 +157,7 @@ impl View {
         Ok(view)
     }
 
-    pub fn journal(&self) -> &Journal {
+    pub fn journal(&self) -> &Records {
         &self.journal
     }
 

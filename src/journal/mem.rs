@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{Kv, KvOp, Result};
+use super::{Journal, KvOp, Result};
 
 #[derive(Default)]
-pub struct MemKv {
+pub struct MemJournal {
     map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
-impl Kv for MemKv {
+impl Journal for MemJournal {
     fn write(&self, ops: Vec<KvOp>, _sync: bool) -> Result<()> {
         let mut m = self.map.lock().unwrap();
         for op in ops {

@@ -17,7 +17,10 @@
 //! [`Intent`]s are redo records for the NEW-side half of an operation whose journal half is
 //! already durable; they are replayed at mount before the view serves.
 //!
-//! Backends implement [`Kv`] (an ordered byte map with atomic batches); all encoding lives here.
+//! The storage contract is the [`Journal`] trait (an ordered byte map with atomic, optionally
+//! synced batches), implemented by [`rocks::RocksJournal`] and, for unit tests,
+//! [`mem::MemJournal`]. [`Records`] is the typed API over any `Journal`: all encoding lives
+//! here, so both implementations store exactly the same bytes.
 
 pub mod mem;
 pub mod rocks;
@@ -65,8 +68,9 @@ pub enum JournalError {
 
 pub type Result<T> = std::result::Result<T, JournalError>;
 
-/// An ordered key-value store with atomic, optionally durable, batches.
-pub trait Kv: Send + Sync {
+/// The journal's storage contract: an ordered key-value store with atomic, optionally durable,
+/// batches. Atomicity: a `write` applies all of its ops or none, also across a crash.
+pub trait Journal: Send + Sync {
     /// Apply every op or none. With `sync`, the batch is on stable storage when this returns.
     fn write(&self, ops: Vec<KvOp>, sync: bool) -> Result<()>;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
@@ -217,15 +221,15 @@ pub struct RecordCounts {
     pub redirects: u64,
 }
 
-/// The typed journal over any [`Kv`] backend.
+/// The typed records (dentries, intents, metadata) over any [`Journal`].
 #[derive(Clone)]
-pub struct Journal {
-    kv: Arc<dyn Kv>,
+pub struct Records {
+    kv: Arc<dyn Journal>,
     next_id: Arc<AtomicU64>,
 }
 
-impl Journal {
-    pub fn new(kv: Arc<dyn Kv>) -> Result<Journal> {
+impl Records {
+    pub fn new(kv: Arc<dyn Journal>) -> Result<Records> {
         let next = match kv.get(&meta_key(META_NEXT_ID))? {
             Some(v) => u64::from_le_bytes(
                 v.as_slice()
@@ -234,7 +238,7 @@ impl Journal {
             ),
             None => ROOT_DIR + 1,
         };
-        Ok(Journal {
+        Ok(Records {
             kv,
             next_id: Arc::new(AtomicU64::new(next)),
         })
@@ -340,8 +344,8 @@ mod tests {
 
     #[test]
     fn batch_is_atomic_and_ids_survive_reopen() {
-        let kv: Arc<dyn Kv> = Arc::new(mem::MemKv::default());
-        let j = Journal::new(kv.clone()).unwrap();
+        let kv: Arc<dyn Journal> = Arc::new(mem::MemJournal::default());
+        let j = Records::new(kv.clone()).unwrap();
         let id = j.alloc_id();
         let mut b = Batch::new();
         b.put(
@@ -359,14 +363,14 @@ mod tests {
             vec![(b"x".to_vec(), Dentry::Tombstone)]
         );
         // A reopened journal never hands out an id already recorded.
-        let j2 = Journal::new(kv).unwrap();
+        let j2 = Records::new(kv).unwrap();
         assert!(j2.alloc_id() > id);
         assert_eq!(j2.counts().unwrap().tombstones, 1);
     }
 
     #[test]
     fn list_does_not_leak_into_neighbour_dirs() {
-        let j = Journal::new(Arc::new(mem::MemKv::default())).unwrap();
+        let j = Records::new(Arc::new(mem::MemJournal::default())).unwrap();
         let mut b = Batch::new();
         b.put(1, b"a", &Dentry::Tombstone)
             .put(2, b"b", &Dentry::Tombstone)

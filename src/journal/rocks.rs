@@ -8,9 +8,9 @@ use std::path::Path;
 
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 
-use super::{JournalError, Kv, KvOp, Result};
+use super::{Journal, JournalError, KvOp, Result};
 
-pub struct RocksKv {
+pub struct RocksJournal {
     db: DB,
 }
 
@@ -18,9 +18,9 @@ fn backend(e: rocksdb::Error) -> JournalError {
     JournalError::Backend(e.into_string())
 }
 
-impl RocksKv {
+impl RocksJournal {
     /// Open (creating if asked) the journal in `dir` for writing.
-    pub fn open(dir: &Path, create: bool) -> Result<RocksKv> {
+    pub fn open(dir: &Path, create: bool) -> Result<RocksJournal> {
         let mut opts = Options::default();
         opts.create_if_missing(create);
         opts.set_max_open_files(256);
@@ -35,18 +35,18 @@ impl RocksKv {
                 JournalError::Backend(s)
             }
         })?;
-        Ok(RocksKv { db })
+        Ok(RocksJournal { db })
     }
 
     /// Open for reading while a daemon may hold the write lock (for `status`).
-    pub fn open_read_only(dir: &Path) -> Result<RocksKv> {
+    pub fn open_read_only(dir: &Path) -> Result<RocksJournal> {
         let opts = Options::default();
         let db = DB::open_for_read_only(&opts, dir, false).map_err(backend)?;
-        Ok(RocksKv { db })
+        Ok(RocksJournal { db })
     }
 }
 
-impl Kv for RocksKv {
+impl Journal for RocksJournal {
     fn write(&self, ops: Vec<KvOp>, sync: bool) -> Result<()> {
         let mut batch = WriteBatch::default();
         for op in ops {
