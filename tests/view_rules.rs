@@ -731,3 +731,27 @@ fn unchanged_files_keep_the_page_cache_across_opens_and_changed_ones_are_read_fr
     );
     f.unmount();
 }
+
+#[test]
+fn the_daemon_holds_fds_for_directories_not_for_files() {
+    let mut f = Fixture::new();
+    for d in 0..10 {
+        for i in 0..500 {
+            write(&f.old.join(format!("d{d}/f{i}")), b"x");
+        }
+    }
+    f.start();
+    // stat every file: the kernel now knows 5,000 file inodes and 10 directories.
+    for d in 0..10 {
+        for i in 0..500 {
+            fs::symlink_metadata(f.v(&format!("d{d}/f{i}"))).unwrap();
+        }
+    }
+    let pid = f.daemon_pid().expect("daemon running");
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    assert!(
+        fds < 500,
+        "the daemon holds {fds} fds for 5,000 known files: fds must scale with directories"
+    );
+    f.unmount();
+}

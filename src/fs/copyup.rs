@@ -16,7 +16,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom, Timestamps};
 use super::inode::{Identity, Inode};
 use super::{Kind, View};
 use crate::error::{Context, Result, errno_err};
-use crate::store::posix;
+use crate::store::posix::{self, Loc};
 
 /// Copy `len` bytes from `src` to `dst` at the same offsets, with copy_file_range where the file
 /// systems allow it, else plain read/write.
@@ -82,34 +82,28 @@ pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Copy every xattr of `src` onto `dst` (both fds; O_PATH fds work through /proc).
-pub(crate) fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()> {
-    let sp = posix::proc_path(src);
-    let dp = posix::proc_path(dst);
+/// Copy every xattr of `src` onto `dst`.
+pub(crate) fn copy_xattrs(src: &Loc, dst: &Loc) -> Result<()> {
     let mut list = vec![0u8; 64 * 1024];
-    let n = match rustix::fs::listxattr(sp.as_c_str(), &mut list[..]) {
+    let n = match src.listxattr(&mut list[..]) {
         Ok(n) => n,
-        Err(rustix::io::Errno::OPNOTSUPP) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
         Err(e) => return Err(e).ctx("listxattr OLD"),
     };
     let mut val = vec![0u8; 64 * 1024];
     for name in list[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
         let name = <OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name);
-        let len = match rustix::fs::getxattr(sp.as_c_str(), name, &mut val[..]) {
+        let len = match src.getxattr(name, &mut val[..]) {
             Ok(l) => l,
-            Err(rustix::io::Errno::NODATA) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
             Err(e) => return Err(e).ctx("getxattr OLD"),
         };
-        match rustix::fs::setxattr(
-            dp.as_c_str(),
-            name,
-            &val[..len],
-            rustix::fs::XattrFlags::empty(),
-        ) {
+        match dst.setxattr(name, &val[..len], rustix::fs::XattrFlags::empty()) {
             Ok(()) => {}
             // security.* / system.* that NEW's file system refuses: nothing we can carry.
-            Err(e @ (rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::PERM))
-                if !name.as_encoded_bytes().starts_with(b"user.") =>
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EPERM))
+                    && !name.as_encoded_bytes().starts_with(b"user.") =>
             {
                 tracing::warn!(?name, error = %e, "xattr not carried into NEW");
             }
@@ -117,6 +111,12 @@ pub(crate) fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> Result<()
         }
     }
     Ok(())
+}
+
+/// An open file as a [`Loc`] (for copying xattrs between open files).
+fn file_loc(f: &File) -> Result<Loc> {
+    let fd = f.as_fd().try_clone_to_owned().ctx("dup")?;
+    Ok(Loc::Fd(Arc::new(fd)))
 }
 
 fn timestamps(st: &rustix::fs::Stat) -> Timestamps {
@@ -176,7 +176,7 @@ impl View {
 
     /// Make sure directory `dir` exists in NEW; returns its NEW fd. Caller holds `ns` write.
     pub(crate) fn ensure_new_dir_locked(&self, dir: &Inode) -> Result<Arc<OwnedFd>> {
-        if let Some(fd) = dir.node().new.clone() {
+        if let Some(fd) = dir.node().new.as_ref().and_then(|l| l.dir_fd().cloned()) {
             return Ok(fd);
         }
         let (parent, name) = self.placement(dir)?;
@@ -186,17 +186,16 @@ impl View {
             .old
             .clone()
             .ok_or_else(|| errno_err("copy-up dir: no backing", libc::ENOENT))?;
-        let st = posix::stat_fd(old.fd.as_fd()).ctx("stat OLD dir")?;
+        let st = old.loc.stat().ctx("stat OLD dir")?;
         match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e).ctx("mkdir NEW"),
         }
-        let fd = posix::open_child(pfd.as_fd(), &name).ctx("open NEW dir")?;
-        copy_xattrs(old.fd.as_fd(), fd.as_fd())?;
+        let fd = Arc::new(posix::open_child(pfd.as_fd(), &name).ctx("open NEW dir")?);
+        copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
         apply_meta(pfd.as_fd(), &name, &st)?;
         let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
-        let fd = Arc::new(fd);
-        dir.node().new = Some(fd.clone());
+        dir.node().new = Some(Loc::Fd(fd.clone()));
         self.inodes
             .add_identity(dir, Identity::New(nst.st_dev, nst.st_ino));
         Ok(fd)
@@ -231,8 +230,10 @@ impl View {
             .old
             .clone()
             .ok_or_else(|| errno_err("copy-up: no backing", libc::ENOENT))?;
-        let src = posix::reopen(old.fd.as_fd(), OFlags::RDONLY | OFlags::NOATIME)
-            .or_else(|_| posix::reopen(old.fd.as_fd(), OFlags::RDONLY))
+        let src = old
+            .loc
+            .open(OFlags::RDONLY | OFlags::NOATIME)
+            .or_else(|_| old.loc.open(OFlags::RDONLY))
             .ctx("open OLD file")?;
         let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
         let pfd = {
@@ -251,7 +252,7 @@ impl View {
         if data {
             copy_data(&src, &tmp, st.st_size as u64)?;
         }
-        copy_xattrs(src.as_fd(), tmp.as_fd())?;
+        copy_xattrs(&file_loc(&src)?, &file_loc(&tmp)?)?;
         rustix::fs::fchown(
             &tmp,
             Some(rustix::fs::Uid::from_raw(st.st_uid)),
@@ -276,9 +277,9 @@ impl View {
         )
         .ctx("link copy into NEW")?;
         fsync_dir(pfd.as_fd())?;
-        let fd = posix::open_child(pfd.as_fd(), &name).ctx("open NEW copy")?;
-        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW copy")?;
-        inode.node().new = Some(Arc::new(fd));
+        let loc = Loc::At(pfd.clone(), name.clone());
+        let nst = loc.stat().ctx("stat NEW copy")?;
+        inode.node().new = Some(loc);
         self.inodes
             .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
         tracing::debug!(
@@ -296,13 +297,12 @@ impl View {
             .old
             .clone()
             .ok_or_else(|| errno_err("copy-up: no backing", libc::ENOENT))?;
-        let st = posix::stat_fd(old.fd.as_fd()).ctx("stat OLD entry")?;
+        let st = old.loc.stat().ctx("stat OLD entry")?;
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
         if inode.kind == Kind::Symlink {
-            let target =
-                rustix::fs::readlinkat(old.fd.as_fd(), "", Vec::new()).ctx("readlink OLD")?;
-            rustix::fs::symlinkat(target.as_c_str(), pfd.as_fd(), &name).ctx("symlink NEW")?;
+            let target = old.loc.readlink().ctx("readlink OLD")?;
+            rustix::fs::symlinkat(target.as_slice(), pfd.as_fd(), &name).ctx("symlink NEW")?;
         } else {
             rustix::fs::mknodat(
                 pfd.as_fd(),
@@ -313,12 +313,12 @@ impl View {
             )
             .ctx("mknod NEW")?;
         }
-        let fd = posix::open_child(pfd.as_fd(), &name).ctx("open NEW entry")?;
-        copy_xattrs(old.fd.as_fd(), fd.as_fd())?;
+        let loc = Loc::At(pfd.clone(), name.clone());
+        copy_xattrs(&old.loc, &loc)?;
         apply_meta(pfd.as_fd(), &name, &st)?;
         fsync_dir(pfd.as_fd())?;
-        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW entry")?;
-        inode.node().new = Some(Arc::new(fd));
+        let nst = loc.stat().ctx("stat NEW entry")?;
+        inode.node().new = Some(loc);
         self.inodes
             .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
         Ok(())

@@ -67,6 +67,14 @@ impl HandleTable {
             Handle::File(_) => Err(Error::refused(libc::ENOTDIR, "not a directory handle")),
         }
     }
+    /// The open file behind `fh`, if it is a file handle.
+    pub fn open_file(&self, fh: u64) -> Option<Arc<File>> {
+        match &*self.get(fh).ok()? {
+            Handle::File(h) => Some(h.file.read().unwrap().0.clone()),
+            Handle::Dir(_) => None,
+        }
+    }
+
     fn file(&self, fh: u64) -> Result<Arc<Handle>> {
         let h = self.get(fh)?;
         match &*h {
@@ -104,23 +112,21 @@ impl View {
     }
 
     pub(crate) fn open_inode(&self, inode: Arc<Inode>, flags: i32) -> Result<OpenFile> {
-        let (fd, on_new) = {
+        let (loc, on_new) = {
             let n = inode.node();
             match (&n.new, &n.old) {
-                (Some(fd), _) => (fd.clone(), true),
-                (None, Some(o)) => (o.fd.clone(), false),
+                (Some(l), _) => (l.clone(), true),
+                (None, Some(o)) => (o.loc.clone(), false),
                 (None, None) => return Err(crate::error::errno_err("open", libc::ENOENT)),
             }
         };
-        let file = posix::reopen(
-            fd.as_fd(),
-            OFlags::from_bits_retain((flags & !STRIP) as u32),
-        )
-        .ctx(if on_new {
-            "open NEW file"
-        } else {
-            "open OLD file"
-        })?;
+        let file = loc
+            .open(OFlags::from_bits_retain((flags & !STRIP) as u32))
+            .ctx(if on_new {
+                "open NEW file"
+            } else {
+                "open OLD file"
+            })?;
         if flags & libc::O_TRUNC != 0 && on_new {
             file.set_len(0).ctx("truncate on open")?;
         }
@@ -156,12 +162,10 @@ impl View {
         }
         let new = h.inode.node().new.clone();
         let mut g = h.file.write().unwrap();
-        if let (Some(fd), false) = (new, g.1) {
-            let f = posix::reopen(
-                fd.as_fd(),
-                OFlags::from_bits_retain((h.flags & !STRIP) as u32),
-            )
-            .ctx("reopen on NEW after copy-up")?;
+        if let (Some(loc), false) = (new, g.1) {
+            let f = loc
+                .open(OFlags::from_bits_retain((h.flags & !STRIP) as u32))
+                .ctx("reopen on NEW after copy-up")?;
             *g = (Arc::new(f), true);
         }
         Ok(g.0.clone())

@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::attr::Kind;
+use crate::store::posix::Loc;
 
 pub const ROOT_INO: u64 = 1;
 
@@ -23,12 +23,12 @@ pub enum Identity {
     Old(u64, u64),
 }
 
-/// The OLD entry behind a view entry: its path below OLD's root (what redirects record) and an
-/// O_PATH fd resolved beneath the root without following symlinks.
+/// The OLD entry behind a view entry: its path below OLD's root (what redirects record) and
+/// where it is (resolved beneath the root without following symlinks).
 #[derive(Debug, Clone)]
 pub struct OldRef {
     pub path: Vec<u8>,
-    pub fd: Arc<OwnedFd>,
+    pub loc: Loc,
 }
 
 #[derive(Debug)]
@@ -36,8 +36,8 @@ pub struct Node {
     /// Names this inode is known by in the view: (parent ino, name). One for everything but
     /// hard links. Copy-up places the NEW copy at one of these.
     pub names: Vec<(u64, OsString)>,
-    /// O_PATH fd of the entry in NEW, once it exists there.
-    pub new: Option<Arc<OwnedFd>>,
+    /// The entry in NEW, once it exists there.
+    pub new: Option<Loc>,
     /// The OLD entry: the data of an OLD-only file, or the OLD half of a merged directory.
     pub old: Option<OldRef>,
     /// Journal directory id (directories only), once anything below needed a record.

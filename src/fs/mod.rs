@@ -31,7 +31,7 @@ pub use ops::{SetAttr, SetTime, XattrReply};
 
 use crate::error::{Context, Error, Result};
 use crate::journal::{self, Dentry, Intent, ROOT_DIR, Records};
-use crate::store::posix::{self, PosixStore};
+use crate::store::posix::{self, Loc, PosixStore};
 
 /// Longest name a directory entry may have (NAME_MAX).
 pub const NAME_MAX: usize = 255;
@@ -61,9 +61,9 @@ pub struct DirEntry {
 pub(crate) struct Resolved {
     pub kind: Kind,
     /// NEW's entry and its stat, when NEW has the name.
-    pub new: Option<(OwnedFd, rustix::fs::Stat)>,
+    pub new: Option<(Loc, rustix::fs::Stat)>,
     /// OLD's entry: for OLD-only entries and for the OLD half of merged directories.
-    pub old: Option<(Vec<u8>, OwnedFd, rustix::fs::Stat)>,
+    pub old: Option<(Vec<u8>, Loc, rustix::fs::Stat)>,
     pub record: Option<Dentry>,
 }
 
@@ -133,10 +133,10 @@ impl View {
         let nst = posix::stat_fd(new_root.as_fd()).ctx("stat NEW root")?;
         let root = Node {
             names: vec![(ROOT_INO, OsString::new())],
-            new: Some(Arc::new(new_root)),
+            new: Some(Loc::Fd(Arc::new(new_root))),
             old: Some(OldRef {
                 path: Vec::new(),
-                fd: Arc::new(old_root),
+                loc: Loc::Fd(Arc::new(old_root)),
             }),
             dir_id: Some(ROOT_DIR),
             cache_stamp: None,
@@ -223,20 +223,8 @@ impl View {
             Some(d) => self.journal.get(d, name.as_bytes())?,
             None => None,
         };
-        let new = match &pnew {
-            Some(dfd) => match posix::open_child(dfd.as_fd(), name) {
-                Ok(fd) => {
-                    let st = posix::stat_fd(fd.as_fd()).ctx("fstat NEW entry")?;
-                    Some((fd, st))
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
-                Err(e) => {
-                    return Err(Error::Store {
-                        op: "open NEW entry",
-                        source: e,
-                    });
-                }
-            },
+        let new = match pnew.as_ref().and_then(|l| l.dir_fd()) {
+            Some(dfd) => locate(dfd, name).ctx("lookup in NEW")?,
             None => None,
         };
         // A non-directory in NEW hides OLD entirely; only directories merge.
@@ -273,8 +261,8 @@ impl View {
         record: &Option<Dentry>,
         parent_old: Option<&OldRef>,
         name: &OsStr,
-    ) -> Result<Option<(Vec<u8>, OwnedFd, rustix::fs::Stat)>> {
-        let opened = match record {
+    ) -> Result<Option<(Vec<u8>, Loc, rustix::fs::Stat)>> {
+        let (path, found) = match record {
             Some(Dentry::Tombstone) | Some(Dentry::Dir { origin: None, .. }) => return Ok(None),
             Some(Dentry::File { origin: None }) => return Ok(None),
             Some(Dentry::Dir {
@@ -282,16 +270,21 @@ impl View {
             })
             | Some(Dentry::File { origin: Some(o) }) => {
                 let p = std::path::Path::new(OsStr::from_bytes(o));
-                (o.clone(), self.old.open_path(p))
+                let found = match self.old.open_path(p) {
+                    Ok(fd) => {
+                        posix::stat_fd(fd.as_fd()).map(|st| Some((Loc::Fd(Arc::new(fd)), st)))
+                    }
+                    Err(e) => Err(e),
+                };
+                (o.clone(), found)
             }
-            None => match parent_old {
-                Some(po) => (join(&po.path, name), posix::open_child(po.fd.as_fd(), name)),
+            None => match parent_old.and_then(|po| po.loc.dir_fd().map(|d| (po, d))) {
+                Some((po, dfd)) => (join(&po.path, name), locate(dfd, name)),
                 None => return Ok(None),
             },
         };
-        match opened {
-            (path, Ok(fd)) => {
-                let st = posix::stat_fd(fd.as_fd()).ctx("fstat OLD entry")?;
+        match found {
+            Ok(Some((loc, st))) => {
                 // A redirect names a directory or a non-directory; if OLD's entry there has
                 // changed kind behind our back (a directory swapped for a symlink), the
                 // redirect's content is gone, and nothing else is shown in its place.
@@ -301,9 +294,10 @@ impl View {
                     Some(Dentry::File { .. }) if is_dir => return Ok(None),
                     _ => {}
                 }
-                Ok(Some((path, fd, st)))
+                Ok(Some((path, loc, st)))
             }
-            (_, Err(e))
+            Ok(None) => Ok(None),
+            Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
@@ -311,7 +305,7 @@ impl View {
             {
                 Ok(None)
             }
-            (_, Err(e)) => Err(Error::Store {
+            Err(e) => Err(Error::Store {
                 op: "open OLD entry",
                 source: e,
             }),
@@ -332,22 +326,31 @@ impl View {
             _ => None,
         };
         let Resolved { kind, new, old, .. } = r;
+        let new = new.map(|(loc, _)| loc);
+        let old_ids = old
+            .as_ref()
+            .map(|(_, _, s)| vec![Identity::Old(s.st_dev, s.st_ino)])
+            .unwrap_or_default();
+        let old = old.map(|(path, loc, _)| OldRef { path, loc });
+        let fresh_new = new.clone();
         let inode = self
             .inodes
             .lookup_or_insert(id, kind, parent, name, || Node {
                 names: vec![(parent, name.to_owned())],
-                ids: old
-                    .as_ref()
-                    .map(|(_, _, s)| vec![Identity::Old(s.st_dev, s.st_ino)])
-                    .unwrap_or_default(),
-                new: new.map(|(fd, _)| Arc::new(fd)),
-                old: old.map(|(path, fd, _)| OldRef {
-                    path,
-                    fd: Arc::new(fd),
-                }),
+                ids: old_ids,
+                new,
+                old,
                 dir_id,
                 cache_stamp: None,
             });
+        {
+            // An inode found again by identity may have lost its NEW location (all the names
+            // it knew were unlinked while another link lived on): this name is one.
+            let mut n = inode.node();
+            if n.new.is_none() {
+                n.new = fresh_new;
+            }
+        }
         let attr = self.attr_of(&inode, &st)?;
         Ok((inode, attr))
     }
@@ -363,9 +366,14 @@ impl View {
         self.inodes.forget(ino, count);
     }
 
-    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+    /// Attributes of an inode; through the open file `fh` when the kernel gives one (the only
+    /// way to reach a file whose every name was removed while it stays open).
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let inode = self.inode(ino)?;
-        let st = self.backing_stat(&inode)?;
+        let st = match fh.and_then(|fh| self.handles.open_file(fh)) {
+            Some(file) => posix::stat_fd(file.as_fd()).ctx("fstat open file")?,
+            None => self.backing_stat(&inode)?,
+        };
         self.attr_of(&inode, &st)
     }
 
@@ -373,8 +381,8 @@ impl View {
     pub(crate) fn backing_stat(&self, inode: &Inode) -> Result<rustix::fs::Stat> {
         let n = inode.node();
         match (&n.new, &n.old) {
-            (Some(fd), _) => posix::stat_fd(fd.as_fd()).ctx("fstat NEW"),
-            (None, Some(o)) => posix::stat_fd(o.fd.as_fd()).ctx("fstat OLD"),
+            (Some(loc), _) => loc.stat().ctx("stat NEW"),
+            (None, Some(o)) => o.loc.stat().ctx("stat OLD"),
             (None, None) => Err(not_found("getattr")),
         }
     }
@@ -417,14 +425,16 @@ impl View {
 
     /// The merged listing of the directory whose two sides and id `sides` holds.
     pub(crate) fn list_node(&self, sides: &Node) -> Result<Vec<DirEntry>> {
-        let (dnew, dold, did) = (sides.new.clone(), sides.old.clone(), sides.dir_id);
+        let dnew = sides.new.as_ref().and_then(|l| l.dir_fd().cloned());
+        let dold = sides.old.as_ref().and_then(|o| o.loc.dir_fd().cloned());
+        let did = sides.dir_id;
         let records: HashMap<Vec<u8>, Dentry> = match did {
             Some(id) => self.journal.list(id)?.into_iter().collect(),
             None => HashMap::new(),
         };
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut out = Vec::new();
-        let sides = [(dnew, true), (dold.map(|o| o.fd), false)];
+        let sides = [(dnew, true), (dold, false)];
         for (fd, in_new) in sides {
             let Some(fd) = fd else { continue };
             let dev = posix::stat_fd(fd.as_fd()).ctx("stat dir")?.st_dev;
@@ -534,6 +544,23 @@ impl View {
     /// Number of inodes the kernel holds (for status and tests).
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
+    }
+}
+
+/// Find `name` in the store directory `dir`: a directory gets an fd of its own, anything else
+/// is held by name in `dir` (so fds scale with directories, not files).
+fn locate(dir: &Arc<OwnedFd>, name: &OsStr) -> std::io::Result<Option<(Loc, rustix::fs::Stat)>> {
+    let st = match posix::stat_at(dir.as_fd(), name) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if Kind::from_mode(st.st_mode) == Kind::Dir {
+        let fd = posix::open_child(dir.as_fd(), name)?;
+        let st = posix::stat_fd(fd.as_fd())?;
+        Ok(Some((Loc::Fd(Arc::new(fd)), st)))
+    } else {
+        Ok(Some((Loc::At(dir.clone(), name.to_owned()), st)))
     }
 }
 

@@ -5,7 +5,7 @@
 //! before the NEW half; see the ordering invariant in `fs/mod.rs`.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -16,7 +16,7 @@ use super::inode::{Identity, Inode, ROOT_INO};
 use super::{Attr, Caller, Kind, OpenFile, Resolved, View, join, not_found};
 use crate::error::{Context, Error, Result, errno_err};
 use crate::journal::{Batch, Dentry, Intent};
-use crate::store::posix;
+use crate::store::posix::{self, Loc};
 
 /// A time to set: a given instant or "now".
 #[derive(Debug, Clone, Copy)]
@@ -108,7 +108,11 @@ impl View {
     /// Does OLD hold something at `name` in `dir`'s default OLD location?
     fn old_at_default(&self, dir: &Inode, name: &OsStr) -> bool {
         let old = dir.node().old.clone();
-        old.is_some_and(|o| posix::stat_at(o.fd.as_fd(), name).is_ok())
+        old.is_some_and(|o| {
+            o.loc
+                .dir_fd()
+                .is_some_and(|d| posix::stat_at(d.as_fd(), name).is_ok())
+        })
     }
 
     /// NEW-relative path of a directory inode (for redo intents only).
@@ -291,12 +295,8 @@ impl View {
         let rec = self.record_at(&np, newname)?;
         self.reset_record_locked(&np, newname, rec.as_ref())?;
         let pfd = self.ensure_new_dir_locked(&np)?;
-        let src = inode
-            .node()
-            .new
-            .clone()
-            .ok_or_else(|| errno_err("link: not in NEW", libc::EIO))?;
-        rustix::fs::linkat(src.as_fd(), "", pfd.as_fd(), newname, AtFlags::EMPTY_PATH)
+        self.new_loc(&inode)?
+            .link_to(pfd.as_fd(), newname)
             .ctx("link in NEW")?;
         let r = self
             .resolve(&np, newname)?
@@ -310,6 +310,8 @@ impl View {
         r.record.is_some() || r.old.is_some() || self.old_at_default(parent, name)
     }
 
+    /// `name` in `parent` no longer names the resolved entry: drop it from the inode's names
+    /// and move its NEW location to a name it still has.
     fn forget_name(&self, r: &Resolved, parent: u64, name: &OsStr) {
         if let Some(ino) = self.inodes.ino_of(&r.identity())
             && let Some(inode) = self.inodes.get(ino)
@@ -318,6 +320,7 @@ impl View {
                 .node()
                 .names
                 .retain(|(p, n)| !(*p == parent && n == name));
+            self.relocate(&inode);
         }
     }
 
@@ -335,7 +338,9 @@ impl View {
             self.journal.commit(b, true)?;
         }
         if r.new.is_some() {
-            let pfd = p.node().new.clone().expect("NEW entry has a NEW parent");
+            let pfd = self
+                .new_dir(&p)
+                .ok_or_else(|| errno_err("NEW entry has a NEW parent", libc::EIO))?;
             rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty()).ctx("unlink in NEW")?;
         }
         self.forget_name(&r, parent, name);
@@ -346,23 +351,11 @@ impl View {
     fn is_empty_dir(&self, r: &Resolved) -> Result<bool> {
         let probe = super::inode::Node {
             names: Vec::new(),
-            new: r
-                .new
-                .as_ref()
-                .map(|(fd, _)| rustix::io::dup(fd))
-                .transpose()
-                .ctx("dup")?
-                .map(Arc::new),
-            old: r
-                .old
-                .as_ref()
-                .map(|(p, fd, _)| -> Result<_> {
-                    Ok(super::inode::OldRef {
-                        path: p.clone(),
-                        fd: Arc::new(rustix::io::dup(fd).ctx("dup")?),
-                    })
-                })
-                .transpose()?,
+            new: r.new.as_ref().map(|(l, _)| l.clone()),
+            old: r.old.as_ref().map(|(p, l, _)| super::inode::OldRef {
+                path: p.clone(),
+                loc: l.clone(),
+            }),
             dir_id: match &r.record {
                 Some(Dentry::Dir { id, .. }) => Some(*id),
                 _ => None,
@@ -397,7 +390,9 @@ impl View {
             self.journal.commit(b, true)?;
         }
         if r.new.is_some() {
-            let pfd = p.node().new.clone().expect("NEW entry has a NEW parent");
+            let pfd = self
+                .new_dir(&p)
+                .ok_or_else(|| errno_err("NEW entry has a NEW parent", libc::EIO))?;
             rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::REMOVEDIR).ctx("rmdir in NEW")?;
         }
         self.forget_name(&r, parent, name);
@@ -524,13 +519,19 @@ impl View {
 
         match &intent {
             Some(Intent::Rename { .. }) => {
-                let sfd = sp.node().new.clone().expect("NEW source has a NEW parent");
-                let dfd = dp.node().new.clone().expect("ensured above");
+                let sfd = self
+                    .new_dir(&sp)
+                    .ok_or_else(|| errno_err("NEW source has a NEW parent", libc::EIO))?;
+                let dfd = self
+                    .new_dir(&dp)
+                    .ok_or_else(|| errno_err("NEW parent missing", libc::EIO))?;
                 rustix::fs::renameat(sfd.as_fd(), name, dfd.as_fd(), newname)
                     .ctx("rename in NEW")?;
             }
             Some(Intent::Remove { .. }) => {
-                let dfd = dp.node().new.clone().expect("NEW target has a NEW parent");
+                let dfd = self
+                    .new_dir(&dp)
+                    .ok_or_else(|| errno_err("NEW target has a NEW parent", libc::EIO))?;
                 let f = if dst.as_ref().is_some_and(|d| d.kind == Kind::Dir) {
                     AtFlags::REMOVEDIR
                 } else {
@@ -561,6 +562,8 @@ impl View {
             if let Some(id) = moved_dir_id {
                 n.dir_id = Some(id);
             }
+            drop(n);
+            self.relocate(&inode);
         }
         Ok(())
     }
@@ -569,143 +572,137 @@ impl View {
         let inode = self.inode(ino)?;
         let only_truncating_to_zero = s.size == Some(0);
         self.copy_up(&inode, !only_truncating_to_zero)?;
-        let fd = inode
-            .node()
-            .new
-            .clone()
-            .ok_or_else(|| errno_err("setattr: not in NEW", libc::EIO))?;
-        let path = posix::proc_path(fd.as_fd());
+        let loc = self.new_loc(&inode)?;
         if let Some(size) = s.size {
             if inode.kind != Kind::File {
                 return Err(Error::refused(libc::EINVAL, "truncate of a non-file"));
             }
-            let f = posix::reopen(fd.as_fd(), OFlags::WRONLY).ctx("open for truncate")?;
-            f.set_len(size).ctx("truncate")?;
+            match s.fh.and_then(|fh| self.handles.open_file(fh)) {
+                Some(f) => f.set_len(size).ctx("ftruncate")?,
+                None => loc
+                    .open(OFlags::WRONLY)
+                    .ctx("open for truncate")?
+                    .set_len(size)
+                    .ctx("truncate")?,
+            }
         }
         if s.uid.is_some() || s.gid.is_some() {
-            rustix::fs::chownat(
-                fd.as_fd(),
-                "",
-                s.uid.map(rustix::fs::Uid::from_raw),
-                s.gid.map(rustix::fs::Gid::from_raw),
-                AtFlags::EMPTY_PATH,
-            )
-            .ctx("chown")?;
+            loc.chown(s.uid, s.gid).ctx("chown")?;
         }
         if let Some(mode) = s.mode {
             if inode.kind == Kind::Symlink {
                 return Err(Error::refused(libc::EOPNOTSUPP, "chmod of a symlink"));
             }
-            rustix::fs::chmod(path.as_c_str(), Mode::from_raw_mode(mode & 0o7777)).ctx("chmod")?;
+            loc.chmod(mode).ctx("chmod")?;
         }
         if s.atime.is_some() || s.mtime.is_some() {
             let ts = Timestamps {
                 last_access: timespec(s.atime),
                 last_modification: timespec(s.mtime),
             };
-            if inode.kind == Kind::Symlink {
-                let (p, name) = inode
-                    .node()
-                    .names
-                    .first()
-                    .cloned()
-                    .ok_or_else(|| not_found("utimens"))?;
-                let pfd = self
-                    .inode(p)?
-                    .node()
-                    .new
-                    .clone()
-                    .ok_or_else(|| not_found("utimens parent"))?;
-                rustix::fs::utimensat(pfd.as_fd(), &name, &ts, AtFlags::SYMLINK_NOFOLLOW)
-                    .ctx("utimens")?;
-            } else {
-                rustix::fs::utimensat(rustix::fs::CWD, path.as_c_str(), &ts, AtFlags::empty())
-                    .ctx("utimens")?;
-            }
+            loc.utimens(&ts).ctx("utimens")?;
         }
-        self.getattr(ino)
+        self.getattr(ino, s.fh)
+    }
+
+    /// Where the inode is in NEW (after a copy-up).
+    fn new_loc(&self, inode: &Inode) -> Result<Loc> {
+        inode
+            .node()
+            .new
+            .clone()
+            .ok_or_else(|| errno_err("entry no longer in the view", libc::ESTALE))
+    }
+
+    /// Where the inode's data is now: NEW if there, else OLD.
+    fn backing_loc(&self, inode: &Inode) -> Result<Loc> {
+        let n = inode.node();
+        n.new
+            .clone()
+            .or_else(|| n.old.as_ref().map(|o| o.loc.clone()))
+            .ok_or_else(|| not_found("entry no longer in the view"))
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let fd = {
-            let n = inode.node();
-            n.new
-                .clone()
-                .or_else(|| n.old.as_ref().map(|o| o.fd.clone()))
-        }
-        .ok_or_else(|| not_found("readlink"))?;
-        let t = rustix::fs::readlinkat(fd.as_fd(), "", Vec::new()).ctx("readlink")?;
-        Ok(t.into_bytes())
+        self.backing_loc(&inode)?.readlink().ctx("readlink")
     }
 
-    fn backing_path(&self, inode: &Inode) -> Result<std::ffi::CString> {
-        let n = inode.node();
-        let fd = n
-            .new
-            .clone()
-            .or_else(|| n.old.as_ref().map(|o| o.fd.clone()))
-            .ok_or_else(|| not_found("xattr"))?;
-        Ok(posix::proc_path(fd.as_fd()))
-    }
-
-    /// getxattr: with `size == 0` returns only the length (as a Vec of that many zero bytes is
-    /// wasteful, the caller gets `Err(len)` semantics through [`XattrReply`]).
-    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<XattrReply> {
-        let inode = self.inode(ino)?;
-        let _fd_keepalive = inode.node().new.clone();
-        let p = self.backing_path(&inode)?;
+    /// getxattr/listxattr answer either the size needed (`size == 0`) or the bytes.
+    fn xattr_reply(
+        size: u32,
+        f: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
+    ) -> Result<XattrReply> {
         let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
-        let n = rustix::fs::getxattr(p.as_c_str(), name, &mut buf[..]).ctx("getxattr")?;
+        let n = f(&mut buf[..]).ctx("xattr")?;
         buf.truncate(n);
         Ok(if size == 0 {
             XattrReply::Size(n as u32)
         } else {
             XattrReply::Data(buf)
         })
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<XattrReply> {
+        let loc = self.backing_loc(&*self.inode(ino)?)?;
+        Self::xattr_reply(size, |buf| loc.getxattr(name, buf))
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
-        let inode = self.inode(ino)?;
-        let p = self.backing_path(&inode)?;
-        let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
-        let n = rustix::fs::listxattr(p.as_c_str(), &mut buf[..]).ctx("listxattr")?;
-        buf.truncate(n);
-        Ok(if size == 0 {
-            XattrReply::Size(n as u32)
-        } else {
-            XattrReply::Data(buf)
-        })
+        let loc = self.backing_loc(&*self.inode(ino)?)?;
+        Self::xattr_reply(size, |buf| loc.listxattr(buf))
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let inode = self.inode(ino)?;
         self.copy_up(&inode, true)?;
-        let p = self.backing_path(&inode)?;
-        rustix::fs::setxattr(
-            p.as_c_str(),
-            name,
-            value,
-            rustix::fs::XattrFlags::from_bits_retain(flags as u32),
-        )
-        .ctx("setxattr")
+        self.new_loc(&inode)?
+            .setxattr(
+                name,
+                value,
+                rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+            )
+            .ctx("setxattr")
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         let inode = self.inode(ino)?;
         self.copy_up(&inode, true)?;
-        let p = self.backing_path(&inode)?;
-        rustix::fs::removexattr(p.as_c_str(), name).ctx("removexattr")
+        self.new_loc(&inode)?.removexattr(name).ctx("removexattr")
     }
 
     pub fn fsyncdir(&self, ino: u64) -> Result<()> {
         let inode = self.inode(ino)?;
-        if let Some(fd) = inode.node().new.clone() {
+        if let Some(fd) = self.new_dir(&inode) {
             let d =
                 posix::reopen(fd.as_fd(), OFlags::RDONLY | OFlags::DIRECTORY).ctx("open dir")?;
             rustix::fs::fsync(&d).ctx("fsyncdir")?;
         }
         Ok(())
+    }
+
+    /// A directory's fd in NEW, if it is there.
+    pub(crate) fn new_dir(&self, dir: &Inode) -> Option<Arc<OwnedFd>> {
+        dir.node().new.as_ref().and_then(|l| l.dir_fd().cloned())
+    }
+
+    /// After one of an inode's names went away or moved, point its NEW location at a name it
+    /// still has (or at nothing, if none is left: then only its open files reach it).
+    fn relocate(&self, inode: &Inode) {
+        let mut n = inode.node();
+        if !matches!(n.new, Some(Loc::At(..))) {
+            return;
+        }
+        let mut loc = None;
+        for (p, name) in n.names.clone() {
+            if let Ok(parent) = self.inode(p)
+                && let Some(dfd) = self.new_dir(&parent)
+            {
+                loc = Some(Loc::At(dfd, name));
+                break;
+            }
+        }
+        n.new = loc;
     }
 
     /// Identity of an inode's current backing (tests: st_ino stability).

@@ -6,12 +6,13 @@
 //! RESOLVE_NO_SYMLINKS)`, and single names with `O_NOFOLLOW` / `AT_SYMLINK_NOFOLLOW` relative
 //! to a directory fd that was itself resolved that way.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
@@ -179,4 +180,168 @@ pub fn as_cstring(name: &OsStr) -> io::Result<CString> {
 
 pub fn raw_errno(e: rustix::io::Errno) -> io::Error {
     io_err(e)
+}
+
+/// Where an entry of a store is, as the view holds it: a directory by an `O_PATH` fd of its own;
+/// anything else by its name inside such a directory fd. So the daemon holds one fd per
+/// directory the kernel knows, not one per file, however many files the kernel caches.
+/// Every operation acts on exactly that entry and never follows a symlink it names.
+#[derive(Debug, Clone)]
+pub enum Loc {
+    Fd(Arc<OwnedFd>),
+    At(Arc<OwnedFd>, OsString),
+}
+
+impl Loc {
+    pub fn stat(&self) -> io::Result<rustix::fs::Stat> {
+        match self {
+            Loc::Fd(fd) => stat_fd(fd.as_fd()),
+            Loc::At(dir, name) => stat_at(dir.as_fd(), name),
+        }
+    }
+
+    /// Open for I/O. `O_NOFOLLOW` on the name: a symlink swapped in behind our back fails ELOOP.
+    pub fn open(&self, flags: OFlags) -> io::Result<File> {
+        match self {
+            Loc::Fd(fd) => reopen(fd.as_fd(), flags),
+            Loc::At(dir, name) => rustix::fs::openat(
+                dir,
+                name,
+                flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map(File::from)
+            .map_err(io_err),
+        }
+    }
+
+    /// The directory fd to use for `*at` calls and the name in it ("" with `AT_EMPTY_PATH` for
+    /// an fd of its own).
+    fn at(&self) -> (BorrowedFd<'_>, &OsStr, AtFlags) {
+        match self {
+            Loc::Fd(fd) => (fd.as_fd(), OsStr::new(""), AtFlags::EMPTY_PATH),
+            Loc::At(dir, name) => (dir.as_fd(), name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW),
+        }
+    }
+
+    /// A path naming exactly this entry, and whether path calls must use their `l*` (no
+    /// follow) variants on it: a `/proc/self/fd/N` magic link is resolved to its inode whatever
+    /// it is, while `/proc/self/fd/N/name` must not follow a symlink at `name`.
+    pub fn path(&self) -> (CString, bool) {
+        match self {
+            Loc::Fd(fd) => (proc_path(fd.as_fd()), false),
+            Loc::At(dir, name) => {
+                let mut p = proc_path(dir.as_fd()).into_bytes();
+                p.push(b'/');
+                p.extend_from_slice(name.as_bytes());
+                (CString::new(p).expect("names hold no NUL"), true)
+            }
+        }
+    }
+
+    pub fn readlink(&self) -> io::Result<Vec<u8>> {
+        let (d, n, _) = self.at();
+        rustix::fs::readlinkat(d, n, Vec::new())
+            .map(|t| t.into_bytes())
+            .map_err(io_err)
+    }
+
+    pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        let (d, n, f) = self.at();
+        rustix::fs::chownat(
+            d,
+            n,
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
+            f,
+        )
+        .map_err(io_err)
+    }
+
+    /// chmod; not for symlinks (Linux has no symlink modes).
+    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+        let m = Mode::from_raw_mode(mode & 0o7777);
+        match self {
+            Loc::Fd(fd) => rustix::fs::chmod(proc_path(fd.as_fd()).as_c_str(), m),
+            Loc::At(dir, name) => rustix::fs::chmodat(dir, name, m, AtFlags::empty()),
+        }
+        .map_err(io_err)
+    }
+
+    pub fn utimens(&self, ts: &rustix::fs::Timestamps) -> io::Result<()> {
+        match self {
+            Loc::Fd(fd) => rustix::fs::utimensat(
+                rustix::fs::CWD,
+                proc_path(fd.as_fd()).as_c_str(),
+                ts,
+                AtFlags::empty(),
+            ),
+            Loc::At(dir, name) => rustix::fs::utimensat(dir, name, ts, AtFlags::SYMLINK_NOFOLLOW),
+        }
+        .map_err(io_err)
+    }
+
+    /// Hard-link this entry as `newname` in the directory `newdir`.
+    pub fn link_to(&self, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
+        let (d, n, f) = self.at();
+        let f = if f.contains(AtFlags::EMPTY_PATH) {
+            AtFlags::EMPTY_PATH
+        } else {
+            AtFlags::empty()
+        };
+        rustix::fs::linkat(d, n, newdir, newname, f).map_err(io_err)
+    }
+
+    pub fn getxattr(&self, name: &OsStr, buf: &mut [u8]) -> io::Result<usize> {
+        let (p, nofollow) = self.path();
+        if nofollow {
+            rustix::fs::lgetxattr(p.as_c_str(), name, buf)
+        } else {
+            rustix::fs::getxattr(p.as_c_str(), name, buf)
+        }
+        .map_err(io_err)
+    }
+
+    pub fn listxattr(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let (p, nofollow) = self.path();
+        if nofollow {
+            rustix::fs::llistxattr(p.as_c_str(), buf)
+        } else {
+            rustix::fs::listxattr(p.as_c_str(), buf)
+        }
+        .map_err(io_err)
+    }
+
+    pub fn setxattr(
+        &self,
+        name: &OsStr,
+        value: &[u8],
+        flags: rustix::fs::XattrFlags,
+    ) -> io::Result<()> {
+        let (p, nofollow) = self.path();
+        if nofollow {
+            rustix::fs::lsetxattr(p.as_c_str(), name, value, flags)
+        } else {
+            rustix::fs::setxattr(p.as_c_str(), name, value, flags)
+        }
+        .map_err(io_err)
+    }
+
+    pub fn removexattr(&self, name: &OsStr) -> io::Result<()> {
+        let (p, nofollow) = self.path();
+        if nofollow {
+            rustix::fs::lremovexattr(p.as_c_str(), name)
+        } else {
+            rustix::fs::removexattr(p.as_c_str(), name)
+        }
+        .map_err(io_err)
+    }
+
+    /// The directory fd (for directories only).
+    pub fn dir_fd(&self) -> Option<&Arc<OwnedFd>> {
+        match self {
+            Loc::Fd(fd) => Some(fd),
+            Loc::At(..) => None,
+        }
+    }
 }
