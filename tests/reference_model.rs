@@ -242,6 +242,8 @@ fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
     write(&f.old.join("d1/b"), &data(1, 3000));
     write(&f.old.join("d1/d2/c"), b"old c");
     fs::create_dir_all(f.old.join("d3")).unwrap();
+    // An OLD hard-link group across directories.
+    fs::hard_link(f.old.join("d1/b"), f.old.join("d3/b-link")).unwrap();
     fs::create_dir_all(f.old.join("fresh")).unwrap();
     let model = f.root.path().join("model");
     copy_tree(&f.old, &model);
@@ -333,3 +335,58 @@ proptest! {
 }
 
 // Shrunk failures, kept as named regression tests.
+
+/// OLD d1/b and d3/b-link are one file. chmod copies b up; unlinking its only NEW name must
+/// keep the data alive for b-link (which used to list but fail lookup with ENOENT).
+#[test]
+fn regression_unlink_of_the_copied_name_keeps_the_old_hard_link_alive() {
+    run_case(&[
+        Op::Rename {
+            src: 4144495295656359498,
+            dir: 6482804721522217295,
+            name: 0,
+        },
+        Op::Chmod {
+            any: 3069023277191889607,
+            mode: 390,
+        },
+        Op::Unlink {
+            file: 18026902055322943582,
+        },
+    ])
+    .unwrap();
+}
+
+/// write copies d1/b up, unlink removes its NEW name: b-link's st_nlink is 1, not 2 (the
+/// kept-alive link in the work dir is no name).
+#[test]
+fn regression_write_then_unlink_of_a_hard_link_counts_links_right() {
+    run_case(&[
+        Op::Write {
+            file: 3476756242844283061,
+            off: 1430,
+            len: 1242,
+        },
+        Op::Unlink {
+            file: 1048964911006786729,
+        },
+    ])
+    .unwrap();
+}
+
+/// The same across a remount, where b-link is linked up and the kept-alive copy dropped:
+/// st_nlink was 0.
+#[test]
+fn regression_truncate_unlink_remount_of_a_hard_link_counts_links_right() {
+    run_case(&[
+        Op::Truncate {
+            file: 1922270295218030345,
+            len: 0,
+        },
+        Op::Unlink {
+            file: 9486399556851544541,
+        },
+        Op::Remount,
+    ])
+    .unwrap();
+}

@@ -755,3 +755,65 @@ fn the_daemon_holds_fds_for_directories_not_for_files() {
     );
     f.unmount();
 }
+
+#[test]
+fn rule06_old_hard_links_stay_one_file_across_copy_up_and_remount() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"shared");
+    fs::create_dir(f.old.join("d")).unwrap();
+    fs::hard_link(f.old.join("a"), f.old.join("d/b")).unwrap();
+    fs::hard_link(f.old.join("a"), f.old.join("c")).unwrap();
+    let before = manifest(&f.old, true);
+    f.start();
+    let ino = fs::metadata(f.v("a")).unwrap().ino();
+    assert_eq!(fs::metadata(f.v("d/b")).unwrap().ino(), ino);
+    assert_eq!(fs::metadata(f.v("a")).unwrap().nlink(), 3);
+    // Change the file through one name: every name shows it, one inode, three links.
+    OpenOptions::new()
+        .append(true)
+        .open(f.v("a"))
+        .unwrap()
+        .write_all(b"+1")
+        .unwrap();
+    assert_eq!(fs::read(f.v("d/b")).unwrap(), b"shared+1");
+    assert_eq!(fs::metadata(f.v("c")).unwrap().nlink(), 3);
+    // After a remount the other names still show the changed file, and are the same inode.
+    f.unmount();
+    f.mount();
+    assert_eq!(fs::read(f.v("c")).unwrap(), b"shared+1");
+    assert_eq!(fs::read(f.v("d/b")).unwrap(), b"shared+1");
+    let (a, b, c) = (
+        fs::metadata(f.v("a")).unwrap(),
+        fs::metadata(f.v("d/b")).unwrap(),
+        fs::metadata(f.v("c")).unwrap(),
+    );
+    assert!(
+        a.ino() == b.ino() && b.ino() == c.ino(),
+        "names split into several files"
+    );
+    assert_eq!((a.nlink(), b.nlink(), c.nlink()), (3, 3, 3));
+    // Removing names lowers the count on the others.
+    fs::remove_file(f.v("c")).unwrap();
+    assert_eq!(fs::metadata(f.v("a")).unwrap().nlink(), 2);
+    f.unmount();
+    f.mount();
+    fs::remove_file(f.v("d/b")).unwrap();
+    assert_eq!(fs::metadata(f.v("a")).unwrap().nlink(), 1);
+    assert_eq!(fs::read(f.v("a")).unwrap(), b"shared+1");
+    f.unmount();
+    assert_eq!(manifest(&f.old, true), before, "OLD changed");
+}
+
+#[test]
+fn rule06_removing_an_old_hard_link_before_any_copy_up_lowers_the_count() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"x");
+    fs::hard_link(f.old.join("a"), f.old.join("b")).unwrap();
+    f.start();
+    fs::remove_file(f.v("b")).unwrap();
+    assert_eq!(fs::metadata(f.v("a")).unwrap().nlink(), 1);
+    // and stays right once the remaining name is copied up
+    OpenOptions::new().append(true).open(f.v("a")).unwrap();
+    assert_eq!(fs::metadata(f.v("a")).unwrap().nlink(), 1);
+    f.unmount();
+}

@@ -241,6 +241,27 @@ impl View {
             let (parent, _) = self.placement(inode)?;
             self.ensure_new_dir_locked(&parent)?
         };
+        // A name of an OLD hard-link group whose copy exists already: link to that copy.
+        let group = if st.st_nlink > 1 {
+            let g = self.journal.hardlink(st.st_dev, st.st_ino)?.unwrap_or(
+                crate::journal::HardLinkGroup {
+                    old_nlink: st.st_nlink as u32,
+                    ..Default::default()
+                },
+            );
+            if g.copy.is_some() {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                let (parent, name) = self.placement(inode)?;
+                if self.link_up_locked(&parent, &name, st.st_dev, st.st_ino, g.clone())? {
+                    let pfd = self.ensure_new_dir_locked(&parent)?;
+                    inode.node().new = Some(Loc::At(pfd, name));
+                    return Ok(());
+                }
+            }
+            Some(g)
+        } else {
+            None
+        };
         let tmp = rustix::fs::openat(
             pfd.as_fd(),
             ".",
@@ -264,6 +285,17 @@ impl View {
         rustix::fs::fsync(&tmp).ctx("fsync copy")?;
 
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut g) = group {
+            // Journal the group's copy before it is visible: every other OLD name of the
+            // group will be linked to it, and st_nlink counts them.
+            g.copy = Some(posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?);
+            let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
+            let mut b = crate::journal::Batch::new();
+            b.hardlink(st.st_dev, st.st_ino, &g)
+                .copy_of(tst.st_dev, tst.st_ino, st.st_dev, st.st_ino);
+            self.journal.commit(b, true)?;
+            inode.node().old_group = Some((st.st_dev, st.st_ino));
+        }
         // The entry may have been renamed while we copied: place it where it is now.
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;

@@ -43,6 +43,9 @@ pub struct Node {
     /// Journal directory id (directories only), once anything below needed a record.
     pub dir_id: Option<u64>,
     pub ids: Vec<Identity>,
+    /// OLD (st_dev, st_ino) of the hard-link group this file belongs to, if OLD gave it
+    /// several names (see `journal::HardLinkGroup`).
+    pub old_group: Option<(u64, u64)>,
     /// (mtime, mtime_nsec, size, st_ino) of the data when the kernel last opened it: an open
     /// that finds the same stamp keeps the kernel's page cache.
     pub cache_stamp: Option<(i64, i64, i64, u64)>,

@@ -36,6 +36,12 @@ use crate::store::posix::{self, Loc, PosixStore};
 /// Longest name a directory entry may have (NAME_MAX).
 pub const NAME_MAX: usize = 255;
 
+/// ferryfs's private directory at NEW's root, hidden from the view. It holds, between copy-up
+/// and link-up, the NEW copy of an OLD hard-link group whose last NEW name was removed while
+/// OLD names of the group remain (their data must live on). Empty and removed again once every
+/// such name is linked up; never in NEW after commit.
+pub const WORK_DIR: &str = ".ferryfs-work";
+
 /// Who is asking: new entries belong to the caller (rule 8).
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -139,6 +145,7 @@ impl View {
                 loc: Loc::Fd(Arc::new(old_root)),
             }),
             dir_id: Some(ROOT_DIR),
+            old_group: None,
             cache_stamp: None,
             ids: vec![
                 Identity::New(nst.st_dev, nst.st_ino),
@@ -224,6 +231,7 @@ impl View {
             None => None,
         };
         let new = match pnew.as_ref().and_then(|l| l.dir_fd()) {
+            Some(_) if parent.ino == ROOT_INO && name == WORK_DIR => None,
             Some(dfd) => locate(dfd, name).ctx("lookup in NEW")?,
             None => None,
         };
@@ -325,6 +333,7 @@ impl View {
             Some(Dentry::Dir { id, .. }) if r.kind == Kind::Dir => Some(*id),
             _ => None,
         };
+        let old_group = self.old_group_of(&r)?;
         let Resolved { kind, new, old, .. } = r;
         let new = new.map(|(loc, _)| loc);
         let old_ids = old
@@ -341,6 +350,7 @@ impl View {
                 new,
                 old,
                 dir_id,
+                old_group,
                 cache_stamp: None,
             });
         {
@@ -350,16 +360,114 @@ impl View {
             if n.new.is_none() {
                 n.new = fresh_new;
             }
+            if n.old_group.is_none() {
+                n.old_group = old_group;
+            }
         }
         let attr = self.attr_of(&inode, &st)?;
         Ok((inode, attr))
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
-        let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+        {
+            let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+            let p = self.inode(parent)?;
+            let r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
+            if self.pending_link_up(&r)?.is_none() {
+                return Ok(self.attach(parent, name, r)?.1);
+            }
+        }
+        // An OLD name of a hard-link group another name of which was copied up: link it to
+        // the NEW copy, which changes NEW, so under the exclusive lock.
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
-        let r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
+        let mut r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
+        if let Some((dev, ino, g)) = self.pending_link_up(&r)?
+            && self.link_up_locked(&p, name, dev, ino, g)?
+        {
+            r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
+        }
         Ok(self.attach(parent, name, r)?.1)
+    }
+
+    /// The OLD hard-link group of a resolved non-directory, if it has one.
+    fn old_group_of(&self, r: &Resolved) -> Result<Option<(u64, u64)>> {
+        if r.kind == Kind::Dir {
+            return Ok(None);
+        }
+        match (&r.new, &r.old) {
+            (Some((_, st)), _) => Ok(self.journal.copy_of(st.st_dev, st.st_ino)?),
+            (None, Some((_, _, st))) if st.st_nlink > 1 => Ok(Some((st.st_dev, st.st_ino))),
+            _ => Ok(None),
+        }
+    }
+
+    /// An OLD-only name whose hard-link group already has a NEW copy: it must become a link
+    /// to that copy before the kernel learns of it.
+    fn pending_link_up(&self, r: &Resolved) -> Result<Option<(u64, u64, journal::HardLinkGroup)>> {
+        if r.new.is_some() || r.kind == Kind::Dir {
+            return Ok(None);
+        }
+        let Some((_, _, st)) = &r.old else {
+            return Ok(None);
+        };
+        if st.st_nlink <= 1 {
+            return Ok(None);
+        }
+        Ok(self
+            .journal
+            .hardlink(st.st_dev, st.st_ino)?
+            .filter(|g| g.copy.is_some())
+            .map(|g| (st.st_dev, st.st_ino, g)))
+    }
+
+    /// Link the NEW copy of OLD group (dev, ino) in as `name` in `parent`. `false` if the copy
+    /// is gone from NEW (every NEW name of it was removed). Caller holds `ns` write.
+    pub(crate) fn link_up_locked(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        dev: u64,
+        ino: u64,
+        mut g: journal::HardLinkGroup,
+    ) -> Result<bool> {
+        let Some(handle) = g.copy.clone() else {
+            return Ok(false);
+        };
+        let fd = match posix::open_by_handle(self.new.root(), &handle) {
+            Ok(fd) => fd,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
+                return Ok(false);
+            }
+            Err(e) => {
+                return Err(Error::Store {
+                    op: "open the NEW copy by handle",
+                    source: e,
+                });
+            }
+        };
+        let pfd = self.ensure_new_dir_locked(parent)?;
+        rustix::fs::linkat(&fd, "", pfd.as_fd(), name, rustix::fs::AtFlags::EMPTY_PATH)
+            .ctx("link an OLD hard link to its NEW copy")?;
+        g.linked_up += 1;
+        if g.pending_old_names() == 0 && g.kept_alive {
+            // Every OLD name is linked: the copy kept alive in the work dir is not needed.
+            if let Ok(work) = posix::open_child(self.new.root(), OsStr::new(WORK_DIR)) {
+                let _ = rustix::fs::unlinkat(
+                    &work,
+                    keep_alive_name(dev, ino).as_str(),
+                    rustix::fs::AtFlags::empty(),
+                );
+                // Removed only once empty: other groups may still keep copies there.
+                let _ =
+                    rustix::fs::unlinkat(self.new.root(), WORK_DIR, rustix::fs::AtFlags::REMOVEDIR);
+            }
+            g.kept_alive = false;
+        }
+        let mut b = journal::Batch::new();
+        b.hardlink(dev, ino, &g);
+        self.journal.commit(b, false)?;
+        Ok(true)
     }
 
     pub fn forget(&self, ino: u64, count: u64) {
@@ -389,6 +497,21 @@ impl View {
 
     fn attr_of(&self, inode: &Inode, st: &rustix::fs::Stat) -> Result<Attr> {
         let mut a = Attr::from_stat(inode.ino, st);
+        let (group, in_new) = {
+            let n = inode.node();
+            (n.old_group, n.new.is_some())
+        };
+        if let Some((dev, ino)) = group
+            && let Some(g) = self.journal.hardlink(dev, ino)?
+        {
+            // OLD names of the group not yet linked to the copy still name this file; OLD
+            // names removed through the view no longer do.
+            a.nlink = if in_new {
+                (a.nlink + g.pending_old_names()).saturating_sub(u32::from(g.kept_alive))
+            } else {
+                a.nlink.saturating_sub(g.removed).max(1)
+            };
+        }
         if inode.kind == Kind::Dir {
             // A merged directory's link count is 2 + its subdirectories in the view, which
             // neither store's count alone gives.
@@ -417,6 +540,7 @@ impl View {
             old: n.old.clone(),
             dir_id: n.dir_id,
             ids: Vec::new(),
+            old_group: None,
             cache_stamp: None,
         };
         drop(n);
@@ -441,6 +565,9 @@ impl View {
             for ent in posix::read_dir_names(fd.as_fd()).ctx("readdir")? {
                 // OLD's entries are hidden by NEW's and by any record at their name.
                 if seen.contains(&ent.name) || (!in_new && records.contains_key(&ent.name)) {
+                    continue;
+                }
+                if in_new && did == Some(ROOT_DIR) && ent.name == WORK_DIR.as_bytes() {
                     continue;
                 }
                 let kind = match Kind::from_dtype(ent.dtype) {
@@ -562,6 +689,11 @@ fn locate(dir: &Arc<OwnedFd>, name: &OsStr) -> std::io::Result<Option<(Loc, rust
     } else {
         Ok(Some((Loc::At(dir.clone(), name.to_owned()), st)))
     }
+}
+
+/// Name, in [`WORK_DIR`], of the kept-alive NEW copy of OLD hard-link group (dev, ino).
+pub(crate) fn keep_alive_name(dev: u64, ino: u64) -> String {
+    format!("hardlink-{dev}-{ino}")
 }
 
 fn synthetic_ino(store_ino: u64) -> u64 {

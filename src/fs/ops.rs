@@ -335,15 +335,78 @@ impl View {
             let pid = self.ensure_dir_id_locked(&p)?;
             let mut b = Batch::new();
             b.put(pid, name.as_bytes(), &Dentry::Tombstone);
+            self.count_removed_old_link(&r, &mut b)?;
             self.journal.commit(b, true)?;
         }
-        if r.new.is_some() {
+        if let Some((_, st)) = &r.new {
             let pfd = self
                 .new_dir(&p)
                 .ok_or_else(|| errno_err("NEW entry has a NEW parent", libc::EIO))?;
-            rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty()).ctx("unlink in NEW")?;
+            if !self.keep_alive_locked(&pfd, name, st)? {
+                rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty()).ctx("unlink in NEW")?;
+            }
         }
         self.forget_name(&r, parent, name);
+        Ok(())
+    }
+
+    /// The NEW name `name` in `pfd` is going away. If it is the last NEW link of an OLD
+    /// hard-link group's copy while OLD names of the group remain, move it into the work dir
+    /// instead, so those names can still be linked to it. Returns whether it did.
+    fn keep_alive_locked(
+        &self,
+        pfd: &OwnedFd,
+        name: &OsStr,
+        st: &rustix::fs::Stat,
+    ) -> Result<bool> {
+        if st.st_nlink != 1 || Kind::from_mode(st.st_mode) == Kind::Dir {
+            return Ok(false);
+        }
+        let Some((dev, ino)) = self.journal.copy_of(st.st_dev, st.st_ino)? else {
+            return Ok(false);
+        };
+        let mut g = match self.journal.hardlink(dev, ino)? {
+            Some(g) if g.pending_old_names() > 0 => g,
+            _ => return Ok(false),
+        };
+        match rustix::fs::mkdirat(self.new.root(), super::WORK_DIR, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e).ctx("mkdir work dir in NEW"),
+        }
+        let work =
+            posix::open_child(self.new.root(), OsStr::new(super::WORK_DIR)).ctx("open work dir")?;
+        rustix::fs::renameat(
+            pfd.as_fd(),
+            name,
+            &work,
+            super::keep_alive_name(dev, ino).as_str(),
+        )
+        .ctx("keep an OLD hard-link group's copy alive")?;
+        g.kept_alive = true;
+        let mut b = Batch::new();
+        b.hardlink(dev, ino, &g);
+        self.journal.commit(b, true)?;
+        Ok(true)
+    }
+
+    /// An OLD-only name of an OLD hard-link group is going away: the group's other names lose
+    /// a link. Recorded in the same batch as the tombstone.
+    fn count_removed_old_link(&self, r: &Resolved, b: &mut Batch) -> Result<()> {
+        if r.new.is_some() || r.kind == Kind::Dir {
+            return Ok(());
+        }
+        if let Some((_, _, st)) = &r.old
+            && st.st_nlink > 1
+        {
+            let mut g = self.journal.hardlink(st.st_dev, st.st_ino)?.unwrap_or(
+                crate::journal::HardLinkGroup {
+                    old_nlink: st.st_nlink as u32,
+                    ..Default::default()
+                },
+            );
+            g.removed += 1;
+            b.hardlink(st.st_dev, st.st_ino, &g);
+        }
         Ok(())
     }
 
@@ -361,6 +424,7 @@ impl View {
                 _ => None,
             },
             ids: Vec::new(),
+            old_group: None,
             cache_stamp: None,
         };
         Ok(self.list_node(&probe)?.is_empty())
@@ -482,6 +546,9 @@ impl View {
                 b.delete(did, newname.as_bytes());
             }
         }
+        if let Some(d) = &dst {
+            self.count_removed_old_link(d, &mut b)?;
+        }
         if let Some(Resolved {
             record: Some(Dentry::Dir { id, .. }),
             ..
@@ -519,6 +586,16 @@ impl View {
 
         match &intent {
             Some(Intent::Rename { .. }) => {
+                // A NEW entry the rename replaces may be the last NEW link of a hard-link
+                // group's copy: keep it alive before renameat drops it.
+                if let Some(Resolved {
+                    new: Some((_, dst_st)),
+                    ..
+                }) = &dst
+                    && let Some(dfd) = self.new_dir(&dp)
+                {
+                    self.keep_alive_locked(&dfd, newname, dst_st)?;
+                }
                 let sfd = self
                     .new_dir(&sp)
                     .ok_or_else(|| errno_err("NEW source has a NEW parent", libc::EIO))?;
@@ -537,7 +614,16 @@ impl View {
                 } else {
                     AtFlags::empty()
                 };
-                rustix::fs::unlinkat(dfd.as_fd(), newname, f).ctx("remove target in NEW")?;
+                let kept = match &dst {
+                    Some(Resolved {
+                        new: Some((_, dst_st)),
+                        ..
+                    }) => self.keep_alive_locked(&dfd, newname, dst_st)?,
+                    _ => false,
+                };
+                if !kept {
+                    rustix::fs::unlinkat(dfd.as_fd(), newname, f).ctx("remove target in NEW")?;
+                }
             }
             None => {}
         }
@@ -686,23 +772,38 @@ impl View {
         dir.node().new.as_ref().and_then(|l| l.dir_fd().cloned())
     }
 
-    /// After one of an inode's names went away or moved, point its NEW location at a name it
-    /// still has (or at nothing, if none is left: then only its open files reach it).
+    /// After one of an inode's names went away or moved, point its NEW location at a name
+    /// that NEW still has for this very inode, else at the kept-alive copy of its hard-link
+    /// group in the work dir, else at nothing (then only its open files reach it).
     fn relocate(&self, inode: &Inode) {
-        let mut n = inode.node();
-        if !matches!(n.new, Some(Loc::At(..))) {
-            return;
-        }
+        let (names, ids, group) = {
+            let n = inode.node();
+            if !matches!(n.new, Some(Loc::At(..))) {
+                return;
+            }
+            (n.names.clone(), n.ids.clone(), n.old_group)
+        };
+        let is_ours = |st: &rustix::fs::Stat| ids.contains(&Identity::New(st.st_dev, st.st_ino));
         let mut loc = None;
-        for (p, name) in n.names.clone() {
+        for (p, name) in names {
             if let Ok(parent) = self.inode(p)
                 && let Some(dfd) = self.new_dir(&parent)
+                && posix::stat_at(dfd.as_fd(), &name).is_ok_and(|st| is_ours(&st))
             {
                 loc = Some(Loc::At(dfd, name));
                 break;
             }
         }
-        n.new = loc;
+        if loc.is_none()
+            && let Some((dev, ino)) = group
+            && let Ok(work) = posix::open_child(self.new.root(), OsStr::new(super::WORK_DIR))
+        {
+            let kept = OsString::from(super::keep_alive_name(dev, ino));
+            if posix::stat_at(work.as_fd(), &kept).is_ok_and(|st| is_ours(&st)) {
+                loc = Some(Loc::At(Arc::new(work), kept));
+            }
+        }
+        inode.node().new = loc;
     }
 
     /// Identity of an inode's current backing (tests: st_ino stability).

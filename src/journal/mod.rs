@@ -42,6 +42,36 @@ pub enum Dentry {
 /// NEW-side work that must be finished after a crash. `ino` is NEW's inode number of the
 /// source when the intent was written: redo only touches that inode, never a newer file that
 /// happens to have the same name.
+/// What the view knows of an OLD file that has several names (an OLD hard-link group), keyed by
+/// its OLD (st_dev, st_ino). Once one name is copied up, `copy` is the NEW copy's file handle:
+/// every other OLD name of the group is then linked to it when the view meets that name
+/// (overlayfs's index, kept in the journal instead of NEW), so all names stay one file.
+/// st_nlink in the view = NEW's count + the OLD names not yet linked up nor removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardLinkGroup {
+    /// File handle of the NEW copy, once one name was copied up.
+    pub copy: Option<Vec<u8>>,
+    /// OLD's st_nlink when the view first recorded the group.
+    pub old_nlink: u32,
+    /// OLD names linked to the NEW copy since (the copied name itself not counted).
+    pub linked_up: u32,
+    /// OLD names removed (tombstoned or replaced) through the view while still OLD-only.
+    pub removed: u32,
+    /// The copy is also linked in the work dir (kept alive for OLD names not yet linked up);
+    /// that link is not a name in the view.
+    #[serde(default)]
+    pub kept_alive: bool,
+}
+
+impl HardLinkGroup {
+    /// OLD names of the group still shown from OLD (not copied, linked up or removed).
+    pub fn pending_old_names(&self) -> u32 {
+        let copied = u32::from(self.copy.is_some());
+        self.old_nlink
+            .saturating_sub(copied + self.linked_up + self.removed)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Intent {
     /// rename NEW `from` to `to` (paths relative to NEW's root).
@@ -85,6 +115,8 @@ pub enum KvOp {
 }
 
 const P_DENTRY: u8 = b'd';
+const P_HARDLINK: u8 = b'h';
+const P_COPY_OF: u8 = b'H';
 const P_META: u8 = b'm';
 const P_INTENT: u8 = b'i';
 const META_NEXT_ID: &str = "next_id";
@@ -94,6 +126,19 @@ fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     k.push(P_DENTRY);
     k.extend_from_slice(&dir.to_be_bytes());
     k.extend_from_slice(name);
+    k
+}
+
+fn hardlink_key(dev: u64, ino: u64) -> Vec<u8> {
+    let mut k = vec![P_HARDLINK];
+    k.extend_from_slice(&dev.to_be_bytes());
+    k.extend_from_slice(&ino.to_be_bytes());
+    k
+}
+
+fn copy_of_key(dev: u64, ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(dev, ino);
+    k[0] = P_COPY_OF;
     k
 }
 
@@ -204,6 +249,18 @@ impl Batch {
         self.ops.push(KvOp::Delete(intent_key(id)));
         self
     }
+    pub fn hardlink(&mut self, dev: u64, ino: u64, g: &HardLinkGroup) -> &mut Self {
+        let v = serde_json::to_vec(g).expect("group serializes");
+        self.ops.push(KvOp::Put(hardlink_key(dev, ino), v));
+        self
+    }
+    /// Record that NEW's inode (new_dev, new_ino) is the copy of OLD's group (dev, ino).
+    pub fn copy_of(&mut self, new_dev: u64, new_ino: u64, dev: u64, ino: u64) -> &mut Self {
+        let mut v = dev.to_le_bytes().to_vec();
+        v.extend_from_slice(&ino.to_le_bytes());
+        self.ops.push(KvOp::Put(copy_of_key(new_dev, new_ino), v));
+        self
+    }
     pub fn meta(&mut self, key: &str, value: &[u8]) -> &mut Self {
         self.ops.push(KvOp::Put(meta_key(key), value.to_vec()));
         self
@@ -279,6 +336,29 @@ impl Records {
             return Ok(());
         }
         self.kv.write(batch.ops, durable)
+    }
+
+    /// The record of the OLD hard-link group of (dev, ino), if the view has one.
+    pub fn hardlink(&self, dev: u64, ino: u64) -> Result<Option<HardLinkGroup>> {
+        self.kv
+            .get(&hardlink_key(dev, ino))?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("hard-link group: {e}")))
+            })
+            .transpose()
+    }
+
+    /// The OLD hard-link group whose NEW copy is (new_dev, new_ino), if it is one.
+    pub fn copy_of(&self, new_dev: u64, new_ino: u64) -> Result<Option<(u64, u64)>> {
+        match self.kv.get(&copy_of_key(new_dev, new_ino))? {
+            Some(v) if v.len() == 16 => Ok(Some((
+                u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
+                u64::from_le_bytes(v[8..].try_into().expect("8 bytes")),
+            ))),
+            Some(_) => Err(JournalError::Corrupt("copy-of record".into())),
+            None => Ok(None),
+        }
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {

@@ -9,7 +9,7 @@
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -344,4 +344,74 @@ impl Loc {
             Loc::At(..) => None,
         }
     }
+}
+
+/// Longest file handle the kernel hands out (MAX_HANDLE_SZ).
+const MAX_HANDLE_SZ: usize = 128;
+
+/// A rename-proof reference to the inode behind `fd` (`name_to_handle_at`), serialised as the
+/// handle type (i32, little endian) followed by the handle's bytes. Works on an `O_TMPFILE`
+/// before it is linked, so it can be journaled before the file becomes visible.
+pub fn file_handle(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    // u32 words: file_handle needs 4-byte alignment.
+    let mut buf = vec![0u32; 2 + MAX_HANDLE_SZ / 4];
+    buf[0] = MAX_HANDLE_SZ as u32;
+    let mut mount_id = 0;
+    // SAFETY: `buf` is a file_handle header (handle_bytes, handle_type) followed by
+    // MAX_HANDLE_SZ bytes, as handle_bytes says; the kernel writes at most that much. The
+    // empty path with AT_EMPTY_PATH names `fd` itself.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            buf.as_mut_ptr() as *mut libc::file_handle,
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = buf[0] as usize;
+    let mut out = (buf[1] as i32).to_le_bytes().to_vec();
+    // SAFETY: the kernel wrote `len` (<= MAX_HANDLE_SZ) handle bytes right after the header.
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().add(2) as *const u8, len) };
+    out.extend_from_slice(bytes);
+    Ok(out)
+}
+
+/// Open the inode a [`file_handle`] names, on the file system of the directory `mount_dir`
+/// (an `O_PATH` fd works: it is reopened, as the call refuses `O_PATH` fds), as `O_PATH`.
+/// Fails with ESTALE once the inode is gone.
+pub fn open_by_handle(mount_dir: BorrowedFd<'_>, handle: &[u8]) -> io::Result<OwnedFd> {
+    if handle.len() < 4 || handle.len() - 4 > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mount_fd = reopen(mount_dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    let bytes = &handle[4..];
+    let mut buf = vec![0u32; 2 + MAX_HANDLE_SZ / 4];
+    buf[0] = bytes.len() as u32;
+    buf[1] = i32::from_le_bytes(handle[..4].try_into().expect("4 bytes")) as u32;
+    // SAFETY: the payload area after the 8-byte header holds MAX_HANDLE_SZ bytes and
+    // `bytes.len()` is at most that.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            buf.as_mut_ptr().add(2) as *mut u8,
+            bytes.len(),
+        );
+    }
+    // SAFETY: `buf` is a well-formed file_handle; the returned fd, if any, is ours to own.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::file_handle,
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
