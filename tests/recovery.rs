@@ -110,3 +110,38 @@ fn an_interrupted_replacing_rename_removes_the_replaced_entry() {
     let _v = open_view(&s, &j);
     assert!(!s.new.join("victim").exists());
 }
+
+#[test]
+fn an_interrupted_removal_of_a_hard_link_groups_last_new_name_keeps_the_copy_alive() {
+    use std::os::fd::AsFd;
+    let s = stores();
+    fs::write(s.new.join("x"), b"group copy").unwrap();
+    let st = fs::metadata(s.new.join("x")).unwrap();
+    let f = fs::File::open(s.new.join("x")).unwrap();
+    let handle = ferryfs::store::posix::file_handle(f.as_fd()).unwrap();
+    drop(f);
+    let j = Records::new(Arc::new(MemJournal::default())).unwrap();
+    let group = ferryfs::journal::HardLinkGroup {
+        copy: Some(handle),
+        old_nlink: 2,
+        ..Default::default()
+    };
+    let mut b = Batch::new();
+    // OLD's group (dev 1, ino 2) has one OLD name left to link up when the daemon died
+    // removing the copy's only NEW name.
+    b.hardlink(1, 2, &group)
+        .copy_of(st.dev(), st.ino(), 1, 2)
+        .intent(
+            9,
+            &Intent::Remove {
+                path: b"x".to_vec(),
+                ino: st.ino(),
+            },
+        );
+    j.commit(b, true).unwrap();
+    let _v = open_view(&s, &j);
+    assert!(!s.new.join("x").exists());
+    let kept = s.new.join(ferryfs::fs::WORK_DIR).join("hardlink-1-2");
+    assert_eq!(fs::read(&kept).unwrap(), b"group copy");
+    assert!(j.hardlink(1, 2).unwrap().unwrap().kept_alive);
+}

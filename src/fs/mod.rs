@@ -168,15 +168,21 @@ impl View {
         &self.journal
     }
 
-    /// Finish the NEW half of operations whose journal half was durable at the crash.
+    /// Finish the NEW half of operations whose journal half was durable at the crash. An
+    /// entry the operation drops from NEW goes through the same keep-alive rule as at run
+    /// time (the last NEW name of an OLD hard-link group's copy).
     fn replay_intents(&self) -> Result<()> {
         for (id, intent) in self.journal.intents()? {
+            let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
             match &intent {
                 Intent::Rename { from, to, ino } => {
-                    let from_p = std::path::Path::new(OsStr::from_bytes(from));
-                    if let Ok(fd) = self.new.open_path(from_p)
-                        && posix::stat_fd(fd.as_fd()).ok().map(|s| s.st_ino) == Some(*ino)
+                    if self
+                        .new_entry(from)?
+                        .is_some_and(|(_, _, st)| st.st_ino == *ino)
                     {
+                        if let Some((dir, name, st)) = self.new_entry(to)? {
+                            self.keep_alive_locked(&dir, &name, &st)?;
+                        }
                         rustix::fs::renameat(
                             self.new.root(),
                             OsStr::from_bytes(from),
@@ -187,18 +193,16 @@ impl View {
                     }
                 }
                 Intent::Remove { path, ino } => {
-                    let p = std::path::Path::new(OsStr::from_bytes(path));
-                    if let Ok(fd) = self.new.open_path(p)
-                        && let Ok(st) = posix::stat_fd(fd.as_fd())
+                    if let Some((dir, name, st)) = self.new_entry(path)?
                         && st.st_ino == *ino
+                        && !self.keep_alive_locked(&dir, &name, &st)?
                     {
                         let flags = if Kind::from_mode(st.st_mode) == Kind::Dir {
                             rustix::fs::AtFlags::REMOVEDIR
                         } else {
                             rustix::fs::AtFlags::empty()
                         };
-                        rustix::fs::unlinkat(self.new.root(), OsStr::from_bytes(path), flags)
-                            .ctx("replay remove")?;
+                        rustix::fs::unlinkat(&*dir, &name, flags).ctx("replay remove")?;
                     }
                 }
             }
@@ -208,6 +212,39 @@ impl View {
             self.journal.commit(b, true)?;
         }
         Ok(())
+    }
+
+    /// NEW's entry at a NEW-relative path: its directory's fd, its name and its stat.
+    fn new_entry(&self, path: &[u8]) -> Result<Option<(Arc<OwnedFd>, OsString, rustix::fs::Stat)>> {
+        let p = std::path::Path::new(OsStr::from_bytes(path));
+        let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+            return Ok(None);
+        };
+        let dir = match self.new.open_path(parent) {
+            Ok(d) => Arc::new(d),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(Error::Store {
+                    op: "open NEW dir",
+                    source: e,
+                });
+            }
+        };
+        match posix::stat_at(dir.as_fd(), name) {
+            Ok(st) => Ok(Some((dir, name.to_owned(), st))),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(Error::Store {
+                op: "stat NEW entry",
+                source: e,
+            }),
+        }
     }
 
     pub(crate) fn inode(&self, ino: u64) -> Result<Arc<Inode>> {

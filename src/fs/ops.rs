@@ -353,7 +353,7 @@ impl View {
     /// The NEW name `name` in `pfd` is going away. If it is the last NEW link of an OLD
     /// hard-link group's copy while OLD names of the group remain, move it into the work dir
     /// instead, so those names can still be linked to it. Returns whether it did.
-    fn keep_alive_locked(
+    pub(crate) fn keep_alive_locked(
         &self,
         pfd: &OwnedFd,
         name: &OsStr,

@@ -223,6 +223,7 @@ impl Dentry {
 pub struct Batch {
     ops: Vec<KvOp>,
     max_id: Option<u64>,
+    records_group: bool,
 }
 
 impl Batch {
@@ -250,6 +251,7 @@ impl Batch {
         self
     }
     pub fn hardlink(&mut self, dev: u64, ino: u64, g: &HardLinkGroup) -> &mut Self {
+        self.records_group = true;
         let v = serde_json::to_vec(g).expect("group serializes");
         self.ops.push(KvOp::Put(hardlink_key(dev, ino), v));
         self
@@ -283,6 +285,9 @@ pub struct RecordCounts {
 pub struct Records {
     kv: Arc<dyn Journal>,
     next_id: Arc<AtomicU64>,
+    /// Whether any OLD hard-link group was ever recorded: until one is, lookups skip the
+    /// group queries entirely (most datasets have no hard links).
+    has_groups: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Records {
@@ -295,9 +300,11 @@ impl Records {
             ),
             None => ROOT_DIR + 1,
         };
+        let has_groups = !kv.scan(&[P_HARDLINK])?.is_empty();
         Ok(Records {
             kv,
             next_id: Arc::new(AtomicU64::new(next)),
+            has_groups: Arc::new(std::sync::atomic::AtomicBool::new(has_groups)),
         })
     }
 
@@ -335,11 +342,19 @@ impl Records {
         if batch.ops.is_empty() {
             return Ok(());
         }
-        self.kv.write(batch.ops, durable)
+        let groups = batch.records_group;
+        self.kv.write(batch.ops, durable)?;
+        if groups {
+            self.has_groups.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The record of the OLD hard-link group of (dev, ino), if the view has one.
     pub fn hardlink(&self, dev: u64, ino: u64) -> Result<Option<HardLinkGroup>> {
+        if !self.has_groups.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         self.kv
             .get(&hardlink_key(dev, ino))?
             .map(|v| {
@@ -351,6 +366,9 @@ impl Records {
 
     /// The OLD hard-link group whose NEW copy is (new_dev, new_ino), if it is one.
     pub fn copy_of(&self, new_dev: u64, new_ino: u64) -> Result<Option<(u64, u64)>> {
+        if !self.has_groups.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         match self.kv.get(&copy_of_key(new_dev, new_ino))? {
             Some(v) if v.len() == 16 => Ok(Some((
                 u64::from_le_bytes(v[..8].try_into().expect("8 bytes")),
