@@ -817,3 +817,29 @@ fn rule06_removing_an_old_hard_link_before_any_copy_up_lowers_the_count() {
     assert_eq!(fs::metadata(f.v("a")).unwrap().nlink(), 1);
     f.unmount();
 }
+
+#[test]
+fn a_merged_directory_counts_its_subdirectories_from_both_stores() {
+    let mut f = Fixture::new();
+    fs::create_dir_all(f.old.join("m/old1")).unwrap();
+    fs::create_dir_all(f.old.join("m/old2")).unwrap();
+    write(&f.old.join("m/file"), b"f");
+    f.start();
+    let nlink = |f: &Fixture| fs::metadata(f.v("m")).unwrap().nlink();
+    assert_eq!(nlink(&f), 4);
+    fs::create_dir(f.v("m/new1")).unwrap(); // m is now in both stores
+    assert_eq!(nlink(&f), 5);
+    fs::create_dir(f.v("m/new2")).unwrap(); // counted before: the count must follow
+    assert_eq!(nlink(&f), 6);
+    fs::remove_dir(f.v("m/new2")).unwrap();
+    assert_eq!(nlink(&f), 5);
+    fs::remove_dir(f.v("m/old1")).unwrap();
+    assert_eq!(nlink(&f), 4);
+    fs::rename(f.v("m/old2"), f.v("elsewhere")).unwrap();
+    assert_eq!(nlink(&f), 3);
+    fs::rename(f.v("elsewhere"), f.v("m/back")).unwrap();
+    assert_eq!(nlink(&f), 4);
+    // Root: 2 + m (and nothing else).
+    assert_eq!(fs::metadata(&f.mnt).unwrap().nlink(), 3);
+    f.unmount();
+}

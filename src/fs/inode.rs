@@ -46,6 +46,9 @@ pub struct Node {
     /// OLD (st_dev, st_ino) of the hard-link group this file belongs to, if OLD gave it
     /// several names (see `journal::HardLinkGroup`).
     pub old_group: Option<(u64, u64)>,
+    /// Subdirectories in the merged listing of a directory with both sides, and when counted:
+    /// st_nlink of a merged directory without listing it on every getattr.
+    pub subdirs: Option<(u32, std::time::Instant)>,
     /// (mtime, mtime_nsec, size, st_ino) of the data when the kernel last opened it: an open
     /// that finds the same stamp keeps the kernel's page cache.
     pub cache_stamp: Option<(i64, i64, i64, u64)>,

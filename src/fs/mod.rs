@@ -33,6 +33,10 @@ use crate::error::{Context, Error, Result};
 use crate::journal::{self, Dentry, Intent, ROOT_DIR, Records};
 use crate::store::posix::{self, Loc, PosixStore};
 
+/// How long a merged directory's counted subdirectories are trusted without a change through
+/// the view (the kernel's attribute TTL: the same bound on seeing changes made in OLD).
+const SUBDIR_COUNT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Longest name a directory entry may have (NAME_MAX).
 pub const NAME_MAX: usize = 255;
 
@@ -146,6 +150,7 @@ impl View {
             }),
             dir_id: Some(ROOT_DIR),
             old_group: None,
+            subdirs: None,
             cache_stamp: None,
             ids: vec![
                 Identity::New(nst.st_dev, nst.st_ino),
@@ -388,6 +393,7 @@ impl View {
                 old,
                 dir_id,
                 old_group,
+                subdirs: None,
                 cache_stamp: None,
             });
         {
@@ -551,18 +557,29 @@ impl View {
         }
         if inode.kind == Kind::Dir {
             // A merged directory's link count is 2 + its subdirectories in the view, which
-            // neither store's count alone gives.
-            let merged = {
+            // neither store's count alone gives. Counted once and kept until a change through
+            // the view in this directory, or the attribute TTL (for changes in OLD).
+            let (merged, cached) = {
                 let n = inode.node();
-                n.old.is_some() && (n.new.is_some() || n.dir_id.is_some())
+                (
+                    n.old.is_some() && (n.new.is_some() || n.dir_id.is_some()),
+                    n.subdirs,
+                )
             };
             if merged {
-                let subdirs = self
-                    .list(inode)?
-                    .iter()
-                    .filter(|e| e.kind == Kind::Dir)
-                    .count();
-                a.nlink = 2 + subdirs as u32;
+                let subdirs = match cached {
+                    Some((c, at)) if at.elapsed() < SUBDIR_COUNT_TTL => c,
+                    _ => {
+                        let c = self
+                            .list(inode)?
+                            .iter()
+                            .filter(|e| e.kind == Kind::Dir)
+                            .count() as u32;
+                        inode.node().subdirs = Some((c, std::time::Instant::now()));
+                        c
+                    }
+                };
+                a.nlink = 2 + subdirs;
             }
         }
         Ok(a)
@@ -578,6 +595,7 @@ impl View {
             dir_id: n.dir_id,
             ids: Vec::new(),
             old_group: None,
+            subdirs: None,
             cache_stamp: None,
         };
         drop(n);

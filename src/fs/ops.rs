@@ -175,6 +175,7 @@ impl View {
         let pfd = self.ensure_new_dir_locked(&p)?;
         let pst = posix::stat_fd(pfd.as_fd()).ctx("stat NEW parent")?;
         let chmod_after = make(pfd.as_fd(), &pst)?;
+        Self::dir_changed(&p);
         let (uid, gid) = new_owner(caller, &pst);
         rustix::fs::chownat(
             pfd.as_fd(),
@@ -310,6 +311,11 @@ impl View {
         r.record.is_some() || r.old.is_some() || self.old_at_default(parent, name)
     }
 
+    /// The entries of `dir` changed through the view: its counted subdirectories are stale.
+    fn dir_changed(dir: &Inode) {
+        dir.node().subdirs = None;
+    }
+
     /// `name` in `parent` no longer names the resolved entry: drop it from the inode's names
     /// and move its NEW location to a name it still has.
     fn forget_name(&self, r: &Resolved, parent: u64, name: &OsStr) {
@@ -347,6 +353,7 @@ impl View {
             }
         }
         self.forget_name(&r, parent, name);
+        Self::dir_changed(&p);
         Ok(())
     }
 
@@ -425,6 +432,7 @@ impl View {
             },
             ids: Vec::new(),
             old_group: None,
+            subdirs: None,
             cache_stamp: None,
         };
         Ok(self.list_node(&probe)?.is_empty())
@@ -460,6 +468,7 @@ impl View {
             rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::REMOVEDIR).ctx("rmdir in NEW")?;
         }
         self.forget_name(&r, parent, name);
+        Self::dir_changed(&p);
         Ok(())
     }
 
@@ -636,6 +645,8 @@ impl View {
         if let Some(d) = &dst {
             self.forget_name(d, newparent, newname);
         }
+        Self::dir_changed(&sp);
+        Self::dir_changed(&dp);
         if let Some(ino) = self.inodes.ino_of(&src.identity())
             && let Some(inode) = self.inodes.get(ino)
         {
