@@ -169,10 +169,6 @@ impl View {
         Ok(view)
     }
 
-    pub fn journal(&self) -> &Records {
-        &self.journal
-    }
-
     /// Finish the NEW half of operations whose journal half was durable at the crash. An
     /// entry the operation drops from NEW goes through the same keep-alive rule as at run
     /// time (the last NEW name of an OLD hard-link group's copy).
@@ -721,11 +717,6 @@ impl View {
 
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
         rustix::fs::fstatvfs(self.new.root()).ctx("statvfs NEW")
-    }
-
-    /// Number of inodes the kernel holds (for status and tests).
-    pub fn inode_count(&self) -> usize {
-        self.inodes.len()
     }
 }
 

@@ -816,11 +816,6 @@ impl View {
         }
         inode.node().new = loc;
     }
-
-    /// Identity of an inode's current backing (tests: st_ino stability).
-    pub fn identities(&self, ino: u64) -> Result<Vec<Identity>> {
-        Ok(self.inode(ino)?.node().ids.clone())
-    }
 }
 
 pub enum XattrReply {
