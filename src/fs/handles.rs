@@ -180,21 +180,25 @@ impl View {
         f(&file, fhd)
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// Read up to `size` bytes at `offset` into `buf` (grown as needed, never shrunk, so a
+    /// caller that keeps it pays no allocation or zeroing per request); returns the length.
+    pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize> {
         self.with_file(fh, |file, _| {
-            let mut buf = vec![0u8; size as usize];
+            let size = size as usize;
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
             let mut done = 0;
-            while done < buf.len() {
+            while done < size {
                 let n = file
-                    .read_at(&mut buf[done..], offset + done as u64)
+                    .read_at(&mut buf[done..size], offset + done as u64)
                     .ctx("read")?;
                 if n == 0 {
                     break;
                 }
                 done += n;
             }
-            buf.truncate(done);
-            Ok(buf)
+            Ok(done)
         })
     }
 

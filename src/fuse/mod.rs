@@ -288,10 +288,14 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        match self.view.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(fail("read", ino.0, None, &e)),
+        thread_local! {
+            // One read buffer per FUSE worker thread, reused for every request.
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        BUF.with_borrow_mut(|buf| match self.view.read(fh.0, offset, size, buf) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(fail("read", ino.0, None, &e)),
+        });
     }
 
     fn write(
