@@ -254,7 +254,16 @@ impl View {
                 let (parent, name) = self.placement(inode)?;
                 if self.link_up_locked(&parent, &name, st.st_dev, st.st_ino, g.clone())? {
                     let pfd = self.ensure_new_dir_locked(&parent)?;
-                    inode.node().new = Some(Loc::At(pfd, name));
+                    fsync_dir(pfd.as_fd())?;
+                    let loc = Loc::At(pfd, name);
+                    let nst = loc.stat().ctx("stat NEW copy")?;
+                    {
+                        let mut n = inode.node();
+                        n.new = Some(loc);
+                        n.old_group = Some((st.st_dev, st.st_ino));
+                    }
+                    self.inodes
+                        .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
                     return Ok(());
                 }
             }
