@@ -71,6 +71,12 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// The span every request runs in (DESIGN: one span per FUSE request), so whatever is logged
+/// while serving it carries the operation and the inode. Near free when the level is off.
+fn span(op: &'static str, ino: u64) -> tracing::span::EnteredSpan {
+    tracing::debug_span!("fuse", op, ino).entered()
+}
+
 /// Log a failed request at the error's level, then give the kernel its errno.
 fn fail(op: &'static str, ino: u64, name: Option<&OsStr>, e: &Error) -> Errno {
     let errno = e.errno();
@@ -112,6 +118,7 @@ impl Filesystem for FerryFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _span = span("lookup", parent.0);
         match self.view.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("lookup", parent.0, Some(name), &e)),
@@ -119,10 +126,12 @@ impl Filesystem for FerryFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _span = span("forget", ino.0);
         self.view.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _span = span("getattr", ino.0);
         match self.view.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
             Err(e) => reply.error(fail("getattr", ino.0, None, &e)),
@@ -147,6 +156,7 @@ impl Filesystem for FerryFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _span = span("setattr", ino.0);
         let s = SetAttr {
             mode,
             uid,
@@ -163,6 +173,7 @@ impl Filesystem for FerryFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _span = span("readlink", ino.0);
         match self.view.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(fail("readlink", ino.0, None, &e)),
@@ -179,6 +190,7 @@ impl Filesystem for FerryFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _span = span("mknod", parent.0);
         match self.view.mknod(
             parent.0,
             name,
@@ -200,6 +212,7 @@ impl Filesystem for FerryFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _span = span("mkdir", parent.0);
         match self.view.mkdir(parent.0, name, mode & !umask, caller(req)) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("mkdir", parent.0, Some(name), &e)),
@@ -207,6 +220,7 @@ impl Filesystem for FerryFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _span = span("unlink", parent.0);
         match self.view.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("unlink", parent.0, Some(name), &e)),
@@ -214,6 +228,7 @@ impl Filesystem for FerryFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _span = span("rmdir", parent.0);
         match self.view.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rmdir", parent.0, Some(name), &e)),
@@ -228,6 +243,7 @@ impl Filesystem for FerryFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _span = span("symlink", parent.0);
         match self
             .view
             .symlink(parent.0, link_name, target.as_os_str(), caller(req))
@@ -247,6 +263,7 @@ impl Filesystem for FerryFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _span = span("rename", parent.0);
         match self
             .view
             .rename(parent.0, name, newparent.0, newname, flags.bits())
@@ -264,6 +281,7 @@ impl Filesystem for FerryFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _span = span("link", ino.0);
         match self.view.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("link", ino.0, Some(newname), &e)),
@@ -271,6 +289,7 @@ impl Filesystem for FerryFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _span = span("open", ino.0);
         match self.view.open(ino.0, flags.0) {
             Ok(of) => reply.opened(FileHandle(of.fh), open_flags(of.keep_cache)),
             Err(e) => reply.error(fail("open", ino.0, None, &e)),
@@ -288,6 +307,7 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        let _span = span("read", ino.0);
         thread_local! {
             // One read buffer per FUSE worker thread, reused for every request.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -310,6 +330,7 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _span = span("write", ino.0);
         match self.view.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail("write", ino.0, None, &e)),
@@ -319,24 +340,26 @@ impl Filesystem for FerryFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lo: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _span = span("flush", ino.0);
         reply.ok();
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _span = span("release", ino.0);
         self.view.release(fh.0);
         reply.ok();
     }
@@ -349,6 +372,7 @@ impl Filesystem for FerryFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _span = span("fsync", ino.0);
         match self.view.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", ino.0, None, &e)),
@@ -356,6 +380,7 @@ impl Filesystem for FerryFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _span = span("opendir", ino.0);
         match self.view.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail("opendir", ino.0, None, &e)),
@@ -370,6 +395,7 @@ impl Filesystem for FerryFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _span = span("readdir", ino.0);
         match self.view.readdir(fh.0, offset) {
             Ok(entries) => {
                 for (off, e) in entries {
@@ -386,11 +412,12 @@ impl Filesystem for FerryFs {
     fn releasedir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _span = span("releasedir", ino.0);
         self.view.releasedir(fh.0);
         reply.ok();
     }
@@ -403,6 +430,7 @@ impl Filesystem for FerryFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _span = span("fsyncdir", ino.0);
         match self.view.fsyncdir(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsyncdir", ino.0, None, &e)),
@@ -410,6 +438,7 @@ impl Filesystem for FerryFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _span = span("statfs", ino.0);
         match self.view.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -435,6 +464,7 @@ impl Filesystem for FerryFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _span = span("setxattr", ino.0);
         match self.view.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("setxattr", ino.0, Some(name), &e)),
@@ -442,6 +472,7 @@ impl Filesystem for FerryFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _span = span("getxattr", ino.0);
         match self.view.getxattr(ino.0, name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -450,6 +481,7 @@ impl Filesystem for FerryFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _span = span("listxattr", ino.0);
         match self.view.listxattr(ino.0, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -458,6 +490,7 @@ impl Filesystem for FerryFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _span = span("removexattr", ino.0);
         match self.view.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("removexattr", ino.0, Some(name), &e)),
@@ -474,6 +507,7 @@ impl Filesystem for FerryFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _span = span("create", parent.0);
         match self
             .view
             .create(parent.0, name, mode & !umask, flags, caller(req))
@@ -499,6 +533,7 @@ impl Filesystem for FerryFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _span = span("fallocate", ino.0);
         match self.view.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fallocate", ino.0, None, &e)),
@@ -514,6 +549,7 @@ impl Filesystem for FerryFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let _span = span("lseek", ino.0);
         match self.view.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail("lseek", ino.0, None, &e)),
