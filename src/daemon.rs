@@ -182,6 +182,9 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         Err(e) => return Err(fail(&mut ready, format!("NEW store: {e}"))),
     };
     raise_nofile_limit();
+    // Entries are created on behalf of callers with the mode the kernel already masked with
+    // the caller's umask; the daemon's own umask must not mask it a second time.
+    rustix::process::umask(rustix::fs::Mode::empty());
     let view = match View::new(old, new, migration.journal.clone()) {
         Ok(v) => Arc::new(v),
         Err(e) => return Err(fail(&mut ready, format!("opening the view: {e}"))),

@@ -114,6 +114,39 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
     Ok(t)
 }
 
+/// The view's root is NEW's root directory, so it must look like OLD's: owner, mode, xattrs and
+/// times, as copy-up gives every other directory. Otherwise mounting in place would change the
+/// dataset root's permissions under the applications.
+fn root_meta_from_old(old: &Path, new: &Path) -> Result<(), StateError> {
+    use crate::store::posix::{Loc, PosixStore};
+    let open = |p: &Path| PosixStore::open(p).map_err(io_at(p));
+    let (o, n) = (open(old)?, open(new)?);
+    let dup = |s: &PosixStore, p: &Path| {
+        s.root()
+            .try_clone_to_owned()
+            .map(|fd| Loc::Fd(Arc::new(fd)))
+            .map_err(io_at(p))
+    };
+    let (ol, nl) = (dup(&o, old)?, dup(&n, new)?);
+    let st = ol.stat().map_err(io_at(old))?;
+    crate::fs::copy_xattrs(&ol, &nl)
+        .map_err(|e| StateError::Invalid(format!("{}: {e}", new.display())))?;
+    nl.chown(Some(st.st_uid), Some(st.st_gid))
+        .map_err(io_at(new))?;
+    nl.chmod(st.st_mode).map_err(io_at(new))?;
+    let ts = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: st.st_atime as _,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: st.st_mtime as _,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    };
+    nl.utimens(&ts).map_err(io_at(new))
+}
+
 /// `ferryfs prepare`: check both stores, record them, create the journal.
 pub fn prepare(
     old: StoreSpec,
@@ -160,6 +193,7 @@ pub fn prepare(
         .map_err(io_at(state))?;
     let _lock = take_lock(state)?;
     let totals = scan_totals(&op).map_err(io_at(&op))?;
+    root_meta_from_old(&op, &np)?;
     let kv = RocksJournal::open(&journal_dir(state), true)?;
     let journal = Records::new(Arc::new(kv))?;
     let config = Config {

@@ -7,6 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -841,5 +842,52 @@ fn a_merged_directory_counts_its_subdirectories_from_both_stores() {
     assert_eq!(nlink(&f), 4);
     // Root: 2 + m (and nothing else).
     assert_eq!(fs::metadata(&f.mnt).unwrap().nlink(), 3);
+    f.unmount();
+}
+
+#[test]
+fn new_entries_get_the_callers_mode_whatever_the_daemons_umask() {
+    let mut f = Fixture::new();
+    f.start(); // the daemon inherits this test's umask (typically 022)
+    let v = f.mnt.display().to_string();
+    let out = run(Command::new("/bin/sh").arg("-c").arg(format!(
+        "umask 0 && touch {v}/f0 && mkdir {v}/d0 && mkfifo {v}/p0 && \
+         umask 027 && touch {v}/f27 && mkdir {v}/d27"
+    )));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |p: &str| fs::symlink_metadata(f.v(p)).unwrap().mode() & 0o7777;
+    assert_eq!(
+        [mode("f0"), mode("d0"), mode("p0"), mode("f27"), mode("d27")],
+        [0o666, 0o777, 0o666, 0o640, 0o750]
+    );
+    f.unmount();
+}
+
+#[test]
+fn the_view_root_keeps_the_owner_and_mode_of_olds_root() {
+    let mut f = Fixture::new();
+    fs::set_permissions(&f.old, fs::Permissions::from_mode(0o2775)).unwrap();
+    rustix::fs::chown(
+        &f.old,
+        Some(rustix::fs::Uid::from_raw(1234)),
+        Some(rustix::fs::Gid::from_raw(65534)),
+    )
+    .unwrap();
+    f.start();
+    let root = fs::metadata(&f.mnt).unwrap();
+    assert_eq!(
+        (root.mode() & 0o7777, root.uid(), root.gid()),
+        (0o2775, 1234, 65534)
+    );
+    // and a set-group-ID root passes its group and bit on to new directories, as natively
+    fs::create_dir(f.v("d")).unwrap();
+    write(&f.v("file"), b"x");
+    let d = fs::metadata(f.v("d")).unwrap();
+    assert_eq!((d.mode() & 0o2000, d.gid()), (0o2000, 65534));
+    assert_eq!(fs::metadata(f.v("file")).unwrap().gid(), 65534);
     f.unmount();
 }

@@ -83,7 +83,7 @@ pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
 }
 
 /// Copy every xattr of `src` onto `dst`.
-pub(crate) fn copy_xattrs(src: &Loc, dst: &Loc) -> Result<()> {
+pub fn copy_xattrs(src: &Loc, dst: &Loc) -> Result<()> {
     let mut list = vec![0u8; 64 * 1024];
     let n = match src.listxattr(&mut list[..]) {
         Ok(n) => n,

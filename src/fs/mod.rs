@@ -25,6 +25,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::{Arc, RwLock};
 
 pub use attr::{Attr, Kind};
+pub use copyup::copy_xattrs;
 pub use handles::OpenFile;
 use inode::{Identity, Inode, InodeTable, Node, OldRef, ROOT_INO};
 pub use ops::{SetAttr, SetTime, XattrReply};

@@ -255,13 +255,12 @@ impl View {
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         Ok(self
-            .create_entry(parent, name, caller, |pfd, pst| {
-                let mut perm = mode & 0o7777;
-                if pst.st_mode & libc::S_ISGID != 0 {
-                    perm |= libc::S_ISGID;
-                }
-                rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(perm)).ctx("mkdir in NEW")?;
-                Ok(Some(perm))
+            .create_entry(parent, name, caller, |pfd, _| {
+                // A set-group-ID parent passes its bit on by itself (the kernel does it, and
+                // chown keeps it on directories), exactly as a native mkdir does.
+                rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(mode & 0o7777))
+                    .ctx("mkdir in NEW")?;
+                Ok(None)
             })?
             .1)
     }
