@@ -113,6 +113,15 @@ pub fn copy_xattrs(src: &Loc, dst: &Loc) -> Result<()> {
     Ok(())
 }
 
+/// The OLD side of an inode being copied up (it has one: it is not in NEW yet).
+fn old_side(inode: &Inode) -> Result<super::inode::OldRef> {
+    inode
+        .node()
+        .old
+        .clone()
+        .ok_or_else(|| errno_err("copy-up: the entry has no OLD side", libc::ENOENT))
+}
+
 /// An open file as a [`Loc`] (for copying xattrs between open files).
 fn file_loc(f: &File) -> Result<Loc> {
     let fd = f.as_fd().try_clone_to_owned().ctx("dup")?;
@@ -181,11 +190,7 @@ impl View {
         }
         let (parent, name) = self.placement(dir)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
-        let old = dir
-            .node()
-            .old
-            .clone()
-            .ok_or_else(|| errno_err("copy-up dir: no backing", libc::ENOENT))?;
+        let old = old_side(dir)?;
         let st = old.loc.stat().ctx("stat OLD dir")?;
         match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
@@ -225,11 +230,7 @@ impl View {
     }
 
     fn copy_up_file(&self, inode: &Inode, data: bool) -> Result<()> {
-        let old = inode
-            .node()
-            .old
-            .clone()
-            .ok_or_else(|| errno_err("copy-up: no backing", libc::ENOENT))?;
+        let old = old_side(inode)?;
         let src = old
             .loc
             .open(OFlags::RDONLY | OFlags::NOATIME)
@@ -333,11 +334,7 @@ impl View {
 
     /// Symlinks, FIFOs, sockets and device nodes: created in place (each creation is atomic).
     fn copy_up_special_locked(&self, inode: &Inode) -> Result<()> {
-        let old = inode
-            .node()
-            .old
-            .clone()
-            .ok_or_else(|| errno_err("copy-up: no backing", libc::ENOENT))?;
+        let old = old_side(inode)?;
         let st = old.loc.stat().ctx("stat OLD entry")?;
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;

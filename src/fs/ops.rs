@@ -136,29 +136,27 @@ impl View {
         Ok(out)
     }
 
-    /// Any record at a name that is now getting a fresh NEW entry is replaced by a tombstone:
-    /// the fresh entry must not inherit an older redirect.
-    fn reset_record_locked(&self, parent: &Inode, name: &OsStr, r: Option<&Dentry>) -> Result<()> {
-        if let Some(rec) = r
-            && *rec != Dentry::Tombstone
+    /// Make `name` in `parent` ready for a fresh NEW entry (creation or link): refuse a name
+    /// the view shows, replace any record left at it by a tombstone (the fresh entry must not
+    /// inherit an older redirect), and bring the parent into NEW. Returns the parent's NEW fd.
+    /// Caller holds `ns` write.
+    fn claim_new_name_locked(&self, parent: &Inode, name: &OsStr) -> Result<Arc<OwnedFd>> {
+        if self.resolve(parent, name)?.is_some() {
+            return Err(Error::refused(libc::EEXIST, "name exists"));
+        }
+        if let Some(id) = parent.node().dir_id
+            && let Some(rec) = self.journal.get(id, name.as_bytes())?
+            && rec != Dentry::Tombstone
         {
-            let pid = self.ensure_dir_id_locked(parent)?;
             let mut b = Batch::new();
-            b.put(pid, name.as_bytes(), &Dentry::Tombstone);
+            b.put(id, name.as_bytes(), &Dentry::Tombstone);
             self.journal.commit(b, true)?;
         }
-        Ok(())
+        self.ensure_new_dir_locked(parent)
     }
 
-    fn record_at(&self, parent: &Inode, name: &OsStr) -> Result<Option<Dentry>> {
-        match parent.node().dir_id {
-            Some(id) => Ok(self.journal.get(id, name.as_bytes())?),
-            None => Ok(None),
-        }
-    }
-
-    /// Common part of every creation: refuse an existing name, bring the parent into NEW,
-    /// run `make` in NEW's parent, hand the entry to the caller, attach it.
+    /// Common part of every creation: claim the name, run `make` in NEW's parent, hand the
+    /// entry to the caller, attach it.
     fn create_entry(
         &self,
         parent: u64,
@@ -167,12 +165,7 @@ impl View {
         make: impl FnOnce(BorrowedFd<'_>, &rustix::fs::Stat) -> Result<Option<u32>>,
     ) -> Result<(Arc<Inode>, Attr)> {
         let p = self.inode(parent)?;
-        if self.resolve(&p, name)?.is_some() {
-            return Err(Error::refused(libc::EEXIST, "name exists"));
-        }
-        let rec = self.record_at(&p, name)?;
-        self.reset_record_locked(&p, name, rec.as_ref())?;
-        let pfd = self.ensure_new_dir_locked(&p)?;
+        let pfd = self.claim_new_name_locked(&p, name)?;
         let pst = posix::stat_fd(pfd.as_fd()).ctx("stat NEW parent")?;
         let chmod_after = make(pfd.as_fd(), &pst)?;
         Self::dir_changed(&p);
@@ -289,12 +282,7 @@ impl View {
         self.copy_up(&inode, true)?;
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let np = self.inode(newparent)?;
-        if self.resolve(&np, newname)?.is_some() {
-            return Err(Error::refused(libc::EEXIST, "name exists"));
-        }
-        let rec = self.record_at(&np, newname)?;
-        self.reset_record_locked(&np, newname, rec.as_ref())?;
-        let pfd = self.ensure_new_dir_locked(&np)?;
+        let pfd = self.claim_new_name_locked(&np, newname)?;
         self.new_loc(&inode)?
             .link_to(pfd.as_fd(), newname)
             .ctx("link in NEW")?;
