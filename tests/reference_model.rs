@@ -390,3 +390,41 @@ fn regression_truncate_unlink_remount_of_a_hard_link_counts_links_right() {
     ])
     .unwrap();
 }
+
+/// A symlink renamed, a file truncated and unlinked, directories made, then a rename onto the
+/// symlink's new name: once listed entries that could not be looked up (ENOENT).
+#[test]
+fn regression_rename_onto_a_renamed_symlink_keeps_the_tree_consistent() {
+    run_case(&[
+        Op::Symlink {
+            dir: 2528728224734882327,
+            name: 0,
+        },
+        Op::Rename {
+            src: 3774209477764724806,
+            dir: 6448507407446818248,
+            name: 1,
+        },
+        Op::Truncate {
+            file: 6737889836987046745,
+            len: 3452,
+        },
+        Op::Unlink {
+            file: 14447911973556099769,
+        },
+        Op::Mkdir {
+            dir: 16004823103370901001,
+            name: 3,
+        },
+        Op::Mkdir {
+            dir: 9124174534776539378,
+            name: 4,
+        },
+        Op::Rename {
+            src: 13607658755634452838,
+            dir: 493969436817962220,
+            name: 1,
+        },
+    ])
+    .unwrap();
+}

@@ -394,10 +394,12 @@ impl View {
                 cache_stamp: None,
             });
         {
-            // An inode found again by identity may have lost its NEW location (all the names
-            // it knew were unlinked while another link lived on): this name is one.
+            // An inode found again by identity: the name just resolved is a current NEW
+            // location of it. For a non-directory it replaces the one held, which may be gone
+            // (its names were unlinked while another link lived on, or it was the kept-alive
+            // link a link-up just removed). A directory keeps its own fd.
             let mut n = inode.node();
-            if n.new.is_none() {
+            if fresh_new.is_some() && (n.new.is_none() || kind != Kind::Dir) {
                 n.new = fresh_new;
             }
             if n.old_group.is_none() {
