@@ -502,86 +502,109 @@ impl View {
             }
         }
 
-        let sid = self.ensure_dir_id_locked(&sp)?;
-        let did = self.ensure_dir_id_locked(&dp)?;
-        let mut b = Batch::new();
-        // The old name: hide whatever OLD has there.
-        if self.old_visible(&sp, name, &src) {
-            b.put(sid, name.as_bytes(), &Dentry::Tombstone);
-        }
-        // The new name.
-        let mut moved_dir_id = None;
-        let target_rec = if src.kind == Kind::Dir {
-            let id = match &src.record {
-                Some(Dentry::Dir { id, .. }) => *id,
-                _ => self.journal.alloc_id(),
-            };
-            moved_dir_id = Some(id);
-            Some(Dentry::Dir {
-                id,
-                origin: src.old.as_ref().map(|(p, _, _)| p.clone()),
-            })
-        } else if src.new.is_none() {
-            Some(Dentry::File {
-                origin: src.old.as_ref().map(|(p, _, _)| p.clone()),
-            })
-        } else if dst
-            .as_ref()
-            .is_some_and(|d| self.old_visible(&dp, newname, d))
-            || self.old_at_default(&dp, newname)
-        {
-            Some(Dentry::Tombstone)
+        // A rename wholly inside NEW, with nothing of OLD and no record at either name, is
+        // only NEW's renameat, atomic by itself: no journal write (and so no WAL fsync).
+        let journal_free = src.new.is_some()
+            && src.old.is_none()
+            && src.record.is_none()
+            && !self.old_at_default(&sp, name)
+            && dst
+                .as_ref()
+                .is_none_or(|d| d.record.is_none() && d.old.is_none())
+            && !self.old_at_default(&dp, newname);
+        let new_half = if src.new.is_some() {
+            Some(NewHalf::Rename)
+        } else if dst.as_ref().is_some_and(|d| d.new.is_some()) {
+            Some(NewHalf::Remove)
         } else {
             None
         };
-        match &target_rec {
-            Some(rec) => {
-                b.put(did, newname.as_bytes(), rec);
-            }
-            None => {
-                b.delete(did, newname.as_bytes());
-            }
-        }
-        if let Some(d) = &dst {
-            self.count_removed_old_link(d, &mut b)?;
-        }
-        if let Some(Resolved {
-            record: Some(Dentry::Dir { id, .. }),
-            ..
-        }) = &dst
-        {
-            for (n, _) in self.journal.list(*id)? {
-                b.delete(*id, &n);
-            }
-        }
-        // The NEW half, as a redo intent in the same batch.
-        let intent = if let Some((_, st)) = &src.new {
+        let (intent_id, moved_dir_id) = if journal_free {
             self.ensure_new_dir_locked(&dp)?;
-            Some(Intent::Rename {
-                from: join(&self.new_path(&sp)?, name),
-                to: join(&self.new_path(&dp)?, newname),
-                ino: st.st_ino,
-            })
-        } else if let Some(Resolved {
-            new: Some((_, st)), ..
-        }) = &dst
-        {
-            Some(Intent::Remove {
-                path: join(&self.new_path(&dp)?, newname),
-                ino: st.st_ino,
-            })
+            (None, None)
         } else {
-            None
+            let sid = self.ensure_dir_id_locked(&sp)?;
+            let did = self.ensure_dir_id_locked(&dp)?;
+            let mut b = Batch::new();
+            // The old name: hide whatever OLD has there.
+            if self.old_visible(&sp, name, &src) {
+                b.put(sid, name.as_bytes(), &Dentry::Tombstone);
+            }
+            // The new name.
+            let mut moved_dir_id = None;
+            let target_rec = if src.kind == Kind::Dir {
+                let id = match &src.record {
+                    Some(Dentry::Dir { id, .. }) => *id,
+                    _ => self.journal.alloc_id(),
+                };
+                moved_dir_id = Some(id);
+                Some(Dentry::Dir {
+                    id,
+                    origin: src.old.as_ref().map(|(p, _, _)| p.clone()),
+                })
+            } else if src.new.is_none() {
+                Some(Dentry::File {
+                    origin: src.old.as_ref().map(|(p, _, _)| p.clone()),
+                })
+            } else if dst
+                .as_ref()
+                .is_some_and(|d| self.old_visible(&dp, newname, d))
+                || self.old_at_default(&dp, newname)
+            {
+                Some(Dentry::Tombstone)
+            } else {
+                None
+            };
+            match &target_rec {
+                Some(rec) => {
+                    b.put(did, newname.as_bytes(), rec);
+                }
+                None => {
+                    b.delete(did, newname.as_bytes());
+                }
+            }
+            if let Some(d) = &dst {
+                self.count_removed_old_link(d, &mut b)?;
+            }
+            if let Some(Resolved {
+                record: Some(Dentry::Dir { id, .. }),
+                ..
+            }) = &dst
+            {
+                for (n, _) in self.journal.list(*id)? {
+                    b.delete(*id, &n);
+                }
+            }
+            // The NEW half, as a redo intent in the same batch.
+            let intent = if let Some((_, st)) = &src.new {
+                self.ensure_new_dir_locked(&dp)?;
+                Some(Intent::Rename {
+                    from: join(&self.new_path(&sp)?, name),
+                    to: join(&self.new_path(&dp)?, newname),
+                    ino: st.st_ino,
+                })
+            } else if let Some(Resolved {
+                new: Some((_, st)), ..
+            }) = &dst
+            {
+                Some(Intent::Remove {
+                    path: join(&self.new_path(&dp)?, newname),
+                    ino: st.st_ino,
+                })
+            } else {
+                None
+            };
+            let intent_id = intent.as_ref().map(|i| {
+                let id = self.journal.alloc_id();
+                b.intent(id, i);
+                id
+            });
+            self.journal.commit(b, true)?;
+            (intent_id, moved_dir_id)
         };
-        let intent_id = intent.as_ref().map(|i| {
-            let id = self.journal.alloc_id();
-            b.intent(id, i);
-            id
-        });
-        self.journal.commit(b, true)?;
 
-        match &intent {
-            Some(Intent::Rename { .. }) => {
+        match new_half {
+            Some(NewHalf::Rename) => {
                 // A NEW entry the rename replaces may be the last NEW link of a hard-link
                 // group's copy: keep it alive before renameat drops it.
                 if let Some(Resolved {
@@ -601,7 +624,7 @@ impl View {
                 rustix::fs::renameat(sfd.as_fd(), name, dfd.as_fd(), newname)
                     .ctx("rename in NEW")?;
             }
-            Some(Intent::Remove { .. }) => {
+            Some(NewHalf::Remove) => {
                 let dfd = self
                     .new_dir(&dp)
                     .ok_or_else(|| errno_err("NEW target has a NEW parent", libc::EIO))?;
@@ -803,6 +826,13 @@ impl View {
         }
         inode.node().new = loc;
     }
+}
+
+/// What a rename does in NEW: move NEW's source, or (OLD-only source) remove NEW's target.
+#[derive(Clone, Copy)]
+enum NewHalf {
+    Rename,
+    Remove,
 }
 
 pub enum XattrReply {
