@@ -15,7 +15,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use crate::fs::View;
 use crate::fuse::FerryFs;
-use crate::state::Migration;
+use crate::state::{Migration, Phase};
 use crate::store::StoreSpec;
 use crate::store::posix::PosixStore;
 
@@ -28,6 +28,63 @@ pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub options: Vec<String>,
     pub threads: usize,
+    /// Do not start the copier at mount (an `execute` starts it later).
+    pub no_copy: bool,
+    pub copier: crate::copier::Options,
+}
+
+/// A migration's view opened in this process, with the stores it serves.
+pub struct Opened {
+    pub view: Arc<View>,
+    pub phase: Phase,
+    /// OLD's root (for abort); `None` once committed (OLD may be gone).
+    pub old: Option<PosixStore>,
+    pub new: PosixStore,
+}
+
+/// Open the view of a migration (the daemon's, or the CLI's when no daemon runs). After
+/// commit the view is NEW alone; after abort, OLD alone.
+pub fn open_view(m: &Migration) -> Result<Opened, String> {
+    let StoreSpec::Posix { path: old_path } = &m.config.old;
+    let StoreSpec::Posix { path: new_path } = &m.config.new;
+    let phase = crate::state::phase(&m.journal).map_err(|e| e.to_string())?;
+    let open = |what: &str, p: &Path| {
+        PosixStore::open(p).map_err(|e| format!("{what} store {}: {e}", p.display()))
+    };
+    // Entries are created on behalf of callers with the mode the kernel already masked with
+    // the caller's umask; the daemon's own umask must not mask it a second time.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    let (vold, vnew, old, new) = match phase {
+        Phase::Committed => (
+            open("NEW", new_path)?,
+            open("NEW", new_path)?,
+            None,
+            open("NEW", new_path)?,
+        ),
+        Phase::Aborted => (
+            open("OLD", old_path)?,
+            open("OLD", old_path)?,
+            Some(open("OLD", old_path)?),
+            open("NEW", new_path)?,
+        ),
+        _ => (
+            open("OLD", old_path)?,
+            open("NEW", new_path)?,
+            Some(open("OLD", old_path)?),
+            open("NEW", new_path)?,
+        ),
+    };
+    let view =
+        View::new(vold, vnew, m.journal.clone()).map_err(|e| format!("opening the view: {e}"))?;
+    if matches!(phase, Phase::Committed | Phase::Aborted) {
+        view.set_single();
+    }
+    Ok(Opened {
+        view: Arc::new(view),
+        phase,
+        old,
+        new,
+    })
 }
 
 /// A line of /proc/self/mountinfo: (mount point, fs type, source).
@@ -109,6 +166,18 @@ fn clear_dead_mounts(path: &Path, own_state: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Before the CLI works on a migration without a daemon: detach views a killed daemon of this
+/// state dir left over its stores (OLD's own path, when it was mounted in place).
+pub fn clear_dead_views(m: &Migration) -> Result<(), String> {
+    let state_abs = std::fs::canonicalize(&m.dir).unwrap_or(m.dir.clone());
+    let StoreSpec::Posix { path: old_path } = &m.config.old;
+    let StoreSpec::Posix { path: new_path } = &m.config.new;
+    for p in [old_path, new_path] {
+        clear_dead_mounts(p, &state_abs)?;
+    }
+    Ok(())
+}
+
 fn mount_options(opts: &[String]) -> (Vec<MountOption>, SessionACL) {
     let mut acl = SessionACL::Owner;
     let mut out = Vec::new();
@@ -173,22 +242,41 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         }
     }
     // Open both stores before mounting: the mountpoint may be OLD's own path (rule 11).
-    let old = match PosixStore::open(old_path) {
-        Ok(s) => s,
-        Err(e) => return Err(fail(&mut ready, format!("OLD store: {e}"))),
-    };
-    let new = match PosixStore::open(new_path) {
-        Ok(s) => s,
-        Err(e) => return Err(fail(&mut ready, format!("NEW store: {e}"))),
-    };
     raise_nofile_limit();
-    // Entries are created on behalf of callers with the mode the kernel already masked with
-    // the caller's umask; the daemon's own umask must not mask it a second time.
-    rustix::process::umask(rustix::fs::Mode::empty());
-    let view = match View::new(old, new, migration.journal.clone()) {
-        Ok(v) => Arc::new(v),
-        Err(e) => return Err(fail(&mut ready, format!("opening the view: {e}"))),
+    let opened = match open_view(&migration) {
+        Ok(o) => o,
+        Err(e) => return Err(fail(&mut ready, e)),
     };
+    let view = opened.view.clone();
+    let copier = crate::copier::Copier::new(view.clone(), migration.journal.clone(), args.copier);
+    let copier_thread = {
+        let c = copier.clone();
+        std::thread::Builder::new()
+            .name("copier".into())
+            .spawn(move || c.run_background())
+            .map_err(|e| e.to_string())?
+    };
+    let sampler = spawn_rate_sampler(copier.clone(), migration.journal.clone());
+    if !args.no_copy && !matches!(opened.phase, Phase::Committed | Phase::Aborted) {
+        if let Err(e) = copier.execute() {
+            return Err(fail(&mut ready, format!("starting the copier: {e}")));
+        }
+    }
+    let ctl = crate::control::Ctx {
+        copier: copier.clone(),
+        journal: migration.journal.clone(),
+        new_root: match opened.new.root().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => return Err(fail(&mut ready, format!("dup NEW root: {e}"))),
+        },
+        mountpoint: mp.clone(),
+    };
+    if let Err(e) = crate::control::serve(&args.state, Arc::new(ctl)) {
+        return Err(fail(
+            &mut ready,
+            format!("control socket in {}: {e}", args.state.display()),
+        ));
+    }
     let (mut opts, acl) = mount_options(&args.options);
     opts.push(MountOption::FSName(format!(
         "{FS_TYPE}:{}",
@@ -222,9 +310,34 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         })
         .map_err(|e| e.to_string())?;
     let res = session.run();
+    copier.shutdown();
+    let _ = copier_thread.join();
+    let _ = sampler.join();
+    let _ = std::fs::remove_file(crate::control::socket_path(&args.state));
     drop(migration);
     tracing::info!("view stopped");
     res.map_err(|e| format!("serving: {e}"))
+}
+
+/// Every second while the copier runs: the copy rate over the last ten seconds, into the
+/// journal for `status` (a reader in another process).
+fn spawn_rate_sampler(
+    copier: Arc<crate::copier::Copier>,
+    journal: crate::journal::Records,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("rate".into())
+        .spawn(move || {
+            let mut rate = crate::copier::RateMeter::default();
+            while !copier.stopping() {
+                std::thread::sleep(Duration::from_secs(1));
+                let bps = rate.sample(copier.view().done().bytes);
+                if let Err(e) = crate::state::record_rate(&journal, bps) {
+                    tracing::warn!(error = %e, "recording the copy rate");
+                }
+            }
+        })
+        .expect("spawn rate sampler")
 }
 
 /// Block SIGTERM/SIGINT/SIGHUP in every thread (call before spawning any), so only the signal

@@ -3,10 +3,13 @@
 //! `fs` decides (the view's rules), `fuse` adapts it to the kernel, `journal` records what
 //! neither store can show, `store` owns every path resolution inside a store.
 
+pub mod control;
+pub mod copier;
 pub mod daemon;
 pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod lifecycle;
 pub mod state;
 pub mod store;

@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use ferryfs::control::{self, Request};
 use ferryfs::daemon::{self, MountArgs};
-use ferryfs::state;
+use ferryfs::state::{self, Migration};
 use ferryfs::store::StoreSpec;
+use ferryfs::{copier, lifecycle};
 
 #[derive(Parser)]
 #[command(
@@ -46,10 +48,11 @@ enum Cmd {
         /// Stay attached (for systemd and containers) instead of serving in the background.
         #[arg(long)]
         foreground: bool,
-        /// Do not run the background copier. (This build has no copier yet, so the view never
-        /// copies in the background either way.)
+        /// Do not start the background copier; `ferryfs execute` starts it later.
         #[arg(long)]
         no_copy: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// Mount options, comma separated: allow_other, allow_root, ro, nosuid, nodev, ...
         #[arg(short = 'o', value_name = "OPTS")]
         options: Vec<String>,
@@ -64,9 +67,88 @@ enum Cmd {
         /// One JSON object, for machines.
         #[arg(long)]
         json: bool,
+        /// Keep showing progress, every second, until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start or resume the copier: in the mounted daemon if one serves the state dir, else in
+    /// this process until everything is copied.
+    Execute {
+        #[arg(long)]
+        state: PathBuf,
+        /// With a daemon: wait until the migration is executed, showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Pause the running copier.
+    Pause {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Resume a paused copier.
+    Resume {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Change the running copier's limits.
+    Limits {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        bwlimit: Option<String>,
+        #[arg(long)]
+        ops_limit: Option<u64>,
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Check that every entry NEW took from OLD still equals OLD; exit 0 only if so.
+    Verify {
+        #[arg(long)]
+        state: PathBuf,
+        /// Compare every byte of data too, not only size, times, mode, owner and xattrs.
+        #[arg(long)]
+        checksum: bool,
+    },
+    /// Make NEW the dataset: only when executed and a final pass over OLD is clean.
+    Commit {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Return everything to OLD, including every change made through the view.
+    Abort {
+        #[arg(long)]
+        state: PathBuf,
+        /// Leave what ferryfs put into NEW where it is.
+        #[arg(long)]
+        keep_new: bool,
     },
     /// Unmount a view and wait for its daemon to exit.
     Unmount { mountpoint: PathBuf },
+}
+
+#[derive(clap::Args, Clone)]
+struct LimitArgs {
+    /// Copier worker threads.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Copier bandwidth limit in bytes/s (k, M, G suffixes: 50M); 0 is unlimited.
+    #[arg(long, default_value = "0")]
+    bwlimit: String,
+    /// Copier limit in entries/s; 0 is unlimited.
+    #[arg(long, default_value_t = 0)]
+    ops_limit: u64,
+}
+
+impl LimitArgs {
+    fn options(&self) -> Result<copier::Options, String> {
+        Ok(copier::Options {
+            workers: self.workers.max(1),
+            bwlimit: copier::parse_rate(&self.bwlimit)?,
+            ops_limit: self.ops_limit,
+        })
+    }
 }
 
 fn init_logging() {
@@ -106,7 +188,8 @@ fn run() -> Result<(), String> {
             state,
             mountpoint,
             foreground,
-            no_copy: _,
+            no_copy,
+            limits,
             options,
             threads,
         } => {
@@ -115,6 +198,8 @@ fn run() -> Result<(), String> {
                 mountpoint,
                 options,
                 threads,
+                no_copy,
+                copier: limits.options()?,
             };
             if foreground {
                 let ready = daemon::ready_pipe_from_env();
@@ -125,32 +210,297 @@ fn run() -> Result<(), String> {
                 daemon::spawn_background(&args, &raw)
             }
         }
-        Cmd::Status { state, json } => {
+        Cmd::Status { state, json, watch } => loop {
             let s = state::status(&state).map_err(|e| e.to_string())?;
             if json {
                 println!("{}", serde_json::to_string(&s).expect("status serializes"));
+            } else if watch {
+                print_progress(&s, true);
             } else {
-                println!(
-                    "phase:      {}{}",
-                    s.phase,
-                    if s.mounted { " (view mounted)" } else { "" }
-                );
-                println!("OLD:        {}", s.old);
-                println!("NEW:        {}", s.new);
-                println!("dirs:       {} of {} copied", s.dirs.done, s.dirs.total);
-                println!("files:      {} of {} copied", s.files.done, s.files.total);
-                println!("bytes:      {} of {} copied", s.bytes.done, s.bytes.total);
-                println!(
-                    "local:      {} entries in NEW (born or changed through the view)",
-                    s.local
-                );
-                println!("tombstones: {}", s.tombstones);
-                println!("redirects:  {}", s.redirects);
-                println!("errors:     {}", s.errors.len());
+                print_status(&s);
             }
+            if !watch {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
+        Cmd::Execute {
+            state,
+            wait,
+            limits,
+        } => execute(&state, wait, &limits),
+        Cmd::Pause { state } => daemon_only(&state, Request::Pause),
+        Cmd::Resume { state } => daemon_only(&state, Request::Resume),
+        Cmd::Limits {
+            state,
+            bwlimit,
+            ops_limit,
+            workers,
+        } => daemon_only(
+            &state,
+            Request::Limits {
+                bwlimit: bwlimit.as_deref().map(copier::parse_rate).transpose()?,
+                ops_limit,
+                workers,
+            },
+        ),
+        Cmd::Verify { state, checksum } => verify(&state, checksum),
+        Cmd::Commit { state } => {
+            if let Some(r) = control::request(&state, &Request::Commit)? {
+                return answer(r);
+            }
+            let m = open_offline(&state)?;
+            let o = daemon::open_view(&m)?;
+            let c = copier::Copier::new(o.view.clone(), m.journal.clone(), Default::default());
+            let msg = lifecycle::commit(&c, &m.journal, o.new.root()).map_err(|e| e.to_string())?;
+            println!("{msg}");
+            Ok(())
+        }
+        Cmd::Abort { state, keep_new } => {
+            if let Some(r) = control::request(&state, &Request::Abort { keep_new })? {
+                return answer(r);
+            }
+            let m = open_offline(&state)?;
+            let o = daemon::open_view(&m)?;
+            let old = o
+                .old
+                .as_ref()
+                .ok_or("the migration is committed: abort is no longer possible")?;
+            let msg = lifecycle::abort(&o.view, &m.journal, old.root(), o.new.root(), keep_new)
+                .map_err(|e| e.to_string())?;
+            println!("{msg}");
             Ok(())
         }
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
+    }
+}
+
+/// Open the state dir in this process (no daemon serves it), clearing dead views first.
+fn open_offline(state: &std::path::Path) -> Result<Migration, String> {
+    let m = Migration::open(state).map_err(|e| e.to_string())?;
+    daemon::clear_dead_views(&m)?;
+    Ok(m)
+}
+
+fn answer(r: control::Response) -> Result<(), String> {
+    if r.ok {
+        println!("{}", r.message);
+        Ok(())
+    } else {
+        Err(r.message)
+    }
+}
+
+fn daemon_only(state: &std::path::Path, req: Request) -> Result<(), String> {
+    match control::request(state, &req)? {
+        Some(r) => answer(r),
+        None => Err(format!(
+            "no daemon serves {} (mount it first; its copier is what this command controls)",
+            state.display()
+        )),
+    }
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn pct(p: &state::Progress) -> f64 {
+    if p.total == 0 {
+        100.0
+    } else {
+        p.done as f64 * 100.0 / p.total as f64
+    }
+}
+
+/// One progress line: a bar on a terminal (redrawn in place), plain lines otherwise.
+fn print_progress(s: &state::Status, redraw: bool) {
+    use std::io::{IsTerminal, Write};
+    let eta = match s.eta_seconds {
+        Some(e) => format!("{}m{:02}s", e / 60, e % 60),
+        None => "?".into(),
+    };
+    let bar_w = 24;
+    let filled = ((pct(&s.bytes) / 100.0) * bar_w as f64) as usize;
+    let line = format!(
+        "[{}{}] {:>5.1}%  {}  dirs {}/{}  files {}/{}  bytes {}/{}  {}/s  eta {}  errors {}",
+        "#".repeat(filled.min(bar_w)),
+        "-".repeat(bar_w - filled.min(bar_w)),
+        pct(&s.bytes),
+        s.phase,
+        s.dirs.done,
+        s.dirs.total,
+        s.files.done,
+        s.files.total,
+        human(s.bytes.done),
+        human(s.bytes.total),
+        human(s.rate_bytes_per_sec),
+        eta,
+        s.errors.len()
+    );
+    let mut out = std::io::stdout();
+    if redraw && out.is_terminal() {
+        let _ = write!(out, "\r\x1b[K{line}");
+        let _ = out.flush();
+    } else {
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+fn print_status(s: &state::Status) {
+    println!(
+        "phase:      {}{}",
+        s.phase,
+        if s.mounted { " (view mounted)" } else { "" }
+    );
+    println!("OLD:        {}", s.old);
+    println!("NEW:        {}", s.new);
+    println!("dirs:       {} of {} copied", s.dirs.done, s.dirs.total);
+    println!("files:      {} of {} copied", s.files.done, s.files.total);
+    println!(
+        "bytes:      {} of {} copied ({:.1}%)",
+        human(s.bytes.done),
+        human(s.bytes.total),
+        pct(&s.bytes)
+    );
+    println!(
+        "rate:       {}/s, eta {}",
+        human(s.rate_bytes_per_sec),
+        s.eta_seconds.map_or("unknown".into(), |e| format!("{e} s"))
+    );
+    println!(
+        "local:      {} entries in NEW born or changed through the view",
+        s.local
+    );
+    println!("tombstones: {}", s.tombstones);
+    println!("redirects:  {}", s.redirects);
+    println!("errors:     {}", s.errors.len());
+    for e in &s.errors {
+        println!(
+            "  {}: {} (errno {}, {} attempts)",
+            e.path, e.error, e.errno, e.attempts
+        );
+    }
+}
+
+fn execute(state: &std::path::Path, wait: bool, limits: &LimitArgs) -> Result<(), String> {
+    if let Some(r) = control::request(state, &Request::Execute)? {
+        if !r.ok {
+            return Err(r.message);
+        }
+        println!("{}", r.message);
+        if !wait {
+            return Ok(());
+        }
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let s = state::status(state).map_err(|e| e.to_string())?;
+            print_progress(&s, true);
+            if s.phase == "executed" {
+                println!();
+                return Ok(());
+            }
+            if !s.mounted {
+                return Err("the daemon stopped before the migration was executed".into());
+            }
+        }
+    }
+    // No daemon: copy in this process until done.
+    let m = open_offline(state)?;
+    let o = daemon::open_view(&m)?;
+    let c = copier::Copier::new(o.view.clone(), m.journal.clone(), limits.options()?);
+    c.execute().map_err(|e| e.to_string())?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shower = {
+        let (c, done, journal, state) = (
+            c.clone(),
+            done.clone(),
+            m.journal.clone(),
+            state.to_path_buf(),
+        );
+        std::thread::spawn(move || {
+            let mut meter = copier::RateMeter::default();
+            let mut ticks = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                ticks += 1;
+                if ticks % 4 != 0 {
+                    continue;
+                }
+                let bps = meter.sample(c.view().done().bytes);
+                let _ = state::record_rate(&journal, bps);
+                if let Ok(s) = state::status_of(&journal, &state) {
+                    // Plain lines every 10 s off a terminal.
+                    if std::io::IsTerminal::is_terminal(&std::io::stdout()) || ticks % 40 == 0 {
+                        print_progress(&s, true);
+                    }
+                }
+            }
+        })
+    };
+    let res = c.run_until_executed(5);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = shower.join();
+    let summary = res.map_err(|e| e.to_string())?;
+    let s = state::status_of(&m.journal, state).map_err(|e| e.to_string())?;
+    print_progress(&s, false);
+    if s.phase == "executed" {
+        println!("executed: nothing needs OLD any more; verify, then commit");
+        Ok(())
+    } else {
+        for e in &s.errors {
+            eprintln!("  {}: {}", e.path, e.error);
+        }
+        Err(format!(
+            "not executed: {} entries failed in the last pass (run execute again once the cause is fixed)",
+            summary.errors
+        ))
+    }
+}
+
+fn verify(state: &std::path::Path, checksum: bool) -> Result<(), String> {
+    let report: copier::CheckReport = match control::request(state, &Request::Verify { checksum })?
+    {
+        Some(r) if r.ok => serde_json::from_value(r.data).map_err(|e| e.to_string())?,
+        Some(r) => return Err(r.message),
+        None => {
+            let m = open_offline(state)?;
+            let o = daemon::open_view(&m)?;
+            let c = copier::Copier::new(o.view.clone(), m.journal.clone(), Default::default());
+            lifecycle::verify(&c, checksum).map_err(|e| e.to_string())?
+        }
+    };
+    for l in report
+        .mismatches
+        .iter()
+        .chain(&report.stale)
+        .chain(&report.errors)
+    {
+        println!("MISMATCH {l}");
+    }
+    println!(
+        "verify: {} entries checked, {} mismatches, {} changed in OLD since copied, {} errors, {} not copied yet",
+        report.checked,
+        report.mismatches.len(),
+        report.stale.len(),
+        report.errors.len(),
+        report.pending.len()
+    );
+    if report.mismatches.is_empty() && report.stale.is_empty() && report.errors.is_empty() {
+        Ok(())
+    } else {
+        Err("verification failed".into())
     }
 }
 

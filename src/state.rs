@@ -49,6 +49,85 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
 
 pub const PHASE_PREPARED: &str = "prepared";
 
+/// The migration's lifecycle (DESIGN "Lifecycle"); each transition is one durable write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Prepared,
+    Executing,
+    /// Nothing needs OLD any more (the last pass found everything in NEW and equal to OLD).
+    Executed,
+    Committed,
+    Aborted,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Prepared => "prepared",
+            Phase::Executing => "executing",
+            Phase::Executed => "executed",
+            Phase::Committed => "committed",
+            Phase::Aborted => "aborted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        [
+            Phase::Prepared,
+            Phase::Executing,
+            Phase::Executed,
+            Phase::Committed,
+            Phase::Aborted,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub fn phase(journal: &Records) -> Result<Phase, crate::error::Error> {
+    let raw = journal
+        .meta("phase")?
+        .unwrap_or_else(|| b"prepared".to_vec());
+    let s = String::from_utf8_lossy(&raw);
+    Phase::parse(&s).ok_or_else(|| crate::error::Error::Journal(format!("unknown phase {s:?}")))
+}
+
+pub fn set_phase(journal: &Records, p: Phase) -> Result<(), crate::error::Error> {
+    let mut b = Batch::new();
+    b.meta("phase", p.as_str().as_bytes());
+    journal.commit(b, true)?;
+    Ok(())
+}
+
+/// The copier's current rate, for status readers in other processes (not synced: it is only
+/// news).
+pub fn record_rate(journal: &Records, bytes_per_sec: u64) -> Result<(), crate::error::Error> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut b = Batch::new();
+    b.meta(
+        "rate",
+        &serde_json::to_vec(&(bytes_per_sec, now)).expect("rate serializes"),
+    );
+    journal.commit(b, false)?;
+    Ok(())
+}
+
+pub fn set_totals(journal: &Records, t: &Totals) -> Result<(), crate::error::Error> {
+    let mut b = Batch::new();
+    b.meta("totals", &serde_json::to_vec(t).expect("totals serialize"));
+    journal.commit(b, true)?;
+    Ok(())
+}
+
 /// An opened state dir holding the write lock.
 pub struct Migration {
     pub dir: PathBuf,
@@ -192,13 +271,14 @@ pub fn prepare(
         .create(state)
         .map_err(io_at(state))?;
     let _lock = take_lock(state)?;
+    let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
     let totals = scan_totals(&op).map_err(io_at(&op))?;
     root_meta_from_old(&op, &np)?;
     let kv = RocksJournal::open(&journal_dir(state), true)?;
     let journal = Records::new(Arc::new(kv))?;
     let config = Config {
-        old: StoreSpec::Posix { path: op },
-        new: StoreSpec::Posix { path: np },
+        old: StoreSpec::Posix { path: op.clone() },
+        new: StoreSpec::Posix { path: np.clone() },
     };
     let mut b = Batch::new();
     b.meta(
@@ -209,7 +289,26 @@ pub fn prepare(
         "totals",
         &serde_json::to_vec(&totals).expect("totals serialize"),
     )
-    .meta("phase", PHASE_PREPARED.as_bytes());
+    .meta("phase", PHASE_PREPARED.as_bytes())
+    .meta("new_was_empty", if new_was_empty { b"1" } else { b"0" });
+    // NEW's root now carries OLD's root metadata: a copy, whose times the copier restores
+    // once it has filled the root (until the view changes the root itself).
+    {
+        let ost = rustix::fs::stat(&op).map_err(|e| io_at(&op)(e.into()))?;
+        let n = fs::File::open(&np).map_err(io_at(&np))?;
+        let nst = rustix::fs::fstat(&n).map_err(|e| io_at(&np)(e.into()))?;
+        b.copy(
+            nst.st_dev,
+            nst.st_ino,
+            &crate::journal::CopyRecord {
+                origin: Vec::new(),
+                fp: crate::journal::Fingerprint::of(&ost),
+                handle: crate::store::posix::file_handle(std::os::fd::AsFd::as_fd(&n))
+                    .map_err(io_at(&np))?,
+                is_dir: true,
+            },
+        );
+    }
     journal.commit(b, true)?;
     Ok(totals)
 }
@@ -256,11 +355,15 @@ pub struct Status {
     pub files: Progress,
     pub dirs: Progress,
     pub bytes: Progress,
-    /// Entries born or changed through the view (entries present in NEW).
+    /// Entries born or changed through the view (entries in NEW that are not plain copies).
     pub local: u64,
     pub tombstones: u64,
     pub redirects: u64,
     pub errors: Vec<ErrorEntry>,
+    /// Copy rate over the last seconds (0 when the copier is not copying).
+    pub rate_bytes_per_sec: u64,
+    /// Seconds until every byte is copied at that rate; `null` when unknown.
+    pub eta_seconds: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -273,16 +376,26 @@ pub struct Progress {
 pub struct ErrorEntry {
     pub path: String,
     pub error: String,
+    pub errno: i32,
+    pub attempts: u32,
 }
 
-fn count_entries(root: &Path) -> io::Result<u64> {
+/// Entries in NEW that are not plain copies of OLD (no copy record for their inode).
+fn count_local(root: &Path, copies: &std::collections::HashSet<(u64, u64)>) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
     let mut n = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for ent in fs::read_dir(&dir)? {
             let ent = ent?;
-            n += 1;
-            if ent.file_type()?.is_dir() {
+            if dir == root && ent.file_name() == crate::fs::WORK_DIR {
+                continue;
+            }
+            let md = ent.metadata()?;
+            if !copies.contains(&(md.dev(), md.ino())) {
+                n += 1;
+            }
+            if md.is_dir() {
                 stack.push(ent.path());
             }
         }
@@ -299,6 +412,12 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
         )));
     }
     let journal = Records::new(Arc::new(RocksJournal::open_read_only(&journal_dir(state))?))?;
+    status_of(&journal, state)
+}
+
+/// Status from a journal this process has open.
+pub fn status_of(journal: &Records, state: &Path) -> Result<Status, StateError> {
+    let journal = journal.clone();
     let config = read_config(&journal, state)?;
     let totals: Totals = journal
         .meta("totals")?
@@ -310,7 +429,36 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
         .unwrap_or_else(|| PHASE_PREPARED.to_string());
     let counts = journal.counts()?;
     let StoreSpec::Posix { path: np } = &config.new;
-    let local = count_entries(np).map_err(io_at(np))?;
+    let copies: std::collections::HashSet<(u64, u64)> =
+        journal.copies()?.into_iter().map(|(k, _)| k).collect();
+    let local = count_local(np, &copies).map_err(io_at(np))?;
+    let done = journal.done()?;
+    let errors = journal
+        .errors()?
+        .into_iter()
+        .map(|(p, e)| ErrorEntry {
+            path: crate::copier::display_path(&p),
+            error: e.error,
+            errno: e.errno,
+            attempts: e.attempts,
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rate = match journal.meta("rate")? {
+        Some(v) => match serde_json::from_slice::<(u64, u64)>(&v) {
+            Ok((bps, at)) if now.saturating_sub(at) <= 5 && phase == "executing" => bps,
+            _ => 0,
+        },
+        None => 0,
+    };
+    let left = totals.bytes.saturating_sub(done.bytes);
+    let eta_seconds = match phase.as_str() {
+        "executed" | "committed" | "aborted" => Some(0),
+        _ if rate > 0 => Some(left / rate),
+        _ => None,
+    };
     let mounted = match File::open(state.join("lock")) {
         Ok(f) => rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err(),
         Err(_) => false,
@@ -321,20 +469,22 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
         new: config.new.to_string(),
         mounted,
         files: Progress {
-            total: totals.files,
-            done: 0,
+            total: totals.files.max(done.files),
+            done: done.files,
         },
         dirs: Progress {
-            total: totals.dirs,
-            done: 0,
+            total: totals.dirs.max(done.dirs),
+            done: done.dirs,
         },
         bytes: Progress {
-            total: totals.bytes,
-            done: 0,
+            total: totals.bytes.max(done.bytes),
+            done: done.bytes,
         },
         local,
         tombstones: counts.tombstones,
         redirects: counts.redirects,
-        errors: Vec::new(),
+        errors,
+        rate_bytes_per_sec: rate,
+        eta_seconds,
     })
 }

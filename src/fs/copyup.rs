@@ -10,21 +10,35 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use rustix::fs::{AtFlags, Mode, OFlags, SeekFrom, Timestamps};
 
-use super::inode::{Identity, Inode};
+use super::inode::{CopyState, Identity, Inode};
 use super::{Kind, View};
 use crate::error::{Context, Result, errno_err};
+use crate::journal::{Batch, CopyRecord, Fingerprint};
 use crate::store::posix::{self, Loc};
 
+/// Bytes copied between two calls of a copy's tick: the granularity of pacing and of giving way.
+const CHUNK: u64 = 4 << 20;
+
+/// Called after each chunk with its length; `false` stops the copy (it is thrown away).
+pub(crate) type Tick<'a> = &'a mut dyn FnMut(u64) -> bool;
+
 /// Copy `len` bytes from `src` to `dst` at the same offsets, with copy_file_range where the file
-/// systems allow it, else plain read/write.
-pub(crate) fn copy_range(src: &File, dst: &File, mut off: u64, end: u64) -> Result<()> {
+/// systems allow it, else plain read/write. `Ok(false)`: `tick` stopped it.
+pub(crate) fn copy_range(
+    src: &File,
+    dst: &File,
+    mut off: u64,
+    end: u64,
+    tick: Tick<'_>,
+) -> Result<bool> {
     let mut use_cfr = true;
     let mut buf = Vec::new();
     while off < end {
-        let want = (end - off).min(16 << 20) as usize;
+        let want = (end - off).min(CHUNK) as usize;
         if use_cfr {
             let mut so = off;
             let mut d_off = off;
@@ -32,6 +46,9 @@ pub(crate) fn copy_range(src: &File, dst: &File, mut off: u64, end: u64) -> Resu
                 Ok(0) => break, // source shrank under us; the caller truncates to the size it saw
                 Ok(n) => {
                     off += n as u64;
+                    if !tick(n as u64) {
+                        return Ok(false);
+                    }
                     continue;
                 }
                 Err(
@@ -51,12 +68,16 @@ pub(crate) fn copy_range(src: &File, dst: &File, mut off: u64, end: u64) -> Resu
         }
         dst.write_all_at(&buf[..n], off).ctx("write NEW")?;
         off += n as u64;
+        if !tick(n as u64) {
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
-/// Copy a file's data keeping holes: only the ranges SEEK_DATA finds are copied.
-pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
+/// Copy a file's data keeping holes: only the ranges SEEK_DATA finds are copied. `Ok(false)`:
+/// `tick` stopped it.
+pub(crate) fn copy_data(src: &File, dst: &File, size: u64, tick: Tick<'_>) -> Result<bool> {
     let mut off = 0u64;
     while off < size {
         let data = match rustix::fs::seek(src, SeekFrom::Data(off)) {
@@ -64,7 +85,9 @@ pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
             Err(rustix::io::Errno::NXIO) => break,
             // No SEEK_DATA support: copy everything.
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => {
-                copy_range(src, dst, off, size)?;
+                if !copy_range(src, dst, off, size, tick)? {
+                    return Ok(false);
+                }
                 break;
             }
             Err(e) => return Err(e).ctx("lseek SEEK_DATA"),
@@ -75,11 +98,13 @@ pub(crate) fn copy_data(src: &File, dst: &File, size: u64) -> Result<()> {
         let hole = rustix::fs::seek(src, SeekFrom::Hole(data))
             .ctx("lseek SEEK_HOLE")?
             .min(size);
-        copy_range(src, dst, data, hole)?;
+        if !copy_range(src, dst, data, hole, tick)? {
+            return Ok(false);
+        }
         off = hole;
     }
     rustix::fs::ftruncate(dst, size).ctx("ftruncate copy")?;
-    Ok(())
+    Ok(true)
 }
 
 /// Copy every xattr of `src` onto `dst`.
@@ -128,7 +153,7 @@ fn file_loc(f: &File) -> Result<Loc> {
     Ok(Loc::Fd(Arc::new(fd)))
 }
 
-fn timestamps(st: &rustix::fs::Stat) -> Timestamps {
+pub(crate) fn timestamps(st: &rustix::fs::Stat) -> Timestamps {
     Timestamps {
         last_access: rustix::fs::Timespec {
             tv_sec: st.st_atime,
@@ -184,6 +209,8 @@ impl View {
     }
 
     /// Make sure directory `dir` exists in NEW; returns its NEW fd. Caller holds `ns` write.
+    /// A directory brought over from OLD gets a copy record (its times are OLD's again once the
+    /// copier has filled it, unless the view changes it first).
     pub(crate) fn ensure_new_dir_locked(&self, dir: &Inode) -> Result<Arc<OwnedFd>> {
         if let Some(fd) = dir.node().new.as_ref().and_then(|l| l.dir_fd().cloned()) {
             return Ok(fd);
@@ -200,7 +227,28 @@ impl View {
         copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
         apply_meta(pfd.as_fd(), &name, &st)?;
         let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
-        dir.node().new = Some(Loc::Fd(fd.clone()));
+        let mut b = Batch::new();
+        b.copy(
+            nst.st_dev,
+            nst.st_ino,
+            &CopyRecord {
+                origin: old.path.clone(),
+                fp: Fingerprint::of(&st),
+                handle: posix::file_handle(fd.as_fd()).ctx("file handle of NEW dir")?,
+                is_dir: true,
+            },
+        );
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.dirs += 1;
+            b.done(&d);
+        }
+        self.journal.commit(b, false)?;
+        {
+            let mut n = dir.node();
+            n.new = Some(Loc::Fd(fd.clone()));
+            n.copy = CopyState::Copy;
+        }
         self.inodes
             .add_identity(dir, Identity::New(nst.st_dev, nst.st_ino));
         Ok(fd)
@@ -208,11 +256,14 @@ impl View {
 
     /// Copy `inode` up into NEW unless it is there already. `data: false` when the caller is
     /// about to truncate to zero (O_TRUNC): OLD's bytes are irrelevant, so none are copied.
+    /// A background copy holding the claim gives way (its work is thrown away).
     pub(crate) fn copy_up(&self, inode: &Inode, data: bool) -> Result<()> {
         if inode.node().new.is_some() {
             return Ok(());
         }
+        inode.cancel.store(true, Ordering::Release);
         let _claim = inode.claim.lock().unwrap_or_else(|p| p.into_inner());
+        inode.cancel.store(false, Ordering::Release);
         if inode.node().new.is_some() {
             return Ok(());
         }
@@ -221,15 +272,50 @@ impl View {
                 let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
                 self.ensure_new_dir_locked(inode).map(drop)
             }
-            Kind::File => self.copy_up_file(inode, data),
+            Kind::File => self.copy_file(inode, CopyMode::View { data }).map(drop),
             _ => {
                 let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
-                self.copy_up_special_locked(inode)
+                self.copy_special_locked(inode, false)
             }
         }
     }
 
-    fn copy_up_file(&self, inode: &Inode, data: bool) -> Result<()> {
+    /// The copier's copy of one entry: the same copy as copy-up, but it gives way to the view
+    /// (never waits for the claim, stops when the view asks for it), paces itself through
+    /// `tick`, and records the copy with OLD's fingerprint before the copy gets its name.
+    pub(crate) fn copy_background(&self, inode: &Inode, tick: Tick<'_>) -> Result<Copied> {
+        if inode.node().new.is_some() {
+            return Ok(Copied::Present);
+        }
+        let Ok(_claim) = inode.claim.try_lock() else {
+            return Ok(Copied::GaveWay);
+        };
+        if inode.cancel.load(Ordering::Acquire) {
+            return Ok(Copied::GaveWay);
+        }
+        if inode.node().new.is_some() {
+            return Ok(Copied::Present);
+        }
+        match inode.kind {
+            Kind::Dir => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.ensure_new_dir_locked(inode)?;
+                Ok(Copied::Dir)
+            }
+            Kind::File => self.copy_file(inode, CopyMode::Background { tick }),
+            _ => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.copy_special_locked(inode, true)?;
+                Ok(Copied::File { bytes: 0 })
+            }
+        }
+    }
+
+    fn copy_file(&self, inode: &Inode, mode: CopyMode<'_>) -> Result<Copied> {
+        let (data, mut tick, background) = match mode {
+            CopyMode::View { data } => (data, None, false),
+            CopyMode::Background { tick } => (true, Some(tick), true),
+        };
         let old = old_side(inode)?;
         let src = old
             .loc
@@ -255,17 +341,26 @@ impl View {
                 let (parent, name) = self.placement(inode)?;
                 if self.link_up_locked(&parent, &name, st.st_dev, st.st_ino, g.clone())? {
                     let pfd = self.ensure_new_dir_locked(&parent)?;
-                    fsync_dir(pfd.as_fd())?;
+                    if !background {
+                        fsync_dir(pfd.as_fd())?;
+                    }
                     let loc = Loc::At(pfd, name);
                     let nst = loc.stat().ctx("stat NEW copy")?;
                     {
                         let mut n = inode.node();
                         n.new = Some(loc);
                         n.old_group = Some((st.st_dev, st.st_ino));
+                        n.copy = CopyState::Unknown;
                     }
                     self.inodes
                         .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
-                    return Ok(());
+                    // One more name of the dataset is in NEW (prepare's scan counts names).
+                    let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+                    d.files += 1;
+                    d.bytes += st.st_size as u64;
+                    return Ok(Copied::File {
+                        bytes: st.st_size as u64,
+                    });
                 }
             }
             Some(g)
@@ -280,8 +375,15 @@ impl View {
         )
         .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
         let tmp = File::from(tmp);
-        if data {
-            copy_data(&src, &tmp, st.st_size as u64)?;
+        let complete = match tick.as_mut() {
+            Some(t) => copy_data(&src, &tmp, st.st_size as u64, &mut |n| {
+                !inode.cancel.load(Ordering::Acquire) && t(n)
+            })?,
+            None if data => copy_data(&src, &tmp, st.st_size as u64, &mut |_| true)?,
+            None => true,
+        };
+        if !complete {
+            return Ok(Copied::GaveWay);
         }
         copy_xattrs(&file_loc(&src)?, &file_loc(&tmp)?)?;
         rustix::fs::fchown(
@@ -293,47 +395,95 @@ impl View {
         rustix::fs::fchmod(&tmp, Mode::from_raw_mode(st.st_mode & 0o7777)).ctx("fchmod copy")?;
         rustix::fs::futimens(&tmp, &timestamps(&st)).ctx("futimens copy")?;
         rustix::fs::fsync(&tmp).ctx("fsync copy")?;
+        if background {
+            // OLD changed while we copied (an application writing to OLD behind the view):
+            // this copy is not OLD's content; the next pass copies it again.
+            let now = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+            if Fingerprint::of(&now) != Fingerprint::of(&st) {
+                return Ok(Copied::ChangedInOld);
+            }
+        }
 
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        if background && (inode.cancel.load(Ordering::Acquire) || inode.node().new.is_some()) {
+            return Ok(Copied::GaveWay);
+        }
+        let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
+        let mut b = Batch::new();
+        let durable = group.is_some();
         if let Some(mut g) = group {
             // Journal the group's copy before it is visible: every other OLD name of the
             // group will be linked to it, and st_nlink counts them.
             g.copy = Some(posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?);
-            let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
-            let mut b = crate::journal::Batch::new();
             b.hardlink(st.st_dev, st.st_ino, &g)
                 .copy_of(tst.st_dev, tst.st_ino, st.st_dev, st.st_ino);
-            self.journal.commit(b, true)?;
             inode.node().old_group = Some((st.st_dev, st.st_ino));
         }
+        if background {
+            b.copy(
+                tst.st_dev,
+                tst.st_ino,
+                &CopyRecord {
+                    origin: old.path.clone(),
+                    fp: Fingerprint::of(&st),
+                    handle: posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?,
+                    is_dir: false,
+                },
+            );
+        }
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.files += 1;
+            d.bytes += if data { st.st_size as u64 } else { 0 };
+            b.done(&d);
+        }
+        // Durable when it makes a hard-link group's copy known; a plain copy record need not
+        // be: lost with its copy, the copier copies again; lost alone, the copy is the view's.
+        self.journal.commit(b, durable)?;
         // The entry may have been renamed while we copied: place it where it is now.
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
         let tp = posix::proc_path(tmp.as_fd());
-        rustix::fs::linkat(
+        match rustix::fs::linkat(
             rustix::fs::CWD,
             tp.as_c_str(),
             pfd.as_fd(),
             &name,
             AtFlags::SYMLINK_FOLLOW,
-        )
-        .ctx("link copy into NEW")?;
-        fsync_dir(pfd.as_fd())?;
+        ) {
+            // NEW got an entry of that name in between (created through the view): it wins.
+            Err(rustix::io::Errno::EXIST) if background => return Ok(Copied::GaveWay),
+            r => r.ctx("link copy into NEW")?,
+        }
+        if !background {
+            fsync_dir(pfd.as_fd())?;
+        }
         let loc = Loc::At(pfd.clone(), name.clone());
-        let nst = loc.stat().ctx("stat NEW copy")?;
-        inode.node().new = Some(loc);
+        {
+            let mut n = inode.node();
+            n.new = Some(loc);
+            n.copy = if background {
+                CopyState::Copy
+            } else {
+                CopyState::Local
+            };
+        }
         self.inodes
-            .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
+            .add_identity(inode, Identity::New(tst.st_dev, tst.st_ino));
         tracing::debug!(
             ino = inode.ino,
             bytes = if data { st.st_size } else { 0 },
+            background,
             "copied up"
         );
-        Ok(())
+        Ok(Copied::File {
+            bytes: if data { st.st_size as u64 } else { 0 },
+        })
     }
 
     /// Symlinks, FIFOs, sockets and device nodes: created in place (each creation is atomic).
-    fn copy_up_special_locked(&self, inode: &Inode) -> Result<()> {
+    /// `record`: the copier's copy, recorded as a copy of OLD.
+    fn copy_special_locked(&self, inode: &Inode, record: bool) -> Result<()> {
         let old = old_side(inode)?;
         let st = old.loc.stat().ctx("stat OLD entry")?;
         let (parent, name) = self.placement(inode)?;
@@ -354,11 +504,64 @@ impl View {
         let loc = Loc::At(pfd.clone(), name.clone());
         copy_xattrs(&old.loc, &loc)?;
         apply_meta(pfd.as_fd(), &name, &st)?;
-        fsync_dir(pfd.as_fd())?;
+        if !record {
+            fsync_dir(pfd.as_fd())?;
+        }
         let nst = loc.stat().ctx("stat NEW entry")?;
-        inode.node().new = Some(loc);
+        let mut b = Batch::new();
+        if record {
+            // Symlinks have no file handle of their own to open; the record's handle is
+            // unused for them (verify finds them by walking the view).
+            b.copy(
+                nst.st_dev,
+                nst.st_ino,
+                &CopyRecord {
+                    origin: old.path.clone(),
+                    fp: Fingerprint::of(&st),
+                    handle: Vec::new(),
+                    is_dir: false,
+                },
+            );
+        }
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.files += 1;
+            b.done(&d);
+        }
+        self.journal.commit(b, false)?;
+        {
+            let mut n = inode.node();
+            n.new = Some(loc);
+            n.copy = if record {
+                CopyState::Copy
+            } else {
+                CopyState::Local
+            };
+        }
         self.inodes
             .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
         Ok(())
     }
+}
+
+/// How a file copy runs: for the view (holding the claim; `data: false` for O_TRUNC), or in
+/// the background for the copier.
+pub(crate) enum CopyMode<'a> {
+    View { data: bool },
+    Background { tick: Tick<'a> },
+}
+
+/// What a background copy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// A file, symlink or special file now in NEW; `bytes` of data copied.
+    File { bytes: u64 },
+    /// A directory now in NEW.
+    Dir,
+    /// NEW had it already.
+    Present,
+    /// The view took the entry over (a change through the view wins); nothing was kept.
+    GaveWay,
+    /// OLD changed during the copy; nothing was kept, copy again later.
+    ChangedInOld,
 }

@@ -107,6 +107,9 @@ impl View {
         }
         if wants_write(flags) {
             self.copy_up(&inode, flags & libc::O_TRUNC == 0)?;
+            self.changing(&inode)?;
+        } else if !self.in_new(&inode) {
+            self.note_touched(&inode);
         }
         self.open_inode(inode, flags)
     }
@@ -183,6 +186,7 @@ impl View {
     /// Read up to `size` bytes at `offset` into `buf` (grown as needed, never shrunk, so a
     /// caller that keeps it pays no allocation or zeroing per request); returns the length.
     pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize> {
+        self.note_io();
         self.with_file(fh, |file, _| {
             let size = size as usize;
             if buf.len() < size {
@@ -203,6 +207,7 @@ impl View {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.note_io();
         self.with_file(fh, |file, h| {
             if h.flags & libc::O_APPEND != 0 {
                 // The backing file is O_APPEND too: the kernel's offset is advisory.

@@ -52,6 +52,21 @@ pub struct Node {
     /// (mtime, mtime_nsec, size, st_ino) of the data when the kernel last opened it: an open
     /// that finds the same stamp keeps the kernel's page cache.
     pub cache_stamp: Option<(i64, i64, i64, u64)>,
+    /// Whether NEW's entry is still a plain copy of OLD (a copy record exists), as far as
+    /// known: the first change through the view removes the record, once.
+    pub copy: CopyState,
+}
+
+/// See [`Node::copy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyState {
+    /// Not looked up yet.
+    #[default]
+    Unknown,
+    /// NEW's entry has a copy record.
+    Copy,
+    /// NEW's entry is the view's own (or there is no NEW entry yet).
+    Local,
 }
 
 #[derive(Debug)]
@@ -60,8 +75,12 @@ pub struct Inode {
     pub kind: Kind,
     lookups: AtomicU64,
     node: Mutex<Node>,
-    /// The copy-up claim: held for the whole of a copy-up so no two copy the same file.
+    /// The copy claim, shared by the view's copy-up and the copier: held for the whole of a
+    /// copy so no two copy the same file.
     pub claim: Mutex<()>,
+    /// Set by the view when it wants the claim: a background copy holding it gives up at its
+    /// next chunk and throws its work away (the view's change wins).
+    pub cancel: std::sync::atomic::AtomicBool,
 }
 
 impl Inode {
@@ -96,6 +115,7 @@ impl InodeTable {
                 lookups: AtomicU64::new(1 << 62),
                 node: Mutex::new(root),
                 claim: Mutex::new(()),
+                cancel: Default::default(),
             }),
         );
         InodeTable {
@@ -162,6 +182,7 @@ impl InodeTable {
                 ..node
             }),
             claim: Mutex::new(()),
+            cancel: Default::default(),
         });
         t.by_ino.insert(ino, inode.clone());
         inode
@@ -174,6 +195,14 @@ impl InodeTable {
         let mut n = inode.node();
         if !n.ids.contains(&id) {
             n.ids.push(id);
+        }
+    }
+
+    /// Run `f` on every inode in the table.
+    pub fn for_each(&self, mut f: impl FnMut(&Inode)) {
+        let all: Vec<Arc<Inode>> = self.tables().by_ino.values().cloned().collect();
+        for i in &all {
+            f(i);
         }
     }
 

@@ -14,6 +14,7 @@
 
 pub mod attr;
 mod copyup;
+mod drain;
 mod handles;
 pub mod inode;
 mod ops;
@@ -25,7 +26,18 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::{Arc, RwLock};
 
 pub use attr::{Attr, Kind};
-pub use copyup::copy_xattrs;
+pub use copyup::{Copied, copy_xattrs};
+pub use drain::{Check, Compare};
+
+/// A stat's atime and mtime, for utimensat.
+pub fn timestamps_of(st: &rustix::fs::Stat) -> rustix::fs::Timestamps {
+    copyup::timestamps(st)
+}
+
+/// Copy a file's data (holes kept) into `dst`, truncated to `size`.
+pub fn copy_file_data(src: &std::fs::File, dst: &std::fs::File, size: u64) -> Result<()> {
+    copyup::copy_data(src, dst, size, &mut |_| true).map(drop)
+}
 pub use handles::OpenFile;
 use inode::{Identity, Inode, InodeTable, Node, OldRef, ROOT_INO};
 pub use ops::{SetAttr, SetTime, XattrReply};
@@ -102,6 +114,17 @@ pub struct View {
     inodes: InodeTable,
     handles: handles::HandleTable,
     ns: RwLock<()>,
+    /// What has been brought from OLD into NEW (copier and copy-up), as last recorded.
+    done: std::sync::Mutex<journal::Done>,
+    /// After commit (or abort) the view shows one store only: OLD is no longer consulted.
+    single: std::sync::atomic::AtomicBool,
+    /// When an application last read or wrote through the view (ns since `epoch`): the
+    /// copier backs off while applications do I/O.
+    last_io: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+    /// Entries applications touched while still OLD-only: the copier takes them first.
+    touched: crossbeam_channel::Sender<Arc<Inode>>,
+    touched_rx: crossbeam_channel::Receiver<Arc<Inode>>,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -153,11 +176,14 @@ impl View {
             old_group: None,
             subdirs: None,
             cache_stamp: None,
+            copy: Default::default(),
             ids: vec![
                 Identity::New(nst.st_dev, nst.st_ino),
                 Identity::Old(ost.st_dev, ost.st_ino),
             ],
         };
+        let done = journal.done()?;
+        let (touched, touched_rx) = crossbeam_channel::bounded(4096);
         let view = View {
             old,
             new,
@@ -165,8 +191,15 @@ impl View {
             inodes: InodeTable::new(root),
             handles: handles::HandleTable::default(),
             ns: RwLock::new(()),
+            done: std::sync::Mutex::new(done),
+            single: Default::default(),
+            last_io: Default::default(),
+            epoch: std::time::Instant::now(),
+            touched,
+            touched_rx,
         };
         view.replay_intents()?;
+        view.clean_work_dir()?;
         Ok(view)
     }
 
@@ -275,10 +308,11 @@ impl View {
             None => None,
         };
         // A non-directory in NEW hides OLD entirely; only directories merge.
-        let wants_old = match &new {
-            Some((_, st)) => Kind::from_mode(st.st_mode) == Kind::Dir,
-            None => true,
-        };
+        let wants_old = !self.is_single()
+            && match &new {
+                Some((_, st)) => Kind::from_mode(st.st_mode) == Kind::Dir,
+                None => true,
+            };
         let old = if wants_old {
             self.resolve_old(&record, pold.as_ref(), name)?
         } else {
@@ -392,6 +426,7 @@ impl View {
                 old_group,
                 subdirs: None,
                 cache_stamp: None,
+                copy: Default::default(),
             });
         {
             // An inode found again by identity: the name just resolved is a current NEW
@@ -596,6 +631,7 @@ impl View {
             old_group: None,
             subdirs: None,
             cache_stamp: None,
+            copy: Default::default(),
         };
         drop(n);
         self.list_node(&sides)
@@ -604,7 +640,11 @@ impl View {
     /// The merged listing of the directory whose two sides and id `sides` holds.
     pub(crate) fn list_node(&self, sides: &Node) -> Result<Vec<DirEntry>> {
         let dnew = sides.new.as_ref().and_then(|l| l.dir_fd().cloned());
-        let dold = sides.old.as_ref().and_then(|o| o.loc.dir_fd().cloned());
+        let dold = if self.is_single() {
+            None
+        } else {
+            sides.old.as_ref().and_then(|o| o.loc.dir_fd().cloned())
+        };
         let did = sides.dir_id;
         let records: HashMap<Vec<u8>, Dentry> = match did {
             Some(id) => self.journal.list(id)?.into_iter().collect(),

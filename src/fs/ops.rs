@@ -107,6 +107,9 @@ impl View {
 
     /// Does OLD hold something at `name` in `dir`'s default OLD location?
     fn old_at_default(&self, dir: &Inode, name: &OsStr) -> bool {
+        if self.is_single() {
+            return false;
+        }
         let old = dir.node().old.clone();
         old.is_some_and(|o| {
             o.loc
@@ -116,7 +119,7 @@ impl View {
     }
 
     /// NEW-relative path of a directory inode (for redo intents only).
-    fn new_path(&self, dir: &Inode) -> Result<Vec<u8>> {
+    pub(crate) fn new_path(&self, dir: &Inode) -> Result<Vec<u8>> {
         let mut parts: Vec<OsString> = Vec::new();
         let mut cur = self.inode(dir.ino)?;
         while cur.ino != ROOT_INO {
@@ -168,7 +171,7 @@ impl View {
         let pfd = self.claim_new_name_locked(&p, name)?;
         let pst = posix::stat_fd(pfd.as_fd()).ctx("stat NEW parent")?;
         let chmod_after = make(pfd.as_fd(), &pst)?;
-        Self::dir_changed(&p);
+        self.dir_changed(&p);
         let (uid, gid) = new_owner(caller, &pst);
         rustix::fs::chownat(
             pfd.as_fd(),
@@ -298,11 +301,6 @@ impl View {
         r.record.is_some() || r.old.is_some() || self.old_at_default(parent, name)
     }
 
-    /// The entries of `dir` changed through the view: its counted subdirectories are stale.
-    fn dir_changed(dir: &Inode) {
-        dir.node().subdirs = None;
-    }
-
     /// `name` in `parent` no longer names the resolved entry: drop it from the inode's names
     /// and move its NEW location to a name it still has.
     fn forget_name(&self, r: &Resolved, parent: u64, name: &OsStr) {
@@ -337,10 +335,15 @@ impl View {
                 .ok_or_else(|| errno_err("NEW entry has a NEW parent", libc::EIO))?;
             if !self.keep_alive_locked(&pfd, name, st)? {
                 rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty()).ctx("unlink in NEW")?;
+                if st.st_nlink == 1 {
+                    let mut b = Batch::new();
+                    b.clear_copy(st.st_dev, st.st_ino);
+                    self.journal.commit(b, false)?;
+                }
             }
         }
         self.forget_name(&r, parent, name);
-        Self::dir_changed(&p);
+        self.dir_changed(&p);
         Ok(())
     }
 
@@ -421,6 +424,7 @@ impl View {
             old_group: None,
             subdirs: None,
             cache_stamp: None,
+            copy: Default::default(),
         };
         Ok(self.list_node(&probe)?.is_empty())
     }
@@ -455,7 +459,7 @@ impl View {
             rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::REMOVEDIR).ctx("rmdir in NEW")?;
         }
         self.forget_name(&r, parent, name);
-        Self::dir_changed(&p);
+        self.dir_changed(&p);
         Ok(())
     }
 
@@ -655,8 +659,8 @@ impl View {
         if let Some(d) = &dst {
             self.forget_name(d, newparent, newname);
         }
-        Self::dir_changed(&sp);
-        Self::dir_changed(&dp);
+        self.dir_changed(&sp);
+        self.dir_changed(&dp);
         if let Some(ino) = self.inodes.ino_of(&src.identity())
             && let Some(inode) = self.inodes.get(ino)
         {
@@ -679,6 +683,7 @@ impl View {
         let inode = self.inode(ino)?;
         let only_truncating_to_zero = s.size == Some(0);
         self.copy_up(&inode, !only_truncating_to_zero)?;
+        self.changing(&inode)?;
         let loc = self.new_loc(&inode)?;
         if let Some(size) = s.size {
             if inode.kind != Kind::File {
@@ -763,6 +768,7 @@ impl View {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let inode = self.inode(ino)?;
         self.copy_up(&inode, true)?;
+        self.changing(&inode)?;
         self.new_loc(&inode)?
             .setxattr(
                 name,
@@ -775,6 +781,7 @@ impl View {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         let inode = self.inode(ino)?;
         self.copy_up(&inode, true)?;
+        self.changing(&inode)?;
         self.new_loc(&inode)?.removexattr(name).ctx("removexattr")
     }
 

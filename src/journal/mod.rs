@@ -84,6 +84,115 @@ pub enum Intent {
     Remove { path: Vec<u8>, ino: u64 },
 }
 
+/// What OLD's entry was when NEW took its copy: if any of it differs later, OLD changed behind
+/// the view's back and the copy is stale. ctime catches every change to the inode (data, mode,
+/// owner, xattrs, links); dev and ino catch a replaced entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    #[allow(clippy::unnecessary_cast)]
+    pub fn of(st: &rustix::fs::Stat) -> Fingerprint {
+        Fingerprint {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as i64),
+        }
+    }
+}
+
+/// A NEW entry that is a plain copy of an OLD entry, unchanged through the view since: keyed by
+/// NEW's (st_dev, st_ino), so renames through the view leave it valid. Written before the copy
+/// gets its name in NEW; removed (durably) before the view first changes the entry. An entry in
+/// NEW without one is the view's own ("local"): abort replays it into OLD, verify skips it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyRecord {
+    /// Path below OLD's root the copy was taken from.
+    #[serde(with = "bytes_b64")]
+    pub origin: Vec<u8>,
+    pub fp: Fingerprint,
+    /// NEW's file handle of the copy (generation included: a reused inode number won't match).
+    #[serde(with = "bytes_b64")]
+    pub handle: Vec<u8>,
+    pub is_dir: bool,
+}
+
+/// A copy that failed, keyed by the view path it was found at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyError {
+    pub error: String,
+    pub errno: i32,
+    pub attempts: u32,
+    /// Seconds since the epoch of the last attempt.
+    pub at: u64,
+}
+
+/// What the copier has done, as recorded with its copies (one batch), so a restart resumes the
+/// counts where the last durable copy left them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    pub dirs: u64,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Byte strings as base64 in JSON (names need not be UTF-8).
+mod bytes_b64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(b: &[u8]) -> String {
+        let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+        for c in b.chunks(3) {
+            let n = (u32::from(c[0]) << 16)
+                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                | u32::from(*c.get(2).unwrap_or(&0));
+            for i in 0..4 {
+                if i <= c.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(s: &str) -> Option<Vec<u8>> {
+        let val = |c: u8| ALPHABET.iter().position(|a| *a == c).map(|p| p as u32);
+        let s = s.trim_end_matches('=').as_bytes();
+        let mut out = Vec::with_capacity(s.len() * 3 / 4);
+        for c in s.chunks(4) {
+            let mut n = 0u32;
+            for (i, b) in c.iter().enumerate() {
+                n |= val(*b)? << (18 - 6 * i);
+            }
+            for i in 0..c.len().saturating_sub(1) {
+                out.push((n >> (16 - 8 * i)) as u8);
+            }
+        }
+        Some(out)
+    }
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        decode(&s).ok_or_else(|| serde::de::Error::custom("bad base64"))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("journal backend: {0}")]
@@ -119,7 +228,10 @@ const P_HARDLINK: u8 = b'h';
 const P_COPY_OF: u8 = b'H';
 const P_META: u8 = b'm';
 const P_INTENT: u8 = b'i';
+const P_COPY: u8 = b'c';
+const P_ERROR: u8 = b'e';
 const META_NEXT_ID: &str = "next_id";
+const META_DONE: &str = "done";
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -139,6 +251,18 @@ fn hardlink_key(dev: u64, ino: u64) -> Vec<u8> {
 fn copy_of_key(dev: u64, ino: u64) -> Vec<u8> {
     let mut k = hardlink_key(dev, ino);
     k[0] = P_COPY_OF;
+    k
+}
+
+fn copy_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(new_dev, new_ino);
+    k[0] = P_COPY;
+    k
+}
+
+fn error_key(path: &[u8]) -> Vec<u8> {
+    let mut k = vec![P_ERROR];
+    k.extend_from_slice(path);
     k
 }
 
@@ -266,6 +390,28 @@ impl Batch {
     pub fn meta(&mut self, key: &str, value: &[u8]) -> &mut Self {
         self.ops.push(KvOp::Put(meta_key(key), value.to_vec()));
         self
+    }
+    /// NEW's entry (new_dev, new_ino) is a copy of OLD's `rec.origin`.
+    pub fn copy(&mut self, new_dev: u64, new_ino: u64, rec: &CopyRecord) -> &mut Self {
+        let v = serde_json::to_vec(rec).expect("copy record serializes");
+        self.ops.push(KvOp::Put(copy_key(new_dev, new_ino), v));
+        self
+    }
+    pub fn clear_copy(&mut self, new_dev: u64, new_ino: u64) -> &mut Self {
+        self.ops.push(KvOp::Delete(copy_key(new_dev, new_ino)));
+        self
+    }
+    pub fn error(&mut self, path: &[u8], e: &CopyError) -> &mut Self {
+        let v = serde_json::to_vec(e).expect("error serializes");
+        self.ops.push(KvOp::Put(error_key(path), v));
+        self
+    }
+    pub fn clear_error(&mut self, path: &[u8]) -> &mut Self {
+        self.ops.push(KvOp::Delete(error_key(path)));
+        self
+    }
+    pub fn done(&mut self, d: &Done) -> &mut Self {
+        self.meta(META_DONE, &serde_json::to_vec(d).expect("done serializes"))
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -400,6 +546,73 @@ impl Records {
             .collect()
     }
 
+    /// The copy record of NEW's entry (new_dev, new_ino), if it is an unchanged copy of OLD.
+    pub fn copy(&self, new_dev: u64, new_ino: u64) -> Result<Option<CopyRecord>> {
+        self.kv
+            .get(&copy_key(new_dev, new_ino))?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("copy record: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Every copy record: ((new_dev, new_ino), record).
+    pub fn copies(&self) -> Result<Vec<((u64, u64), CopyRecord)>> {
+        self.kv
+            .scan(&[P_COPY])?
+            .into_iter()
+            .map(|(k, v)| {
+                if k.len() != 17 {
+                    return Err(JournalError::Corrupt("copy key".into()));
+                }
+                let dev = u64::from_be_bytes(k[1..9].try_into().expect("8 bytes"));
+                let ino = u64::from_be_bytes(k[9..17].try_into().expect("8 bytes"));
+                let r = serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("copy record: {e}")))?;
+                Ok(((dev, ino), r))
+            })
+            .collect()
+    }
+
+    /// Every recorded copy error: (view path, error).
+    pub fn errors(&self) -> Result<Vec<(Vec<u8>, CopyError)>> {
+        self.kv
+            .scan(&[P_ERROR])?
+            .into_iter()
+            .map(|(k, v)| {
+                let e = serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("error record: {e}")))?;
+                Ok((k[1..].to_vec(), e))
+            })
+            .collect()
+    }
+
+    pub fn done(&self) -> Result<Done> {
+        match self.meta(META_DONE)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| JournalError::Corrupt(format!("done counters: {e}"))),
+            None => Ok(Done::default()),
+        }
+    }
+
+    /// Remove every record that refers to OLD (dentries, hard-link groups, copy records,
+    /// errors, intents): after commit or abort the view has one store only.
+    pub fn clear_view_records(&self) -> Result<()> {
+        let mut ops = Vec::new();
+        for p in [P_DENTRY, P_HARDLINK, P_COPY_OF, P_COPY, P_ERROR, P_INTENT] {
+            for (k, _) in self.kv.scan(&[p])? {
+                ops.push(KvOp::Delete(k));
+                if ops.len() >= 10_000 {
+                    self.kv.write(std::mem::take(&mut ops), false)?;
+                }
+            }
+        }
+        self.kv.write(ops, true)?;
+        self.has_groups.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub fn counts(&self) -> Result<RecordCounts> {
         let mut c = RecordCounts::default();
         for (_, v) in self.kv.scan(&[P_DENTRY])? {
@@ -464,6 +677,42 @@ mod tests {
         let j2 = Records::new(kv).unwrap();
         assert!(j2.alloc_id() > id);
         assert_eq!(j2.counts().unwrap().tombstones, 1);
+    }
+
+    #[test]
+    fn base64_roundtrip() {
+        for len in 0..40 {
+            let v: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(bytes_b64::decode(&bytes_b64::encode(&v)).unwrap(), v);
+        }
+        assert_eq!(bytes_b64::encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(bytes_b64::encode(b"fo"), "Zm8=");
+    }
+
+    #[test]
+    fn copy_records_roundtrip_and_clear() {
+        let j = Records::new(Arc::new(mem::MemJournal::default())).unwrap();
+        let rec = CopyRecord {
+            origin: b"a/\xff\n".to_vec(),
+            fp: Fingerprint {
+                size: 9,
+                ..Default::default()
+            },
+            handle: vec![1, 2, 3],
+            is_dir: false,
+        };
+        let mut b = Batch::new();
+        b.copy(1, 2, &rec).done(&Done {
+            dirs: 0,
+            files: 1,
+            bytes: 9,
+        });
+        j.commit(b, false).unwrap();
+        assert_eq!(j.copy(1, 2).unwrap(), Some(rec.clone()));
+        assert_eq!(j.copies().unwrap(), vec![((1, 2), rec)]);
+        assert_eq!(j.done().unwrap().bytes, 9);
+        j.clear_view_records().unwrap();
+        assert!(j.copies().unwrap().is_empty());
     }
 
     #[test]

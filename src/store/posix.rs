@@ -215,6 +215,14 @@ impl Loc {
         }
     }
 
+    /// The entry's file handle (see [`file_handle`]).
+    pub fn handle(&self) -> io::Result<Vec<u8>> {
+        match self {
+            Loc::Fd(fd) => file_handle(fd.as_fd()),
+            Loc::At(..) => file_handle(self.open(OFlags::PATH)?.as_fd()),
+        }
+    }
+
     /// The directory fd to use for `*at` calls and the name in it ("" with `AT_EMPTY_PATH` for
     /// an fd of its own).
     fn at(&self) -> (BorrowedFd<'_>, &OsStr, AtFlags) {

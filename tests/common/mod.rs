@@ -88,16 +88,31 @@ impl Fixture {
         ]));
     }
 
+    /// Mount with the copier off: the view's rules alone.
     pub fn mount_at(&mut self, mp: &Path) {
-        ok(ferryfs(&[
+        self.mount_with(mp, &["--no-copy"]);
+    }
+
+    /// Mount with extra `mount` arguments (no `--no-copy`: the copier runs unless told not to).
+    pub fn mount_with(&mut self, mp: &Path, extra: &[&str]) {
+        let mut args: Vec<&OsStr> = vec![
             "mount".as_ref(),
             "--state".as_ref(),
             self.state.as_os_str(),
             mp.as_os_str(),
             "-o".as_ref(),
             "allow_other".as_ref(),
-        ]));
+        ];
+        args.extend(extra.iter().map(|a| OsStr::new(*a)));
+        ok(ferryfs(&args));
         self.mounted = true;
+    }
+
+    /// Run a ferryfs subcommand on this fixture's state dir (`--state` added).
+    pub fn cmd(&self, sub: &str, extra: &[&str]) -> Output {
+        let mut args: Vec<&OsStr> = vec![sub.as_ref(), "--state".as_ref(), self.state.as_os_str()];
+        args.extend(extra.iter().map(|a| OsStr::new(*a)));
+        ferryfs(&args)
     }
 
     pub fn mount(&mut self) {

@@ -1,0 +1,218 @@
+//! The control socket: `STATE/control.sock`, owner-only, one JSON request per line and one
+//! JSON response per line. The daemon serving a state dir answers it; the CLI's execute,
+//! pause, resume, limits, verify and commit go through it when a daemon runs, and otherwise
+//! do the work in their own process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::copier::Copier;
+use crate::journal::Records;
+
+pub const SOCKET: &str = "control.sock";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// The copier's live state (status itself reads the journal).
+    Status,
+    Execute,
+    Pause,
+    Resume,
+    /// Change limits while running; absent fields stay as they are.
+    Limits {
+        bwlimit: Option<u64>,
+        ops_limit: Option<u64>,
+        workers: Option<usize>,
+    },
+    Verify {
+        checksum: bool,
+    },
+    Commit,
+    Abort {
+        keep_new: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub message: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    fn ok(message: impl Into<String>, data: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            message: message.into(),
+            data,
+        }
+    }
+    fn err(message: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            message: message.into(),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// What the daemon's socket works on.
+pub struct Ctx {
+    pub copier: Arc<Copier>,
+    pub journal: Records,
+    pub new_root: OwnedFd,
+    pub mountpoint: PathBuf,
+}
+
+pub fn socket_path(state: &Path) -> PathBuf {
+    state.join(SOCKET)
+}
+
+/// Listen on the state dir's socket (replacing a stale one: the caller holds the state lock,
+/// so no other daemon can be behind it) and answer requests in background threads.
+pub fn serve(state: &Path, ctx: Arc<Ctx>) -> std::io::Result<()> {
+    let path = socket_path(state);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let ctx = ctx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = answer(conn, &ctx) {
+                            tracing::warn!(error = %e, "control connection");
+                        }
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            tracing::info!(?req, "control request");
+            handle(req, ctx)
+        }
+        Err(e) => Response::err(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&resp).expect("response serializes");
+    out.push(b'\n');
+    (&conn).write_all(&out)
+}
+
+fn handle(req: Request, ctx: &Ctx) -> Response {
+    let c = &ctx.copier;
+    match req {
+        Request::Status => Response::ok(
+            "copier state",
+            serde_json::to_value(c.state()).unwrap_or_default(),
+        ),
+        Request::Execute => match c.execute() {
+            Ok(()) => Response::ok(
+                "executing: the copier runs in the mounted daemon",
+                Default::default(),
+            ),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Pause => {
+            c.pause();
+            Response::ok("copier paused", Default::default())
+        }
+        Request::Resume => {
+            c.resume();
+            Response::ok("copier resumed", Default::default())
+        }
+        Request::Limits {
+            bwlimit,
+            ops_limit,
+            workers,
+        } => {
+            if let Some(b) = bwlimit {
+                c.bw.set(b);
+            }
+            if let Some(o) = ops_limit {
+                c.ops.set(o);
+            }
+            if let Some(w) = workers {
+                c.set_workers(w);
+            }
+            Response::ok(
+                "limits set",
+                serde_json::to_value(c.state()).unwrap_or_default(),
+            )
+        }
+        Request::Verify { checksum } => match crate::lifecycle::verify(c, checksum) {
+            Ok(r) => Response::ok(
+                if r.mismatches.is_empty() && r.stale.is_empty() && r.errors.is_empty() {
+                    "verified"
+                } else {
+                    "mismatches found"
+                },
+                serde_json::to_value(r).unwrap_or_default(),
+            ),
+            Err(e) => Response::err(e.to_string()),
+        },
+        Request::Commit => {
+            match crate::lifecycle::commit(c, &ctx.journal, std::os::fd::AsFd::as_fd(&ctx.new_root))
+            {
+                Ok(m) => Response::ok(m, Default::default()),
+                Err(e) => Response::err(e.to_string()),
+            }
+        }
+        Request::Abort { .. } => Response::err(format!(
+            "abort replays the view into OLD and needs it quiet: unmount it first \
+             (`ferryfs unmount {}`), then run abort again",
+            ctx.mountpoint.display()
+        )),
+    }
+}
+
+/// Send one request to the daemon serving `state`. `Ok(None)`: no daemon listens there.
+pub fn request(state: &Path, req: &Request) -> Result<Option<Response>, String> {
+    let path = socket_path(state);
+    let conn = match UnixStream::connect(&path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut body = serde_json::to_vec(req).expect("request serializes");
+    body.push(b'\n');
+    (&conn)
+        .write_all(&body)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(&conn)
+        .read_line(&mut line)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&line)
+        .map(Some)
+        .map_err(|e| format!("bad answer from the daemon: {e}"))
+}

@@ -1,0 +1,792 @@
+//! The copier: drains OLD into NEW in the background (DESIGN "The copier").
+//!
+//! A pass walks the view (not OLD: so it copies what applications see, at the names they see
+//! it) depth first. Directories are brought into NEW by the walker, before their entries; files,
+//! symlinks and special files go to N workers over a bounded channel. Entries applications
+//! touched while still in OLD jump the queue. An entry already in NEW is checked against OLD's
+//! fingerprint and copied again if OLD changed behind the view's back. A directory gets OLD's
+//! times back once every entry below it is done (the last reference to its guard drops).
+//!
+//! Passes repeat until one finds nothing to do: that pass is the final check, and the
+//! migration is `executed`. Errors are per entry: recorded in the journal with the path and
+//! errno (status lists them), retried by the next pass after a backoff, cleared when the entry
+//! copies or goes away. The daemon never stops on them.
+//!
+//! Pacing: a bytes/s and an operations/s token bucket (changeable while running), and a short
+//! sleep between chunks whenever applications did I/O through the view in the last few ms.
+
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel as chan;
+
+use crate::error::{Error, Result};
+use crate::fs::inode::Inode;
+use crate::fs::{Check, Copied, Kind, View};
+use crate::journal::{Batch, CopyError, Records};
+use crate::state::{self, Phase};
+
+/// How long the copier waits after a pass with errors before the next, at most.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Application I/O this recent makes the copier pause between chunks.
+const YIELD_WINDOW: Duration = Duration::from_millis(20);
+const YIELD_SLEEP: Duration = Duration::from_millis(5);
+
+/// A token bucket: `rate` units per second (0: unlimited), bursts of one second.
+pub struct Limiter {
+    rate: AtomicU64,
+    state: Mutex<(Instant, f64)>,
+}
+
+impl Limiter {
+    pub fn new(rate: u64) -> Limiter {
+        Limiter {
+            rate: AtomicU64::new(rate),
+            state: Mutex::new((Instant::now(), rate as f64)),
+        }
+    }
+
+    pub fn set(&self, rate: u64) {
+        self.rate.store(rate, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Take `n` units, sleeping as long as the rate requires (callers may go into debt: a
+    /// chunk larger than a second's worth is simply followed by a longer sleep).
+    pub fn take(&self, n: u64, stop: &AtomicBool) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let wait = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let refill = now.duration_since(st.0).as_secs_f64() * rate as f64;
+            st.0 = now;
+            st.1 = (st.1 + refill).min(rate as f64) - n as f64;
+            if st.1 < 0.0 {
+                Duration::from_secs_f64(-st.1 / rate as f64)
+            } else {
+                Duration::ZERO
+            }
+        };
+        // Sleep in slices so a lowered limit or a stop takes effect soon.
+        let until = Instant::now() + wait;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
+        }
+    }
+}
+
+/// Parse a rate such as `50M`, `1.5G`, `800k` or `12345` (bytes per second; k/M/G/T are
+/// powers of 1024). `0` means unlimited.
+pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("bad rate {s:?}: unknown unit {c:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("bad rate {s:?}: expected a number with an optional k/M/G/T"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("bad rate {s:?}"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub workers: usize,
+    /// Bytes per second; 0: unlimited.
+    pub bwlimit: u64,
+    /// Entries per second; 0: unlimited.
+    pub ops_limit: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            workers: 4,
+            bwlimit: 0,
+            ops_limit: 0,
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PassSummary {
+    pub files_copied: u64,
+    pub dirs_copied: u64,
+    pub bytes_copied: u64,
+    /// Entries found in NEW already (copied before, or the view's own).
+    pub present: u64,
+    /// Copies found stale (OLD changed behind the view) and taken again.
+    pub recopied: u64,
+    /// Entries whose copy was thrown away: the view changed them meanwhile, or OLD did.
+    pub redo: u64,
+    pub errors: u64,
+    pub stopped: bool,
+}
+
+impl PassSummary {
+    /// A pass that found everything in NEW and every copy still equal to OLD.
+    pub fn clean(&self) -> bool {
+        !self.stopped
+            && self.files_copied + self.dirs_copied + self.recopied + self.redo + self.errors == 0
+    }
+}
+
+#[derive(Default)]
+struct PassCounters {
+    files: AtomicU64,
+    dirs: AtomicU64,
+    bytes: AtomicU64,
+    present: AtomicU64,
+    recopied: AtomicU64,
+    redo: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What a check pass (no copying) found: the material of `verify` and `commit`.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CheckReport {
+    /// Entries still only in OLD.
+    pub pending: Vec<String>,
+    /// Copies OLD changed since.
+    pub stale: Vec<String>,
+    /// Copies whose content or metadata differs from OLD's (verify).
+    pub mismatches: Vec<String>,
+    pub checked: u64,
+    pub errors: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn clean(&self) -> bool {
+        self.pending.is_empty()
+            && self.stale.is_empty()
+            && self.mismatches.is_empty()
+            && self.errors.is_empty()
+    }
+}
+
+/// Holds a directory's lookup while entries below it are in flight; when the last goes, the
+/// directory gets OLD's times back (copy passes) and its lookup is given back.
+struct DirGuard {
+    view: Arc<View>,
+    inode: Arc<Inode>,
+    finish: bool,
+    /// Whether the walk holds a lookup of it (all but the root).
+    counted: bool,
+    _parent: Option<Arc<DirGuard>>,
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.finish
+            && let Err(e) = self.view.finish_dir(&self.inode)
+        {
+            tracing::warn!(error = %e, "restoring a directory's times");
+        }
+        if self.counted {
+            self.view.release_lookup(&self.inode);
+        }
+    }
+}
+
+struct Job {
+    inode: Arc<Inode>,
+    _dir: Arc<DirGuard>,
+}
+
+#[derive(Default)]
+struct Want {
+    /// Execute was asked for (mount without --no-copy, `execute`).
+    run: bool,
+    /// Bumped to ask for another pass now (e.g. commit found stale copies).
+    kick: u64,
+}
+
+pub struct Copier {
+    view: Arc<View>,
+    journal: Records,
+    workers: AtomicUsize,
+    pub bw: Limiter,
+    pub ops: Limiter,
+    paused: AtomicBool,
+    stop: AtomicBool,
+    want: Mutex<Want>,
+    cv: Condvar,
+    last: Mutex<Option<PassSummary>>,
+    running: AtomicBool,
+}
+
+/// A snapshot for progress displays and the control socket.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopierState {
+    pub running: bool,
+    pub paused: bool,
+    pub workers: usize,
+    pub bwlimit: u64,
+    pub ops_limit: u64,
+    pub last_pass: Option<PassSummary>,
+}
+
+impl Copier {
+    pub fn new(view: Arc<View>, journal: Records, opts: Options) -> Arc<Copier> {
+        Arc::new(Copier {
+            view,
+            journal,
+            workers: AtomicUsize::new(opts.workers.max(1)),
+            bw: Limiter::new(opts.bwlimit),
+            ops: Limiter::new(opts.ops_limit),
+            paused: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            want: Mutex::new(Want::default()),
+            cv: Condvar::new(),
+            last: Mutex::new(None),
+            running: AtomicBool::new(false),
+        })
+    }
+
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
+    }
+
+    pub fn state(&self) -> CopierState {
+        CopierState {
+            running: self.running.load(Ordering::Relaxed),
+            paused: self.paused.load(Ordering::Relaxed),
+            workers: self.workers.load(Ordering::Relaxed),
+            bwlimit: self.bw.get(),
+            ops_limit: self.ops.get(),
+            last_pass: *self.last.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    pub fn set_workers(&self, n: usize) {
+        self.workers.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+        self.cv.notify_all();
+    }
+
+    /// Start (or resume) executing: the background loop runs passes until executed.
+    pub fn execute(&self) -> Result<()> {
+        let phase = state::phase(&self.journal)?;
+        if matches!(phase, Phase::Committed | Phase::Aborted) {
+            return Err(Error::Journal(format!(
+                "the migration is {phase}: nothing left to copy"
+            )));
+        }
+        let mut w = self.want.lock().unwrap_or_else(|p| p.into_inner());
+        w.run = true;
+        w.kick += 1;
+        self.paused.store(false, Ordering::Relaxed);
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Ask for another pass soon (after something found work for it).
+    pub fn kick(&self) {
+        let mut w = self.want.lock().unwrap_or_else(|p| p.into_inner());
+        w.kick += 1;
+        self.cv.notify_all();
+    }
+
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.cv.notify_all();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The daemon's background loop: idle until executing is wanted, then passes until a clean
+    /// one (executed), then idle again until kicked. Errors back off, doubling up to a minute.
+    pub fn run_background(self: &Arc<Self>) {
+        let mut backoff = Duration::from_secs(1);
+        let mut seen_kick = 0;
+        loop {
+            {
+                let mut w = self.want.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if self.stopping() {
+                        return;
+                    }
+                    let executed = state::phase(&self.journal).ok() == Some(Phase::Executed);
+                    if w.run
+                        && !self.paused.load(Ordering::Relaxed)
+                        && (!executed || w.kick != seen_kick)
+                    {
+                        break;
+                    }
+                    w = self
+                        .cv
+                        .wait_timeout(w, Duration::from_millis(500))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                seen_kick = w.kick;
+            }
+            match self.run_pass() {
+                Ok(s) if s.clean() => {
+                    backoff = Duration::from_secs(1);
+                    if let Err(e) = self.mark_executed() {
+                        tracing::error!(error = %e, "recording phase executed");
+                    }
+                }
+                Ok(s) if s.errors > 0 => {
+                    tracing::warn!(errors = s.errors, retry_in = ?backoff, "copier pass had errors");
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Ok(_) => backoff = Duration::from_secs(1),
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "copier pass failed");
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn sleep(&self, d: Duration) {
+        let w = self.want.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.cv.wait_timeout(w, d);
+    }
+
+    /// Passes until a clean one, in this thread (the foreground `execute`). Gives up after
+    /// `max_error_passes` passes in a row with errors, returning the last summary.
+    pub fn run_until_executed(&self, max_error_passes: u32) -> Result<PassSummary> {
+        let mut backoff = Duration::from_secs(1);
+        let mut failed = 0;
+        loop {
+            let s = self.run_pass()?;
+            if s.stopped {
+                return Ok(s);
+            }
+            if s.clean() {
+                self.mark_executed()?;
+                return Ok(s);
+            }
+            if s.errors > 0 {
+                failed += 1;
+                if failed >= max_error_passes {
+                    return Ok(s);
+                }
+                tracing::warn!(errors = s.errors, retry_in = ?backoff, "copier pass had errors");
+                self.sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            } else {
+                failed = 0;
+            }
+        }
+    }
+
+    fn mark_executed(&self) -> Result<()> {
+        // Totals follow what the view holds now: entries removed through the view leave the
+        // migration, entries OLD gained behind it join it.
+        let done = self.view.done();
+        state::set_totals(
+            &self.journal,
+            &state::Totals {
+                dirs: done.dirs,
+                files: done.files,
+                bytes: done.bytes,
+            },
+        )?;
+        if state::phase(&self.journal)? != Phase::Executed {
+            state::set_phase(&self.journal, Phase::Executed)?;
+            tracing::info!(?done, "executed: nothing needs OLD any more");
+        }
+        Ok(())
+    }
+
+    /// One copy pass over the whole view.
+    pub fn run_pass(&self) -> Result<PassSummary> {
+        let phase = state::phase(&self.journal)?;
+        match phase {
+            Phase::Committed | Phase::Aborted => {
+                return Err(Error::Journal(format!("the migration is {phase}")));
+            }
+            Phase::Prepared | Phase::Executed => state::set_phase(&self.journal, Phase::Executing)?,
+            Phase::Executing => {}
+        }
+        self.running.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let known_errors: std::collections::HashMap<Vec<u8>, CopyError> =
+            self.journal.errors()?.into_iter().collect();
+        let seen_errors = Mutex::new(std::collections::HashSet::new());
+        let c = PassCounters::default();
+        let visit = |inode: &Inode| self.copy_one(inode, &c, &known_errors, &seen_errors);
+        let stopped = self.walk(true, &visit);
+        // Errors recorded by earlier passes at paths this pass did not fail on are over.
+        let seen = seen_errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut b = Batch::new();
+        for path in known_errors.keys().filter(|p| !seen.contains(*p)) {
+            b.clear_error(path);
+        }
+        {
+            let d = self.view.done();
+            b.done(&d);
+        }
+        self.journal.commit(b, false)?;
+        let s = PassSummary {
+            files_copied: c.files.into_inner(),
+            dirs_copied: c.dirs.into_inner(),
+            bytes_copied: c.bytes.into_inner(),
+            present: c.present.into_inner(),
+            recopied: c.recopied.into_inner(),
+            redo: c.redo.into_inner(),
+            errors: c.errors.into_inner(),
+            stopped,
+        };
+        tracing::info!(
+            ?s,
+            secs = started.elapsed().as_secs_f64(),
+            "copier pass done"
+        );
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        self.running.store(false, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// The pacing between chunks: bandwidth, pause, yielding to applications; `false` stops.
+    fn tick(&self, n: u64) -> bool {
+        self.bw.take(n, &self.stop);
+        while self.paused.load(Ordering::Relaxed) && !self.stopping() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.view.idle_for() < YIELD_WINDOW {
+            std::thread::sleep(YIELD_SLEEP);
+        }
+        !self.stopping()
+    }
+
+    fn copy_one(
+        &self,
+        inode: &Inode,
+        c: &PassCounters,
+        known: &std::collections::HashMap<Vec<u8>, CopyError>,
+        seen: &Mutex<std::collections::HashSet<Vec<u8>>>,
+    ) {
+        let mut tick = |n| self.tick(n);
+        let r = if self.view.in_new(inode) {
+            self.view
+                .check_copy(inode, true, &mut tick)
+                .map(|chk| match chk {
+                    Check::Local | Check::Same | Check::Gone { .. } => {
+                        c.present.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Check::Stale { recopied: true, .. } => {
+                        c.recopied.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Check::Stale {
+                        recopied: false, ..
+                    } => {
+                        c.redo.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+        } else {
+            self.ops.take(1, &self.stop);
+            if !self.tick(0) {
+                return;
+            }
+            self.view
+                .copy_entry(inode, &mut tick)
+                .map(|done| match done {
+                    Copied::File { bytes } => {
+                        c.files.fetch_add(1, Ordering::Relaxed);
+                        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Copied::Dir => {
+                        c.dirs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Copied::Present => {
+                        c.present.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Copied::GaveWay | Copied::ChangedInOld => {
+                        if !self.stopping() {
+                            c.redo.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+        };
+        let path = self.view.view_path(inode);
+        match r {
+            Ok(()) => {}
+            Err(e) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                let attempts = known.get(&path).map_or(0, |k| k.attempts) + 1;
+                tracing::warn!(
+                    path = %String::from_utf8_lossy(&path),
+                    errno = e.errno(),
+                    attempts,
+                    error = %e,
+                    "copy failed; will retry"
+                );
+                let rec = CopyError {
+                    error: e.to_string(),
+                    errno: e.errno(),
+                    attempts,
+                    at: SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                };
+                let mut b = Batch::new();
+                b.error(&path, &rec);
+                if let Err(e) = self.journal.commit(b, false) {
+                    tracing::error!(error = %e, "recording a copy error");
+                }
+                seen.lock().unwrap_or_else(|p| p.into_inner()).insert(path);
+            }
+        }
+    }
+
+    /// Walk the whole view: directories visited by this thread before their entries, the rest
+    /// by the workers. Returns whether it was stopped before the end.
+    fn walk(&self, finish_dirs: bool, visit: &(dyn Fn(&Inode) + Sync)) -> bool {
+        let workers = self.workers.load(Ordering::Relaxed);
+        let (tx, rx) = chan::bounded::<Job>(1024);
+        let touched = self.view.touched();
+        std::thread::scope(|s| {
+            for i in 0..workers {
+                let rx = rx.clone();
+                let touched = touched.clone();
+                std::thread::Builder::new()
+                    .name(format!("copier-{i}"))
+                    .spawn_scoped(s, move || {
+                        loop {
+                            if let Ok(t) = touched.try_recv() {
+                                if !self.view.in_new(&t) {
+                                    visit(&t);
+                                }
+                                continue;
+                            }
+                            match rx.recv_timeout(Duration::from_millis(50)) {
+                                Ok(job) => {
+                                    if !self.stopping() {
+                                        visit(&job.inode);
+                                    }
+                                    self.view.release_lookup(&job.inode);
+                                }
+                                Err(chan::RecvTimeoutError::Timeout) => {}
+                                Err(chan::RecvTimeoutError::Disconnected) => break,
+                            }
+                        }
+                    })
+                    .expect("spawn copier worker");
+            }
+            drop(rx);
+            let root = Arc::new(DirGuard {
+                view: self.view.clone(),
+                inode: self.view.root(),
+                finish: finish_dirs,
+                counted: false,
+                _parent: None,
+            });
+            let mut stack = vec![root];
+            let mut stopped = false;
+            while let Some(dir) = stack.pop() {
+                while self.paused.load(Ordering::Relaxed) && !self.stopping() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if self.stopping() {
+                    stopped = true;
+                    break;
+                }
+                let names = match self.view.children(&dir.inode) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(
+                            path = %String::from_utf8_lossy(&self.view.view_path(&dir.inode)),
+                            error = %e,
+                            "listing a directory"
+                        );
+                        visit(&dir.inode);
+                        continue;
+                    }
+                };
+                for (name, kind) in names {
+                    if self.stopping() {
+                        stopped = true;
+                        break;
+                    }
+                    let inode = match self.view.child(&dir.inode, &name) {
+                        Ok(Some(i)) => i,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!(
+                                dir = %String::from_utf8_lossy(&self.view.view_path(&dir.inode)),
+                                name = %String::from_utf8_lossy(name.as_bytes()),
+                                error = %e,
+                                "looking up an entry"
+                            );
+                            continue;
+                        }
+                    };
+                    if inode.kind == Kind::Dir && kind == Kind::Dir {
+                        visit(&inode);
+                        stack.push(Arc::new(DirGuard {
+                            view: self.view.clone(),
+                            inode,
+                            finish: finish_dirs,
+                            counted: true,
+                            _parent: Some(dir.clone()),
+                        }));
+                    } else {
+                        let job = Job {
+                            inode,
+                            _dir: dir.clone(),
+                        };
+                        if let Err(chan::SendError(job)) = tx.send(job) {
+                            self.view.release_lookup(&job.inode);
+                        }
+                    }
+                }
+            }
+            drop(stack);
+            drop(tx);
+            stopped
+        })
+    }
+
+    /// A pass that copies nothing: what is still pending, which copies are stale, and (with
+    /// `compare`) which copies differ from OLD in content or metadata.
+    pub fn check(&self, compare: Option<crate::fs::Compare>) -> Result<CheckReport> {
+        let report = Mutex::new(CheckReport::default());
+        let visit = |inode: &Inode| {
+            let path = String::from_utf8_lossy(&self.view.view_path(inode)).into_owned();
+            let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+            r.checked += 1;
+            drop(r);
+            if !self.view.in_new(inode) {
+                report
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pending
+                    .push(path);
+                return;
+            }
+            let res = self
+                .view
+                .check_copy(inode, false, &mut |_| !self.stopping())
+                .and_then(|chk| match (chk, compare) {
+                    (Check::Stale { .. }, _) => {
+                        Ok(Some(format!("{path}: changed in OLD since it was copied")))
+                    }
+                    (Check::Same, Some(how)) => self
+                        .view
+                        .compare_copy(inode, how)
+                        .map(|d| d.map(|d| format!("{path}: {d}"))),
+                    _ => Ok(None),
+                });
+            let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+            match res {
+                Ok(None) => {}
+                Ok(Some(m)) if m.ends_with("since it was copied") => r.stale.push(m),
+                Ok(Some(m)) => r.mismatches.push(m),
+                Err(e) => r.errors.push(format!("{path}: {e}")),
+            }
+        };
+        self.walk(false, &visit);
+        let mut r = report.into_inner().unwrap_or_else(|p| p.into_inner());
+        for (path, e) in self.journal.errors()? {
+            r.errors.push(format!(
+                "{}: {} (copier, {} attempts)",
+                String::from_utf8_lossy(&path),
+                e.error,
+                e.attempts
+            ));
+        }
+        r.pending.sort();
+        r.stale.sort();
+        r.mismatches.sort();
+        Ok(r)
+    }
+}
+
+/// Bytes per second over a sliding window of about ten seconds.
+#[derive(Default)]
+pub struct RateMeter {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateMeter {
+    /// Add the current byte count; returns the rate.
+    pub fn sample(&mut self, bytes: u64) -> u64 {
+        let now = Instant::now();
+        self.samples.push_back((now, bytes));
+        while self.samples.len() > 11 {
+            self.samples.pop_front();
+        }
+        let (t0, b0) = self.samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs < 0.5 {
+            return 0;
+        }
+        (bytes.saturating_sub(b0) as f64 / secs) as u64
+    }
+}
+
+/// A view path for messages.
+pub fn display_path(p: &[u8]) -> String {
+    let s = String::from_utf8_lossy(p);
+    if s.is_empty() {
+        "/".into()
+    } else {
+        format!("/{s}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("50M").unwrap(), 50 << 20);
+        assert_eq!(parse_rate("1.5k").unwrap(), 1536);
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert_eq!(parse_rate("123").unwrap(), 123);
+        assert!(parse_rate("12Q").is_err());
+        assert!(parse_rate("fast").is_err());
+    }
+
+    #[test]
+    fn limiter_paces() {
+        let l = Limiter::new(1000);
+        let stop = AtomicBool::new(false);
+        let t = Instant::now();
+        // A burst of one second is free; the next 500 units cost half a second.
+        l.take(1000, &stop);
+        l.take(500, &stop);
+        let e = t.elapsed();
+        assert!(e >= Duration::from_millis(400), "{e:?}");
+        assert!(e < Duration::from_secs(2), "{e:?}");
+    }
+}

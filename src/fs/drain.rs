@@ -1,0 +1,656 @@
+//! What the copier asks of the view: walk it, copy what is still only in OLD, check what was
+//! copied against OLD, and keep copy records honest when the view changes an entry.
+//!
+//! The copier walks the view itself, not OLD: so it copies exactly what applications see
+//! (redirects followed, tombstoned names skipped), places each copy where the entry is now,
+//! and shares each inode's claim with copy-up (one copy of a file at a time, the view's first).
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use super::copyup::{Tick, apply_meta, copy_data, copy_xattrs};
+use super::inode::{CopyState, Identity, Inode, ROOT_INO};
+use super::{Kind, View, WORK_DIR};
+use crate::error::{Context, Error, Result};
+use crate::journal::{Batch, CopyRecord, Done, Fingerprint};
+use crate::store::posix::{self, Loc};
+
+/// Prefix of the temporary names a recopy uses in [`WORK_DIR`]; leftovers of a crash are
+/// removed when the view opens.
+const RECOPY_PREFIX: &str = "recopy-";
+
+/// What checking a NEW entry against OLD found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// The entry is the view's own (created or changed through the view): nothing to check.
+    Local,
+    /// Still an exact copy: OLD did not change since.
+    Same,
+    /// OLD changed since the copy; `recopied` when the copy was just taken again.
+    Stale { origin: Vec<u8>, recopied: bool },
+    /// OLD's entry is gone since the copy: the copy is kept, as the view's own.
+    Gone { origin: Vec<u8> },
+}
+
+impl View {
+    pub fn root(&self) -> Arc<Inode> {
+        self.inode(ROOT_INO)
+            .expect("the root inode is never forgotten")
+    }
+
+    /// The names the view shows in `dir`, with their kinds.
+    pub fn children(&self, dir: &Inode) -> Result<Vec<(OsString, Kind)>> {
+        let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .list(dir)?
+            .into_iter()
+            .map(|e| (e.name, e.kind))
+            .collect())
+    }
+
+    /// The inode at `name` in `dir`, counting one lookup (give it back with [`View::release_lookup`]).
+    /// `None` when the name went away meanwhile.
+    pub fn child(&self, dir: &Inode, name: &OsStr) -> Result<Option<Arc<Inode>>> {
+        match self.lookup(dir.ino, name) {
+            Ok(attr) => Ok(Some(self.inode(attr.ino)?)),
+            Err(e) if e.errno() == libc::ENOENT => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give back the lookup [`View::child`] took.
+    pub fn release_lookup(&self, inode: &Inode) {
+        self.forget(inode.ino, 1);
+    }
+
+    /// Where the entry is in the view now (for messages and error records).
+    pub fn view_path(&self, inode: &Inode) -> Vec<u8> {
+        self.new_path(inode).unwrap_or_else(|_| b"?".to_vec())
+    }
+
+    /// What backs the entry now: NEW's entry if there is one, else OLD's.
+    pub fn backing(&self, inode: &Inode) -> Option<Loc> {
+        let n = inode.node();
+        n.new
+            .clone()
+            .or_else(|| n.old.as_ref().map(|o| o.loc.clone()))
+    }
+
+    /// OLD's entry holding exactly what the view shows for this non-directory, if there is
+    /// one: the entry itself while it is OLD-only, or the origin of a copy OLD still matches.
+    pub fn old_source(&self, inode: &Inode) -> Result<Option<Loc>> {
+        if inode.kind == Kind::Dir || self.is_single() {
+            return Ok(None);
+        }
+        let (new, old) = {
+            let n = inode.node();
+            (n.new.clone(), n.old.clone())
+        };
+        if new.is_none() {
+            return Ok(old.map(|o| o.loc));
+        }
+        let Some((_, _, rec)) = self.copy_record(inode)? else {
+            return Ok(None);
+        };
+        let p = std::path::Path::new(OsStr::from_bytes(&rec.origin));
+        let (dir, name) = match (p.parent(), p.file_name()) {
+            (Some(d), Some(n)) => (d, n),
+            _ => return Ok(None),
+        };
+        let Ok(dfd) = self.old.open_path(dir) else {
+            return Ok(None);
+        };
+        let loc = Loc::At(Arc::new(dfd), name.to_owned());
+        match loc.stat() {
+            Ok(st) if Fingerprint::of(&st) == rec.fp => Ok(Some(loc)),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn in_new(&self, inode: &Inode) -> bool {
+        inode.node().new.is_some()
+    }
+
+    /// Copy one entry that is still only in OLD, in the background (see `copy_background`).
+    pub fn copy_entry(&self, inode: &Inode, tick: Tick<'_>) -> Result<super::Copied> {
+        self.copy_background(inode, tick)
+    }
+
+    pub fn done(&self) -> Done {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rebase the done counters (after a clean pass: what is in NEW is what was moved).
+    pub fn set_done(&self, d: Done) -> Result<()> {
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = d;
+        let mut b = Batch::new();
+        b.done(&d);
+        self.journal.commit(b, true)?;
+        Ok(())
+    }
+
+    /// An application read or wrote through the view.
+    pub(crate) fn note_io(&self) {
+        self.last_io.store(
+            self.epoch.elapsed().as_nanos() as u64 + 1,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long since an application last did I/O through the view.
+    pub fn idle_for(&self) -> Duration {
+        let last = self.last_io.load(Ordering::Relaxed);
+        if last == 0 {
+            return Duration::MAX;
+        }
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(last - 1))
+    }
+
+    /// Entries applications touched while OLD-only, for the copier to take first.
+    pub fn touched(&self) -> crossbeam_channel::Receiver<Arc<Inode>> {
+        self.touched_rx.clone()
+    }
+
+    pub(crate) fn note_touched(&self, inode: &Arc<Inode>) {
+        if !self.is_single() {
+            let _ = self.touched.try_send(inode.clone());
+        }
+    }
+
+    /// After commit or abort: one store only, OLD no longer consulted (and its fds closed).
+    pub fn set_single(&self) {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        self.single.store(true, Ordering::Release);
+        self.inodes.for_each(|inode| {
+            let mut n = inode.node();
+            n.old = None;
+            n.subdirs = None;
+        });
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.single.load(Ordering::Acquire)
+    }
+
+    /// Before the view changes a NEW entry's data or metadata: if it was a plain copy of OLD,
+    /// its copy record goes first, durably (from now on the entry is the view's own, which
+    /// abort replays into OLD and verify does not compare).
+    pub(crate) fn changing(&self, inode: &Inode) -> Result<()> {
+        let (state, loc) = {
+            let n = inode.node();
+            (n.copy, n.new.clone())
+        };
+        if state == CopyState::Local {
+            return Ok(());
+        }
+        let Some(loc) = loc else {
+            return Ok(());
+        };
+        let st = loc.stat().ctx("stat NEW entry")?;
+        if self.journal.copy(st.st_dev, st.st_ino)?.is_some() {
+            let mut b = Batch::new();
+            b.clear_copy(st.st_dev, st.st_ino);
+            self.journal.commit(b, true)?;
+        }
+        inode.node().copy = CopyState::Local;
+        Ok(())
+    }
+
+    /// The entries of `dir` changed through the view: its counted subdirectories are stale, and
+    /// its times are the view's from now on (the copier no longer gives it OLD's).
+    pub(crate) fn dir_changed(&self, dir: &Inode) {
+        let (state, loc) = {
+            let mut n = dir.node();
+            n.subdirs = None;
+            (n.copy, n.new.clone())
+        };
+        if state == CopyState::Local {
+            return;
+        }
+        if let Some(loc) = loc
+            && let Ok(st) = loc.stat()
+        {
+            let mut b = Batch::new();
+            b.clear_copy(st.st_dev, st.st_ino);
+            if let Err(e) = self.journal.commit(b, false) {
+                tracing::warn!(error = %e, "clearing a directory's copy record");
+                return;
+            }
+        }
+        dir.node().copy = CopyState::Local;
+    }
+
+    /// The copy record of the inode's NEW entry, if it still is a plain copy of OLD. A record
+    /// whose file handle no longer matches (NEW reused the inode number) is dropped.
+    fn copy_record(&self, inode: &Inode) -> Result<Option<(Loc, rustix::fs::Stat, CopyRecord)>> {
+        let (state, loc) = {
+            let n = inode.node();
+            (n.copy, n.new.clone())
+        };
+        let Some(loc) = loc else { return Ok(None) };
+        if state == CopyState::Local {
+            return Ok(None);
+        }
+        let st = loc.stat().ctx("stat NEW entry")?;
+        let rec = match self.journal.copy(st.st_dev, st.st_ino)? {
+            Some(r) if r.handle.is_empty() || loc.handle().ok().as_ref() == Some(&r.handle) => r,
+            Some(_) => {
+                let mut b = Batch::new();
+                b.clear_copy(st.st_dev, st.st_ino);
+                self.journal.commit(b, false)?;
+                inode.node().copy = CopyState::Local;
+                return Ok(None);
+            }
+            None => {
+                inode.node().copy = CopyState::Local;
+                return Ok(None);
+            }
+        };
+        inode.node().copy = CopyState::Copy;
+        Ok(Some((loc, st, rec)))
+    }
+
+    /// A directory the copier has finished with: if it is still a plain copy of OLD's, give
+    /// it OLD's times again (linking its entries in changed them).
+    pub fn finish_dir(&self, dir: &Inode) -> Result<()> {
+        let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+        if self.is_single() {
+            return Ok(());
+        }
+        let Some((loc, nst, mut rec)) = self.copy_record(dir)? else {
+            return Ok(());
+        };
+        let Some(old) = dir.node().old.clone() else {
+            return Ok(());
+        };
+        let ost = old.loc.stat().ctx("stat OLD dir")?;
+        loc.utimens(&super::copyup::timestamps(&ost))
+            .ctx("utimens NEW dir")?;
+        if rec.fp != Fingerprint::of(&ost) {
+            // Entries came or went in OLD behind the view: the walk merges them; the record
+            // follows OLD's directory as it is now.
+            rec.fp = Fingerprint::of(&ost);
+            let mut b = Batch::new();
+            b.copy(nst.st_dev, nst.st_ino, &rec);
+            self.journal.commit(b, false)?;
+        }
+        Ok(())
+    }
+
+    /// Check a NEW entry that was copied from OLD against OLD now; with `recopy`, take a
+    /// stale copy again (OLD changed behind the view's back).
+    pub fn check_copy(&self, inode: &Inode, recopy: bool, tick: Tick<'_>) -> Result<Check> {
+        let Some((_, _, rec)) = self.copy_record(inode)? else {
+            return Ok(Check::Local);
+        };
+        let origin = rec.origin.clone();
+        let now = match self
+            .old
+            .open_path(std::path::Path::new(OsStr::from_bytes(&origin)))
+        {
+            Ok(fd) => posix::stat_fd(fd.as_fd()).ctx("stat OLD entry")?,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                // Removed from OLD behind the view: the copy stays, as the view's own.
+                tracing::warn!(
+                    path = %String::from_utf8_lossy(&origin),
+                    "entry removed from OLD after it was copied; NEW keeps the copy"
+                );
+                self.changing(inode)?;
+                return Ok(Check::Gone { origin });
+            }
+            Err(e) => {
+                return Err(Error::Store {
+                    op: "open OLD entry",
+                    source: e,
+                });
+            }
+        };
+        if Fingerprint::of(&now) == rec.fp {
+            return Ok(Check::Same);
+        }
+        if !recopy {
+            return Ok(Check::Stale {
+                origin,
+                recopied: false,
+            });
+        }
+        let recopied = self.recopy(inode, &rec, tick)?;
+        Ok(Check::Stale { origin, recopied })
+    }
+
+    /// Take a stale copy again from OLD. The new copy is built aside (an anonymous file, then a
+    /// name in the work dir) and renamed over the stale one: readers see the old or the new
+    /// copy, never a mix. A file with several names is rewritten in place instead (a rename
+    /// would split its names). `false` when the view changed the entry meanwhile (it wins).
+    fn recopy(&self, inode: &Inode, rec: &CopyRecord, tick: Tick<'_>) -> Result<bool> {
+        let Ok(_claim) = inode.claim.try_lock() else {
+            return Ok(false);
+        };
+        let Some(old) = inode.node().old.clone() else {
+            return Ok(false);
+        };
+        let ost = old.loc.stat().ctx("stat OLD entry")?;
+        if inode.kind == Kind::Dir {
+            let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+            let Some((loc, nst, mut rec)) = self.copy_record(inode)? else {
+                return Ok(false);
+            };
+            copy_xattrs(&old.loc, &loc)?;
+            loc.chown(Some(ost.st_uid), Some(ost.st_gid))
+                .ctx("chown NEW dir")?;
+            loc.chmod(ost.st_mode).ctx("chmod NEW dir")?;
+            loc.utimens(&super::copyup::timestamps(&ost))
+                .ctx("utimens NEW dir")?;
+            rec.fp = Fingerprint::of(&ost);
+            let mut b = Batch::new();
+            b.copy(nst.st_dev, nst.st_ino, &rec);
+            self.journal.commit(b, false)?;
+            return Ok(true);
+        }
+        let placed_at = match &inode.node().new {
+            Some(Loc::At(d, nm)) => Some((d.clone(), nm.clone())),
+            _ => None,
+        };
+        let Some((pfd, name)) = placed_at else {
+            return Ok(false);
+        };
+        let cur = posix::stat_at(pfd.as_fd(), &name).ctx("stat NEW copy")?;
+        if inode.kind == Kind::File && cur.st_nlink > 1 {
+            return self.recopy_in_place(inode, &old.loc, &pfd, &name, tick);
+        }
+        let work = self.work_dir()?;
+        let tmp_name = OsString::from(format!("{RECOPY_PREFIX}{}", inode.ino));
+        let _ = rustix::fs::unlinkat(&work, &tmp_name, AtFlags::empty());
+        let (tdev, tino, handle, bytes) = if inode.kind == Kind::File {
+            let src = old.loc.open(OFlags::RDONLY).ctx("open OLD file")?;
+            let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+            let tmp = std::fs::File::from(
+                rustix::fs::openat(
+                    &work,
+                    ".",
+                    OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .ctx("O_TMPFILE in NEW")?,
+            );
+            if !copy_data(&src, &tmp, st.st_size as u64, &mut |n| {
+                !inode.cancel.load(Ordering::Acquire) && tick(n)
+            })? {
+                return Ok(false);
+            }
+            copy_xattrs(&file_loc_of(&src)?, &file_loc_of(&tmp)?)?;
+            rustix::fs::fsync(&tmp).ctx("fsync copy")?;
+            let tp = posix::proc_path(tmp.as_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                tp.as_c_str(),
+                &work,
+                &tmp_name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+            .ctx("link recopy into the work dir")?;
+            apply_meta(work.as_fd(), &tmp_name, &st)?;
+            let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
+            let h = posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?;
+            (tst.st_dev, tst.st_ino, h, st.st_size as u64)
+        } else {
+            if inode.kind == Kind::Symlink {
+                let target = old.loc.readlink().ctx("readlink OLD")?;
+                rustix::fs::symlinkat(target.as_slice(), &work, &tmp_name)
+                    .ctx("symlink in the work dir")?;
+            } else {
+                rustix::fs::mknodat(
+                    &work,
+                    &tmp_name,
+                    rustix::fs::FileType::from_raw_mode(ost.st_mode),
+                    Mode::from_raw_mode(ost.st_mode & 0o7777),
+                    ost.st_rdev,
+                )
+                .ctx("mknod in the work dir")?;
+            }
+            copy_xattrs(
+                &old.loc,
+                &Loc::At(Arc::new(work.try_clone().ctx("dup")?), tmp_name.clone()),
+            )?;
+            apply_meta(work.as_fd(), &tmp_name, &ost)?;
+            let tst = posix::stat_at(work.as_fd(), &tmp_name).ctx("stat copy")?;
+            (tst.st_dev, tst.st_ino, Vec::new(), 0)
+        };
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        // The view changed or moved the entry meanwhile: it wins, this copy goes.
+        let still = self.copy_record(inode)?;
+        let placed =
+            matches!(&inode.node().new, Some(Loc::At(d, n)) if Arc::ptr_eq(d, &pfd) && *n == name);
+        if inode.cancel.load(Ordering::Acquire) || still.is_none() || !placed {
+            let _ = rustix::fs::unlinkat(&work, &tmp_name, AtFlags::empty());
+            return Ok(false);
+        }
+        let mut b = Batch::new();
+        b.clear_copy(cur.st_dev, cur.st_ino).copy(
+            tdev,
+            tino,
+            &CopyRecord {
+                origin: rec.origin.clone(),
+                fp: Fingerprint::of(&ost),
+                handle,
+                is_dir: false,
+            },
+        );
+        self.journal.commit(b, false)?;
+        rustix::fs::renameat(&work, &tmp_name, pfd.as_fd(), &name)
+            .ctx("rename recopy into place")?;
+        self.inodes.add_identity(inode, Identity::New(tdev, tino));
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.bytes += bytes;
+        }
+        tracing::info!(
+            path = %String::from_utf8_lossy(&rec.origin),
+            "copied again: changed in OLD since it was copied"
+        );
+        Ok(true)
+    }
+
+    fn recopy_in_place(
+        &self,
+        inode: &Inode,
+        old: &Loc,
+        pfd: &Arc<std::os::fd::OwnedFd>,
+        name: &OsStr,
+        tick: Tick<'_>,
+    ) -> Result<bool> {
+        let src = old.open(OFlags::RDONLY).ctx("open OLD file")?;
+        let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+        let dst = Loc::At(pfd.clone(), name.to_owned())
+            .open(OFlags::WRONLY)
+            .ctx("open NEW copy")?;
+        dst.set_len(0).ctx("truncate NEW copy")?;
+        if !copy_data(&src, &dst, st.st_size as u64, &mut |n| {
+            !inode.cancel.load(Ordering::Acquire) && tick(n)
+        })? {
+            // The view is taking the file over; its data is no longer a copy.
+            self.changing(inode)?;
+            return Ok(false);
+        }
+        copy_xattrs(&file_loc_of(&src)?, &file_loc_of(&dst)?)?;
+        apply_meta(pfd.as_fd(), name, &st)?;
+        rustix::fs::fsync(&dst).ctx("fsync NEW copy")?;
+        let nst = posix::stat_fd(dst.as_fd()).ctx("stat NEW copy")?;
+        if let Some((_, _, mut rec)) = self.copy_record(inode)? {
+            rec.fp = Fingerprint::of(&st);
+            let mut b = Batch::new();
+            b.copy(nst.st_dev, nst.st_ino, &rec);
+            self.journal.commit(b, false)?;
+        }
+        Ok(true)
+    }
+
+    /// ferryfs's work dir in NEW, created on demand (hidden from the view).
+    fn work_dir(&self) -> Result<std::os::fd::OwnedFd> {
+        match rustix::fs::mkdirat(self.new.root(), WORK_DIR, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e).ctx("mkdir work dir in NEW"),
+        }
+        posix::open_child(self.new.root(), OsStr::new(WORK_DIR)).ctx("open work dir")
+    }
+
+    /// Remove what a crash left of recopies in the work dir, and the work dir itself when
+    /// nothing else is in it.
+    pub(crate) fn clean_work_dir(&self) -> Result<()> {
+        let Ok(work) = posix::open_child(self.new.root(), OsStr::new(WORK_DIR)) else {
+            return Ok(());
+        };
+        for e in posix::read_dir_names(work.as_fd()).ctx("read work dir")? {
+            if e.name.starts_with(RECOPY_PREFIX.as_bytes()) {
+                rustix::fs::unlinkat(&work, OsStr::from_bytes(&e.name), AtFlags::empty())
+                    .ctx("remove a recopy left by a crash")?;
+            }
+        }
+        let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);
+        Ok(())
+    }
+
+    /// Whether NEW still holds ferryfs's work dir (kept-alive hard-link copies pending).
+    pub fn has_work_dir(&self) -> bool {
+        posix::stat_at(self.new.root(), OsStr::new(WORK_DIR)).is_ok()
+    }
+}
+
+fn file_loc_of(f: &std::fs::File) -> Result<Loc> {
+    let fd = f.as_fd().try_clone_to_owned().ctx("dup")?;
+    Ok(Loc::Fd(Arc::new(fd)))
+}
+
+/// How closely `verify` compares a copy with OLD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// Type, size, mode, owner, mtime, xattrs, symlink target.
+    Meta,
+    /// All of that and every byte of data.
+    Checksum,
+}
+
+fn xattr_map(loc: &Loc) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut list = vec![0u8; 64 * 1024];
+    let n = match loc.listxattr(&mut list[..]) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(out),
+        Err(e) => return Err(e).ctx("listxattr"),
+    };
+    let mut val = vec![0u8; 64 * 1024];
+    for name in list[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let len = match loc.getxattr(OsStr::from_bytes(name), &mut val[..]) {
+            Ok(l) => l,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+            Err(e) => return Err(e).ctx("getxattr"),
+        };
+        out.insert(name.to_vec(), val[..len].to_vec());
+    }
+    Ok(out)
+}
+
+fn same_bytes(a: &std::fs::File, b: &std::fs::File) -> Result<bool> {
+    use std::io::Read;
+    let (mut a, mut b) = (a, b);
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    loop {
+        let n = a.read(&mut ba).ctx("read OLD")?;
+        let mut m = 0;
+        while m < n {
+            let k = b.read(&mut bb[m..n]).ctx("read NEW")?;
+            if k == 0 {
+                return Ok(false);
+            }
+            m += k;
+        }
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(b.read(&mut bb[..1]).ctx("read NEW")? == 0);
+        }
+    }
+}
+
+impl View {
+    /// How a copy differs from OLD's entry now, if it does (`None`: equal, or not a copy).
+    pub fn compare_copy(&self, inode: &Inode, how: Compare) -> Result<Option<String>> {
+        let Some((loc, nst, rec)) = self.copy_record(inode)? else {
+            return Ok(None);
+        };
+        let old = match self
+            .old
+            .open_path(std::path::Path::new(OsStr::from_bytes(&rec.origin)))
+        {
+            Ok(fd) => Loc::Fd(Arc::new(fd)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(Some("gone from OLD".into()));
+            }
+            Err(e) => {
+                return Err(Error::Store {
+                    op: "open OLD entry",
+                    source: e,
+                });
+            }
+        };
+        let ost = old.stat().ctx("stat OLD entry")?;
+        let kind = Kind::from_mode(nst.st_mode);
+        if Kind::from_mode(ost.st_mode) != kind {
+            return Ok(Some("type differs".into()));
+        }
+        if ost.st_mode & 0o7777 != nst.st_mode & 0o7777 && kind != Kind::Symlink {
+            return Ok(Some(format!(
+                "mode {:o} in NEW, {:o} in OLD",
+                nst.st_mode & 0o7777,
+                ost.st_mode & 0o7777
+            )));
+        }
+        if (ost.st_uid, ost.st_gid) != (nst.st_uid, nst.st_gid) {
+            return Ok(Some(format!(
+                "owner {}:{} in NEW, {}:{} in OLD",
+                nst.st_uid, nst.st_gid, ost.st_uid, ost.st_gid
+            )));
+        }
+        if (ost.st_mtime, ost.st_mtime_nsec) != (nst.st_mtime, nst.st_mtime_nsec) {
+            return Ok(Some("mtime differs".into()));
+        }
+        match kind {
+            Kind::File if ost.st_size != nst.st_size => {
+                return Ok(Some(format!(
+                    "size {} in NEW, {} in OLD",
+                    nst.st_size, ost.st_size
+                )));
+            }
+            Kind::Symlink
+                if old.readlink().ctx("readlink OLD")? != loc.readlink().ctx("readlink NEW")? =>
+            {
+                return Ok(Some("symlink target differs".into()));
+            }
+            Kind::CharDev | Kind::BlockDev if ost.st_rdev != nst.st_rdev => {
+                return Ok(Some("device number differs".into()));
+            }
+            _ => {}
+        }
+        if kind != Kind::Symlink && xattr_map(&old)? != xattr_map(&loc)? {
+            return Ok(Some("xattrs differ".into()));
+        }
+        if how == Compare::Checksum && kind == Kind::File {
+            let a = old.open(OFlags::RDONLY).ctx("open OLD file")?;
+            let b = loc.open(OFlags::RDONLY).ctx("open NEW file")?;
+            if !same_bytes(&a, &b)? {
+                return Ok(Some("content differs".into()));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,391 @@
+//! The end of a migration: verify, commit, abort (DESIGN "Lifecycle").
+//!
+//! Each works on an open view and its copier, so the same code runs inside the daemon (asked
+//! over the control socket) and in the CLI when no daemon serves the state dir.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::copier::{CheckReport, Copier};
+use crate::error::{Context, Error, Result};
+use crate::fs::inode::Inode;
+use crate::fs::{Compare, Kind, View};
+use crate::journal::{Batch, CopyError, Records};
+use crate::state::{self, Phase};
+use crate::store::posix::{self, Loc};
+
+/// `verify`: every entry NEW took from OLD still equals OLD (metadata always, every byte with
+/// `checksum`). Entries still only in OLD are listed as pending, not as mismatches.
+pub fn verify(copier: &Copier, checksum: bool) -> Result<CheckReport> {
+    copier.check(Some(if checksum {
+        Compare::Checksum
+    } else {
+        Compare::Meta
+    }))
+}
+
+/// `commit`: refuses unless executed and a final pass over OLD is clean; then NEW is made
+/// durable, the journal forgets OLD, and the view serves NEW only.
+pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> Result<String> {
+    let phase = state::phase(journal)?;
+    match phase {
+        Phase::Executed => {}
+        Phase::Committed => return Ok("already committed".into()),
+        p => {
+            return Err(refusal(format!(
+                "the migration is {p}, not executed: run `ferryfs execute --state DIR --wait` \
+                 and commit once status shows phase executed"
+            )));
+        }
+    }
+    let report = copier.check(Some(Compare::Meta))?;
+    if !report.clean() {
+        // Stale copies go back to the copier, and status lists them until copied again.
+        if !report.stale.is_empty() || !report.pending.is_empty() {
+            let mut b = Batch::new();
+            for s in &report.stale {
+                let path = s.split(": ").next().unwrap_or(s);
+                b.error(
+                    path.as_bytes(),
+                    &CopyError {
+                        error: "changed in OLD since it was copied; to be copied again".into(),
+                        errno: libc::ESTALE,
+                        attempts: 0,
+                        at: now_secs(),
+                    },
+                );
+            }
+            journal.commit(b, true)?;
+            state::set_phase(journal, Phase::Executing)?;
+            copier.kick();
+        }
+        return Err(refusal(format!(
+            "commit refused: the final pass over OLD is not clean ({} pending, {} changed in OLD \
+             since copied, {} mismatches, {} errors){}",
+            report.pending.len(),
+            report.stale.len(),
+            report.mismatches.len(),
+            report.errors.len(),
+            first_lines(&report)
+        )));
+    }
+    // Every copy's data and name on stable storage before OLD stops being the fallback.
+    syncfs(new_root).ctx("syncfs NEW")?;
+    if copier.view().has_work_dir() {
+        return Err(refusal(
+            "commit refused: NEW still holds ferryfs's work dir (hard-link copies pending)".into(),
+        ));
+    }
+    state::set_phase(journal, Phase::Committed)?;
+    journal.clear_view_records()?;
+    copier.view().set_single();
+    Ok(format!(
+        "committed: {} entries checked against OLD; the view now serves NEW only, and NEW is a \
+         plain tree usable without ferryfs",
+        report.checked
+    ))
+}
+
+/// syncfs through a real fd (store roots are O_PATH, which syncfs refuses).
+fn syncfs(root: BorrowedFd<'_>) -> std::io::Result<()> {
+    let d = posix::reopen(root, OFlags::RDONLY | OFlags::DIRECTORY)?;
+    rustix::fs::syncfs(&d).map_err(std::io::Error::from)
+}
+
+fn refusal(msg: String) -> Error {
+    Error::Journal(msg)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn first_lines(r: &CheckReport) -> String {
+    let mut out = String::new();
+    for l in r
+        .stale
+        .iter()
+        .chain(&r.mismatches)
+        .chain(&r.errors)
+        .chain(r.pending.iter())
+        .take(10)
+    {
+        out.push_str("\n  ");
+        out.push_str(l);
+    }
+    out
+}
+
+/// Names ferryfs uses in OLD's root while aborting; removed when abort finishes.
+const STAGING: &str = ".ferryfs-abort";
+const TRASH: &str = ".ferryfs-abort-trash";
+
+/// Where an interrupted abort got to (journal meta `abort_step`).
+const STEP_STAGING: &str = "staging";
+const STEP_EMPTYING: &str = "emptying";
+const STEP_FILLING: &str = "filling";
+
+/// `abort`: OLD becomes exactly what the view shows now, then what ferryfs put into NEW goes
+/// (unless `keep_new`). Needs the view unmounted (nothing may change while it runs).
+///
+/// 1. staging: the whole view is built in `OLD/.ferryfs-abort`: OLD-only files are hard-linked
+///    (no data copied, hard links kept), NEW's files are copied, directories get the view's
+///    metadata. OLD itself is untouched; a crash here restarts the step from scratch.
+/// 2. emptying: OLD's own entries move into `OLD/.ferryfs-abort-trash`.
+/// 3. filling: the staged entries move into OLD's root; the trash and staging dirs go.
+///
+/// Steps 2 and 3 are recorded before they start and are idempotent, so a crash anywhere is
+/// finished by running abort again.
+pub fn abort(
+    view: &View,
+    journal: &Records,
+    old_root: BorrowedFd<'_>,
+    new_root: BorrowedFd<'_>,
+    keep_new: bool,
+) -> Result<String> {
+    match state::phase(journal)? {
+        Phase::Committed => {
+            return Err(refusal(
+                "the migration is committed: NEW is the dataset now; abort is no longer possible"
+                    .into(),
+            ));
+        }
+        Phase::Aborted => return Ok("already aborted".into()),
+        _ => {}
+    }
+    let step = journal
+        .meta("abort_step")?
+        .map(|s| String::from_utf8_lossy(&s).into_owned());
+    let mut stats = AbortStats::default();
+    if step.is_none() || step.as_deref() == Some(STEP_STAGING) {
+        set_step(journal, STEP_STAGING)?;
+        remove_tree_at(old_root, OsStr::new(STAGING))?;
+        rustix::fs::mkdirat(old_root, STAGING, Mode::from_raw_mode(0o700))
+            .ctx("mkdir the abort staging dir in OLD")?;
+        let staging = posix::open_child(old_root, OsStr::new(STAGING)).ctx("open staging")?;
+        let mut links = std::collections::HashMap::new();
+        stage_dir(view, &view.root(), &staging, &mut links, &mut stats)?;
+        syncfs(old_root).ctx("syncfs OLD")?;
+        set_step(journal, STEP_EMPTYING)?;
+    }
+    let step = journal
+        .meta("abort_step")?
+        .map(|s| String::from_utf8_lossy(&s).into_owned());
+    if step.as_deref() == Some(STEP_EMPTYING) {
+        match rustix::fs::mkdirat(old_root, TRASH, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e).ctx("mkdir the abort trash dir in OLD"),
+        }
+        let trash = posix::open_child(old_root, OsStr::new(TRASH)).ctx("open trash")?;
+        for e in posix::read_dir_names(old_root).ctx("read OLD root")? {
+            if e.name == STAGING.as_bytes() || e.name == TRASH.as_bytes() {
+                continue;
+            }
+            let name = OsStr::from_bytes(&e.name);
+            rustix::fs::renameat(old_root, name, &trash, name).ctx("move OLD entry to trash")?;
+        }
+        syncfs(old_root).ctx("syncfs OLD")?;
+        set_step(journal, STEP_FILLING)?;
+    }
+    // filling
+    if let Ok(staging) = posix::open_child(old_root, OsStr::new(STAGING)) {
+        for e in posix::read_dir_names(staging.as_fd()).ctx("read staging")? {
+            let name = OsStr::from_bytes(&e.name);
+            rustix::fs::renameat(&staging, name, old_root, name)
+                .ctx("move staged entry into OLD")?;
+        }
+        // The root itself: the view's root metadata.
+        copy_meta(&Loc::Fd(Arc::new(staging)), &dup_loc(old_root)?)?;
+    }
+    remove_tree_at(old_root, OsStr::new(TRASH))?;
+    let _ = rustix::fs::unlinkat(old_root, STAGING, AtFlags::REMOVEDIR);
+    syncfs(old_root).ctx("syncfs OLD")?;
+    let new_note = if keep_new || !new_was_empty(journal)? {
+        "NEW kept as it is".to_string()
+    } else {
+        for e in posix::read_dir_names(new_root).ctx("read NEW root")? {
+            remove_tree_at(new_root, OsStr::from_bytes(&e.name))?;
+        }
+        "NEW emptied".to_string()
+    };
+    state::set_phase(journal, Phase::Aborted)?;
+    journal.clear_view_records()?;
+    let mut b = Batch::new();
+    b.meta("abort_step", b"done");
+    journal.commit(b, true)?;
+    Ok(format!(
+        "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD, {} \
+         files copied back from NEW); {new_note}",
+        stats.dirs, stats.linked, stats.copied
+    ))
+}
+
+fn set_step(journal: &Records, step: &str) -> Result<()> {
+    let mut b = Batch::new();
+    b.meta("abort_step", step.as_bytes());
+    journal.commit(b, true)?;
+    Ok(())
+}
+
+fn new_was_empty(journal: &Records) -> Result<bool> {
+    Ok(journal.meta("new_was_empty")?.is_none_or(|v| v == b"1"))
+}
+
+#[derive(Default)]
+struct AbortStats {
+    dirs: u64,
+    linked: u64,
+    copied: u64,
+}
+
+fn dup_loc(fd: BorrowedFd<'_>) -> Result<Loc> {
+    Ok(Loc::Fd(Arc::new(fd.try_clone_to_owned().ctx("dup")?)))
+}
+
+/// Owner, mode, xattrs and times from `src` onto `dst` (times last: the others change ctime
+/// only, but xattrs on some file systems touch mtime).
+fn copy_meta(src: &Loc, dst: &Loc) -> Result<()> {
+    let st = src.stat().ctx("stat source")?;
+    crate::fs::copy_xattrs(src, dst)?;
+    dst.chown(Some(st.st_uid), Some(st.st_gid)).ctx("chown")?;
+    if Kind::from_mode(st.st_mode) != Kind::Symlink {
+        dst.chmod(st.st_mode).ctx("chmod")?;
+    }
+    dst.utimens(&crate::fs::timestamps_of(&st)).ctx("utimens")
+}
+
+/// Build the view's directory `dir` inside `out` (an empty directory in OLD).
+fn stage_dir(
+    view: &View,
+    dir: &Arc<Inode>,
+    out: &OwnedFd,
+    links: &mut std::collections::HashMap<(u64, u64), (Arc<OwnedFd>, OsString)>,
+    stats: &mut AbortStats,
+) -> Result<()> {
+    let out = Arc::new(out.try_clone().ctx("dup")?);
+    let at_root = dir.ino == crate::fs::inode::ROOT_INO;
+    for (name, _) in view.children(dir)? {
+        // ferryfs's own dirs in OLD's root (this abort's, or an interrupted one's).
+        if at_root && (name == STAGING || name == TRASH) {
+            continue;
+        }
+        let Some(inode) = view.child(dir, &name)? else {
+            continue;
+        };
+        let res = stage_entry(view, &inode, &out, &name, links, stats);
+        view.release_lookup(&inode);
+        res?;
+    }
+    if let Some(src) = view.backing(dir) {
+        copy_meta(&src, &Loc::Fd(out))?;
+    }
+    Ok(())
+}
+
+fn stage_entry(
+    view: &View,
+    inode: &Arc<Inode>,
+    out: &Arc<OwnedFd>,
+    name: &OsStr,
+    links: &mut std::collections::HashMap<(u64, u64), (Arc<OwnedFd>, OsString)>,
+    stats: &mut AbortStats,
+) -> Result<()> {
+    if inode.kind == Kind::Dir {
+        rustix::fs::mkdirat(out.as_fd(), name, Mode::from_raw_mode(0o700)).ctx("mkdir staged")?;
+        let sub = posix::open_child(out.as_fd(), name).ctx("open staged dir")?;
+        stats.dirs += 1;
+        return stage_dir(view, inode, &sub, links, stats);
+    }
+    // Data still in OLD, or a copy NEW took that OLD still matches: OLD's own entry is linked
+    // (no data moves; OLD's hard links stay links).
+    if let Some(old) = view.old_source(inode)? {
+        match old.link_to(out.as_fd(), name) {
+            Ok(()) => {
+                stats.linked += 1;
+                return Ok(());
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EPERM | libc::EMLINK | libc::EOPNOTSUPP)
+                ) => {}
+            Err(e) => return Err(e).ctx("link OLD entry into staging"),
+        }
+    }
+    let src = view
+        .backing(inode)
+        .ok_or_else(|| crate::error::errno_err("entry has no backing", libc::ENOENT))?;
+    let st = src.stat().ctx("stat view entry")?;
+    let key = (st.st_dev, st.st_ino);
+    if st.st_nlink > 1
+        && let Some((d, n)) = links.get(&key)
+    {
+        let first = Loc::At(d.clone(), n.clone());
+        first
+            .link_to(out.as_fd(), name)
+            .ctx("link staged hard link")?;
+        return Ok(());
+    }
+    let dst = Loc::At(out.clone(), name.to_owned());
+    match Kind::from_mode(st.st_mode) {
+        Kind::File => {
+            let from = src.open(OFlags::RDONLY).ctx("open view file")?;
+            let to = std::fs::File::from(
+                rustix::fs::openat(
+                    out.as_fd(),
+                    name,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .ctx("create staged file")?,
+            );
+            crate::fs::copy_file_data(&from, &to, st.st_size as u64)?;
+            rustix::fs::fsync(&to).ctx("fsync staged file")?;
+        }
+        Kind::Symlink => {
+            let target = src.readlink().ctx("readlink")?;
+            rustix::fs::symlinkat(target.as_slice(), out.as_fd(), name).ctx("symlink staged")?;
+        }
+        _ => {
+            rustix::fs::mknodat(
+                out.as_fd(),
+                name,
+                rustix::fs::FileType::from_raw_mode(st.st_mode),
+                Mode::from_raw_mode(st.st_mode & 0o7777),
+                st.st_rdev,
+            )
+            .ctx("mknod staged")?;
+        }
+    }
+    copy_meta(&src, &dst)?;
+    stats.copied += 1;
+    if st.st_nlink > 1 {
+        links.insert(key, (out.clone(), name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Remove `name` in `dir` and everything below it (nothing if absent). Never follows a symlink.
+pub(crate) fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+    let st = match posix::stat_at(dir, name) {
+        Ok(st) => st,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e).ctx("stat for removal"),
+    };
+    if Kind::from_mode(st.st_mode) == Kind::Dir {
+        let sub = posix::open_child(dir, name).ctx("open dir for removal")?;
+        for e in posix::read_dir_names(sub.as_fd()).ctx("read dir for removal")? {
+            remove_tree_at(sub.as_fd(), OsStr::from_bytes(&e.name))?;
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).ctx("rmdir")?;
+    } else {
+        rustix::fs::unlinkat(dir, name, AtFlags::empty()).ctx("unlink")?;
+    }
+    Ok(())
+}
