@@ -25,7 +25,7 @@ use crossbeam_channel as chan;
 use crate::error::{Error, Result};
 use crate::fs::inode::Inode;
 use crate::fs::{Check, Copied, Kind, View};
-use crate::journal::{Batch, CopyError, Records};
+use crate::journal::{Batch, CopyError, Records, StaleRecord};
 use crate::state::{self, Phase};
 
 /// How long the copier waits after a pass with errors before the next, at most.
@@ -117,6 +117,8 @@ pub struct Options {
     pub bwlimit: u64,
     /// Entries per second; 0: unlimited.
     pub ops_limit: u64,
+    /// Once executed, check every copy against OLD again this often (`None`: only when asked).
+    pub recheck: Option<Duration>,
 }
 
 impl Default for Options {
@@ -125,6 +127,7 @@ impl Default for Options {
             workers: 4,
             bwlimit: 0,
             ops_limit: 0,
+            recheck: None,
         }
     }
 }
@@ -143,6 +146,8 @@ pub struct PassSummary {
     pub redo: u64,
     pub errors: u64,
     pub stopped: bool,
+    /// Names (non-directories), directories and bytes the view holds in NEW after the pass.
+    pub tally: (u64, u64, u64),
 }
 
 impl PassSummary {
@@ -162,6 +167,10 @@ struct PassCounters {
     recopied: AtomicU64,
     redo: AtomicU64,
     errors: AtomicU64,
+    /// What the view holds in NEW, name by name, as this pass saw it.
+    seen_files: AtomicU64,
+    seen_dirs: AtomicU64,
+    seen_bytes: AtomicU64,
 }
 
 /// What a check pass (no copying) found: the material of `verify` and `commit`.
@@ -235,6 +244,7 @@ pub struct Copier {
     cv: Condvar,
     last: Mutex<Option<PassSummary>>,
     running: AtomicBool,
+    recheck: Option<Duration>,
 }
 
 /// A snapshot for progress displays and the control socket.
@@ -262,6 +272,7 @@ impl Copier {
             cv: Condvar::new(),
             last: Mutex::new(None),
             running: AtomicBool::new(false),
+            recheck: opts.recheck,
         })
     }
 
@@ -297,7 +308,7 @@ impl Copier {
     pub fn execute(&self) -> Result<()> {
         let phase = state::phase(&self.journal)?;
         if matches!(phase, Phase::Committed | Phase::Aborted) {
-            return Err(Error::Journal(format!(
+            return Err(Error::Lifecycle(format!(
                 "the migration is {phase}: nothing left to copy"
             )));
         }
@@ -330,6 +341,7 @@ impl Copier {
     pub fn run_background(self: &Arc<Self>) {
         let mut backoff = Duration::from_secs(1);
         let mut seen_kick = 0;
+        let mut last_pass = Instant::now();
         loop {
             {
                 let mut w = self.want.lock().unwrap_or_else(|p| p.into_inner());
@@ -338,9 +350,10 @@ impl Copier {
                         return;
                     }
                     let executed = state::phase(&self.journal).ok() == Some(Phase::Executed);
+                    let recheck_due = self.recheck.is_some_and(|r| last_pass.elapsed() >= r);
                     if w.run
                         && !self.paused.load(Ordering::Relaxed)
-                        && (!executed || w.kick != seen_kick)
+                        && (!executed || w.kick != seen_kick || recheck_due)
                     {
                         break;
                     }
@@ -352,10 +365,11 @@ impl Copier {
                 }
                 seen_kick = w.kick;
             }
+            last_pass = Instant::now();
             match self.run_pass() {
                 Ok(s) if s.clean() => {
                     backoff = Duration::from_secs(1);
-                    if let Err(e) = self.mark_executed() {
+                    if let Err(e) = self.mark_executed(&s) {
                         tracing::error!(error = %e, "recording phase executed");
                     }
                 }
@@ -363,6 +377,11 @@ impl Copier {
                     tracing::warn!(errors = s.errors, retry_in = ?backoff, "copier pass had errors");
                     self.sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Ok(s) if s.redo > 0 => {
+                    // Copies thrown away (the view or OLD changed meanwhile): try again soon,
+                    // but never spin.
+                    self.sleep(Duration::from_millis(200));
                 }
                 Ok(_) => backoff = Duration::from_secs(1),
                 Err(e) => {
@@ -390,7 +409,7 @@ impl Copier {
                 return Ok(s);
             }
             if s.clean() {
-                self.mark_executed()?;
+                self.mark_executed(&s)?;
                 return Ok(s);
             }
             if s.errors > 0 {
@@ -403,22 +422,33 @@ impl Copier {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             } else {
                 failed = 0;
+                if s.redo > 0 {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
         }
     }
 
-    fn mark_executed(&self) -> Result<()> {
-        // Totals follow what the view holds now: entries removed through the view leave the
-        // migration, entries OLD gained behind it join it.
-        let done = self.view.done();
-        state::set_totals(
-            &self.journal,
-            &state::Totals {
-                dirs: done.dirs,
-                files: done.files,
-                bytes: done.bytes,
-            },
-        )?;
+    fn mark_executed(&self, s: &PassSummary) -> Result<()> {
+        // Totals and done follow what the view holds now, as the clean pass counted it:
+        // entries removed through the view leave the migration, entries born in it or gained
+        // by OLD behind it join it.
+        let (files, dirs, bytes) = s.tally;
+        let counted = self.view.done();
+        let done = crate::journal::Done { dirs, files, bytes };
+        if state::phase(&self.journal)? != Phase::Executed {
+            // `counted` is every copy made over the migration's life, restarts included; more
+            // than the view holds means copies redone (in flight at a crash, or thrown away).
+            tracing::info!(
+                counted_files = counted.files,
+                view_files = files,
+                counted_bytes = counted.bytes,
+                view_bytes = bytes,
+                "copy counts at executed"
+            );
+        }
+        self.view.set_done(done)?;
+        state::set_totals(&self.journal, &state::Totals { dirs, files, bytes })?;
         if state::phase(&self.journal)? != Phase::Executed {
             state::set_phase(&self.journal, Phase::Executed)?;
             tracing::info!(?done, "executed: nothing needs OLD any more");
@@ -431,7 +461,7 @@ impl Copier {
         let phase = state::phase(&self.journal)?;
         match phase {
             Phase::Committed | Phase::Aborted => {
-                return Err(Error::Journal(format!("the migration is {phase}")));
+                return Err(Error::Lifecycle(format!("the migration is {phase}")));
             }
             Phase::Prepared | Phase::Executed => state::set_phase(&self.journal, Phase::Executing)?,
             Phase::Executing => {}
@@ -464,6 +494,11 @@ impl Copier {
             redo: c.redo.into_inner(),
             errors: c.errors.into_inner(),
             stopped,
+            tally: (
+                c.seen_files.into_inner(),
+                c.seen_dirs.into_inner(),
+                c.seen_bytes.into_inner(),
+            ),
         };
         tracing::info!(
             ?s,
@@ -498,17 +533,26 @@ impl Copier {
         let r = if self.view.in_new(inode) {
             self.view
                 .check_copy(inode, true, &mut tick)
-                .map(|chk| match chk {
+                .and_then(|chk| match chk {
                     Check::Local | Check::Same | Check::Gone { .. } => {
                         c.present.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
                     }
-                    Check::Stale { recopied: true, .. } => {
-                        c.recopied.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Check::Stale {
-                        recopied: false, ..
-                    } => {
-                        c.redo.fetch_add(1, Ordering::Relaxed);
+                    Check::Stale { recopied, .. } => {
+                        if recopied {
+                            c.recopied.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            c.redo.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let mut b = Batch::new();
+                        b.stale(
+                            &self.view.view_path(inode),
+                            &StaleRecord {
+                                found: now_secs(),
+                                copied_again: recopied,
+                            },
+                        );
+                        self.journal.commit(b, false).map_err(Error::from)
                     }
                 })
         } else {
@@ -538,7 +582,20 @@ impl Copier {
         };
         let path = self.view.view_path(inode);
         match r {
-            Ok(()) => {}
+            Ok(()) => {
+                if self.view.in_new(inode)
+                    && let Some(st) = self.view.backing(inode).and_then(|l| l.stat().ok())
+                {
+                    if inode.kind == Kind::Dir {
+                        c.seen_dirs.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        c.seen_files.fetch_add(1, Ordering::Relaxed);
+                        if inode.kind == Kind::File {
+                            c.seen_bytes.fetch_add(st.st_size as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
                 let attempts = known.get(&path).map_or(0, |k| k.attempts) + 1;
@@ -553,9 +610,7 @@ impl Copier {
                     error: e.to_string(),
                     errno: e.errno(),
                     attempts,
-                    at: SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
+                    at: now_secs(),
                 };
                 let mut b = Batch::new();
                 b.error(&path, &rec);
@@ -751,6 +806,12 @@ impl RateMeter {
         }
         (bytes.saturating_sub(b0) as f64 / secs) as u64
     }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A view path for messages.

@@ -22,6 +22,9 @@ pub enum Error {
     /// A plain POSIX refusal decided by the view itself (EEXIST, ENOTEMPTY, ...).
     #[error("{0}")]
     Refused(&'static str, i32),
+    /// A lifecycle step refused, saying why (commit before executed, abort while mounted...).
+    #[error("{0}")]
+    Lifecycle(String),
 }
 
 /// Shorthand used throughout `fs/`.
@@ -39,6 +42,7 @@ impl Error {
             // A journal failure means the change could not be made durable: EIO, never success.
             Error::Journal(_) => libc::EIO,
             Error::Refused(_, e) => *e,
+            Error::Lifecycle(_) => libc::EBUSY,
         }
     }
 
@@ -46,6 +50,7 @@ impl Error {
     pub fn level(&self) -> tracing::Level {
         match self {
             Error::Journal(_) => tracing::Level::ERROR,
+            Error::Lifecycle(_) => tracing::Level::WARN,
             Error::Store { .. } => match self.errno() {
                 libc::ENOENT
                 | libc::EEXIST

@@ -49,6 +49,13 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
             let mut b = Batch::new();
             for s in &report.stale {
                 let path = s.split(": ").next().unwrap_or(s);
+                b.stale(
+                    path.as_bytes(),
+                    &crate::journal::StaleRecord {
+                        found: now_secs(),
+                        copied_again: false,
+                    },
+                );
                 b.error(
                     path.as_bytes(),
                     &CopyError {
@@ -74,6 +81,7 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
         )));
     }
     // Every copy's data and name on stable storage before OLD stops being the fallback.
+    copier.view().clean_work_dir()?;
     syncfs(new_root).ctx("syncfs NEW")?;
     if copier.view().has_work_dir() {
         return Err(refusal(
@@ -97,7 +105,7 @@ fn syncfs(root: BorrowedFd<'_>) -> std::io::Result<()> {
 }
 
 fn refusal(msg: String) -> Error {
-    Error::Journal(msg)
+    Error::Lifecycle(msg)
 }
 
 fn now_secs() -> u64 {

@@ -139,6 +139,10 @@ struct LimitArgs {
     /// Copier limit in entries/s; 0 is unlimited.
     #[arg(long, default_value_t = 0)]
     ops_limit: u64,
+    /// Once executed, check every copy against OLD again every SECS seconds (a change made in
+    /// OLD behind the view is copied again); 0 checks only at commit and verify.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    recheck_interval: u64,
 }
 
 impl LimitArgs {
@@ -147,6 +151,8 @@ impl LimitArgs {
             workers: self.workers.max(1),
             bwlimit: copier::parse_rate(&self.bwlimit)?,
             ops_limit: self.ops_limit,
+            recheck: (self.recheck_interval > 0)
+                .then(|| std::time::Duration::from_secs(self.recheck_interval)),
         })
     }
 }
@@ -385,6 +391,22 @@ fn print_status(s: &state::Status) {
     );
     println!("tombstones: {}", s.tombstones);
     println!("redirects:  {}", s.redirects);
+    println!(
+        "changed in OLD since copied: {} ({} copied again)",
+        s.changed_in_old.len(),
+        s.changed_in_old.iter().filter(|c| c.copied_again).count()
+    );
+    for c in &s.changed_in_old {
+        println!(
+            "  {}{}",
+            c.path,
+            if c.copied_again {
+                ""
+            } else {
+                " (to be copied again)"
+            }
+        );
+    }
     println!("errors:     {}", s.errors.len());
     for e in &s.errors {
         println!(

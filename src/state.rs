@@ -360,6 +360,9 @@ pub struct Status {
     pub tombstones: u64,
     pub redirects: u64,
     pub errors: Vec<ErrorEntry>,
+    /// Entries OLD changed behind the view's back after they were copied (found by a pass
+    /// or by commit's final check), and whether each was copied again.
+    pub changed_in_old: Vec<StaleEntry>,
     /// Copy rate over the last seconds (0 when the copier is not copying).
     pub rate_bytes_per_sec: u64,
     /// Seconds until every byte is copied at that rate; `null` when unknown.
@@ -370,6 +373,12 @@ pub struct Status {
 pub struct Progress {
     pub total: u64,
     pub done: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StaleEntry {
+    pub path: String,
+    pub copied_again: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -484,6 +493,14 @@ pub fn status_of(journal: &Records, state: &Path) -> Result<Status, StateError> 
         tombstones: counts.tombstones,
         redirects: counts.redirects,
         errors,
+        changed_in_old: journal
+            .stales()?
+            .into_iter()
+            .map(|(p, r)| StaleEntry {
+                path: crate::copier::display_path(&p),
+                copied_again: r.copied_again,
+            })
+            .collect(),
         rate_bytes_per_sec: rate,
         eta_seconds,
     })

@@ -191,6 +191,19 @@ pub(crate) fn apply_meta(dir: BorrowedFd<'_>, name: &OsStr, st: &rustix::fs::Sta
     Ok(())
 }
 
+/// Run `f`, which adds an entry to the NEW directory `dir` on ferryfs's own behalf (a copy, a
+/// link-up), and give `dir` back the times it had: bringing an entry over from OLD is not a
+/// change of the directory as applications see it (overlayfs does the same after copy-up).
+/// Caller holds `ns` write, so no change through the view interleaves.
+pub(crate) fn keeping_dir_times<T>(dir: &Arc<OwnedFd>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let before = posix::stat_fd(dir.as_fd()).ctx("stat NEW dir")?;
+    let r = f()?;
+    Loc::Fd(dir.clone())
+        .utimens(&timestamps(&before))
+        .ctx("restore NEW dir times")?;
+    Ok(r)
+}
+
 fn fsync_dir(dir: BorrowedFd<'_>) -> Result<()> {
     let d = posix::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY).ctx("open NEW dir")?;
     rustix::fs::fsync(&d).ctx("fsync NEW dir")
@@ -219,10 +232,12 @@ impl View {
         let pfd = self.ensure_new_dir_locked(&parent)?;
         let old = old_side(dir)?;
         let st = old.loc.stat().ctx("stat OLD dir")?;
-        match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e).ctx("mkdir NEW"),
-        }
+        keeping_dir_times(&pfd, || {
+            match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+                Err(e) => Err(e).ctx("mkdir NEW"),
+            }
+        })?;
         let fd = Arc::new(posix::open_child(pfd.as_fd(), &name).ctx("open NEW dir")?);
         copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
         apply_meta(pfd.as_fd(), &name, &st)?;
@@ -354,10 +369,6 @@ impl View {
                     }
                     self.inodes
                         .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
-                    // One more name of the dataset is in NEW (prepare's scan counts names).
-                    let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-                    d.files += 1;
-                    d.bytes += st.st_size as u64;
                     return Ok(Copied::File {
                         bytes: st.st_size as u64,
                     });
@@ -444,16 +455,21 @@ impl View {
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
         let tp = posix::proc_path(tmp.as_fd());
-        match rustix::fs::linkat(
-            rustix::fs::CWD,
-            tp.as_c_str(),
-            pfd.as_fd(),
-            &name,
-            AtFlags::SYMLINK_FOLLOW,
-        ) {
-            // NEW got an entry of that name in between (created through the view): it wins.
-            Err(rustix::io::Errno::EXIST) if background => return Ok(Copied::GaveWay),
-            r => r.ctx("link copy into NEW")?,
+        let linked = keeping_dir_times(&pfd, || {
+            match rustix::fs::linkat(
+                rustix::fs::CWD,
+                tp.as_c_str(),
+                pfd.as_fd(),
+                &name,
+                AtFlags::SYMLINK_FOLLOW,
+            ) {
+                // NEW got an entry of that name in between (created through the view): it wins.
+                Err(rustix::io::Errno::EXIST) if background => Ok(false),
+                r => r.ctx("link copy into NEW").map(|()| true),
+            }
+        })?;
+        if !linked {
+            return Ok(Copied::GaveWay);
         }
         if !background {
             fsync_dir(pfd.as_fd())?;
@@ -488,19 +504,21 @@ impl View {
         let st = old.loc.stat().ctx("stat OLD entry")?;
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
-        if inode.kind == Kind::Symlink {
-            let target = old.loc.readlink().ctx("readlink OLD")?;
-            rustix::fs::symlinkat(target.as_slice(), pfd.as_fd(), &name).ctx("symlink NEW")?;
-        } else {
-            rustix::fs::mknodat(
-                pfd.as_fd(),
-                &name,
-                rustix::fs::FileType::from_raw_mode(st.st_mode),
-                Mode::from_raw_mode(st.st_mode & 0o7777),
-                st.st_rdev,
-            )
-            .ctx("mknod NEW")?;
-        }
+        keeping_dir_times(&pfd, || {
+            if inode.kind == Kind::Symlink {
+                let target = old.loc.readlink().ctx("readlink OLD")?;
+                rustix::fs::symlinkat(target.as_slice(), pfd.as_fd(), &name).ctx("symlink NEW")
+            } else {
+                rustix::fs::mknodat(
+                    pfd.as_fd(),
+                    &name,
+                    rustix::fs::FileType::from_raw_mode(st.st_mode),
+                    Mode::from_raw_mode(st.st_mode & 0o7777),
+                    st.st_rdev,
+                )
+                .ctx("mknod NEW")
+            }
+        })?;
         let loc = Loc::At(pfd.clone(), name.clone());
         copy_xattrs(&old.loc, &loc)?;
         apply_meta(pfd.as_fd(), &name, &st)?;

@@ -334,8 +334,24 @@ impl View {
         let Ok(_claim) = inode.claim.try_lock() else {
             return Ok(false);
         };
-        let Some(old) = inode.node().old.clone() else {
-            return Ok(false);
+        // The origin the record names (a NEW file's inode keeps no OLD side of its own).
+        let old = match self
+            .old
+            .open_path(std::path::Path::new(OsStr::from_bytes(&rec.origin)))
+        {
+            Ok(fd) => super::inode::OldRef {
+                path: rec.origin.clone(),
+                loc: Loc::Fd(Arc::new(fd)),
+            },
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                return Ok(false);
+            }
+            Err(e) => {
+                return Err(Error::Store {
+                    op: "open OLD entry",
+                    source: e,
+                });
+            }
         };
         let ost = old.loc.stat().ctx("stat OLD entry")?;
         if inode.kind == Kind::Dir {
@@ -448,6 +464,8 @@ impl View {
         rustix::fs::renameat(&work, &tmp_name, pfd.as_fd(), &name)
             .ctx("rename recopy into place")?;
         self.inodes.add_identity(inode, Identity::New(tdev, tino));
+        // The work dir goes when nothing else is in it (no litter left in NEW).
+        let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);
         {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
             d.bytes += bytes;

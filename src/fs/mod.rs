@@ -524,8 +524,10 @@ impl View {
             }
         };
         let pfd = self.ensure_new_dir_locked(parent)?;
-        rustix::fs::linkat(&fd, "", pfd.as_fd(), name, rustix::fs::AtFlags::EMPTY_PATH)
-            .ctx("link an OLD hard link to its NEW copy")?;
+        copyup::keeping_dir_times(&pfd, || {
+            rustix::fs::linkat(&fd, "", pfd.as_fd(), name, rustix::fs::AtFlags::EMPTY_PATH)
+                .ctx("link an OLD hard link to its NEW copy")
+        })?;
         g.linked_up += 1;
         if g.pending_old_names() == 0 && g.kept_alive {
             // Every OLD name is linked: the copy kept alive in the work dir is not needed.
@@ -543,6 +545,14 @@ impl View {
         }
         let mut b = journal::Batch::new();
         b.hardlink(dev, ino, &g);
+        {
+            // One more name of the dataset is in NEW (prepare's scan counts names).
+            let size = posix::stat_fd(fd.as_fd()).map_or(0, |st| st.st_size as u64);
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.files += 1;
+            d.bytes += size;
+            b.done(&d);
+        }
         self.journal.commit(b, false)?;
         Ok(true)
     }

@@ -135,6 +135,16 @@ pub struct CopyError {
     pub at: u64,
 }
 
+/// An entry OLD changed behind the view's back after it was copied, keyed by view path: kept
+/// (as history, for status) until the migration ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleRecord {
+    /// Seconds since the epoch when it was found.
+    pub found: u64,
+    /// Whether it has been copied again since.
+    pub copied_again: bool,
+}
+
 /// What the copier has done, as recorded with its copies (one batch), so a restart resumes the
 /// counts where the last durable copy left them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +240,7 @@ const P_META: u8 = b'm';
 const P_INTENT: u8 = b'i';
 const P_COPY: u8 = b'c';
 const P_ERROR: u8 = b'e';
+const P_STALE: u8 = b's';
 const META_NEXT_ID: &str = "next_id";
 const META_DONE: &str = "done";
 
@@ -404,6 +415,13 @@ impl Batch {
     pub fn error(&mut self, path: &[u8], e: &CopyError) -> &mut Self {
         let v = serde_json::to_vec(e).expect("error serializes");
         self.ops.push(KvOp::Put(error_key(path), v));
+        self
+    }
+    pub fn stale(&mut self, path: &[u8], r: &StaleRecord) -> &mut Self {
+        let mut k = vec![P_STALE];
+        k.extend_from_slice(path);
+        let v = serde_json::to_vec(r).expect("stale record serializes");
+        self.ops.push(KvOp::Put(k, v));
         self
     }
     pub fn clear_error(&mut self, path: &[u8]) -> &mut Self {
@@ -584,6 +602,19 @@ impl Records {
                 let e = serde_json::from_slice(&v)
                     .map_err(|e| JournalError::Corrupt(format!("error record: {e}")))?;
                 Ok((k[1..].to_vec(), e))
+            })
+            .collect()
+    }
+
+    /// Every entry found changed in OLD after its copy: (view path, record).
+    pub fn stales(&self) -> Result<Vec<(Vec<u8>, StaleRecord)>> {
+        self.kv
+            .scan(&[P_STALE])?
+            .into_iter()
+            .map(|(k, v)| {
+                let r = serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("stale record: {e}")))?;
+                Ok((k[1..].to_vec(), r))
             })
             .collect()
     }

@@ -337,3 +337,77 @@ pub fn sh_as(uid: u32, gid: u32, script: &str) -> Output {
         .uid(uid)
         .gid(gid))
 }
+
+/// The data segments of a file (SEEK_DATA/SEEK_HOLE): where its holes are.
+pub fn data_segments(p: &Path) -> Vec<(u64, u64)> {
+    let f = fs::File::open(p).unwrap();
+    let size = f.metadata().unwrap().len();
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let Ok(d) = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(off)) else {
+            break;
+        };
+        let h = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(d)).unwrap();
+        out.push((d, h));
+        off = h;
+    }
+    out
+}
+
+/// Everything `manifest(root, true)` holds, plus directories' mtimes and files' data
+/// segments (holes): what "NEW equals the view exactly" compares.
+/// An entry of [`full_manifest`]: its info, a directory's mtime, a file's data segments.
+pub type FullEntry = (EntryInfo, i128, Vec<(u64, u64)>);
+
+pub fn full_manifest(root: &Path) -> BTreeMap<Vec<u8>, FullEntry> {
+    manifest(root, true)
+        .into_iter()
+        .map(|(k, info)| {
+            let p = root.join(OsStr::from_bytes(&k));
+            let md = fs::symlink_metadata(&p).unwrap();
+            let dir_mtime = if md.is_dir() {
+                md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128
+            } else {
+                0
+            };
+            let segs = if md.is_file() {
+                data_segments(&p)
+            } else {
+                Vec::new()
+            };
+            (k, (info, dir_mtime, segs))
+        })
+        .collect()
+}
+
+/// The first differences between two manifests, for assertion messages.
+pub fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    a: &BTreeMap<K, V>,
+    b: &BTreeMap<K, V>,
+) -> String {
+    let mut out = String::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push_str(&format!("only in first: {k:?}\n")),
+            Some(w) if w != v => out.push_str(&format!("differs: {k:?}\n  {v:?}\n  {w:?}\n")),
+            _ => {}
+        }
+    }
+    for k in b.keys().filter(|k| !a.contains_key(*k)) {
+        out.push_str(&format!("only in second: {k:?}\n"));
+    }
+    out.chars().take(4000).collect()
+}
+
+/// Poll until `cond` holds, or panic naming `what` after `secs` seconds.
+pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,510 @@
+//! The migration lifecycle end to end, through real mounts and the real binary: execute,
+//! status, verify, commit, abort, crashes while copying, OLD changing behind the view,
+//! applications writing while the copier copies, and copy errors (EACCES, ENOSPC).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn out_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A dataset with everything rule 10 names and awkward names: nested dirs, `small` small
+/// files, large and sparse files, symlinks, hard links, xattrs, owners and modes.
+fn build_dataset(old: &Path, small: usize) {
+    for i in 0..small {
+        let d = old.join(format!("tree/d{:02}/e{}", i % 40, i % 3));
+        if i % 40 < 3 || !d.exists() {
+            fs::create_dir_all(&d).unwrap();
+        }
+        let len = 1 + (i * 7919) % 3000;
+        let data: Vec<u8> = (0..len).map(|j| (i + j * 31) as u8).collect();
+        fs::write(d.join(format!("f{i}")), data).unwrap();
+    }
+    // Large files.
+    let big: Vec<u8> = (0..24u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    write(&old.join("large/one.bin"), &big);
+    write(&old.join("large/two.bin"), &big[..5 << 20]);
+    // Sparse: holes at the start, middle and end.
+    let f = fs::File::create(old.join("sparse.img")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"middle", 20 << 20).unwrap();
+    f.write_all_at(&[7u8; 8192], 40 << 20).unwrap();
+    drop(f);
+    // Symlinks (relative, absolute, dangling) and hard links.
+    symlink("tree/d01/e1/f1", old.join("rel-link")).unwrap();
+    symlink("/etc/hostname", old.join("abs-link")).unwrap();
+    symlink("nowhere", old.join("dangling")).unwrap();
+    write(&old.join("links/a"), b"linked data");
+    fs::hard_link(old.join("links/a"), old.join("links/b")).unwrap();
+    fs::hard_link(old.join("links/a"), old.join("tree/c-link")).unwrap();
+    // xattrs on a file and a directory; owners and modes.
+    rustix::fs::setxattr(
+        old.join("links/a"),
+        "user.colour",
+        b"blue",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    rustix::fs::setxattr(
+        old.join("tree"),
+        "user.dir",
+        b"yes",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    write(&old.join("owned/secret"), b"s");
+    std::os::unix::fs::chown(old.join("owned/secret"), Some(1234), Some(5678)).unwrap();
+    fs::set_permissions(old.join("owned/secret"), fs::Permissions::from_mode(0o4750)).unwrap();
+    std::os::unix::fs::chown(old.join("owned"), Some(1234), Some(5678)).unwrap();
+    fs::set_permissions(old.join("owned"), fs::Permissions::from_mode(0o2775)).unwrap();
+    // Awkward names: spaces, a newline, non-UTF-8 bytes, 255 bytes.
+    let awk = old.join("awkward");
+    fs::create_dir(&awk).unwrap();
+    for name in [
+        b"with space".to_vec(),
+        b"new\nline".to_vec(),
+        b"bytes\xff\xfe".to_vec(),
+        vec![b'n'; 255],
+    ] {
+        fs::write(awk.join(OsStr::from_bytes(&name)), &name).unwrap();
+    }
+    fs::create_dir(awk.join(OsStr::from_bytes(b"dir \xc3\x28"))).unwrap();
+    // Times set last, to the nanosecond, on a file and a directory.
+    let ts = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: 1_100_000_000,
+            tv_nsec: 987_654_321,
+        },
+    };
+    for p in ["large/two.bin", "awkward"] {
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            old.join(p),
+            &ts,
+            rustix::fs::AtFlags::empty(),
+        )
+        .unwrap();
+    }
+}
+
+/// Changes an application makes through the view.
+fn change_through_view(v: &Path) {
+    write(&v.join("born/new-file"), b"made in the view");
+    fs::rename(v.join("tree/d05"), v.join("tree/d05-renamed")).unwrap();
+    fs::remove_file(v.join("tree/d06/e0/f6")).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(v.join("tree/d07/e1/f7"))
+        .unwrap()
+        .write_all(b"appended")
+        .unwrap();
+    fs::set_permissions(v.join("links/b"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(v.join("awkward/with space"), v.join("awkward/moved here")).unwrap();
+}
+
+fn wait_executed(f: &Fixture, secs: u64) {
+    wait_for("phase executed", secs, || {
+        f.status_json()["phase"] == "executed"
+    });
+}
+
+fn assert_ok(o: std::process::Output) -> String {
+    assert!(o.status.success(), "command failed: {}", out_text(&o));
+    out_text(&o)
+}
+
+#[test]
+fn end_to_end_execute_verify_commit_makes_new_equal_the_view_exactly() {
+    let mut f = Fixture::new();
+    build_dataset(&f.old, 10_000);
+    let old_before = full_manifest(&f.old);
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy"]);
+    change_through_view(&f.mnt);
+    f.unmount();
+    // The view as applications left it (a fresh mount: no cached attributes).
+    f.mount();
+    let view_before = full_manifest(&f.mnt);
+    let st = f.status_json();
+    assert_eq!(st["phase"], "prepared");
+    assert!(st["files"]["total"].as_u64().unwrap() >= 10_000, "{st}");
+    assert!(st["local"].as_u64().unwrap() > 0, "{st}");
+    // Execute through the running daemon, and wait.
+    let out = assert_ok(f.cmd("execute", &["--wait"]));
+    assert!(out.contains("executing"), "{out}");
+    let st = f.status_json();
+    assert_eq!(st["phase"], "executed");
+    assert_eq!(st["files"]["done"], st["files"]["total"], "{st}");
+    assert_eq!(st["bytes"]["done"], st["bytes"]["total"], "{st}");
+    assert_eq!(st["errors"].as_array().unwrap().len(), 0, "{st}");
+    assert_eq!(st["eta_seconds"], 0, "{st}");
+    // Copying changed nothing applications see.
+    f.unmount();
+    f.mount();
+    let view_after = full_manifest(&f.mnt);
+    assert!(
+        view_before == view_after,
+        "{}",
+        diff(&view_before, &view_after)
+    );
+    let out = assert_ok(f.cmd("verify", &["--checksum"]));
+    assert!(out.contains("0 mismatches"), "{out}");
+    let out = assert_ok(f.cmd("commit", &[]));
+    assert!(out.contains("committed"), "{out}");
+    assert_eq!(f.status_json()["phase"], "committed");
+    // The view now serves NEW alone, unchanged.
+    assert!(full_manifest(&f.mnt) == view_before);
+    f.unmount();
+    // NEW is a plain tree equal to the view, with no ferryfs litter; OLD is untouched.
+    let new = full_manifest(&f.new);
+    assert!(new == view_before, "{}", diff(&view_before, &new));
+    assert!(names(&f.new).iter().all(|n| !n.starts_with(".ferryfs")));
+    assert!(rustix::fs::llistxattr(&f.new, &mut [0u8; 1024][..]).unwrap() == 0);
+    let old_after = full_manifest(&f.old);
+    assert!(old_after == old_before, "{}", diff(&old_before, &old_after));
+    // Once committed, a mount serves NEW even with OLD gone.
+    fs::rename(&f.old, f.root.path().join("old-gone")).unwrap();
+    f.mount();
+    assert_eq!(fs::read(f.v("born/new-file")).unwrap(), b"made in the view");
+    f.unmount();
+}
+
+#[test]
+fn commit_refuses_before_executed_and_says_why() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    f.start();
+    let o = f.cmd("commit", &[]);
+    assert!(!o.status.success());
+    assert!(out_text(&o).contains("not executed"), "{}", out_text(&o));
+    f.unmount();
+    // Without a daemon, the same refusal from the CLI itself.
+    let o = f.cmd("commit", &[]);
+    assert!(!o.status.success());
+    assert!(out_text(&o).contains("not executed"), "{}", out_text(&o));
+    assert_eq!(f.status_json()["phase"], "prepared");
+}
+
+#[test]
+fn abort_returns_old_to_the_view_as_it_was_including_every_change() {
+    let mut f = Fixture::new();
+    build_dataset(&f.old, 300);
+    f.prepare();
+    // Mount in place, with the copier running slowly so some files are copied and some not.
+    let old = f.old.clone();
+    f.mount_with(&old, &["--bwlimit", "2M"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let v = &f.old;
+    change_through_view(v);
+    write(&v.join("tree/d09/e0/f9"), b"rewritten entirely");
+    fs::remove_dir_all(v.join("tree/d10")).unwrap();
+    fs::create_dir_all(v.join("fresh/deep/er")).unwrap();
+    write(&v.join("fresh/deep/er/x"), b"x");
+    fs::rename(v.join("large"), v.join("fresh/large-moved")).unwrap();
+    fs::rename(v.join("links/a"), v.join("links/a-renamed")).unwrap();
+    fs::set_permissions(v.join("tree/d11"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::hard_link(v.join("born/new-file"), v.join("born/second-name")).unwrap();
+    symlink("born/new-file", v.join("born-link")).unwrap();
+    std::thread::sleep(Duration::from_millis(1200)); // cached attributes expire
+    let snapshot = full_manifest(v);
+    // Abort needs the view quiet: the running daemon refuses, saying how.
+    let o = f.cmd("abort", &[]);
+    assert!(!o.status.success());
+    assert!(
+        out_text(&o).contains("unmount it first"),
+        "{}",
+        out_text(&o)
+    );
+    f.unmount_at(&old);
+    let out = assert_ok(f.cmd("abort", &[]));
+    assert!(out.contains("aborted"), "{out}");
+    let after = full_manifest(&f.old);
+    assert!(after == snapshot, "{}", diff(&snapshot, &after));
+    assert!(names(&f.old).iter().all(|n| !n.starts_with(".ferryfs")));
+    assert_eq!(names(&f.new), Vec::<String>::new(), "NEW keeps nothing");
+    assert_eq!(f.status_json()["phase"], "aborted");
+    // A second abort is a no-op; a commit is refused.
+    assert_ok(f.cmd("abort", &[]));
+    assert!(!f.cmd("commit", &[]).status.success());
+}
+
+#[test]
+fn kill_9_while_copying_resumes_without_copying_finished_files_again() {
+    let mut f = Fixture::new();
+    let files = 3_000;
+    build_dataset(&f.old, files);
+    let old_manifest = full_manifest(&f.old);
+    let total_files = old_manifest
+        .values()
+        .filter(|(i, _, _)| i.kind != "dir")
+        .count() as u64;
+    // Hard links are one file in NEW but several names; the copier counts names.
+    f.prepare();
+    let mnt = f.mnt.clone();
+    let mut seen = Vec::new();
+    for (round, ms) in [700u64, 1900, 1300].into_iter().enumerate() {
+        f.mount_with(&mnt, &["--ops-limit", "400"]);
+        std::thread::sleep(Duration::from_millis(ms));
+        let done = f.status_json()["files"]["done"].as_u64().unwrap();
+        f.kill9();
+        let after = f.status_json()["files"]["done"].as_u64().unwrap();
+        eprintln!("round {round}: killed at {done} files done, journal says {after}");
+        assert!(after >= done, "done went back: {done} -> {after}");
+        seen.push(after);
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(
+        *seen.last().unwrap() < total_files,
+        "the copier finished before the last kill"
+    );
+    let log_from = fs::metadata(f.state.join("ferryfs.log")).unwrap().len() as usize;
+    f.mount_with(&mnt, &[]);
+    wait_executed(&f, 300);
+    let st = f.status_json();
+    eprintln!("final: {st}");
+    assert_eq!(st["files"]["done"].as_u64().unwrap(), total_files, "{st}");
+    // The copy counter (every copy made, across the kills) against what NEW holds: the
+    // difference is files copied twice, which may only be files in flight at a kill (at most
+    // one per worker, 4 workers by default).
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    let line = log[log_from..]
+        .lines()
+        .find(|l| l.contains("copy counts at executed"))
+        .unwrap_or_else(|| panic!("no count line in the log:\n{}", &log[log_from..]));
+    let num = |key: &str| -> u64 {
+        let at = line.find(&format!("{key}=")).unwrap() + key.len() + 1;
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (counted, held) = (num("counted_files"), num("view_files"));
+    eprintln!(
+        "copies made over 3 kills and a resume: {counted}; names in NEW: {held}; \
+         copied twice: {}",
+        counted - held
+    );
+    assert_eq!(held, total_files);
+    assert!(counted >= held && counted - held <= 3 * 4, "{line}");
+    f.unmount();
+    assert_ok(f.cmd("verify", &["--checksum"]));
+    assert_ok(f.cmd("commit", &[]));
+    let new = full_manifest(&f.new);
+    assert!(new == old_manifest, "{}", diff(&old_manifest, &new));
+}
+
+#[test]
+fn a_file_changed_in_old_after_its_copy_blocks_commit_until_copied_again() {
+    let mut f = Fixture::new();
+    write(&f.old.join("d/changes"), b"version one");
+    write(&f.old.join("d/stays"), b"same");
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    wait_executed(&f, 60);
+    // Behind the view's back (OLD is not covered here).
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(f.old.join("d/changes"), b"version two, longer").unwrap();
+    let o = f.cmd("commit", &[]);
+    assert!(!o.status.success(), "commit accepted a stale copy");
+    assert!(out_text(&o).contains("changed in OLD"), "{}", out_text(&o));
+    let st = f.status_json();
+    assert!(
+        st["changed_in_old"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "/d/changes"),
+        "status does not show the stale file: {st}"
+    );
+    // The copier takes it again (the refused commit woke it), then commit goes through.
+    assert_ok(f.cmd("execute", &["--wait"]));
+    wait_for("errors cleared", 30, || {
+        f.status_json()["errors"].as_array().unwrap().is_empty()
+    });
+    assert_ok(f.cmd("commit", &[]));
+    let st = f.status_json();
+    assert_eq!(
+        st["changed_in_old"][0]["copied_again"], true,
+        "status: {st}"
+    );
+    f.unmount();
+    assert_eq!(
+        fs::read(f.new.join("d/changes")).unwrap(),
+        b"version two, longer"
+    );
+}
+
+#[test]
+fn an_application_appending_while_the_copier_copies_loses_no_byte() {
+    let mut f = Fixture::new();
+    let original: Vec<u8> = (0..48u32 << 20).map(|i| (i % 251) as u8).collect();
+    write(&f.old.join("log"), &original);
+    f.prepare();
+    let mnt = f.mnt.clone();
+    // 8 MiB/s: the copier needs ~6 s for this file.
+    f.mount_with(&mnt, &["--bwlimit", "8M"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut appended = Vec::new();
+    let mut h = fs::OpenOptions::new()
+        .append(true)
+        .open(f.v("log"))
+        .unwrap();
+    for i in 0..50u32 {
+        let line = format!("line {i}\n");
+        h.write_all(line.as_bytes()).unwrap();
+        appended.extend_from_slice(line.as_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.sync_all().unwrap();
+    drop(h);
+    wait_executed(&f, 120);
+    let mut expect = original.clone();
+    expect.extend_from_slice(&appended);
+    assert!(
+        fs::read(f.v("log")).unwrap() == expect,
+        "the view lost bytes"
+    );
+    f.unmount();
+    assert_ok(f.cmd("commit", &[]));
+    assert!(
+        fs::read(f.new.join("log")).unwrap() == expect,
+        "NEW lost bytes"
+    );
+}
+
+fn mounted_tmpfs(dir: &Path, size: &str) {
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs at {} failed", dir.display());
+}
+
+struct Unmount<'a>(&'a Path);
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+    }
+}
+
+#[test]
+fn a_full_new_is_listed_retried_and_completes_once_space_is_freed() {
+    let mut f = Fixture::new();
+    for i in 0..6 {
+        write(&f.old.join(format!("big{i}")), &vec![i as u8; 1 << 20]);
+    }
+    mounted_tmpfs(&f.new, "3M");
+    let _u = Unmount(&f.new.clone());
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    wait_for("an ENOSPC error in status", 60, || {
+        f.status_json()["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["errno"] == libc::ENOSPC)
+    });
+    let o = f.cmd("commit", &[]);
+    assert!(
+        !o.status.success(),
+        "commit accepted a migration with errors"
+    );
+    // The daemon is up and serves every file (from OLD where the copy failed).
+    assert_eq!(fs::read(f.v("big5")).unwrap(), vec![5u8; 1 << 20]);
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=64M"])
+        .arg(&f.new)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_executed(&f, 180);
+    assert!(f.status_json()["errors"].as_array().unwrap().is_empty());
+    assert_ok(f.cmd("commit", &[]));
+    f.unmount();
+    for i in 0..6 {
+        assert_eq!(
+            fs::read(f.new.join(format!("big{i}"))).unwrap(),
+            vec![i as u8; 1 << 20]
+        );
+    }
+}
+
+#[test]
+fn an_unreadable_old_file_is_listed_retried_and_completes_once_readable() {
+    // Root reads everything; a daemon without DAC override (as under NFS root squash, or a
+    // confined service) does not. setpriv drops those capabilities from the daemon.
+    let setpriv = Command::new("setpriv").arg("--help").output();
+    assert!(
+        setpriv.is_ok_and(|o| o.status.success()),
+        "setpriv (util-linux) is missing: it is needed to run the daemon without DAC override"
+    );
+    let f = Fixture::new();
+    write(&f.old.join("open/readable"), b"fine");
+    write(&f.old.join("open/locked"), b"secret bytes");
+    std::os::unix::fs::chown(f.old.join("open/locked"), Some(4321), Some(4321)).unwrap();
+    fs::set_permissions(f.old.join("open/locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    f.prepare();
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            "--inh-caps",
+            "-dac_override,-dac_read_search",
+        ])
+        .arg(BIN)
+        .args(["mount", "--state"])
+        .arg(&f.state)
+        .arg(&f.mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", out_text(&out));
+    let mnt = f.mnt.clone();
+    let _u = Unmount(&mnt);
+    wait_for("an EACCES error in status", 60, || {
+        f.status_json()["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["errno"] == libc::EACCES && e["path"] == "/open/locked")
+    });
+    assert!(!f.cmd("commit", &[]).status.success());
+    assert_eq!(fs::read(f.v("open/readable")).unwrap(), b"fine");
+    fs::set_permissions(f.old.join("open/locked"), fs::Permissions::from_mode(0o644)).unwrap();
+    wait_executed(&f, 180);
+    assert_ok(f.cmd("commit", &[]));
+    assert_ok(ferryfs(&["unmount".as_ref(), mnt.as_os_str()]));
+    let md = fs::metadata(f.new.join("open/locked")).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (4321, 0o644));
+    assert_eq!(
+        fs::read(f.new.join("open/locked")).unwrap(),
+        b"secret bytes"
+    );
+}
