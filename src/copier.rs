@@ -24,7 +24,7 @@ use crossbeam_channel as chan;
 
 use crate::error::{Error, Result};
 use crate::fs::inode::Inode;
-use crate::fs::{Check, Copied, Kind, View};
+use crate::fs::{Check, Copied, Kind, Outcome, Pending, View};
 use crate::journal::{Batch, CopyError, Records, StaleRecord};
 use crate::state::{self, Phase};
 
@@ -146,17 +146,34 @@ pub struct PassSummary {
     pub redo: u64,
     pub errors: u64,
     pub stopped: bool,
+    /// No namespace change through the view happened while the pass ran.
+    pub quiet: bool,
     /// Names (non-directories), directories and bytes the view holds in NEW after the pass.
     pub tally: (u64, u64, u64),
 }
 
 impl PassSummary {
-    /// A pass that found everything in NEW and every copy still equal to OLD.
+    /// A pass after which everything is in NEW and every copy equal to OLD: one that found
+    /// nothing to do, or one that only copied while nothing moved in the view (changes made
+    /// in OLD behind the view meanwhile are caught by the recheck and by commit's final pass).
     pub fn clean(&self) -> bool {
-        !self.stopped
-            && self.files_copied + self.dirs_copied + self.recopied + self.redo + self.errors == 0
+        if self.stopped || self.redo + self.errors > 0 {
+            return false;
+        }
+        self.quiet || self.files_copied + self.dirs_copied + self.recopied == 0
     }
 }
+
+/// What a pass's workers share.
+struct PassCtx<'a> {
+    c: &'a PassCounters,
+    known: &'a std::collections::HashMap<Vec<u8>, CopyError>,
+    seen: Mutex<std::collections::HashSet<Vec<u8>>>,
+}
+
+/// A worker names its pending copies once it holds this many, or this many bytes.
+const BATCH_FILES: usize = 64;
+const BATCH_BYTES: u64 = 64 << 20;
 
 #[derive(Default)]
 struct PassCounters {
@@ -219,9 +236,11 @@ impl Drop for DirGuard {
     }
 }
 
+/// A non-directory for a worker: looked up by the worker (its stat may need the disk; the
+/// workers do those in parallel), then copied or checked.
 struct Job {
-    inode: Arc<Inode>,
-    _dir: Arc<DirGuard>,
+    dir: Arc<DirGuard>,
+    name: std::ffi::OsString,
 }
 
 #[derive(Default)]
@@ -470,12 +489,21 @@ impl Copier {
         let started = Instant::now();
         let known_errors: std::collections::HashMap<Vec<u8>, CopyError> =
             self.journal.errors()?.into_iter().collect();
-        let seen_errors = Mutex::new(std::collections::HashSet::new());
         let c = PassCounters::default();
-        let visit = |inode: &Inode| self.copy_one(inode, &c, &known_errors, &seen_errors);
-        let stopped = self.walk(true, &visit);
+        let ns_at_start = self.view.ns_changes();
+        let ctx = PassCtx {
+            c: &c,
+            known: &known_errors,
+            seen: Mutex::new(std::collections::HashSet::new()),
+        };
+        let visit = |inode: &Arc<Inode>| self.copy_one(inode, &ctx);
+        let flush = |batch: Vec<Pending>| self.flush(batch, &ctx);
+        let stopped = self.walk(true, &visit, &flush);
+        // Nothing changed the view's namespace during the pass: no entry can have moved out
+        // of the walk's way, so a pass that only copied is complete (no confirming pass).
+        let quiet = self.view.ns_changes() == ns_at_start;
         // Errors recorded by earlier passes at paths this pass did not fail on are over.
-        let seen = seen_errors.into_inner().unwrap_or_else(|p| p.into_inner());
+        let seen = ctx.seen.into_inner().unwrap_or_else(|p| p.into_inner());
         let mut b = Batch::new();
         for path in known_errors.keys().filter(|p| !seen.contains(*p)) {
             b.clear_error(path);
@@ -494,6 +522,7 @@ impl Copier {
             redo: c.redo.into_inner(),
             errors: c.errors.into_inner(),
             stopped,
+            quiet,
             tally: (
                 c.seen_files.into_inner(),
                 c.seen_dirs.into_inner(),
@@ -522,28 +551,16 @@ impl Copier {
         !self.stopping()
     }
 
-    fn copy_one(
-        &self,
-        inode: &Inode,
-        c: &PassCounters,
-        known: &std::collections::HashMap<Vec<u8>, CopyError>,
-        seen: &Mutex<std::collections::HashSet<Vec<u8>>>,
-    ) {
+    /// Copy or check one entry. A plain file's copy may come back pending: the worker names
+    /// it with its batch (see [`Copier::flush`]).
+    fn copy_one(&self, inode: &Arc<Inode>, p: &PassCtx<'_>) -> Option<Pending> {
         let mut tick = |n| self.tick(n);
         let r = if self.view.in_new(inode) {
             self.view
                 .check_copy(inode, true, &mut tick)
                 .and_then(|chk| match chk {
-                    Check::Local | Check::Same | Check::Gone { .. } => {
-                        c.present.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
+                    Check::Local | Check::Same | Check::Gone { .. } => Ok(Copied::Present),
                     Check::Stale { recopied, .. } => {
-                        if recopied {
-                            c.recopied.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            c.redo.fetch_add(1, Ordering::Relaxed);
-                        }
                         let mut b = Batch::new();
                         b.stale(
                             &self.view.view_path(inode),
@@ -552,17 +569,43 @@ impl Copier {
                                 copied_again: recopied,
                             },
                         );
-                        self.journal.commit(b, false).map_err(Error::from)
+                        self.journal.commit(b, false)?;
+                        if recopied {
+                            p.c.recopied.fetch_add(1, Ordering::Relaxed);
+                            Ok(Copied::Present)
+                        } else {
+                            Ok(Copied::GaveWay)
+                        }
                     }
                 })
         } else {
             self.ops.take(1, &self.stop);
             if !self.tick(0) {
-                return;
+                return None;
             }
-            self.view
-                .copy_entry(inode, &mut tick)
-                .map(|done| match done {
+            match self.view.copy_entry(inode, &mut tick) {
+                Ok(Outcome::Pending(pending)) => return Some(pending),
+                Ok(Outcome::Done(d)) => Ok(d),
+                Err(e) => Err(e),
+            }
+        };
+        self.account(inode, r, p);
+        None
+    }
+
+    /// Name a worker's pending copies (one syncfs for all), then count what each became.
+    fn flush(&self, batch: Vec<Pending>, p: &PassCtx<'_>) {
+        for (inode, r) in self.view.finish_copies(batch) {
+            self.account(&inode, r, p);
+        }
+    }
+
+    /// Count what happened to one entry; record its error if it failed.
+    fn account(&self, inode: &Inode, r: Result<Copied>, p: &PassCtx<'_>) {
+        let c = p.c;
+        match r {
+            Ok(done) => {
+                match done {
                     Copied::File { bytes } => {
                         c.files.fetch_add(1, Ordering::Relaxed);
                         c.bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -578,27 +621,30 @@ impl Copier {
                             c.redo.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                })
-        };
-        let path = self.view.view_path(inode);
-        match r {
-            Ok(()) => {
-                if self.view.in_new(inode)
-                    && let Some(st) = self.view.backing(inode).and_then(|l| l.stat().ok())
-                {
+                }
+                if self.view.in_new(inode) {
                     if inode.kind == Kind::Dir {
                         c.seen_dirs.fetch_add(1, Ordering::Relaxed);
                     } else {
                         c.seen_files.fetch_add(1, Ordering::Relaxed);
                         if inode.kind == Kind::File {
-                            c.seen_bytes.fetch_add(st.st_size as u64, Ordering::Relaxed);
+                            let size = match done {
+                                Copied::File { bytes } => Some(bytes),
+                                _ => self
+                                    .view
+                                    .backing(inode)
+                                    .and_then(|l| l.stat().ok())
+                                    .map(|st| st.st_size as u64),
+                            };
+                            c.seen_bytes.fetch_add(size.unwrap_or(0), Ordering::Relaxed);
                         }
                     }
                 }
             }
             Err(e) => {
+                let path = self.view.view_path(inode);
                 c.errors.fetch_add(1, Ordering::Relaxed);
-                let attempts = known.get(&path).map_or(0, |k| k.attempts) + 1;
+                let attempts = p.known.get(&path).map_or(0, |k| k.attempts) + 1;
                 tracing::warn!(
                     path = %String::from_utf8_lossy(&path),
                     errno = e.errno(),
@@ -617,14 +663,22 @@ impl Copier {
                 if let Err(e) = self.journal.commit(b, false) {
                     tracing::error!(error = %e, "recording a copy error");
                 }
-                seen.lock().unwrap_or_else(|p| p.into_inner()).insert(path);
+                p.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(path);
             }
         }
     }
 
     /// Walk the whole view: directories visited by this thread before their entries, the rest
     /// by the workers. Returns whether it was stopped before the end.
-    fn walk(&self, finish_dirs: bool, visit: &(dyn Fn(&Inode) + Sync)) -> bool {
+    fn walk(
+        &self,
+        finish_dirs: bool,
+        visit: &(dyn Fn(&Arc<Inode>) -> Option<Pending> + Sync),
+        flush: &(dyn Fn(Vec<Pending>) + Sync),
+    ) -> bool {
         let workers = self.workers.load(Ordering::Relaxed);
         let (tx, rx) = chan::bounded::<Job>(1024);
         let touched = self.view.touched();
@@ -635,22 +689,79 @@ impl Copier {
                 std::thread::Builder::new()
                     .name(format!("copier-{i}"))
                     .spawn_scoped(s, move || {
+                        // Copies waiting to be named, and the lookups that keep their
+                        // entries (and parents) known until then.
+                        let mut batch: Vec<Pending> = Vec::new();
+                        let mut held: Vec<(Arc<Inode>, Arc<DirGuard>)> = Vec::new();
+                        let mut bytes = 0u64;
+                        let name_them =
+                            |batch: &mut Vec<Pending>, held: &mut Vec<(Arc<Inode>, Arc<DirGuard>)>| {
+                                if !batch.is_empty() {
+                                    flush(std::mem::take(batch));
+                                }
+                                for (inode, _dir) in held.drain(..) {
+                                    self.view.release_lookup(&inode);
+                                }
+                            };
                         loop {
                             if let Ok(t) = touched.try_recv() {
-                                if !self.view.in_new(&t) {
-                                    visit(&t);
+                                if !self.view.in_new(&t)
+                                    && let Some(p) = visit(&t)
+                                {
+                                    batch.push(p);
                                 }
                                 continue;
                             }
-                            match rx.recv_timeout(Duration::from_millis(50)) {
+                            let job = match rx.try_recv() {
+                                Ok(j) => Ok(j),
+                                Err(chan::TryRecvError::Empty) => {
+                                    // Nothing queued: name what is pending before waiting.
+                                    name_them(&mut batch, &mut held);
+                                    bytes = 0;
+                                    rx.recv_timeout(Duration::from_millis(50))
+                                }
+                                Err(chan::TryRecvError::Disconnected) => {
+                                    Err(chan::RecvTimeoutError::Disconnected)
+                                }
+                            };
+                            match job {
                                 Ok(job) => {
-                                    if !self.stopping() {
-                                        visit(&job.inode);
+                                    if self.stopping() {
+                                        continue;
                                     }
-                                    self.view.release_lookup(&job.inode);
+                                    let inode = match self.view.child(&job.dir.inode, &job.name) {
+                                        Ok(Some(i)) => i,
+                                        Ok(None) => continue,
+                                        Err(e) => {
+                                            tracing::warn!(
+                                                dir = %String::from_utf8_lossy(
+                                                    &self.view.view_path(&job.dir.inode)
+                                                ),
+                                                name = %String::from_utf8_lossy(job.name.as_bytes()),
+                                                error = %e,
+                                                "looking up an entry"
+                                            );
+                                            continue;
+                                        }
+                                    };
+                                    match visit(&inode) {
+                                        Some(p) => {
+                                            bytes += p.bytes();
+                                            batch.push(p);
+                                            held.push((inode, job.dir));
+                                        }
+                                        None => self.view.release_lookup(&inode),
+                                    }
+                                    if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES {
+                                        name_them(&mut batch, &mut held);
+                                        bytes = 0;
+                                    }
                                 }
                                 Err(chan::RecvTimeoutError::Timeout) => {}
-                                Err(chan::RecvTimeoutError::Disconnected) => break,
+                                Err(chan::RecvTimeoutError::Disconnected) => {
+                                    name_them(&mut batch, &mut held);
+                                    break;
+                                }
                             }
                         }
                     })
@@ -682,7 +793,9 @@ impl Copier {
                             error = %e,
                             "listing a directory"
                         );
-                        visit(&dir.inode);
+                        if let Some(p) = visit(&dir.inode) {
+                            flush(vec![p]);
+                        }
                         continue;
                     }
                 };
@@ -690,6 +803,16 @@ impl Copier {
                     if self.stopping() {
                         stopped = true;
                         break;
+                    }
+                    if kind != Kind::Dir {
+                        let job = Job {
+                            dir: dir.clone(),
+                            name,
+                        };
+                        if tx.send(job).is_err() {
+                            break;
+                        }
+                        continue;
                     }
                     let inode = match self.view.child(&dir.inode, &name) {
                         Ok(Some(i)) => i,
@@ -704,24 +827,25 @@ impl Copier {
                             continue;
                         }
                     };
-                    if inode.kind == Kind::Dir && kind == Kind::Dir {
-                        visit(&inode);
-                        stack.push(Arc::new(DirGuard {
-                            view: self.view.clone(),
-                            inode,
-                            finish: finish_dirs,
-                            counted: true,
-                            _parent: Some(dir.clone()),
-                        }));
-                    } else {
-                        let job = Job {
-                            inode,
-                            _dir: dir.clone(),
-                        };
-                        if let Err(chan::SendError(job)) = tx.send(job) {
-                            self.view.release_lookup(&job.inode);
-                        }
+                    if inode.kind != Kind::Dir {
+                        // Became a non-directory since the listing: a worker's job after all.
+                        self.view.release_lookup(&inode);
+                        let _ = tx.send(Job {
+                            dir: dir.clone(),
+                            name,
+                        });
+                        continue;
                     }
+                    if let Some(p) = visit(&inode) {
+                        flush(vec![p]);
+                    }
+                    stack.push(Arc::new(DirGuard {
+                        view: self.view.clone(),
+                        inode,
+                        finish: finish_dirs,
+                        counted: true,
+                        _parent: Some(dir.clone()),
+                    }));
                 }
             }
             drop(stack);
@@ -734,7 +858,7 @@ impl Copier {
     /// `compare`) which copies differ from OLD in content or metadata.
     pub fn check(&self, compare: Option<crate::fs::Compare>) -> Result<CheckReport> {
         let report = Mutex::new(CheckReport::default());
-        let visit = |inode: &Inode| {
+        let visit = |inode: &Arc<Inode>| -> Option<Pending> {
             let path = String::from_utf8_lossy(&self.view.view_path(inode)).into_owned();
             let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
             r.checked += 1;
@@ -745,7 +869,7 @@ impl Copier {
                     .unwrap_or_else(|p| p.into_inner())
                     .pending
                     .push(path);
-                return;
+                return None;
             }
             let res = self
                 .view
@@ -767,8 +891,9 @@ impl Copier {
                 Ok(Some(m)) => r.mismatches.push(m),
                 Err(e) => r.errors.push(format!("{path}: {e}")),
             }
+            None
         };
-        self.walk(false, &visit);
+        self.walk(false, &visit, &|_| {});
         let mut r = report.into_inner().unwrap_or_else(|p| p.into_inner());
         for (path, e) in self.journal.errors()? {
             r.errors.push(format!(

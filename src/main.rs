@@ -157,9 +157,11 @@ impl LimitArgs {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr, filtered by FERRYFS_LOG (default `default`: info for the daemon, warn for
+/// the CLI's own work, so progress lines stay readable).
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRYFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -170,6 +172,9 @@ fn init_logging() {
 fn run() -> Result<(), String> {
     let raw: Vec<OsString> = std::env::args_os().skip(1).collect();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Mount { .. } | Cmd::Status { .. }) {
+        init_logging("warn");
+    }
     match cli.cmd {
         Cmd::Prepare {
             old,
@@ -210,7 +215,7 @@ fn run() -> Result<(), String> {
             if foreground {
                 let ready = daemon::ready_pipe_from_env();
                 daemon::block_termination_signals();
-                init_logging();
+                init_logging("info");
                 daemon::serve(&args, ready)
             } else {
                 daemon::spawn_background(&args, &raw)
@@ -462,7 +467,7 @@ fn execute(state: &std::path::Path, wait: bool, limits: &LimitArgs) -> Result<()
                 }
                 let bps = meter.sample(c.view().done().bytes);
                 let _ = state::record_rate(&journal, bps);
-                if let Ok(s) = state::status_of(&journal, &state) {
+                if let Ok(s) = state::status_of(&journal, &state, false) {
                     // Plain lines every 10 s off a terminal.
                     if std::io::IsTerminal::is_terminal(&std::io::stdout()) || ticks % 40 == 0 {
                         print_progress(&s, true);
@@ -475,7 +480,7 @@ fn execute(state: &std::path::Path, wait: bool, limits: &LimitArgs) -> Result<()
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = shower.join();
     let summary = res.map_err(|e| e.to_string())?;
-    let s = state::status_of(&m.journal, state).map_err(|e| e.to_string())?;
+    let s = state::status_of(&m.journal, state, false).map_err(|e| e.to_string())?;
     print_progress(&s, false);
     if s.phase == "executed" {
         println!("executed: nothing needs OLD any more; verify, then commit");

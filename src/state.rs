@@ -390,7 +390,7 @@ pub struct ErrorEntry {
 }
 
 /// Entries in NEW that are not plain copies of OLD (no copy record for their inode).
-fn count_local(root: &Path, copies: &std::collections::HashSet<(u64, u64)>) -> io::Result<u64> {
+fn local_entries(root: &Path, copies: &std::collections::HashSet<(u64, u64)>) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let mut n = 0;
     let mut stack = vec![root.to_path_buf()];
@@ -421,11 +421,12 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
         )));
     }
     let journal = Records::new(Arc::new(RocksJournal::open_read_only(&journal_dir(state))?))?;
-    status_of(&journal, state)
+    status_of(&journal, state, true)
 }
 
-/// Status from a journal this process has open.
-pub fn status_of(journal: &Records, state: &Path) -> Result<Status, StateError> {
+/// Status from a journal this process has open. `count_local` walks NEW (skip it for
+/// progress lines: `local` is then 0).
+pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<Status, StateError> {
     let journal = journal.clone();
     let config = read_config(&journal, state)?;
     let totals: Totals = journal
@@ -438,9 +439,13 @@ pub fn status_of(journal: &Records, state: &Path) -> Result<Status, StateError> 
         .unwrap_or_else(|| PHASE_PREPARED.to_string());
     let counts = journal.counts()?;
     let StoreSpec::Posix { path: np } = &config.new;
-    let copies: std::collections::HashSet<(u64, u64)> =
-        journal.copies()?.into_iter().map(|(k, _)| k).collect();
-    let local = count_local(np, &copies).map_err(io_at(np))?;
+    let local = if count_local {
+        let copies: std::collections::HashSet<(u64, u64)> =
+            journal.copies()?.into_iter().map(|(k, _)| k).collect();
+        local_entries(np, &copies).map_err(io_at(np))?
+    } else {
+        0
+    };
     let done = journal.done()?;
     let errors = journal
         .errors()?

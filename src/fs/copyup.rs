@@ -78,6 +78,15 @@ pub(crate) fn copy_range(
 /// Copy a file's data keeping holes: only the ranges SEEK_DATA finds are copied. `Ok(false)`:
 /// `tick` stopped it.
 pub(crate) fn copy_data(src: &File, dst: &File, size: u64, tick: Tick<'_>) -> Result<bool> {
+    // A file with as many blocks as bytes has no holes: one straight copy, no seeking, and
+    // the copy ends at `size` by itself.
+    if let Ok(st) = posix::stat_fd(src.as_fd())
+        && (st.st_blocks as u64) * 512 >= size
+        && st.st_size as u64 == size
+    {
+        // (A source that shrank meanwhile gives a shorter copy; its fingerprint changed.)
+        return copy_range(src, dst, 0, size, tick);
+    }
     let mut off = 0u64;
     while off < size {
         let data = match rustix::fs::seek(src, SeekFrom::Data(off)) {
@@ -109,21 +118,52 @@ pub(crate) fn copy_data(src: &File, dst: &File, size: u64, tick: Tick<'_>) -> Re
 
 /// Copy every xattr of `src` onto `dst`.
 pub fn copy_xattrs(src: &Loc, dst: &Loc) -> Result<()> {
-    let mut list = vec![0u8; 64 * 1024];
-    let n = match src.listxattr(&mut list[..]) {
-        Ok(n) => n,
+    copy_xattrs_with(
+        |buf| src.listxattr(buf),
+        |name, buf| src.getxattr(name, buf),
+        |name, val| dst.setxattr(name, val, rustix::fs::XattrFlags::empty()),
+    )
+}
+
+/// [`copy_xattrs`] between two open files (no path walk per call).
+pub(crate) fn copy_xattrs_fd(src: &File, dst: &File) -> Result<()> {
+    let e = std::io::Error::from;
+    copy_xattrs_with(
+        |buf| rustix::fs::flistxattr(src, buf).map_err(e),
+        |name, buf| rustix::fs::fgetxattr(src, name, buf).map_err(e),
+        |name, val| {
+            rustix::fs::fsetxattr(dst, name, val, rustix::fs::XattrFlags::empty()).map_err(e)
+        },
+    )
+}
+
+fn copy_xattrs_with(
+    list: impl Fn(&mut [u8]) -> std::io::Result<usize>,
+    get: impl Fn(&OsStr, &mut [u8]) -> std::io::Result<usize>,
+    set: impl Fn(&OsStr, &[u8]) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut names = [0u8; 4096];
+    let mut big;
+    let listed: &[u8] = match list(&mut names[..]) {
+        Ok(0) => return Ok(()),
+        Ok(n) => &names[..n],
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
+            big = vec![0u8; 64 * 1024];
+            let n = list(&mut big[..]).ctx("listxattr OLD")?;
+            &big[..n]
+        }
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(()),
         Err(e) => return Err(e).ctx("listxattr OLD"),
     };
     let mut val = vec![0u8; 64 * 1024];
-    for name in list[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+    for name in listed.split(|b| *b == 0).filter(|s| !s.is_empty()) {
         let name = <OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name);
-        let len = match src.getxattr(name, &mut val[..]) {
+        let len = match get(name, &mut val[..]) {
             Ok(l) => l,
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
             Err(e) => return Err(e).ctx("getxattr OLD"),
         };
-        match dst.setxattr(name, &val[..len], rustix::fs::XattrFlags::empty()) {
+        match set(name, &val[..len]) {
             Ok(()) => {}
             // security.* / system.* that NEW's file system refuses: nothing we can carry.
             Err(e)
@@ -145,12 +185,6 @@ fn old_side(inode: &Inode) -> Result<super::inode::OldRef> {
         .old
         .clone()
         .ok_or_else(|| errno_err("copy-up: the entry has no OLD side", libc::ENOENT))
-}
-
-/// An open file as a [`Loc`] (for copying xattrs between open files).
-fn file_loc(f: &File) -> Result<Loc> {
-    let fd = f.as_fd().try_clone_to_owned().ctx("dup")?;
-    Ok(Loc::Fd(Arc::new(fd)))
 }
 
 pub(crate) fn timestamps(st: &rustix::fs::Stat) -> Timestamps {
@@ -202,6 +236,24 @@ pub(crate) fn keeping_dir_times<T>(dir: &Arc<OwnedFd>, f: impl FnOnce() -> Resul
         .utimens(&timestamps(&before))
         .ctx("restore NEW dir times")?;
     Ok(r)
+}
+
+/// Give the anonymous file `tmp` the name `name` in `dir`: by its fd where the kernel allows
+/// it (CAP_DAC_READ_SEARCH), else through its /proc path.
+fn link_anon(tmp: &File, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    match rustix::fs::linkat(tmp, "", dir, name, AtFlags::EMPTY_PATH) {
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
+            let tp = posix::proc_path(tmp.as_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                tp.as_c_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        r => r,
+    }
 }
 
 fn fsync_dir(dir: BorrowedFd<'_>) -> Result<()> {
@@ -298,38 +350,160 @@ impl View {
     /// The copier's copy of one entry: the same copy as copy-up, but it gives way to the view
     /// (never waits for the claim, stops when the view asks for it), paces itself through
     /// `tick`, and records the copy with OLD's fingerprint before the copy gets its name.
-    pub(crate) fn copy_background(&self, inode: &Inode, tick: Tick<'_>) -> Result<Copied> {
+    pub(crate) fn copy_background(&self, inode: &Arc<Inode>, tick: Tick<'_>) -> Result<Outcome> {
+        let done = Outcome::Done;
         if inode.node().new.is_some() {
-            return Ok(Copied::Present);
+            return Ok(done(Copied::Present));
         }
         let Ok(_claim) = inode.claim.try_lock() else {
-            return Ok(Copied::GaveWay);
+            return Ok(done(Copied::GaveWay));
         };
         if inode.cancel.load(Ordering::Acquire) {
-            return Ok(Copied::GaveWay);
+            return Ok(done(Copied::GaveWay));
         }
         if inode.node().new.is_some() {
-            return Ok(Copied::Present);
+            return Ok(done(Copied::Present));
         }
         match inode.kind {
             Kind::Dir => {
                 let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
                 self.ensure_new_dir_locked(inode)?;
-                Ok(Copied::Dir)
+                Ok(done(Copied::Dir))
             }
-            Kind::File => self.copy_file(inode, CopyMode::Background { tick }),
+            Kind::File => {
+                let mut pending = None;
+                let r = self.copy_file(
+                    inode,
+                    CopyMode::Background {
+                        tick,
+                        defer: Some((inode, &mut pending)),
+                    },
+                )?;
+                Ok(match pending {
+                    Some(p) => Outcome::Pending(p),
+                    None => done(r),
+                })
+            }
             _ => {
                 let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
                 self.copy_special_locked(inode, true)?;
-                Ok(Copied::File { bytes: 0 })
+                Ok(done(Copied::File { bytes: 0 }))
             }
         }
     }
 
+    /// Give names to copies whose data the caller has just made durable (one syncfs of NEW
+    /// for the whole batch instead of an fsync per file): their copy records first, in one
+    /// journal batch, then their links, each where its entry is now. A copy the view took
+    /// over meanwhile, or whose OLD file changed, is thrown away.
+    pub(crate) fn finish_pending(&self, batch: Vec<Pending>) -> Vec<(Arc<Inode>, Result<Copied>)> {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(batch.len());
+        let mut ready = Vec::new();
+        let mut b = Batch::new();
+        for p in batch {
+            let check = (|| -> Result<Option<Copied>> {
+                if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
+                    return Ok(Some(Copied::GaveWay));
+                }
+                let now = posix::stat_fd(p.src.as_fd()).ctx("stat OLD file")?;
+                if Fingerprint::of(&now) != Fingerprint::of(&p.st) {
+                    return Ok(Some(Copied::ChangedInOld));
+                }
+                Ok(None)
+            })();
+            match check {
+                Ok(Some(c)) => out.push((p.inode, Ok(c))),
+                Err(e) => out.push((p.inode, Err(e))),
+                Ok(None) => {
+                    let rec = posix::stat_fd(p.tmp.as_fd())
+                        .ctx("stat copy")
+                        .and_then(|tst| {
+                            posix::file_handle(p.tmp.as_fd())
+                                .ctx("file handle of the copy")
+                                .map(|h| (tst, h))
+                        });
+                    match rec {
+                        Ok((tst, handle)) => {
+                            b.copy(
+                                tst.st_dev,
+                                tst.st_ino,
+                                &CopyRecord {
+                                    origin: p.origin.clone(),
+                                    fp: Fingerprint::of(&p.st),
+                                    handle,
+                                    is_dir: false,
+                                },
+                            );
+                            ready.push((p, tst));
+                        }
+                        Err(e) => out.push((p.inode, Err(e))),
+                    }
+                }
+            }
+        }
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            for (p, _) in &ready {
+                d.files += 1;
+                d.bytes += p.st.st_size as u64;
+            }
+            b.done(&d);
+        }
+        if let Err(e) = self.journal.commit(b, false) {
+            let msg = e.to_string();
+            for (p, _) in ready {
+                out.push((p.inode, Err(crate::error::Error::Journal(msg.clone()))));
+            }
+            return out;
+        }
+        // Links, keeping each directory's times as they were before the batch.
+        let mut dirs: Vec<(Arc<OwnedFd>, rustix::fs::Stat)> = Vec::new();
+        let mut orphans = Batch::new();
+        for (p, tst) in ready {
+            let r = (|| -> Result<Copied> {
+                let (parent, name) = self.placement(&p.inode)?;
+                let pfd = self.ensure_new_dir_locked(&parent)?;
+                if !dirs.iter().any(|(d, _)| Arc::ptr_eq(d, &pfd)) {
+                    let before = posix::stat_fd(pfd.as_fd()).ctx("stat NEW dir")?;
+                    dirs.push((pfd.clone(), before));
+                }
+                match link_anon(&p.tmp, pfd.as_fd(), &name) {
+                    // NEW got an entry of that name meanwhile (through the view): it wins.
+                    Err(rustix::io::Errno::EXIST) => {
+                        orphans.clear_copy(tst.st_dev, tst.st_ino);
+                        return Ok(Copied::GaveWay);
+                    }
+                    r => r.ctx("link copy into NEW")?,
+                }
+                {
+                    let mut n = p.inode.node();
+                    n.new = Some(Loc::At(pfd, name));
+                    n.copy = CopyState::Copy;
+                }
+                self.inodes
+                    .add_identity(&p.inode, Identity::New(tst.st_dev, tst.st_ino));
+                Ok(Copied::File {
+                    bytes: p.st.st_size as u64,
+                })
+            })();
+            out.push((p.inode, r));
+        }
+        for (d, before) in dirs {
+            if let Err(e) = Loc::Fd(d).utimens(&timestamps(&before)) {
+                tracing::warn!(error = %e, "restoring a NEW directory's times");
+            }
+        }
+        if !orphans.is_empty() {
+            let _ = self.journal.commit(orphans, false);
+        }
+        out
+    }
+
     fn copy_file(&self, inode: &Inode, mode: CopyMode<'_>) -> Result<Copied> {
-        let (data, mut tick, background) = match mode {
-            CopyMode::View { data } => (data, None, false),
-            CopyMode::Background { tick } => (true, Some(tick), true),
+        let (data, mut tick, background, defer) = match mode {
+            CopyMode::View { data } => (data, None, false, None),
+            CopyMode::Background { tick, defer } => (true, Some(tick), true, defer),
         };
         let old = old_side(inode)?;
         let src = old
@@ -396,7 +570,7 @@ impl View {
         if !complete {
             return Ok(Copied::GaveWay);
         }
-        copy_xattrs(&file_loc(&src)?, &file_loc(&tmp)?)?;
+        copy_xattrs_fd(&src, &tmp)?;
         rustix::fs::fchown(
             &tmp,
             Some(rustix::fs::Uid::from_raw(st.st_uid)),
@@ -405,6 +579,19 @@ impl View {
         .ctx("fchown copy")?;
         rustix::fs::fchmod(&tmp, Mode::from_raw_mode(st.st_mode & 0o7777)).ctx("fchmod copy")?;
         rustix::fs::futimens(&tmp, &timestamps(&st)).ctx("futimens copy")?;
+        if let Some((arc, slot)) = defer
+            && group.is_none()
+        {
+            // The copier's plain file: named later, with its batch (see finish_pending).
+            *slot = Some(Pending {
+                inode: arc.clone(),
+                src,
+                st,
+                tmp,
+                origin: old.path.clone(),
+            });
+            return Ok(Copied::GaveWay);
+        }
         rustix::fs::fsync(&tmp).ctx("fsync copy")?;
         if background {
             // OLD changed while we copied (an application writing to OLD behind the view):
@@ -454,15 +641,8 @@ impl View {
         // The entry may have been renamed while we copied: place it where it is now.
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
-        let tp = posix::proc_path(tmp.as_fd());
         let linked = keeping_dir_times(&pfd, || {
-            match rustix::fs::linkat(
-                rustix::fs::CWD,
-                tp.as_c_str(),
-                pfd.as_fd(),
-                &name,
-                AtFlags::SYMLINK_FOLLOW,
-            ) {
+            match link_anon(&tmp, pfd.as_fd(), &name) {
                 // NEW got an entry of that name in between (created through the view): it wins.
                 Err(rustix::io::Errno::EXIST) if background => Ok(false),
                 r => r.ctx("link copy into NEW").map(|()| true),
@@ -565,8 +745,40 @@ impl View {
 /// How a file copy runs: for the view (holding the claim; `data: false` for O_TRUNC), or in
 /// the background for the copier.
 pub(crate) enum CopyMode<'a> {
-    View { data: bool },
-    Background { tick: Tick<'a> },
+    View {
+        data: bool,
+    },
+    Background {
+        tick: Tick<'a>,
+        /// Where to leave a plain file's finished copy for the batch to name, instead of
+        /// fsyncing and naming it now.
+        defer: Option<(&'a Arc<Inode>, &'a mut Option<Pending>)>,
+    },
+}
+
+/// A background copy whose data and metadata are written but not yet durable nor named.
+pub struct Pending {
+    inode: Arc<Inode>,
+    src: File,
+    st: rustix::fs::Stat,
+    tmp: File,
+    origin: Vec<u8>,
+}
+
+impl Pending {
+    pub fn bytes(&self) -> u64 {
+        self.st.st_size as u64
+    }
+    pub fn inode_arc(&self) -> Arc<Inode> {
+        self.inode.clone()
+    }
+}
+
+/// What the copier's copy of one entry left.
+pub enum Outcome {
+    Done(Copied),
+    /// A copy waiting for its batch: made durable by one syncfs, then named.
+    Pending(Pending),
 }
 
 /// What a background copy did.

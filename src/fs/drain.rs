@@ -118,8 +118,37 @@ impl View {
     }
 
     /// Copy one entry that is still only in OLD, in the background (see `copy_background`).
-    pub fn copy_entry(&self, inode: &Inode, tick: Tick<'_>) -> Result<super::Copied> {
+    pub fn copy_entry(&self, inode: &Arc<Inode>, tick: Tick<'_>) -> Result<super::Outcome> {
         self.copy_background(inode, tick)
+    }
+
+    /// Make a batch of pending copies durable (one syncfs of NEW) and name them.
+    pub fn finish_copies(
+        &self,
+        batch: Vec<super::Pending>,
+    ) -> Vec<(Arc<Inode>, Result<super::Copied>)> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let synced = posix::reopen(self.new.root(), OFlags::RDONLY | OFlags::DIRECTORY)
+            .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+        if let Err(e) = synced {
+            return batch
+                .into_iter()
+                .map(|p| {
+                    (
+                        p.inode_arc(),
+                        Err(Error::Store {
+                            op: "syncfs NEW",
+                            source: std::io::Error::from_raw_os_error(
+                                e.raw_os_error().unwrap_or(libc::EIO),
+                            ),
+                        }),
+                    )
+                })
+                .collect();
+        }
+        self.finish_pending(batch)
     }
 
     pub fn done(&self) -> Done {
@@ -204,9 +233,16 @@ impl View {
         Ok(())
     }
 
+    /// How many namespace changes the view has made (a pass with none during it cannot have
+    /// missed an entry that moved).
+    pub fn ns_changes(&self) -> u64 {
+        self.ns_changes.load(Ordering::Relaxed)
+    }
+
     /// The entries of `dir` changed through the view: its counted subdirectories are stale, and
     /// its times are the view's from now on (the copier no longer gives it OLD's).
     pub(crate) fn dir_changed(&self, dir: &Inode) {
+        self.ns_changes.fetch_add(1, Ordering::Relaxed);
         let (state, loc) = {
             let mut n = dir.node();
             n.subdirs = None;
@@ -402,7 +438,7 @@ impl View {
             })? {
                 return Ok(false);
             }
-            copy_xattrs(&file_loc_of(&src)?, &file_loc_of(&tmp)?)?;
+            super::copyup::copy_xattrs_fd(&src, &tmp)?;
             rustix::fs::fsync(&tmp).ctx("fsync copy")?;
             let tp = posix::proc_path(tmp.as_fd());
             rustix::fs::linkat(
@@ -498,7 +534,7 @@ impl View {
             self.changing(inode)?;
             return Ok(false);
         }
-        copy_xattrs(&file_loc_of(&src)?, &file_loc_of(&dst)?)?;
+        super::copyup::copy_xattrs_fd(&src, &dst)?;
         apply_meta(pfd.as_fd(), name, &st)?;
         rustix::fs::fsync(&dst).ctx("fsync NEW copy")?;
         let nst = posix::stat_fd(dst.as_fd()).ctx("stat NEW copy")?;
@@ -540,11 +576,6 @@ impl View {
     pub fn has_work_dir(&self) -> bool {
         posix::stat_at(self.new.root(), OsStr::new(WORK_DIR)).is_ok()
     }
-}
-
-fn file_loc_of(f: &std::fs::File) -> Result<Loc> {
-    let fd = f.as_fd().try_clone_to_owned().ctx("dup")?;
-    Ok(Loc::Fd(Arc::new(fd)))
 }
 
 /// How closely `verify` compares a copy with OLD.

@@ -26,7 +26,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::{Arc, RwLock};
 
 pub use attr::{Attr, Kind};
-pub use copyup::{Copied, copy_xattrs};
+pub use copyup::{Copied, Outcome, Pending, copy_xattrs};
 pub use drain::{Check, Compare};
 
 /// A stat's atime and mtime, for utimensat.
@@ -125,6 +125,8 @@ pub struct View {
     /// Entries applications touched while still OLD-only: the copier takes them first.
     touched: crossbeam_channel::Sender<Arc<Inode>>,
     touched_rx: crossbeam_channel::Receiver<Arc<Inode>>,
+    /// Namespace changes made through the view so far.
+    ns_changes: std::sync::atomic::AtomicU64,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -197,6 +199,7 @@ impl View {
             epoch: std::time::Instant::now(),
             touched,
             touched_rx,
+            ns_changes: Default::default(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
