@@ -11,7 +11,7 @@ Datasets (made once per run, in SCRATCH/old-*):
 
 Tools, each into a fresh empty NEW, page cache dropped before every run, runs interleaved:
   cp -a, rsync -a, rclone copy --transfers 8 (--links, --local-no-check-updated),
-  ferryfs (prepare, then `execute` in the foreground: the offline copier, 4 workers).
+  ferryfs (prepare, then `execute` in the foreground: the offline copier, default 8 workers).
 For each: wall time, files/s, MiB/s and the process's peak RSS (wait4's ru_maxrss); the
 median of --reps runs (default 3; 1 with --quick, which also shrinks the datasets).
 Prints a Markdown table and writes it to bench/results/copy-latest.md.
@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--million", action="store_true")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--only", help="comma-separated tool names")
+    ap.add_argument("--datasets", default="small,large",
+                    help="comma-separated: small, large (and million with --million)")
     a = ap.parse_args()
     reps = a.reps or (1 if a.quick else 3)
     target = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/ferryfs/target")
@@ -127,12 +129,13 @@ def main():
     try:
         datasets = []
         print("[copybench] making datasets ...", flush=True)
-        if a.quick:
-            datasets.append(("small", make_small(f"{scratch}/old-small", 10, 10, 100)))
-            datasets.append(("large", make_large(f"{scratch}/old-large", 2, 64)))
-        else:
-            datasets.append(("small", make_small(f"{scratch}/old-small", 50, 10, 100)))
-            datasets.append(("large", make_large(f"{scratch}/old-large", 8, 256)))
+        want = a.datasets.split(",")
+        if "small" in want:
+            dims = (10, 10, 100) if a.quick else (50, 10, 100)
+            datasets.append(("small", make_small(f"{scratch}/old-small", *dims)))
+        if "large" in want:
+            dims = (2, 64) if a.quick else (8, 256)
+            datasets.append(("large", make_large(f"{scratch}/old-large", *dims)))
         if a.million:
             datasets.append(("million", make_million(f"{scratch}/old-million", 1000, 1000)))
         ts = tools(ferryfs)

@@ -4,7 +4,8 @@
 # Builds the release binary, creates a small realistic dataset in OLD, prepares a migration,
 # mounts the view IN PLACE over OLD (the main use: applications keep using the same path),
 # then reads, appends, deletes and renames through the view, and shows where each change
-# landed. OLD itself is never modified; to show that while the view covers OLD, a private
+# landed, then copies the rest (execute), verifies, and commits: NEW ends up a plain copy of
+# the view. OLD itself is never modified; to show that while the view covers OLD, a private
 # bind mount of OLD ("old-underneath") is made before the view is mounted.
 # Everything lives in a fresh temp dir that is unmounted and removed on exit.
 set -euo pipefail
@@ -194,8 +195,28 @@ printf '%s\n' "$status_json" | python3 -m json.tool || die "status --json did no
 step "Migration status (ferryfs status)"
 run "$BIN" status --state "$STATE" || die "ferryfs status failed"
 
-step "What NEW holds now"
+step "Copy everything else in the background (ferryfs execute --wait)"
+run "$BIN" execute --state "$STATE" --wait || die "ferryfs execute failed"
+run "$BIN" status --state "$STATE" || die "ferryfs status failed"
+
+step "Verify every copy against OLD (ferryfs verify --checksum)"
+run "$BIN" verify --state "$STATE" --checksum || die "ferryfs verify failed"
+
+# What applications see right before commit: every entry with type, mode, size and content.
+snapshot() {
+    (cd "$1" && find . -mindepth 1 -printf '%y %m %s %P\n' | sort &&
+        find . -type f -exec sha256sum {} + | sort -k2)
+}
+view_before="$(snapshot "$OLD")"
+
+step "Commit (ferryfs commit): NEW becomes the dataset"
+run "$BIN" commit --state "$STATE" || die "ferryfs commit failed"
+run "$BIN" status --state "$STATE" || die "ferryfs status failed"
+
+step "What NEW holds now: the whole view, as a plain tree"
 run find "$NEW" -printf '%y %10s  %P\n'
+[[ "$(snapshot "$NEW")" == "$view_before" ]] || die "NEW differs from what the view showed"
+echo "OK: NEW equals the view (types, modes, sizes, content), with no ferryfs files"
 
 step "Unmount the view (ferryfs unmount)"
 run "$BIN" unmount "$OLD" || die "ferryfs unmount failed"
@@ -205,7 +226,7 @@ for _ in $(seq 1 50); do
 done
 is_mounted "$OLD" && die "$OLD is still mounted after ferryfs unmount"
 VIEW_MOUNTED=0
-echo "-- OLD is the original, untouched tree again:"
+echo "-- OLD is the original, untouched tree again (it may be retired now):"
 run ls -la "$OLD/tmp" "$OLD/projects"
 
 step "Remove the bind mount and temp dirs"

@@ -124,7 +124,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            workers: 4,
+            workers: 8,
             bwlimit: 0,
             ops_limit: 0,
             recheck: None,
@@ -174,6 +174,7 @@ struct PassCtx<'a> {
 /// A worker names its pending copies once it holds this many, or this many bytes.
 const BATCH_FILES: usize = 64;
 const BATCH_BYTES: u64 = 64 << 20;
+const BATCH_AGE: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct PassCounters {
@@ -694,6 +695,7 @@ impl Copier {
                         let mut batch: Vec<Pending> = Vec::new();
                         let mut held: Vec<(Arc<Inode>, Arc<DirGuard>)> = Vec::new();
                         let mut bytes = 0u64;
+                        let mut since = Instant::now();
                         let name_them =
                             |batch: &mut Vec<Pending>, held: &mut Vec<(Arc<Inode>, Arc<DirGuard>)>| {
                                 if !batch.is_empty() {
@@ -746,13 +748,21 @@ impl Copier {
                                     };
                                     match visit(&inode) {
                                         Some(p) => {
+                                            if batch.is_empty() {
+                                                since = Instant::now();
+                                            }
                                             bytes += p.bytes();
                                             batch.push(p);
                                             held.push((inode, job.dir));
                                         }
                                         None => self.view.release_lookup(&inode),
                                     }
-                                    if batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES {
+                                    // Full, or waiting long enough (slow under a bandwidth
+                                    // limit): name the batch, so progress shows steadily.
+                                    if batch.len() >= BATCH_FILES
+                                        || bytes >= BATCH_BYTES
+                                        || (!batch.is_empty() && since.elapsed() >= BATCH_AGE)
+                                    {
                                         name_them(&mut batch, &mut held);
                                         bytes = 0;
                                     }

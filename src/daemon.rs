@@ -54,6 +54,8 @@ pub fn open_view(m: &Migration) -> Result<Opened, String> {
     // Entries are created on behalf of callers with the mode the kernel already masked with
     // the caller's umask; the daemon's own umask must not mask it a second time.
     rustix::process::umask(rustix::fs::Mode::empty());
+    // An fd per directory the kernel knows, and two per copy waiting in a copier batch.
+    raise_nofile_limit();
     let (vold, vnew, old, new) = match phase {
         Phase::Committed => (
             open("NEW", new_path)?,
@@ -242,7 +244,6 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         }
     }
     // Open both stores before mounting: the mountpoint may be OLD's own path (rule 11).
-    raise_nofile_limit();
     let opened = match open_view(&migration) {
         Ok(o) => o,
         Err(e) => return Err(fail(&mut ready, e)),

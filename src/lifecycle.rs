@@ -88,6 +88,7 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
             "commit refused: NEW still holds ferryfs's work dir (hard-link copies pending)".into(),
         ));
     }
+    state::record_final_local(journal, new_root)?;
     state::set_phase(journal, Phase::Committed)?;
     journal.clear_view_records()?;
     copier.view().set_single();
@@ -171,6 +172,9 @@ pub fn abort(
         .meta("abort_step")?
         .map(|s| String::from_utf8_lossy(&s).into_owned());
     let mut stats = AbortStats::default();
+    if step.is_none() {
+        state::record_final_local(journal, new_root)?;
+    }
     if step.is_none() || step.as_deref() == Some(STEP_STAGING) {
         set_step(journal, STEP_STAGING)?;
         remove_tree_at(old_root, OsStr::new(STAGING))?;

@@ -79,8 +79,16 @@ enum Cmd {
         /// With a daemon: wait until the migration is executed, showing progress.
         #[arg(long)]
         wait: bool,
-        #[command(flatten)]
-        limits: LimitArgs,
+        /// Copier worker threads [default: 8, or the daemon's setting].
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Copier bandwidth limit in bytes/s (k, M, G suffixes); 0 is unlimited [default: 0,
+        /// or the daemon's setting].
+        #[arg(long)]
+        bwlimit: Option<String>,
+        /// Copier limit in entries/s; 0 is unlimited [default: 0, or the daemon's setting].
+        #[arg(long)]
+        ops_limit: Option<u64>,
     },
     /// Pause the running copier.
     Pause {
@@ -130,8 +138,9 @@ enum Cmd {
 
 #[derive(clap::Args, Clone)]
 struct LimitArgs {
-    /// Copier worker threads.
-    #[arg(long, default_value_t = 4)]
+    /// Copier worker threads (each keeps up to 64 copies, two fds each, waiting for its
+    /// batch's syncfs).
+    #[arg(long, default_value_t = 8)]
     workers: usize,
     /// Copier bandwidth limit in bytes/s (k, M, G suffixes: 50M); 0 is unlimited.
     #[arg(long, default_value = "0")]
@@ -238,8 +247,10 @@ fn run() -> Result<(), String> {
         Cmd::Execute {
             state,
             wait,
-            limits,
-        } => execute(&state, wait, &limits),
+            workers,
+            bwlimit,
+            ops_limit,
+        } => execute(&state, wait, workers, bwlimit.as_deref(), ops_limit),
         Cmd::Pause { state } => daemon_only(&state, Request::Pause),
         Cmd::Resume { state } => daemon_only(&state, Request::Resume),
         Cmd::Limits {
@@ -421,7 +432,26 @@ fn print_status(s: &state::Status) {
     }
 }
 
-fn execute(state: &std::path::Path, wait: bool, limits: &LimitArgs) -> Result<(), String> {
+fn execute(
+    state: &std::path::Path,
+    wait: bool,
+    workers: Option<usize>,
+    bwlimit: Option<&str>,
+    ops_limit: Option<u64>,
+) -> Result<(), String> {
+    let bwlimit = bwlimit.map(copier::parse_rate).transpose()?;
+    if workers.is_some() || bwlimit.is_some() || ops_limit.is_some() {
+        let limits = Request::Limits {
+            bwlimit,
+            ops_limit,
+            workers,
+        };
+        if let Some(r) = control::request(state, &limits)?
+            && !r.ok
+        {
+            return Err(r.message);
+        }
+    }
     if let Some(r) = control::request(state, &Request::Execute)? {
         if !r.ok {
             return Err(r.message);
@@ -435,7 +465,9 @@ fn execute(state: &std::path::Path, wait: bool, limits: &LimitArgs) -> Result<()
             let s = state::status(state).map_err(|e| e.to_string())?;
             print_progress(&s, true);
             if s.phase == "executed" {
-                println!();
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    println!();
+                }
                 return Ok(());
             }
             if !s.mounted {
@@ -446,7 +478,13 @@ fn execute(state: &std::path::Path, wait: bool, limits: &LimitArgs) -> Result<()
     // No daemon: copy in this process until done.
     let m = open_offline(state)?;
     let o = daemon::open_view(&m)?;
-    let c = copier::Copier::new(o.view.clone(), m.journal.clone(), limits.options()?);
+    let opts = copier::Options {
+        workers: workers.unwrap_or(copier::Options::default().workers),
+        bwlimit: bwlimit.unwrap_or(0),
+        ops_limit: ops_limit.unwrap_or(0),
+        recheck: None,
+    };
+    let c = copier::Copier::new(o.view.clone(), m.journal.clone(), opts);
     c.execute().map_err(|e| e.to_string())?;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shower = {

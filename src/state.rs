@@ -121,6 +121,28 @@ pub fn record_rate(journal: &Records, bytes_per_sec: u64) -> Result<(), crate::e
     Ok(())
 }
 
+/// Before commit or abort forgets which entries were copies: how many were the view's own, so
+/// `status` keeps reporting it.
+pub fn record_final_local(
+    journal: &Records,
+    new_root: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), crate::error::Error> {
+    let copies: std::collections::HashSet<(u64, u64)> =
+        journal.copies()?.into_iter().map(|(k, _)| k).collect();
+    let root = std::path::PathBuf::from(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        new_root.as_raw_fd()
+    }));
+    let n = local_entries(&root, &copies).map_err(|e| crate::error::Error::Store {
+        op: "count NEW entries",
+        source: e,
+    })?;
+    let mut b = Batch::new();
+    b.meta("final_local", &n.to_le_bytes());
+    journal.commit(b, true)?;
+    Ok(())
+}
+
 pub fn set_totals(journal: &Records, t: &Totals) -> Result<(), crate::error::Error> {
     let mut b = Batch::new();
     b.meta("totals", &serde_json::to_vec(t).expect("totals serialize"));
@@ -439,7 +461,13 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         .unwrap_or_else(|| PHASE_PREPARED.to_string());
     let counts = journal.counts()?;
     let StoreSpec::Posix { path: np } = &config.new;
-    let local = if count_local {
+    let final_local = journal
+        .meta("final_local")?
+        .and_then(|v| v.try_into().ok().map(u64::from_le_bytes));
+    let local = if let Some(n) = final_local.filter(|_| phase == "committed" || phase == "aborted")
+    {
+        n
+    } else if count_local {
         let copies: std::collections::HashSet<(u64, u64)> =
             journal.copies()?.into_iter().map(|(k, _)| k).collect();
         local_entries(np, &copies).map_err(io_at(np))?
