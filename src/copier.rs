@@ -124,7 +124,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            workers: 8,
+            workers: 16,
             bwlimit: 0,
             ops_limit: 0,
             recheck: None,
@@ -382,6 +382,11 @@ impl Copier {
                         .wait_timeout(w, Duration::from_millis(500))
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
+                    if w.run && !self.paused.load(Ordering::Relaxed) {
+                        drop(w);
+                        self.drain_rechecks();
+                        w = self.want.lock().unwrap_or_else(|p| p.into_inner());
+                    }
                 }
                 seen_kick = w.kick;
             }
@@ -409,6 +414,50 @@ impl Copier {
                     self.sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
+            }
+        }
+    }
+
+    /// Between passes: check the copies applications looked up against OLD, and copy again
+    /// those OLD changed behind the view (listed in status as changed in OLD).
+    fn drain_rechecks(&self) {
+        let rx = self.view.rechecks();
+        while let Ok(inode) = rx.try_recv() {
+            if self.stopping() || self.paused.load(Ordering::Relaxed) {
+                return;
+            }
+            if !self.view.in_new(&inode) {
+                continue;
+            }
+            match self.view.check_copy(&inode, true, &mut |n| self.tick(n)) {
+                Ok(Check::Stale { recopied, .. }) => {
+                    let path = self.view.view_path(&inode);
+                    tracing::info!(
+                        path = %display_path(&path),
+                        recopied,
+                        "changed in OLD since it was copied (found at lookup)"
+                    );
+                    let mut b = Batch::new();
+                    b.stale(
+                        &path,
+                        &StaleRecord {
+                            found: now_secs(),
+                            copied_again: recopied,
+                        },
+                    );
+                    if let Err(e) = self.journal.commit(b, false) {
+                        tracing::warn!(error = %e, "recording a stale copy");
+                    }
+                    if !recopied {
+                        self.kick();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    path = %display_path(&self.view.view_path(&inode)),
+                    error = %e,
+                    "checking a copy against OLD"
+                ),
             }
         }
     }
@@ -497,8 +546,8 @@ impl Copier {
             known: &known_errors,
             seen: Mutex::new(std::collections::HashSet::new()),
         };
-        let visit = |inode: &Arc<Inode>| self.copy_one(inode, &ctx);
-        let flush = |batch: Vec<Pending>| self.flush(batch, &ctx);
+        let visit = |inode: &Arc<Inode>, counts: bool| self.copy_one(inode, &ctx, counts);
+        let flush = |batch: Vec<(Pending, bool)>| self.flush(batch, &ctx);
         let stopped = self.walk(true, &visit, &flush);
         // Nothing changed the view's namespace during the pass: no entry can have moved out
         // of the walk's way, so a pass that only copied is complete (no confirming pass).
@@ -554,7 +603,7 @@ impl Copier {
 
     /// Copy or check one entry. A plain file's copy may come back pending: the worker names
     /// it with its batch (see [`Copier::flush`]).
-    fn copy_one(&self, inode: &Arc<Inode>, p: &PassCtx<'_>) -> Option<Pending> {
+    fn copy_one(&self, inode: &Arc<Inode>, p: &PassCtx<'_>, counts: bool) -> Option<Pending> {
         let mut tick = |n| self.tick(n);
         let r = if self.view.in_new(inode) {
             self.view
@@ -590,19 +639,26 @@ impl Copier {
                 Err(e) => Err(e),
             }
         };
-        self.account(inode, r, p);
+        self.account(inode, r, p, counts);
         None
     }
 
     /// Name a worker's pending copies (one syncfs for all), then count what each became.
-    fn flush(&self, batch: Vec<Pending>, p: &PassCtx<'_>) {
-        for (inode, r) in self.view.finish_copies(batch) {
-            self.account(&inode, r, p);
+    fn flush(&self, batch: Vec<(Pending, bool)>, p: &PassCtx<'_>) {
+        let counts: std::collections::HashMap<*const Inode, bool> = batch
+            .iter()
+            .map(|(pd, c)| (Arc::as_ptr(&pd.inode_arc()), *c))
+            .collect();
+        let pendings = batch.into_iter().map(|(pd, _)| pd).collect();
+        for (inode, r) in self.view.finish_copies(pendings) {
+            let c = counts.get(&Arc::as_ptr(&inode)).copied().unwrap_or(true);
+            self.account(&inode, r, p, c);
         }
     }
 
-    /// Count what happened to one entry; record its error if it failed.
-    fn account(&self, inode: &Inode, r: Result<Copied>, p: &PassCtx<'_>) {
+    /// Count what happened to one entry; record its error if it failed. `counts`: the walk's
+    /// visit of a name (the tally counts each name once).
+    fn account(&self, inode: &Inode, r: Result<Copied>, p: &PassCtx<'_>, counts: bool) {
         let c = p.c;
         match r {
             Ok(done) => {
@@ -623,7 +679,7 @@ impl Copier {
                         }
                     }
                 }
-                if self.view.in_new(inode) {
+                if counts && self.view.in_new(inode) {
                     if inode.kind == Kind::Dir {
                         c.seen_dirs.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -677,8 +733,8 @@ impl Copier {
     fn walk(
         &self,
         finish_dirs: bool,
-        visit: &(dyn Fn(&Arc<Inode>) -> Option<Pending> + Sync),
-        flush: &(dyn Fn(Vec<Pending>) + Sync),
+        visit: &(dyn Fn(&Arc<Inode>, bool) -> Option<Pending> + Sync),
+        flush: &(dyn Fn(Vec<(Pending, bool)>) + Sync),
     ) -> bool {
         let workers = self.workers.load(Ordering::Relaxed);
         let (tx, rx) = chan::bounded::<Job>(1024);
@@ -692,12 +748,13 @@ impl Copier {
                     .spawn_scoped(s, move || {
                         // Copies waiting to be named, and the lookups that keep their
                         // entries (and parents) known until then.
-                        let mut batch: Vec<Pending> = Vec::new();
+                        let mut batch: Vec<(Pending, bool)> = Vec::new();
                         let mut held: Vec<(Arc<Inode>, Arc<DirGuard>)> = Vec::new();
                         let mut bytes = 0u64;
                         let mut since = Instant::now();
                         let name_them =
-                            |batch: &mut Vec<Pending>, held: &mut Vec<(Arc<Inode>, Arc<DirGuard>)>| {
+                            |batch: &mut Vec<(Pending, bool)>,
+                             held: &mut Vec<(Arc<Inode>, Arc<DirGuard>)>| {
                                 if !batch.is_empty() {
                                     flush(std::mem::take(batch));
                                 }
@@ -706,14 +763,17 @@ impl Copier {
                                 }
                             };
                         loop {
+                            // Entries applications touched go first; the walk meets them again
+                            // later and counts them then (one count per name).
                             if let Ok(t) = touched.try_recv() {
                                 if !self.view.in_new(&t)
-                                    && let Some(p) = visit(&t)
+                                    && let Some(p) = visit(&t, false)
                                 {
-                                    batch.push(p);
+                                    batch.push((p, false));
                                 }
                                 continue;
                             }
+
                             let job = match rx.try_recv() {
                                 Ok(j) => Ok(j),
                                 Err(chan::TryRecvError::Empty) => {
@@ -746,13 +806,13 @@ impl Copier {
                                             continue;
                                         }
                                     };
-                                    match visit(&inode) {
+                                    match visit(&inode, true) {
                                         Some(p) => {
                                             if batch.is_empty() {
                                                 since = Instant::now();
                                             }
                                             bytes += p.bytes();
-                                            batch.push(p);
+                                            batch.push((p, true));
                                             held.push((inode, job.dir));
                                         }
                                         None => self.view.release_lookup(&inode),
@@ -803,8 +863,8 @@ impl Copier {
                             error = %e,
                             "listing a directory"
                         );
-                        if let Some(p) = visit(&dir.inode) {
-                            flush(vec![p]);
+                        if let Some(p) = visit(&dir.inode, true) {
+                            flush(vec![(p, true)]);
                         }
                         continue;
                     }
@@ -846,8 +906,8 @@ impl Copier {
                         });
                         continue;
                     }
-                    if let Some(p) = visit(&inode) {
-                        flush(vec![p]);
+                    if let Some(p) = visit(&inode, true) {
+                        flush(vec![(p, true)]);
                     }
                     stack.push(Arc::new(DirGuard {
                         view: self.view.clone(),
@@ -868,7 +928,10 @@ impl Copier {
     /// `compare`) which copies differ from OLD in content or metadata.
     pub fn check(&self, compare: Option<crate::fs::Compare>) -> Result<CheckReport> {
         let report = Mutex::new(CheckReport::default());
-        let visit = |inode: &Arc<Inode>| -> Option<Pending> {
+        let visit = |inode: &Arc<Inode>, counts: bool| -> Option<Pending> {
+            if !counts {
+                return None; // entries applications touched: the walk meets them anyway
+            }
             let path = String::from_utf8_lossy(&self.view.view_path(inode)).into_owned();
             let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
             r.checked += 1;

@@ -79,7 +79,7 @@ enum Cmd {
         /// With a daemon: wait until the migration is executed, showing progress.
         #[arg(long)]
         wait: bool,
-        /// Copier worker threads [default: 8, or the daemon's setting].
+        /// Copier worker threads [default: 16, or the daemon's setting].
         #[arg(long)]
         workers: Option<usize>,
         /// Copier bandwidth limit in bytes/s (k, M, G suffixes); 0 is unlimited [default: 0,
@@ -140,7 +140,7 @@ enum Cmd {
 struct LimitArgs {
     /// Copier worker threads (each keeps up to 64 copies, two fds each, waiting for its
     /// batch's syncfs).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     workers: usize,
     /// Copier bandwidth limit in bytes/s (k, M, G suffixes: 50M); 0 is unlimited.
     #[arg(long, default_value = "0")]

@@ -78,9 +78,21 @@ pub(crate) fn copy_range(
 /// Copy a file's data keeping holes: only the ranges SEEK_DATA finds are copied. `Ok(false)`:
 /// `tick` stopped it.
 pub(crate) fn copy_data(src: &File, dst: &File, size: u64, tick: Tick<'_>) -> Result<bool> {
+    let st = posix::stat_fd(src.as_fd()).ok();
+    copy_data_of(src, dst, size, st.as_ref(), tick)
+}
+
+/// [`copy_data`] for a caller that has `src`'s stat already.
+pub(crate) fn copy_data_of(
+    src: &File,
+    dst: &File,
+    size: u64,
+    st: Option<&rustix::fs::Stat>,
+    tick: Tick<'_>,
+) -> Result<bool> {
     // A file with as many blocks as bytes has no holes: one straight copy, no seeking, and
     // the copy ends at `size` by itself.
-    if let Ok(st) = posix::stat_fd(src.as_fd())
+    if let Some(st) = st
         && (st.st_blocks as u64) * 512 >= size
         && st.st_size as u64 == size
     {
@@ -397,7 +409,6 @@ impl View {
     /// journal batch, then their links, each where its entry is now. A copy the view took
     /// over meanwhile, or whose OLD file changed, is thrown away.
     pub(crate) fn finish_pending(&self, batch: Vec<Pending>) -> Vec<(Arc<Inode>, Result<Copied>)> {
-        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(batch.len());
         let mut ready = Vec::new();
         let mut b = Batch::new();
@@ -457,11 +468,18 @@ impl View {
             }
             return out;
         }
-        // Links, keeping each directory's times as they were before the batch.
+        // Links, keeping each directory's times as they were before the batch. Only this part
+        // holds the namespace lock: no rename or removal through the view interleaves.
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let mut dirs: Vec<(Arc<OwnedFd>, rustix::fs::Stat)> = Vec::new();
         let mut orphans = Batch::new();
         for (p, tst) in ready {
             let r = (|| -> Result<Copied> {
+                // The view took the entry over since the checks above: its copy wins.
+                if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
+                    orphans.clear_copy(tst.st_dev, tst.st_ino);
+                    return Ok(Copied::GaveWay);
+                }
                 let (parent, name) = self.placement(&p.inode)?;
                 let pfd = self.ensure_new_dir_locked(&parent)?;
                 if !dirs.iter().any(|(d, _)| Arc::ptr_eq(d, &pfd)) {
@@ -512,10 +530,20 @@ impl View {
             .or_else(|_| old.loc.open(OFlags::RDONLY))
             .ctx("open OLD file")?;
         let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
-        let pfd = {
-            let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        // The directory to build the copy in (the copy is named later, wherever the entry is
+        // then). Usually in NEW already: a shared lock is enough to find it.
+        let existing = {
+            let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
             let (parent, _) = self.placement(inode)?;
-            self.ensure_new_dir_locked(&parent)?
+            self.new_dir(&parent)
+        };
+        let pfd = match existing {
+            Some(fd) => fd,
+            None => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                let (parent, _) = self.placement(inode)?;
+                self.ensure_new_dir_locked(&parent)?
+            }
         };
         // A name of an OLD hard-link group whose copy exists already: link to that copy.
         let group = if st.st_nlink > 1 {
@@ -560,11 +588,12 @@ impl View {
         )
         .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
         let tmp = File::from(tmp);
+        let size = st.st_size as u64;
         let complete = match tick.as_mut() {
-            Some(t) => copy_data(&src, &tmp, st.st_size as u64, &mut |n| {
+            Some(t) => copy_data_of(&src, &tmp, size, Some(&st), &mut |n| {
                 !inode.cancel.load(Ordering::Acquire) && t(n)
             })?,
-            None if data => copy_data(&src, &tmp, st.st_size as u64, &mut |_| true)?,
+            None if data => copy_data_of(&src, &tmp, size, Some(&st), &mut |_| true)?,
             None => true,
         };
         if !complete {
@@ -582,6 +611,17 @@ impl View {
         if let Some((arc, slot)) = defer
             && group.is_none()
         {
+            // Start writing the copy back now, without waiting: the batch's syncfs then finds
+            // little left to write, and the disk works while the next files are copied.
+            // SAFETY: plain syscall on an fd we own; a failure only loses the head start.
+            unsafe {
+                libc::sync_file_range(
+                    std::os::fd::AsRawFd::as_raw_fd(&tmp),
+                    0,
+                    0,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
             // The copier's plain file: named later, with its batch (see finish_pending).
             *slot = Some(Pending {
                 inode: arc.clone(),

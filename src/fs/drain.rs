@@ -57,7 +57,7 @@ impl View {
     /// The inode at `name` in `dir`, counting one lookup (give it back with [`View::release_lookup`]).
     /// `None` when the name went away meanwhile.
     pub fn child(&self, dir: &Inode, name: &OsStr) -> Result<Option<Arc<Inode>>> {
-        match self.lookup(dir.ino, name) {
+        match self.lookup_entry(dir.ino, name) {
             Ok(attr) => Ok(Some(self.inode(attr.ino)?)),
             Err(e) if e.errno() == libc::ENOENT => Ok(None),
             Err(e) => Err(e),
@@ -181,6 +181,34 @@ impl View {
         self.epoch
             .elapsed()
             .saturating_sub(Duration::from_nanos(last - 1))
+    }
+
+    /// How often one entry's copy is checked again because the kernel looked it up.
+    const RECHECK_EVERY: Duration = Duration::from_secs(30);
+
+    /// A kernel lookup found `inode`: if it is (or may be) a copy of OLD, queue it for a check
+    /// against OLD, at most once per [`Self::RECHECK_EVERY`]. Never blocks the lookup.
+    pub(crate) fn note_lookup(&self, inode: &Arc<Inode>) {
+        if self.is_single() || inode.kind == Kind::Dir {
+            return;
+        }
+        {
+            let mut n = inode.node();
+            if n.new.is_none()
+                || n.copy == CopyState::Local
+                || n.rechecked
+                    .is_some_and(|t| t.elapsed() < Self::RECHECK_EVERY)
+            {
+                return;
+            }
+            n.rechecked = Some(std::time::Instant::now());
+        }
+        let _ = self.rechecks.try_send(inode.clone());
+    }
+
+    /// Copies the kernel looked up since, to check against OLD.
+    pub fn rechecks(&self) -> crossbeam_channel::Receiver<Arc<Inode>> {
+        self.rechecks_rx.clone()
     }
 
     /// Entries applications touched while OLD-only, for the copier to take first.
@@ -497,8 +525,10 @@ impl View {
             },
         );
         self.journal.commit(b, false)?;
-        rustix::fs::renameat(&work, &tmp_name, pfd.as_fd(), &name)
-            .ctx("rename recopy into place")?;
+        super::copyup::keeping_dir_times(&pfd, || {
+            rustix::fs::renameat(&work, &tmp_name, pfd.as_fd(), &name)
+                .ctx("rename recopy into place")
+        })?;
         self.inodes.add_identity(inode, Identity::New(tdev, tino));
         // The work dir goes when nothing else is in it (no litter left in NEW).
         let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);

@@ -55,6 +55,8 @@ pub struct Node {
     /// Whether NEW's entry is still a plain copy of OLD (a copy record exists), as far as
     /// known: the first change through the view removes the record, once.
     pub copy: CopyState,
+    /// When a kernel lookup last queued this entry's copy for a check against OLD.
+    pub rechecked: Option<std::time::Instant>,
 }
 
 /// See [`Node::copy`].

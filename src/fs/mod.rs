@@ -127,6 +127,9 @@ pub struct View {
     touched_rx: crossbeam_channel::Receiver<Arc<Inode>>,
     /// Namespace changes made through the view so far.
     ns_changes: std::sync::atomic::AtomicU64,
+    /// Copies the kernel looked up, for the copier to check against OLD.
+    rechecks: crossbeam_channel::Sender<Arc<Inode>>,
+    rechecks_rx: crossbeam_channel::Receiver<Arc<Inode>>,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -179,6 +182,7 @@ impl View {
             subdirs: None,
             cache_stamp: None,
             copy: Default::default(),
+            rechecked: None,
             ids: vec![
                 Identity::New(nst.st_dev, nst.st_ino),
                 Identity::Old(ost.st_dev, ost.st_ino),
@@ -186,6 +190,7 @@ impl View {
         };
         let done = journal.done()?;
         let (touched, touched_rx) = crossbeam_channel::bounded(4096);
+        let (rechecks, rechecks_rx) = crossbeam_channel::bounded(4096);
         let view = View {
             old,
             new,
@@ -200,6 +205,8 @@ impl View {
             touched,
             touched_rx,
             ns_changes: Default::default(),
+            rechecks,
+            rechecks_rx,
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -430,6 +437,7 @@ impl View {
                 subdirs: None,
                 cache_stamp: None,
                 copy: Default::default(),
+                rechecked: None,
             });
         {
             // An inode found again by identity: the name just resolved is a current NEW
@@ -448,7 +456,17 @@ impl View {
         Ok((inode, attr))
     }
 
+    /// The kernel looks `name` up: a copy it finds is queued for a check against OLD
+    /// (changes made in OLD behind the view are found when applications touch the entry).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let attr = self.lookup_entry(parent, name)?;
+        if let Some(inode) = self.inodes.get(attr.ino) {
+            self.note_lookup(&inode);
+        }
+        Ok(attr)
+    }
+
+    pub(crate) fn lookup_entry(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         {
             let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
             let p = self.inode(parent)?;
@@ -645,6 +663,7 @@ impl View {
             subdirs: None,
             cache_stamp: None,
             copy: Default::default(),
+            rechecked: None,
         };
         drop(n);
         self.list_node(&sides)

@@ -425,6 +425,7 @@ impl View {
             subdirs: None,
             cache_stamp: None,
             copy: Default::default(),
+            rechecked: None,
         };
         Ok(self.list_node(&probe)?.is_empty())
     }
