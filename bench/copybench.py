@@ -10,7 +10,9 @@ Datasets (made once per run, in SCRATCH/old-*):
           peak RSS (the target: under 256 MiB whatever the file count)
 
 Tools, each into a fresh empty NEW, page cache dropped before every run, runs interleaved:
-  cp -a, rsync -a, rclone copy --transfers 8 (--links, --local-no-check-updated),
+  cp -a, rsync -a, rclone copy --transfers 8 (--links, --local-no-check-updated), the durable
+  equivalents `cp -a; sync -f NEW` and `rsync -a; sync -f NEW` (the copy on disk when the
+  command ends, as ferryfs's is: cp and rsync alone end with the data in the page cache),
   ferryfs (prepare, then `execute` in the foreground: the offline copier, default 8 workers).
 For each: wall time, files/s, MiB/s and the process's peak RSS (wait4's ru_maxrss); the
 median of --reps runs (default 3; 1 with --quick, which also shrinks the datasets).
@@ -93,6 +95,13 @@ def tools(ferryfs):
     def rsync(old, new, st):
         return ["rsync", "-a", old + "/", new + "/"]
 
+    def cp_sync(old, new, st):
+        # The durable equivalent: the copy is on disk when the command ends (as ferryfs's is).
+        return ["sh", "-c", f"cp -a '{old}/.' '{new}' && sync -f '{new}'"]
+
+    def rsync_sync(old, new, st):
+        return ["sh", "-c", f"rsync -a '{old}/' '{new}/' && sync -f '{new}'"]
+
     def rclone(old, new, st):
         return ["rclone", "copy", "--transfers", "8", "--links",
                 "--local-no-check-updated", old, new]
@@ -103,7 +112,14 @@ def tools(ferryfs):
            stdout=subprocess.DEVNULL)
         return [ferryfs, "execute", "--state", st]
 
-    return {"cp -a": cp, "rsync -a": rsync, "rclone --transfers 8": rclone, "ferryfs": ferry}
+    return {
+        "cp -a": cp,
+        "rsync -a": rsync,
+        "rclone --transfers 8": rclone,
+        "cp -a; sync": cp_sync,
+        "rsync -a; sync": rsync_sync,
+        "ferryfs": ferry,
+    }
 
 
 def main():
@@ -150,7 +166,7 @@ def main():
                     # done: on an ext4 without a journal (this machine's root), inodes deleted
                     # in the last 30 s are skipped by the allocator at a large cost, which would
                     # tax whichever tool runs after a deletion.
-                    slug = tool.split()[0].replace("-", "")
+                    slug = "".join(ch for ch in tool if ch.isalnum())
                     new = f"{scratch}/new-{name}-{slug}-{rep}"
                     st = f"{scratch}/state-{name}-{rep}"
                     os.makedirs(new)

@@ -70,6 +70,8 @@ pub struct Ctx {
     pub copier: Arc<Copier>,
     pub journal: Records,
     pub new_root: OwnedFd,
+    /// OLD's root, for abort (`None` once committed).
+    pub old_root: Option<OwnedFd>,
     pub mountpoint: PathBuf,
 }
 
@@ -180,10 +182,53 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
                 Err(e) => Response::err(e.to_string()),
             }
         }
-        Request::Abort { .. } => Response::err(format!(
-            "abort replays the view into OLD and needs it quiet: unmount it first \
-             (`ferryfs unmount {}`), then run abort again",
-            ctx.mountpoint.display()
+        Request::Abort { keep_new } => abort(ctx, keep_new),
+    }
+}
+
+/// Abort while the view is mounted: the copier stops, every change through the view waits
+/// while OLD is rebuilt as the view shows it, then the view is detached (lazily: open files
+/// keep working until closed) and the daemon exits once the kernel lets go. With the view
+/// mounted in place, OLD's path then shows OLD again, equal to what the view showed.
+fn abort(ctx: &Ctx, keep_new: bool) -> Response {
+    let Some(old_root) = &ctx.old_root else {
+        return Response::err("the migration is committed: abort is no longer possible");
+    };
+    let c = &ctx.copier;
+    if !c.halt(std::time::Duration::from_secs(60)) {
+        return Response::err("the copier did not stop within 60 s; try again");
+    }
+    let res = {
+        let _still = c.view().quiesce();
+        crate::lifecycle::abort(
+            c.view(),
+            &ctx.journal,
+            std::os::fd::AsFd::as_fd(old_root),
+            std::os::fd::AsFd::as_fd(&ctx.new_root),
+            keep_new,
+        )
+    };
+    match res {
+        Ok(msg) => {
+            let mp = ctx.mountpoint.clone();
+            std::thread::spawn(move || {
+                // Let the answer reach the client first.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                tracing::info!(mountpoint = %mp.display(), "aborted: detaching the view");
+                if let Err(e) = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH) {
+                    tracing::error!(error = %e, "detaching the view after abort");
+                }
+            });
+            Response::ok(
+                format!(
+                    "{msg}; the view at {} is detached",
+                    ctx.mountpoint.display()
+                ),
+                serde_json::json!({ "mountpoint": ctx.mountpoint }),
+            )
+        }
+        Err(e) => Response::err(format!(
+            "{e} (the copier is stopped; run `ferryfs abort` again to finish)"
         )),
     }
 }

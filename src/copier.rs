@@ -352,6 +352,19 @@ impl Copier {
         self.cv.notify_all();
     }
 
+    /// Stop copying for good and wait (up to `limit`) until the current pass has ended.
+    pub fn halt(&self, limit: Duration) -> bool {
+        self.shutdown();
+        let t = Instant::now();
+        while self.running.load(Ordering::Relaxed) {
+            if t.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }

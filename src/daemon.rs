@@ -270,6 +270,10 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             Ok(fd) => fd,
             Err(e) => return Err(fail(&mut ready, format!("dup NEW root: {e}"))),
         },
+        old_root: opened
+            .old
+            .as_ref()
+            .and_then(|o| o.root().try_clone_to_owned().ok()),
         mountpoint: mp.clone(),
     };
     if let Err(e) = crate::control::serve(&args.state, Arc::new(ctl)) {

@@ -280,7 +280,23 @@ fn run() -> Result<(), String> {
         }
         Cmd::Abort { state, keep_new } => {
             if let Some(r) = control::request(&state, &Request::Abort { keep_new })? {
-                return answer(r);
+                // The daemon detaches the view once it has answered: wait for that, so the
+                // caller finds OLD's own path again when this returns.
+                let mp = r
+                    .data
+                    .get("mountpoint")
+                    .and_then(|m| m.as_str())
+                    .map(PathBuf::from);
+                answer(r)?;
+                if let Some(mp) = mp {
+                    let t = std::time::Instant::now();
+                    while daemon::ferryfs_mount_at(&mp).is_some()
+                        && t.elapsed() < std::time::Duration::from_secs(30)
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                }
+                return Ok(());
             }
             let m = open_offline(&state)?;
             let o = daemon::open_view(&m)?;

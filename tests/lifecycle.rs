@@ -15,6 +15,17 @@ use std::time::Duration;
 
 use common::*;
 
+/// The source of the ferryfs mount at `mp`, if one is there.
+fn ferryfs_mount_source(mp: &Path) -> Option<String> {
+    let mi = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mi.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (Path::new(f[4]) == mp && f.get(sep + 2)?.starts_with("ferryfs:"))
+            .then(|| f[sep + 2].to_string())
+    })
+}
+
 fn out_text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -230,25 +241,44 @@ fn abort_returns_old_to_the_view_as_it_was_including_every_change() {
     symlink("born/new-file", v.join("born-link")).unwrap();
     std::thread::sleep(Duration::from_millis(1200)); // cached attributes expire
     let snapshot = full_manifest(v);
-    // Abort needs the view quiet: the running daemon refuses, saying how.
-    let o = f.cmd("abort", &[]);
-    assert!(!o.status.success());
-    assert!(
-        out_text(&o).contains("unmount it first"),
-        "{}",
-        out_text(&o)
-    );
-    f.unmount_at(&old);
+    // Abort with the view still mounted in place: the daemon stops its copier, holds every
+    // change while it rebuilds OLD, then detaches the view, so OLD's own path shows OLD again.
     let out = assert_ok(f.cmd("abort", &[]));
     assert!(out.contains("aborted"), "{out}");
+    assert!(
+        ferryfs_mount_source(&f.old).is_none(),
+        "the view is still mounted over OLD after abort"
+    );
     let after = full_manifest(&f.old);
     assert!(after == snapshot, "{}", diff(&snapshot, &after));
     assert!(names(&f.old).iter().all(|n| !n.starts_with(".ferryfs")));
     assert_eq!(names(&f.new), Vec::<String>::new(), "NEW keeps nothing");
     assert_eq!(f.status_json()["phase"], "aborted");
     // A second abort is a no-op; a commit is refused.
+    wait_for("the daemon to exit", 30, || f.daemon_pid().is_none());
     assert_ok(f.cmd("abort", &[]));
     assert!(!f.cmd("commit", &[]).status.success());
+}
+
+#[test]
+fn abort_without_a_daemon_after_unmount_and_keep_new() {
+    let mut f = Fixture::new();
+    write(&f.old.join("d/a"), b"a");
+    write(&f.old.join("d/b"), b"b");
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy"]);
+    write(&f.v("d/a"), b"a, changed");
+    fs::rename(f.v("d"), f.v("e")).unwrap();
+    write(&f.v("e/c"), b"new");
+    std::thread::sleep(Duration::from_millis(1200));
+    let snapshot = full_manifest(&f.mnt);
+    f.unmount();
+    let out = assert_ok(f.cmd("abort", &["--keep-new"]));
+    assert!(out.contains("NEW kept"), "{out}");
+    let after = full_manifest(&f.old);
+    assert!(after == snapshot, "{}", diff(&snapshot, &after));
+    assert!(!names(&f.new).is_empty(), "--keep-new emptied NEW");
 }
 
 #[test]

@@ -222,6 +222,17 @@ impl View {
         }
     }
 
+    /// Shared hold on the view's changes (see `gate`).
+    pub(crate) fn changes(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold every change through the view until the guard drops (applications' writes,
+    /// creations, renames... wait); reads and lookups go on.
+    pub fn quiesce(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// After commit or abort: one store only, OLD no longer consulted (and its fds closed).
     pub fn set_single(&self) {
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());

@@ -105,6 +105,7 @@ impl View {
         if inode.kind == Kind::Dir {
             return Err(Error::refused(libc::EISDIR, "open of a directory"));
         }
+        let _gate = wants_write(flags).then(|| self.changes());
         if wants_write(flags) {
             self.copy_up(&inode, flags & libc::O_TRUNC == 0)?;
             self.changing(&inode)?;
@@ -207,6 +208,7 @@ impl View {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let _gate = self.changes();
         self.note_io();
         self.with_file(fh, |file, h| {
             if h.flags & libc::O_APPEND != 0 {
@@ -231,6 +233,7 @@ impl View {
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let _gate = self.changes();
         self.with_file(fh, |file, _| {
             rustix::fs::fallocate(
                 file,

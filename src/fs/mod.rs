@@ -127,6 +127,9 @@ pub struct View {
     touched_rx: crossbeam_channel::Receiver<Arc<Inode>>,
     /// Namespace changes made through the view so far.
     ns_changes: std::sync::atomic::AtomicU64,
+    /// Held shared by every change through the view (namespace, metadata, data writes) and
+    /// exclusively by an abort, which must see the view still.
+    gate: RwLock<()>,
     /// Copies the kernel looked up, for the copier to check against OLD.
     rechecks: crossbeam_channel::Sender<Arc<Inode>>,
     rechecks_rx: crossbeam_channel::Receiver<Arc<Inode>>,
@@ -207,6 +210,7 @@ impl View {
             ns_changes: Default::default(),
             rechecks,
             rechecks_rx,
+            gate: RwLock::new(()),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;

@@ -205,6 +205,7 @@ impl View {
         flags: i32,
         caller: Caller,
     ) -> Result<(Attr, OpenFile)> {
+        let _gate = self.changes();
         let (inode, attr) = {
             let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
             self.create_entry(parent, name, caller, |pfd, _| {
@@ -231,6 +232,7 @@ impl View {
         rdev: u32,
         caller: Caller,
     ) -> Result<Attr> {
+        let _gate = self.changes();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         Ok(self
             .create_entry(parent, name, caller, |pfd, _| {
@@ -249,6 +251,7 @@ impl View {
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        let _gate = self.changes();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         Ok(self
             .create_entry(parent, name, caller, |pfd, _| {
@@ -268,6 +271,7 @@ impl View {
         target: &OsStr,
         caller: Caller,
     ) -> Result<Attr> {
+        let _gate = self.changes();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         Ok(self
             .create_entry(parent, name, caller, |pfd, _| {
@@ -278,6 +282,7 @@ impl View {
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        let _gate = self.changes();
         let inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
             return Err(Error::refused(libc::EPERM, "hard link to a directory"));
@@ -316,6 +321,7 @@ impl View {
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _gate = self.changes();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
         let r = self.resolve(&p, name)?.ok_or_else(|| not_found("unlink"))?;
@@ -431,6 +437,7 @@ impl View {
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let _gate = self.changes();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
         let r = self.resolve(&p, name)?.ok_or_else(|| not_found("rmdir"))?;
@@ -475,6 +482,7 @@ impl View {
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
+        let _gate = self.changes();
         if flags & (libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT) != 0 {
             return Err(Error::refused(libc::EINVAL, "rename flag not supported"));
         }
@@ -681,6 +689,7 @@ impl View {
     }
 
     pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
+        let _gate = self.changes();
         let inode = self.inode(ino)?;
         let only_truncating_to_zero = s.size == Some(0);
         self.copy_up(&inode, !only_truncating_to_zero)?;
@@ -767,6 +776,7 @@ impl View {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let _gate = self.changes();
         let inode = self.inode(ino)?;
         self.copy_up(&inode, true)?;
         self.changing(&inode)?;
@@ -780,6 +790,7 @@ impl View {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
+        let _gate = self.changes();
         let inode = self.inode(ino)?;
         self.copy_up(&inode, true)?;
         self.changing(&inode)?;
