@@ -23,6 +23,9 @@ use crate::store::posix::{self, Loc};
 /// Bytes copied between two calls of a copy's tick: the granularity of pacing and of giving way.
 const CHUNK: u64 = 4 << 20;
 
+/// Copies a batch names per hold of the namespace lock.
+const LINKS_PER_LOCK: usize = 8;
+
 /// Called after each chunk with its length; `false` stops the copy (it is thrown away).
 pub(crate) type Tick<'a> = &'a mut dyn FnMut(u64) -> bool;
 
@@ -468,48 +471,53 @@ impl View {
             }
             return out;
         }
-        // Links, keeping each directory's times as they were before the batch. Only this part
-        // holds the namespace lock: no rename or removal through the view interleaves.
-        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
-        let mut dirs: Vec<(Arc<OwnedFd>, rustix::fs::Stat)> = Vec::new();
+        // Links, a few at a time under the namespace lock (no rename or removal through the
+        // view interleaves with them; lookups go on between chunks). Each directory linked into
+        // gets its times back before the lock is released, so neither another worker's links
+        // nor a change through the view ever sees, or keeps, a time set by a copy.
         let mut orphans = Batch::new();
-        for (p, tst) in ready {
-            let r = (|| -> Result<Copied> {
-                // The view took the entry over since the checks above: its copy wins.
-                if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
-                    orphans.clear_copy(tst.st_dev, tst.st_ino);
-                    return Ok(Copied::GaveWay);
-                }
-                let (parent, name) = self.placement(&p.inode)?;
-                let pfd = self.ensure_new_dir_locked(&parent)?;
-                if !dirs.iter().any(|(d, _)| Arc::ptr_eq(d, &pfd)) {
-                    let before = posix::stat_fd(pfd.as_fd()).ctx("stat NEW dir")?;
-                    dirs.push((pfd.clone(), before));
-                }
-                match link_anon(&p.tmp, pfd.as_fd(), &name) {
-                    // NEW got an entry of that name meanwhile (through the view): it wins.
-                    Err(rustix::io::Errno::EXIST) => {
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+            let mut dirs: Vec<(Arc<OwnedFd>, rustix::fs::Stat)> = Vec::new();
+            for (p, tst) in ready.by_ref().take(LINKS_PER_LOCK) {
+                let r = (|| -> Result<Copied> {
+                    // The view took the entry over since the checks above: its copy wins.
+                    if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
                         orphans.clear_copy(tst.st_dev, tst.st_ino);
                         return Ok(Copied::GaveWay);
                     }
-                    r => r.ctx("link copy into NEW")?,
+                    let (parent, name) = self.placement(&p.inode)?;
+                    let pfd = self.ensure_new_dir_locked(&parent)?;
+                    if !dirs.iter().any(|(d, _)| Arc::ptr_eq(d, &pfd)) {
+                        let before = posix::stat_fd(pfd.as_fd()).ctx("stat NEW dir")?;
+                        dirs.push((pfd.clone(), before));
+                    }
+                    match link_anon(&p.tmp, pfd.as_fd(), &name) {
+                        // NEW got an entry of that name meanwhile (through the view): it wins.
+                        Err(rustix::io::Errno::EXIST) => {
+                            orphans.clear_copy(tst.st_dev, tst.st_ino);
+                            return Ok(Copied::GaveWay);
+                        }
+                        r => r.ctx("link copy into NEW")?,
+                    }
+                    {
+                        let mut n = p.inode.node();
+                        n.new = Some(Loc::At(pfd, name));
+                        n.copy = CopyState::Copy;
+                    }
+                    self.inodes
+                        .add_identity(&p.inode, Identity::New(tst.st_dev, tst.st_ino));
+                    Ok(Copied::File {
+                        bytes: p.st.st_size as u64,
+                    })
+                })();
+                out.push((p.inode, r));
+            }
+            for (d, before) in dirs {
+                if let Err(e) = Loc::Fd(d).utimens(&timestamps(&before)) {
+                    tracing::warn!(error = %e, "restoring a NEW directory's times");
                 }
-                {
-                    let mut n = p.inode.node();
-                    n.new = Some(Loc::At(pfd, name));
-                    n.copy = CopyState::Copy;
-                }
-                self.inodes
-                    .add_identity(&p.inode, Identity::New(tst.st_dev, tst.st_ino));
-                Ok(Copied::File {
-                    bytes: p.st.st_size as u64,
-                })
-            })();
-            out.push((p.inode, r));
-        }
-        for (d, before) in dirs {
-            if let Err(e) = Loc::Fd(d).utimens(&timestamps(&before)) {
-                tracing::warn!(error = %e, "restoring a NEW directory's times");
             }
         }
         if !orphans.is_empty() {
