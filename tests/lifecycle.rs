@@ -99,16 +99,7 @@ fn build_dataset(old: &Path, small: usize) {
     }
     fs::create_dir(awk.join(OsStr::from_bytes(b"dir \xc3\x28"))).unwrap();
     // Times set last, to the nanosecond, on a file and a directory.
-    let ts = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec {
-            tv_sec: 1_000_000_000,
-            tv_nsec: 123_456_789,
-        },
-        last_modification: rustix::fs::Timespec {
-            tv_sec: 1_100_000_000,
-            tv_nsec: 987_654_321,
-        },
-    };
+    let ts = fixed_times();
     for p in ["large/two.bin", "awkward"] {
         rustix::fs::utimensat(
             rustix::fs::CWD,

@@ -441,16 +441,7 @@ fn rule10_copy_up_preserves_links_holes_xattrs_mode_owner_and_ns_times() {
     )
     .unwrap();
     fs::set_permissions(f.old.join("meta"), fs::Permissions::from_mode(0o4750)).unwrap();
-    let t = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec {
-            tv_sec: 1_000_000_000,
-            tv_nsec: 123_456_789,
-        },
-        last_modification: rustix::fs::Timespec {
-            tv_sec: 1_100_000_000,
-            tv_nsec: 987_654_321,
-        },
-    };
+    let t = fixed_times();
     rustix::fs::utimensat(
         rustix::fs::CWD,
         f.old.join("meta"),

@@ -253,6 +253,21 @@ pub(crate) fn keeping_dir_times<T>(dir: &Arc<OwnedFd>, f: impl FnOnce() -> Resul
     Ok(r)
 }
 
+/// The copy record of a NEW entry (open as `fd`) copied from OLD's `origin`, whose stat was `old`.
+fn record_for(
+    origin: &[u8],
+    old: &rustix::fs::Stat,
+    fd: BorrowedFd<'_>,
+    is_dir: bool,
+) -> Result<CopyRecord> {
+    Ok(CopyRecord {
+        origin: origin.to_vec(),
+        fp: Fingerprint::of(old),
+        handle: posix::file_handle(fd).ctx("file handle of the copy")?,
+        is_dir,
+    })
+}
+
 /// Give the anonymous file `tmp` the name `name` in `dir`: by its fd where the kernel allows
 /// it (CAP_DAC_READ_SEARCH), else through its /proc path.
 fn link_anon(tmp: &File, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
@@ -313,12 +328,7 @@ impl View {
         b.copy(
             nst.st_dev,
             nst.st_ino,
-            &CopyRecord {
-                origin: old.path.clone(),
-                fp: Fingerprint::of(&st),
-                handle: posix::file_handle(fd.as_fd()).ctx("file handle of NEW dir")?,
-                is_dir: true,
-            },
+            &record_for(&old.path, &st, fd.as_fd(), true)?,
         );
         {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
@@ -433,22 +443,11 @@ impl View {
                     let rec = posix::stat_fd(p.tmp.as_fd())
                         .ctx("stat copy")
                         .and_then(|tst| {
-                            posix::file_handle(p.tmp.as_fd())
-                                .ctx("file handle of the copy")
-                                .map(|h| (tst, h))
+                            record_for(&p.origin, &p.st, p.tmp.as_fd(), false).map(|r| (tst, r))
                         });
                     match rec {
-                        Ok((tst, handle)) => {
-                            b.copy(
-                                tst.st_dev,
-                                tst.st_ino,
-                                &CopyRecord {
-                                    origin: p.origin.clone(),
-                                    fp: Fingerprint::of(&p.st),
-                                    handle,
-                                    is_dir: false,
-                                },
-                            );
+                        Ok((tst, rec)) => {
+                            b.copy(tst.st_dev, tst.st_ino, &rec);
                             ready.push((p, tst));
                         }
                         Err(e) => out.push((p.inode, Err(e))),
@@ -669,12 +668,7 @@ impl View {
             b.copy(
                 tst.st_dev,
                 tst.st_ino,
-                &CopyRecord {
-                    origin: old.path.clone(),
-                    fp: Fingerprint::of(&st),
-                    handle: posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?,
-                    is_dir: false,
-                },
+                &record_for(&old.path, &st, tmp.as_fd(), false)?,
             );
         }
         {

@@ -593,30 +593,31 @@ impl Records {
             .collect()
     }
 
-    /// Every recorded copy error: (view path, error).
-    pub fn errors(&self) -> Result<Vec<(Vec<u8>, CopyError)>> {
+    /// Every JSON record under a one-byte prefix: (key without the prefix, record).
+    fn scan_json<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: u8,
+        what: &str,
+    ) -> Result<Vec<(Vec<u8>, T)>> {
         self.kv
-            .scan(&[P_ERROR])?
+            .scan(&[prefix])?
             .into_iter()
             .map(|(k, v)| {
-                let e = serde_json::from_slice(&v)
-                    .map_err(|e| JournalError::Corrupt(format!("error record: {e}")))?;
-                Ok((k[1..].to_vec(), e))
+                let r = serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("{what}: {e}")))?;
+                Ok((k[1..].to_vec(), r))
             })
             .collect()
     }
 
+    /// Every recorded copy error: (view path, error).
+    pub fn errors(&self) -> Result<Vec<(Vec<u8>, CopyError)>> {
+        self.scan_json(P_ERROR, "error record")
+    }
+
     /// Every entry found changed in OLD after its copy: (view path, record).
     pub fn stales(&self) -> Result<Vec<(Vec<u8>, StaleRecord)>> {
-        self.kv
-            .scan(&[P_STALE])?
-            .into_iter()
-            .map(|(k, v)| {
-                let r = serde_json::from_slice(&v)
-                    .map_err(|e| JournalError::Corrupt(format!("stale record: {e}")))?;
-                Ok((k[1..].to_vec(), r))
-            })
-            .collect()
+        self.scan_json(P_STALE, "stale record")
     }
 
     pub fn done(&self) -> Result<Done> {

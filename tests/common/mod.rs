@@ -411,3 +411,18 @@ pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Fixed atime/mtime with nanoseconds (2001-09-09 and 2004-11-13), for tests that check times
+/// survive to the nanosecond.
+pub fn fixed_times() -> rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 123_456_789,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: 1_100_000_000,
+            tv_nsec: 987_654_321,
+        },
+    }
+}
