@@ -172,7 +172,7 @@ struct PassCtx<'a> {
 }
 
 /// A worker names its pending copies once it holds this many, or this many bytes.
-const BATCH_FILES: usize = 64;
+const BATCH_FILES: usize = 32;
 const BATCH_BYTES: u64 = 64 << 20;
 const BATCH_AGE: Duration = Duration::from_millis(500);
 
@@ -236,6 +236,10 @@ impl Drop for DirGuard {
         }
     }
 }
+
+/// A worker's batch for the namer: pending copies (and whether each counts in the tally), and
+/// the lookups to give back once they are named.
+type NamerBatch = (Vec<(Pending, bool)>, Vec<(Arc<Inode>, Arc<DirGuard>)>);
 
 /// A non-directory for a worker: looked up by the worker (its stat may need the disk; the
 /// workers do those in parallel), then copied or checked.
@@ -752,10 +756,31 @@ impl Copier {
         let workers = self.workers.load(Ordering::Relaxed);
         let (tx, rx) = chan::bounded::<Job>(1024);
         let touched = self.view.touched();
+        // Workers hand their batches to one namer, which makes everything queued durable with
+        // one syncfs and names it, while the workers go on copying. At most one batch per
+        // worker waits for it (backpressure, and a bound on open fds).
+        let (ntx, nrx) = chan::bounded::<NamerBatch>(workers);
         std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("copier-namer".into())
+                .spawn_scoped(s, move || {
+                    while let Ok(first) = nrx.recv() {
+                        let (mut batch, mut held) = first;
+                        while let Ok((b, h)) = nrx.try_recv() {
+                            batch.extend(b);
+                            held.extend(h);
+                        }
+                        flush(batch);
+                        for (inode, _dir) in held {
+                            self.view.release_lookup(&inode);
+                        }
+                    }
+                })
+                .expect("spawn copier namer");
             for i in 0..workers {
                 let rx = rx.clone();
                 let touched = touched.clone();
+                let ntx = ntx.clone();
                 std::thread::Builder::new()
                     .name(format!("copier-{i}"))
                     .spawn_scoped(s, move || {
@@ -768,11 +793,18 @@ impl Copier {
                         let name_them =
                             |batch: &mut Vec<(Pending, bool)>,
                              held: &mut Vec<(Arc<Inode>, Arc<DirGuard>)>| {
-                                if !batch.is_empty() {
-                                    flush(std::mem::take(batch));
+                                if batch.is_empty() {
+                                    for (inode, _dir) in held.drain(..) {
+                                        self.view.release_lookup(&inode);
+                                    }
+                                    return;
                                 }
-                                for (inode, _dir) in held.drain(..) {
-                                    self.view.release_lookup(&inode);
+                                let sent = (std::mem::take(batch), std::mem::take(held));
+                                if let Err(chan::SendError((b, h))) = ntx.send(sent) {
+                                    flush(b);
+                                    for (inode, _dir) in h {
+                                        self.view.release_lookup(&inode);
+                                    }
                                 }
                             };
                         loop {
@@ -933,6 +965,7 @@ impl Copier {
             }
             drop(stack);
             drop(tx);
+            drop(ntx);
             stopped
         })
     }
