@@ -563,3 +563,50 @@ fn a_file_changed_in_old_is_found_and_copied_again_when_an_application_looks_it_
         b"two, in OLD behind the view"
     );
 }
+
+#[test]
+fn files_applications_read_are_copied_first() {
+    let mut f = Fixture::new();
+    for d in 0..30 {
+        for i in 0..100 {
+            write(
+                &f.old.join(format!("d{d:02}/f{i:03}")),
+                format!("{d}/{i}").as_bytes(),
+            );
+        }
+    }
+    f.prepare();
+    let mnt = f.mnt.clone();
+    // 40 entries/s: the whole tree takes over a minute.
+    f.mount_with(&mnt, &["--ops-limit", "40"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    // Files the walk has not reached yet: an application reads them through the view.
+    let targets: Vec<String> = (0..30)
+        .map(|d| format!("d{d:02}/f050"))
+        .filter(|p| !f.new.join(p).exists())
+        .take(3)
+        .collect();
+    assert_eq!(
+        targets.len(),
+        3,
+        "the copier reached every directory already"
+    );
+    for p in &targets {
+        let (d, i) = (&p[1..3], &p[5..8]);
+        let want = format!(
+            "{}/{}",
+            d.parse::<u32>().unwrap(),
+            i.parse::<u32>().unwrap()
+        );
+        assert_eq!(fs::read(f.v(p)).unwrap(), want.as_bytes());
+    }
+    wait_for("the files read to be copied", 10, || {
+        targets.iter().all(|p| f.new.join(p).exists())
+    });
+    let done = f.status_json()["files"]["done"].as_u64().unwrap();
+    assert!(
+        done < 1500,
+        "the copier copied half the tree first ({done} files)"
+    );
+    f.unmount();
+}
