@@ -253,6 +253,17 @@ pub(crate) fn keeping_dir_times<T>(dir: &Arc<OwnedFd>, f: impl FnOnce() -> Resul
     Ok(r)
 }
 
+/// OLD's owner, then OLD's mode (chown clears set-id bits, so chmod comes after).
+fn set_owner_and_mode(f: &File, st: &rustix::fs::Stat) -> Result<()> {
+    rustix::fs::fchown(
+        f,
+        Some(rustix::fs::Uid::from_raw(st.st_uid)),
+        Some(rustix::fs::Gid::from_raw(st.st_gid)),
+    )
+    .ctx("fchown copy")?;
+    rustix::fs::fchmod(f, Mode::from_raw_mode(st.st_mode & 0o7777)).ctx("fchmod copy")
+}
+
 /// The copy record of a NEW entry (open as `fd`) copied from OLD's `origin`, whose stat was `old`.
 fn record_for(
     origin: &[u8],
@@ -443,6 +454,14 @@ impl View {
                     let rec = posix::stat_fd(p.tmp.as_fd())
                         .ctx("stat copy")
                         .and_then(|tst| {
+                            // Owner and mode as OLD's (the file was created with its permission
+                            // bits; owner, set-id bits or an ACL mask may still differ).
+                            let mode = |st: &rustix::fs::Stat| st.st_mode & 0o7777;
+                            if (tst.st_uid, tst.st_gid) != (p.st.st_uid, p.st.st_gid)
+                                || mode(&tst) != mode(&p.st)
+                            {
+                                set_owner_and_mode(&p.tmp, &p.st)?;
+                            }
                             record_for(&p.origin, &p.st, p.tmp.as_fd(), false).map(|r| (tst, r))
                         });
                     match rec {
@@ -587,11 +606,15 @@ impl View {
         } else {
             None
         };
+        // The copier's plain files are named later, with their batch: they are created with
+        // their final permission bits, and owner and mode are fixed then only if they differ.
+        let deferred = defer.is_some() && group.is_none();
+        let create_mode = if deferred { st.st_mode & 0o777 } else { 0o600 };
         let tmp = rustix::fs::openat(
             pfd.as_fd(),
             ".",
             OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
+            Mode::from_raw_mode(create_mode),
         )
         .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
         let tmp = File::from(tmp);
@@ -607,13 +630,9 @@ impl View {
             return Ok(Copied::GaveWay);
         }
         copy_xattrs_fd(&src, &tmp)?;
-        rustix::fs::fchown(
-            &tmp,
-            Some(rustix::fs::Uid::from_raw(st.st_uid)),
-            Some(rustix::fs::Gid::from_raw(st.st_gid)),
-        )
-        .ctx("fchown copy")?;
-        rustix::fs::fchmod(&tmp, Mode::from_raw_mode(st.st_mode & 0o7777)).ctx("fchmod copy")?;
+        if !deferred {
+            set_owner_and_mode(&tmp, &st)?;
+        }
         rustix::fs::futimens(&tmp, &timestamps(&st)).ctx("futimens copy")?;
         if let Some((arc, slot)) = defer
             && group.is_none()
