@@ -7,8 +7,12 @@
 //! fingerprint and copied again if OLD changed behind the view's back. A directory gets OLD's
 //! times back once every entry below it is done (the last reference to its guard drops).
 //!
-//! Passes repeat until one finds nothing to do: that pass is the final check, and the
-//! migration is `executed`. Errors are per entry: recorded in the journal with the path and
+//! Workers copy plain files into anonymous files and hand them, in batches, to one namer
+//! thread, which makes every queued batch durable with a single `syncfs` of NEW and only then
+//! gives the copies their names (see `fs::copyup::finish_pending`).
+//!
+//! Passes repeat until one finds nothing to do, or one only copied while the view's namespace
+//! stood still: then the migration is `executed`. Errors are per entry: recorded in the journal with the path and
 //! errno (status lists them), retried by the next pass after a backoff, cleared when the entry
 //! copies or goes away. The daemon never stops on them.
 //!
