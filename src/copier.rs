@@ -654,7 +654,7 @@ impl Copier {
             if !self.tick(0) {
                 return None;
             }
-            match self.view.copy_entry(inode, &mut tick) {
+            match self.view.copy_background(inode, &mut tick) {
                 Ok(Outcome::Pending(pending)) => return Some(pending),
                 Ok(Outcome::Done(d)) => Ok(d),
                 Err(e) => Err(e),

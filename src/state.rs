@@ -47,8 +47,6 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
     }
 }
 
-pub const PHASE_PREPARED: &str = "prepared";
-
 /// The migration's lifecycle (DESIGN "Lifecycle"); each transition is one durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -311,7 +309,7 @@ pub fn prepare(
         "totals",
         &serde_json::to_vec(&totals).expect("totals serialize"),
     )
-    .meta("phase", PHASE_PREPARED.as_bytes())
+    .meta("phase", Phase::Prepared.as_str().as_bytes())
     .meta("new_was_empty", if new_was_empty { b"1" } else { b"0" });
     // NEW's root now carries OLD's root metadata: a copy, whose times the copier restores
     // once it has filled the root (until the view changes the root itself).
@@ -455,10 +453,9 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         .meta("totals")?
         .and_then(|t| serde_json::from_slice(&t).ok())
         .unwrap_or_default();
-    let phase = journal
-        .meta("phase")?
-        .map(|p| String::from_utf8_lossy(&p).into_owned())
-        .unwrap_or_else(|| PHASE_PREPARED.to_string());
+    let phase = phase(&journal)
+        .map_err(|e| StateError::Invalid(format!("{}: {e}", state.display())))?
+        .to_string();
     let counts = journal.counts()?;
     let StoreSpec::Posix { path: np } = &config.new;
     let final_local = journal

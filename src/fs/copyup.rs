@@ -386,7 +386,7 @@ impl View {
     /// The copier's copy of one entry: the same copy as copy-up, but it gives way to the view
     /// (never waits for the claim, stops when the view asks for it), paces itself through
     /// `tick`, and records the copy with OLD's fingerprint before the copy gets its name.
-    pub(crate) fn copy_background(&self, inode: &Arc<Inode>, tick: Tick<'_>) -> Result<Outcome> {
+    pub fn copy_background(&self, inode: &Arc<Inode>, tick: Tick<'_>) -> Result<Outcome> {
         let done = Outcome::Done;
         if inode.node().new.is_some() {
             return Ok(done(Copied::Present));

@@ -58,7 +58,7 @@ impl View {
     /// `None` when the name went away meanwhile.
     pub fn child(&self, dir: &Inode, name: &OsStr) -> Result<Option<Arc<Inode>>> {
         match self.lookup_entry(dir.ino, name) {
-            Ok(attr) => Ok(Some(self.inode(attr.ino)?)),
+            Ok((inode, _)) => Ok(Some(inode)),
             Err(e) if e.errno() == libc::ENOENT => Ok(None),
             Err(e) => Err(e),
         }
@@ -117,11 +117,6 @@ impl View {
         inode.node().new.is_some()
     }
 
-    /// Copy one entry that is still only in OLD, in the background (see `copy_background`).
-    pub fn copy_entry(&self, inode: &Arc<Inode>, tick: Tick<'_>) -> Result<super::Outcome> {
-        self.copy_background(inode, tick)
-    }
-
     /// Make a batch of pending copies durable (one syncfs of NEW) and name them.
     pub fn finish_copies(
         &self,
@@ -166,10 +161,12 @@ impl View {
 
     /// An application read or wrote through the view.
     pub(crate) fn note_io(&self) {
-        self.last_io.store(
-            self.epoch.elapsed().as_nanos() as u64 + 1,
-            Ordering::Relaxed,
-        );
+        // Stored at most once a millisecond: readers on every core would otherwise write the
+        // same cache line on every request.
+        let now = self.epoch.elapsed().as_nanos() as u64 + 1;
+        if now.saturating_sub(self.last_io.load(Ordering::Relaxed)) >= 1_000_000 {
+            self.last_io.store(now, Ordering::Relaxed);
+        }
     }
 
     /// How long since an application last did I/O through the view.

@@ -105,8 +105,9 @@ impl View {
         if inode.kind == Kind::Dir {
             return Err(Error::refused(libc::EISDIR, "open of a directory"));
         }
-        let _gate = wants_write(flags).then(|| self.changes());
-        if wants_write(flags) {
+        let write = wants_write(flags);
+        let _gate = write.then(|| self.changes());
+        if write {
             self.copy_up(&inode, flags & libc::O_TRUNC == 0)?;
             self.changing(&inode)?;
         } else if !self.in_new(&inode) {

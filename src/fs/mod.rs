@@ -463,20 +463,19 @@ impl View {
     /// The kernel looks `name` up: a copy it finds is queued for a check against OLD
     /// (changes made in OLD behind the view are found when applications touch the entry).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
-        let attr = self.lookup_entry(parent, name)?;
-        if let Some(inode) = self.inodes.get(attr.ino) {
-            self.note_lookup(&inode);
-        }
+        let (inode, attr) = self.lookup_entry(parent, name)?;
+        self.note_lookup(&inode);
         Ok(attr)
     }
 
-    pub(crate) fn lookup_entry(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+    /// Resolve and attach `name` in `parent` (one lookup counted).
+    pub(crate) fn lookup_entry(&self, parent: u64, name: &OsStr) -> Result<(Arc<Inode>, Attr)> {
         {
             let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
             let p = self.inode(parent)?;
             let r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
             if self.pending_link_up(&r)?.is_none() {
-                return Ok(self.attach(parent, name, r)?.1);
+                return self.attach(parent, name, r);
             }
         }
         // An OLD name of a hard-link group another name of which was copied up: link it to
@@ -489,7 +488,7 @@ impl View {
         {
             r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
         }
-        Ok(self.attach(parent, name, r)?.1)
+        self.attach(parent, name, r)
     }
 
     /// The OLD hard-link group of a resolved non-directory, if it has one.

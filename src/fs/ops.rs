@@ -194,7 +194,11 @@ impl View {
         let r = self
             .resolve(&p, name)?
             .ok_or_else(|| errno_err("created entry vanished", libc::EIO))?;
-        self.attach(parent, name, r)
+        let (inode, attr) = self.attach(parent, name, r)?;
+        // Born in the view: its own from the start, never a copy of OLD (no record to look
+        // for at its first change, nothing to check against OLD at lookup).
+        inode.node().copy = super::inode::CopyState::Local;
+        Ok((inode, attr))
     }
 
     pub fn create(
