@@ -89,8 +89,15 @@ pub fn open_view(m: &Migration) -> Result<Opened, String> {
     })
 }
 
-/// A line of /proc/self/mountinfo: (mount point, fs type, source).
-fn mounts() -> Vec<(PathBuf, String, String)> {
+/// The lines of /proc/self/mountinfo that matter here.
+struct MountLine {
+    mp: PathBuf,
+    fstype: String,
+    source: String,
+    dev: u64,
+}
+
+fn mounts() -> Vec<MountLine> {
     let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -114,30 +121,49 @@ fn mounts() -> Vec<(PathBuf, String, String)> {
     s.lines()
         .filter_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
-            let mp = pre.split(' ').nth(4)?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let (major, minor) = pre.get(2)?.split_once(':')?;
             let mut post = post.split(' ');
             let fstype = post.next()?;
             let source = post.next().unwrap_or("");
-            Some((
-                PathBuf::from(unescape(mp)),
-                fstype.to_string(),
-                unescape(source),
-            ))
+            Some(MountLine {
+                mp: PathBuf::from(unescape(pre.get(4)?)),
+                fstype: fstype.to_string(),
+                source: unescape(source),
+                dev: libc::makedev(major.parse().ok()?, minor.parse().ok()?),
+            })
         })
         .collect()
 }
 
-/// The ferryfs mount at `mp`, if any: its source (`ferryfs:<state dir>`). Recognised by that
-/// source: a direct mount(2) shows the type as plain `fuse`, without our subtype.
-pub fn ferryfs_mount_at(mp: &Path) -> Option<String> {
+/// The newest ferryfs mount at `mp` (any, or of the migration in `state`). Recognised by its
+/// source (`ferryfs:<state dir>`): a direct mount(2) shows the type as plain `fuse`, without our
+/// subtype.
+fn ferryfs_mount_line(mp: &Path, state: Option<&Path>) -> Option<MountLine> {
     let mp = std::fs::canonicalize(mp).unwrap_or_else(|_| mp.to_path_buf());
-    mounts()
-        .into_iter()
-        .rev()
-        .find(|(m, t, s)| {
-            *m == mp && t.starts_with("fuse") && s.starts_with(&format!("{FS_TYPE}:"))
-        })
-        .map(|(_, _, s)| s)
+    let want = match state {
+        Some(st) => format!("{FS_TYPE}:{}", st.display()),
+        None => format!("{FS_TYPE}:"),
+    };
+    mounts().into_iter().rev().find(|m| {
+        m.mp == mp
+            && m.fstype.starts_with("fuse")
+            && match state {
+                Some(_) => m.source == want,
+                None => m.source.starts_with(&want),
+            }
+    })
+}
+
+/// st_dev of our own FUSE mount at `mp`, from mountinfo: a stat of `mp` would be a request to
+/// this very daemon, not yet serving.
+fn mount_dev(mp: &Path, state: &Path) -> Option<u64> {
+    ferryfs_mount_line(mp, Some(state)).map(|m| m.dev)
+}
+
+/// The ferryfs mount at `mp`, if any: its source (`ferryfs:<state dir>`).
+pub fn ferryfs_mount_at(mp: &Path) -> Option<String> {
+    ferryfs_mount_line(mp, None).map(|m| m.source)
 }
 
 /// Is a daemon serving the migration in `state`? It holds the state dir's lock while it lives.
@@ -294,10 +320,13 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     cfg.acl = acl;
     cfg.n_threads = Some(args.threads.max(1));
     cfg.clone_fd = true;
-    let mut session = match fuser::Session::new(FerryFs::new(view), mp, &cfg) {
+    let mut session = match fuser::Session::new(FerryFs::new(view.clone()), mp, &cfg) {
         Ok(s) => s,
         Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
     };
+    if let Some(dev) = mount_dev(mp, &state_abs) {
+        view.set_mount_dev(dev);
+    }
     tracing::info!(mountpoint = %mp.display(), state = %state_abs.display(), "view serving");
     if let Some(mut r) = ready.take() {
         let _ = writeln!(r, "READY");

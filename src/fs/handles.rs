@@ -75,6 +75,16 @@ impl HandleTable {
         }
     }
 
+    /// Any open file of inode `ino`: what still backs an inode whose every name was removed
+    /// while it was open (fstat of an unlinked file). A scan, as this path is rare.
+    pub fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
+        let map = self.map.lock().unwrap();
+        map.values().find_map(|h| match &**h {
+            Handle::File(f) if f.inode.ino == ino => Some(f.file.read().unwrap().0.clone()),
+            _ => None,
+        })
+    }
+
     fn file(&self, fh: u64) -> Result<Arc<Handle>> {
         let h = self.get(fh)?;
         match &*h {
@@ -106,6 +116,17 @@ impl View {
             return Err(Error::refused(libc::EISDIR, "open of a directory"));
         }
         let write = wants_write(flags);
+        if flags & libc::O_ACCMODE == libc::O_RDONLY
+            && flags & libc::O_TRUNC != 0
+            && self.executing(&inode)
+        {
+            // The kernel checks a running program only after open, when the view (atomic
+            // O_TRUNC) would already have truncated it: refuse as Linux does, before.
+            return Err(Error::refused(
+                libc::ETXTBSY,
+                "O_TRUNC of a running program",
+            ));
+        }
         let _gate = write.then(|| self.changes());
         if write {
             self.copy_up(&inode, flags & libc::O_TRUNC == 0)?;
@@ -114,6 +135,33 @@ impl View {
             self.note_touched(&inode);
         }
         self.open_inode(inode, flags)
+    }
+
+    /// Whether some process runs this file as its program (an executable file only; scans
+    /// /proc, so kept to the rare O_RDONLY|O_TRUNC open).
+    fn executing(&self, inode: &Inode) -> bool {
+        let Some(&dev) = self.mount_dev.get() else {
+            return false;
+        };
+        let executable = self
+            .backing_stat(inode)
+            .is_ok_and(|st| st.st_mode & 0o111 != 0 && inode.kind == Kind::File);
+        if !executable {
+            return false;
+        }
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        procs.flatten().any(|p| {
+            let name = p.file_name();
+            if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
+                return false;
+            }
+            let exe = std::path::Path::new("/proc").join(&name).join("exe");
+            #[allow(clippy::unnecessary_cast)]
+            rustix::fs::stat(&exe)
+                .is_ok_and(|st| st.st_dev as u64 == dev && st.st_ino as u64 == inode.ino)
+        })
     }
 
     pub(crate) fn open_inode(&self, inode: Arc<Inode>, flags: i32) -> Result<OpenFile> {

@@ -133,6 +133,9 @@ pub struct View {
     /// Copies the kernel looked up, for the copier to check against OLD.
     rechecks: crossbeam_channel::Sender<Arc<Inode>>,
     rechecks_rx: crossbeam_channel::Receiver<Arc<Inode>>,
+    /// The FUSE mount's st_dev, once mounted: how the view recognises its own files in
+    /// /proc/*/exe (see `open`, O_RDONLY|O_TRUNC of a running program).
+    mount_dev: std::sync::OnceLock<u64>,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -211,6 +214,7 @@ impl View {
             rechecks,
             rechecks_rx,
             gate: RwLock::new(()),
+            mount_dev: std::sync::OnceLock::new(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -587,11 +591,23 @@ impl View {
 
     /// Attributes of an inode; through the open file `fh` when the kernel gives one (the only
     /// way to reach a file whose every name was removed while it stays open).
+    /// Record the st_dev of the FUSE mount serving this view.
+    pub fn set_mount_dev(&self, dev: u64) {
+        let _ = self.mount_dev.set(dev);
+    }
+
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let st = match fh.and_then(|fh| self.handles.open_file(fh)) {
             Some(file) => posix::stat_fd(file.as_fd()).ctx("fstat open file")?,
-            None => self.backing_stat(&inode)?,
+            None => match self.backing_stat(&inode) {
+                // Unlinked while open: the open file still has its attributes (nlink 0).
+                Err(e) if e.errno() == libc::ENOENT => match self.handles.open_file_of(ino) {
+                    Some(file) => posix::stat_fd(file.as_fd()).ctx("fstat open file")?,
+                    None => return Err(e),
+                },
+                r => r?,
+            },
         };
         self.attr_of(&inode, &st)
     }
