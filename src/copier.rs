@@ -719,6 +719,14 @@ impl Copier {
                     }
                 }
             }
+            Err(e) if e.errno() == libc::ENOENT && self.view.new_path(inode).is_err() => {
+                // Removed from the view (unlinked, or its directory renamed away and back)
+                // while queued: nothing left to copy. Any new name is found by the next pass.
+                tracing::debug!(error = %e, "entry left the view before its copy");
+                if !self.stopping() {
+                    c.redo.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Err(e) => {
                 let path = self.view.view_path(inode);
                 c.errors.fetch_add(1, Ordering::Relaxed);

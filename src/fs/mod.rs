@@ -717,11 +717,12 @@ impl View {
                 }
                 let kind = match Kind::from_dtype(ent.dtype) {
                     Some(k) => k,
-                    None => Kind::from_mode(
-                        posix::stat_at(fd.as_fd(), OsStr::from_bytes(&ent.name))
-                            .ctx("stat entry")?
-                            .st_mode,
-                    ),
+                    None => match posix::stat_at(fd.as_fd(), OsStr::from_bytes(&ent.name)) {
+                        Ok(st) => Kind::from_mode(st.st_mode),
+                        // Removed since readdir read it: a concurrent change, not an error.
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                        Err(e) => return Err(e).ctx("stat entry"),
+                    },
                 };
                 // d_ino: the number the kernel knows for the entry, when it knows it; else the
                 // store's number with the top bit set, which no allocated number can equal.

@@ -167,11 +167,27 @@ pub fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<RawEntry>> {
         }
         out.push(RawEntry {
             name: name.to_vec(),
-            dtype: ent.file_type() as u8,
+            dtype: dtype_of(ent.file_type()),
             ino: ent.ino(),
         });
     }
     Ok(out)
+}
+
+/// The d_type (`DT_*`) of a rustix directory entry's type: `DT_UNKNOWN` when the file system
+/// did not say, so the caller stats the entry.
+fn dtype_of(t: rustix::fs::FileType) -> u8 {
+    use rustix::fs::FileType as T;
+    match t {
+        T::RegularFile => libc::DT_REG,
+        T::Directory => libc::DT_DIR,
+        T::Symlink => libc::DT_LNK,
+        T::Fifo => libc::DT_FIFO,
+        T::Socket => libc::DT_SOCK,
+        T::CharacterDevice => libc::DT_CHR,
+        T::BlockDevice => libc::DT_BLK,
+        T::Unknown => libc::DT_UNKNOWN,
+    }
 }
 
 pub fn as_cstring(name: &OsStr) -> io::Result<CString> {
