@@ -16,6 +16,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/root/.cache/ferryfs/target}"
 # RocksDB C++ included (~15 minutes on 2 cores).
 unset RUSTFLAGS
 
+# Conformance tools (pjdfstest, fsx) installed by scripts/setup.sh with `cargo install`, kept
+# outside the repo so a warm machine does not rebuild them. Tests read FERRYFS_TOOLS_BIN.
+export FERRYFS_TOOLS="${FERRYFS_TOOLS:-/root/.cache/ferryfs/tools}"
+export FERRYFS_TOOLS_BIN="$FERRYFS_TOOLS/bin"
+
 # Binaries built by `cargo build` / `cargo build --release`.
 export FERRYFS_BIN="$CARGO_TARGET_DIR/debug/ferryfs"
 export FERRYFS_RELEASE_BIN="$CARGO_TARGET_DIR/release/ferryfs"

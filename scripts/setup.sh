@@ -94,6 +94,34 @@ else
     log "cargo-nextest: not found; scripts/test.sh will fall back to 'cargo test'"
 fi
 
+# Conformance suites from crates.io (issue 4): pjdfstest and fsx, pinned, installed once into
+# $FERRYFS_TOOLS (about 70 s cold on 2 cores) and reused afterwards.
+install_tool() {
+    local name="$1" version="$2"
+    local bin="$FERRYFS_TOOLS_BIN/$name"
+    if [[ -x "$bin" ]] && "$bin" --version 2>/dev/null | grep -q " $version\$"; then
+        log "$name $version: present ($bin)"
+        return 0
+    fi
+    log "installing $name $version with cargo install (into $FERRYFS_TOOLS)"
+    cargo install --locked --quiet --root "$FERRYFS_TOOLS" --version "=$version" "$name" \
+        || die "cargo install $name $version failed (needs network access to crates.io)"
+    "$bin" --version >/dev/null 2>&1 || die "$name not runnable after install: $bin"
+}
+install_tool pjdfstest 0.2.2
+install_tool fsx 0.3.2
+
+# pjdfstest switches to these dummy users (its README's set-up for Debian).
+if ! getent passwd tests >/dev/null || ! getent passwd pjdfstest >/dev/null; then
+    log "creating pjdfstest's dummy users: tests, pjdfstest"
+    for u in tests pjdfstest; do
+        getent passwd "$u" >/dev/null && continue
+        printf '%s:x:::pjdfstest dummy:/:/usr/sbin/nologin\n' "$u" | newusers -r \
+            || die "could not create user $u for pjdfstest"
+    done
+fi
+getent group nogroup >/dev/null || die "group nogroup missing (pjdfstest runs as nobody:nogroup)"
+
 # /dev/fuse
 if [[ ! -c /dev/fuse ]]; then
     log "/dev/fuse missing; trying 'modprobe fuse'"

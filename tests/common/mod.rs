@@ -203,6 +203,22 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
+        // A failed test shows what the daemon said (FERRYFS_LOG=debug for more).
+        if std::thread::panicking() {
+            if let Some(keep) = std::env::var_os("FERRYFS_TEST_KEEP_LOG") {
+                let _ = fs::copy(self.state.join("ferryfs.log"), keep);
+            }
+            if let Ok(log) = fs::read_to_string(self.state.join("ferryfs.log")) {
+                let lines: Vec<&str> = log.lines().collect();
+                let from = lines.len().saturating_sub(60);
+                eprintln!(
+                    "---- daemon log ({}), last {} lines ----\n{}",
+                    self.state.join("ferryfs.log").display(),
+                    lines.len() - from,
+                    lines[from..].join("\n")
+                );
+            }
+        }
         // Best effort, lazy: a failed test must not leave a mount behind for the next.
         for mp in [&self.mnt, &self.old] {
             let _ = Command::new("umount")
