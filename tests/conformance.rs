@@ -317,6 +317,8 @@ struct Worker {
     dirs: BTreeSet<String>,
     serial: usize,
     ops: BTreeMap<&'static str, u64>,
+    trail: Vec<String>,
+    touched: Vec<String>,
 }
 
 impl Worker {
@@ -331,7 +333,9 @@ impl Worker {
         } else {
             self.shared[self.rng.below(self.shared.len())].clone()
         };
-        format!("{dir}/w{}-{}", self.id, self.serial)
+        let n = format!("{dir}/w{}-{}", self.id, self.serial);
+        self.touched.push(n.clone());
+        n
     }
 
     fn pick(&mut self, want_file: bool) -> Option<String> {
@@ -344,7 +348,17 @@ impl Worker {
         if cands.is_empty() {
             return None;
         }
-        Some(cands[self.rng.below(cands.len())].clone())
+        let c = cands[self.rng.below(cands.len())].clone();
+        self.touched.push(c.clone());
+        Some(c)
+    }
+
+    /// This worker's earlier operations on `rel`, for failure messages.
+    fn history(&self, rel: &str) -> Vec<&String> {
+        self.trail
+            .iter()
+            .filter(|t| t.split(' ').skip(1).any(|w| w == rel))
+            .collect()
     }
 
     fn p(&self, rel: &str) -> PathBuf {
@@ -375,7 +389,12 @@ impl Worker {
                 let f = fs::OpenOptions::new()
                     .write(true)
                     .open(self.p(&rel))
-                    .unwrap_or_else(|e| panic!("open {rel} for write: {e}"));
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "open {rel} for write: {e}; history {:?}",
+                            self.history(&rel)
+                        )
+                    });
                 f.write_all_at(&vec![byte; len], off as u64)
                     .unwrap_or_else(|e| panic!("write {rel}: {e}"));
                 let node = self.names[&rel];
@@ -394,7 +413,9 @@ impl Worker {
                     .write(true)
                     .open(self.p(&rel))
                     .and_then(|f| f.set_len(len as u64))
-                    .unwrap_or_else(|e| panic!("truncate {rel}: {e}"));
+                    .unwrap_or_else(|e| {
+                        panic!("truncate {rel}: {e}; history {:?}", self.history(&rel))
+                    });
                 if let Node::File { data, .. } = &mut self.nodes[self.names[&rel]] {
                     data.resize(len, 0);
                 }
@@ -418,8 +439,18 @@ impl Worker {
             7 => {
                 let Some(rel) = self.pick(true) else { return };
                 let to = self.fresh_name();
-                fs::hard_link(self.p(&rel), self.p(&to))
-                    .unwrap_or_else(|e| panic!("link {rel} -> {to}: {e}"));
+                fs::hard_link(self.p(&rel), self.p(&to)).unwrap_or_else(|e| {
+                    panic!(
+                        "link {rel} -> {to}: {e} (source in the view: {:?}; model names of it: {:?}); last ops {:?}",
+                        fs::symlink_metadata(self.p(&rel)).map(|m| (m.ino(), m.nlink(), m.len())),
+                        self.names
+                            .iter()
+                            .filter(|(_, n)| **n == self.names[&rel])
+                            .map(|(k, _)| k)
+                            .collect::<Vec<_>>(),
+                        &self.trail[self.trail.len().saturating_sub(8)..]
+                    )
+                });
                 let node = self.names[&rel];
                 self.names.insert(to, node);
                 "link"
@@ -497,6 +528,9 @@ impl Worker {
             }
         };
         *self.ops.entry(name).or_default() += 1;
+        let t = format!("{name} {}", self.touched.join(" "));
+        self.trail.push(t);
+        self.touched.clear();
     }
 }
 
@@ -638,6 +672,8 @@ fn parallel_stress_view_new_after_commit_and_model_agree() {
             dirs: BTreeSet::new(),
             serial: 0,
             ops: BTreeMap::new(),
+            trail: Vec::new(),
+            touched: Vec::new(),
         })
         .collect();
     for (d, dir) in shared.iter().enumerate() {
@@ -712,6 +748,7 @@ fn parallel_stress_view_new_after_commit_and_model_agree() {
     }
     // The view, while mounted and before the copier finished; again once it has; then NEW.
     check_against_model("the view", &f.mnt, &workers, &shared);
+    ok(f.cmd("limits", &["--ops-limit", "0"]));
     ok(f.cmd("execute", &["--wait"]));
     check_against_model("the view after execute", &f.mnt, &workers, &shared);
     ok(f.cmd("commit", &[]));

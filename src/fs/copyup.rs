@@ -500,8 +500,13 @@ impl View {
             let mut dirs: Vec<(Arc<OwnedFd>, rustix::fs::Stat)> = Vec::new();
             for (p, tst) in ready.by_ref().take(LINKS_PER_LOCK) {
                 let r = (|| -> Result<Copied> {
-                    // The view took the entry over since the checks above: its copy wins.
-                    if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
+                    // The view took the entry over since the checks above: its copy wins. An
+                    // inode the kernel forgot meanwhile may carry stale names: the next pass
+                    // copies the entry again, through its live inode.
+                    if p.inode.cancel.load(Ordering::Acquire)
+                        || p.inode.node().new.is_some()
+                        || !self.inodes.is_live(&p.inode)
+                    {
                         orphans.clear_copy(tst.st_dev, tst.st_ino);
                         return Ok(Copied::GaveWay);
                     }
@@ -669,7 +674,18 @@ impl View {
         }
 
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
-        if background && (inode.cancel.load(Ordering::Acquire) || inode.node().new.is_some()) {
+        if !background && inode.node().new.is_some() {
+            // The copier named its copy (made before the view claimed the entry) meanwhile:
+            // that copy is OLD's content too, and the view's change applies to it.
+            return Ok(Copied::Present);
+        }
+        if background
+            && (inode.cancel.load(Ordering::Acquire)
+                || inode.node().new.is_some()
+                || !self
+                    .inode(inode.ino)
+                    .is_ok_and(|i| std::ptr::eq(&*i, inode)))
+        {
             return Ok(Copied::GaveWay);
         }
         let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;

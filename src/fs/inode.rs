@@ -134,6 +134,16 @@ impl InodeTable {
         self.tables().by_ino.get(&ino).cloned()
     }
 
+    /// Whether `inode` is still the table's inode for its number: an inode the kernel forgot
+    /// (while the copier held it) is not, and its names may be stale. A new lookup of the same
+    /// entry makes a new inode.
+    pub fn is_live(&self, inode: &Arc<Inode>) -> bool {
+        self.tables()
+            .by_ino
+            .get(&inode.ino)
+            .is_some_and(|i| Arc::ptr_eq(i, inode))
+    }
+
     /// The inode number already serving `id`, if any (for readdir's d_ino).
     pub fn ino_of(&self, id: &Identity) -> Option<u64> {
         self.tables().by_id.get(id).copied()
@@ -197,6 +207,18 @@ impl InodeTable {
         let mut n = inode.node();
         if !n.ids.contains(&id) {
             n.ids.push(id);
+        }
+    }
+
+    /// `id` no longer exists (its store entry was deleted): forget the mapping, so that a new
+    /// entry the store gives the same number (ext4, XFS reuse inode numbers) is not taken for
+    /// the old one. The inode itself lives on for the kernel and open files.
+    pub fn unmap(&self, id: Identity) {
+        let mut t = self.tables();
+        if let Some(ino) = t.by_id.remove(&id)
+            && let Some(inode) = t.by_ino.get(&ino)
+        {
+            inode.node().ids.retain(|i| *i != id);
         }
     }
 

@@ -304,6 +304,13 @@ impl View {
         Ok(self.attach(newparent, newname, r)?.1)
     }
 
+    /// NEW's entry `st` was deleted: its (st_dev, st_ino) may now be given to a new entry.
+    fn deleted_from_new(&self, st: &rustix::fs::Stat) {
+        #[allow(clippy::unnecessary_cast)]
+        self.inodes
+            .unmap(Identity::New(st.st_dev as u64, st.st_ino as u64));
+    }
+
     /// Whether removing/renaming away this resolved entry must leave a tombstone: OLD shows (or
     /// a record says) something at the name.
     fn old_visible(&self, parent: &Inode, name: &OsStr, r: &Resolved) -> bool {
@@ -349,6 +356,7 @@ impl View {
                     let mut b = Batch::new();
                     b.clear_copy(st.st_dev, st.st_ino);
                     self.journal.commit(b, false)?;
+                    self.deleted_from_new(st);
                 }
             }
         }
@@ -469,6 +477,9 @@ impl View {
                 .new_dir(&p)
                 .ok_or_else(|| errno_err("NEW entry has a NEW parent", libc::EIO))?;
             rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::REMOVEDIR).ctx("rmdir in NEW")?;
+            if let Some((_, st)) = &r.new {
+                self.deleted_from_new(st);
+            }
         }
         self.forget_name(&r, parent, name);
         self.dir_changed(&p);
@@ -624,13 +635,16 @@ impl View {
             Some(NewHalf::Rename) => {
                 // A NEW entry the rename replaces may be the last NEW link of a hard-link
                 // group's copy: keep it alive before renameat drops it.
+                let mut replaced = None;
                 if let Some(Resolved {
                     new: Some((_, dst_st)),
                     ..
                 }) = &dst
                     && let Some(dfd) = self.new_dir(&dp)
+                    && !self.keep_alive_locked(&dfd, newname, dst_st)?
+                    && (dst_st.st_nlink == 1 || Kind::from_mode(dst_st.st_mode) == Kind::Dir)
                 {
-                    self.keep_alive_locked(&dfd, newname, dst_st)?;
+                    replaced = Some(*dst_st);
                 }
                 let sfd = self
                     .new_dir(&sp)
@@ -640,6 +654,9 @@ impl View {
                     .ok_or_else(|| errno_err("NEW parent missing", libc::EIO))?;
                 rustix::fs::renameat(sfd.as_fd(), name, dfd.as_fd(), newname)
                     .ctx("rename in NEW")?;
+                if let Some(st) = replaced {
+                    self.deleted_from_new(&st);
+                }
             }
             Some(NewHalf::Remove) => {
                 let dfd = self
@@ -659,6 +676,13 @@ impl View {
                 };
                 if !kept {
                     rustix::fs::unlinkat(dfd.as_fd(), newname, f).ctx("remove target in NEW")?;
+                    if let Some(Resolved {
+                        new: Some((_, st)), ..
+                    }) = &dst
+                        && (st.st_nlink == 1 || f == AtFlags::REMOVEDIR)
+                    {
+                        self.deleted_from_new(st);
+                    }
                 }
             }
             None => {}
