@@ -7,6 +7,7 @@
 #   plain        the OLD directory itself, no FUSE
 #   bindfs       `bindfs -o allow_other OLD MNT` (a plain FUSE passthrough, the peer)
 #   ferryfs-old  a ferryfs view whose NEW is empty: reads fall through to OLD
+#   ferryfs-old-pt  the same with `mount --passthrough all`: the kernel reads OLD's files itself
 #   ferryfs-new  a second ferryfs migration of the same OLD whose NEW got a copy of the big
 #                file after `prepare` and before `mount`: reads are served from NEW
 # Workloads: seq read cold/warm, seq write + fsync, 4 KiB random read (warm), small-file
@@ -85,7 +86,7 @@ SIZE="${FILE_MB}m" # fio sizes are base 2: 1024m = 1 GiB
 # smallfiles.py puts 1000 files per subdirectory.
 TREE_ENTRIES=$((TREE_N + (TREE_N + 999) / 1000))
 
-ALL_VARIANTS="plain bindfs ferryfs-old ferryfs-new"
+ALL_VARIANTS="plain bindfs ferryfs-old ferryfs-old-pt ferryfs-new"
 VARIANTS=(plain)
 for v in ${BENCH_VARIANTS:-$ALL_VARIANTS}; do
     case " $ALL_VARIANTS " in *" $v "*) ;; *) die "unknown variant '$v' (known: $ALL_VARIANTS)" ;; esac
@@ -240,7 +241,7 @@ got=$(python3 "$REPORT" kv "$(cat "$LOGS/tree_check.out")" entries)
 # the big file into NEW before mounting so the view serves it from NEW.
 for v in "${VARIANTS[@]}"; do
     case "$v" in
-        ferryfs-old | ferryfs-new)
+        ferryfs-old | ferryfs-old-pt | ferryfs-new)
             STEP="ferryfs prepare ($v)"
             mkdir "$S/new-$v"
             run "prepare-$v" "$BIN" prepare --old "$OLD" --new "$S/new-$v" --state "$S/state-$v"
@@ -263,6 +264,7 @@ mount_variant() {
     case "$v" in
         plain) TARGET="$OLD"; return 0 ;;
         bindfs) run "mount-$v" bindfs -o allow_other "$OLD" "$mnt" ;;
+        ferryfs-old-pt) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --passthrough all ;;
         ferryfs-*) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other ;;
     esac
     mountpoint -q "$mnt" || die "$v: $mnt is not a mount point after mounting"
@@ -437,7 +439,9 @@ mkdir -p "$(dirname "$OUT")"
     cat <<'EOF'
 Higher "x plain" is better: variant/plain for MiB/s and IOPS, plain/variant for seconds
 (the ratio of ops/s). plain = the OLD directory itself; bindfs = bindfs of OLD;
-ferryfs-old = the view reading files that are only in OLD; ferryfs-new = a view whose NEW
+ferryfs-old = the view reading files that are only in OLD (default `--passthrough new`: through
+the daemon); ferryfs-old-pt = the same with `--passthrough all` (the kernel reads OLD's file
+itself); ferryfs-new = a view whose NEW
 holds a copy of the big file (stat still runs over the OLD tree; writes and creates land in
 NEW for both ferryfs variants). Every variant is mounted afresh for each run. "cold" =
 `sync; echo 3 > /proc/sys/vm/drop_caches` just before; "warm" seq read = measured right

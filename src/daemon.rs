@@ -30,6 +30,8 @@ pub struct MountArgs {
     pub threads: usize,
     /// Do not start the copier at mount (an `execute` starts it later).
     pub no_copy: bool,
+    /// Which open files the kernel reads and writes directly.
+    pub passthrough: crate::fuse::PassthroughMode,
     pub copier: crate::copier::Options,
 }
 
@@ -320,10 +322,11 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     cfg.acl = acl;
     cfg.n_threads = Some(args.threads.max(1));
     cfg.clone_fd = true;
-    let mut session = match fuser::Session::new(FerryFs::new(view.clone()), mp, &cfg) {
-        Ok(s) => s,
-        Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
-    };
+    let mut session =
+        match fuser::Session::new(FerryFs::new(view.clone(), args.passthrough), mp, &cfg) {
+            Ok(s) => s,
+            Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
+        };
     if let Some(dev) = mount_dev(mp, &state_abs) {
         view.set_mount_dev(dev);
     }

@@ -51,6 +51,12 @@ enum Cmd {
         /// Do not start the background copier; `ferryfs execute` starts it later.
         #[arg(long)]
         no_copy: bool,
+        /// Which open files the kernel reads and writes directly, at native speed (FUSE
+        /// passthrough): `new` (files whose data is in NEW), `all` (also read-only opens of
+        /// OLD-only files; a write to such a file then waits for those readers, up to 2 s,
+        /// else EBUSY), `off` (all data through the daemon).
+        #[arg(long, value_enum, default_value_t = ferryfs::fuse::PassthroughMode::New)]
+        passthrough: ferryfs::fuse::PassthroughMode,
         #[command(flatten)]
         limits: LimitArgs,
         /// Mount options, comma separated: allow_other, allow_root, ro, nosuid, nodev, ...
@@ -209,6 +215,7 @@ fn run() -> Result<(), String> {
             mountpoint,
             foreground,
             no_copy,
+            passthrough,
             limits,
             options,
             threads,
@@ -219,6 +226,7 @@ fn run() -> Result<(), String> {
                 options,
                 threads,
                 no_copy,
+                passthrough,
                 copier: limits.options()?,
             };
             if foreground {

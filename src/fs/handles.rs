@@ -95,17 +95,22 @@ impl HandleTable {
 }
 
 /// What `open` tells the kernel besides the handle.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OpenFile {
     pub fh: u64,
     /// The file's data did not change since the kernel last cached it: keep the page cache.
     pub keep_cache: bool,
+    /// The store's file behind the handle, for the kernel to read and write directly
+    /// (passthrough), and whether it is NEW's (else OLD's, opened read-only).
+    pub file: Arc<File>,
+    pub on_new: bool,
 }
 
 /// Open flags that were for the kernel (or are handled by the view), not for the backing file.
 const STRIP: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT;
 
-fn wants_write(flags: i32) -> bool {
+/// Whether an open with these flags changes the file (write access or O_TRUNC).
+pub fn wants_write(flags: i32) -> bool {
     (flags & libc::O_ACCMODE) != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
@@ -197,12 +202,18 @@ impl View {
             n.cache_stamp = Some(stamp);
             same
         };
+        let file = Arc::new(file);
         let fh = self.handles.insert(Handle::File(FileHandle {
             inode,
-            file: RwLock::new((Arc::new(file), on_new)),
+            file: RwLock::new((file.clone(), on_new)),
             flags,
         }));
-        Ok(OpenFile { fh, keep_cache })
+        Ok(OpenFile {
+            fh,
+            keep_cache,
+            file,
+            on_new,
+        })
     }
 
     /// The handle's file, switched to NEW if the inode was copied up since it was opened.

@@ -38,7 +38,7 @@ pub fn timestamps_of(st: &rustix::fs::Stat) -> rustix::fs::Timestamps {
 pub fn copy_file_data(src: &std::fs::File, dst: &std::fs::File, size: u64) -> Result<()> {
     copyup::copy_data(src, dst, size, &mut |_| true).map(drop)
 }
-pub use handles::OpenFile;
+pub use handles::{OpenFile, wants_write};
 use inode::{Identity, Inode, InodeTable, Node, OldRef, ROOT_INO};
 pub use ops::{SetAttr, SetTime, XattrReply};
 

@@ -2,20 +2,22 @@
 //! [`View`]; each handler replies exactly once, and every error goes through [`fail`], which
 //! logs it at its level with the request's context and replies its errno.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
-use crate::fs::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply};
+use crate::fs::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply, wants_write};
 
 /// How long the kernel may trust attributes and names without asking. Every change made through
 /// the view is seen by the kernel directly; this only bounds how late a change made in OLD
@@ -24,11 +26,160 @@ const TTL: Duration = Duration::from_secs(1);
 
 pub struct FerryFs {
     view: Arc<View>,
+    passthrough: Passthrough,
 }
 
 impl FerryFs {
-    pub fn new(view: Arc<View>) -> FerryFs {
-        FerryFs { view }
+    /// `passthrough`: which open files' data path the kernel takes over (`mount --passthrough`).
+    pub fn new(view: Arc<View>, passthrough: PassthroughMode) -> FerryFs {
+        FerryFs {
+            view,
+            passthrough: Passthrough {
+                wanted: passthrough,
+                refused: [AtomicBool::new(false), AtomicBool::new(false)],
+                inodes: Mutex::new(HashMap::new()),
+            },
+        }
+    }
+}
+
+/// Which open files the kernel reads and writes directly (`mount --passthrough`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PassthroughMode {
+    /// Files whose data is in NEW (written, copied, or created through the view). A read-only
+    /// open of an OLD-only file goes through the daemon, so a later write open of the same file
+    /// can always move to NEW.
+    New,
+    /// Also read-only opens of OLD-only files: native reads of OLD too, but while such a reader
+    /// is open, a write open or truncate of that file waits up to 2 s for it to close, then
+    /// fails with EBUSY (the kernel keeps one backing file per open inode).
+    All,
+    /// Every read and write through the daemon.
+    Off,
+}
+
+/// Kernel FUSE passthrough: the kernel reads and writes the store's file itself, the daemon
+/// only opens it. The kernel's rule: while any file of an inode is open, every open of that
+/// inode uses one and the same backing file, or none does (a mix fails the open with EIO).
+/// So the io mode is decided per inode by its first open and kept until its last release.
+struct Passthrough {
+    /// Asked for at mount.
+    wanted: PassthroughMode,
+    /// The kernel refused a backing file of OLD [0] / NEW [1] (an older kernel, a store on a
+    /// stacked file system): that store's files are served through the daemon from then on.
+    refused: [AtomicBool; 2],
+    /// Inodes with open files: their io mode and how many files are open.
+    inodes: Mutex<HashMap<u64, Opened>>,
+}
+
+struct Opened {
+    mode: IoMode,
+    opens: u32,
+}
+
+enum IoMode {
+    /// The kernel reads and writes `id`'s file (NEW's, or OLD's for read-only opens).
+    Passthrough { id: Arc<BackingId>, on_new: bool },
+    /// Through the daemon (read and write requests), with the kernel's page cache.
+    Cached,
+}
+
+/// How long a change to a file waits for the read-only opens that pass through to its OLD
+/// file to close (the kernel cannot move them to NEW), before it fails with EBUSY.
+const OLD_READERS_WAIT: Duration = Duration::from_secs(2);
+
+impl Passthrough {
+    /// Does inode `ino` have open files passing through to OLD? A change to its data must not
+    /// start then: those readers would keep OLD's bytes while NEW changes. Waits a while for
+    /// them to close; false if they are still open.
+    fn old_readers_gone(&self, ino: u64) -> bool {
+        let t = std::time::Instant::now();
+        loop {
+            let busy = matches!(
+                self.inodes.lock().unwrap().get(&ino),
+                Some(Opened {
+                    mode: IoMode::Passthrough { on_new: false, .. },
+                    ..
+                })
+            );
+            if !busy {
+                return true;
+            }
+            if t.elapsed() >= OLD_READERS_WAIT {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The io mode for a new open of `ino` on `of.file`; registers the backing file with the
+    /// kernel for the inode's first open. Err: this write open cannot join the inode's open
+    /// files (they pass through to OLD).
+    fn join<F>(
+        &self,
+        ino: u64,
+        of: &crate::fs::OpenFile,
+        write: bool,
+        register: F,
+    ) -> Result<Option<Arc<BackingId>>, ()>
+    where
+        F: FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    {
+        let mut inodes = self.inodes.lock().unwrap();
+        if let Some(o) = inodes.get_mut(&ino) {
+            let id = match &o.mode {
+                // Any open file of the inode shows the view's bytes: OLD's while data changes
+                // wait for OLD's readers (old_readers_gone), NEW's otherwise.
+                IoMode::Passthrough { on_new: false, .. } if write => return Err(()),
+                IoMode::Passthrough { id, .. } => Some(id.clone()),
+                IoMode::Cached => None,
+            };
+            o.opens += 1;
+            return Ok(id);
+        }
+        let store = usize::from(of.on_new);
+        let allowed = match self.wanted {
+            PassthroughMode::All => true,
+            PassthroughMode::New => of.on_new,
+            PassthroughMode::Off => false,
+        };
+        let mode = if !allowed || self.refused[store].load(Ordering::Relaxed) {
+            IoMode::Cached
+        } else {
+            match register(&of.file) {
+                Ok(id) => IoMode::Passthrough {
+                    id: Arc::new(id),
+                    on_new: of.on_new,
+                },
+                Err(e) => {
+                    if !self.refused[store].swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            store = if of.on_new { "NEW" } else { "OLD" },
+                            error = %e,
+                            "the kernel refused passthrough to this store's files; serving them through the daemon"
+                        );
+                    }
+                    IoMode::Cached
+                }
+            }
+        };
+        let id = match &mode {
+            IoMode::Passthrough { id, .. } => Some(id.clone()),
+            IoMode::Cached => None,
+        };
+        inodes.insert(ino, Opened { mode, opens: 1 });
+        Ok(id)
+    }
+
+    /// An open file of `ino` was released; the last one frees the inode's backing file.
+    fn release(&self, ino: u64) {
+        let mut inodes = self.inodes.lock().unwrap();
+        if let Some(o) = inodes.get_mut(&ino) {
+            o.opens -= 1;
+            if o.opens == 0 {
+                inodes.remove(&ino);
+            }
+        }
     }
 }
 
@@ -109,11 +260,39 @@ fn open_flags(keep_cache: bool) -> FopenFlags {
     }
 }
 
+/// A change to a file's data refused while read-only opens pass through to its OLD file.
+fn busy_with_old_readers(op: &'static str, ino: u64) -> Errno {
+    tracing::warn!(
+        op,
+        ino,
+        "refused with EBUSY: the file is open read-only through kernel passthrough to OLD, and \
+         its data cannot change in NEW until those readers close (mount --passthrough new avoids this)"
+    );
+    Errno::from_i32(libc::EBUSY)
+}
+
 impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open, so an O_TRUNC open of an OLD-only file copies no data.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_write(1 << 20);
+        if self.passthrough.wanted != PassthroughMode::Off {
+            // Backing files on a stacked file system (overlayfs) allowed; this mount cannot
+            // then be stacked under another. A kernel without passthrough serves everything
+            // through the daemon.
+            let granted = config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(2).is_ok();
+            if !granted {
+                tracing::info!(
+                    "the kernel does not offer FUSE passthrough; data goes through the daemon"
+                );
+                for r in &self.passthrough.refused {
+                    r.store(true, Ordering::Relaxed);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -166,6 +345,9 @@ impl Filesystem for FerryFs {
             mtime: set_time(mtime),
             fh: fh.map(|f| f.0),
         };
+        if s.size.is_some() && !self.passthrough.old_readers_gone(ino.0) {
+            return reply.error(busy_with_old_readers("truncate", ino.0));
+        }
         match self.view.setattr(ino.0, s) {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
             Err(e) => reply.error(fail("setattr", ino.0, None, &e)),
@@ -290,9 +472,31 @@ impl Filesystem for FerryFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _span = span("open", ino.0);
-        match self.view.open(ino.0, flags.0) {
-            Ok(of) => reply.opened(FileHandle(of.fh), open_flags(of.keep_cache)),
-            Err(e) => reply.error(fail("open", ino.0, None, &e)),
+        let write = wants_write(flags.0);
+        if write && !self.passthrough.old_readers_gone(ino.0) {
+            reply.error(busy_with_old_readers("open", ino.0));
+            return;
+        }
+        let of = match self.view.open(ino.0, flags.0) {
+            Ok(of) => of,
+            Err(e) => return reply.error(fail("open", ino.0, None, &e)),
+        };
+        match self
+            .passthrough
+            .join(ino.0, &of, write, |f| reply.open_backing(f))
+        {
+            Ok(Some(id)) => {
+                // The daemon will not see this file's reads and writes: count the open as
+                // application I/O, for the copier to back off.
+                self.view.note_io();
+                reply.opened_passthrough(FileHandle(of.fh), FopenFlags::empty(), &id)
+            }
+            Ok(None) => reply.opened(FileHandle(of.fh), open_flags(of.keep_cache)),
+            Err(()) => {
+                // Raced with a reader's open of OLD: refuse, as old_readers_gone would have.
+                self.view.release(of.fh);
+                reply.error(busy_with_old_readers("open", ino.0));
+            }
         }
     }
 
@@ -361,6 +565,7 @@ impl Filesystem for FerryFs {
     ) {
         let _span = span("release", ino.0);
         self.view.release(fh.0);
+        self.passthrough.release(ino.0);
         reply.ok();
     }
 
@@ -512,13 +717,32 @@ impl Filesystem for FerryFs {
             .view
             .create(parent.0, name, mode & !umask, flags, caller(req))
         {
-            Ok((a, of)) => reply.created(
-                &TTL,
-                &attr(&a),
-                Generation(0),
-                FileHandle(of.fh),
-                open_flags(of.keep_cache),
-            ),
+            Ok((a, of)) => match self
+                .passthrough
+                .join(a.ino, &of, true, |f| reply.open_backing(f))
+            {
+                Ok(Some(id)) => reply.created_passthrough(
+                    &TTL,
+                    &attr(&a),
+                    Generation(0),
+                    FileHandle(of.fh),
+                    FopenFlags::empty(),
+                    &id,
+                ),
+                Ok(None) => reply.created(
+                    &TTL,
+                    &attr(&a),
+                    Generation(0),
+                    FileHandle(of.fh),
+                    open_flags(of.keep_cache),
+                ),
+                Err(()) => {
+                    // A new file has no OLD readers; only a name reused racing an open of the
+                    // old one could get here.
+                    self.view.release(of.fh);
+                    reply.error(busy_with_old_readers("create", a.ino));
+                }
+            },
             Err(e) => reply.error(fail("create", parent.0, Some(name), &e)),
         }
     }
@@ -554,5 +778,79 @@ impl Filesystem for FerryFs {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail("lseek", ino.0, None, &e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_file(on_new: bool) -> crate::fs::OpenFile {
+        crate::fs::OpenFile {
+            fh: 1,
+            keep_cache: false,
+            file: Arc::new(tempfile::tempfile().unwrap()),
+            on_new,
+        }
+    }
+
+    fn table(mode: PassthroughMode) -> Passthrough {
+        Passthrough {
+            wanted: mode,
+            refused: [AtomicBool::new(false), AtomicBool::new(false)],
+            inodes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    #[test]
+    fn a_store_whose_files_the_kernel_refuses_is_served_through_the_daemon() {
+        let pt = table(PassthroughMode::All);
+        let refuse = |_: &std::fs::File| -> std::io::Result<BackingId> {
+            Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+        };
+        assert!(matches!(
+            pt.join(5, &open_file(true), true, refuse),
+            Ok(None)
+        ));
+        assert!(pt.refused[1].load(Ordering::Relaxed));
+        // Not asked again for that store; OLD's files are still tried.
+        let never = |_: &std::fs::File| -> std::io::Result<BackingId> { panic!("asked again") };
+        assert!(matches!(
+            pt.join(6, &open_file(true), false, never),
+            Ok(None)
+        ));
+        assert!(matches!(
+            pt.join(7, &open_file(false), false, refuse),
+            Ok(None)
+        ));
+        assert!(pt.refused[0].load(Ordering::Relaxed));
+        // A second open of an inode joins its mode; the last release forgets it.
+        assert!(matches!(
+            pt.join(5, &open_file(true), false, never),
+            Ok(None)
+        ));
+        for ino in [5, 5, 6, 7] {
+            pt.release(ino);
+        }
+        assert!(pt.inodes.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn mode_new_never_passes_old_files_through_and_off_nothing() {
+        let never = |_: &std::fs::File| -> std::io::Result<BackingId> { panic!("registered") };
+        let pt = table(PassthroughMode::New);
+        assert!(matches!(
+            pt.join(5, &open_file(false), false, never),
+            Ok(None)
+        ));
+        assert!(
+            pt.old_readers_gone(5),
+            "a daemon-served reader must not hold writers"
+        );
+        let pt = table(PassthroughMode::Off);
+        assert!(matches!(
+            pt.join(5, &open_file(true), true, never),
+            Ok(None)
+        ));
     }
 }
