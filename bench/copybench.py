@@ -186,8 +186,7 @@ def main():
             f"{os.uname().release}, {os.cpu_count()} CPUs; OLD and NEW on the same ext4; page "
             f"cache dropped before each run; median of {reps}.",
             "",
-            f"Command: `python3 bench/copybench.py{' --quick' if a.quick else ''}"
-            f"{' --million' if a.million else ''}`",
+            f"Command: `python3 bench/copybench.py{''.join(' ' + x for x in sys.argv[1:])}`",
             "",
             "| dataset | tool | seconds | files/s | MiB/s | peak RSS MiB | vs rsync (files/s) | vs cp -a (MiB/s) |",
             "|---|---|---|---|---|---|---|---|",
