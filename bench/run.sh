@@ -27,6 +27,8 @@
 #   BENCH_VARIANTS     subset to run, e.g. "plain bindfs" (plain is always the baseline)
 #   BENCH_FILE_MB, BENCH_TREE_N, BENCH_CREATE_N, BENCH_REPS   override the sizes / run count
 #   BENCH_OUT          results file (default bench/results/latest.md)
+#   BENCH_MOUNT_ARGS   extra `ferryfs mount` arguments for every ferryfs variant, e.g.
+#                      "--metadata-ttl 30"
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -46,7 +48,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 # The exact command, with the environment overrides that change what it measures.
 CMD=""
 for v in FERRYFS_BIN CARGO_TARGET_DIR BENCH_VARIANTS BENCH_FILE_MB BENCH_TREE_N BENCH_CREATE_N \
-    BENCH_REPS BENCH_OUT; do
+    BENCH_REPS BENCH_OUT BENCH_MOUNT_ARGS; do
     if [[ -n "${!v:-}" ]]; then CMD+="$v=$(printf '%q' "${!v}") "; fi
 done
 CMD+="bash bench/run.sh"
@@ -264,8 +266,10 @@ mount_variant() {
     case "$v" in
         plain) TARGET="$OLD"; return 0 ;;
         bindfs) run "mount-$v" bindfs -o allow_other "$OLD" "$mnt" ;;
-        ferryfs-old-pt) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --passthrough all ;;
-        ferryfs-*) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other ;;
+        # shellcheck disable=SC2086 # BENCH_MOUNT_ARGS is a list of words
+        ferryfs-old-pt) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --passthrough all ${BENCH_MOUNT_ARGS:-} ;;
+        # shellcheck disable=SC2086
+        ferryfs-*) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other ${BENCH_MOUNT_ARGS:-} ;;
     esac
     mountpoint -q "$mnt" || die "$v: $mnt is not a mount point after mounting"
     TARGET="$mnt"

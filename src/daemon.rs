@@ -32,6 +32,8 @@ pub struct MountArgs {
     pub no_copy: bool,
     /// Which open files the kernel reads and writes directly.
     pub passthrough: crate::fuse::PassthroughMode,
+    /// How long the kernel caches names and attributes.
+    pub metadata_ttl: Duration,
     pub copier: crate::copier::Options,
 }
 
@@ -322,11 +324,14 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     cfg.acl = acl;
     cfg.n_threads = Some(args.threads.max(1));
     cfg.clone_fd = true;
-    let mut session =
-        match fuser::Session::new(FerryFs::new(view.clone(), args.passthrough), mp, &cfg) {
-            Ok(s) => s,
-            Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
-        };
+    let mut session = match fuser::Session::new(
+        FerryFs::new(view.clone(), args.passthrough, args.metadata_ttl),
+        mp,
+        &cfg,
+    ) {
+        Ok(s) => s,
+        Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
+    };
     if let Some(dev) = mount_dev(mp, &state_abs) {
         view.set_mount_dev(dev);
     }

@@ -57,6 +57,11 @@ enum Cmd {
         /// else EBUSY), `off` (all data through the daemon).
         #[arg(long, value_enum, default_value_t = ferryfs::fuse::PassthroughMode::New)]
         passthrough: ferryfs::fuse::PassthroughMode,
+        /// Seconds the kernel may cache names and attributes without asking the daemon. Changes
+        /// made through the view show at once whatever the value; it bounds how late a change
+        /// made in OLD behind the view's back shows. Raise it for big, read-mostly trees.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_ttl)]
+        metadata_ttl: f64,
         #[command(flatten)]
         limits: LimitArgs,
         /// Mount options, comma separated: allow_other, allow_root, ro, nosuid, nodev, ...
@@ -174,6 +179,17 @@ impl LimitArgs {
 
 /// Logs to stderr, filtered by FERRYFS_LOG (default `default`: info for the daemon, warn for
 /// the CLI's own work, so progress lines stay readable).
+/// `--metadata-ttl`: seconds, 0 to 86400.
+fn parse_ttl(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s}"))?;
+    if !(0.0..=86_400.0).contains(&v) {
+        return Err(format!("{v} is outside 0 to 86400 seconds"));
+    }
+    Ok(v)
+}
+
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRYFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -216,6 +232,7 @@ fn run() -> Result<(), String> {
             foreground,
             no_copy,
             passthrough,
+            metadata_ttl,
             limits,
             options,
             threads,
@@ -227,6 +244,7 @@ fn run() -> Result<(), String> {
                 threads,
                 no_copy,
                 passthrough,
+                metadata_ttl: std::time::Duration::from_secs_f64(metadata_ttl),
                 copier: limits.options()?,
             };
             if foreground {

@@ -882,3 +882,43 @@ fn the_view_root_keeps_the_owner_and_mode_of_olds_root() {
     assert_eq!(fs::metadata(f.v("file")).unwrap().gid(), 65534);
     f.unmount();
 }
+
+#[test]
+fn metadata_ttl_bounds_how_late_a_change_in_old_shows() {
+    // --metadata-ttl 0: the kernel asks every time, so a change made in OLD behind the view's
+    // back shows at once; a long TTL keeps the kernel's cached size until it expires.
+    for (ttl, fresh) in [("0", true), ("30", false)] {
+        let mut f = Fixture::new();
+        write(&f.old.join("file"), b"1234");
+        f.prepare();
+        let mp = f.mnt.clone();
+        f.mount_with(&mp, &["--no-copy", "--metadata-ttl", ttl]);
+        assert_eq!(fs::metadata(f.v("file")).unwrap().len(), 4);
+        OpenOptions::new()
+            .append(true)
+            .open(f.old.join("file"))
+            .unwrap()
+            .write_all(b"5678")
+            .unwrap();
+        let len = fs::metadata(f.v("file")).unwrap().len();
+        assert_eq!(
+            len == 8,
+            fresh,
+            "--metadata-ttl {ttl}: size {len} right after OLD changed"
+        );
+        f.unmount();
+    }
+    let out = ferryfs(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        "/nonexistent".as_ref(),
+        "/tmp".as_ref(),
+        "--metadata-ttl".as_ref(),
+        "100000".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("outside 0 to 86400"),
+        "{err}"
+    );
+}

@@ -19,21 +19,21 @@ use fuser::{
 use crate::error::Error;
 use crate::fs::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply, wants_write};
 
-/// How long the kernel may trust attributes and names without asking. Every change made through
-/// the view is seen by the kernel directly; this only bounds how late a change made in OLD
-/// behind the view's back shows.
-const TTL: Duration = Duration::from_secs(1);
-
 pub struct FerryFs {
     view: Arc<View>,
     passthrough: Passthrough,
+    /// How long the kernel may trust attributes and names without asking (`mount
+    /// --metadata-ttl`). Every change made through the view is seen by the kernel directly;
+    /// this only bounds how late a change made in OLD behind the view's back shows.
+    ttl: Duration,
 }
 
 impl FerryFs {
     /// `passthrough`: which open files' data path the kernel takes over (`mount --passthrough`).
-    pub fn new(view: Arc<View>, passthrough: PassthroughMode) -> FerryFs {
+    pub fn new(view: Arc<View>, passthrough: PassthroughMode, ttl: Duration) -> FerryFs {
         FerryFs {
             view,
+            ttl,
             passthrough: Passthrough {
                 wanted: passthrough,
                 refused: [AtomicBool::new(false), AtomicBool::new(false)],
@@ -299,7 +299,7 @@ impl Filesystem for FerryFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _span = span("lookup", parent.0);
         match self.view.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("lookup", parent.0, Some(name), &e)),
         }
     }
@@ -312,7 +312,7 @@ impl Filesystem for FerryFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _span = span("getattr", ino.0);
         match self.view.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
+            Ok(a) => reply.attr(&self.ttl, &attr(&a)),
             Err(e) => reply.error(fail("getattr", ino.0, None, &e)),
         }
     }
@@ -349,7 +349,7 @@ impl Filesystem for FerryFs {
             return reply.error(busy_with_old_readers("truncate", ino.0));
         }
         match self.view.setattr(ino.0, s) {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
+            Ok(a) => reply.attr(&self.ttl, &attr(&a)),
             Err(e) => reply.error(fail("setattr", ino.0, None, &e)),
         }
     }
@@ -380,7 +380,7 @@ impl Filesystem for FerryFs {
             rdev,
             caller(req),
         ) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("mknod", parent.0, Some(name), &e)),
         }
     }
@@ -396,7 +396,7 @@ impl Filesystem for FerryFs {
     ) {
         let _span = span("mkdir", parent.0);
         match self.view.mkdir(parent.0, name, mode & !umask, caller(req)) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("mkdir", parent.0, Some(name), &e)),
         }
     }
@@ -430,7 +430,7 @@ impl Filesystem for FerryFs {
             .view
             .symlink(parent.0, link_name, target.as_os_str(), caller(req))
         {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("symlink", parent.0, Some(link_name), &e)),
         }
     }
@@ -465,7 +465,7 @@ impl Filesystem for FerryFs {
     ) {
         let _span = span("link", ino.0);
         match self.view.link(ino.0, newparent.0, newname) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail("link", ino.0, Some(newname), &e)),
         }
     }
@@ -722,7 +722,7 @@ impl Filesystem for FerryFs {
                 .join(a.ino, &of, true, |f| reply.open_backing(f))
             {
                 Ok(Some(id)) => reply.created_passthrough(
-                    &TTL,
+                    &self.ttl,
                     &attr(&a),
                     Generation(0),
                     FileHandle(of.fh),
@@ -730,7 +730,7 @@ impl Filesystem for FerryFs {
                     &id,
                 ),
                 Ok(None) => reply.created(
-                    &TTL,
+                    &self.ttl,
                     &attr(&a),
                     Generation(0),
                     FileHandle(of.fh),
