@@ -6,6 +6,8 @@
 # Variants (each on its own mount point, all backed by the same file system):
 #   plain        the OLD directory itself, no FUSE
 #   bindfs       `bindfs -o allow_other OLD MNT` (a plain FUSE passthrough, the peer)
+#   mergerfs, fuse-overlayfs, unionfs-fuse   union peers: OLD read-only below, an empty NEW
+#                on top taking writes (mount options as ../shared/conformance/README.md)
 #   ferryfs-old  a ferryfs view whose NEW is empty: reads fall through to OLD
 #   ferryfs-old-pt  the same with `mount --passthrough all`: the kernel reads OLD's files itself
 #   ferryfs-new  a second ferryfs migration of the same OLD whose NEW got a copy of the big
@@ -16,7 +18,8 @@
 # is the median of 3 runs (1 with --quick). Prints a Markdown table and writes it, with the
 # date, kernel and exact command, to bench/results/latest.md.
 #
-# Needs root (drop_caches, allow_other), /dev/fuse, fio, bindfs, fusermount3, python3.
+# Needs root (drop_caches, allow_other), /dev/fuse, fio, bindfs, mergerfs, fuse-overlayfs,
+# unionfs-fuse, fusermount3, python3 (scripts/setup.sh installs them).
 # Scratch data lives in /var/tmp/ferryfs-bench-$$ (about 4 GiB free needed, 0.8 GiB with
 # --quick) and is removed, with everything unmounted, on exit — also on failure or Ctrl-C.
 #
@@ -88,7 +91,7 @@ SIZE="${FILE_MB}m" # fio sizes are base 2: 1024m = 1 GiB
 # smallfiles.py puts 1000 files per subdirectory.
 TREE_ENTRIES=$((TREE_N + (TREE_N + 999) / 1000))
 
-ALL_VARIANTS="plain bindfs ferryfs-old ferryfs-old-pt ferryfs-new"
+ALL_VARIANTS="plain bindfs mergerfs fuse-overlayfs unionfs-fuse ferryfs-old ferryfs-old-pt ferryfs-new"
 VARIANTS=(plain)
 for v in ${BENCH_VARIANTS:-$ALL_VARIANTS}; do
     case " $ALL_VARIANTS " in *" $v "*) ;; *) die "unknown variant '$v' (known: $ALL_VARIANTS)" ;; esac
@@ -192,6 +195,11 @@ missing=()
 for t in fio bindfs fusermount3 python3 mountpoint findmnt timeout dd cp awk; do
     command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
+for v in "${VARIANTS[@]}"; do
+    case "$v" in
+        mergerfs | fuse-overlayfs | unionfs-fuse) command -v "$v" >/dev/null 2>&1 || missing+=("$v") ;;
+    esac
+done
 ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (bash scripts/setup.sh installs them)"
 [[ -c /dev/fuse ]] || die "/dev/fuse is missing (in a container: --device /dev/fuse --cap-add SYS_ADMIN)"
 (drop_caches) 2>/dev/null || die "cannot write /proc/sys/vm/drop_caches: cold numbers would be warm"
@@ -243,6 +251,10 @@ got=$(python3 "$REPORT" kv "$(cat "$LOGS/tree_check.out")" entries)
 # the big file into NEW before mounting so the view serves it from NEW.
 for v in "${VARIANTS[@]}"; do
     case "$v" in
+        mergerfs | fuse-overlayfs | unionfs-fuse)
+            # Union peers: OLD read-only below, an empty NEW on top taking every write.
+            mkdir "$S/new-$v" "$S/work-$v"
+            ;;
         ferryfs-old | ferryfs-old-pt | ferryfs-new)
             STEP="ferryfs prepare ($v)"
             mkdir "$S/new-$v"
@@ -266,6 +278,10 @@ mount_variant() {
     case "$v" in
         plain) TARGET="$OLD"; return 0 ;;
         bindfs) run "mount-$v" bindfs -o allow_other "$OLD" "$mnt" ;;
+        # The peers as ../shared/conformance/README.md mounts them (Debian 12 packages).
+        mergerfs) run "mount-$v" mergerfs -o allow_other,category.create=ff "$S/new-$v=RW:$OLD=RO" "$mnt" ;;
+        fuse-overlayfs) run "mount-$v" fuse-overlayfs -o "lowerdir=$OLD,upperdir=$S/new-$v,workdir=$S/work-$v,allow_other" "$mnt" ;;
+        unionfs-fuse) run "mount-$v" unionfs-fuse -o cow,allow_other,use_ino "$S/new-$v=RW:$OLD=RO" "$mnt" ;;
         # shellcheck disable=SC2086 # BENCH_MOUNT_ARGS is a list of words
         ferryfs-old-pt) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --passthrough all ${BENCH_MOUNT_ARGS:-} ;;
         # shellcheck disable=SC2086
@@ -280,7 +296,7 @@ unmount_variant() {
     STEP="unmounting $v"
     case "$v" in
         plain) return 0 ;;
-        bindfs) run "unmount-$v" fusermount3 -u "$mnt" ;;
+        bindfs | mergerfs | fuse-overlayfs | unionfs-fuse) run "unmount-$v" fusermount3 -u "$mnt" ;;
         ferryfs-*) run "unmount-$v" timeout 120 "$BIN" unmount "$mnt" ;;
     esac
     ! is_listed_mount "$mnt" || die "$v: $mnt is still mounted after unmounting"
@@ -437,12 +453,15 @@ mkdir -p "$(dirname "$OUT")"
         "$(findmnt -no FSTYPE -T /var/tmp)" "$(findmnt -no SOURCE -T /var/tmp)"
     printf -- '- ferryfs: %s, git %s\n' "$ferry_version" "$git_rev"
     printf -- '- %s; %s; %s\n' "$(bindfs --version 2>&1 | head -n 1)" "$(fio --version)" "$(python3 --version)"
+    printf -- '- peers: %s; %s; %s\n' "$(mergerfs --version 2>&1 | head -n 1)" \
+        "$(fuse-overlayfs --version 2>&1 | head -n 1)" "$(unionfs-fuse --version 2>&1 | head -n 1)"
     printf -- '- runs per cell: %d (cells are medians); wall time %d s\n\n' "$REPS" "$elapsed"
     cat "$TABLE"
     printf '\n'
     cat <<'EOF'
 Higher "x plain" is better: variant/plain for MiB/s and IOPS, plain/variant for seconds
-(the ratio of ops/s). plain = the OLD directory itself; bindfs = bindfs of OLD;
+(the ratio of ops/s). plain = the OLD directory itself; bindfs = bindfs of OLD; mergerfs,
+fuse-overlayfs, unionfs-fuse = union of an empty NEW (writes) over OLD (read-only);
 ferryfs-old = the view reading files that are only in OLD (default `--passthrough new`: through
 the daemon); ferryfs-old-pt = the same with `--passthrough all` (the kernel reads OLD's file
 itself); ferryfs-new = a view whose NEW

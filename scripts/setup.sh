@@ -33,8 +33,11 @@ declare -A WHY=(
     [fio]="I/O benchmarks"
     [rsync]="tree copies/comparisons in tests and benchmarks"
     [python3]="helper scripts"
+    [mergerfs]="benchmark peer (bench/run.sh)"
+    [fuse-overlayfs]="benchmark peer (bench/run.sh)"
+    [unionfs-fuse]="benchmark peer (bench/run.sh)"
 )
-PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync python3)
+PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync python3 mergerfs fuse-overlayfs unionfs-fuse)
 
 missing=()
 for p in "${PKGS[@]}"; do
