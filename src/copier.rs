@@ -308,6 +308,10 @@ impl Copier {
         &self.view
     }
 
+    pub fn journal(&self) -> &Records {
+        &self.journal
+    }
+
     pub fn state(&self) -> CopierState {
         CopierState {
             running: self.running.load(Ordering::Relaxed),

@@ -35,6 +35,8 @@ pub struct MountArgs {
     /// How long the kernel caches names and attributes.
     pub metadata_ttl: Duration,
     pub copier: crate::copier::Options,
+    /// Serve /metrics, /healthz and /readyz over HTTP at this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A migration's view opened in this process, with the stores it serves.
@@ -165,6 +167,11 @@ fn mount_dev(mp: &Path, state: &Path) -> Option<u64> {
     ferryfs_mount_line(mp, Some(state)).map(|m| m.dev)
 }
 
+/// Is the view of the migration in `state` (absolute) mounted at `mp`?
+pub fn is_mounted(mp: &Path, state: &Path) -> bool {
+    ferryfs_mount_line(mp, Some(state)).is_some()
+}
+
 /// The ferryfs mount at `mp`, if any: its source (`ferryfs:<state dir>`).
 pub fn ferryfs_mount_at(mp: &Path) -> Option<String> {
     ferryfs_mount_line(mp, None).map(|m| m.source)
@@ -248,6 +255,7 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         msg
     };
     let mp = &args.mountpoint;
+    let notifier = Arc::new(crate::sdnotify::Notifier::from_env());
     let migration = match Migration::open(&args.state) {
         Ok(m) => m,
         Err(e) => return Err(fail(&mut ready, e.to_string())),
@@ -312,6 +320,21 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             format!("control socket in {}: {e}", args.state.display()),
         ));
     }
+    let observed = crate::observe::Observed::new(
+        copier.clone(),
+        migration.journal.clone(),
+        mp.clone(),
+        state_abs.clone(),
+        opened.old.is_some(),
+    );
+    if let Some(addr) = args.metrics_addr {
+        match crate::observe::serve(addr, observed.clone()) {
+            Ok(bound) => tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz"),
+            Err(e) => {
+                return Err(fail(&mut ready, format!("--metrics-addr {addr}: {e}")));
+            }
+        }
+    }
     let (mut opts, acl) = mount_options(&args.options);
     opts.push(MountOption::FSName(format!(
         "{FS_TYPE}:{}",
@@ -336,22 +359,51 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         view.set_mount_dev(dev);
     }
     tracing::info!(mountpoint = %mp.display(), state = %state_abs.display(), "view serving");
+    observed.set_ready();
+    // Probes cost a statfs through the view every few seconds: only when someone watches.
+    if args.metrics_addr.is_some() || notifier.enabled() {
+        let roots = (|| -> std::io::Result<_> {
+            let old = match &opened.old {
+                Some(o) => Some(o.root().try_clone_to_owned()?),
+                None => None,
+            };
+            Ok((old, opened.new.root().try_clone_to_owned()?))
+        })();
+        match roots {
+            Ok((old, new)) => observed.start_probes(old, new),
+            Err(e) => return Err(fail(&mut ready, format!("dup store roots: {e}"))),
+        }
+    }
     if let Some(mut r) = ready.take() {
         let _ = writeln!(r, "READY");
     }
+    notifier.notify(&format!("READY=1\nSTATUS={}", service_status(&copier, mp)));
+    if notifier.enabled() {
+        spawn_notify_loop(
+            notifier.clone(),
+            observed.clone(),
+            copier.clone(),
+            mp.clone(),
+        );
+    }
     let mut unmounter = session.unmount_callable();
     let mp_for_signal = mp.clone();
+    let (notifier_sig, observed_sig) = (notifier.clone(), observed.clone());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             wait_for_termination();
             tracing::info!(mountpoint = %mp_for_signal.display(), "signal received: unmounting");
+            observed_sig.set_stopping();
+            notifier_sig.notify("STOPPING=1\nSTATUS=unmounting");
             if let Err(e) = unmounter.unmount() {
                 tracing::error!(error = %e, "unmount on signal failed");
             }
         })
         .map_err(|e| e.to_string())?;
     let res = session.run();
+    observed.set_stopping();
+    notifier.notify("STOPPING=1\nSTATUS=view stopped");
     copier.shutdown();
     let _ = copier_thread.join();
     let _ = sampler.join();
@@ -359,6 +411,53 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     drop(migration);
     tracing::info!("view stopped");
     res.map_err(|e| format!("serving: {e}"))
+}
+
+/// systemd's one-line status: where the view serves and how far the copy is.
+fn service_status(copier: &crate::copier::Copier, mp: &Path) -> String {
+    let d = copier.view().done();
+    let t = crate::state::totals(copier.journal()).unwrap_or_default();
+    let phase = crate::state::phase(copier.journal())
+        .map(|p| p.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let pct = if t.bytes == 0 {
+        100.0
+    } else {
+        (d.bytes as f64 * 100.0 / t.bytes as f64).min(100.0)
+    };
+    format!(
+        "serving {}; {phase}; {} of {} files, {pct:.1}% of bytes in NEW",
+        mp.display(),
+        d.files,
+        t.files.max(d.files)
+    )
+}
+
+/// Under systemd: the status line every few seconds, and the watchdog's keep-alive while the
+/// health checks pass (a wedged view then gets restarted by systemd's WatchdogSec=).
+fn spawn_notify_loop(
+    notifier: Arc<crate::sdnotify::Notifier>,
+    observed: Arc<crate::observe::Observed>,
+    copier: Arc<crate::copier::Copier>,
+    mp: PathBuf,
+) {
+    let every = notifier
+        .watchdog()
+        .map_or(crate::observe::PROBE_EVERY, |w| {
+            (w / 3).clamp(Duration::from_millis(100), crate::observe::PROBE_EVERY)
+        });
+    let _ = std::thread::Builder::new()
+        .name("sd-notify".into())
+        .spawn(move || {
+            while !copier.stopping() {
+                std::thread::sleep(every);
+                let mut msg = format!("STATUS={}", service_status(&copier, &mp));
+                if notifier.watchdog().is_some() && observed.healthy() {
+                    msg.push_str("\nWATCHDOG=1");
+                }
+                notifier.notify(&msg);
+            }
+        });
 }
 
 /// Every second while the copier runs: the copy rate over the last ten seconds, into the
@@ -374,6 +473,7 @@ fn spawn_rate_sampler(
             while !copier.stopping() {
                 std::thread::sleep(Duration::from_secs(1));
                 let bps = rate.sample(copier.view().done().bytes);
+                crate::metrics::METRICS.set_copy_rate(bps);
                 if let Err(e) = crate::state::record_rate(&journal, bps) {
                     tracing::warn!(error = %e, "recording the copy rate");
                 }
@@ -496,7 +596,19 @@ pub fn ready_pipe_from_env() -> Option<std::fs::File> {
 pub fn unmount(mp: &Path) -> Result<(), String> {
     let source =
         ferryfs_mount_at(mp).ok_or_else(|| format!("{} is not a ferryfs mount", mp.display()))?;
-    rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty()).map_err(|e| {
+    // EBUSY can also be a path lookup of the view that is in flight at this very moment (a
+    // health probe's statfs, an `ls`): only a busy that lasts is the caller's to mend.
+    let mut tries = 0;
+    let res = loop {
+        match rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty()) {
+            Err(rustix::io::Errno::BUSY) if tries < 5 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => break r,
+        }
+    };
+    res.map_err(|e| {
         if e == rustix::io::Errno::BUSY {
             format!(
                 "{}: busy (files are open in the view); close them and retry",

@@ -11,5 +11,8 @@ pub mod fs;
 pub mod fuse;
 pub mod journal;
 pub mod lifecycle;
+pub mod metrics;
+pub mod observe;
+pub mod sdnotify;
 pub mod state;
 pub mod store;

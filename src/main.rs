@@ -19,8 +19,19 @@ use ferryfs::{copier, lifecycle};
     about = "Move a live dataset from an OLD store to a NEW store with no downtime"
 )]
 struct Cli {
+    /// Log line format on stderr (and in STATE/ferryfs.log for a background mount): `text`
+    /// for people, `json` (one object per line) for log collectors. The level filter is
+    /// FERRYFS_LOG (tracing's env-filter syntax, e.g. `info,ferryfs::copier=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -39,6 +50,11 @@ enum Cmd {
         /// Accept a NEW that already holds entries; they win over OLD's in the view.
         #[arg(long)]
         allow_nonempty_new: bool,
+        /// Succeed without changing anything when the state dir already holds a migration of
+        /// this same OLD and NEW (for service managers and init containers that run prepare
+        /// on every start); one of other stores is still refused.
+        #[arg(long)]
+        if_absent: bool,
     },
     /// Serve the view at MOUNTPOINT (which may be OLD's own path). Returns once it serves.
     Mount {
@@ -70,6 +86,12 @@ enum Cmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 8)]
         threads: usize,
+        /// Serve Prometheus metrics at /metrics and the health checks /healthz (liveness) and
+        /// /readyz (readiness) over HTTP at this address, e.g. 127.0.0.1:9477 (port 0: any).
+        /// Off by default. The endpoints are unauthenticated and read-only: bind to loopback
+        /// or a pod-internal address.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Show the migration's phase and progress.
     Status {
@@ -177,8 +199,6 @@ impl LimitArgs {
     }
 }
 
-/// Logs to stderr, filtered by FERRYFS_LOG (default `default`: info for the daemon, warn for
-/// the CLI's own work, so progress lines stay readable).
 /// `--metadata-ttl`: seconds, 0 to 86400.
 fn parse_ttl(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -190,21 +210,29 @@ fn parse_ttl(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
-fn init_logging(default: &str) {
+/// Logs to stderr, filtered by FERRYFS_LOG (default `default`: info for the daemon, warn for
+/// the CLI's own work, so progress lines stay readable).
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRYFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Span fields (op, ino of the FUSE request) ride along in "span"/"spans".
+        LogFormat::Json => fmt.json().with_current_span(true).init(),
+    }
 }
 
 fn run() -> Result<(), String> {
     let raw: Vec<OsString> = std::env::args_os().skip(1).collect();
     let cli = Cli::parse();
+    let log_format = cli.log_format;
     if !matches!(cli.cmd, Cmd::Mount { .. } | Cmd::Status { .. }) {
-        init_logging("warn");
+        init_logging("warn", log_format);
     }
     match cli.cmd {
         Cmd::Prepare {
@@ -212,9 +240,22 @@ fn run() -> Result<(), String> {
             new,
             state,
             allow_nonempty_new,
+            if_absent,
         } => {
             let old = StoreSpec::parse(&old)?;
             let new = StoreSpec::parse(&new)?;
+            if if_absent
+                && let Some(c) =
+                    state::already_prepared(&old, &new, &state).map_err(|e| e.to_string())?
+            {
+                println!(
+                    "already prepared: OLD {} -> NEW {}; state in {} (nothing changed)",
+                    c.old,
+                    c.new,
+                    state.display()
+                );
+                return Ok(());
+            }
             let t = state::prepare(old.clone(), new.clone(), &state, allow_nonempty_new)
                 .map_err(|e| e.to_string())?;
             println!(
@@ -236,8 +277,10 @@ fn run() -> Result<(), String> {
             limits,
             options,
             threads,
+            metrics_addr,
         } => {
             let args = MountArgs {
+                metrics_addr,
                 state,
                 mountpoint,
                 options,
@@ -250,7 +293,7 @@ fn run() -> Result<(), String> {
             if foreground {
                 let ready = daemon::ready_pipe_from_env();
                 daemon::block_termination_signals();
-                init_logging("info");
+                init_logging("info", log_format);
                 daemon::serve(&args, ready)
             } else {
                 daemon::spawn_background(&args, &raw)

@@ -141,6 +141,14 @@ pub fn record_final_local(
     Ok(())
 }
 
+/// OLD's totals as scanned at prepare (zeros when none were recorded).
+pub fn totals(journal: &Records) -> Result<Totals, JournalError> {
+    Ok(journal
+        .meta("totals")?
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or_default())
+}
+
 pub fn set_totals(journal: &Records, t: &Totals) -> Result<(), crate::error::Error> {
     let mut b = Batch::new();
     b.meta("totals", &serde_json::to_vec(t).expect("totals serialize"));
@@ -244,6 +252,37 @@ fn root_meta_from_old(old: &Path, new: &Path) -> Result<(), StateError> {
         },
     };
     nl.utimens(&ts).map_err(io_at(new))
+}
+
+/// `prepare --if-absent` on a state dir that already holds a migration: `Ok(config)` when it
+/// is a migration of this same OLD and NEW (nothing to do), an error saying which stores it
+/// holds otherwise. `Ok(None)`: the state dir holds no migration yet. Safe while a daemon
+/// serves it, and while OLD's path is covered by a dead view (paths are compared as recorded
+/// before any store is touched).
+pub fn already_prepared(
+    old: &StoreSpec,
+    new: &StoreSpec,
+    state: &Path,
+) -> Result<Option<Config>, StateError> {
+    if !journal_dir(state).exists() {
+        return Ok(None);
+    }
+    let journal = Records::new(Arc::new(RocksJournal::open_read_only(&journal_dir(state))?))?;
+    let config = read_config(&journal, state)?;
+    let same = |want: &StoreSpec, have: &StoreSpec| {
+        let (StoreSpec::Posix { path: w }, StoreSpec::Posix { path: h }) = (want, have);
+        w == h || fs::canonicalize(w).is_ok_and(|c| &c == h)
+    };
+    if same(old, &config.old) && same(new, &config.new) {
+        Ok(Some(config))
+    } else {
+        Err(StateError::Invalid(format!(
+            "state dir {} already holds a migration of OLD {} to NEW {}, not of {old} to {new}",
+            state.display(),
+            config.old,
+            config.new
+        )))
+    }
 }
 
 /// `ferryfs prepare`: check both stores, record them, create the journal.
@@ -449,10 +488,7 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
 pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<Status, StateError> {
     let journal = journal.clone();
     let config = read_config(&journal, state)?;
-    let totals: Totals = journal
-        .meta("totals")?
-        .and_then(|t| serde_json::from_slice(&t).ok())
-        .unwrap_or_default();
+    let totals = totals(&journal)?;
     let phase = phase(&journal)
         .map_err(|e| StateError::Invalid(format!("{}: {e}", state.display())))?
         .to_string();

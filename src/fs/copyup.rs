@@ -380,7 +380,9 @@ impl View {
                 let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
                 self.copy_special_locked(inode, false)
             }
-        }
+        }?;
+        crate::metrics::METRICS.copy_up();
+        Ok(())
     }
 
     /// The copier's copy of one entry: the same copy as copy-up, but it gives way to the view

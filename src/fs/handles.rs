@@ -16,6 +16,7 @@ use rustix::fs::OFlags;
 use super::inode::Inode;
 use super::{DirEntry, Kind, View};
 use crate::error::{Context, Error, Result};
+use crate::metrics::METRICS;
 use crate::store::posix;
 
 pub(crate) struct FileHandle {
@@ -216,12 +217,13 @@ impl View {
         })
     }
 
-    /// The handle's file, switched to NEW if the inode was copied up since it was opened.
-    fn handle_file(&self, h: &FileHandle) -> Result<Arc<File>> {
+    /// The handle's file, switched to NEW if the inode was copied up since it was opened, and
+    /// whether it is NEW's.
+    fn handle_file(&self, h: &FileHandle) -> Result<(Arc<File>, bool)> {
         {
             let g = h.file.read().unwrap();
             if g.1 {
-                return Ok(g.0.clone());
+                return Ok((g.0.clone(), true));
             }
         }
         let new = h.inode.node().new.clone();
@@ -232,23 +234,28 @@ impl View {
                 .ctx("reopen on NEW after copy-up")?;
             *g = (Arc::new(f), true);
         }
-        Ok(g.0.clone())
+        Ok((g.0.clone(), g.1))
     }
 
-    fn with_file<T>(&self, fh: u64, f: impl FnOnce(&File, &FileHandle) -> Result<T>) -> Result<T> {
+    /// Run `f` on the handle's current file; `f` is told whether that file is NEW's.
+    fn with_file<T>(
+        &self,
+        fh: u64,
+        f: impl FnOnce(&File, &FileHandle, bool) -> Result<T>,
+    ) -> Result<T> {
         let h = self.handles.file(fh)?;
         let Handle::File(fhd) = &*h else {
             unreachable!()
         };
-        let file = self.handle_file(fhd)?;
-        f(&file, fhd)
+        let (file, on_new) = self.handle_file(fhd)?;
+        f(&file, fhd, on_new)
     }
 
     /// Read up to `size` bytes at `offset` into `buf` (grown as needed, never shrunk, so a
     /// caller that keeps it pays no allocation or zeroing per request); returns the length.
     pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize> {
         self.note_io();
-        self.with_file(fh, |file, _| {
+        self.with_file(fh, |file, _, on_new| {
             let size = size as usize;
             if buf.len() < size {
                 buf.resize(size, 0);
@@ -263,6 +270,9 @@ impl View {
                 }
                 done += n;
             }
+            if !on_new {
+                METRICS.fallthrough_read(done);
+            }
             Ok(done)
         })
     }
@@ -270,7 +280,7 @@ impl View {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let _gate = self.changes();
         self.note_io();
-        self.with_file(fh, |file, h| {
+        self.with_file(fh, |file, h, _| {
             if h.flags & libc::O_APPEND != 0 {
                 // The backing file is O_APPEND too: the kernel's offset is advisory.
                 use std::io::Write;
@@ -283,7 +293,7 @@ impl View {
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
-        self.with_file(fh, |file, _| {
+        self.with_file(fh, |file, _, _| {
             if datasync {
                 file.sync_data().ctx("fdatasync")
             } else {
@@ -294,7 +304,7 @@ impl View {
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let _gate = self.changes();
-        self.with_file(fh, |file, _| {
+        self.with_file(fh, |file, _, _| {
             rustix::fs::fallocate(
                 file,
                 rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
@@ -306,7 +316,7 @@ impl View {
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        self.with_file(fh, |file, _| {
+        self.with_file(fh, |file, _, _| {
             let pos = match whence {
                 libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
                 libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),

@@ -18,6 +18,7 @@ use fuser::{
 
 use crate::error::Error;
 use crate::fs::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply, wants_write};
+use crate::metrics::{METRICS, Op, OpenPath, Timer};
 
 pub struct FerryFs {
     view: Arc<View>,
@@ -222,14 +223,25 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-/// The span every request runs in (DESIGN: one span per FUSE request), so whatever is logged
-/// while serving it carries the operation and the inode. Near free when the level is off.
-fn span(op: &'static str, ino: u64) -> tracing::span::EnteredSpan {
-    tracing::debug_span!("fuse", op, ino).entered()
+/// What every request holds while it is served: its tracing span (DESIGN: one span per FUSE
+/// request, so whatever is logged carries the operation and the inode; near free when the
+/// level is off) and its latency timer for `ferryfs_fuse_request_duration_seconds`.
+struct InFlight {
+    _span: tracing::span::EnteredSpan,
+    _timer: Timer,
 }
 
-/// Log a failed request at the error's level, then give the kernel its errno.
-fn fail(op: &'static str, ino: u64, name: Option<&OsStr>, e: &Error) -> Errno {
+fn span(op: Op, ino: u64) -> InFlight {
+    InFlight {
+        _span: tracing::debug_span!("fuse", op = op.name(), ino).entered(),
+        _timer: Timer::start(op),
+    }
+}
+
+/// Log a failed request at the error's level, count it, then give the kernel its errno.
+fn fail(op: Op, ino: u64, name: Option<&OsStr>, e: &Error) -> Errno {
+    METRICS.fuse_error(op);
+    let op = op.name();
     let errno = e.errno();
     macro_rules! log {
         ($lvl:ident) => {
@@ -260,10 +272,20 @@ fn open_flags(keep_cache: bool) -> FopenFlags {
     }
 }
 
+/// Count an open file by where its data path goes.
+fn count_open(of: &crate::fs::OpenFile, passthrough: bool) {
+    METRICS.opened(match (passthrough, of.on_new) {
+        (true, true) => OpenPath::PassthroughNew,
+        (true, false) => OpenPath::PassthroughOld,
+        (false, _) => OpenPath::Daemon,
+    });
+}
+
 /// A change to a file's data refused while read-only opens pass through to its OLD file.
-fn busy_with_old_readers(op: &'static str, ino: u64) -> Errno {
+fn busy_with_old_readers(op: Op, ino: u64) -> Errno {
+    METRICS.fuse_error(op);
     tracing::warn!(
-        op,
+        op = op.name(),
         ino,
         "refused with EBUSY: the file is open read-only through kernel passthrough to OLD, and \
          its data cannot change in NEW until those readers close (mount --passthrough new avoids this)"
@@ -297,23 +319,23 @@ impl Filesystem for FerryFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _span = span("lookup", parent.0);
+        let _span = span(Op::Lookup, parent.0);
         match self.view.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail("lookup", parent.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Lookup, parent.0, Some(name), &e)),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _span = span("forget", ino.0);
+        let _span = span(Op::Forget, ino.0);
         self.view.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _span = span("getattr", ino.0);
+        let _span = span(Op::Getattr, ino.0);
         match self.view.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl, &attr(&a)),
-            Err(e) => reply.error(fail("getattr", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Getattr, ino.0, None, &e)),
         }
     }
 
@@ -335,7 +357,7 @@ impl Filesystem for FerryFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _span = span("setattr", ino.0);
+        let _span = span(Op::Setattr, ino.0);
         let s = SetAttr {
             mode,
             uid,
@@ -346,19 +368,19 @@ impl Filesystem for FerryFs {
             fh: fh.map(|f| f.0),
         };
         if s.size.is_some() && !self.passthrough.old_readers_gone(ino.0) {
-            return reply.error(busy_with_old_readers("truncate", ino.0));
+            return reply.error(busy_with_old_readers(Op::Setattr, ino.0));
         }
         match self.view.setattr(ino.0, s) {
             Ok(a) => reply.attr(&self.ttl, &attr(&a)),
-            Err(e) => reply.error(fail("setattr", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Setattr, ino.0, None, &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _span = span("readlink", ino.0);
+        let _span = span(Op::Readlink, ino.0);
         match self.view.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(fail("readlink", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Readlink, ino.0, None, &e)),
         }
     }
 
@@ -372,7 +394,7 @@ impl Filesystem for FerryFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _span = span("mknod", parent.0);
+        let _span = span(Op::Mknod, parent.0);
         match self.view.mknod(
             parent.0,
             name,
@@ -381,7 +403,7 @@ impl Filesystem for FerryFs {
             caller(req),
         ) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail("mknod", parent.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Mknod, parent.0, Some(name), &e)),
         }
     }
 
@@ -394,26 +416,26 @@ impl Filesystem for FerryFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _span = span("mkdir", parent.0);
+        let _span = span(Op::Mkdir, parent.0);
         match self.view.mkdir(parent.0, name, mode & !umask, caller(req)) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail("mkdir", parent.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Mkdir, parent.0, Some(name), &e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = span("unlink", parent.0);
+        let _span = span(Op::Unlink, parent.0);
         match self.view.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("unlink", parent.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Unlink, parent.0, Some(name), &e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = span("rmdir", parent.0);
+        let _span = span(Op::Rmdir, parent.0);
         match self.view.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rmdir", parent.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Rmdir, parent.0, Some(name), &e)),
         }
     }
 
@@ -425,13 +447,13 @@ impl Filesystem for FerryFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _span = span("symlink", parent.0);
+        let _span = span(Op::Symlink, parent.0);
         match self
             .view
             .symlink(parent.0, link_name, target.as_os_str(), caller(req))
         {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail("symlink", parent.0, Some(link_name), &e)),
+            Err(e) => reply.error(fail(Op::Symlink, parent.0, Some(link_name), &e)),
         }
     }
 
@@ -445,13 +467,13 @@ impl Filesystem for FerryFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _span = span("rename", parent.0);
+        let _span = span(Op::Rename, parent.0);
         match self
             .view
             .rename(parent.0, name, newparent.0, newname, flags.bits())
         {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("rename", parent.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Rename, parent.0, Some(name), &e)),
         }
     }
 
@@ -463,23 +485,23 @@ impl Filesystem for FerryFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _span = span("link", ino.0);
+        let _span = span(Op::Link, ino.0);
         match self.view.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail("link", ino.0, Some(newname), &e)),
+            Err(e) => reply.error(fail(Op::Link, ino.0, Some(newname), &e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _span = span("open", ino.0);
+        let _span = span(Op::Open, ino.0);
         let write = wants_write(flags.0);
         if write && !self.passthrough.old_readers_gone(ino.0) {
-            reply.error(busy_with_old_readers("open", ino.0));
+            reply.error(busy_with_old_readers(Op::Open, ino.0));
             return;
         }
         let of = match self.view.open(ino.0, flags.0) {
             Ok(of) => of,
-            Err(e) => return reply.error(fail("open", ino.0, None, &e)),
+            Err(e) => return reply.error(fail(Op::Open, ino.0, None, &e)),
         };
         match self
             .passthrough
@@ -489,13 +511,17 @@ impl Filesystem for FerryFs {
                 // The daemon will not see this file's reads and writes: count the open as
                 // application I/O, for the copier to back off.
                 self.view.note_io();
+                count_open(&of, true);
                 reply.opened_passthrough(FileHandle(of.fh), FopenFlags::empty(), &id)
             }
-            Ok(None) => reply.opened(FileHandle(of.fh), open_flags(of.keep_cache)),
+            Ok(None) => {
+                count_open(&of, false);
+                reply.opened(FileHandle(of.fh), open_flags(of.keep_cache))
+            }
             Err(()) => {
                 // Raced with a reader's open of OLD: refuse, as old_readers_gone would have.
                 self.view.release(of.fh);
-                reply.error(busy_with_old_readers("open", ino.0));
+                reply.error(busy_with_old_readers(Op::Open, ino.0));
             }
         }
     }
@@ -511,14 +537,14 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let _span = span("read", ino.0);
+        let _span = span(Op::Read, ino.0);
         thread_local! {
             // One read buffer per FUSE worker thread, reused for every request.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         BUF.with_borrow_mut(|buf| match self.view.read(fh.0, offset, size, buf) {
             Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(fail("read", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Read, ino.0, None, &e)),
         });
     }
 
@@ -534,10 +560,10 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _span = span("write", ino.0);
+        let _span = span(Op::Write, ino.0);
         match self.view.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(fail("write", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Write, ino.0, None, &e)),
         }
     }
 
@@ -549,7 +575,7 @@ impl Filesystem for FerryFs {
         _lo: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _span = span("flush", ino.0);
+        let _span = span(Op::Flush, ino.0);
         reply.ok();
     }
 
@@ -563,7 +589,7 @@ impl Filesystem for FerryFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _span = span("release", ino.0);
+        let _span = span(Op::Release, ino.0);
         self.view.release(fh.0);
         self.passthrough.release(ino.0);
         reply.ok();
@@ -577,18 +603,18 @@ impl Filesystem for FerryFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _span = span("fsync", ino.0);
+        let _span = span(Op::Fsync, ino.0);
         match self.view.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("fsync", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Fsync, ino.0, None, &e)),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _span = span("opendir", ino.0);
+        let _span = span(Op::Opendir, ino.0);
         match self.view.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(fail("opendir", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Opendir, ino.0, None, &e)),
         }
     }
 
@@ -600,7 +626,7 @@ impl Filesystem for FerryFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _span = span("readdir", ino.0);
+        let _span = span(Op::Readdir, ino.0);
         match self.view.readdir(fh.0, offset) {
             Ok(entries) => {
                 for (off, e) in entries {
@@ -610,7 +636,7 @@ impl Filesystem for FerryFs {
                 }
                 reply.ok()
             }
-            Err(e) => reply.error(fail("readdir", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Readdir, ino.0, None, &e)),
         }
     }
 
@@ -622,7 +648,7 @@ impl Filesystem for FerryFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _span = span("releasedir", ino.0);
+        let _span = span(Op::Releasedir, ino.0);
         self.view.releasedir(fh.0);
         reply.ok();
     }
@@ -635,15 +661,15 @@ impl Filesystem for FerryFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _span = span("fsyncdir", ino.0);
+        let _span = span(Op::Fsyncdir, ino.0);
         match self.view.fsyncdir(ino.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("fsyncdir", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Fsyncdir, ino.0, None, &e)),
         }
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let _span = span("statfs", ino.0);
+        let _span = span(Op::Statfs, ino.0);
         match self.view.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -655,7 +681,7 @@ impl Filesystem for FerryFs {
                 crate::fs::NAME_MAX as u32,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(fail("statfs", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Statfs, ino.0, None, &e)),
         }
     }
 
@@ -669,36 +695,36 @@ impl Filesystem for FerryFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _span = span("setxattr", ino.0);
+        let _span = span(Op::Setxattr, ino.0);
         match self.view.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("setxattr", ino.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Setxattr, ino.0, Some(name), &e)),
         }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _span = span("getxattr", ino.0);
+        let _span = span(Op::Getxattr, ino.0);
         match self.view.getxattr(ino.0, name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(fail("getxattr", ino.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Getxattr, ino.0, Some(name), &e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _span = span("listxattr", ino.0);
+        let _span = span(Op::Listxattr, ino.0);
         match self.view.listxattr(ino.0, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(fail("listxattr", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Listxattr, ino.0, None, &e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = span("removexattr", ino.0);
+        let _span = span(Op::Removexattr, ino.0);
         match self.view.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("removexattr", ino.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Removexattr, ino.0, Some(name), &e)),
         }
     }
 
@@ -712,7 +738,7 @@ impl Filesystem for FerryFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _span = span("create", parent.0);
+        let _span = span(Op::Create, parent.0);
         match self
             .view
             .create(parent.0, name, mode & !umask, flags, caller(req))
@@ -721,29 +747,35 @@ impl Filesystem for FerryFs {
                 .passthrough
                 .join(a.ino, &of, true, |f| reply.open_backing(f))
             {
-                Ok(Some(id)) => reply.created_passthrough(
-                    &self.ttl,
-                    &attr(&a),
-                    Generation(0),
-                    FileHandle(of.fh),
-                    FopenFlags::empty(),
-                    &id,
-                ),
-                Ok(None) => reply.created(
-                    &self.ttl,
-                    &attr(&a),
-                    Generation(0),
-                    FileHandle(of.fh),
-                    open_flags(of.keep_cache),
-                ),
+                Ok(Some(id)) => {
+                    count_open(&of, true);
+                    reply.created_passthrough(
+                        &self.ttl,
+                        &attr(&a),
+                        Generation(0),
+                        FileHandle(of.fh),
+                        FopenFlags::empty(),
+                        &id,
+                    )
+                }
+                Ok(None) => {
+                    count_open(&of, false);
+                    reply.created(
+                        &self.ttl,
+                        &attr(&a),
+                        Generation(0),
+                        FileHandle(of.fh),
+                        open_flags(of.keep_cache),
+                    )
+                }
                 Err(()) => {
                     // A new file has no OLD readers; only a name reused racing an open of the
                     // old one could get here.
                     self.view.release(of.fh);
-                    reply.error(busy_with_old_readers("create", a.ino));
+                    reply.error(busy_with_old_readers(Op::Create, a.ino));
                 }
             },
-            Err(e) => reply.error(fail("create", parent.0, Some(name), &e)),
+            Err(e) => reply.error(fail(Op::Create, parent.0, Some(name), &e)),
         }
     }
 
@@ -757,10 +789,10 @@ impl Filesystem for FerryFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _span = span("fallocate", ino.0);
+        let _span = span(Op::Fallocate, ino.0);
         match self.view.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail("fallocate", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Fallocate, ino.0, None, &e)),
         }
     }
 
@@ -773,10 +805,10 @@ impl Filesystem for FerryFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _span = span("lseek", ino.0);
+        let _span = span(Op::Lseek, ino.0);
         match self.view.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
-            Err(e) => reply.error(fail("lseek", ino.0, None, &e)),
+            Err(e) => reply.error(fail(Op::Lseek, ino.0, None, &e)),
         }
     }
 }

@@ -507,7 +507,9 @@ impl Records {
             return Ok(());
         }
         let groups = batch.records_group;
+        let t = std::time::Instant::now();
         self.kv.write(batch.ops, durable)?;
+        crate::metrics::METRICS.journal_write(durable, t.elapsed());
         if groups {
             self.has_groups.store(true, Ordering::Relaxed);
         }

@@ -95,6 +95,12 @@ impl Fixture {
 
     /// Mount with extra `mount` arguments (no `--no-copy`: the copier runs unless told not to).
     pub fn mount_with(&mut self, mp: &Path, extra: &[&str]) {
+        ok(self.try_mount(mp, extra));
+        self.mounted = true;
+    }
+
+    /// `mount` at `mp` with extra arguments, as it went (it may fail).
+    pub fn try_mount(&self, mp: &Path, extra: &[&str]) -> Output {
         let mut args: Vec<&OsStr> = vec![
             "mount".as_ref(),
             "--state".as_ref(),
@@ -104,8 +110,7 @@ impl Fixture {
             "allow_other".as_ref(),
         ];
         args.extend(extra.iter().map(|a| OsStr::new(*a)));
-        ok(ferryfs(&args));
-        self.mounted = true;
+        ferryfs(&args)
     }
 
     /// Run a ferryfs subcommand on this fixture's state dir (`--state` added).
@@ -441,4 +446,81 @@ pub fn fixed_times() -> rustix::fs::Timestamps {
             tv_nsec: 987_654_321,
         },
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// One plain HTTP/1.1 request to 127.0.0.1:`port`: (status code, body). `None`: no answer
+/// (nothing listens, or the connection broke).
+pub fn http(method: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http("GET", port, path)
+}
+
+/// Prometheus text: `name{labels}` -> value, checking the format on the way (every sample's
+/// metric has a TYPE line before it, values parse, no name appears twice).
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut typed = std::collections::HashSet::new();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut f = rest.split_whitespace();
+            let name = f.next().expect("TYPE line names a metric");
+            let kind = f.next().expect("TYPE line names a type");
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "unknown type: {line}"
+            );
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample line: {line:?}"));
+        let name = series.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+            .unwrap_or(name);
+        assert!(
+            typed.contains(family),
+            "sample before its TYPE line: {line:?}"
+        );
+        assert!(
+            name.starts_with("ferryfs_"),
+            "series not named ferryfs_*: {line:?}"
+        );
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(
+            out.insert(series.to_string(), v).is_none(),
+            "series twice: {series}"
+        );
+    }
+    out
 }

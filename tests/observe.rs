@@ -1,0 +1,326 @@
+//! Watching a migration from outside: /metrics scraped while the copier copies, /healthz and
+//! /readyz, JSON logs without secrets, and the start-up errors an operator can make.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn scrape(port: u16) -> BTreeMap<String, f64> {
+    let (code, body) = http_get(port, "/metrics").expect("/metrics answers");
+    assert_eq!(code, 200, "/metrics: {body}");
+    parse_metrics(&body)
+}
+
+fn get(m: &BTreeMap<String, f64>, series: &str) -> f64 {
+    *m.get(series)
+        .unwrap_or_else(|| panic!("no series {series} in /metrics; have: {:?}", m.keys()))
+}
+
+#[test]
+fn metrics_are_scraped_during_a_migration_and_follow_it() {
+    let mut f = Fixture::new();
+    let mut total = 0u64;
+    fs::create_dir(f.old.join("d")).unwrap();
+    for i in 0..24 {
+        let data = vec![b'a' + (i % 26) as u8; 256 << 10];
+        write(&f.old.join(format!("d/f{i:02}")), &data);
+        total += data.len() as u64;
+    }
+    write(&f.old.join("read-me"), &vec![7u8; 100_000]);
+    write(&f.old.join("append-me"), b"old bytes\n");
+    write(&f.old.join("delete-me"), b"gone soon\n");
+    total += 100_000 + 10 + 10;
+    f.prepare();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // Copier off at first, so the reads below are sure to fall through to OLD.
+    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
+
+    let m0 = scrape(port);
+    assert_eq!(get(&m0, "ferryfs_total_bytes"), total as f64);
+    assert_eq!(get(&m0, "ferryfs_total_files"), 27.0);
+    assert_eq!(get(&m0, "ferryfs_pending_bytes"), total as f64);
+    assert_eq!(get(&m0, "ferryfs_phase{phase=\"prepared\"}"), 1.0);
+    assert_eq!(get(&m0, "ferryfs_copier_running"), 0.0);
+
+    // Application traffic: a fall-through read, a copy-up, a failed lookup.
+    assert_eq!(fs::read(f.v("read-me")).unwrap(), vec![7u8; 100_000]);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(f.v("append-me"))
+        .and_then(|mut h| std::io::Write::write_all(&mut h, b"new\n"))
+        .unwrap();
+    assert!(fs::metadata(f.v("no-such-name")).is_err());
+    fs::remove_file(f.v("delete-me")).unwrap();
+    let m1 = scrape(port);
+    assert!(get(&m1, "ferryfs_fallthrough_reads_total") >= 1.0);
+    assert!(get(&m1, "ferryfs_fallthrough_read_bytes_total") >= 100_000.0);
+    assert_eq!(get(&m1, "ferryfs_copy_ups_total"), 1.0);
+    assert!(get(&m1, "ferryfs_fuse_requests_total{op=\"lookup\"}") >= 3.0);
+    assert!(get(&m1, "ferryfs_fuse_requests_total{op=\"read\"}") >= 1.0);
+    assert!(get(&m1, "ferryfs_fuse_errors_total{op=\"lookup\"}") >= 1.0);
+    assert!(
+        get(
+            &m1,
+            "ferryfs_fuse_request_duration_seconds_count{op=\"lookup\"}"
+        ) >= 3.0
+    );
+    assert!(
+        get(
+            &m1,
+            "ferryfs_fuse_request_duration_seconds_bucket{op=\"lookup\",le=\"+Inf\"}"
+        ) >= 3.0
+    );
+    assert!(get(&m1, "ferryfs_opens_total{path=\"daemon\"}") >= 1.0);
+    // The tombstone was made durable before the unlink returned.
+    assert!(
+        get(
+            &m1,
+            "ferryfs_journal_write_duration_seconds_count{sync=\"true\"}"
+        ) >= 1.0
+    );
+
+    // The copier, throttled so that it is watched at work: 6.2 MiB at 1 MiB/s.
+    ok(f.cmd("execute", &["--bwlimit", "1M"]));
+    let t = Instant::now();
+    let mut seen_running = false;
+    let mut seen_rate = false;
+    let mut copied = Vec::new();
+    loop {
+        let m = scrape(port);
+        seen_running |= get(&m, "ferryfs_copier_running") == 1.0;
+        seen_rate |= get(&m, "ferryfs_copy_rate_bytes_per_second") > 0.0;
+        copied.push((
+            get(&m, "ferryfs_copied_bytes"),
+            get(&m, "ferryfs_pending_bytes"),
+        ));
+        if get(&m, "ferryfs_phase{phase=\"executed\"}") == 1.0 {
+            assert_eq!(get(&m, "ferryfs_pending_bytes"), 0.0);
+            assert_eq!(get(&m, "ferryfs_pending_files"), 0.0);
+            assert_eq!(get(&m, "ferryfs_copy_errors"), 0.0);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not executed after 60 s: {copied:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(seen_running, "ferryfs_copier_running never 1");
+    assert!(
+        seen_rate,
+        "ferryfs_copy_rate_bytes_per_second never above 0"
+    );
+    // Several scrapes saw the copy in flight, copied going up while pending went down.
+    let mid: Vec<_> = copied
+        .iter()
+        .filter(|(c, p)| *c > 0.0 && *p > 0.0)
+        .collect();
+    assert!(mid.len() >= 2, "too few scrapes mid-copy: {copied:?}");
+    for w in copied.windows(2) {
+        assert!(w[1].0 >= w[0].0, "copied went down: {copied:?}");
+        assert!(w[1].1 <= w[0].1, "pending went up: {copied:?}");
+    }
+
+    // Health: both pages pass and say what they checked.
+    let (code, body) = http_get(port, "/healthz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "ok");
+    let names: Vec<&str> = h["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mount", "view"], "{body}");
+    wait_for("readyz to list a checked view", 10, || {
+        let (code, body) = http_get(port, "/readyz").unwrap();
+        code == 200 && body.contains("statfs answered")
+    });
+    let (_, body) = http_get(port, "/readyz").unwrap();
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["serving", "mount", "view", "old_store", "new_store"],
+        "{body}"
+    );
+    assert!(
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["ok"] == true),
+        "{body}"
+    );
+    assert_eq!(get(&scrape(port), "ferryfs_ready"), 1.0);
+    assert_eq!(http_get(port, "/nope").unwrap().0, 404);
+    assert_eq!(http("POST", port, "/metrics").unwrap().0, 405);
+    assert_eq!(http("HEAD", port, "/healthz").unwrap().0, 200);
+
+    // The unmount is not held up by the probes, and the endpoints go with the daemon.
+    f.unmount();
+    assert!(
+        http_get(port, "/metrics").is_none(),
+        "metrics outlived the daemon"
+    );
+}
+
+#[test]
+fn after_commit_readyz_checks_new_and_no_longer_old() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    f.prepare();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    f.mount_with(&f.mnt.clone(), &["--metrics-addr", &addr]);
+    wait_for("executed", 30, || f.status_json()["phase"] == "executed");
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    // After commit the view is NEW alone: OLD may be gone, and is not a reason to be unready.
+    fs::remove_dir_all(&f.old).unwrap();
+    f.mount_with(&f.mnt.clone(), &["--metrics-addr", &addr]);
+    wait_for("readyz with a checked view", 10, || {
+        http_get(port, "/readyz").is_some_and(|(c, b)| c == 200 && b.contains("statfs answered"))
+    });
+    let (_, body) = http_get(port, "/readyz").unwrap();
+    assert!(!body.contains("old_store"), "{body}");
+    assert!(body.contains("new_store"), "{body}");
+    let m = scrape(port);
+    assert_eq!(get(&m, "ferryfs_phase{phase=\"committed\"}"), 1.0);
+    f.unmount();
+}
+
+#[test]
+fn a_metrics_address_in_use_fails_the_mount_with_the_reason() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    f.prepare();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = f.try_mount(&f.mnt, &["--metrics-addr", &addr]);
+    assert!(!out.status.success(), "mount succeeded on a taken address");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--metrics-addr") && err.contains(&addr) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(
+        !fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(f.mnt.to_str().unwrap()),
+        "a view was left mounted"
+    );
+    // Nothing was lost: the migration mounts fine on a free address.
+    let port = free_port();
+    f.mount_with(
+        &f.mnt.clone(),
+        &["--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
+    f.unmount();
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_and_carry_no_secret() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    f.prepare();
+    let secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY";
+    let out = run(std::process::Command::new(BIN)
+        .args(["--log-format", "json", "mount", "--no-copy", "--state"])
+        .arg(&f.state)
+        .arg(&f.mnt)
+        .env("FERRYFS_LOG", "debug")
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID"));
+    ok(out);
+    // Some traffic, including a failure that is logged with its op and errno.
+    assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
+    assert!(fs::metadata(f.v("missing")).is_err());
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(f.v("b"))
+        .unwrap();
+    f.unmount();
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    let mut messages = Vec::new();
+    let mut lines = 0;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        if let Some(m) = v["fields"]["message"].as_str() {
+            messages.push(m.to_string());
+        }
+        lines += 1;
+    }
+    assert!(lines > 3, "too few log lines: {log}");
+    assert!(messages.iter().any(|m| m == "view serving"), "{messages:?}");
+    // The failed lookup is logged inside its request's span, with op and errno.
+    assert!(
+        log.lines().any(|l| l.contains("request failed")
+            && l.contains("\"op\":\"lookup\"")
+            && l.contains("\"errno\":2")),
+        "no lookup failure with op and errno in:\n{log}"
+    );
+    assert!(!log.contains(secret), "the secret key reached the log");
+    assert!(
+        !log.contains("AKIAEXAMPLEKEYID"),
+        "the access key reached the log"
+    );
+}
+
+#[test]
+fn prepare_if_absent_succeeds_again_for_the_same_stores_only() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    let prepare = |f: &Fixture, new: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "--old",
+            f.old.to_str().unwrap(),
+            "--new",
+            new.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        f.cmd("prepare", &args)
+    };
+    ok(prepare(&f, &f.new, &["--if-absent"]));
+    // Again, with NEW no longer empty (a restart of a service mid-migration): nothing changes.
+    write(&f.new.join("born-in-new"), b"x");
+    let out = ok(prepare(&f, &f.new, &["--if-absent"]));
+    assert!(out.contains("already prepared"), "{out}");
+    // Without the flag, a second prepare is refused as before.
+    let out = prepare(&f, &f.new, &[]);
+    assert!(!out.status.success());
+    // Other stores: refused, naming the migration the state dir holds.
+    let other = f.root.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let out = prepare(&f, &other, &["--if-absent"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds a migration of") && err.contains(f.new.to_str().unwrap()),
+        "{err}"
+    );
+    // The migration still works.
+    f.mount();
+    assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
+    f.unmount();
+}
