@@ -36,8 +36,10 @@ declare -A WHY=(
     [mergerfs]="benchmark peer (bench/run.sh)"
     [fuse-overlayfs]="benchmark peer (bench/run.sh)"
     [unionfs-fuse]="benchmark peer (bench/run.sh)"
+    [systemd]="systemd-analyze, which checks packaging/systemd's unit (tests/packaging.rs)"
+    [kubernetes-client]="kubectl kustomize, which renders packaging/kubernetes (tests/packaging.rs)"
 )
-PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync python3 mergerfs fuse-overlayfs unionfs-fuse)
+PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -46,6 +48,9 @@ for p in "${PKGS[@]}"; do
         python3) command -v python3 >/dev/null 2>&1 && continue ;;
         # any C++ compiler will do.
         g++) { command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1; } && continue ;;
+        # any kubectl will do (this machine kind ships one with the Cloud SDK).
+        kubernetes-client) command -v kubectl >/dev/null 2>&1 && continue ;;
+        systemd) command -v systemd-analyze >/dev/null 2>&1 && continue ;;
     esac
     if pkg_installed "$p"; then
         continue
@@ -64,7 +69,7 @@ if ((${#missing[@]} > 0)); then
     apt-get install -y -q --no-install-recommends "${missing[@]}" \
         || die "apt-get install failed for: ${missing[*]}"
     for p in "${missing[@]}"; do
-        [[ "$p" == python3 || "$p" == g++ ]] && continue
+        [[ "$p" == python3 || "$p" == g++ || "$p" == kubernetes-client || "$p" == systemd ]] && continue
         pkg_installed "$p" || die "package $p still not installed after apt-get install"
     done
     log "installed: ${missing[*]}"
@@ -73,7 +78,7 @@ else
 fi
 
 # Commands the scripts and tests rely on.
-for c in fusermount3 getfattr setfattr bindfs fio rsync pkg-config python3; do
+for c in fusermount3 getfattr setfattr bindfs fio rsync pkg-config python3 systemd-analyze kubectl; do
     command -v "$c" >/dev/null 2>&1 || die "command '$c' not found after setup"
 done
 
