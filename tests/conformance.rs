@@ -204,6 +204,37 @@ fn pjdfstest_passes_after_commit() {
 /// fsx on files that start only in OLD, four seeds at once (25,000 operations each), while
 /// the copier copies those very files (bandwidth-limited so that its copies are in flight).
 /// Afterwards the copier finishes, commit runs, and NEW must hold exactly what fsx left.
+/// pjdfstest's `link::link_count_max` (link/05.t), which pjdfstest skips on every FUSE file
+/// system (glibc's pathconf answers "unknown" for FUSE), run here with the limit of the store
+/// the links land in: LINK_MAX - 1 links of a file made in the view succeed, the next one
+/// fails with EMLINK, and the view's st_nlink follows every one of them.
+#[test]
+fn link_count_max_that_pjdfstest_skips_on_fuse_gives_emlink_at_news_limit() {
+    let mut f = Fixture::new();
+    fs::create_dir(f.old.join("d")).unwrap();
+    f.start();
+    let new_dir = std::ffi::CString::new(f.new.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; pathconf only reads it.
+    let link_max = unsafe { libc::pathconf(new_dir.as_ptr(), libc::_PC_LINK_MAX) };
+    assert!(
+        link_max > 1 && link_max != 127 && link_max < 1 << 20,
+        "NEW's file system gives no usable LINK_MAX ({link_max}); this test needs one (ext4: 65000)"
+    );
+    let file = f.v("d/file");
+    write(&file, b"x");
+    let links = f.v("links");
+    fs::create_dir(&links).unwrap();
+    for i in 1..link_max {
+        fs::hard_link(&file, links.join(i.to_string()))
+            .unwrap_or_else(|e| panic!("link {i} of {link_max}: {e}"));
+    }
+    assert_eq!(fs::metadata(&file).unwrap().nlink(), link_max as u64);
+    let err = fs::hard_link(&file, links.join("one-too-many")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EMLINK), "{err}");
+    assert!(fs::symlink_metadata(links.join("one-too-many")).is_err());
+    f.unmount();
+}
+
 #[test]
 fn fsx_full_profile_on_old_only_files_while_the_copier_runs() {
     const SEEDS: [u64; 4] = [1, 2, 3, 4];
