@@ -32,6 +32,7 @@
 #   BENCH_OUT          results file (default bench/results/latest.md)
 #   BENCH_MOUNT_ARGS   extra `ferryfs mount` arguments for every ferryfs variant, e.g.
 #                      "--metadata-ttl 30"
+#   BENCH_ALLOW_DEBUG  set to measure a FERRYFS_BIN under target/debug (refused otherwise)
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -75,6 +76,11 @@ if [[ -f "$ROOT/scripts/env.sh" ]]; then
 fi
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/root/.cache/ferryfs/target}"
 BIN="${USER_BIN:-$CARGO_TARGET_DIR/release/ferryfs}"
+# A shell that sourced scripts/env.sh exports FERRYFS_BIN as the *debug* binary: figures from
+# it are meaningless (and it happened once). Refuse it unless asked for on purpose.
+if [[ "$BIN" == */debug/ferryfs && -z "${BENCH_ALLOW_DEBUG:-}" ]]; then
+    die "FERRYFS_BIN=$BIN is a debug build; benchmarks measure the release binary (unset FERRYFS_BIN, or set BENCH_ALLOW_DEBUG=1 to measure it anyway)"
+fi
 
 if ((QUICK)); then
     FILE_MB="${BENCH_FILE_MB:-64}" TREE_N="${BENCH_TREE_N:-10000}" REPS="${BENCH_REPS:-1}"
