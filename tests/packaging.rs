@@ -90,6 +90,31 @@ fn systemd_expand(line: &str, env: &BTreeMap<String, String>) -> Vec<String> {
     out
 }
 
+/// SIGTERM `child` (what systemd's stop and the kubelet send), run `meanwhile`, and wait up to
+/// 30 s for it to exit.
+fn terminate(
+    child: &mut std::process::Child,
+    meanwhile: impl FnOnce(),
+) -> std::process::ExitStatus {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    meanwhile();
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
     need(
@@ -229,23 +254,7 @@ fn the_units_exec_lines_prepare_mount_notify_and_stop_cleanly() {
     assert_eq!(code, 200);
     write(&old.join("written-under-systemd"), b"new\n");
     // `systemctl stop`: SIGTERM to the main process (KillMode=mixed).
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    recv_until("STOPPING=1", 10, &mut said);
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "daemon still running 30 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = terminate(&mut child, || recv_until("STOPPING=1", 10, &mut said));
     assert!(
         status.success(),
         "daemon exited {status} on SIGTERM: {}",
@@ -483,22 +492,7 @@ fn the_kubernetes_example_adds_a_sidecar_and_leaves_the_app_unchanged() {
     assert_eq!(fs::read(old.join("orders.db")).unwrap(), b"order 1\n");
     write(&old.join("order-2"), b"order 2\n");
     assert!(t.path().join("ferryfs-new/order-2").exists());
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "sidecar ignores SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = terminate(&mut child, || {});
     assert!(status.success(), "sidecar exited {status} on SIGTERM");
 }
 
