@@ -347,7 +347,7 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     cfg.acl = acl;
     cfg.n_threads = Some(args.threads.max(1));
     cfg.clone_fd = true;
-    let mut session = match fuser::Session::new(
+    let session = match fuser::Session::new(
         FerryFs::new(view.clone(), args.passthrough, args.metadata_ttl),
         mp,
         &cfg,
@@ -386,7 +386,6 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             mp.clone(),
         );
     }
-    let mut unmounter = session.unmount_callable();
     let mp_for_signal = mp.clone();
     let (notifier_sig, observed_sig) = (notifier.clone(), observed.clone());
     std::thread::Builder::new()
@@ -396,8 +395,11 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             tracing::info!(mountpoint = %mp_for_signal.display(), "signal received: unmounting");
             observed_sig.set_stopping();
             notifier_sig.notify("STOPPING=1\nSTATUS=unmounting");
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!(error = %e, "unmount on signal failed");
+            // Our own umount, not fuser's unmounter: that one forgets the mount after a
+            // failed attempt, so it cannot be retried. The session loop ends when the kernel
+            // detaches the mount; a busy that lasts (files open in the view) keeps serving.
+            if let Err(e) = unmount_retrying_busy(&mp_for_signal) {
+                tracing::error!(error = %e, "unmount on signal failed; still serving");
             }
         })
         .map_err(|e| e.to_string())?;
@@ -592,23 +594,27 @@ pub fn ready_pipe_from_env() -> Option<std::fs::File> {
     Some(std::fs::File::from(owned))
 }
 
-/// `ferryfs unmount`: unmount, then wait until the daemon has released its state dir.
-pub fn unmount(mp: &Path) -> Result<(), String> {
-    let source =
-        ferryfs_mount_at(mp).ok_or_else(|| format!("{} is not a ferryfs mount", mp.display()))?;
-    // EBUSY can also be a path lookup of the view that is in flight at this very moment (a
-    // health probe's statfs, an `ls`): only a busy that lasts is the caller's to mend.
+/// umount(2) of `mp`. EBUSY can be a path lookup of the view that is in flight at this very
+/// moment (a health probe's statfs, an `ls`), so it is retried for half a second: only a busy
+/// that lasts (files open in the view) is returned.
+fn unmount_retrying_busy(mp: &Path) -> rustix::io::Result<()> {
     let mut tries = 0;
-    let res = loop {
+    loop {
         match rustix::mount::unmount(mp, rustix::mount::UnmountFlags::empty()) {
             Err(rustix::io::Errno::BUSY) if tries < 5 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
-            r => break r,
+            r => return r,
         }
-    };
-    res.map_err(|e| {
+    }
+}
+
+/// `ferryfs unmount`: unmount, then wait until the daemon has released its state dir.
+pub fn unmount(mp: &Path) -> Result<(), String> {
+    let source =
+        ferryfs_mount_at(mp).ok_or_else(|| format!("{} is not a ferryfs mount", mp.display()))?;
+    unmount_retrying_busy(mp).map_err(|e| {
         if e == rustix::io::Errno::BUSY {
             format!(
                 "{}: busy (files are open in the view); close them and retry",
