@@ -324,3 +324,75 @@ fn prepare_if_absent_succeeds_again_for_the_same_stores_only() {
     assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
     f.unmount();
 }
+
+#[test]
+fn a_store_that_hangs_fails_readiness_not_liveness_and_recovers() {
+    let mut f = Fixture::new();
+    // OLD behind a FUSE server (bindfs) that this test can freeze, as an NFS server can hang.
+    let src = f.root.path().join("old-src");
+    fs::create_dir(&src).unwrap();
+    write(&src.join("a"), b"a");
+    /// Whatever happens, the frozen server is thawed and stopped at the end.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let pid = rustix::process::Pid::from_raw(self.0.id() as i32).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let bindfs = Server(
+        std::process::Command::new("bindfs")
+            .arg("-f")
+            .arg(&src)
+            .arg(&f.old)
+            .spawn()
+            .expect("bindfs is missing (scripts/setup.sh installs it)"),
+    );
+    wait_for("bindfs to serve OLD", 10, || f.old.join("a").exists());
+    f.prepare();
+    let port = free_port();
+    f.mount_with(
+        &f.mnt.clone(),
+        &["--no-copy", "--metrics-addr", &format!("127.0.0.1:{port}")],
+    );
+    wait_for("readyz with every check answered", 10, || {
+        http_get(port, "/readyz").is_some_and(|(c, b)| c == 200 && b.contains("statfs answered"))
+    });
+    let pid = rustix::process::Pid::from_raw(bindfs.0.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    // OLD no longer answers: readiness fails naming it, once its probe is 10 s silent.
+    let t = Instant::now();
+    wait_for("readyz to fail on the hung OLD store", 25, || {
+        http_get(port, "/readyz").is_some_and(|(c, b)| c == 503 && b.contains("no answer for"))
+    });
+    assert!(
+        t.elapsed() >= Duration::from_secs(5),
+        "failed before the probe went stale"
+    );
+    let (_, body) = http_get(port, "/readyz").unwrap();
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let failing: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(failing, ["old_store"], "{body}");
+    // Liveness holds: the daemon and its view are fine, and a restart would not mend OLD.
+    let (code, body) = http_get(port, "/healthz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(get(&scrape(port), "ferryfs_ready"), 0.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    wait_for("readyz to pass again once OLD answers", 15, || {
+        http_get(port, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    f.unmount();
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&f.old)
+        .status();
+    drop(bindfs);
+}
