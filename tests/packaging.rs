@@ -334,7 +334,7 @@ fn strings(y: &Yaml) -> Vec<String> {
 
 #[test]
 fn the_kubernetes_example_adds_a_sidecar_and_leaves_the_app_unchanged() {
-    let dir = repo().join("packaging/kubernetes/pvc-migration");
+    let dir = repo().join("packaging/container/kubernetes/pvc-migration");
     let docs = kustomize(&dir);
     let before = load_yaml(&dir.join("app.yaml"));
     let app_before = find(&before, "Deployment", "shop");
