@@ -269,6 +269,8 @@ pub fn already_prepared(
     }
     let journal = Records::new(Arc::new(RocksJournal::open_read_only(&journal_dir(state))?))?;
     let config = read_config(&journal, state)?;
+    // canonicalize only reads links (realpath), so it also resolves an OLD path covered by a
+    // dead view, whose stat would fail with ENOTCONN (tests/observe.rs covers that case).
     let same = |want: &StoreSpec, have: &StoreSpec| {
         let (StoreSpec::Posix { path: w }, StoreSpec::Posix { path: h }) = (want, have);
         w == h || fs::canonicalize(w).is_ok_and(|c| &c == h)

@@ -323,6 +323,30 @@ fn prepare_if_absent_succeeds_again_for_the_same_stores_only() {
     f.mount();
     assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
     f.unmount();
+    // A service restart after a crash of a view mounted in place: OLD's own path is a dead
+    // mount, and the settings name it through a symlinked parent. Still the same migration.
+    let old = f.old.clone();
+    f.mount_at(&old);
+    f.kill9();
+    // Past the kernel's attribute cache (--metadata-ttl 1 s): the dead path now gives ENOTCONN.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(fs::metadata(&old).is_err(), "the dead view still answers");
+    let link = f.root.path().join("via-link");
+    std::os::unix::fs::symlink(f.root.path(), &link).unwrap();
+    let out = f.cmd(
+        "prepare",
+        &[
+            "--if-absent",
+            "--old",
+            link.join("old").to_str().unwrap(),
+            "--new",
+            f.new.to_str().unwrap(),
+        ],
+    );
+    assert!(ok(out).contains("already prepared"));
+    f.mount_at(&old); // detaches the dead view by itself
+    assert_eq!(fs::read(old.join("a")).unwrap(), b"a");
+    f.unmount_at(&old);
 }
 
 #[test]
