@@ -93,74 +93,52 @@ impl Histogram {
     }
 }
 
-/// The FUSE operations the view serves; the label of `ferryfs_fuse_*` series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Op {
-    Lookup,
-    Forget,
-    Getattr,
-    Setattr,
-    Readlink,
-    Mknod,
-    Mkdir,
-    Unlink,
-    Rmdir,
-    Symlink,
-    Rename,
-    Link,
-    Open,
-    Read,
-    Write,
-    Flush,
-    Release,
-    Fsync,
-    Opendir,
-    Readdir,
-    Releasedir,
-    Fsyncdir,
-    Statfs,
-    Setxattr,
-    Getxattr,
-    Listxattr,
-    Removexattr,
-    Create,
-    Fallocate,
-    Lseek,
+/// Declares [`Op`] and its label names from one list, so the two cannot drift apart.
+macro_rules! fuse_ops {
+    ($($op:ident => $name:literal),+ $(,)?) => {
+        /// The FUSE operations the view serves; the label of `ferryfs_fuse_*` series.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Op {
+            $($op),+
+        }
+
+        const OP_NAMES: &[&str] = &[$($name),+];
+    };
 }
 
-const OP_NAMES: [&str; 30] = [
-    "lookup",
-    "forget",
-    "getattr",
-    "setattr",
-    "readlink",
-    "mknod",
-    "mkdir",
-    "unlink",
-    "rmdir",
-    "symlink",
-    "rename",
-    "link",
-    "open",
-    "read",
-    "write",
-    "flush",
-    "release",
-    "fsync",
-    "opendir",
-    "readdir",
-    "releasedir",
-    "fsyncdir",
-    "statfs",
-    "setxattr",
-    "getxattr",
-    "listxattr",
-    "removexattr",
-    "create",
-    "fallocate",
-    "lseek",
-];
+fuse_ops! {
+    Lookup => "lookup",
+    Forget => "forget",
+    Getattr => "getattr",
+    Setattr => "setattr",
+    Readlink => "readlink",
+    Mknod => "mknod",
+    Mkdir => "mkdir",
+    Unlink => "unlink",
+    Rmdir => "rmdir",
+    Symlink => "symlink",
+    Rename => "rename",
+    Link => "link",
+    Open => "open",
+    Read => "read",
+    Write => "write",
+    Flush => "flush",
+    Release => "release",
+    Fsync => "fsync",
+    Opendir => "opendir",
+    Readdir => "readdir",
+    Releasedir => "releasedir",
+    Fsyncdir => "fsyncdir",
+    Statfs => "statfs",
+    Setxattr => "setxattr",
+    Getxattr => "getxattr",
+    Listxattr => "listxattr",
+    Removexattr => "removexattr",
+    Create => "create",
+    Fallocate => "fallocate",
+    Lseek => "lseek",
+}
 
 impl Op {
     pub fn name(self) -> &'static str {
@@ -261,32 +239,24 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         };
-        let _ = writeln!(
+        let per_op = |out: &mut String, name: &str, help: &str, v: &dyn Fn(&OpStats) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (i, s) in self.fuse.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{op=\"{}\"}} {}", OP_NAMES[i], v(s));
+            }
+        };
+        per_op(
             out,
-            "# HELP ferryfs_fuse_requests_total FUSE requests served, by operation.\n\
-             # TYPE ferryfs_fuse_requests_total counter"
+            "ferryfs_fuse_requests_total",
+            "FUSE requests served, by operation.",
+            &|s| s.latency.count(),
         );
-        for (i, s) in self.fuse.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ferryfs_fuse_requests_total{{op=\"{}\"}} {}",
-                OP_NAMES[i],
-                s.latency.count()
-            );
-        }
-        let _ = writeln!(
+        per_op(
             out,
-            "# HELP ferryfs_fuse_errors_total FUSE requests answered with an errno, by operation.\n\
-             # TYPE ferryfs_fuse_errors_total counter"
+            "ferryfs_fuse_errors_total",
+            "FUSE requests answered with an errno, by operation.",
+            &|s| s.errors.load(Relaxed),
         );
-        for (i, s) in self.fuse.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "ferryfs_fuse_errors_total{{op=\"{}\"}} {}",
-                OP_NAMES[i],
-                s.errors.load(Relaxed)
-            );
-        }
         let _ = writeln!(
             out,
             "# HELP ferryfs_fuse_request_duration_seconds Time the daemon took to serve a FUSE request, by operation.\n\

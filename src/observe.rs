@@ -300,13 +300,7 @@ impl Observed {
             out,
             "# HELP ferryfs_phase The migration's phase (1 for the current one).\n# TYPE ferryfs_phase gauge"
         );
-        for p in [
-            Phase::Prepared,
-            Phase::Executing,
-            Phase::Executed,
-            Phase::Committed,
-            Phase::Aborted,
-        ] {
+        for p in Phase::ALL {
             let _ = writeln!(
                 out,
                 "ferryfs_phase{{phase=\"{p}\"}} {}",

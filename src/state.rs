@@ -60,6 +60,15 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [Phase; 5] = [
+        Phase::Prepared,
+        Phase::Executing,
+        Phase::Executed,
+        Phase::Committed,
+        Phase::Aborted,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Prepared => "prepared",
@@ -71,15 +80,7 @@ impl Phase {
     }
 
     pub fn parse(s: &str) -> Option<Phase> {
-        [
-            Phase::Prepared,
-            Phase::Executing,
-            Phase::Executed,
-            Phase::Committed,
-            Phase::Aborted,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == s)
+        Phase::ALL.into_iter().find(|p| p.as_str() == s)
     }
 }
 
