@@ -38,6 +38,9 @@ pub enum Request {
     Abort {
         keep_new: bool,
     },
+    /// A new daemon asks for the mount (`mount --takeover`); answered in the handover's own
+    /// framing, with fds (see `handover`).
+    Handover,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +76,8 @@ pub struct Ctx {
     /// OLD's root, for abort (`None` once committed).
     pub old_root: Option<OwnedFd>,
     pub mountpoint: PathBuf,
+    /// What a handover to a new daemon needs.
+    pub handover: Option<Arc<crate::handover::Source>>,
 }
 
 pub fn socket_path(state: &Path) -> PathBuf {
@@ -112,9 +117,20 @@ fn answer(conn: UnixStream, ctx: &Ctx) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     let resp = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Handover) => {
+            return match &ctx.handover {
+                Some(src) => crate::handover::give(conn, src),
+                None => Ok(()),
+            };
+        }
         Ok(req) => {
-            tracing::info!(?req, "control request");
-            handle(req, ctx)
+            let guard = ctx.handover.as_ref().map(|h| h.enter_control());
+            if matches!(guard, Some(None)) {
+                Response::err("the mount is being handed over to a new daemon; retry in a moment")
+            } else {
+                tracing::info!(?req, "control request");
+                handle(req, ctx)
+            }
         }
         Err(e) => Response::err(format!("bad request: {e}")),
     };
@@ -183,6 +199,7 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
             }
         }
         Request::Abort { keep_new } => abort(ctx, keep_new),
+        Request::Handover => Response::err("handover is answered on its own"),
     }
 }
 

@@ -327,6 +327,11 @@ impl Copier {
         self.workers.store(n.max(1), Ordering::Relaxed);
     }
 
+    /// Whether executing was asked for (`execute`, or a mount without --no-copy).
+    pub fn executing(&self) -> bool {
+        self.want.lock().unwrap_or_else(|p| p.into_inner()).run
+    }
+
     pub fn pause(&self) {
         self.paused.store(true, Ordering::Relaxed);
     }

@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +37,8 @@ pub struct MountArgs {
     pub copier: crate::copier::Options,
     /// Serve /metrics, /healthz and /readyz over HTTP at this address.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Take the live mount over from the daemon serving it (restart without unmount).
+    pub takeover: bool,
 }
 
 /// A migration's view opened in this process, with the stores it serves.
@@ -51,12 +53,19 @@ pub struct Opened {
 /// Open the view of a migration (the daemon's, or the CLI's when no daemon runs). After
 /// commit the view is NEW alone; after abort, OLD alone.
 pub fn open_view(m: &Migration) -> Result<Opened, String> {
+    open_view_with(m, |what, p| {
+        PosixStore::open(p).map_err(|e| format!("{what} store {}: {e}", p.display()))
+    })
+}
+
+/// [`open_view`] with the stores' roots opened by `open` ("OLD" or "NEW", and its path).
+fn open_view_with(
+    m: &Migration,
+    open: impl Fn(&str, &Path) -> Result<PosixStore, String>,
+) -> Result<Opened, String> {
     let StoreSpec::Posix { path: old_path } = &m.config.old;
     let StoreSpec::Posix { path: new_path } = &m.config.new;
     let phase = crate::state::phase(&m.journal).map_err(|e| e.to_string())?;
-    let open = |what: &str, p: &Path| {
-        PosixStore::open(p).map_err(|e| format!("{what} store {}: {e}", p.display()))
-    };
     // Entries are created on behalf of callers with the mode the kernel already masked with
     // the caller's umask; the daemon's own umask must not mask it a second time.
     rustix::process::umask(rustix::fs::Mode::empty());
@@ -255,38 +264,90 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         msg
     };
     let mp = &args.mountpoint;
-    let notifier = Arc::new(crate::sdnotify::Notifier::from_env());
-    let migration = match Migration::open(&args.state) {
-        Ok(m) => m,
-        Err(e) => return Err(fail(&mut ready, e.to_string())),
-    };
+    let mut notifier = crate::sdnotify::Notifier::from_env();
     let state_abs = std::fs::canonicalize(&args.state).unwrap_or(args.state.clone());
-    // Dead views first (also over OLD's path, when mounted in place), so the stores below are
-    // the real directories again.
-    let StoreSpec::Posix { path: old_path } = &migration.config.old;
-    let StoreSpec::Posix { path: new_path } = &migration.config.new;
-    for p in [mp, old_path, new_path] {
-        if let Err(e) = clear_dead_mounts(p, &state_abs) {
-            return Err(fail(&mut ready, e));
+    let mut taken = None;
+    let migration = if args.takeover {
+        match take_over(args, &notifier) {
+            Ok((m, t)) => {
+                if let Some(us) = t.handed.watchdog_usec {
+                    notifier.adopt_watchdog(Duration::from_micros(us));
+                }
+                taken = Some(t);
+                m
+            }
+            Err(e) => return Err(fail(&mut ready, e)),
         }
-    }
-    for (what, p) in [("OLD", old_path), ("NEW", new_path)] {
-        if let Some(src) = ferryfs_mount_at(p) {
-            return Err(fail(
-                &mut ready,
-                format!(
-                    "{what} store {} is covered by a live ferryfs view ({src})",
-                    p.display()
-                ),
-            ));
+    } else {
+        match Migration::open(&args.state) {
+            Ok(m) => m,
+            Err(e) => return Err(fail(&mut ready, e.to_string())),
         }
-    }
-    // Open both stores before mounting: the mountpoint may be OLD's own path (rule 11).
-    let opened = match open_view(&migration) {
-        Ok(o) => o,
-        Err(e) => return Err(fail(&mut ready, e)),
+    };
+    let notifier = Arc::new(notifier);
+    let opened = match &taken {
+        // The stores' roots as the old daemon opened them: with the view mounted in place,
+        // OLD's path is the view itself now.
+        Some(t) => {
+            let root = |what: &str, p: &Path| -> Result<PosixStore, String> {
+                let fd = match what {
+                    "OLD" => t.old_root.as_ref(),
+                    _ => Some(&t.new_root),
+                }
+                .ok_or_else(|| format!("the old daemon handed over no {what} store"))?;
+                let fd = fd
+                    .try_clone()
+                    .map_err(|e| format!("dup {what} root: {e}"))?;
+                Ok(PosixStore::from_root(fd, p.to_path_buf()))
+            };
+            match open_view_with(&migration, root) {
+                Ok(o) => o,
+                Err(e) => return Err(fail(&mut ready, e)),
+            }
+        }
+        None => {
+            // Dead views first (also over OLD's path, when mounted in place), so the stores
+            // below are the real directories again.
+            let StoreSpec::Posix { path: old_path } = &migration.config.old;
+            let StoreSpec::Posix { path: new_path } = &migration.config.new;
+            for p in [mp, old_path, new_path] {
+                if let Err(e) = clear_dead_mounts(p, &state_abs) {
+                    return Err(fail(&mut ready, e));
+                }
+            }
+            for (what, p) in [("OLD", old_path), ("NEW", new_path)] {
+                if let Some(src) = ferryfs_mount_at(p) {
+                    return Err(fail(
+                        &mut ready,
+                        format!(
+                            "{what} store {} is covered by a live ferryfs view ({src})",
+                            p.display()
+                        ),
+                    ));
+                }
+            }
+            // Open both stores before mounting: the mountpoint may be OLD's own path (rule 11).
+            match open_view(&migration) {
+                Ok(o) => o,
+                Err(e) => return Err(fail(&mut ready, e)),
+            }
+        }
     };
     let view = opened.view.clone();
+    if let Some(t) = taken.as_mut() {
+        let st = std::mem::take(&mut t.handed.view);
+        let files = std::mem::take(&mut t.files);
+        let got = view.import_state(st, files);
+        tracing::info!(
+            inodes = got.inodes,
+            detached = got.detached,
+            open_files = got.files,
+            open_dirs = got.dirs,
+            from_pid = t.handed.pid,
+            from_version = %t.handed.version,
+            "took over the kernel's inodes and open files"
+        );
+    }
     let copier = crate::copier::Copier::new(view.clone(), migration.journal.clone(), args.copier);
     let copier_thread = {
         let c = copier.clone();
@@ -296,12 +357,67 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             .map_err(|e| e.to_string())?
     };
     let sampler = spawn_rate_sampler(copier.clone(), migration.journal.clone());
-    if !args.no_copy && !matches!(opened.phase, Phase::Committed | Phase::Aborted) {
+    let finished = matches!(opened.phase, Phase::Committed | Phase::Aborted);
+    let (execute, paused) = match &taken {
+        // The copier goes on as the old daemon left it, limits included.
+        Some(t) => {
+            let c = t.handed.copier;
+            copier.bw.set(c.bwlimit);
+            copier.ops.set(c.ops_limit);
+            copier.set_workers(c.workers);
+            (c.executing, c.paused)
+        }
+        None => (!args.no_copy, false),
+    };
+    if execute && !finished {
         if let Err(e) = copier.execute() {
             return Err(fail(&mut ready, format!("starting the copier: {e}")));
         }
     }
+    if paused {
+        copier.pause();
+    }
+    let fs = FerryFs::new(view.clone(), args.passthrough, args.metadata_ttl);
+    let parts = fs.handover_parts();
+    let (mut opts, mut acl) = mount_options(&args.options);
+    if let Some(t) = taken.as_mut() {
+        acl = t.acl();
+        let dev = match t.fuse[0].try_clone() {
+            Ok(d) => d,
+            Err(e) => return Err(fail(&mut ready, format!("dup /dev/fuse: {e}"))),
+        };
+        parts.import_passthrough(std::mem::take(&mut t.handed.passthrough), dev);
+    }
+    let dup = |fd: BorrowedFd<'_>, what: &str| {
+        fd.try_clone_to_owned()
+            .map_err(|e| format!("dup {what}: {e}"))
+    };
+    let source = (|| -> Result<_, String> {
+        Ok(crate::handover::Source::new(
+            parts.clone(),
+            view.clone(),
+            copier.clone(),
+            migration.journal.clone(),
+            dup(migration.lock_file().as_fd(), "the state lock")?,
+            match &opened.old {
+                Some(o) => Some(dup(o.root(), "OLD root")?),
+                None => None,
+            },
+            dup(opened.new.root(), "NEW root")?,
+            mp.clone(),
+            state_abs.clone(),
+            acl,
+        ))
+    })();
+    let source = match source {
+        Ok(mut s) => {
+            s.watchdog = notifier.watchdog();
+            Arc::new(s)
+        }
+        Err(e) => return Err(fail(&mut ready, e)),
+    };
     let ctl = crate::control::Ctx {
+        handover: Some(source),
         copier: copier.clone(),
         journal: migration.journal.clone(),
         new_root: match opened.new.root().try_clone_to_owned() {
@@ -335,7 +451,6 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             }
         }
     }
-    let (mut opts, acl) = mount_options(&args.options);
     opts.push(MountOption::FSName(format!(
         "{FS_TYPE}:{}",
         state_abs.display()
@@ -347,13 +462,25 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     cfg.acl = acl;
     cfg.n_threads = Some(args.threads.max(1));
     cfg.clone_fd = true;
-    let session = match fuser::Session::new(
-        FerryFs::new(view.clone(), args.passthrough, args.metadata_ttl),
-        mp,
-        &cfg,
-    ) {
-        Ok(s) => s,
-        Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
+    let session = match taken.take() {
+        Some(t) => {
+            let dev = t.fuse[0].as_fd();
+            let s = match crate::fuse::handover::session_on(fs, dev, t.handed.kernel, acl, cfg) {
+                Ok(s) => s,
+                Err(e) => return Err(fail(&mut ready, format!("taking the FUSE session: {e}"))),
+            };
+            // The requests the old daemon parked are queued again, for our threads; then the
+            // old daemon's fds can go (nothing waits on them any more).
+            if let Err(e) = crate::fuse::handover::resend(dev) {
+                return Err(fail(&mut ready, format!("FUSE_NOTIFY_RESEND: {e}")));
+            }
+            drop(t);
+            s
+        }
+        None => match fuser::Session::new(fs, mp, &cfg) {
+            Ok(s) => s,
+            Err(e) => return Err(fail(&mut ready, format!("mounting {}: {e}", mp.display()))),
+        },
     };
     if let Some(dev) = mount_dev(mp, &state_abs) {
         view.set_mount_dev(dev);
@@ -413,6 +540,43 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     drop(migration);
     tracing::info!("view stopped");
     res.map_err(|e| format!("serving: {e}"))
+}
+
+/// `mount --takeover`: receive the live mount from the daemon serving the state dir, wait for
+/// it to exit, and open the journal under the lock it handed over. Everything that can be
+/// refused is refused before the old daemon lets go, and it then keeps serving.
+fn take_over(
+    args: &MountArgs,
+    notifier: &crate::sdnotify::Notifier,
+) -> Result<(Migration, crate::handover::Taken), String> {
+    // The old daemon's fds arrive in this process: one per open file, directory and thread.
+    raise_nofile_limit();
+    let mut t = crate::handover::take(&args.state, &args.mountpoint)?;
+    // Under systemd this process becomes the service's main process before the old one
+    // exits, or systemd would take that exit for the service's end and stop us with it.
+    notifier.notify(&format!("MAINPID={}", std::process::id()));
+    if let Err(e) = t.commit() {
+        notifier.notify(&format!("MAINPID={}", t.handed.pid));
+        return Err(e);
+    }
+    // The old daemon has exited; its journal's own lock goes with its process, so the first
+    // open can only race its last moments.
+    let mut tries = 0;
+    loop {
+        let lock = t
+            .lock
+            .try_clone()
+            .map_err(|e| format!("dup the state lock: {e}"))?;
+        match Migration::open_locked(&args.state, lock) {
+            Ok(m) => return Ok((m, t)),
+            Err(e) if tries < 50 => {
+                tracing::debug!(error = %e, "journal not free yet");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(format!("opening the journal after the handover: {e}")),
+        }
+    }
 }
 
 /// systemd's one-line status: where the view serves and how far the copy is.
@@ -556,10 +720,35 @@ pub fn spawn_background(args: &MountArgs, raw_args: &[OsString]) -> Result<(), S
     cmd.args(raw_args)
         .arg("--foreground")
         .env(READY_FD_ENV, wr.as_raw_fd().to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log);
+        .stdin(std::process::Stdio::null());
+    // Started by a systemd unit (its ExecReload runs `mount --takeover`): the daemon logs to
+    // the journal as the one it replaces did, not to a file.
+    if std::env::var_os("JOURNAL_STREAM").is_none() {
+        cmd.stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+    }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let ready_fd = wr.as_raw_fd();
+    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+    // (close_range, fcntl) and allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            // The daemon keeps stdio and the readiness pipe only. Any other fd the caller left
+            // open (a shell's `exec 3<file` in the view, during `mount --takeover`) would be
+            // a file open in the view for the daemon's whole life: the mount could never
+            // unmount.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            if libc::fcntl(ready_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting the daemon: {e}"))?;

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod handover;
 pub mod journal;
 pub mod lifecycle;
 pub mod metrics;

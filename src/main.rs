@@ -92,6 +92,13 @@ enum Cmd {
         /// or a pod-internal address.
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Restart without unmount: take the live view over from the daemon serving this
+        /// state dir at MOUNTPOINT (after an upgrade, or to change flags). Applications keep
+        /// their open files and see a pause, not an error; the old daemon exits. Mount
+        /// options (-o) stay as first mounted; the copier keeps its state and limits. If
+        /// anything fails before the old daemon lets go, it keeps serving. Linux 6.9 or later.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Show the migration's phase and progress.
     Status {
@@ -278,9 +285,11 @@ fn run() -> Result<(), String> {
             options,
             threads,
             metrics_addr,
+            takeover,
         } => {
             let args = MountArgs {
                 metrics_addr,
+                takeover,
                 state,
                 mountpoint,
                 options,

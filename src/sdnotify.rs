@@ -51,6 +51,14 @@ impl Notifier {
         Notifier { addr, watchdog }
     }
 
+    /// Keep up the watchdog the previous daemon kept (a takeover under systemd: the new
+    /// process is not the one systemd told, but it answers for the service now).
+    pub fn adopt_watchdog(&mut self, period: Duration) {
+        if self.watchdog.is_none() {
+            self.watchdog = Some(period);
+        }
+    }
+
     pub fn enabled(&self) -> bool {
         self.addr.is_some()
     }

@@ -387,6 +387,11 @@ fn read_config(journal: &Records, state: &Path) -> Result<Config, StateError> {
 }
 
 impl Migration {
+    /// The state dir's lock file, held for as long as this `Migration` lives.
+    pub fn lock_file(&self) -> &File {
+        &self._lock
+    }
+
     /// Open the state dir for writing (one process at a time).
     pub fn open(state: &Path) -> Result<Migration, StateError> {
         if !journal_dir(state).exists() {
@@ -396,6 +401,12 @@ impl Migration {
             )));
         }
         let lock = take_lock(state)?;
+        Migration::open_locked(state, lock)
+    }
+
+    /// Open the state dir with its lock already held: the lock file, locked by the daemon
+    /// that handed its mount over to this process (`mount --takeover`).
+    pub fn open_locked(state: &Path, lock: File) -> Result<Migration, StateError> {
         let journal = Records::new(Arc::new(RocksJournal::open(&journal_dir(state), false)?))?;
         let config = read_config(&journal, state)?;
         Ok(Migration {

@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -124,7 +125,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     let unit = fs::read_to_string(repo().join("packaging/systemd/ferryfs@.service")).unwrap();
     for (key, want) in [
         ("Type", "notify"),
-        ("NotifyAccess", "main"),
+        ("NotifyAccess", "all"),
         ("EnvironmentFile", "/etc/ferryfs/%i.conf"),
         ("Restart", "on-failure"),
         ("KillMode", "mixed"),
@@ -132,6 +133,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         assert_eq!(unit_value(&unit, "Service", key), want, "{key}");
     }
     assert!(unit_value(&unit, "Service", "ExecStart").contains("mount --foreground"));
+    assert!(unit_value(&unit, "Service", "ExecReload").contains("mount --takeover"));
     assert!(!unit_section(&unit, "Install").is_empty());
     // systemd-analyze wants an instance and an executable that exists: the built binary.
     let dir = tempfile::tempdir().unwrap();
@@ -253,13 +255,49 @@ fn the_units_exec_lines_prepare_mount_notify_and_stop_cleanly() {
     let (code, _) = http_get(port, "/readyz").expect("the example's metrics address serves");
     assert_eq!(code, 200);
     write(&old.join("written-under-systemd"), b"new\n");
-    // `systemctl stop`: SIGTERM to the main process (KillMode=mixed).
-    let status = terminate(&mut child, || recv_until("STOPPING=1", 10, &mut said));
-    assert!(
-        status.success(),
-        "daemon exited {status} on SIGTERM: {}",
-        fs::read_to_string(t.path().join("daemon.log")).unwrap_or_default()
+    // `systemctl reload`: ExecReload's new daemon takes the view over (in place over OLD's
+    // path) with a file held open, tells systemd it is the main process before the old one
+    // exits, and keeps up the watchdog; the old daemon exits 0 without unmounting.
+    let mut held = fs::OpenOptions::new()
+        .append(true)
+        .open(old.join("written-under-systemd"))
+        .unwrap();
+    said.clear();
+    ok(run(exec("ExecReload").env("NOTIFY_SOCKET", &sock_path)));
+    let old_exit = child.wait().unwrap();
+    assert!(old_exit.success(), "the old daemon exited {old_exit}");
+    recv_until("READY=1", 10, &mut said);
+    let mainpid: i32 = said
+        .iter()
+        .flat_map(|m| m.lines())
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .unwrap_or_else(|| panic!("no MAINPID= from the new daemon: {said:?}"))
+        .parse()
+        .unwrap();
+    assert_ne!(mainpid as u32, child.id());
+    said.clear();
+    recv_until("WATCHDOG=1", 10, &mut said);
+    held.write_all(b"after reload\n").unwrap();
+    drop(held);
+    assert_eq!(
+        fs::read(old.join("written-under-systemd")).unwrap(),
+        b"new\nafter reload\n"
     );
+    // `systemctl stop`: SIGTERM to the main process (KillMode=mixed), the new one now.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(mainpid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    recv_until("STOPPING=1", 10, &mut said);
+    let t0 = Instant::now();
+    while fs::read(format!("/proc/{mainpid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the new daemon did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         !fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
@@ -269,7 +307,7 @@ fn the_units_exec_lines_prepare_mount_notify_and_stop_cleanly() {
     // The write made through the view landed in NEW; OLD was not touched.
     assert_eq!(
         fs::read(new.join("written-under-systemd")).unwrap(),
-        b"new\n"
+        b"new\nafter reload\n"
     );
     assert!(!old.join("written-under-systemd").exists());
 }

@@ -20,10 +20,10 @@ use crate::metrics::METRICS;
 use crate::store::posix;
 
 pub(crate) struct FileHandle {
-    inode: Arc<Inode>,
+    pub(super) inode: Arc<Inode>,
     /// The open file, and whether it is NEW's.
-    file: RwLock<(Arc<File>, bool)>,
-    flags: i32,
+    pub(super) file: RwLock<(Arc<File>, bool)>,
+    pub(super) flags: i32,
 }
 
 pub(crate) enum Handle {
@@ -38,6 +38,21 @@ pub(crate) struct HandleTable {
 }
 
 impl HandleTable {
+    /// Every open handle, and the number after the highest given.
+    pub(crate) fn export(&self) -> (Vec<(u64, Arc<Handle>)>, u64) {
+        let map = self.map.lock().unwrap();
+        let mut all: Vec<(u64, Arc<Handle>)> = map.iter().map(|(k, v)| (*k, v.clone())).collect();
+        all.sort_by_key(|(fh, _)| *fh);
+        (all, self.next.load(Ordering::Relaxed))
+    }
+    /// Put back a handle the kernel holds under `fh` (a handover from the previous daemon).
+    pub(crate) fn insert_at(&self, fh: u64, h: Handle) {
+        self.map.lock().unwrap().insert(fh, Arc::new(h));
+        self.next.fetch_max(fh, Ordering::Relaxed);
+    }
+    pub(crate) fn set_next(&self, next: u64) {
+        self.next.fetch_max(next, Ordering::Relaxed);
+    }
     fn insert(&self, h: Handle) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.map.lock().unwrap().insert(fh, Arc::new(h));

@@ -59,6 +59,36 @@ pub struct Node {
     pub rechecked: Option<std::time::Instant>,
 }
 
+impl Node {
+    /// An inode with nothing behind it: what a new daemon keeps for an inode the kernel still
+    /// holds but whose names no longer resolve (see [`InodeTable::insert_detached`]).
+    fn detached() -> Node {
+        Node {
+            names: Vec::new(),
+            new: None,
+            old: None,
+            dir_id: None,
+            ids: Vec::new(),
+            old_group: None,
+            subdirs: None,
+            cache_stamp: None,
+            copy: CopyState::Local,
+            rechecked: None,
+        }
+    }
+}
+
+/// What the kernel knows of one inode: its number, kind, lookup count and names. A daemon
+/// handing its mount over passes these on, so the next one serves the same numbers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct KnownInode {
+    pub ino: u64,
+    pub kind: Kind,
+    pub lookups: u64,
+    /// (parent ino, name bytes).
+    pub names: Vec<(u64, Vec<u8>)>,
+}
+
 /// See [`Node::copy`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CopyState {
@@ -228,6 +258,63 @@ impl InodeTable {
         for i in &all {
             f(i);
         }
+    }
+
+    /// Every inode but the root, as the kernel knows it, and the next number to give.
+    pub fn export(&self) -> (Vec<KnownInode>, u64) {
+        use std::os::unix::ffi::OsStrExt;
+        let all: Vec<Arc<Inode>> = self.tables().by_ino.values().cloned().collect();
+        let known = all
+            .iter()
+            .filter(|i| i.ino != ROOT_INO)
+            .map(|i| KnownInode {
+                ino: i.ino,
+                kind: i.kind,
+                lookups: i.lookups.load(Ordering::Relaxed),
+                names: i
+                    .node()
+                    .names
+                    .iter()
+                    .map(|(p, n)| (*p, n.as_bytes().to_vec()))
+                    .collect(),
+            })
+            .collect();
+        (known, self.next.load(Ordering::Relaxed))
+    }
+
+    /// The number the next new inode gets. A new daemon taking over sets it before each
+    /// lookup it replays, so the entry gets the number the kernel already uses.
+    pub fn set_next(&self, ino: u64) {
+        self.next.store(ino, Ordering::Relaxed);
+    }
+
+    pub fn next(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// Set an inode's lookup count to what the kernel holds (after a handover's replay).
+    pub fn set_lookups(&self, ino: u64, lookups: u64) {
+        if ino != ROOT_INO
+            && let Some(i) = self.get(ino)
+        {
+            i.lookups.store(lookups, Ordering::Relaxed);
+        }
+    }
+
+    /// An inode the kernel holds whose names no longer resolve (removed while open, or
+    /// changed behind the view during a handover): it keeps its number, and its open files
+    /// keep working; anything by name fails until the kernel forgets it.
+    pub fn insert_detached(&self, ino: u64, kind: Kind, lookups: u64) -> Arc<Inode> {
+        let inode = Arc::new(Inode {
+            ino,
+            kind,
+            lookups: AtomicU64::new(lookups),
+            node: Mutex::new(Node::detached()),
+            claim: Mutex::new(()),
+            cancel: Default::default(),
+        });
+        self.tables().by_ino.insert(ino, inode.clone());
+        inode
     }
 
     /// The kernel dropped `count` references; remove the inode when none remain.

@@ -16,6 +16,7 @@ pub mod attr;
 mod copyup;
 mod drain;
 mod handles;
+mod handover;
 pub mod inode;
 mod ops;
 
@@ -39,6 +40,7 @@ pub fn copy_file_data(src: &std::fs::File, dst: &std::fs::File, size: u64) -> Re
     copyup::copy_data(src, dst, size, &mut |_| true).map(drop)
 }
 pub use handles::{OpenFile, wants_write};
+pub use handover::{Imported, ViewState};
 use inode::{Identity, Inode, InodeTable, Node, OldRef, ROOT_INO};
 pub use ops::{SetAttr, SetTime, XattrReply};
 

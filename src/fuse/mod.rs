@@ -20,9 +20,13 @@ use crate::error::Error;
 use crate::fs::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply, wants_write};
 use crate::metrics::{METRICS, Op, OpenPath, Timer};
 
+pub mod handover;
+
 pub struct FerryFs {
     view: Arc<View>,
-    passthrough: Passthrough,
+    passthrough: Arc<Passthrough>,
+    /// Parks requests while the mount is handed to a new daemon (`mount --takeover`).
+    gate: Arc<handover::Gate>,
     /// How long the kernel may trust attributes and names without asking (`mount
     /// --metadata-ttl`). Every change made through the view is seen by the kernel directly;
     /// this only bounds how late a change made in OLD behind the view's back shows.
@@ -35,11 +39,22 @@ impl FerryFs {
         FerryFs {
             view,
             ttl,
-            passthrough: Passthrough {
+            passthrough: Arc::new(Passthrough {
                 wanted: passthrough,
                 refused: [AtomicBool::new(false), AtomicBool::new(false)],
                 inodes: Mutex::new(HashMap::new()),
-            },
+                dev: std::sync::OnceLock::new(),
+            }),
+            gate: Default::default(),
+        }
+    }
+
+    /// What a handover needs of this adapter once it serves: its request gate and its
+    /// passthrough state.
+    pub fn handover_parts(&self) -> handover::Parts {
+        handover::Parts {
+            gate: self.gate.clone(),
+            passthrough: self.passthrough.clone(),
         }
     }
 }
@@ -63,7 +78,7 @@ pub enum PassthroughMode {
 /// only opens it. The kernel's rule: while any file of an inode is open, every open of that
 /// inode uses one and the same backing file, or none does (a mix fails the open with EIO).
 /// So the io mode is decided per inode by its first open and kept until its last release.
-struct Passthrough {
+pub(crate) struct Passthrough {
     /// Asked for at mount.
     wanted: PassthroughMode,
     /// The kernel refused a backing file of OLD [0] / NEW [1] (an older kernel, a store on a
@@ -71,6 +86,9 @@ struct Passthrough {
     refused: [AtomicBool; 2],
     /// Inodes with open files: their io mode and how many files are open.
     inodes: Mutex<HashMap<u64, Opened>>,
+    /// A /dev/fuse fd of this connection, once taken over from a previous daemon: for closing
+    /// the backing files it registered (see [`IoMode::Inherited`]).
+    dev: std::sync::OnceLock<std::os::fd::OwnedFd>,
 }
 
 struct Opened {
@@ -79,8 +97,16 @@ struct Opened {
 }
 
 enum IoMode {
-    /// The kernel reads and writes `id`'s file (NEW's, or OLD's for read-only opens).
-    Passthrough { id: Arc<BackingId>, on_new: bool },
+    /// The kernel reads and writes `id`'s file (NEW's, or OLD's for read-only opens). `raw`
+    /// is the kernel's number for it, handed to a next daemon.
+    Passthrough {
+        id: Arc<BackingId>,
+        raw: u32,
+        on_new: bool,
+    },
+    /// A backing file the previous daemon registered (a handover): taken into a `BackingId`
+    /// by the next open of the inode, or closed by its last release.
+    Inherited { raw: u32, on_new: bool },
     /// Through the daemon (read and write requests), with the kernel's page cache.
     Cached,
 }
@@ -124,15 +150,27 @@ impl Passthrough {
         register: F,
     ) -> Result<Option<Arc<BackingId>>, ()>
     where
-        F: FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+        F: FnOnce(Register<'_>) -> std::io::Result<(BackingId, u32)>,
     {
         let mut inodes = self.inodes.lock().unwrap();
         if let Some(o) = inodes.get_mut(&ino) {
+            if let IoMode::Inherited { raw, on_new } = o.mode {
+                if write && !on_new {
+                    return Err(());
+                }
+                let (id, raw) = register(Register::Wrap(raw)).map_err(drop)?;
+                o.mode = IoMode::Passthrough {
+                    id: Arc::new(id),
+                    raw,
+                    on_new,
+                };
+            }
             let id = match &o.mode {
                 // Any open file of the inode shows the view's bytes: OLD's while data changes
                 // wait for OLD's readers (old_readers_gone), NEW's otherwise.
                 IoMode::Passthrough { on_new: false, .. } if write => return Err(()),
                 IoMode::Passthrough { id, .. } => Some(id.clone()),
+                IoMode::Inherited { .. } => unreachable!("taken above"),
                 IoMode::Cached => None,
             };
             o.opens += 1;
@@ -147,9 +185,10 @@ impl Passthrough {
         let mode = if !allowed || self.refused[store].load(Ordering::Relaxed) {
             IoMode::Cached
         } else {
-            match register(&of.file) {
-                Ok(id) => IoMode::Passthrough {
+            match register(Register::Open(&of.file)) {
+                Ok((id, raw)) => IoMode::Passthrough {
                     id: Arc::new(id),
+                    raw,
                     on_new: of.on_new,
                 },
                 Err(e) => {
@@ -166,7 +205,7 @@ impl Passthrough {
         };
         let id = match &mode {
             IoMode::Passthrough { id, .. } => Some(id.clone()),
-            IoMode::Cached => None,
+            IoMode::Inherited { .. } | IoMode::Cached => None,
         };
         inodes.insert(ino, Opened { mode, opens: 1 });
         Ok(id)
@@ -177,11 +216,64 @@ impl Passthrough {
         let mut inodes = self.inodes.lock().unwrap();
         if let Some(o) = inodes.get_mut(&ino) {
             o.opens -= 1;
-            if o.opens == 0 {
-                inodes.remove(&ino);
+            if o.opens == 0
+                && let Some(Opened {
+                    mode: IoMode::Inherited { raw, .. },
+                    ..
+                }) = inodes.remove(&ino)
+                && let Some(dev) = self.dev.get()
+            {
+                handover::close_backing(dev, raw);
             }
         }
     }
+}
+
+/// How `Passthrough::join` asks for the backing file of an inode's first open.
+pub(crate) enum Register<'a> {
+    /// Register this file with the kernel.
+    Open(&'a std::fs::File),
+    /// Take on a backing file the previous daemon registered.
+    Wrap(u32),
+}
+
+/// A reply that can register backing files (open and create).
+trait Backing {
+    fn open_backing_file(&self, f: &std::fs::File) -> std::io::Result<BackingId>;
+    /// # Safety
+    /// `raw` must be an open backing id of this connection that nothing else owns.
+    unsafe fn wrap(&self, raw: u32) -> BackingId;
+}
+
+impl Backing for ReplyOpen {
+    fn open_backing_file(&self, f: &std::fs::File) -> std::io::Result<BackingId> {
+        self.open_backing(f)
+    }
+    unsafe fn wrap(&self, raw: u32) -> BackingId {
+        // SAFETY: the caller's contract.
+        unsafe { self.wrap_backing(raw) }
+    }
+}
+
+impl Backing for ReplyCreate {
+    fn open_backing_file(&self, f: &std::fs::File) -> std::io::Result<BackingId> {
+        self.open_backing(f)
+    }
+    unsafe fn wrap(&self, raw: u32) -> BackingId {
+        // SAFETY: the caller's contract.
+        unsafe { self.wrap_backing(raw) }
+    }
+}
+
+/// The backing file for `r`, with its raw id (kept for a handover).
+fn backing(reply: &impl Backing, r: Register<'_>) -> std::io::Result<(BackingId, u32)> {
+    let raw = match r {
+        Register::Open(f) => reply.open_backing_file(f)?.into_raw(),
+        Register::Wrap(raw) => raw,
+    };
+    // SAFETY: `raw` was just registered on this connection, or was registered by the previous
+    // daemon and handed over to this one; either way the returned BackingId is its only owner.
+    Ok((unsafe { reply.wrap(raw) }, raw))
 }
 
 fn kind(k: Kind) -> FileType {
@@ -226,16 +318,34 @@ fn caller(req: &Request) -> Caller {
 /// What every request holds while it is served: its tracing span (DESIGN: one span per FUSE
 /// request, so whatever is logged carries the operation and the inode; near free when the
 /// level is off) and its latency timer for `ferryfs_fuse_request_duration_seconds`.
-struct InFlight {
+struct InFlight<'a> {
     _span: tracing::span::EnteredSpan,
     _timer: Timer,
+    _gate: Option<handover::Entered<'a>>,
 }
 
-fn span(op: Op, ino: u64) -> InFlight {
+fn span(op: Op, ino: u64) -> InFlight<'static> {
     InFlight {
         _span: tracing::debug_span!("fuse", op = op.name(), ino).entered(),
         _timer: Timer::start(op),
+        _gate: None,
     }
+}
+
+/// Start serving a request that has a reply: its span and timer, and its place in the gate.
+/// While the mount is being handed over the request is parked instead: its reply is never
+/// sent (dropping it would answer EIO), and the next daemon gets the request again from the
+/// kernel (FUSE_NOTIFY_RESEND) and answers it.
+macro_rules! enter {
+    ($self:ident, $op:expr, $ino:expr, $reply:ident) => {{
+        let Some(g) = $self.gate.enter() else {
+            std::mem::forget($reply);
+            return;
+        };
+        let mut f = span($op, $ino);
+        f._gate = Some(g);
+        f
+    }};
 }
 
 /// Log a failed request at the error's level, count it, then give the kernel its errno.
@@ -295,6 +405,12 @@ fn busy_with_old_readers(op: Op, ino: u64) -> Errno {
 
 impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let abi = config.kernel_abi();
+        self.gate.set_kernel(handover::KernelInit {
+            major: abi.0,
+            minor: abi.1,
+            flags: config.capabilities().bits(),
+        });
         // O_TRUNC arrives with open, so an O_TRUNC open of an OLD-only file copies no data.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_write(1 << 20);
@@ -319,7 +435,7 @@ impl Filesystem for FerryFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _span = span(Op::Lookup, parent.0);
+        let _span = enter!(self, Op::Lookup, parent.0, reply);
         match self.view.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail(Op::Lookup, parent.0, Some(name), &e)),
@@ -332,7 +448,7 @@ impl Filesystem for FerryFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _span = span(Op::Getattr, ino.0);
+        let _span = enter!(self, Op::Getattr, ino.0, reply);
         match self.view.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl, &attr(&a)),
             Err(e) => reply.error(fail(Op::Getattr, ino.0, None, &e)),
@@ -357,7 +473,7 @@ impl Filesystem for FerryFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _span = span(Op::Setattr, ino.0);
+        let _span = enter!(self, Op::Setattr, ino.0, reply);
         let s = SetAttr {
             mode,
             uid,
@@ -377,7 +493,7 @@ impl Filesystem for FerryFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _span = span(Op::Readlink, ino.0);
+        let _span = enter!(self, Op::Readlink, ino.0, reply);
         match self.view.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(fail(Op::Readlink, ino.0, None, &e)),
@@ -394,7 +510,7 @@ impl Filesystem for FerryFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _span = span(Op::Mknod, parent.0);
+        let _span = enter!(self, Op::Mknod, parent.0, reply);
         match self.view.mknod(
             parent.0,
             name,
@@ -416,7 +532,7 @@ impl Filesystem for FerryFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _span = span(Op::Mkdir, parent.0);
+        let _span = enter!(self, Op::Mkdir, parent.0, reply);
         match self.view.mkdir(parent.0, name, mode & !umask, caller(req)) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail(Op::Mkdir, parent.0, Some(name), &e)),
@@ -424,7 +540,7 @@ impl Filesystem for FerryFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = span(Op::Unlink, parent.0);
+        let _span = enter!(self, Op::Unlink, parent.0, reply);
         match self.view.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(Op::Unlink, parent.0, Some(name), &e)),
@@ -432,7 +548,7 @@ impl Filesystem for FerryFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = span(Op::Rmdir, parent.0);
+        let _span = enter!(self, Op::Rmdir, parent.0, reply);
         match self.view.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(Op::Rmdir, parent.0, Some(name), &e)),
@@ -447,7 +563,7 @@ impl Filesystem for FerryFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _span = span(Op::Symlink, parent.0);
+        let _span = enter!(self, Op::Symlink, parent.0, reply);
         match self
             .view
             .symlink(parent.0, link_name, target.as_os_str(), caller(req))
@@ -467,7 +583,7 @@ impl Filesystem for FerryFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Rename, parent.0);
+        let _span = enter!(self, Op::Rename, parent.0, reply);
         match self
             .view
             .rename(parent.0, name, newparent.0, newname, flags.bits())
@@ -485,7 +601,7 @@ impl Filesystem for FerryFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _span = span(Op::Link, ino.0);
+        let _span = enter!(self, Op::Link, ino.0, reply);
         match self.view.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
             Err(e) => reply.error(fail(Op::Link, ino.0, Some(newname), &e)),
@@ -493,7 +609,7 @@ impl Filesystem for FerryFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _span = span(Op::Open, ino.0);
+        let _span = enter!(self, Op::Open, ino.0, reply);
         let write = wants_write(flags.0);
         if write && !self.passthrough.old_readers_gone(ino.0) {
             reply.error(busy_with_old_readers(Op::Open, ino.0));
@@ -505,7 +621,7 @@ impl Filesystem for FerryFs {
         };
         match self
             .passthrough
-            .join(ino.0, &of, write, |f| reply.open_backing(f))
+            .join(ino.0, &of, write, |r| backing(&reply, r))
         {
             Ok(Some(id)) => {
                 // The daemon will not see this file's reads and writes: count the open as
@@ -537,7 +653,7 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        let _span = span(Op::Read, ino.0);
+        let _span = enter!(self, Op::Read, ino.0, reply);
         thread_local! {
             // One read buffer per FUSE worker thread, reused for every request.
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -560,7 +676,7 @@ impl Filesystem for FerryFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _span = span(Op::Write, ino.0);
+        let _span = enter!(self, Op::Write, ino.0, reply);
         match self.view.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail(Op::Write, ino.0, None, &e)),
@@ -575,7 +691,7 @@ impl Filesystem for FerryFs {
         _lo: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Flush, ino.0);
+        let _span = enter!(self, Op::Flush, ino.0, reply);
         reply.ok();
     }
 
@@ -589,7 +705,7 @@ impl Filesystem for FerryFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Release, ino.0);
+        let _span = enter!(self, Op::Release, ino.0, reply);
         self.view.release(fh.0);
         self.passthrough.release(ino.0);
         reply.ok();
@@ -603,7 +719,7 @@ impl Filesystem for FerryFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Fsync, ino.0);
+        let _span = enter!(self, Op::Fsync, ino.0, reply);
         match self.view.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(Op::Fsync, ino.0, None, &e)),
@@ -611,7 +727,7 @@ impl Filesystem for FerryFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _span = span(Op::Opendir, ino.0);
+        let _span = enter!(self, Op::Opendir, ino.0, reply);
         match self.view.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail(Op::Opendir, ino.0, None, &e)),
@@ -626,7 +742,7 @@ impl Filesystem for FerryFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _span = span(Op::Readdir, ino.0);
+        let _span = enter!(self, Op::Readdir, ino.0, reply);
         match self.view.readdir(fh.0, offset) {
             Ok(entries) => {
                 for (off, e) in entries {
@@ -648,7 +764,7 @@ impl Filesystem for FerryFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Releasedir, ino.0);
+        let _span = enter!(self, Op::Releasedir, ino.0, reply);
         self.view.releasedir(fh.0);
         reply.ok();
     }
@@ -661,7 +777,7 @@ impl Filesystem for FerryFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Fsyncdir, ino.0);
+        let _span = enter!(self, Op::Fsyncdir, ino.0, reply);
         match self.view.fsyncdir(ino.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(Op::Fsyncdir, ino.0, None, &e)),
@@ -669,7 +785,7 @@ impl Filesystem for FerryFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let _span = span(Op::Statfs, ino.0);
+        let _span = enter!(self, Op::Statfs, ino.0, reply);
         match self.view.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -695,7 +811,7 @@ impl Filesystem for FerryFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Setxattr, ino.0);
+        let _span = enter!(self, Op::Setxattr, ino.0, reply);
         match self.view.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(Op::Setxattr, ino.0, Some(name), &e)),
@@ -703,7 +819,7 @@ impl Filesystem for FerryFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _span = span(Op::Getxattr, ino.0);
+        let _span = enter!(self, Op::Getxattr, ino.0, reply);
         match self.view.getxattr(ino.0, name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -712,7 +828,7 @@ impl Filesystem for FerryFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _span = span(Op::Listxattr, ino.0);
+        let _span = enter!(self, Op::Listxattr, ino.0, reply);
         match self.view.listxattr(ino.0, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
@@ -721,7 +837,7 @@ impl Filesystem for FerryFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = span(Op::Removexattr, ino.0);
+        let _span = enter!(self, Op::Removexattr, ino.0, reply);
         match self.view.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(Op::Removexattr, ino.0, Some(name), &e)),
@@ -738,14 +854,14 @@ impl Filesystem for FerryFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _span = span(Op::Create, parent.0);
+        let _span = enter!(self, Op::Create, parent.0, reply);
         match self
             .view
             .create(parent.0, name, mode & !umask, flags, caller(req))
         {
             Ok((a, of)) => match self
                 .passthrough
-                .join(a.ino, &of, true, |f| reply.open_backing(f))
+                .join(a.ino, &of, true, |r| backing(&reply, r))
             {
                 Ok(Some(id)) => {
                     count_open(&of, true);
@@ -789,7 +905,7 @@ impl Filesystem for FerryFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _span = span(Op::Fallocate, ino.0);
+        let _span = enter!(self, Op::Fallocate, ino.0, reply);
         match self.view.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail(Op::Fallocate, ino.0, None, &e)),
@@ -805,7 +921,7 @@ impl Filesystem for FerryFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let _span = span(Op::Lseek, ino.0);
+        let _span = enter!(self, Op::Lseek, ino.0, reply);
         match self.view.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail(Op::Lseek, ino.0, None, &e)),
@@ -831,13 +947,14 @@ mod tests {
             wanted: mode,
             refused: [AtomicBool::new(false), AtomicBool::new(false)],
             inodes: Mutex::new(HashMap::new()),
+            dev: std::sync::OnceLock::new(),
         }
     }
 
     #[test]
     fn a_store_whose_files_the_kernel_refuses_is_served_through_the_daemon() {
         let pt = table(PassthroughMode::All);
-        let refuse = |_: &std::fs::File| -> std::io::Result<BackingId> {
+        let refuse = |_: Register<'_>| -> std::io::Result<(BackingId, u32)> {
             Err(std::io::Error::from_raw_os_error(libc::ELOOP))
         };
         assert!(matches!(
@@ -846,7 +963,8 @@ mod tests {
         ));
         assert!(pt.refused[1].load(Ordering::Relaxed));
         // Not asked again for that store; OLD's files are still tried.
-        let never = |_: &std::fs::File| -> std::io::Result<BackingId> { panic!("asked again") };
+        let never =
+            |_: Register<'_>| -> std::io::Result<(BackingId, u32)> { panic!("asked again") };
         assert!(matches!(
             pt.join(6, &open_file(true), false, never),
             Ok(None)
@@ -869,7 +987,7 @@ mod tests {
 
     #[test]
     fn mode_new_never_passes_old_files_through_and_off_nothing() {
-        let never = |_: &std::fs::File| -> std::io::Result<BackingId> { panic!("registered") };
+        let never = |_: Register<'_>| -> std::io::Result<(BackingId, u32)> { panic!("registered") };
         let pt = table(PassthroughMode::New);
         assert!(matches!(
             pt.join(5, &open_file(false), false, never),

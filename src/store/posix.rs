@@ -51,6 +51,12 @@ impl PosixStore {
         &self.path
     }
 
+    /// A store whose root is already open (handed over by a previous daemon: with the view
+    /// mounted in place, `path` is the view itself now).
+    pub fn from_root(root: OwnedFd, path: PathBuf) -> PosixStore {
+        PosixStore { root, path }
+    }
+
     pub fn root(&self) -> BorrowedFd<'_> {
         self.root.as_fd()
     }
