@@ -507,16 +507,28 @@ impl Taken {
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut killed = false;
         loop {
             // SAFETY: one pollfd, valid for the call.
             let n = unsafe { libc::poll(&mut pfd, 1, EXIT_LIMIT.as_millis() as i32) };
             match n {
                 n if n > 0 => return Ok(()),
+                0 if !killed => {
+                    // It said yes to "taken" and serves nothing any more (its requests are
+                    // parked); the mount is ours: end it.
+                    tracing::warn!(
+                        pid = self.handed.pid,
+                        "the old daemon did not exit within {} s; killing it",
+                        EXIT_LIMIT.as_secs()
+                    );
+                    rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL)
+                        .map_err(|e| format!("killing the old daemon: {e}"))?;
+                    killed = true;
+                }
                 0 => {
                     return Err(format!(
-                        "the old daemon (pid {}) did not exit within {} s",
-                        self.handed.pid,
-                        EXIT_LIMIT.as_secs()
+                        "the old daemon (pid {}) did not exit, even after SIGKILL",
+                        self.handed.pid
                     ));
                 }
                 _ => {
