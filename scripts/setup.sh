@@ -32,6 +32,7 @@ declare -A WHY=(
     [bindfs]="reference FUSE file system for comparison tests"
     [fio]="I/O benchmarks"
     [rsync]="tree copies/comparisons in tests and benchmarks"
+    [rclone]="another S3 client: interop tests and the S3 benchmark peer (issue 6)"
     [python3]="helper scripts"
     [mergerfs]="benchmark peer (bench/run.sh)"
     [fuse-overlayfs]="benchmark peer (bench/run.sh)"
@@ -39,7 +40,7 @@ declare -A WHY=(
     [systemd]="systemd-analyze, which checks packaging/systemd's unit (tests/packaging.rs)"
     [kubernetes-client]="kubectl kustomize, which renders packaging/container/kubernetes (tests/packaging.rs)"
 )
-PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client)
+PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync rclone python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -105,9 +106,9 @@ fi
 # Conformance suites from crates.io (issue 4): pjdfstest and fsx, pinned, installed once into
 # $FERRYFS_TOOLS (about 70 s cold on 2 cores) and reused afterwards.
 install_tool() {
-    local name="$1" version="$2"
+    local name="$1" version="$2" says="${3:- $2\$}"
     local bin="$FERRYFS_TOOLS_BIN/$name"
-    if [[ -x "$bin" ]] && "$bin" --version 2>/dev/null | grep -q " $version\$"; then
+    if [[ -x "$bin" ]] && "$bin" --version 2>/dev/null | grep -q -- "$says"; then
         log "$name $version: present ($bin)"
         return 0
     fi
@@ -118,6 +119,9 @@ install_tool() {
 }
 install_tool pjdfstest 0.2.2
 install_tool fsx 0.3.2
+# Garage, the S3-compatible server the S3 tests start on 127.0.0.1 (issue 6; ../shared/s3):
+# about 7.5 minutes cold on 2 cores, then reused. It prints "garage cargo:2.5.0 [...]".
+install_tool garage 2.5.0 "cargo:2.5.0 "
 
 # pjdfstest switches to these dummy users (its README's set-up for Debian).
 if ! getent passwd tests >/dev/null || ! getent passwd pjdfstest >/dev/null; then

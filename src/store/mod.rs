@@ -5,6 +5,7 @@
 //! reaches a store only through the handles that module hands out.
 
 pub mod posix;
+pub mod s3;
 
 use std::fmt;
 use std::path::PathBuf;

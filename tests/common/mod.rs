@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub mod garage;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferryfs");
 
 /// Fail loudly, naming what is missing, when the machine cannot run FUSE tests.

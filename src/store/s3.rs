@@ -1,0 +1,868 @@
+//! S3 stores: `s3://bucket[/prefix][?endpoint=URL&region=R&profile=P&path_style=true|false]`.
+//!
+//! The URL carries only non-secret settings. Credentials come from AWS's standard chain: the
+//! named profile (`profile=`, in ~/.aws/credentials and ~/.aws/config), else the environment
+//! (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), else the instance or pod
+//! role; they never reach argv, a log line or the journal. The endpoint comes from the URL,
+//! else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or the profile's endpoint_url); path-style
+//! addressing is chosen for an endpoint that is an IP address or localhost, unless the URL
+//! says otherwise.
+//!
+//! Objects are files and common prefixes (and `key/` marker objects) are directories. POSIX
+//! metadata is read from the s3fs convention (`x-amz-meta-mode`, `-uid`, `-gid`, `-mtime`) and
+//! rclone's (`x-amz-meta-mtime`, fractional seconds), else the store's defaults. The calls are
+//! blocking: each runs on the store's own Tokio runtime, so the view's and the copier's plain
+//! threads can use them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use serde::{Deserialize, Serialize};
+
+/// A parsed `s3://` store URL. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Key prefix of the store's root: empty, or ending in `/`.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub path_style: Option<bool>,
+}
+
+/// Query settings a store URL may carry; anything else (a secret above all) is refused.
+const SETTINGS: &[&str] = &["endpoint", "region", "profile", "path_style"];
+
+fn percent_decode(s: &str) -> std::result::Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let h = std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad percent escape in {s:?}"))?;
+                out.push(h);
+                i += 3;
+            }
+            b'%' => return Err(format!("bad percent escape in {s:?}")),
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+impl S3Url {
+    pub fn parse(arg: &str) -> std::result::Result<S3Url, String> {
+        let rest = arg
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{arg}: an S3 store is s3://bucket[/prefix]"))?;
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let (bucket, prefix) = match path.split_once('/') {
+            Some((b, p)) => (b, p),
+            None => (path, ""),
+        };
+        if bucket.len() < 3
+            || bucket.len() > 63
+            || !bucket
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        {
+            return Err(format!(
+                "{arg}: {bucket:?} is not a bucket name (3 to 63 of a-z, 0-9, '-', '.')"
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+            return Err(format!("{arg}: the prefix may not hold '.', '..' or '//'"));
+        }
+        let mut url = S3Url {
+            bucket: bucket.to_string(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            endpoint: None,
+            region: None,
+            profile: None,
+            path_style: None,
+        };
+        for kv in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|s| !s.is_empty())
+        {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let v = percent_decode(v)?;
+            match k {
+                "endpoint" => {
+                    if !(v.starts_with("http://") || v.starts_with("https://")) {
+                        return Err(format!(
+                            "{arg}: endpoint must be an http:// or https:// URL"
+                        ));
+                    }
+                    url.endpoint = Some(v.trim_end_matches('/').to_string());
+                }
+                "region" => url.region = Some(v),
+                "profile" => url.profile = Some(v),
+                "path_style" => {
+                    url.path_style = Some(match v.as_str() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(format!("{arg}: path_style must be true or false")),
+                    })
+                }
+                _ if k.contains("secret") || k.contains("key") || k.contains("token") => {
+                    return Err(format!(
+                        "{arg}: credentials never go in a store URL (it is recorded in the journal \
+                         and shown in status); use a profile or AWS_ACCESS_KEY_ID / \
+                         AWS_SECRET_ACCESS_KEY"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "{arg}: unknown setting {k:?} (known: {})",
+                        SETTINGS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(url)
+    }
+
+    /// The full key of `rel` (a path below the store's root, no leading '/').
+    pub fn key(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+}
+
+impl fmt::Display for S3Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix.trim_end_matches('/'))?;
+        }
+        let mut sep = '?';
+        let mut put = |f: &mut fmt::Formatter<'_>, k: &str, v: &str| {
+            let r = write!(f, "{sep}{k}={v}");
+            sep = '&';
+            r
+        };
+        if let Some(e) = &self.endpoint {
+            put(f, "endpoint", e)?;
+        }
+        if let Some(r) = &self.region {
+            put(f, "region", r)?;
+        }
+        if let Some(p) = &self.profile {
+            put(f, "profile", p)?;
+        }
+        if let Some(p) = self.path_style {
+            put(f, "path_style", if p { "true" } else { "false" })?;
+        }
+        Ok(())
+    }
+}
+
+/// Path-style addressing for an endpoint that is an IP address or localhost (virtual-hosted
+/// names cannot resolve there).
+pub fn wants_path_style(endpoint: &str) -> bool {
+    let host = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, r)| r)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = if let Some(h) = host.strip_prefix('[') {
+        // [v6]:port
+        return h
+            .split(']')
+            .next()
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+/// An S3 error, with the errno the view reports for it.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {msg}")]
+pub struct S3Error {
+    pub what: String,
+    pub msg: String,
+    pub errno: i32,
+}
+
+impl S3Error {
+    fn new(what: impl Into<String>, errno: i32, msg: impl Into<String>) -> S3Error {
+        S3Error {
+            what: what.into(),
+            msg: msg.into(),
+            errno,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, S3Error>;
+
+/// Map an SDK error to an errno: not found, access, precondition (the object changed), else
+/// EIO. The message is the SDK's, which names the code and never a credential.
+fn sdk_err<E>(
+    what: &str,
+    e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> S3Error
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    use aws_sdk_s3::error::SdkError;
+    let (code, status) = match &e {
+        SdkError::ServiceError(s) => (
+            s.err().code().map(str::to_string),
+            Some(s.raw().status().as_u16()),
+        ),
+        SdkError::ResponseError(r) => (None, Some(r.raw().status().as_u16())),
+        _ => (None, None),
+    };
+    let errno = match (code.as_deref(), status) {
+        (Some("NoSuchKey" | "NotFound" | "NoSuchBucket"), _) | (_, Some(404)) => libc::ENOENT,
+        (Some("AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch"), _)
+        | (_, Some(403)) => libc::EACCES,
+        (Some("PreconditionFailed"), _) | (_, Some(412)) => libc::ESTALE,
+        (Some("InvalidRange"), _) | (_, Some(416)) => libc::ERANGE,
+        _ => libc::EIO,
+    };
+    let msg = match &e {
+        SdkError::ServiceError(s) => format!(
+            "{} ({}, HTTP {})",
+            s.err().message().unwrap_or("no message"),
+            code.as_deref().unwrap_or("no code"),
+            status.unwrap_or(0)
+        ),
+        other => format!("{}", aws_sdk_s3::error::DisplayErrorContext(other)),
+    };
+    // No request was made: the credentials could not be loaded (a missing profile).
+    let errno = if errno == libc::EIO
+        && matches!(
+            e,
+            SdkError::ConstructionFailure(_) | SdkError::DispatchFailure(_)
+        )
+        && msg.to_ascii_lowercase().contains("credential")
+    {
+        libc::EACCES
+    } else {
+        errno
+    };
+    S3Error::new(what, errno, msg)
+}
+
+/// POSIX attributes taken from an object's user metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PosixMeta {
+    /// Permission bits and, when the writer recorded it (s3fs), the file type.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// (seconds, nanoseconds).
+    pub mtime: Option<(i64, u32)>,
+}
+
+/// Parse "1700000000", "1700000000.123456789" or "1700000000.5" into (secs, nanos), exactly.
+pub fn parse_time(s: &str) -> Option<(i64, u32)> {
+    let s = s.trim();
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = whole.parse().ok()?;
+    if frac.is_empty() {
+        return Some((secs, 0));
+    }
+    if !frac.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    Some((secs, digits.parse().ok()?))
+}
+
+/// Format (secs, nanos) as rclone and s3fs read it back: integer seconds, or with a fraction.
+pub fn format_time((secs, nanos): (i64, u32)) -> String {
+    if nanos == 0 {
+        secs.to_string()
+    } else {
+        format!("{secs}.{nanos:09}")
+    }
+}
+
+impl PosixMeta {
+    pub fn from_metadata(m: &HashMap<String, String>) -> PosixMeta {
+        let get = |k: &str| m.get(k).map(|v| v.trim());
+        PosixMeta {
+            // s3fs writes the full st_mode in decimal; some writers use octal with a leading 0.
+            mode: get("mode").and_then(|v| {
+                if v.len() > 1 && v.starts_with('0') {
+                    u32::from_str_radix(v, 8).ok()
+                } else {
+                    v.parse().ok()
+                }
+            }),
+            uid: get("uid").and_then(|v| v.parse().ok()),
+            gid: get("gid").and_then(|v| v.parse().ok()),
+            mtime: get("mtime").and_then(parse_time),
+        }
+    }
+
+    /// The user metadata that records these attributes (s3fs's and rclone's conventions).
+    pub fn to_metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        if let Some(v) = self.mode {
+            m.insert("mode".into(), v.to_string());
+        }
+        if let Some(v) = self.uid {
+            m.insert("uid".into(), v.to_string());
+        }
+        if let Some(v) = self.gid {
+            m.insert("gid".into(), v.to_string());
+        }
+        if let Some(t) = self.mtime {
+            m.insert("mtime".into(), format_time(t));
+        }
+        m
+    }
+}
+
+/// One object as listed or headed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The key below the store's prefix.
+    pub rel: String,
+    pub size: u64,
+    pub etag: String,
+    /// LastModified: (seconds, nanoseconds).
+    pub last_modified: (i64, u32),
+    /// User metadata, when known (HEAD gives it; LIST does not).
+    pub meta: Option<PosixMeta>,
+}
+
+/// One name in a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    Object(ObjectInfo),
+    /// A common prefix (or a `name/` marker object): a directory.
+    Dir(String),
+}
+
+/// Request counters, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub gets: AtomicU64,
+    pub get_bytes: AtomicU64,
+    pub heads: AtomicU64,
+    pub lists: AtomicU64,
+    pub puts: AtomicU64,
+}
+
+/// A connected S3 store.
+pub struct S3Store {
+    pub url: S3Url,
+    rt: Arc<tokio::runtime::Runtime>,
+    client: Client,
+    pub counters: Counters,
+}
+
+fn time_of(t: Option<&aws_sdk_s3::primitives::DateTime>) -> (i64, u32) {
+    t.map_or((0, 0), |t| (t.secs(), t.subsec_nanos()))
+}
+
+impl S3Store {
+    /// Build a client for `url` with the standard credential chain. Makes no request.
+    pub fn connect(url: &S3Url) -> Result<S3Store> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("s3")
+            .enable_all()
+            .build()
+            .map_err(|e| S3Error::new("starting the S3 runtime", libc::EIO, e.to_string()))?;
+        let conf = rt.block_on(async {
+            let mut l = aws_config::defaults(aws_config::BehaviorVersion::latest());
+            if let Some(p) = &url.profile {
+                // The named profile's own keys, even when AWS_ACCESS_KEY_ID is set (it may be
+                // the other store's): OLD and NEW can use different credentials.
+                l = l.profile_name(p).credentials_provider(
+                    aws_config::profile::ProfileFileCredentialsProvider::builder()
+                        .profile_name(p)
+                        .build(),
+                );
+            }
+            if let Some(r) = &url.region {
+                l = l.region(aws_config::Region::new(r.clone()));
+            }
+            if let Some(e) = &url.endpoint {
+                l = l.endpoint_url(e);
+            }
+            l.load().await
+        });
+        let endpoint = conf.endpoint_url().map(str::to_string);
+        let path_style = url
+            .path_style
+            .unwrap_or_else(|| endpoint.as_deref().is_some_and(wants_path_style));
+        let mut b = aws_sdk_s3::config::Builder::from(&conf).force_path_style(path_style);
+        if conf.region().is_none() {
+            // A local S3-compatible server may not care; AWS's own default region does.
+            b = b.region(aws_config::Region::new("us-east-1"));
+        }
+        if conf.credentials_provider().is_none() {
+            return Err(S3Error::new(
+                format!("{}", url),
+                libc::EACCES,
+                "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or name a profile (profile=)",
+            ));
+        }
+        Ok(S3Store {
+            url: url.clone(),
+            rt: Arc::new(rt),
+            client: Client::from_conf(b.build()),
+            counters: Counters::default(),
+        })
+    }
+
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// HEAD of `rel`: `None` when there is no such object.
+    pub fn head(&self, rel: &str) -> Result<Option<ObjectInfo>> {
+        self.counters.heads.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let r = self.block(
+            self.client
+                .head_object()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .send(),
+        );
+        match r {
+            Ok(o) => Ok(Some(ObjectInfo {
+                rel: rel.to_string(),
+                size: o.content_length().unwrap_or(0).max(0) as u64,
+                etag: o.e_tag().unwrap_or_default().to_string(),
+                last_modified: time_of(o.last_modified()),
+                meta: Some(
+                    o.metadata()
+                        .map(PosixMeta::from_metadata)
+                        .unwrap_or_default(),
+                ),
+            })),
+            Err(e) => {
+                let e = sdk_err(&format!("HEAD {key}"), e);
+                if e.errno == libc::ENOENT {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// The names directly below directory `rel_dir` (empty: the root; else ending in '/'),
+    /// sorted by name. A `name/` marker object and a common prefix `name/` are one directory.
+    pub fn list_dir(&self, rel_dir: &str) -> Result<Vec<Listed>> {
+        let prefix = self.url.key(rel_dir);
+        let mut out: Vec<Listed> = Vec::new();
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.counters.lists.fetch_add(1, Ordering::Relaxed);
+            let r = self
+                .block(
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.url.bucket)
+                        .prefix(&prefix)
+                        .delimiter("/")
+                        .set_continuation_token(token.take())
+                        .send(),
+                )
+                .map_err(|e| sdk_err(&format!("LIST {prefix}"), e))?;
+            for o in r.contents() {
+                let Some(key) = o.key() else { continue };
+                let Some(name) = key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if name.is_empty() {
+                    continue; // the directory's own marker
+                }
+                if let Some(d) = name.strip_suffix('/') {
+                    dirs.insert(d.to_string());
+                    continue;
+                }
+                out.push(Listed::Object(ObjectInfo {
+                    rel: format!("{rel_dir}{name}"),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().to_string(),
+                    last_modified: time_of(o.last_modified()),
+                    meta: None,
+                }));
+            }
+            for p in r.common_prefixes() {
+                if let Some(d) = p
+                    .prefix()
+                    .and_then(|k| k.strip_prefix(&prefix))
+                    .and_then(|n| n.strip_suffix('/'))
+                    .filter(|n| !n.is_empty())
+                {
+                    dirs.insert(d.to_string());
+                }
+            }
+            match r.next_continuation_token() {
+                Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        // A name that is both an object and a prefix shows as the directory (the object is
+        // unreachable through a POSIX view; `prepare` reports such names).
+        out.retain(|l| match l {
+            Listed::Object(o) => !dirs.contains(o.rel.rsplit('/').next().unwrap_or("")),
+            Listed::Dir(_) => true,
+        });
+        out.extend(
+            dirs.into_iter()
+                .map(|d| Listed::Dir(format!("{rel_dir}{d}"))),
+        );
+        out.sort_by(|a, b| name_of(a).cmp(name_of(b)));
+        Ok(out)
+    }
+
+    /// Bytes [off, off+len) of `rel`, as long as its ETag is still `etag` (ESTALE if the
+    /// object was replaced meanwhile). Short at the object's end.
+    pub fn get_range(&self, rel: &str, etag: &str, off: u64, len: u64) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let what = format!("GET {key} bytes {off}+{len}");
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(&key)
+            .range(format!("bytes={off}-{}", off + len - 1));
+        if !etag.is_empty() {
+            req = req.if_match(etag);
+        }
+        let data = self.block(async {
+            let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+            o.body
+                .collect()
+                .await
+                .map(|b| b.into_bytes().to_vec())
+                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))
+        });
+        match data {
+            Ok(d) => {
+                self.counters
+                    .get_bytes
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                Ok(d)
+            }
+            // A range starting at the end of the object.
+            Err(e) if e.errno == libc::ERANGE => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// PUT `rel` with `data` and POSIX metadata, in one request.
+    pub fn put(&self, rel: &str, data: Vec<u8>, meta: &PosixMeta) -> Result<ObjectInfo> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let size = data.len() as u64;
+        let o = self
+            .block(
+                self.client
+                    .put_object()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .body(ByteStream::from(data))
+                    .set_metadata(Some(meta.to_metadata()))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&format!("PUT {key}"), e))?;
+        Ok(ObjectInfo {
+            rel: rel.to_string(),
+            size,
+            etag: o.e_tag().unwrap_or_default().to_string(),
+            last_modified: (0, 0),
+            meta: Some(*meta),
+        })
+    }
+
+    pub fn delete(&self, rel: &str) -> Result<()> {
+        let key = self.url.key(rel);
+        self.block(
+            self.client
+                .delete_object()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .send(),
+        )
+        .map_err(|e| sdk_err(&format!("DELETE {key}"), e))?;
+        Ok(())
+    }
+
+    /// Create the bucket (tests, and a NEW bucket that does not exist yet).
+    pub fn create_bucket(&self) -> Result<()> {
+        self.block(self.client.create_bucket().bucket(&self.url.bucket).send())
+            .map_err(|e| sdk_err(&format!("CREATE BUCKET {}", self.url.bucket), e))?;
+        Ok(())
+    }
+}
+
+fn name_of(l: &Listed) -> &str {
+    let rel = match l {
+        Listed::Object(o) => &o.rel,
+        Listed::Dir(d) => d,
+    };
+    rel.rsplit('/').next().unwrap_or(rel)
+}
+
+/// Reads one object by ranges: sequential reads are served from a window that is fetched
+/// ahead (one GET of `chunk` bytes at a time, the next one started as soon as the reader
+/// enters the current one), random reads by one GET each. Memory: at most two chunks per open
+/// object. Every GET is conditional on the ETag seen at open: an object replaced meanwhile
+/// fails with ESTALE instead of mixing two versions.
+pub struct ObjectReader {
+    store: Arc<S3Store>,
+    pub info: ObjectInfo,
+    chunk: u64,
+    state: std::sync::Mutex<Window>,
+}
+
+#[derive(Default)]
+struct Window {
+    /// Bytes at `start`.
+    start: u64,
+    data: Vec<u8>,
+    /// The next chunk, being fetched (or fetched) in the background.
+    ahead: Option<(u64, tokio::task::JoinHandle<Result<Vec<u8>>>)>,
+    /// Where the last read ended: a read starting there is sequential.
+    next: u64,
+}
+
+impl ObjectReader {
+    pub fn new(store: Arc<S3Store>, info: ObjectInfo, chunk: u64) -> ObjectReader {
+        ObjectReader {
+            store,
+            info,
+            chunk: chunk.max(64 << 10),
+            state: Default::default(),
+        }
+    }
+
+    fn spawn_fetch(&self, off: u64) -> tokio::task::JoinHandle<Result<Vec<u8>>> {
+        let store = self.store.clone();
+        let (rel, etag) = (self.info.rel.clone(), self.info.etag.clone());
+        let len = self.chunk.min(self.info.size.saturating_sub(off));
+        self.store
+            .rt
+            .spawn_blocking(move || store.get_range(&rel, &etag, off, len))
+    }
+
+    /// Read up to `len` bytes at `off` (short only at the end of the object).
+    pub fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        let size = self.info.size;
+        if off >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (off + len as u64).min(size);
+        let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let sequential = off == w.next && off != 0 || (off == 0 && w.data.is_empty());
+        let mut out = Vec::with_capacity((end - off) as usize);
+        let mut pos = off;
+        while pos < end {
+            let in_window = pos >= w.start && pos < w.start + w.data.len() as u64;
+            if !in_window {
+                // Take the chunk fetched ahead if it starts here, else fetch (sequential) or
+                // read just this range (random).
+                let ahead = match w.ahead.take() {
+                    Some((at, h)) if at == pos => Some(h),
+                    Some((_, h)) => {
+                        h.abort();
+                        None
+                    }
+                    None => None,
+                };
+                let data = match ahead {
+                    Some(h) => self
+                        .store
+                        .block(h)
+                        .map_err(|e| S3Error::new("readahead", libc::EIO, e.to_string()))??,
+                    None if sequential => {
+                        let len = self.chunk.min(size - pos);
+                        self.store
+                            .get_range(&self.info.rel, &self.info.etag, pos, len)?
+                    }
+                    None => {
+                        let d = self.store.get_range(
+                            &self.info.rel,
+                            &self.info.etag,
+                            pos,
+                            end - pos,
+                        )?;
+                        if d.is_empty() {
+                            break;
+                        }
+                        pos += d.len() as u64;
+                        out.extend_from_slice(&d);
+                        continue;
+                    }
+                };
+                if data.is_empty() {
+                    break;
+                }
+                w.start = pos;
+                w.data = data;
+            }
+            let from = (pos - w.start) as usize;
+            let to = ((end - w.start) as usize).min(w.data.len());
+            out.extend_from_slice(&w.data[from..to]);
+            pos += (to - from) as u64;
+            if sequential && w.ahead.is_none() {
+                let next = w.start + w.data.len() as u64;
+                if next < size {
+                    let h = self.spawn_fetch(next);
+                    w.ahead = Some((next, h));
+                }
+            }
+        }
+        w.next = pos;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_with_settings_and_refuses_secrets() {
+        let u = S3Url::parse(
+            "s3://bkt/some/prefix/?endpoint=http%3A%2F%2F127.0.0.1%3A3900&region=garage&profile=old&path_style=true",
+        )
+        .unwrap();
+        assert_eq!(u.bucket, "bkt");
+        assert_eq!(u.prefix, "some/prefix/");
+        assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(u.region.as_deref(), Some("garage"));
+        assert_eq!(u.profile.as_deref(), Some("old"));
+        assert_eq!(u.path_style, Some(true));
+        assert_eq!(u.key("a/b"), "some/prefix/a/b");
+        assert_eq!(
+            u.to_string(),
+            "s3://bkt/some/prefix?endpoint=http://127.0.0.1:3900&region=garage&profile=old&path_style=true"
+        );
+        assert_eq!(S3Url::parse(&u.to_string()).unwrap(), u);
+        let plain = S3Url::parse("s3://bkt").unwrap();
+        assert_eq!((plain.prefix.as_str(), plain.endpoint.clone()), ("", None));
+        assert_eq!(plain.to_string(), "s3://bkt");
+        for bad in [
+            "s3://bkt?secret_access_key=x",
+            "s3://bkt?access_key_id=x",
+            "s3://bkt?session_token=x",
+        ] {
+            assert!(
+                S3Url::parse(bad).unwrap_err().contains("credentials never"),
+                "{bad}"
+            );
+        }
+        assert!(
+            S3Url::parse("s3://bkt?colour=red")
+                .unwrap_err()
+                .contains("unknown setting")
+        );
+        assert!(
+            S3Url::parse("s3://B_d")
+                .unwrap_err()
+                .contains("bucket name")
+        );
+        assert!(S3Url::parse("s3://bkt/a/../b").unwrap_err().contains(".."));
+        assert!(
+            S3Url::parse("s3://bkt?endpoint=127.0.0.1")
+                .unwrap_err()
+                .contains("http")
+        );
+    }
+
+    #[test]
+    fn path_style_is_chosen_for_ip_and_localhost_endpoints() {
+        for (e, want) in [
+            ("http://127.0.0.1:3900", true),
+            ("http://localhost:9000", true),
+            ("http://s3.garage.localhost:3900", true),
+            ("http://[::1]:3900", true),
+            ("https://10.0.0.5", true),
+            ("https://s3.eu-west-1.amazonaws.com", false),
+            ("https://minio.example.com:9000", false),
+        ] {
+            assert_eq!(wants_path_style(e), want, "{e}");
+        }
+    }
+
+    #[test]
+    fn times_and_posix_metadata_round_trip_in_s3fs_and_rclone_forms() {
+        assert_eq!(parse_time("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(
+            parse_time("1700000000.5"),
+            Some((1_700_000_000, 500_000_000))
+        );
+        assert_eq!(
+            parse_time("1700000000.123456789"),
+            Some((1_700_000_000, 123_456_789))
+        );
+        assert_eq!(
+            parse_time("1700000000.1234567891"),
+            Some((1_700_000_000, 123_456_789))
+        );
+        assert_eq!(parse_time("soon"), None);
+        assert_eq!(format_time((5, 0)), "5");
+        assert_eq!(format_time((5, 7)), "5.000000007");
+        let m: HashMap<String, String> = [
+            ("mode", "33188"), // s3fs: S_IFREG | 0644, decimal
+            ("uid", "1000"),
+            ("gid", "100"),
+            ("mtime", "1600000000.25"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let p = PosixMeta::from_metadata(&m);
+        assert_eq!(p.mode, Some(0o100644));
+        assert_eq!((p.uid, p.gid), (Some(1000), Some(100)));
+        assert_eq!(p.mtime, Some((1_600_000_000, 250_000_000)));
+        assert_eq!(PosixMeta::from_metadata(&p.to_metadata()), p);
+        let octal: HashMap<String, String> = [("mode".to_string(), "0755".to_string())]
+            .into_iter()
+            .collect();
+        assert_eq!(PosixMeta::from_metadata(&octal).mode, Some(0o755));
+        assert_eq!(
+            PosixMeta::from_metadata(&HashMap::new()),
+            PosixMeta::default()
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! A real S3 server for the tests: a single-node Garage (tests/s3/garage.toml, from
+//! ../shared/s3) started on free loopback ports in a scratch directory, with one access key
+//! allowed to create buckets. Stopped when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+pub struct Garage {
+    child: Child,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    pub endpoint: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+/// The Garage binary scripts/setup.sh installs (or one on PATH).
+pub fn garage_bin() -> PathBuf {
+    let tools = std::env::var_os("FERRYFS_TOOLS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root/.cache/ferryfs/tools/bin"));
+    let bin = tools.join("garage");
+    if bin.exists() {
+        return bin;
+    }
+    if let Ok(out) = Command::new("which").arg("garage").output()
+        && out.status.success()
+    {
+        return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    }
+    panic!(
+        "garage not found at {} nor on PATH: these tests talk S3 to a real Garage server \
+         (scripts/setup.sh installs Garage 2.5.0)",
+        bin.display()
+    );
+}
+
+impl Garage {
+    pub fn start() -> Garage {
+        let bin = garage_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("ferryfs-garage-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let template = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/s3/garage.toml"),
+        )
+        .unwrap();
+        let config = dir.path().join("garage.toml");
+        std::fs::write(
+            &config,
+            template
+                .replace("@DIR@", dir.path().to_str().unwrap())
+                .replace("@S3@", &s3.to_string())
+                .replace("@RPC@", &rpc.to_string())
+                .replace("@ADMIN@", &admin.to_string()),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut g = Garage {
+            child,
+            config,
+            dir,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        // Ready when the node answers its own id.
+        let t = Instant::now();
+        let node = loop {
+            let out = g.cli(&["node", "id", "-q"]);
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .split('@')
+                    .next()
+                    .unwrap()
+                    .to_string();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "garage did not start: {}",
+                std::fs::read_to_string(g.dir.path().join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        g.ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+        g.ok(&["layout", "apply", "--version", "1"]);
+        let key = g.ok(&["key", "create", "test-key"]);
+        let field = |name: &str| {
+            key.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {name} in garage's key output: {key}"))
+        };
+        g.key_id = field("Key ID:");
+        g.secret = field("Secret key:");
+        g.ok(&["key", "allow", "--create-bucket", "test-key"]);
+        g
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(garage_bin())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "garage {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A new bucket the test key owns.
+    pub fn bucket(&self, name: &str) {
+        self.ok(&["bucket", "create", name]);
+        self.ok(&[
+            "bucket", "allow", "--read", "--write", "--owner", name, "--key", "test-key",
+        ]);
+    }
+
+    /// AWS's standard variables for this server: with only these set, `s3://bucket` works.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", self.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_REGION", "garage".into()),
+        ]
+    }
+
+    /// rclone's settings for this server, as environment variables of a remote named `g`
+    /// (Debian's rclone refuses to start with AWS_CA_BUNDLE set: unset it).
+    pub fn rclone(&self) -> Command {
+        let mut c = Command::new("rclone");
+        c.env_remove("AWS_CA_BUNDLE")
+            .env("RCLONE_CONFIG_G_TYPE", "s3")
+            .env("RCLONE_CONFIG_G_PROVIDER", "Other")
+            .env("RCLONE_CONFIG_G_ENDPOINT", &self.endpoint)
+            .env("RCLONE_CONFIG_G_ACCESS_KEY_ID", &self.key_id)
+            .env("RCLONE_CONFIG_G_SECRET_ACCESS_KEY", &self.secret)
+            .env("RCLONE_CONFIG_G_REGION", "garage")
+            .env("RCLONE_CONFIG_G_FORCE_PATH_STYLE", "true");
+        c
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
