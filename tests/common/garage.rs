@@ -40,6 +40,19 @@ pub fn garage_bin() -> PathBuf {
 
 impl Garage {
     pub fn start() -> Garage {
+        // Free ports are picked, then bound by the server: another test process may take one
+        // in between. A server that dies at start is tried again on other ports.
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Garage::try_start() {
+                Ok(g) => return g,
+                Err(e) => last = e,
+            }
+        }
+        panic!("garage did not start: {last}");
+    }
+
+    fn try_start() -> Result<Garage, String> {
         let bin = garage_bin();
         let dir = tempfile::Builder::new()
             .prefix("ferryfs-garage-")
@@ -79,25 +92,27 @@ impl Garage {
             key_id: String::new(),
             secret: String::new(),
         };
-        // Ready when the node answers its own id.
-        let t = Instant::now();
-        let node = loop {
-            let out = g.cli(&["node", "id", "-q"]);
-            if out.status.success() {
-                break String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .split('@')
-                    .next()
-                    .unwrap()
-                    .to_string();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "garage did not start: {}",
-                std::fs::read_to_string(g.dir.path().join("server.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let server_log = |g: &Garage| {
+            std::fs::read_to_string(g.dir.path().join("server.log")).unwrap_or_default()
         };
+        // Ready when the node answers over RPC (`status`), and its S3 port takes connections.
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(st)) = g.child.try_wait() {
+                return Err(format!("the server exited ({st}): {}", server_log(&g)));
+            }
+            if g.cli(&["status"]).status.success()
+                && std::net::TcpStream::connect(("127.0.0.1", s3)).is_ok()
+            {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(20) {
+                return Err(format!("no answer within 20 s: {}", server_log(&g)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = g.ok(&["node", "id", "-q"]);
+        let node = out.trim().split('@').next().unwrap().to_string();
         g.ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
         g.ok(&["layout", "apply", "--version", "1"]);
         let key = g.ok(&["key", "create", "test-key"]);
@@ -110,7 +125,7 @@ impl Garage {
         g.key_id = field("Key ID:");
         g.secret = field("Secret key:");
         g.ok(&["key", "allow", "--create-bucket", "test-key"]);
-        g
+        Ok(g)
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
