@@ -39,6 +39,8 @@ pub struct MountArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Take the live mount over from the daemon serving it (restart without unmount).
     pub takeover: bool,
+    /// Whether listings carry attributes.
+    pub readdirplus: crate::fuse::ReaddirPlus,
 }
 
 /// A migration's view opened in this process, with the stores it serves.
@@ -377,7 +379,8 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     if paused {
         copier.pause();
     }
-    let fs = FerryFs::new(view.clone(), args.passthrough, args.metadata_ttl);
+    let fs = FerryFs::new(view.clone(), args.passthrough, args.metadata_ttl)
+        .with_readdirplus(args.readdirplus);
     let parts = fs.handover_parts();
     let (mut opts, mut acl) = mount_options(&args.options);
     if let Some(t) = taken.as_mut() {

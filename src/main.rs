@@ -99,6 +99,13 @@ enum Cmd {
         /// anything fails before the old daemon lets go, it keeps serving. Linux 6.9 or later.
         #[arg(long)]
         takeover: bool,
+        /// Whether directory listings carry each entry's attributes: `always` (a stat after a
+        /// listing costs no request: ls -l, find -printf, rsync, du; a listing nobody stats
+        /// costs the daemon a lookup per entry), `auto` (the kernel's heuristic: attributes
+        /// for a directory's first chunk, then only while lookups follow), `off`. A takeover
+        /// keeps the first daemon's choice (it is negotiated at mount).
+        #[arg(long, value_enum, default_value_t = ferryfs::fuse::ReaddirPlus::Always)]
+        readdirplus: ferryfs::fuse::ReaddirPlus,
     },
     /// Show the migration's phase and progress.
     Status {
@@ -286,10 +293,12 @@ fn run() -> Result<(), String> {
             threads,
             metrics_addr,
             takeover,
+            readdirplus,
         } => {
             let args = MountArgs {
                 metrics_addr,
                 takeover,
+                readdirplus,
                 state,
                 mountpoint,
                 options,

@@ -128,6 +128,7 @@ fuse_ops! {
     Fsync => "fsync",
     Opendir => "opendir",
     Readdir => "readdir",
+    Readdirplus => "readdirplus",
     Releasedir => "releasedir",
     Fsyncdir => "fsyncdir",
     Statfs => "statfs",
@@ -356,7 +357,7 @@ mod tests {
     fn op_names_follow_the_enum() {
         assert_eq!(Op::Lookup.name(), "lookup");
         assert_eq!(Op::Lseek.name(), "lseek");
-        assert_eq!(Op::Removexattr as usize, 26);
+        assert_eq!(Op::Removexattr as usize, 27);
         assert_eq!(OP_NAMES[Op::Create as usize], "create");
     }
 

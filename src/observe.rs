@@ -366,6 +366,12 @@ impl Observed {
             "The copier's bandwidth limit (0: none).",
             cs.bwlimit,
         );
+        gauge(
+            &mut out,
+            "ferryfs_inodes",
+            "Inodes the daemon keeps for the kernel (those it looked up and has not forgotten).",
+            self.copier.view().inode_count() as u64,
+        );
         if let Some(rss) = resident_bytes() {
             gauge(
                 &mut out,

@@ -420,3 +420,80 @@ fn a_store_that_hangs_fails_readiness_not_liveness_and_recovers() {
         .status();
     drop(bindfs);
 }
+
+#[test]
+fn listings_with_attributes_count_lookups_exactly_as_the_kernel_does() {
+    let mut f = Fixture::new();
+    // 3,000 names: many READDIRPLUS replies, each ending with an entry that did not fit.
+    for i in 0..3000 {
+        write(
+            &f.old.join(format!("d/a-rather-long-file-name-{i:05}")),
+            b"x",
+        );
+    }
+    f.prepare();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
+    let ls = || {
+        let out = run(std::process::Command::new("ls").arg("-l").arg(f.v("d")));
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(ls(), 3001, "ls -l shows every entry");
+    let m = scrape(port);
+    assert!(
+        get(&m, "ferryfs_fuse_requests_total{op=\"readdirplus\"}") >= 2.0,
+        "the kernel did not list with attributes"
+    );
+    assert!(
+        get(&m, "ferryfs_fuse_requests_total{op=\"lookup\"}") < 100.0,
+        "attributes came by lookups, not with the listing"
+    );
+    let known = get(&m, "ferryfs_inodes");
+    assert!(known >= 3000.0, "{known} inodes known after listing 3,000");
+    // The kernel forgets everything it can: every lookup it held comes back, and no more (an
+    // entry counted but never received would keep its inode forever).
+    let t = Instant::now();
+    let mut left = known;
+    while t.elapsed() < Duration::from_secs(20) {
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        left = get(&scrape(port), "ferryfs_inodes");
+        if left <= 3.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The root and at most the directory and one more the kernel keeps.
+    assert!(
+        left <= 3.0,
+        "{left} inodes still held after the kernel forgot all it could"
+    );
+    // And none was given back early: everything still resolves.
+    assert_eq!(ls(), 3001);
+    for i in (0..3000).step_by(7) {
+        fs::symlink_metadata(f.v(&format!("d/a-rather-long-file-name-{i:05}"))).unwrap();
+    }
+    f.unmount();
+}
+
+#[test]
+fn readdirplus_off_lists_names_only_and_every_stat_is_a_lookup() {
+    let mut f = Fixture::new();
+    for i in 0..300 {
+        write(&f.old.join(format!("d/f{i}")), b"x");
+    }
+    f.prepare();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    f.mount_with(
+        &f.mnt.clone(),
+        &["--no-copy", "--metrics-addr", &addr, "--readdirplus", "off"],
+    );
+    let out = run(std::process::Command::new("ls").arg("-l").arg(f.v("d")));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 301);
+    let m = scrape(port);
+    assert_eq!(get(&m, "ferryfs_fuse_requests_total{op=\"readdirplus\"}"), 0.0);
+    assert!(get(&m, "ferryfs_fuse_requests_total{op=\"lookup\"}") >= 300.0);
+    f.unmount();
+}

@@ -252,6 +252,14 @@ impl InodeTable {
         }
     }
 
+    pub fn len(&self) -> usize {
+        self.tables().by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Run `f` on every inode in the table.
     pub fn for_each(&self, mut f: impl FnMut(&Inode)) {
         let all: Vec<Arc<Inode>> = self.tables().by_ino.values().cloned().collect();

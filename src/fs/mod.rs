@@ -591,6 +591,11 @@ impl View {
         self.inodes.forget(ino, count);
     }
 
+    /// Inodes in the table (the root included).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
     /// Attributes of an inode; through the open file `fh` when the kernel gives one (the only
     /// way to reach a file whose every name was removed while it stays open).
     /// Record the st_dev of the FUSE mount serving this view.

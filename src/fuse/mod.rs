@@ -27,6 +27,7 @@ pub struct FerryFs {
     passthrough: Arc<Passthrough>,
     /// Parks requests while the mount is handed to a new daemon (`mount --takeover`).
     gate: Arc<handover::Gate>,
+    readdirplus: ReaddirPlus,
     /// How long the kernel may trust attributes and names without asking (`mount
     /// --metadata-ttl`). Every change made through the view is seen by the kernel directly;
     /// this only bounds how late a change made in OLD behind the view's back shows.
@@ -39,6 +40,7 @@ impl FerryFs {
         FerryFs {
             view,
             ttl,
+            readdirplus: ReaddirPlus::Always,
             passthrough: Arc::new(Passthrough {
                 wanted: passthrough,
                 refused: [AtomicBool::new(false), AtomicBool::new(false)],
@@ -49,6 +51,12 @@ impl FerryFs {
         }
     }
 
+    /// How listings reach the kernel (`mount --readdirplus`).
+    pub fn with_readdirplus(mut self, r: ReaddirPlus) -> FerryFs {
+        self.readdirplus = r;
+        self
+    }
+
     /// What a handover needs of this adapter once it serves: its request gate and its
     /// passthrough state.
     pub fn handover_parts(&self) -> handover::Parts {
@@ -57,6 +65,20 @@ impl FerryFs {
             passthrough: self.passthrough.clone(),
         }
     }
+}
+
+/// Whether listings carry each entry's attributes (`mount --readdirplus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReaddirPlus {
+    /// Every listing: a stat after a listing costs no request (`ls -l`, `find -printf`,
+    /// rsync, du, Python's scandir + lstat); a listing nobody stats costs a lookup per entry
+    /// in the daemon.
+    Always,
+    /// The kernel's heuristic: attributes for a directory's first chunk, then only while it
+    /// sees lookups between chunks.
+    Auto,
+    /// Names only; every stat afterwards is a lookup.
+    Off,
 }
 
 /// Which open files the kernel reads and writes directly (`mount --passthrough`).
@@ -414,6 +436,21 @@ impl Filesystem for FerryFs {
         // O_TRUNC arrives with open, so an O_TRUNC open of an OLD-only file copies no data.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_write(1 << 20);
+        // Listings with attributes: one request per listing chunk instead of a lookup per
+        // name afterwards. `auto` sends attributes only for the first chunk of a directory
+        // that is read whole before its entries are stat'ed (Python's scandir, big `ls -l`),
+        // and every later entry then costs a lookup: hence `always` by default.
+        match self.readdirplus {
+            ReaddirPlus::Always => {
+                let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS);
+            }
+            ReaddirPlus::Auto => {
+                let _ = config.add_capabilities(
+                    fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+                );
+            }
+            ReaddirPlus::Off => {}
+        }
         if self.passthrough.wanted != PassthroughMode::Off {
             // Backing files on a stacked file system (overlayfs) allowed; this mount cannot
             // then be stacked under another. A kernel without passthrough serves everything
@@ -754,6 +791,79 @@ impl Filesystem for FerryFs {
             }
             Err(e) => reply.error(fail(Op::Readdir, ino.0, None, &e)),
         }
+    }
+
+    /// The listing with each entry's attributes: one request instead of a readdir and a
+    /// lookup per name (`ls -l`, `find -printf`, stat-heavy tools). Every entry returned
+    /// counts one lookup, as the kernel counts it; "." and ".." are not linked by the kernel
+    /// and count none.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let _span = enter!(self, Op::Readdirplus, ino.0, reply);
+        let entries = match self.view.readdir(fh.0, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(fail(Op::Readdirplus, ino.0, None, &e)),
+        };
+        for (off, e) in entries {
+            if e.name == "." || e.name == ".." {
+                // The kernel skips these names when it links entries: their attributes are
+                // never used.
+                let a = FileAttr {
+                    ino: INodeNo(e.ino),
+                    size: 0,
+                    blocks: 0,
+                    atime: UNIX_EPOCH,
+                    mtime: UNIX_EPOCH,
+                    ctime: UNIX_EPOCH,
+                    crtime: UNIX_EPOCH,
+                    kind: FileType::Directory,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 0,
+                    flags: 0,
+                };
+                if reply.add(
+                    INodeNo(e.ino),
+                    off,
+                    &e.name,
+                    &Duration::ZERO,
+                    &a,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            match self.view.lookup(ino.0, &e.name) {
+                Ok(a) => {
+                    if reply.add(
+                        INodeNo(a.ino),
+                        off,
+                        &e.name,
+                        &self.ttl,
+                        &attr(&a),
+                        Generation(0),
+                    ) {
+                        // Did not fit: the kernel never saw it, so it holds no lookup.
+                        self.view.forget(a.ino, 1);
+                        break;
+                    }
+                }
+                // Gone since the listing was taken: left out, as a later readdir would.
+                Err(err) if err.errno() == libc::ENOENT => continue,
+                Err(err) => return reply.error(fail(Op::Readdirplus, ino.0, Some(&e.name), &err)),
+            }
+        }
+        reply.ok()
     }
 
     fn releasedir(
