@@ -178,12 +178,21 @@ fn take_lock(state: &Path) -> Result<File, StateError> {
         .mode(0o600)
         .open(&path)
         .map_err(io_at(&path))?;
-    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(f),
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            Err(JournalError::Busy(state.display().to_string()).into())
+    // A daemon killed a moment ago (kill -9, OOM) holds the lock until the kernel has closed
+    // its files, a little after its memory is gone: a `mount` right behind it waits that out.
+    // A live holder keeps it, and is refused after the wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(f),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(JournalError::Busy(state.display().to_string()).into());
+            }
+            Err(e) => return Err(io_at(&path)(io::Error::from_raw_os_error(e.raw_os_error()))),
         }
-        Err(e) => Err(io_at(&path)(io::Error::from_raw_os_error(e.raw_os_error()))),
     }
 }
 

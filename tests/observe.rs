@@ -493,7 +493,10 @@ fn readdirplus_off_lists_names_only_and_every_stat_is_a_lookup() {
     let out = run(std::process::Command::new("ls").arg("-l").arg(f.v("d")));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 301);
     let m = scrape(port);
-    assert_eq!(get(&m, "ferryfs_fuse_requests_total{op=\"readdirplus\"}"), 0.0);
+    assert_eq!(
+        get(&m, "ferryfs_fuse_requests_total{op=\"readdirplus\"}"),
+        0.0
+    );
     assert!(get(&m, "ferryfs_fuse_requests_total{op=\"lookup\"}") >= 300.0);
     f.unmount();
 }

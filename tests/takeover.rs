@@ -121,6 +121,18 @@ fn writer(mnt: PathBuf, seen: Arc<Seen>) -> u64 {
     n
 }
 
+/// Start the reader and the writer on the view of `f` (its `w/` and `log` must exist).
+fn start_load(
+    f: &Fixture,
+    seen: &Arc<Seen>,
+) -> (std::thread::JoinHandle<()>, std::thread::JoinHandle<u64>) {
+    let (m, s) = (f.mnt.clone(), seen.clone());
+    let r = std::thread::spawn(move || reader(m, s));
+    let (m, s) = (f.mnt.clone(), seen.clone());
+    let w = std::thread::spawn(move || writer(m, s));
+    (r, w)
+}
+
 fn takeover(f: &Fixture, mp: &Path) -> std::process::Output {
     f.try_mount(mp, &["--takeover"])
 }
@@ -149,14 +161,7 @@ fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts() {
     fs::create_dir(f.v("w")).unwrap();
     fs::write(f.v("log"), b"").unwrap();
     let seen = Arc::new(Seen::default());
-    let r = {
-        let (m, s) = (f.mnt.clone(), seen.clone());
-        std::thread::spawn(move || reader(m, s))
-    };
-    let w = {
-        let (m, s) = (f.mnt.clone(), seen.clone());
-        std::thread::spawn(move || writer(m, s))
-    };
+    let (r, w) = start_load(&f, &seen);
     std::thread::sleep(Duration::from_millis(500));
     for round in 0..3 {
         let before = f.daemon_pid().expect("a daemon serves");
@@ -263,16 +268,9 @@ fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors() {
     fill_old(&f);
     f.start();
     fs::write(f.v("log"), b"").unwrap();
+    fs::create_dir(f.v("w")).unwrap();
     let seen = Arc::new(Seen::default());
-    let r = {
-        let (m, s) = (f.mnt.clone(), seen.clone());
-        std::thread::spawn(move || reader(m, s))
-    };
-    let w = {
-        let (m, s) = (f.mnt.clone(), seen.clone());
-        fs::create_dir(f.v("w")).unwrap();
-        std::thread::spawn(move || writer(m, s))
-    };
+    let (r, w) = start_load(&f, &seen);
     std::thread::sleep(Duration::from_millis(200));
     let pid = f.daemon_pid().unwrap();
     // The wrong mountpoint is found only once the old daemon has parked its requests: it must
