@@ -12,9 +12,11 @@
 #   ferryfs-old-pt  the same with `mount --passthrough all`: the kernel reads OLD's files itself
 #   ferryfs-new  a second ferryfs migration of the same OLD whose NEW got a copy of the big
 #                file after `prepare` and before `mount`: reads are served from NEW
-# Workloads: seq read cold/warm, seq write + fsync, 4 KiB random read (warm), small-file
-# creates, and recursive stat of a small-file tree (cold = caches dropped right after a fresh
-# mount, warm = the pass right after). Every variant is mounted afresh for each run; each cell
+# Workloads: first byte of files not read yet (cold, right after the mount), seq read
+# cold/warm, seq write + fsync, 4 KiB random read (warm, QD1 psync and QD16 io_uring),
+# small-file creates, untar of small files and rm -rf of them, and recursive stat of a
+# small-file tree (cold = caches dropped right after a fresh mount, warm = the pass right
+# after). Every variant is mounted afresh for each run; each cell
 # is the median of 3 runs (1 with --quick). Prints a Markdown table and writes it, with the
 # date, kernel and exact command, to bench/results/latest.md.
 #
@@ -28,7 +30,8 @@
 #                      missing, `cargo build --release` runs first)
 #   CARGO_TARGET_DIR   default /root/.cache/ferryfs/target (scripts/env.sh, if present)
 #   BENCH_VARIANTS     subset to run, e.g. "plain bindfs" (plain is always the baseline)
-#   BENCH_FILE_MB, BENCH_TREE_N, BENCH_CREATE_N, BENCH_REPS   override the sizes / run count
+#   BENCH_FILE_MB, BENCH_TREE_N, BENCH_CREATE_N, BENCH_UNTAR_N, BENCH_REPS   override the
+#                      sizes / run count
 #   BENCH_OUT          results file (default bench/results/latest.md)
 #   BENCH_MOUNT_ARGS   extra `ferryfs mount` arguments for every ferryfs variant, e.g.
 #                      "--metadata-ttl 30"
@@ -84,12 +87,16 @@ fi
 
 if ((QUICK)); then
     FILE_MB="${BENCH_FILE_MB:-64}" TREE_N="${BENCH_TREE_N:-10000}" REPS="${BENCH_REPS:-1}"
+    UNTAR_N="${BENCH_UNTAR_N:-5000}"
 else
     FILE_MB="${BENCH_FILE_MB:-1024}" TREE_N="${BENCH_TREE_N:-100000}" REPS="${BENCH_REPS:-3}"
+    UNTAR_N="${BENCH_UNTAR_N:-20000}"
 fi
+# Files whose first byte is timed: OLD-only in every ferryfs variant.
+FIRSTBYTE_N=200
 CREATE_N="${BENCH_CREATE_N:-10000}"
 OUT="${BENCH_OUT:-$BENCH_DIR/results/latest.md}"
-for n in FILE_MB TREE_N CREATE_N REPS; do
+for n in FILE_MB TREE_N CREATE_N REPS UNTAR_N; do
     [[ "${!n}" =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive integer, got '${!n}'"
 done
 FILE_BYTES=$((FILE_MB * 1048576))
@@ -252,6 +259,11 @@ run tree_create python3 "$SMALLFILES" create "$OLD/tree" "$TREE_N"
 run tree_check python3 "$SMALLFILES" stat "$OLD/tree"
 got=$(python3 "$REPORT" kv "$(cat "$LOGS/tree_check.out")" entries)
 ((got == TREE_ENTRIES)) || die "tree has $got entries, expected $TREE_ENTRIES"
+run untar_make python3 "$SMALLFILES" mktar "$S/untar.tar" "$UNTAR_N"
+mkdir "$OLD/firstbyte"
+for ((i = 0; i < FIRSTBYTE_N; i++)); do
+    head -c 65536 /dev/urandom >"$OLD/firstbyte/f$i"
+done
 
 # ferryfs migrations: prepare with an empty NEW (the CLI requires it), and for ferryfs-new copy
 # the big file into NEW before mounting so the view serves it from NEW.
@@ -320,7 +332,7 @@ fio_job() {
     shift 5
     out="$LOGS/$name.json"
     # Sequential jobs must move exactly the whole file; the time-based random job does not.
-    [[ "$job" == rand_read_4k.fio ]] || expect=("$FILE_BYTES")
+    [[ "$job" == rand_read_4k*.fio ]] || expect=("$FILE_BYTES")
     if ! FILE="$file" SIZE="$SIZE" fio "$@" --output-format=json --output="$out" "$JOBS/$job" \
         >"$LOGS/$name.out" 2>"$LOGS/$name.err"; then
         show "$out" "$LOGS/$name.out" "$LOGS/$name.err"
@@ -353,6 +365,17 @@ bench_variant() {
     ((n == FILE_BYTES)) || die "$v: $t/big.bin is $n bytes, expected $FILE_BYTES"
     [[ ! -e "$t/bench-write.bin" && ! -e "$t/bench-create" ]] ||
         die "$v: leftovers of an earlier run in $t"
+
+    # First, right after the mount: the copier (running, default limits) has had the least
+    # time to copy these files, so in the ferryfs variants most are still OLD-only.
+    STEP="$v run $r: first byte of files not read yet, cold"
+    drop_caches
+    line=$(smallfiles "firstbyte.$tag" firstbyte "$t/firstbyte")
+    n=$(python3 "$REPORT" kv "$line" files)
+    ((n == FIRSTBYTE_N)) || die "$v: first byte of $n files, expected $FIRSTBYTE_N"
+    val=$(python3 "$REPORT" kv "$line" median_ms)
+    record first_byte "$v" "$r" "$val"
+    log "$v run $r: first byte: $val ms (median)"
 
     STEP="$v run $r: stat tree, cold"
     drop_caches
@@ -388,6 +411,11 @@ bench_variant() {
     record rand_read_4k "$v" "$r" "$val"
     log "$v run $r: rand read 4k: $val IOPS"
 
+    STEP="$v run $r: 4 KiB random read, warm, QD16"
+    val=$(fio_job "rand-read-qd16.$tag" rand_read_4k_qd16.fio "$t/big.bin" read iops --readonly)
+    record rand_read_4k_qd16 "$v" "$r" "$val"
+    log "$v run $r: rand read 4k QD16: $val IOPS"
+
     STEP="$v run $r: seq write"
     val=$(fio_job "seq-write.$tag" seq_write_1g.fio "$t/bench-write.bin" write mibs)
     n=$(stat -c %s "$t/bench-write.bin")
@@ -403,6 +431,23 @@ bench_variant() {
     rm -rf -- "$t/bench-create"
     record create "$v" "$r" "$val"
     log "$v run $r: create $CREATE_N files: $val s"
+
+    STEP="$v run $r: untar small files"
+    sync
+    line=$(smallfiles "untar.$tag" untar "$S/untar.tar" "$t/bench-untar")
+    val=$(python3 "$REPORT" kv "$line" seconds)
+    n=$(find "$t/bench-untar" -type f | wc -l)
+    ((n == UNTAR_N)) || die "$v: untar left $n files, expected $UNTAR_N"
+    record untar "$v" "$r" "$val"
+    log "$v run $r: untar $UNTAR_N files: $val s"
+
+    STEP="$v run $r: rm -rf the untarred tree"
+    sync
+    line=$(smallfiles "rmtree.$tag" rmtree "$t/bench-untar")
+    val=$(python3 "$REPORT" kv "$line" seconds)
+    [[ ! -e "$t/bench-untar" ]] || die "$v: rm -rf left $t/bench-untar"
+    record rm_rf "$v" "$r" "$val"
+    log "$v run $r: rm -rf $UNTAR_N files: $val s"
 
     unmount_variant "$v"
     sync
@@ -430,7 +475,11 @@ SPEC="$S/spec.tsv"
     printf 'seq_read_warm\tmibs\tseq read %s, warm, bs=1M (MiB/s)\n' "$human"
     printf 'seq_write\tmibs\tseq write %s + fsync, bs=1M (MiB/s)\n' "$human"
     printf 'rand_read_4k\tiops\trand read 4 KiB, warm, QD1, 10 s (IOPS)\n'
+    printf 'rand_read_4k_qd16\tiops\trand read 4 KiB, warm, QD16 io_uring, 10 s (IOPS)\n'
+    printf 'first_byte\tsecs\tfirst byte of a 64 KiB file, cold, median of %d (ms)\n' "$FIRSTBYTE_N"
     printf 'create\tsecs\tcreate %d files of 4 KiB (s)\n' "$CREATE_N"
+    printf 'untar\tsecs\tuntar %d files of 1-8 KiB (s)\n' "$UNTAR_N"
+    printf 'rm_rf\tsecs\trm -rf of those %d files (s)\n' "$UNTAR_N"
     printf 'stat_cold\tsecs\tstat %d entries, cold (s)\n' "$TREE_ENTRIES"
     printf 'stat_warm\tsecs\tstat %d entries, warm (s)\n' "$TREE_ENTRIES"
 } >"$SPEC"

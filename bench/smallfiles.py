@@ -5,6 +5,11 @@ Usage:
   smallfiles.py create DIR N   create DIR (must not exist) holding N files of 4 KiB,
                                1000 per subdirectory (DIR/d0000/f0000000, ...)
   smallfiles.py stat DIR       os.lstat() every entry under DIR, recursively
+  smallfiles.py mktar TAR N    write TAR holding N files of 1-8 KiB, 1000 per directory
+  smallfiles.py untar TAR DIR  `tar -xf TAR -C DIR` (DIR must not exist; created)
+  smallfiles.py rmtree DIR     `rm -rf DIR`
+  smallfiles.py firstbyte DIR  open each file in DIR and read its first byte; the median
+                               and p90 of the per-file time (open + 1-byte read + close)
 
 Each prints one line of key=value pairs on stdout, e.g.
   create files=10000 dirs=10 seconds=0.412345
@@ -66,16 +71,69 @@ def stat_tree(root):
     print("stat entries=%d seconds=%.6f" % (entries, elapsed))
 
 
+def mktar(tar, n):
+    import random
+    import tarfile
+    import io
+
+    rnd = random.Random(5)
+    payload = os.urandom(8192)
+    with tarfile.open(tar, "w") as t:
+        for i in range(n):
+            info = tarfile.TarInfo("src/d%04d/f%07d" % (i // PER_DIR, i))
+            info.size = rnd.randint(1024, 8192)
+            info.mode = 0o644
+            info.mtime = 1_600_000_000
+            t.addfile(info, io.BytesIO(payload[: info.size]))
+    print("mktar files=%d" % n)
+
+
+def timed(what, argv):
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True)
+    print("%s seconds=%.6f" % (what, time.perf_counter() - t0))
+
+
+def firstbyte(d):
+    names = sorted(os.listdir(d))
+    times = []
+    for name in names:
+        p = os.path.join(d, name)
+        t0 = time.perf_counter()
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if len(os.read(fd, 1)) != 1:
+                raise OSError("empty read of %s" % p)
+        finally:
+            os.close(fd)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    p90 = times[min(len(times) - 1, int(len(times) * 0.9))]
+    print("firstbyte files=%d median_ms=%.4f p90_ms=%.4f" % (len(times), med * 1e3, p90 * 1e3))
+
+
 def main(argv):
     try:
         if len(argv) == 4 and argv[1] == "create":
             create(argv[2], int(argv[3]))
         elif len(argv) == 3 and argv[1] == "stat":
             stat_tree(argv[2])
+        elif len(argv) == 4 and argv[1] == "mktar":
+            mktar(argv[2], int(argv[3]))
+        elif len(argv) == 4 and argv[1] == "untar":
+            os.mkdir(argv[3])
+            timed("untar", ["tar", "-xf", argv[2], "-C", argv[3]])
+        elif len(argv) == 3 and argv[1] == "rmtree":
+            timed("rmtree", ["rm", "-rf", "--", argv[2]])
+        elif len(argv) == 3 and argv[1] == "firstbyte":
+            firstbyte(argv[2])
         else:
             sys.stderr.write(__doc__)
             return 2
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Exception) as e:
         sys.stderr.write("smallfiles.py %s: %s\n" % (" ".join(argv[1:]), e))
         return 1
     return 0
