@@ -74,10 +74,23 @@ impl Garage {
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(&bin)
+        // The server must not outlive the test process, which may never drop a Garage (one
+        // kept in a static): a shell starts it and ends it as soon as this process is gone,
+        // or on SIGTERM (Drop).
+        let watch = r#"
+            "$2" -c "$3" server & g=$!
+            trap 'kill $g 2>/dev/null; wait $g; exit 0' TERM
+            while kill -0 "$1" 2>/dev/null && kill -0 $g 2>/dev/null; do sleep 0.2; done
+            kill $g 2>/dev/null
+            wait $g
+        "#;
+        let child = Command::new("sh")
             .arg("-c")
+            .arg(watch)
+            .arg("sh")
+            .arg(std::process::id().to_string())
+            .arg(&bin)
             .arg(&config)
-            .arg("server")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -184,7 +197,11 @@ impl Garage {
 
 impl Drop for Garage {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGTERM: the watching shell stops the server, then exits.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        );
         let _ = self.child.wait();
     }
 }
