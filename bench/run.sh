@@ -353,6 +353,19 @@ smallfiles() {
     cat "$LOGS/$name.out"
 }
 
+# smallfiles_checked KEY V R COUNT_KEY WANT VAL_KEY NAME ARGS...: run smallfiles.py, fail
+# unless its COUNT_KEY is WANT, record its VAL_KEY as sample KEY of variant V run R, print it.
+smallfiles_checked() {
+    local key="$1" v="$2" r="$3" count_key="$4" want="$5" val_key="$6" line n val
+    shift 6
+    line=$(smallfiles "$@")
+    n=$(python3 "$REPORT" kv "$line" "$count_key")
+    ((n == want)) || die "$v: $1 saw $count_key=$n, expected $want"
+    val=$(python3 "$REPORT" kv "$line" "$val_key")
+    record "$key" "$v" "$r" "$val"
+    printf '%s\n' "$val"
+}
+
 bench_variant() {
     local v="$1" r="$2" tag="$1.run$2" t line n val
     log "== run $r/$REPS: $v =="
@@ -370,28 +383,19 @@ bench_variant() {
     # time to copy these files, so in the ferryfs variants most are still OLD-only.
     STEP="$v run $r: first byte of files not read yet, cold"
     drop_caches
-    line=$(smallfiles "firstbyte.$tag" firstbyte "$t/firstbyte")
-    n=$(python3 "$REPORT" kv "$line" files)
-    ((n == FIRSTBYTE_N)) || die "$v: first byte of $n files, expected $FIRSTBYTE_N"
-    val=$(python3 "$REPORT" kv "$line" median_ms)
-    record first_byte "$v" "$r" "$val"
+    val=$(smallfiles_checked first_byte "$v" "$r" files "$FIRSTBYTE_N" median_ms \
+        "firstbyte.$tag" firstbyte "$t/firstbyte")
     log "$v run $r: first byte: $val ms (median)"
 
     STEP="$v run $r: stat tree, cold"
     drop_caches
-    line=$(smallfiles "stat-cold.$tag" stat "$t/tree")
-    n=$(python3 "$REPORT" kv "$line" entries)
-    ((n == TREE_ENTRIES)) || die "$v: stat saw $n entries, expected $TREE_ENTRIES"
-    val=$(python3 "$REPORT" kv "$line" seconds)
-    record stat_cold "$v" "$r" "$val"
+    val=$(smallfiles_checked stat_cold "$v" "$r" entries "$TREE_ENTRIES" seconds \
+        "stat-cold.$tag" stat "$t/tree")
     log "$v run $r: stat cold: $val s"
 
     STEP="$v run $r: stat tree, warm"
-    line=$(smallfiles "stat-warm.$tag" stat "$t/tree")
-    n=$(python3 "$REPORT" kv "$line" entries)
-    ((n == TREE_ENTRIES)) || die "$v: stat saw $n entries, expected $TREE_ENTRIES"
-    val=$(python3 "$REPORT" kv "$line" seconds)
-    record stat_warm "$v" "$r" "$val"
+    val=$(smallfiles_checked stat_warm "$v" "$r" entries "$TREE_ENTRIES" seconds \
+        "stat-warm.$tag" stat "$t/tree")
     log "$v run $r: stat warm: $val s"
 
     STEP="$v run $r: seq read, cold"

@@ -290,14 +290,9 @@ fn the_units_exec_lines_prepare_mount_notify_and_stop_cleanly() {
     )
     .unwrap();
     recv_until("STOPPING=1", 10, &mut said);
-    let t0 = Instant::now();
-    while fs::read(format!("/proc/{mainpid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the new daemon did not exit on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the new daemon to exit on SIGTERM", 10, || {
+        process_gone(mainpid)
+    });
     assert!(
         !fs::read_to_string("/proc/self/mountinfo")
             .unwrap()

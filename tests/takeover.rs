@@ -137,12 +137,6 @@ fn takeover(f: &Fixture, mp: &Path) -> std::process::Output {
     f.try_mount(mp, &["--takeover"])
 }
 
-fn gone(pid: i32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| c.is_empty())
-        .unwrap_or(true)
-}
-
 fn fill_old(f: &Fixture) {
     fs::write(f.old.join("big"), big_file()).unwrap();
     fs::create_dir(f.old.join("tree")).unwrap();
@@ -177,7 +171,7 @@ fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts() {
             String::from_utf8_lossy(&out.stderr)
         );
         let took = t.elapsed();
-        wait_for("the old daemon to exit", 10, || gone(before));
+        wait_for("the old daemon to exit", 10, || process_gone(before));
         let after = f.daemon_pid().expect("the new daemon serves");
         assert_ne!(after, before, "round {round}: a new daemon serves");
         std::thread::sleep(Duration::from_millis(400));
@@ -229,7 +223,7 @@ fn files_held_open_across_a_takeover_keep_their_position_and_data() {
     let cwd_dir = f.v("tree");
     let before = f.daemon_pid().unwrap();
     ok(takeover(&f, &f.mnt));
-    wait_for("the old daemon to exit", 10, || gone(before));
+    wait_for("the old daemon to exit", 10, || process_gone(before));
     // The same open files go on where they were.
     let mut next = vec![0u8; 4096];
     old.read_exact(&mut next).unwrap();
@@ -253,7 +247,7 @@ fn files_held_open_across_a_takeover_keep_their_position_and_data() {
     fs::remove_file(f.v("tree/f1")).unwrap();
     let before = f.daemon_pid().unwrap();
     ok(takeover(&f, &f.mnt));
-    wait_for("the old daemon to exit", 10, || gone(before));
+    wait_for("the old daemon to exit", 10, || process_gone(before));
     let mut s = String::new();
     doomed.read_to_string(&mut s).unwrap();
     assert_eq!(s, "small 1");
@@ -327,6 +321,6 @@ fn a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open() 
         state = f.state.display()
     );
     ok(run(std::process::Command::new("sh").args(["-c", &script])));
-    wait_for("the old daemon to exit", 10, || gone(before));
+    wait_for("the old daemon to exit", 10, || process_gone(before));
     f.unmount();
 }

@@ -181,21 +181,20 @@ impl fmt::Display for S3Url {
 /// Path-style addressing for an endpoint that is an IP address or localhost (virtual-hosted
 /// names cannot resolve there).
 pub fn wants_path_style(endpoint: &str) -> bool {
-    let host = endpoint
+    let authority = endpoint
         .split_once("://")
         .map_or(endpoint, |(_, r)| r)
         .split('/')
         .next()
         .unwrap_or("");
-    let host = if let Some(h) = host.strip_prefix('[') {
+    if let Some(v6) = authority.strip_prefix('[') {
         // [v6]:port
-        return h
+        return v6
             .split(']')
             .next()
             .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
     host == "localhost"
         || host.ends_with(".localhost")
         || host.parse::<std::net::Ipv4Addr>().is_ok()
@@ -537,10 +536,7 @@ impl S3Store {
         }
         // A name that is both an object and a prefix shows as the directory (the object is
         // unreachable through a POSIX view; `prepare` reports such names).
-        out.retain(|l| match l {
-            Listed::Object(o) => !dirs.contains(o.rel.rsplit('/').next().unwrap_or("")),
-            Listed::Dir(_) => true,
-        });
+        out.retain(|l| !dirs.contains(name_of(l)));
         out.extend(
             dirs.into_iter()
                 .map(|d| Listed::Dir(format!("{rel_dir}{d}"))),

@@ -10,6 +10,7 @@ use super::free_port;
 
 pub struct Garage {
     child: Child,
+    bin: PathBuf,
     dir: tempfile::TempDir,
     config: PathBuf,
     pub endpoint: String,
@@ -99,6 +100,7 @@ impl Garage {
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let mut g = Garage {
             child,
+            bin,
             config,
             dir,
             endpoint: format!("http://127.0.0.1:{s3}"),
@@ -142,7 +144,7 @@ impl Garage {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(garage_bin())
+        Command::new(&self.bin)
             .arg("-c")
             .arg(&self.config)
             .args(args)

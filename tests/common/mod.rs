@@ -27,6 +27,14 @@ pub fn require_fuse() {
     );
 }
 
+/// Whether process `pid` has exited: gone, or a zombie its parent has not reaped yet (its
+/// cmdline is empty then).
+pub fn process_gone(pid: i32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.is_empty())
+        .unwrap_or(true)
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
@@ -189,21 +197,7 @@ impl Fixture {
             rustix::process::Signal::KILL,
         )
         .unwrap();
-        let t = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            // A zombie until its parent (init) reaps it; its cmdline goes empty.
-            if fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| c.is_empty())
-                .unwrap_or(true)
-            {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "daemon {pid} did not die"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for(&format!("daemon {pid} to die"), 10, || process_gone(pid));
         self.mounted = true; // dead, still mounted: the next mount must cope
     }
 }
