@@ -75,6 +75,8 @@ pub struct Ctx {
     pub new_root: OwnedFd,
     /// OLD's root, for abort (`None` once committed).
     pub old_root: Option<OwnedFd>,
+    /// OLD when it is an S3 store (not committed).
+    pub old_s3: Option<Arc<crate::store::s3tree::S3Tree>>,
     pub mountpoint: PathBuf,
     /// What a handover to a new daemon needs.
     pub handover: Option<Arc<crate::handover::Source>>,
@@ -208,8 +210,12 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
 /// keep working until closed) and the daemon exits once the kernel lets go. With the view
 /// mounted in place, OLD's path then shows OLD again, equal to what the view showed.
 fn abort(ctx: &Ctx, keep_new: bool) -> Response {
-    let Some(old_root) = &ctx.old_root else {
-        return Response::err("the migration is committed: abort is no longer possible");
+    let old = match (&ctx.old_root, &ctx.old_s3) {
+        (Some(fd), _) => crate::lifecycle::OldTarget::Posix(std::os::fd::AsFd::as_fd(fd)),
+        (None, Some(t)) => crate::lifecycle::OldTarget::S3(t),
+        (None, None) => {
+            return Response::err("the migration is committed: abort is no longer possible");
+        }
     };
     let c = &ctx.copier;
     if !c.halt(std::time::Duration::from_secs(60)) {
@@ -220,7 +226,7 @@ fn abort(ctx: &Ctx, keep_new: bool) -> Response {
         crate::lifecycle::abort(
             c.view(),
             &ctx.journal,
-            std::os::fd::AsFd::as_fd(old_root),
+            old,
             std::os::fd::AsFd::as_fd(&ctx.new_root),
             keep_new,
         )

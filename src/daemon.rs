@@ -16,8 +16,9 @@ use fuser::{Config, MountOption, SessionACL};
 use crate::fs::View;
 use crate::fuse::FerryFs;
 use crate::state::{Migration, Phase};
-use crate::store::StoreSpec;
 use crate::store::posix::PosixStore;
+use crate::store::s3tree::S3Tree;
+use crate::store::{OldStore, StoreSpec};
 
 pub const READY_FD_ENV: &str = "FERRYFS_READY_FD";
 pub const FS_TYPE: &str = "ferryfs";
@@ -47,9 +48,19 @@ pub struct MountArgs {
 pub struct Opened {
     pub view: Arc<View>,
     pub phase: Phase,
-    /// OLD's root (for abort); `None` once committed (OLD may be gone).
+    /// OLD's root (for abort) when OLD is a POSIX store; `None` once committed (OLD may be
+    /// gone).
     pub old: Option<PosixStore>,
+    /// OLD when it is an S3 store (for abort); `None` once committed.
+    pub old_s3: Option<Arc<S3Tree>>,
     pub new: PosixStore,
+}
+
+impl Opened {
+    /// Whether OLD is still part of the migration (not committed).
+    pub fn has_old(&self) -> bool {
+        self.old.is_some() || self.old_s3.is_some()
+    }
 }
 
 /// Open the view of a migration (the daemon's, or the CLI's when no daemon runs). After
@@ -60,38 +71,66 @@ pub fn open_view(m: &Migration) -> Result<Opened, String> {
     })
 }
 
-/// [`open_view`] with the stores' roots opened by `open` ("OLD" or "NEW", and its path).
+/// [`open_view`] with the POSIX stores' roots opened by `open` ("OLD" or "NEW", and its path).
 fn open_view_with(
     m: &Migration,
     open: impl Fn(&str, &Path) -> Result<PosixStore, String>,
 ) -> Result<Opened, String> {
-    let StoreSpec::Posix { path: old_path } = &m.config.old;
-    let StoreSpec::Posix { path: new_path } = &m.config.new;
+    let new_path = m
+        .config
+        .new
+        .posix_path()
+        .ok_or("an S3 NEW is not supported by this build yet (only OLD may be s3://)")?;
     let phase = crate::state::phase(&m.journal).map_err(|e| e.to_string())?;
     // Entries are created on behalf of callers with the mode the kernel already masked with
     // the caller's umask; the daemon's own umask must not mask it a second time.
     rustix::process::umask(rustix::fs::Mode::empty());
     // An fd per directory the kernel knows, and two per copy waiting in a copier batch.
     raise_nofile_limit();
+    let s3 = match (&m.config.old, phase) {
+        (StoreSpec::S3 { .. }, Phase::Aborted) => {
+            return Err(format!(
+                "the migration was aborted: the dataset is in OLD ({}) again; there is no view to serve",
+                m.config.old
+            ));
+        }
+        (StoreSpec::S3 { .. }, Phase::Committed) => None,
+        (StoreSpec::S3 { url }, _) => {
+            Some(S3Tree::open(url).map_err(|e| format!("OLD store {}: {e}", m.config.old))?)
+        }
+        (StoreSpec::Posix { .. }, _) => None,
+    };
+    let old_path = m.config.old.posix_path();
+    let old_posix = |what: &str| -> Result<PosixStore, String> {
+        open(what, old_path.ok_or("internal: OLD is not a POSIX store")?)
+    };
     let (vold, vnew, old, new) = match phase {
         Phase::Committed => (
-            open("NEW", new_path)?,
+            OldStore::Posix(open("NEW", new_path)?),
             open("NEW", new_path)?,
             None,
             open("NEW", new_path)?,
         ),
         Phase::Aborted => (
-            open("OLD", old_path)?,
-            open("OLD", old_path)?,
-            Some(open("OLD", old_path)?),
+            OldStore::Posix(old_posix("OLD")?),
+            old_posix("OLD")?,
+            Some(old_posix("OLD")?),
             open("NEW", new_path)?,
         ),
-        _ => (
-            open("OLD", old_path)?,
-            open("NEW", new_path)?,
-            Some(open("OLD", old_path)?),
-            open("NEW", new_path)?,
-        ),
+        _ => match &s3 {
+            Some(t) => (
+                OldStore::S3(t.clone()),
+                open("NEW", new_path)?,
+                None,
+                open("NEW", new_path)?,
+            ),
+            None => (
+                OldStore::Posix(old_posix("OLD")?),
+                open("NEW", new_path)?,
+                Some(old_posix("OLD")?),
+                open("NEW", new_path)?,
+            ),
+        },
     };
     let view =
         View::new(vold, vnew, m.journal.clone()).map_err(|e| format!("opening the view: {e}"))?;
@@ -102,6 +141,7 @@ fn open_view_with(
         view: Arc::new(view),
         phase,
         old,
+        old_s3: s3,
         new,
     })
 }
@@ -220,9 +260,10 @@ fn clear_dead_mounts(path: &Path, own_state: &Path) -> Result<(), String> {
 /// state dir left over its stores (OLD's own path, when it was mounted in place).
 pub fn clear_dead_views(m: &Migration) -> Result<(), String> {
     let state_abs = std::fs::canonicalize(&m.dir).unwrap_or(m.dir.clone());
-    let StoreSpec::Posix { path: old_path } = &m.config.old;
-    let StoreSpec::Posix { path: new_path } = &m.config.new;
-    for p in [old_path, new_path] {
+    for p in [m.config.old.posix_path(), m.config.new.posix_path()]
+        .into_iter()
+        .flatten()
+    {
         clear_dead_mounts(p, &state_abs)?;
     }
     Ok(())
@@ -310,14 +351,17 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         None => {
             // Dead views first (also over OLD's path, when mounted in place), so the stores
             // below are the real directories again.
-            let StoreSpec::Posix { path: old_path } = &migration.config.old;
-            let StoreSpec::Posix { path: new_path } = &migration.config.new;
-            for p in [mp, old_path, new_path] {
+            let old_path = migration.config.old.posix_path();
+            let new_path = migration.config.new.posix_path();
+            for p in [Some(mp), old_path, new_path].into_iter().flatten() {
                 if let Err(e) = clear_dead_mounts(p, &state_abs) {
                     return Err(fail(&mut ready, e));
                 }
             }
-            for (what, p) in [("OLD", old_path), ("NEW", new_path)] {
+            for (what, p) in [("OLD", old_path), ("NEW", new_path)]
+                .into_iter()
+                .filter_map(|(w, p)| p.map(|p| (w, p)))
+            {
                 if let Some(src) = ferryfs_mount_at(p) {
                     return Err(fail(
                         &mut ready,
@@ -431,6 +475,7 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             .old
             .as_ref()
             .and_then(|o| o.root().try_clone_to_owned().ok()),
+        old_s3: opened.old_s3.clone(),
         mountpoint: mp.clone(),
     };
     if let Err(e) = crate::control::serve(&args.state, Arc::new(ctl)) {
@@ -444,7 +489,7 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         migration.journal.clone(),
         mp.clone(),
         state_abs.clone(),
-        opened.old.is_some(),
+        opened.has_old(),
     );
     if let Some(addr) = args.metrics_addr {
         match crate::observe::serve(addr, observed.clone()) {
@@ -493,9 +538,12 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     // Probes cost a statfs through the view every few seconds: only when someone watches.
     if args.metrics_addr.is_some() || notifier.enabled() {
         let roots = (|| -> std::io::Result<_> {
-            let old = match &opened.old {
-                Some(o) => Some(o.root().try_clone_to_owned()?),
-                None => None,
+            let old = match (&opened.old, &opened.old_s3) {
+                (Some(o), _) => Some(crate::observe::OldProbe::Posix(
+                    o.root().try_clone_to_owned()?,
+                )),
+                (None, Some(t)) => Some(crate::observe::OldProbe::S3(t.clone())),
+                (None, None) => None,
             };
             Ok((old, opened.new.root().try_clone_to_owned()?))
         })();

@@ -448,7 +448,9 @@ pub fn take(state: &Path, mountpoint: &Path) -> Result<Taken, String> {
         rustix::process::PidfdFlags::empty(),
     )
     .map_err(|e| format!("pidfd_open of the serving daemon: {e}"))?;
-    let want = 2 + usize::from(handed.has_old) + handed.fuse_fds + handed.view.files.len();
+    // An open S3 object travels without an fd.
+    let nfiles = handed.view.files.iter().filter(|f| !f.object).count();
+    let want = 2 + usize::from(handed.has_old) + handed.fuse_fds + nfiles;
     let mut fds = recv_fds(&conn, want)
         .map_err(|e| format!("receiving the mount's fds: {e}"))?
         .into_iter();
@@ -475,9 +477,7 @@ pub fn take(state: &Path, mountpoint: &Path) -> Result<Taken, String> {
     let new_root = next();
     let old_root = handed.has_old.then(&mut next);
     let fuse = (0..handed.fuse_fds).map(|_| next()).collect();
-    let files = (0..handed.view.files.len())
-        .map(|_| std::fs::File::from(next()))
-        .collect();
+    let files = (0..nfiles).map(|_| std::fs::File::from(next())).collect();
     Ok(Taken {
         handed,
         lock,

@@ -17,6 +17,8 @@ use crate::fs::{Compare, Kind, View};
 use crate::journal::{Batch, CopyError, Records};
 use crate::state::{self, Phase};
 use crate::store::posix::{self, Loc};
+use crate::store::s3::PosixMeta;
+use crate::store::s3tree::S3Tree;
 
 /// `verify`: every entry NEW took from OLD still equals OLD (metadata always, every byte with
 /// `checksum`). Entries still only in OLD are listed as pending, not as mismatches.
@@ -154,10 +156,14 @@ const STEP_FILLING: &str = "filling";
 pub fn abort(
     view: &View,
     journal: &Records,
-    old_root: BorrowedFd<'_>,
+    old: OldTarget<'_>,
     new_root: BorrowedFd<'_>,
     keep_new: bool,
 ) -> Result<String> {
+    let old_root = match old {
+        OldTarget::Posix(fd) => fd,
+        OldTarget::S3(tree) => return abort_s3(view, journal, tree, new_root, keep_new),
+    };
     match state::phase(journal)? {
         Phase::Committed => {
             return Err(refusal(
@@ -236,6 +242,263 @@ pub fn abort(
          files copied back from NEW); {new_note}",
         stats.dirs, stats.linked, stats.copied
     ))
+}
+
+/// OLD, as abort writes the view back into it.
+pub enum OldTarget<'a> {
+    Posix(BorrowedFd<'a>),
+    S3(&'a Arc<S3Tree>),
+}
+
+/// Longest S3 key, in bytes.
+const S3_KEY_MAX: usize = 1024;
+
+/// `abort` into an S3 OLD: the bucket (below its prefix) becomes exactly what the view shows.
+///
+/// 1. Every name is checked first: an S3 key is UTF-8 and at most 1,024 bytes. A view holding
+///    another name is refused, saying which, before anything is written.
+/// 2. The view is walked: a file whose bytes are still OLD's object at the same key stays as it
+///    is; every other file is PUT from NEW with its owner, mode and mtime as object metadata
+///    (s3fs's and rclone's conventions); a symlink is an object holding its target (s3fs);
+///    a directory with nothing in it gets a `name/` marker.
+/// 3. Every key below the prefix that the view does not show is deleted.
+///
+/// A crash anywhere is finished by running abort again: the view's records stay until the
+/// end, PUTs of the same bytes are harmless, and step 3 only deletes what the view lacks.
+/// Directory metadata and hard links (each name becomes an object of its own) are not kept.
+fn abort_s3(
+    view: &View,
+    journal: &Records,
+    tree: &Arc<S3Tree>,
+    new_root: BorrowedFd<'_>,
+    keep_new: bool,
+) -> Result<String> {
+    match state::phase(journal)? {
+        Phase::Committed => {
+            return Err(refusal(
+                "the migration is committed: NEW is the dataset now; abort is no longer possible"
+                    .into(),
+            ));
+        }
+        Phase::Aborted => return Ok("already aborted".into()),
+        _ => {}
+    }
+    let mut bad = Vec::new();
+    check_s3_names(view, &view.root(), "", &mut bad)?;
+    if !bad.is_empty() {
+        let shown: Vec<String> = bad.iter().take(10).cloned().collect();
+        return Err(refusal(format!(
+            "abort refused, nothing was changed: {} name(s) in the view are not UTF-8 or make \
+             an S3 key longer than {S3_KEY_MAX} bytes: {}; rename them through the view, then \
+             abort again",
+            bad.len(),
+            shown.join(", ")
+        )));
+    }
+    if journal.meta("abort_step")?.is_none() {
+        state::record_final_local(journal, new_root)?;
+        set_step(journal, "s3-writing")?;
+    }
+    let mut keep = std::collections::HashSet::new();
+    let mut stats = AbortStats::default();
+    write_s3_dir(view, tree, &view.root(), "", &mut keep, &mut stats)?;
+    let mut extra = Vec::new();
+    tree.store
+        .list_all(&mut |rel, _| {
+            if !keep.contains(rel) {
+                extra.push(rel.to_string());
+            }
+        })
+        .map_err(s3_err("list OLD"))?;
+    for rel in &extra {
+        tree.store.delete(rel).map_err(s3_err("delete from OLD"))?;
+    }
+    let new_note = if keep_new || !new_was_empty(journal)? {
+        "NEW kept as it is".to_string()
+    } else {
+        for e in posix::read_dir_names(new_root).ctx("read NEW root")? {
+            remove_tree_at(new_root, OsStr::from_bytes(&e.name))?;
+        }
+        "NEW emptied".to_string()
+    };
+    state::set_phase(journal, Phase::Aborted)?;
+    journal.clear_view_records()?;
+    let mut b = Batch::new();
+    b.meta("abort_step", b"done");
+    journal.commit(b, true)?;
+    Ok(format!(
+        "aborted: OLD ({}) now holds the view as it was ({} objects left as they were, {} \
+         written from NEW, {} deleted); {new_note}",
+        tree.store.url,
+        stats.linked,
+        stats.copied,
+        extra.len()
+    ))
+}
+
+fn s3_err(op: &'static str) -> impl Fn(crate::store::s3::S3Error) -> Error {
+    move |e| {
+        tracing::warn!(error = %e, "{op}");
+        Error::Store {
+            op,
+            source: e.into(),
+        }
+    }
+}
+
+fn s3_join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// Collect the view paths whose names no S3 key can hold.
+fn check_s3_names(view: &View, dir: &Arc<Inode>, rel: &str, bad: &mut Vec<String>) -> Result<()> {
+    for (name, kind) in view.children(dir)? {
+        let Some(n) = name.to_str() else {
+            bad.push(format!("{:?}", s3_join(rel, &name.to_string_lossy())));
+            continue;
+        };
+        let path = s3_join(rel, n);
+        if path.len() + 1 > S3_KEY_MAX {
+            bad.push(format!("{path:?}"));
+            continue;
+        }
+        if kind == Kind::Dir
+            && let Some(sub) = view.child(dir, &name)?
+        {
+            let r = check_s3_names(view, &sub, &path, bad);
+            view.release_lookup(&sub);
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 2 of [`abort_s3`] for the view's directory `dir` at `rel`; `keep` gets every key the
+/// view shows.
+fn write_s3_dir(
+    view: &View,
+    tree: &Arc<S3Tree>,
+    dir: &Arc<Inode>,
+    rel: &str,
+    keep: &mut std::collections::HashSet<String>,
+    stats: &mut AbortStats,
+) -> Result<()> {
+    let children = view.children(dir)?;
+    if children.is_empty() && !rel.is_empty() {
+        let key = format!("{rel}/");
+        let meta = match view.backing(dir) {
+            Some(l) => meta_of(&l.stat().ctx("stat view dir")?),
+            None => PosixMeta::default(),
+        };
+        tree.store
+            .put(&key, Vec::new(), &meta)
+            .map_err(s3_err("write a directory marker into OLD"))?;
+        keep.insert(key);
+    }
+    if !rel.is_empty() {
+        // A marker OLD had for this directory stays (it may carry the directory's metadata).
+        keep.insert(format!("{rel}/"));
+    }
+    for (name, _) in children {
+        let Some(inode) = view.child(dir, &name)? else {
+            continue;
+        };
+        let path = s3_join(rel, &name.to_string_lossy());
+        let r = if inode.kind == Kind::Dir {
+            stats.dirs += 1;
+            write_s3_dir(view, tree, &inode, &path, keep, stats)
+        } else {
+            write_s3_entry(view, tree, &inode, &path, stats)
+        };
+        view.release_lookup(&inode);
+        r?;
+        keep.insert(path);
+    }
+    Ok(())
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn meta_of(st: &rustix::fs::Stat) -> PosixMeta {
+    PosixMeta {
+        mode: Some(st.st_mode),
+        uid: Some(st.st_uid),
+        gid: Some(st.st_gid),
+        mtime: Some((st.st_mtime as i64, st.st_mtime_nsec as u32)),
+    }
+}
+
+fn write_s3_entry(
+    view: &View,
+    tree: &Arc<S3Tree>,
+    inode: &Arc<Inode>,
+    path: &str,
+    stats: &mut AbortStats,
+) -> Result<()> {
+    // OLD's own object, unchanged, at this very key: nothing to write.
+    if let Some(old) = view.old_source(inode)?
+        && old.object().is_some_and(|o| o.rel == path)
+    {
+        stats.linked += 1;
+        return Ok(());
+    }
+    let src = view
+        .backing(inode)
+        .ok_or_else(|| crate::error::errno_err("entry has no backing", libc::ENOENT))?;
+    if src.object().is_some() {
+        // OLD's object under another name (renamed through the view, not copied yet).
+        let o = src.object().expect("checked");
+        let info = o.object.as_ref().ok_or_else(|| {
+            crate::error::errno_err("an S3 directory where a file was", libc::EISDIR)
+        })?;
+        let f = tempfile_in_state()?;
+        tree.store
+            .get_to_file(&info.rel, &info.etag, &f, &mut |_| true)
+            .map_err(s3_err("read OLD object"))?;
+        tree.store
+            .put_file(path, &f, &meta_of(&o.st))
+            .map_err(s3_err("write into OLD"))?;
+        stats.copied += 1;
+        return Ok(());
+    }
+    let st = src.stat().ctx("stat view entry")?;
+    let meta = meta_of(&st);
+    match Kind::from_mode(st.st_mode) {
+        Kind::File => {
+            let f = src.open(OFlags::RDONLY).ctx("open view file")?;
+            tree.store
+                .put_file(path, &f, &meta)
+                .map_err(s3_err("write into OLD"))?;
+        }
+        Kind::Symlink => {
+            let target = src.readlink().ctx("readlink")?;
+            tree.store
+                .put(path, target, &meta)
+                .map_err(s3_err("write into OLD"))?;
+        }
+        _ => {
+            tree.store
+                .put(path, Vec::new(), &meta)
+                .map_err(s3_err("write into OLD"))?;
+        }
+    }
+    stats.copied += 1;
+    Ok(())
+}
+
+/// An anonymous temporary file (for an object on its way from one key to another).
+fn tempfile_in_state() -> Result<std::fs::File> {
+    rustix::fs::openat(
+        rustix::fs::CWD,
+        std::env::temp_dir().as_path(),
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map(std::fs::File::from)
+    .ctx("O_TMPFILE in the temp dir")
 }
 
 fn set_step(journal: &Records, step: &str) -> Result<()> {

@@ -38,7 +38,9 @@ enum LogFormat {
 enum Cmd {
     /// Check both stores, record them, and create the migration's journal in the state dir.
     Prepare {
-        /// The store the data lives in today (an absolute directory path, or posix:/path).
+        /// The store the data lives in today: an absolute directory path, posix:/path, or
+        /// s3://bucket[/prefix][?endpoint=URL&region=R&profile=P&path_style=true] (credentials
+        /// from the profile or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, never in the URL).
         #[arg(long)]
         old: String,
         /// The store the data moves to; must be empty unless --allow-nonempty-new.
@@ -387,11 +389,14 @@ fn run() -> Result<(), String> {
             }
             let m = open_offline(&state)?;
             let o = daemon::open_view(&m)?;
-            let old = o
-                .old
-                .as_ref()
-                .ok_or("the migration is committed: abort is no longer possible")?;
-            let msg = lifecycle::abort(&o.view, &m.journal, old.root(), o.new.root(), keep_new)
+            let old = match (&o.old, &o.old_s3) {
+                (Some(p), _) => lifecycle::OldTarget::Posix(p.root()),
+                (None, Some(t)) => lifecycle::OldTarget::S3(t),
+                (None, None) => {
+                    return Err("the migration is committed: abort is no longer possible".into());
+                }
+            };
+            let msg = lifecycle::abort(&o.view, &m.journal, old, o.new.root(), keep_new)
                 .map_err(|e| e.to_string())?;
             println!("{msg}");
             Ok(())

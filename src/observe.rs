@@ -90,6 +90,14 @@ struct HealthJson {
     checks: Vec<CheckJson>,
 }
 
+/// What the OLD probe checks.
+pub enum OldProbe {
+    /// A POSIX store's root: fstatvfs.
+    Posix(OwnedFd),
+    /// An S3 store: a LIST of one key.
+    S3(Arc<crate::store::s3tree::S3Tree>),
+}
+
 impl Observed {
     /// `old_root` is `None` once committed.
     pub fn new(
@@ -137,8 +145,9 @@ impl Observed {
         }
     }
 
-    /// Start one probe thread per target. `old_root`/`new_root` are the stores' root fds.
-    pub fn start_probes(self: &Arc<Self>, old_root: Option<OwnedFd>, new_root: OwnedFd) {
+    /// Start one probe thread per target. `old`: OLD's root fd or S3 store (`None` once
+    /// committed); `new_root`: NEW's root fd.
+    pub fn start_probes(self: &Arc<Self>, old: Option<OldProbe>, new_root: OwnedFd) {
         let spawn = |t: Target, check: Check| {
             let me = self.clone();
             let _ = std::thread::Builder::new()
@@ -192,8 +201,22 @@ impl Observed {
                     .map_err(|e| format!("fstatvfs of the store's root: {e}"))
             })
         };
-        if let Some(old) = old_root {
-            spawn(Target::Old, store(old));
+        match old {
+            Some(OldProbe::Posix(fd)) => spawn(Target::Old, store(fd)),
+            // One LIST of at most one key: the endpoint answers and the bucket is readable.
+            Some(OldProbe::S3(tree)) => spawn(
+                Target::Old,
+                Box::new(move |_| {
+                    let t = Instant::now();
+                    tree.store
+                        .reachable()
+                        .map(|()| {
+                            format!("{} answered in {:.1} ms", tree.store.url, ms(t.elapsed()))
+                        })
+                        .map_err(|e| e.to_string())
+                }),
+            ),
+            None => {}
         }
         spawn(Target::New, store(new_root));
     }

@@ -197,7 +197,20 @@ fn take_lock(state: &Path) -> Result<File, StateError> {
 }
 
 fn check_dir(what: &str, spec: &StoreSpec) -> Result<(), StateError> {
-    let StoreSpec::Posix { path } = spec;
+    let path = match spec {
+        StoreSpec::Posix { path } => path,
+        StoreSpec::S3 { .. } if what == "NEW" => {
+            return Err(StateError::Invalid(format!(
+                "NEW store {spec}: an S3 NEW is not supported by this build yet (OLD may be \
+                 s3://; NEW must be a POSIX directory)"
+            )));
+        }
+        StoreSpec::S3 { url } => {
+            crate::store::s3tree::S3Tree::open(url)
+                .map_err(|e| StateError::Invalid(format!("{what} store {spec}: {e}")))?;
+            return Ok(());
+        }
+    };
     let md = fs::metadata(path)
         .map_err(|e| StateError::Invalid(format!("{what} store {}: {e}", path.display())))?;
     if !md.is_dir() {
@@ -207,6 +220,29 @@ fn check_dir(what: &str, spec: &StoreSpec) -> Result<(), StateError> {
         )));
     }
     Ok(())
+}
+
+/// The totals of an S3 OLD: one recursive listing (1,000 keys a request). A directory is every
+/// distinct prefix of a key; a `name/` marker is a directory, not a file.
+fn scan_totals_s3(tree: &crate::store::s3tree::S3Tree) -> io::Result<Totals> {
+    let mut t = Totals::default();
+    let mut dirs: std::collections::HashSet<String> = std::collections::HashSet::new();
+    tree.store.list_all(&mut |rel, size| {
+        let (parents, is_marker) = match rel.strip_suffix('/') {
+            Some(d) => (d, true),
+            None => (rel.rsplit_once('/').map_or("", |(d, _)| d), false),
+        };
+        if !is_marker {
+            t.files += 1;
+            t.bytes += size;
+        }
+        let mut p = parents;
+        while !p.is_empty() && dirs.insert(p.to_string()) {
+            p = p.rsplit_once('/').map_or("", |(d, _)| d);
+        }
+    })?;
+    t.dirs = dirs.len() as u64;
+    Ok(t)
 }
 
 /// Walk OLD once for the totals `status` reports.
@@ -281,9 +317,17 @@ pub fn already_prepared(
     let config = read_config(&journal, state)?;
     // canonicalize only reads links (realpath), so it also resolves an OLD path covered by a
     // dead view, whose stat would fail with ENOTCONN (tests/observe.rs covers that case).
-    let same = |want: &StoreSpec, have: &StoreSpec| {
-        let (StoreSpec::Posix { path: w }, StoreSpec::Posix { path: h }) = (want, have);
-        w == h || fs::canonicalize(w).is_ok_and(|c| &c == h)
+    let same = |want: &StoreSpec, have: &StoreSpec| match (want, have) {
+        (StoreSpec::Posix { path: w }, StoreSpec::Posix { path: h }) => {
+            w == h || fs::canonicalize(w).is_ok_and(|c| &c == h)
+        }
+        // The directories' mtime is the time of prepare, not part of what was asked.
+        (StoreSpec::S3 { url: w }, StoreSpec::S3 { url: h }) => {
+            let mut w = w.clone();
+            w.defaults.dir_mtime = h.defaults.dir_mtime;
+            &w == h
+        }
+        _ => false,
     };
     if same(old, &config.old) && same(new, &config.new) {
         Ok(Some(config))
@@ -306,11 +350,21 @@ pub fn prepare(
 ) -> Result<Totals, StateError> {
     check_dir("OLD", &old)?;
     check_dir("NEW", &new)?;
-    let (StoreSpec::Posix { path: op }, StoreSpec::Posix { path: np }) = (&old, &new);
-    let (op, np) = (
-        fs::canonicalize(op).map_err(io_at(op))?,
-        fs::canonicalize(np).map_err(io_at(np))?,
-    );
+    let np = new.posix_path().expect("checked: NEW is POSIX");
+    let np = fs::canonicalize(np).map_err(io_at(np))?;
+    let old = match old {
+        StoreSpec::S3 { mut url } => {
+            // Directories of an S3 OLD have no times of their own: they show the time of
+            // prepare, recorded here so that it never changes.
+            url.defaults.dir_mtime = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            return prepare_from_s3(url, np, state, allow_nonempty_new);
+        }
+        o => o,
+    };
+    let op = old.posix_path().expect("not S3");
+    let op = fs::canonicalize(op).map_err(io_at(op))?;
     if op.starts_with(&np) || np.starts_with(&op) {
         return Err(StateError::Invalid(format!(
             "OLD ({}) and NEW ({}) must not contain one another",
@@ -318,7 +372,64 @@ pub fn prepare(
             np.display()
         )));
     }
-    if !allow_nonempty_new && fs::read_dir(&np).map_err(io_at(&np))?.next().is_some() {
+    check_new_and_state(&np, state, allow_nonempty_new, &[&op, &np])?;
+    let _lock = take_lock(state)?;
+    let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
+    let totals = scan_totals(&op).map_err(io_at(&op))?;
+    root_meta_from_old(&op, &np)?;
+    let ost = rustix::fs::stat(&op).map_err(|e| io_at(&op)(e.into()))?;
+    let config = Config {
+        old: StoreSpec::Posix { path: op.clone() },
+        new: StoreSpec::Posix { path: np.clone() },
+    };
+    record_migration(&config, &totals, &ost, &np, state, new_was_empty)?;
+    Ok(totals)
+}
+
+/// `prepare` of a migration out of an S3 bucket (OLD) into the POSIX directory `np`.
+fn prepare_from_s3(
+    url: crate::store::s3::S3Url,
+    np: PathBuf,
+    state: &Path,
+    allow_nonempty_new: bool,
+) -> Result<Totals, StateError> {
+    check_new_and_state(&np, state, allow_nonempty_new, &[&np])?;
+    let _lock = take_lock(state)?;
+    let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
+    let spec = StoreSpec::S3 { url: url.clone() };
+    let tree = crate::store::s3tree::S3Tree::open(&url)
+        .map_err(|e| StateError::Invalid(format!("OLD store {spec}: {e}")))?;
+    let totals = scan_totals_s3(&tree)
+        .map_err(|e| StateError::Invalid(format!("listing OLD store {spec}: {e}")))?;
+    // The view's root is NEW's root: it shows what OLD's root shows (the URL's defaults).
+    let ost = tree.root().st;
+    {
+        use crate::store::posix::{Loc, PosixStore};
+        let n = PosixStore::open(&np).map_err(io_at(&np))?;
+        let nl = Loc::Fd(Arc::new(n.root().try_clone_to_owned().map_err(io_at(&np))?));
+        nl.chown(Some(ost.st_uid), Some(ost.st_gid))
+            .map_err(io_at(&np))?;
+        nl.chmod(ost.st_mode).map_err(io_at(&np))?;
+        nl.utimens(&crate::fs::timestamps_of(&ost))
+            .map_err(io_at(&np))?;
+    }
+    let config = Config {
+        old: spec,
+        new: StoreSpec::Posix { path: np.clone() },
+    };
+    record_migration(&config, &totals, &ost, &np, state, new_was_empty)?;
+    Ok(totals)
+}
+
+/// The checks of NEW and of the state dir every `prepare` makes, then the state dir is made.
+/// `stores`: directories the state dir must not be inside.
+fn check_new_and_state(
+    np: &Path,
+    state: &Path,
+    allow_nonempty_new: bool,
+    stores: &[&Path],
+) -> Result<(), StateError> {
+    if !allow_nonempty_new && fs::read_dir(np).map_err(io_at(np))?.next().is_some() {
         return Err(StateError::Invalid(format!(
             "NEW store {} is not empty; pass --allow-nonempty-new to merge into it (its entries \
              then win over OLD's)",
@@ -331,7 +442,7 @@ pub fn prepare(
             state.display()
         )));
     }
-    if state.starts_with(&op) || state.starts_with(&np) {
+    if stores.iter().any(|p| state.starts_with(p)) {
         return Err(StateError::Invalid(
             "the state dir must not be inside OLD or NEW".into(),
         ));
@@ -340,48 +451,48 @@ pub fn prepare(
         .recursive(true)
         .mode(0o700)
         .create(state)
-        .map_err(io_at(state))?;
-    let _lock = take_lock(state)?;
-    let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
-    let totals = scan_totals(&op).map_err(io_at(&op))?;
-    root_meta_from_old(&op, &np)?;
+        .map_err(io_at(state))
+}
+
+/// Create the journal of a prepared migration: its stores, OLD's totals, the phase, and the
+/// copy record of NEW's root (a copy of OLD's root `ost`, whose times the copier restores once
+/// it has filled the root, until the view changes the root itself).
+fn record_migration(
+    config: &Config,
+    totals: &Totals,
+    ost: &rustix::fs::Stat,
+    np: &Path,
+    state: &Path,
+    new_was_empty: bool,
+) -> Result<(), StateError> {
     let kv = RocksJournal::open(&journal_dir(state), true)?;
     let journal = Records::new(Arc::new(kv))?;
-    let config = Config {
-        old: StoreSpec::Posix { path: op.clone() },
-        new: StoreSpec::Posix { path: np.clone() },
-    };
     let mut b = Batch::new();
     b.meta(
         "config",
-        &serde_json::to_vec(&config).expect("config serializes"),
+        &serde_json::to_vec(config).expect("config serializes"),
     )
     .meta(
         "totals",
-        &serde_json::to_vec(&totals).expect("totals serialize"),
+        &serde_json::to_vec(totals).expect("totals serialize"),
     )
     .meta("phase", Phase::Prepared.as_str().as_bytes())
     .meta("new_was_empty", if new_was_empty { b"1" } else { b"0" });
-    // NEW's root now carries OLD's root metadata: a copy, whose times the copier restores
-    // once it has filled the root (until the view changes the root itself).
-    {
-        let ost = rustix::fs::stat(&op).map_err(|e| io_at(&op)(e.into()))?;
-        let n = fs::File::open(&np).map_err(io_at(&np))?;
-        let nst = rustix::fs::fstat(&n).map_err(|e| io_at(&np)(e.into()))?;
-        b.copy(
-            nst.st_dev,
-            nst.st_ino,
-            &crate::journal::CopyRecord {
-                origin: Vec::new(),
-                fp: crate::journal::Fingerprint::of(&ost),
-                handle: crate::store::posix::file_handle(std::os::fd::AsFd::as_fd(&n))
-                    .map_err(io_at(&np))?,
-                is_dir: true,
-            },
-        );
-    }
+    let n = fs::File::open(np).map_err(io_at(np))?;
+    let nst = rustix::fs::fstat(&n).map_err(|e| io_at(np)(e.into()))?;
+    b.copy(
+        nst.st_dev,
+        nst.st_ino,
+        &crate::journal::CopyRecord {
+            origin: Vec::new(),
+            fp: crate::journal::Fingerprint::of(ost),
+            handle: crate::store::posix::file_handle(std::os::fd::AsFd::as_fd(&n))
+                .map_err(io_at(np))?,
+            is_dir: true,
+        },
+    );
     journal.commit(b, true)?;
-    Ok(totals)
+    Ok(())
 }
 
 fn read_config(journal: &Records, state: &Path) -> Result<Config, StateError> {
@@ -516,7 +627,9 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         .map_err(|e| StateError::Invalid(format!("{}: {e}", state.display())))?
         .to_string();
     let counts = journal.counts()?;
-    let StoreSpec::Posix { path: np } = &config.new;
+    let np = config.new.posix_path().ok_or_else(|| {
+        StateError::Invalid(format!("{}: NEW is not a POSIX store", state.display()))
+    })?;
     let final_local = journal
         .meta("final_local")?
         .and_then(|v| v.try_into().ok().map(u64::from_le_bytes));

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ferryfs::fs::View;
 use ferryfs::journal::mem::MemJournal;
 use ferryfs::journal::{Batch, Intent, Records};
+use ferryfs::store::OldStore;
 use ferryfs::store::posix::PosixStore;
 
 struct Stores {
@@ -31,7 +32,7 @@ fn stores() -> Stores {
 
 fn open_view(s: &Stores, j: &Records) -> View {
     View::new(
-        PosixStore::open(&s.old).unwrap(),
+        OldStore::Posix(PosixStore::open(&s.old).unwrap()),
         PosixStore::open(&s.new).unwrap(),
         j.clone(),
     )

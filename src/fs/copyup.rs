@@ -131,6 +131,46 @@ pub(crate) fn copy_data_of(
     Ok(true)
 }
 
+/// How a data copy ended.
+pub(crate) enum Fetched {
+    Done,
+    /// `tick` stopped it.
+    Stopped,
+    /// OLD's object is not the version the copy was asked of any more.
+    Changed,
+}
+
+impl From<bool> for Fetched {
+    fn from(complete: bool) -> Fetched {
+        if complete {
+            Fetched::Done
+        } else {
+            Fetched::Stopped
+        }
+    }
+}
+
+/// The whole of an S3 OLD's object into `dst`, as long as it is still the version `e` was
+/// found as.
+pub(crate) fn fetch_object(
+    e: &crate::store::s3tree::Entry,
+    dst: &File,
+    tick: Tick<'_>,
+) -> Result<Fetched> {
+    let Some(info) = &e.object else {
+        return Err(errno_err("copy of an S3 directory's data", libc::EISDIR));
+    };
+    match e.tree.store.get_to_file(&info.rel, &info.etag, dst, tick) {
+        Ok(Some(_)) => Ok(Fetched::Done),
+        Ok(None) => Ok(Fetched::Stopped),
+        Err(s) if s.errno == libc::ESTALE || s.errno == libc::ENOENT => Ok(Fetched::Changed),
+        Err(s) => Err(crate::error::Error::Store {
+            op: "fetch OLD object",
+            source: s.into(),
+        }),
+    }
+}
+
 /// Copy every xattr of `src` onto `dst`.
 pub fn copy_xattrs(src: &Loc, dst: &Loc) -> Result<()> {
     copy_xattrs_with(
@@ -443,9 +483,12 @@ impl View {
                 if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
                     return Ok(Some(Copied::GaveWay));
                 }
-                let now = posix::stat_fd(p.src.as_fd()).ctx("stat OLD file")?;
-                if Fingerprint::of(&now) != Fingerprint::of(&p.st) {
-                    return Ok(Some(Copied::ChangedInOld));
+                // (An S3 object's copy was fetched conditional on its ETag: nothing to check.)
+                if let Some(src) = &p.src {
+                    let now = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+                    if Fingerprint::of(&now) != Fingerprint::of(&p.st) {
+                        return Ok(Some(Copied::ChangedInOld));
+                    }
                 }
                 Ok(None)
             })();
@@ -557,12 +600,22 @@ impl View {
             CopyMode::Background { tick, defer } => (true, Some(tick), true, defer),
         };
         let old = old_side(inode)?;
-        let src = old
-            .loc
-            .open(OFlags::RDONLY | OFlags::NOATIME)
-            .or_else(|_| old.loc.open(OFlags::RDONLY))
-            .ctx("open OLD file")?;
-        let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+        // An S3 OLD's object is fetched by one GET, conditional on the ETag its stat was made
+        // from: the copy is that version or nothing.
+        let obj = old.loc.object().cloned();
+        let src = match &obj {
+            Some(_) => None,
+            None => Some(
+                old.loc
+                    .open(OFlags::RDONLY | OFlags::NOATIME)
+                    .or_else(|_| old.loc.open(OFlags::RDONLY))
+                    .ctx("open OLD file")?,
+            ),
+        };
+        let st = match &src {
+            Some(f) => posix::stat_fd(f.as_fd()).ctx("stat OLD file")?,
+            None => old.loc.stat().ctx("stat OLD object")?,
+        };
         // The directory to build the copy in (the copy is named later, wherever the entry is
         // then). Usually in NEW already: a shared lock is enough to find it.
         let existing = {
@@ -626,17 +679,34 @@ impl View {
         .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
         let tmp = File::from(tmp);
         let size = st.st_size as u64;
-        let complete = match tick.as_mut() {
-            Some(t) => copy_data_of(&src, &tmp, size, Some(&st), &mut |n| {
-                !inode.cancel.load(Ordering::Acquire) && t(n)
-            })?,
-            None if data => copy_data_of(&src, &tmp, size, Some(&st), &mut |_| true)?,
-            None => true,
+        let copy = |tick: Tick<'_>| -> Result<Fetched> {
+            match (&src, &obj) {
+                (Some(f), _) => copy_data_of(f, &tmp, size, Some(&st), tick).map(Fetched::from),
+                (None, Some(e)) => fetch_object(e, &tmp, tick),
+                (None, None) => unreachable!("an OLD file or an OLD object"),
+            }
         };
-        if !complete {
-            return Ok(Copied::GaveWay);
+        let fetched = match tick.as_mut() {
+            Some(t) => copy(&mut |n| !inode.cancel.load(Ordering::Acquire) && t(n))?,
+            None if data => copy(&mut |_| true)?,
+            None => Fetched::Done,
+        };
+        match fetched {
+            Fetched::Done => {}
+            Fetched::Stopped => return Ok(Copied::GaveWay),
+            Fetched::Changed if background => return Ok(Copied::ChangedInOld),
+            // Replaced in OLD since the kernel looked it up: the application sees ESTALE and
+            // its next lookup finds the new object.
+            Fetched::Changed => {
+                return Err(errno_err(
+                    "OLD's object was replaced while being copied up",
+                    libc::ESTALE,
+                ));
+            }
         }
-        copy_xattrs_fd(&src, &tmp)?;
+        if let Some(src) = &src {
+            copy_xattrs_fd(src, &tmp)?;
+        }
         if !deferred {
             set_owner_and_mode(&tmp, &st)?;
         }
@@ -666,7 +736,7 @@ impl View {
             return Ok(Copied::GaveWay);
         }
         rustix::fs::fsync(&tmp).ctx("fsync copy")?;
-        if background {
+        if background && let Some(src) = &src {
             // OLD changed while we copied (an application writing to OLD behind the view):
             // this copy is not OLD's content; the next pass copies it again.
             let now = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
@@ -838,7 +908,8 @@ pub(crate) enum CopyMode<'a> {
 /// A background copy whose data and metadata are written but not yet durable nor named.
 pub struct Pending {
     inode: Arc<Inode>,
-    src: File,
+    /// OLD's file (kept open to check it did not change); `None` for an S3 object.
+    src: Option<File>,
     st: rustix::fs::Stat,
     tmp: File,
     origin: Vec<u8>,

@@ -98,15 +98,9 @@ impl View {
         let Some((_, _, rec)) = self.copy_record(inode)? else {
             return Ok(None);
         };
-        let p = std::path::Path::new(OsStr::from_bytes(&rec.origin));
-        let (dir, name) = match (p.parent(), p.file_name()) {
-            (Some(d), Some(n)) => (d, n),
-            _ => return Ok(None),
-        };
-        let Ok(dfd) = self.old.open_path(dir) else {
+        let Ok(Some(loc)) = self.old.locate_at(&rec.origin) else {
             return Ok(None);
         };
-        let loc = Loc::At(Arc::new(dfd), name.to_owned());
         match loc.stat() {
             Ok(st) if Fingerprint::of(&st) == rec.fp => Ok(Some(loc)),
             _ => Ok(None),
@@ -364,11 +358,8 @@ impl View {
             return Ok(Check::Local);
         };
         let origin = rec.origin.clone();
-        let now = match self
-            .old
-            .open_path(std::path::Path::new(OsStr::from_bytes(&origin)))
-        {
-            Ok(fd) => posix::stat_fd(fd.as_fd()).ctx("stat OLD entry")?,
+        let now = match self.old.locate_path(&origin) {
+            Ok((_, st)) => st,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
                 // Removed from OLD behind the view: the copy stays, as the view's own.
                 tracing::warn!(
@@ -407,13 +398,10 @@ impl View {
             return Ok(false);
         };
         // The origin the record names (a NEW file's inode keeps no OLD side of its own).
-        let old = match self
-            .old
-            .open_path(std::path::Path::new(OsStr::from_bytes(&rec.origin)))
-        {
-            Ok(fd) => super::inode::OldRef {
+        let old = match self.old.locate_path(&rec.origin) {
+            Ok((loc, _)) => super::inode::OldRef {
                 path: rec.origin.clone(),
-                loc: Loc::Fd(Arc::new(fd)),
+                loc,
             },
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
                 return Ok(false);
@@ -451,15 +439,22 @@ impl View {
             return Ok(false);
         };
         let cur = posix::stat_at(pfd.as_fd(), &name).ctx("stat NEW copy")?;
-        if inode.kind == Kind::File && cur.st_nlink > 1 {
+        if inode.kind == Kind::File && cur.st_nlink > 1 && old.loc.object().is_none() {
             return self.recopy_in_place(inode, &old.loc, &pfd, &name, tick);
         }
         let work = self.work_dir()?;
         let tmp_name = OsString::from(format!("{RECOPY_PREFIX}{}", inode.ino));
         let _ = rustix::fs::unlinkat(&work, &tmp_name, AtFlags::empty());
         let (tdev, tino, handle, bytes) = if inode.kind == Kind::File {
-            let src = old.loc.open(OFlags::RDONLY).ctx("open OLD file")?;
-            let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+            let obj = old.loc.object().cloned();
+            let src = match &obj {
+                Some(_) => None,
+                None => Some(old.loc.open(OFlags::RDONLY).ctx("open OLD file")?),
+            };
+            let st = match &src {
+                Some(f) => posix::stat_fd(f.as_fd()).ctx("stat OLD file")?,
+                None => ost,
+            };
             let tmp = std::fs::File::from(
                 rustix::fs::openat(
                     &work,
@@ -469,12 +464,18 @@ impl View {
                 )
                 .ctx("O_TMPFILE in NEW")?,
             );
-            if !copy_data(&src, &tmp, st.st_size as u64, &mut |n| {
-                !inode.cancel.load(Ordering::Acquire) && tick(n)
-            })? {
+            let mut tick = |n| !inode.cancel.load(Ordering::Acquire) && tick(n);
+            let fetched = match (&src, &obj) {
+                (Some(f), _) => copy_data(f, &tmp, st.st_size as u64, &mut tick)?.into(),
+                (None, Some(e)) => super::copyup::fetch_object(e, &tmp, &mut tick)?,
+                (None, None) => unreachable!("an OLD file or an OLD object"),
+            };
+            if !matches!(fetched, super::copyup::Fetched::Done) {
                 return Ok(false);
             }
-            super::copyup::copy_xattrs_fd(&src, &tmp)?;
+            if let Some(src) = &src {
+                super::copyup::copy_xattrs_fd(src, &tmp)?;
+            }
             rustix::fs::fsync(&tmp).ctx("fsync copy")?;
             let tp = posix::proc_path(tmp.as_fd());
             rustix::fs::linkat(
@@ -645,16 +646,17 @@ fn xattr_map(loc: &Loc) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> 
     Ok(out)
 }
 
-fn same_bytes(a: &std::fs::File, b: &std::fs::File) -> Result<bool> {
-    use std::io::Read;
-    let (mut a, mut b) = (a, b);
+/// Whether OLD's bytes (a file or an object) and NEW's file's are the same.
+fn same_bytes(a: &crate::store::Source, b: &std::fs::File) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
     let mut ba = vec![0u8; 1 << 20];
     let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
     loop {
-        let n = a.read(&mut ba).ctx("read OLD")?;
+        let n = a.read_at(&mut ba, off).ctx("read OLD")?;
         let mut m = 0;
         while m < n {
-            let k = b.read(&mut bb[m..n]).ctx("read NEW")?;
+            let k = b.read_at(&mut bb[m..n], off + m as u64).ctx("read NEW")?;
             if k == 0 {
                 return Ok(false);
             }
@@ -664,8 +666,9 @@ fn same_bytes(a: &std::fs::File, b: &std::fs::File) -> Result<bool> {
             return Ok(false);
         }
         if n == 0 {
-            return Ok(b.read(&mut bb[..1]).ctx("read NEW")? == 0);
+            return Ok(b.read_at(&mut bb[..1], off).ctx("read NEW")? == 0);
         }
+        off += n as u64;
     }
 }
 
@@ -675,11 +678,8 @@ impl View {
         let Some((loc, nst, rec)) = self.copy_record(inode)? else {
             return Ok(None);
         };
-        let old = match self
-            .old
-            .open_path(std::path::Path::new(OsStr::from_bytes(&rec.origin)))
-        {
-            Ok(fd) => Loc::Fd(Arc::new(fd)),
+        let old = match self.old.locate_path(&rec.origin) {
+            Ok((loc, _)) => loc,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 return Ok(Some("gone from OLD".into()));
             }
@@ -732,7 +732,7 @@ impl View {
             return Ok(Some("xattrs differ".into()));
         }
         if how == Compare::Checksum && kind == Kind::File {
-            let a = old.open(OFlags::RDONLY).ctx("open OLD file")?;
+            let a = old.open_source(OFlags::RDONLY).ctx("open OLD file")?;
             let b = loc.open(OFlags::RDONLY).ctx("open NEW file")?;
             if !same_bytes(&a, &b)? {
                 return Ok(Some("content differs".into()));

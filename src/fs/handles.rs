@@ -17,12 +17,12 @@ use super::inode::Inode;
 use super::{DirEntry, Kind, View};
 use crate::error::{Context, Error, Result};
 use crate::metrics::METRICS;
-use crate::store::posix;
+use crate::store::{Source, posix};
 
 pub(crate) struct FileHandle {
     pub(super) inode: Arc<Inode>,
-    /// The open file, and whether it is NEW's.
-    pub(super) file: RwLock<(Arc<File>, bool)>,
+    /// The open file (or S3 object), and whether it is NEW's.
+    pub(super) file: RwLock<(Source, bool)>,
     pub(super) flags: i32,
 }
 
@@ -86,7 +86,7 @@ impl HandleTable {
     /// The open file behind `fh`, if it is a file handle.
     pub fn open_file(&self, fh: u64) -> Option<Arc<File>> {
         match &*self.get(fh).ok()? {
-            Handle::File(h) => Some(h.file.read().unwrap().0.clone()),
+            Handle::File(h) => h.file.read().unwrap().0.file().cloned(),
             Handle::Dir(_) => None,
         }
     }
@@ -96,7 +96,7 @@ impl HandleTable {
     pub fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
         let map = self.map.lock().unwrap();
         map.values().find_map(|h| match &**h {
-            Handle::File(f) if f.inode.ino == ino => Some(f.file.read().unwrap().0.clone()),
+            Handle::File(f) if f.inode.ino == ino => f.file.read().unwrap().0.file().cloned(),
             _ => None,
         })
     }
@@ -117,8 +117,9 @@ pub struct OpenFile {
     /// The file's data did not change since the kernel last cached it: keep the page cache.
     pub keep_cache: bool,
     /// The store's file behind the handle, for the kernel to read and write directly
-    /// (passthrough), and whether it is NEW's (else OLD's, opened read-only).
-    pub file: Arc<File>,
+    /// (passthrough), and whether it is NEW's (else OLD's, opened read-only). `None` for an
+    /// S3 object: the daemon serves its reads.
+    pub file: Option<Arc<File>>,
     pub on_new: bool,
 }
 
@@ -194,17 +195,22 @@ impl View {
                 (None, None) => return Err(crate::error::errno_err("open", libc::ENOENT)),
             }
         };
-        let file = loc
-            .open(OFlags::from_bits_retain((flags & !STRIP) as u32))
+        let src = loc
+            .open_source(OFlags::from_bits_retain((flags & !STRIP) as u32))
             .ctx(if on_new {
                 "open NEW file"
             } else {
                 "open OLD file"
             })?;
-        if flags & libc::O_TRUNC != 0 && on_new {
-            file.set_len(0).ctx("truncate on open")?;
-        }
-        let st = posix::stat_fd(file.as_fd()).ctx("fstat open file")?;
+        let st = match src.file() {
+            Some(file) => {
+                if flags & libc::O_TRUNC != 0 && on_new {
+                    file.set_len(0).ctx("truncate on open")?;
+                }
+                posix::stat_fd(file.as_fd()).ctx("fstat open file")?
+            }
+            None => loc.stat().ctx("stat OLD object")?,
+        };
         #[allow(clippy::unnecessary_cast)]
         let stamp = (
             st.st_mtime as i64,
@@ -218,10 +224,10 @@ impl View {
             n.cache_stamp = Some(stamp);
             same
         };
-        let file = Arc::new(file);
+        let file = src.file().cloned();
         let fh = self.handles.insert(Handle::File(FileHandle {
             inode,
-            file: RwLock::new((file.clone(), on_new)),
+            file: RwLock::new((src, on_new)),
             flags,
         }));
         Ok(OpenFile {
@@ -234,7 +240,7 @@ impl View {
 
     /// The handle's file, switched to NEW if the inode was copied up since it was opened, and
     /// whether it is NEW's.
-    fn handle_file(&self, h: &FileHandle) -> Result<(Arc<File>, bool)> {
+    fn handle_file(&self, h: &FileHandle) -> Result<(Source, bool)> {
         {
             let g = h.file.read().unwrap();
             if g.1 {
@@ -247,30 +253,45 @@ impl View {
             let f = loc
                 .open(OFlags::from_bits_retain((h.flags & !STRIP) as u32))
                 .ctx("reopen on NEW after copy-up")?;
-            *g = (Arc::new(f), true);
+            *g = (Source::File(Arc::new(f)), true);
         }
         Ok((g.0.clone(), g.1))
     }
 
-    /// Run `f` on the handle's current file; `f` is told whether that file is NEW's.
+    /// Run `f` on the handle's current file; `f` is told whether that file is NEW's. EBADF
+    /// for an S3 object (open read-only: nothing but reads reach it).
     fn with_file<T>(
         &self,
         fh: u64,
         f: impl FnOnce(&File, &FileHandle, bool) -> Result<T>,
     ) -> Result<T> {
+        self.with_source(fh, |src, h, on_new| match src.file() {
+            Some(file) => f(file, h, on_new),
+            None => Err(Error::refused(
+                libc::EBADF,
+                "an S3 object is open read-only",
+            )),
+        })
+    }
+
+    fn with_source<T>(
+        &self,
+        fh: u64,
+        f: impl FnOnce(&Source, &FileHandle, bool) -> Result<T>,
+    ) -> Result<T> {
         let h = self.handles.file(fh)?;
         let Handle::File(fhd) = &*h else {
             unreachable!()
         };
-        let (file, on_new) = self.handle_file(fhd)?;
-        f(&file, fhd, on_new)
+        let (src, on_new) = self.handle_file(fhd)?;
+        f(&src, fhd, on_new)
     }
 
     /// Read up to `size` bytes at `offset` into `buf` (grown as needed, never shrunk, so a
     /// caller that keeps it pays no allocation or zeroing per request); returns the length.
     pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize> {
         self.note_io();
-        self.with_file(fh, |file, _, on_new| {
+        self.with_source(fh, |file, _, on_new| {
             let size = size as usize;
             if buf.len() < size {
                 buf.resize(size, 0);
@@ -308,7 +329,11 @@ impl View {
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
-        self.with_file(fh, |file, _, _| {
+        self.with_source(fh, |src, _, _| {
+            // Nothing was written to an S3 object open read-only.
+            let Some(file) = src.file() else {
+                return Ok(());
+            };
             if datasync {
                 file.sync_data().ctx("fdatasync")
             } else {
@@ -331,7 +356,24 @@ impl View {
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        self.with_file(fh, |file, _, _| {
+        self.with_source(fh, |src, _, _| {
+            let file = match src {
+                Source::File(f) => f,
+                // An object is all data, no holes.
+                Source::Object(o) => {
+                    let size = o.info.size as i64;
+                    return match whence {
+                        libc::SEEK_DATA if offset < size => Ok(offset),
+                        libc::SEEK_HOLE if offset < size => Ok(size),
+                        libc::SEEK_DATA | libc::SEEK_HOLE => {
+                            Err(Error::refused(libc::ENXIO, "lseek past the end"))
+                        }
+                        libc::SEEK_SET => Ok(offset),
+                        libc::SEEK_END => Ok(size + offset),
+                        _ => Err(Error::refused(libc::EINVAL, "lseek whence")),
+                    };
+                }
+            };
             let pos = match whence {
                 libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
                 libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),

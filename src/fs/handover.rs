@@ -20,13 +20,15 @@ use super::inode::{KnownInode, ROOT_INO};
 use super::{DirEntry, Kind, View};
 
 /// An open file: its handle, inode and open flags. Its file descriptor travels beside the
-/// state, in the same order as the list.
+/// state, in the same order as the list (an S3 object has none: it is opened again).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenFileState {
     pub fh: u64,
     pub ino: u64,
     pub flags: i32,
     pub on_new: bool,
+    #[serde(default)]
+    pub object: bool,
 }
 
 /// An open directory: its handle and the listing snapshot its offsets index.
@@ -72,14 +74,17 @@ impl View {
         for (fh, h) in handles {
             match &*h {
                 Handle::File(f) => {
-                    let (file, on_new) = f.file.read().unwrap().clone();
+                    let (src, on_new) = f.file.read().unwrap().clone();
                     st.files.push(OpenFileState {
                         fh,
                         ino: f.inode.ino,
                         flags: f.flags,
                         on_new,
+                        object: src.file().is_none(),
                     });
-                    fds.push(file);
+                    if let Some(file) = src.file() {
+                        fds.push(file.clone());
+                    }
                 }
                 Handle::Dir(entries) => st.dirs.push(OpenDirState {
                     fh,
@@ -155,7 +160,31 @@ impl View {
                 .max(st.inodes.iter().map(|k| k.ino + 1).max().unwrap_or(0)),
         );
         let by_ino: HashMap<u64, Kind> = st.inodes.iter().map(|k| (k.ino, k.kind)).collect();
-        for (f, file) in st.files.iter().zip(files) {
+        let mut files = files.into_iter();
+        for f in &st.files {
+            let src = if f.object {
+                // An S3 object: read again from the inode's OLD entry (same ETag, so the same
+                // bytes, or ESTALE at the next read if the object was replaced meanwhile).
+                let loc = self
+                    .inodes
+                    .get(f.ino)
+                    .and_then(|i| i.node().old.as_ref().map(|o| o.loc.clone()));
+                match loc.map(|l| l.open_source(rustix::fs::OFlags::RDONLY)) {
+                    Some(Ok(s)) => s,
+                    _ => {
+                        tracing::warn!(
+                            ino = f.ino,
+                            "handover: an open S3 object no longer resolves; its handle is dropped"
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                match files.next() {
+                    Some(file) => crate::store::Source::File(Arc::new(file)),
+                    None => break,
+                }
+            };
             let inode = match self.inodes.get(f.ino) {
                 Some(i) => i,
                 None => self.inodes.insert_detached(
@@ -168,7 +197,7 @@ impl View {
                 f.fh,
                 Handle::File(FileHandle {
                     inode,
-                    file: RwLock::new((Arc::new(file), f.on_new)),
+                    file: RwLock::new((src, f.on_new)),
                     flags: f.flags,
                 }),
             );

@@ -46,6 +46,7 @@ pub use ops::{SetAttr, SetTime, XattrReply};
 
 use crate::error::{Context, Error, Result};
 use crate::journal::{self, Dentry, Intent, ROOT_DIR, Records};
+use crate::store::OldStore;
 use crate::store::posix::{self, Loc, PosixStore};
 
 /// How long a merged directory's counted subdirectories are trusted without a change through
@@ -110,7 +111,7 @@ impl Resolved {
 }
 
 pub struct View {
-    old: PosixStore,
+    old: OldStore,
     new: PosixStore,
     journal: Records,
     inodes: InodeTable,
@@ -169,21 +170,18 @@ fn not_found(op: &'static str) -> Error {
 
 impl View {
     /// Open the view over two stores and a journal, finishing any NEW-side work a crash left.
-    pub fn new(old: PosixStore, new: PosixStore, journal: Records) -> Result<View> {
-        let old_root = old
-            .open_path(std::path::Path::new(""))
-            .ctx("open OLD root")?;
+    pub fn new(old: OldStore, new: PosixStore, journal: Records) -> Result<View> {
+        let (old_root, ost) = old.root().ctx("open OLD root")?;
         let new_root = new
             .open_path(std::path::Path::new(""))
             .ctx("open NEW root")?;
-        let ost = posix::stat_fd(old_root.as_fd()).ctx("stat OLD root")?;
         let nst = posix::stat_fd(new_root.as_fd()).ctx("stat NEW root")?;
         let root = Node {
             names: vec![(ROOT_INO, OsString::new())],
             new: Some(Loc::Fd(Arc::new(new_root))),
             old: Some(OldRef {
                 path: Vec::new(),
-                loc: Loc::Fd(Arc::new(old_root)),
+                loc: old_root,
             }),
             dir_id: Some(ROOT_DIR),
             old_group: None,
@@ -370,17 +368,10 @@ impl View {
                 origin: Some(o), ..
             })
             | Some(Dentry::File { origin: Some(o) }) => {
-                let p = std::path::Path::new(OsStr::from_bytes(o));
-                let found = match self.old.open_path(p) {
-                    Ok(fd) => {
-                        posix::stat_fd(fd.as_fd()).map(|st| Some((Loc::Fd(Arc::new(fd)), st)))
-                    }
-                    Err(e) => Err(e),
-                };
-                (o.clone(), found)
+                (o.clone(), self.old.locate_path(o).map(Some))
             }
-            None => match parent_old.and_then(|po| po.loc.dir_fd().map(|d| (po, d))) {
-                Some((po, dfd)) => (join(&po.path, name), locate(dfd, name)),
+            None => match parent_old {
+                Some(po) => (join(&po.path, name), old_child(&po.loc, name)),
                 None => return Ok(None),
             },
         };
@@ -698,10 +689,14 @@ impl View {
     /// The merged listing of the directory whose two sides and id `sides` holds.
     pub(crate) fn list_node(&self, sides: &Node) -> Result<Vec<DirEntry>> {
         let dnew = sides.new.as_ref().and_then(|l| l.dir_fd().cloned());
-        let dold = if self.is_single() {
-            None
+        let (dold, sold) = if self.is_single() {
+            (None, None)
         } else {
-            sides.old.as_ref().and_then(|o| o.loc.dir_fd().cloned())
+            let o = sides.old.as_ref();
+            (
+                o.and_then(|o| o.loc.dir_fd().cloned()),
+                o.and_then(|o| o.loc.object().cloned()),
+            )
         };
         let did = sides.dir_id;
         let records: HashMap<Vec<u8>, Dentry> = match did {
@@ -746,6 +741,25 @@ impl View {
                 seen.insert(ent.name);
             }
         }
+        if let Some(dir) = sold.filter(|e| e.is_dir()) {
+            // An S3 OLD directory: its objects and prefixes, under NEW's names and the records.
+            let dev = dir.tree.dev();
+            for c in dir.tree.list(&dir.rel).ctx("list OLD (S3)")? {
+                let name = c.name.into_bytes();
+                if seen.contains(&name) || records.contains_key(&name) {
+                    continue;
+                }
+                out.push(DirEntry {
+                    name: OsString::from_vec(name.clone()),
+                    kind: if c.is_dir { Kind::Dir } else { Kind::File },
+                    ino: self
+                        .inodes
+                        .ino_of(&Identity::Old(dev, c.ino))
+                        .unwrap_or(synthetic_ino(c.ino)),
+                });
+                seen.insert(name);
+            }
+        }
         for (name, rec) in &records {
             if seen.contains(name) {
                 continue;
@@ -757,10 +771,7 @@ impl View {
                 | Dentry::File { origin: Some(o) } => o,
                 _ => continue,
             };
-            let p = std::path::Path::new(OsStr::from_bytes(origin));
-            if let Ok(fd) = self.old.open_path(p)
-                && let Ok(st) = posix::stat_fd(fd.as_fd())
-            {
+            if let Ok((_, st)) = self.old.locate_path(origin) {
                 let kind = Kind::from_mode(st.st_mode);
                 // Same rule as resolution: a redirect whose OLD entry changed kind shows nothing.
                 if matches!(rec, Dentry::Dir { .. }) != (kind == Kind::Dir) {
@@ -819,6 +830,20 @@ impl View {
 
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs> {
         rustix::fs::fstatvfs(self.new.root()).ctx("statvfs NEW")
+    }
+}
+
+/// Find `name` in OLD's directory `dir`, a POSIX directory or an S3 one.
+fn old_child(dir: &Loc, name: &OsStr) -> std::io::Result<Option<(Loc, rustix::fs::Stat)>> {
+    if let Some(dfd) = dir.dir_fd() {
+        return locate(dfd, name);
+    }
+    match dir.object() {
+        Some(d) if d.is_dir() => Ok(d.tree.lookup(&d.rel, name)?.map(|e| {
+            let st = e.st;
+            (Loc::Obj(Arc::new(e)), st)
+        })),
+        _ => Ok(None),
     }
 }
 

@@ -111,10 +111,9 @@ impl View {
             return false;
         }
         let old = dir.node().old.clone();
-        old.is_some_and(|o| {
-            o.loc
-                .dir_fd()
-                .is_some_and(|d| posix::stat_at(d.as_fd(), name).is_ok())
+        old.is_some_and(|o| match o.loc.dir_fd() {
+            Some(d) => posix::stat_at(d.as_fd(), name).is_ok(),
+            None => super::old_child(&o.loc, name).is_ok_and(|f| f.is_some()),
         })
     }
 

@@ -204,26 +204,28 @@ impl Passthrough {
             PassthroughMode::New => of.on_new,
             PassthroughMode::Off => false,
         };
-        let mode = if !allowed || self.refused[store].load(Ordering::Relaxed) {
-            IoMode::Cached
-        } else {
-            match register(Register::Open(&of.file)) {
-                Ok((id, raw)) => IoMode::Passthrough {
-                    id: Arc::new(id),
-                    raw,
-                    on_new: of.on_new,
-                },
-                Err(e) => {
-                    if !self.refused[store].swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            store = if of.on_new { "NEW" } else { "OLD" },
-                            error = %e,
-                            "the kernel refused passthrough to this store's files; serving them through the daemon"
-                        );
+        // An S3 object has no file to pass through to: the daemon serves it.
+        let mode = match &of.file {
+            Some(file) if allowed && !self.refused[store].load(Ordering::Relaxed) => {
+                match register(Register::Open(file)) {
+                    Ok((id, raw)) => IoMode::Passthrough {
+                        id: Arc::new(id),
+                        raw,
+                        on_new: of.on_new,
+                    },
+                    Err(e) => {
+                        if !self.refused[store].swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                store = if of.on_new { "NEW" } else { "OLD" },
+                                error = %e,
+                                "the kernel refused passthrough to this store's files; serving them through the daemon"
+                            );
+                        }
+                        IoMode::Cached
                     }
-                    IoMode::Cached
                 }
             }
+            _ => IoMode::Cached,
         };
         let id = match &mode {
             IoMode::Passthrough { id, .. } => Some(id.clone()),
@@ -1047,7 +1049,7 @@ mod tests {
         crate::fs::OpenFile {
             fh: 1,
             keep_cache: false,
-            file: Arc::new(tempfile::tempfile().unwrap()),
+            file: Some(Arc::new(tempfile::tempfile().unwrap())),
             on_new,
         }
     }

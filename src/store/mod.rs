@@ -1,14 +1,24 @@
 //! Stores: where OLD and NEW live.
 //!
-//! A store is named on the command line as `posix:/abs/path`, a bare absolute path, or (later)
-//! `s3://bucket/prefix`. Everything that assumes a POSIX file system lives in [`posix`]; the view
-//! reaches a store only through the handles that module hands out.
+//! A store is named on the command line as `posix:/abs/path`, a bare absolute path, or
+//! `s3://bucket/prefix`. Everything that assumes a POSIX file system lives in [`posix`], the S3
+//! client in [`s3`], and an S3 OLD seen as a read-only tree in [`s3tree`]; the view reaches a
+//! store only through the `Loc`s, `Source`s and [`OldStore`] these hand out.
 
 pub mod posix;
 pub mod s3;
+pub mod s3tree;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use posix::{Loc, PosixStore};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +26,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StoreSpec {
-    Posix { path: PathBuf },
+    Posix {
+        path: PathBuf,
+    },
+    /// An S3 bucket (and prefix), with its non-secret settings (`s3::S3Url`).
+    S3 {
+        url: s3::S3Url,
+    },
 }
 
 impl StoreSpec {
@@ -24,18 +40,24 @@ impl StoreSpec {
     /// prepared it, so a path that depends on the current directory would be a trap.
     pub fn parse(arg: &str) -> Result<StoreSpec, String> {
         if arg.starts_with("s3://") {
-            return Err(format!(
-                "{arg}: S3 stores are not supported by this build yet; use a POSIX directory"
-            ));
+            return s3::S3Url::parse(arg).map(|url| StoreSpec::S3 { url });
         }
         let raw = arg.strip_prefix("posix:").unwrap_or(arg);
         let path = PathBuf::from(raw);
         if !path.is_absolute() {
             return Err(format!(
-                "{arg}: a store must be an absolute path (or posix:/abs/path)"
+                "{arg}: a store must be an absolute path, posix:/abs/path or s3://bucket[/prefix]"
             ));
         }
         Ok(StoreSpec::Posix { path })
+    }
+
+    /// The directory of a POSIX store.
+    pub fn posix_path(&self) -> Option<&PathBuf> {
+        match self {
+            StoreSpec::Posix { path } => Some(path),
+            StoreSpec::S3 { .. } => None,
+        }
     }
 }
 
@@ -43,16 +65,116 @@ impl fmt::Display for StoreSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreSpec::Posix { path } => write!(f, "posix:{}", path.display()),
+            StoreSpec::S3 { url } => write!(f, "{url}"),
         }
     }
 }
 
+/// The bytes of an entry open for reading: a POSIX file, or an S3 object read by ranges.
+#[derive(Clone)]
+pub enum Source {
+    File(Arc<File>),
+    Object(Arc<s3::ObjectReader>),
+}
+
+impl Source {
+    /// Read into `buf` at `off`; short only at the end.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        match self {
+            Source::File(f) => f.read_at(buf, off),
+            Source::Object(o) => {
+                let d = o.read_at(off, buf.len())?;
+                buf[..d.len()].copy_from_slice(&d);
+                Ok(d.len())
+            }
+        }
+    }
+
+    /// The POSIX file, when it is one (what the kernel can pass through to, what an fd can
+    /// carry across a handover).
+    pub fn file(&self) -> Option<&Arc<File>> {
+        match self {
+            Source::File(f) => Some(f),
+            Source::Object(_) => None,
+        }
+    }
+}
+
+/// OLD as the view reads it: a POSIX directory or an S3 bucket.
+pub enum OldStore {
+    Posix(PosixStore),
+    S3(Arc<s3tree::S3Tree>),
+}
+
+impl OldStore {
+    /// The root, and its stat.
+    pub fn root(&self) -> io::Result<(Loc, rustix::fs::Stat)> {
+        match self {
+            OldStore::Posix(p) => {
+                let fd = p.open_path(Path::new(""))?;
+                let st = posix::stat_fd(fd.as_fd())?;
+                Ok((Loc::Fd(Arc::new(fd)), st))
+            }
+            OldStore::S3(t) => {
+                let e = t.root();
+                let st = e.st;
+                Ok((Loc::Obj(Arc::new(e)), st))
+            }
+        }
+    }
+
+    /// The entry at `rel` below the root (never following a symlink): ENOENT when absent.
+    pub fn locate_path(&self, rel: &[u8]) -> io::Result<(Loc, rustix::fs::Stat)> {
+        match self {
+            OldStore::Posix(p) => {
+                let fd = p.open_path(Path::new(std::ffi::OsStr::from_bytes(rel)))?;
+                let st = posix::stat_fd(fd.as_fd())?;
+                Ok((Loc::Fd(Arc::new(fd)), st))
+            }
+            OldStore::S3(t) => {
+                let rel = std::str::from_utf8(rel)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::ENOENT))?;
+                match t.locate(rel)? {
+                    Some(e) => {
+                        let st = e.st;
+                        Ok((Loc::Obj(Arc::new(e)), st))
+                    }
+                    None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+                }
+            }
+        }
+    }
+
+    /// The entry at `rel`, held by its parent directory and name for a POSIX non-directory
+    /// (what a copy's origin is checked through).
+    pub fn locate_at(&self, rel: &[u8]) -> io::Result<Option<Loc>> {
+        match self {
+            OldStore::Posix(p) => {
+                let path = Path::new(std::ffi::OsStr::from_bytes(rel));
+                let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+                    return Ok(None);
+                };
+                let dfd = p.open_path(dir)?;
+                Ok(Some(Loc::At(Arc::new(dfd), name.to_owned())))
+            }
+            OldStore::S3(_) => match self.locate_path(rel) {
+                Ok((loc, _)) => Ok(Some(loc)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    pub fn is_s3(&self) -> bool {
+        matches!(self, OldStore::S3(_))
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_paths_and_refuses_relative_and_s3() {
+    fn parses_paths_and_s3_urls_and_refuses_relative_paths() {
         assert_eq!(
             StoreSpec::parse("/data/old").unwrap(),
             StoreSpec::Posix {
@@ -68,6 +190,10 @@ mod tests {
                 .unwrap_err()
                 .contains("absolute")
         );
-        assert!(StoreSpec::parse("s3://b").unwrap_err().contains("S3"));
+        assert!(matches!(
+            StoreSpec::parse("s3://bkt/p?region=x").unwrap(),
+            StoreSpec::S3 { .. }
+        ));
+        assert!(StoreSpec::parse("s3://b").unwrap_err().contains("bucket"));
     }
 }

@@ -208,10 +208,18 @@ pub fn raw_errno(e: rustix::io::Errno) -> io::Error {
 /// anything else by its name inside such a directory fd. So the daemon holds one fd per
 /// directory the kernel knows, not one per file, however many files the kernel caches.
 /// Every operation acts on exactly that entry and never follows a symlink it names.
+///
+/// An entry of an S3 OLD is `Obj`: its stat is what S3 said when it was found; it is read
+/// through [`Loc::open_source`], and it cannot be changed through a `Loc` (EROFS).
 #[derive(Debug, Clone)]
 pub enum Loc {
     Fd(Arc<OwnedFd>),
     At(Arc<OwnedFd>, OsString),
+    Obj(Arc<super::s3tree::Entry>),
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
 }
 
 impl Loc {
@@ -219,12 +227,31 @@ impl Loc {
         match self {
             Loc::Fd(fd) => stat_fd(fd.as_fd()),
             Loc::At(dir, name) => stat_at(dir.as_fd(), name),
+            Loc::Obj(e) => Ok(e.st),
+        }
+    }
+
+    /// The S3 entry, for an entry of an S3 OLD.
+    pub fn object(&self) -> Option<&Arc<super::s3tree::Entry>> {
+        match self {
+            Loc::Obj(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Open for reading whatever the store: a POSIX file (with `flags`), or an S3 object.
+    pub fn open_source(&self, flags: OFlags) -> io::Result<super::Source> {
+        match self {
+            Loc::Obj(e) => Ok(super::Source::Object(Arc::new(e.reader()?))),
+            _ => self.open(flags).map(|f| super::Source::File(Arc::new(f))),
         }
     }
 
     /// Open for I/O. `O_NOFOLLOW` on the name: a symlink swapped in behind our back fails ELOOP.
+    /// Not for an S3 entry (EOPNOTSUPP): see [`Loc::open_source`].
     pub fn open(&self, flags: OFlags) -> io::Result<File> {
         match self {
+            Loc::Obj(_) => Err(errno(libc::EOPNOTSUPP)),
             Loc::Fd(fd) => reopen(fd.as_fd(), flags),
             Loc::At(dir, name) => rustix::fs::openat(
                 dir,
@@ -242,42 +269,49 @@ impl Loc {
         match self {
             Loc::Fd(fd) => file_handle(fd.as_fd()),
             Loc::At(..) => file_handle(self.open(OFlags::PATH)?.as_fd()),
+            Loc::Obj(_) => Err(errno(libc::EOPNOTSUPP)),
         }
     }
 
     /// The directory fd to use for `*at` calls and the name in it ("" with `AT_EMPTY_PATH` for
-    /// an fd of its own).
-    fn at(&self) -> (BorrowedFd<'_>, &OsStr, AtFlags) {
+    /// an fd of its own). EROFS for an S3 entry: nothing changes an S3 OLD through a `Loc`.
+    fn at(&self) -> io::Result<(BorrowedFd<'_>, &OsStr, AtFlags)> {
         match self {
-            Loc::Fd(fd) => (fd.as_fd(), OsStr::new(""), AtFlags::EMPTY_PATH),
-            Loc::At(dir, name) => (dir.as_fd(), name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW),
+            Loc::Fd(fd) => Ok((fd.as_fd(), OsStr::new(""), AtFlags::EMPTY_PATH)),
+            Loc::At(dir, name) => Ok((dir.as_fd(), name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)),
+            Loc::Obj(_) => Err(errno(libc::EROFS)),
         }
     }
 
     /// A path naming exactly this entry, and whether path calls must use their `l*` (no
     /// follow) variants on it: a `/proc/self/fd/N` magic link is resolved to its inode whatever
     /// it is, while `/proc/self/fd/N/name` must not follow a symlink at `name`.
-    pub fn path(&self) -> (CString, bool) {
+    /// EROFS for an S3 entry.
+    pub fn path(&self) -> io::Result<(CString, bool)> {
         match self {
-            Loc::Fd(fd) => (proc_path(fd.as_fd()), false),
+            Loc::Fd(fd) => Ok((proc_path(fd.as_fd()), false)),
             Loc::At(dir, name) => {
                 let mut p = proc_path(dir.as_fd()).into_bytes();
                 p.push(b'/');
                 p.extend_from_slice(name.as_bytes());
-                (CString::new(p).expect("names hold no NUL"), true)
+                Ok((CString::new(p).expect("names hold no NUL"), true))
             }
+            Loc::Obj(_) => Err(errno(libc::EROFS)),
         }
     }
 
     pub fn readlink(&self) -> io::Result<Vec<u8>> {
-        let (d, n, _) = self.at();
+        if let Loc::Obj(e) = self {
+            return e.readlink();
+        }
+        let (d, n, _) = self.at()?;
         rustix::fs::readlinkat(d, n, Vec::new())
             .map(|t| t.into_bytes())
             .map_err(io_err)
     }
 
     pub fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-        let (d, n, f) = self.at();
+        let (d, n, f) = self.at()?;
         rustix::fs::chownat(
             d,
             n,
@@ -294,6 +328,7 @@ impl Loc {
         match self {
             Loc::Fd(fd) => rustix::fs::chmod(proc_path(fd.as_fd()).as_c_str(), m),
             Loc::At(dir, name) => rustix::fs::chmodat(dir, name, m, AtFlags::empty()),
+            Loc::Obj(_) => return Err(errno(libc::EROFS)),
         }
         .map_err(io_err)
     }
@@ -307,13 +342,14 @@ impl Loc {
                 AtFlags::empty(),
             ),
             Loc::At(dir, name) => rustix::fs::utimensat(dir, name, ts, AtFlags::SYMLINK_NOFOLLOW),
+            Loc::Obj(_) => return Err(errno(libc::EROFS)),
         }
         .map_err(io_err)
     }
 
     /// Hard-link this entry as `newname` in the directory `newdir`.
     pub fn link_to(&self, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
-        let (d, n, f) = self.at();
+        let (d, n, f) = self.at()?;
         let f = if f.contains(AtFlags::EMPTY_PATH) {
             AtFlags::EMPTY_PATH
         } else {
@@ -322,8 +358,12 @@ impl Loc {
         rustix::fs::linkat(d, n, newdir, newname, f).map_err(io_err)
     }
 
+    /// An S3 entry has no xattrs (ENODATA).
     pub fn getxattr(&self, name: &OsStr, buf: &mut [u8]) -> io::Result<usize> {
-        let (p, nofollow) = self.path();
+        if let Loc::Obj(_) = self {
+            return Err(errno(libc::ENODATA));
+        }
+        let (p, nofollow) = self.path()?;
         if nofollow {
             rustix::fs::lgetxattr(p.as_c_str(), name, buf)
         } else {
@@ -333,7 +373,10 @@ impl Loc {
     }
 
     pub fn listxattr(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let (p, nofollow) = self.path();
+        if let Loc::Obj(_) = self {
+            return Ok(0);
+        }
+        let (p, nofollow) = self.path()?;
         if nofollow {
             rustix::fs::llistxattr(p.as_c_str(), buf)
         } else {
@@ -348,7 +391,7 @@ impl Loc {
         value: &[u8],
         flags: rustix::fs::XattrFlags,
     ) -> io::Result<()> {
-        let (p, nofollow) = self.path();
+        let (p, nofollow) = self.path()?;
         if nofollow {
             rustix::fs::lsetxattr(p.as_c_str(), name, value, flags)
         } else {
@@ -358,7 +401,7 @@ impl Loc {
     }
 
     pub fn removexattr(&self, name: &OsStr) -> io::Result<()> {
-        let (p, nofollow) = self.path();
+        let (p, nofollow) = self.path()?;
         if nofollow {
             rustix::fs::lremovexattr(p.as_c_str(), name)
         } else {
@@ -371,7 +414,7 @@ impl Loc {
     pub fn dir_fd(&self) -> Option<&Arc<OwnedFd>> {
         match self {
             Loc::Fd(fd) => Some(fd),
-            Loc::At(..) => None,
+            Loc::At(..) | Loc::Obj(_) => None,
         }
     }
 }

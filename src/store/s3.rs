@@ -33,10 +33,48 @@ pub struct S3Url {
     pub region: Option<String>,
     pub profile: Option<String>,
     pub path_style: Option<bool>,
+    /// POSIX attributes for objects and directories whose metadata does not say (`uid=`,
+    /// `gid=`, `file_mode=`, `dir_mode=`, octal modes).
+    #[serde(default)]
+    pub defaults: Defaults,
+}
+
+/// Owner and permission bits shown for entries whose object metadata does not carry them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Defaults {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u32,
+    pub dir_mode: u32,
+    /// The mtime (seconds) of directories, which S3 does not have: set by `prepare` to the
+    /// time of prepare, so that it never changes. Not a URL setting.
+    #[serde(default)]
+    pub dir_mtime: i64,
+}
+
+impl Default for Defaults {
+    fn default() -> Defaults {
+        Defaults {
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            dir_mtime: 0,
+        }
+    }
 }
 
 /// Query settings a store URL may carry; anything else (a secret above all) is refused.
-const SETTINGS: &[&str] = &["endpoint", "region", "profile", "path_style"];
+const SETTINGS: &[&str] = &[
+    "endpoint",
+    "region",
+    "profile",
+    "path_style",
+    "uid",
+    "gid",
+    "file_mode",
+    "dir_mode",
+];
 
 fn percent_decode(s: &str) -> std::result::Result<String, String> {
     let b = s.as_bytes();
@@ -100,6 +138,7 @@ impl S3Url {
             region: None,
             profile: None,
             path_style: None,
+            defaults: Defaults::default(),
         };
         for kv in query
             .into_iter()
@@ -126,9 +165,31 @@ impl S3Url {
                         _ => return Err(format!("{arg}: path_style must be true or false")),
                     })
                 }
+                "uid" | "gid" => {
+                    let n: u32 = v
+                        .parse()
+                        .map_err(|_| format!("{arg}: {k} must be a number"))?;
+                    if k == "uid" {
+                        url.defaults.uid = n;
+                    } else {
+                        url.defaults.gid = n;
+                    }
+                }
+                "file_mode" | "dir_mode" => {
+                    let m = u32::from_str_radix(&v, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or_else(|| format!("{arg}: {k} must be octal permission bits"))?;
+                    if k == "file_mode" {
+                        url.defaults.file_mode = m;
+                    } else {
+                        url.defaults.dir_mode = m;
+                    }
+                }
                 _ if k.contains("secret") || k.contains("key") || k.contains("token") => {
+                    // The URL is not repeated: it holds the secret.
                     return Err(format!(
-                        "{arg}: credentials never go in a store URL (it is recorded in the journal \
+                        "s3://{bucket}: setting {k:?} refused: credentials never go in a store URL (it is recorded in the journal \
                          and shown in status); use a profile or AWS_ACCESS_KEY_ID / \
                          AWS_SECRET_ACCESS_KEY"
                     ));
@@ -173,6 +234,19 @@ impl fmt::Display for S3Url {
         }
         if let Some(p) = self.path_style {
             put(f, "path_style", if p { "true" } else { "false" })?;
+        }
+        let (d, z) = (&self.defaults, Defaults::default());
+        if d.uid != z.uid {
+            put(f, "uid", &d.uid.to_string())?;
+        }
+        if d.gid != z.gid {
+            put(f, "gid", &d.gid.to_string())?;
+        }
+        if d.file_mode != z.file_mode {
+            put(f, "file_mode", &format!("{:o}", d.file_mode))?;
+        }
+        if d.dir_mode != z.dir_mode {
+            put(f, "dir_mode", &format!("{:o}", d.dir_mode))?;
         }
         Ok(())
     }
@@ -220,6 +294,19 @@ impl S3Error {
 }
 
 pub type Result<T> = std::result::Result<T, S3Error>;
+
+impl From<S3Error> for std::io::Error {
+    fn from(e: S3Error) -> std::io::Error {
+        // The errno is what callers match on; the message goes to the log where the error is
+        // reported (it names the request, never a credential).
+        if e.errno == libc::EIO {
+            tracing::warn!(error = %e, "S3 request failed");
+        } else {
+            tracing::debug!(error = %e, "S3 request failed");
+        }
+        std::io::Error::from_raw_os_error(e.errno)
+    }
+}
 
 /// Map an SDK error to an errno: not found, access, precondition (the object changed), else
 /// EIO. The message is the SDK's, which names the code and never a credential.
@@ -300,6 +387,28 @@ pub fn parse_time(s: &str) -> Option<(i64, u32)> {
     Some((secs, digits.parse().ok()?))
 }
 
+/// A file type in st_mode's type bits (S_IFREG, S_IFDIR, S_IFLNK, ...).
+fn valid_type(mode: u32) -> bool {
+    matches!(
+        mode & 0o170000,
+        0o010000 | 0o020000 | 0o040000 | 0o060000 | 0o100000 | 0o120000 | 0o140000
+    )
+}
+
+/// An st_mode as object metadata holds it: s3fs writes it in decimal with the type bits
+/// ("33188"), rclone's `--metadata` in octal without a leading 0 ("100644", "40755"), others
+/// octal with a leading 0 ("0644"). Decimal when that gives a real file type, else octal.
+pub fn parse_mode(v: &str) -> Option<u32> {
+    let octal = || u32::from_str_radix(v, 8).ok().filter(|m| *m <= 0o177777);
+    if v.len() > 1 && v.starts_with('0') {
+        return octal();
+    }
+    match v.parse::<u32>().ok() {
+        Some(d) if d <= 0o177777 && valid_type(d) => Some(d),
+        _ => octal().filter(|m| valid_type(*m) || *m <= 0o7777),
+    }
+}
+
 /// Format (secs, nanos) as rclone and s3fs read it back: integer seconds, or with a fraction.
 pub fn format_time((secs, nanos): (i64, u32)) -> String {
     if nanos == 0 {
@@ -313,14 +422,7 @@ impl PosixMeta {
     pub fn from_metadata(m: &HashMap<String, String>) -> PosixMeta {
         let get = |k: &str| m.get(k).map(|v| v.trim());
         PosixMeta {
-            // s3fs writes the full st_mode in decimal; some writers use octal with a leading 0.
-            mode: get("mode").and_then(|v| {
-                if v.len() > 1 && v.starts_with('0') {
-                    u32::from_str_radix(v, 8).ok()
-                } else {
-                    v.parse().ok()
-                }
-            }),
+            mode: get("mode").and_then(parse_mode),
             uid: get("uid").and_then(|v| v.parse().ok()),
             gid: get("gid").and_then(|v| v.parse().ok()),
             mtime: get("mtime").and_then(parse_time),
@@ -584,6 +686,128 @@ impl S3Store {
         }
     }
 
+    /// GET the whole of `rel` into `out` (from offset 0), as long as its ETag is still `etag`
+    /// (ESTALE otherwise): the object as it was listed or headed, never a newer one. `tick` is
+    /// told the length of each piece written; `false` stops the copy (`Ok(None)`). Returns the
+    /// object as the GET saw it (its metadata included).
+    pub fn get_to_file(
+        &self,
+        rel: &str,
+        etag: &str,
+        out: &std::fs::File,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Option<ObjectInfo>> {
+        use std::os::unix::fs::FileExt;
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let what = format!("GET {key}");
+        let mut req = self.client.get_object().bucket(&self.url.bucket).key(&key);
+        if !etag.is_empty() {
+            req = req.if_match(etag);
+        }
+        self.block(async {
+            let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+            let info = ObjectInfo {
+                rel: rel.to_string(),
+                size: o.content_length().unwrap_or(0).max(0) as u64,
+                etag: o.e_tag().unwrap_or_default().to_string(),
+                last_modified: time_of(o.last_modified()),
+                meta: Some(
+                    o.metadata()
+                        .map(PosixMeta::from_metadata)
+                        .unwrap_or_default(),
+                ),
+            };
+            let mut body = o.body;
+            let mut off = 0u64;
+            while let Some(piece) = body
+                .try_next()
+                .await
+                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?
+            {
+                out.write_all_at(&piece, off).map_err(|e| {
+                    S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+                })?;
+                off += piece.len() as u64;
+                self.counters
+                    .get_bytes
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                if !tick(piece.len() as u64) {
+                    return Ok(None);
+                }
+            }
+            if off != info.size {
+                return Err(S3Error::new(
+                    &what,
+                    libc::EIO,
+                    format!("body ended at {off} of {} bytes", info.size),
+                ));
+            }
+            Ok(Some(info))
+        })
+    }
+
+    /// One LIST of at most one key: the bucket exists and these credentials may read it.
+    pub fn reachable(&self) -> Result<()> {
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
+        self.block(
+            self.client
+                .list_objects_v2()
+                .bucket(&self.url.bucket)
+                .prefix(&self.url.prefix)
+                .max_keys(1)
+                .send(),
+        )
+        .map_err(|e| sdk_err(&format!("LIST s3://{}", self.url.bucket), e))?;
+        Ok(())
+    }
+
+    /// Whether `rel` is a directory: some key lies below `rel/` (a marker or an object).
+    pub fn is_dir(&self, rel: &str) -> Result<bool> {
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
+        let prefix = self.url.key(&format!("{rel}/"));
+        let r = self
+            .block(
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.url.bucket)
+                    .prefix(&prefix)
+                    .max_keys(1)
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&format!("LIST {prefix}"), e))?;
+        Ok(r.key_count().unwrap_or(0) > 0 || !r.contents().is_empty())
+    }
+
+    /// Every object below the store's root, in key order, with no delimiter (one request per
+    /// 1,000 keys whatever the tree's shape): `each` gets the key below the root and the size.
+    pub fn list_all(&self, each: &mut dyn FnMut(&str, u64)) -> Result<()> {
+        let prefix = self.url.prefix.clone();
+        let mut token: Option<String> = None;
+        loop {
+            self.counters.lists.fetch_add(1, Ordering::Relaxed);
+            let r = self
+                .block(
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.url.bucket)
+                        .prefix(&prefix)
+                        .set_continuation_token(token.take())
+                        .send(),
+                )
+                .map_err(|e| sdk_err(&format!("LIST {prefix}"), e))?;
+            for o in r.contents() {
+                if let Some(rel) = o.key().and_then(|k| k.strip_prefix(&prefix)) {
+                    each(rel, o.size().unwrap_or(0).max(0) as u64);
+                }
+            }
+            match r.next_continuation_token() {
+                Some(t) if r.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// PUT `rel` with `data` and POSIX metadata, in one request.
     pub fn put(&self, rel: &str, data: Vec<u8>, meta: &PosixMeta) -> Result<ObjectInfo> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
@@ -600,6 +824,57 @@ impl S3Store {
                     .send(),
             )
             .map_err(|e| sdk_err(&format!("PUT {key}"), e))?;
+        Ok(ObjectInfo {
+            rel: rel.to_string(),
+            size,
+            etag: o.e_tag().unwrap_or_default().to_string(),
+            last_modified: (0, 0),
+            meta: Some(*meta),
+        })
+    }
+
+    /// PUT `rel` with the whole of `file` (streamed from disk, not held in memory) and POSIX
+    /// metadata. One request: up to 5 GiB, S3's limit for a single PUT.
+    pub fn put_file(
+        &self,
+        rel: &str,
+        file: &std::fs::File,
+        meta: &PosixMeta,
+    ) -> Result<ObjectInfo> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let what = format!("PUT {key}");
+        let size = file
+            .metadata()
+            .map_err(|e| S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?
+            .len();
+        if size > 5 << 30 {
+            return Err(S3Error::new(
+                &what,
+                libc::EFBIG,
+                "larger than 5 GiB, S3's limit for one PUT (multipart upload is not built yet)",
+            ));
+        }
+        // By the fd's /proc path: a body made from a path is read again if the request is
+        // retried (one made from an open file is not).
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+        let o = self.block(async {
+            let body = ByteStream::read_from()
+                .path(&path)
+                .length(aws_sdk_s3::primitives::Length::Exact(size))
+                .build()
+                .await
+                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
+            self.client
+                .put_object()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .body(body)
+                .set_metadata(Some(meta.to_metadata()))
+                .send()
+                .await
+                .map_err(|e| sdk_err(&what, e))
+        })?;
         Ok(ObjectInfo {
             rel: rel.to_string(),
             size,
@@ -856,6 +1131,12 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(PosixMeta::from_metadata(&octal).mode, Some(0o755));
+        // rclone --metadata: octal, no leading 0.
+        assert_eq!(parse_mode("100644"), Some(0o100644));
+        assert_eq!(parse_mode("40755"), Some(0o40755));
+        assert_eq!(parse_mode("16877"), Some(0o40755)); // s3fs, a directory
+        assert_eq!(parse_mode("644"), Some(0o644));
+        assert_eq!(parse_mode("99999999"), None);
         assert_eq!(
             PosixMeta::from_metadata(&HashMap::new()),
             PosixMeta::default()

@@ -1,0 +1,465 @@
+//! An S3 bucket as OLD, a POSIX directory as NEW (issue 6, the "s3 to posix" pairing),
+//! against a real Garage on 127.0.0.1: objects written by rclone (with and without metadata)
+//! and in s3fs's convention, read through the mounted view, copied by the copier, verified,
+//! committed; an object replaced behind the view's back; abort writing the view back into the
+//! bucket; and the refusals (an S3 NEW, a bucket that does not exist).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use common::garage::Garage;
+use common::{Fixture, ferryfs, ok};
+use ferryfs::store::s3::{PosixMeta, S3Store, S3Url};
+
+/// One server for the tests of this binary, its settings in the environment the ferryfs
+/// commands inherit (AWS's standard variables only). Each test has a bucket of its own.
+fn server() -> &'static Garage {
+    static G: std::sync::OnceLock<Garage> = std::sync::OnceLock::new();
+    G.get_or_init(|| {
+        let g = Garage::start();
+        for (k, v) in g.env() {
+            // SAFETY: set before any store or command is started, under the OnceLock, and
+            // never changed afterwards.
+            unsafe { std::env::set_var(k, v) };
+        }
+        g
+    })
+}
+
+fn store(bucket: &str) -> Arc<S3Store> {
+    Arc::new(S3Store::connect(&S3Url::parse(&format!("s3://{bucket}")).unwrap()).unwrap())
+}
+
+fn pattern(n: usize, seed: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + seed) % 251) as u8).collect()
+}
+
+fn prepare(f: &Fixture, old: &str) -> String {
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old.as_ref(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]))
+}
+
+/// What a test bucket holds, written the ways real buckets are: rclone with its mtime
+/// metadata, s3fs's mode/uid/gid/mtime (a symlink among them), no metadata at all, a
+/// directory marker, and an object big enough for several readahead chunks.
+/// A file as the view must show it; `mtime` where the object's metadata had one.
+#[derive(Clone)]
+struct Want {
+    data: Vec<u8>,
+    mode: u32,
+    owner: (u32, u32),
+    mtime: Option<(i64, u32)>,
+}
+
+fn want(data: Vec<u8>, mode: u32, owner: (u32, u32), mtime: Option<(i64, u32)>) -> Want {
+    Want {
+        data,
+        mode,
+        owner,
+        mtime,
+    }
+}
+
+struct Dataset {
+    files: BTreeMap<String, Want>,
+    symlinks: BTreeMap<String, String>,
+    dirs: Vec<String>,
+}
+
+fn fill(g: &Garage, bucket: &str) -> Dataset {
+    g.bucket(bucket);
+    let s = store(bucket);
+    let mut files = BTreeMap::new();
+    // rclone, from a local tree: mtime metadata (nanoseconds), no mode.
+    let src = tempfile::tempdir().unwrap();
+    fs::create_dir_all(src.path().join("docs/deep")).unwrap();
+    let ts = common::fixed_times();
+    for (i, rel) in ["docs/a.txt", "docs/deep/b.txt", "top.txt"]
+        .iter()
+        .enumerate()
+    {
+        let data = pattern(1000 + i * 777, i);
+        let p = src.path().join(rel);
+        fs::write(&p, &data).unwrap();
+        rustix::fs::utimensat(rustix::fs::CWD, &p, &ts, rustix::fs::AtFlags::empty()).unwrap();
+        files.insert(
+            rel.to_string(),
+            want(data, 0o644, (0, 0), Some((1_100_000_000, 987_654_321))),
+        );
+    }
+    let out = common::run(g.rclone().args([
+        "copy",
+        src.path().to_str().unwrap(),
+        &format!("g:{bucket}"),
+    ]));
+    assert!(
+        out.status.success(),
+        "rclone copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // s3fs's convention: full st_mode in decimal, owner, mtime in seconds.
+    let meta = PosixMeta {
+        mode: Some(0o100640),
+        uid: Some(1234),
+        gid: Some(99),
+        mtime: Some((1_400_000_000, 0)),
+    };
+    let data = b"written by s3fs".to_vec();
+    s.put("s3fs/file", data.clone(), &meta).unwrap();
+    files.insert(
+        "s3fs/file".into(),
+        want(data, 0o640, (1234, 99), Some((1_400_000_000, 0))),
+    );
+    let link = PosixMeta {
+        mode: Some(0o120777),
+        uid: Some(0),
+        gid: Some(0),
+        mtime: Some((1_400_000_001, 0)),
+    };
+    s.put("s3fs/link", b"file".to_vec(), &link).unwrap();
+    // No metadata at all: the URL's defaults, LastModified as mtime.
+    let plain = pattern(5000, 7);
+    s.put("plain.bin", plain.clone(), &PosixMeta::default())
+        .unwrap();
+    files.insert("plain.bin".into(), want(plain, 0o644, (0, 0), None));
+    // Several readahead chunks (8 MiB each) and a short tail.
+    let big = pattern((20 << 20) + 12345, 3);
+    s.put("big/blob", big.clone(), &PosixMeta::default())
+        .unwrap();
+    files.insert("big/blob".into(), want(big, 0o644, (0, 0), None));
+    // An empty directory, as a marker object.
+    s.put("empty/", Vec::new(), &PosixMeta::default()).unwrap();
+    Dataset {
+        files,
+        symlinks: [("s3fs/link".to_string(), "file".to_string())].into(),
+        dirs: ["big", "docs", "docs/deep", "empty", "s3fs"]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+/// Every file, symlink and directory below `root` matches the dataset: content, mode, owner
+/// and (where the object's metadata had it) mtime to the nanosecond.
+fn check_tree(root: &Path, d: &Dataset) {
+    for (rel, w) in &d.files {
+        let p = root.join(rel);
+        let got = fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            got == w.data,
+            "{rel}: content differs ({} bytes, want {})",
+            got.len(),
+            w.data.len()
+        );
+        let md = fs::symlink_metadata(&p).unwrap();
+        assert!(md.is_file(), "{rel} is not a regular file");
+        assert_eq!(md.permissions().mode() & 0o7777, w.mode, "{rel}: mode");
+        assert_eq!((md.uid(), md.gid()), w.owner, "{rel}: owner");
+        if let Some((s, ns)) = w.mtime {
+            assert_eq!(
+                (md.mtime(), md.mtime_nsec()),
+                (s, i64::from(ns)),
+                "{rel}: mtime"
+            );
+        }
+    }
+    for (rel, target) in &d.symlinks {
+        let t = fs::read_link(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert_eq!(t, Path::new(target), "{rel}: symlink target");
+    }
+    for rel in &d.dirs {
+        assert!(root.join(rel).is_dir(), "{rel} is not a directory");
+    }
+    assert!(fs::read_dir(root.join("empty")).unwrap().next().is_none());
+}
+
+/// Every key below the bucket's root (rclone's recursive listing, directories as `name/`).
+fn keys(g: &Garage, bucket: &str) -> Vec<String> {
+    let out = common::run(g.rclone().args(["lsf", "-R", &format!("g:{bucket}")]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut k: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn a_bucket_migrates_into_posix_through_the_view_and_the_copier() {
+    let g = server();
+    let d = fill(g, "s3-old-e2e");
+    let mut f = Fixture::new();
+    let out = prepare(&f, "s3://s3-old-e2e");
+    // 7 objects are files (the marker is a directory): 3 from rclone, 2 s3fs, plain, big.
+    assert!(out.contains("7 files"), "{out}");
+    assert!(out.contains("5 dirs"), "{out}");
+    f.mount();
+    // Reads fall through to the bucket.
+    check_tree(&f.mnt, &d);
+    let mut names = common::names(&f.mnt);
+    names.sort();
+    assert_eq!(
+        names,
+        ["big", "docs", "empty", "plain.bin", "s3fs", "top.txt"]
+    );
+    // Changes through the view land in NEW; the objects stay as they are.
+    let mut top = d.files["top.txt"].data.clone();
+    {
+        use std::io::Write;
+        let mut h = fs::OpenOptions::new()
+            .append(true)
+            .open(f.v("top.txt"))
+            .unwrap();
+        h.write_all(b" and more").unwrap();
+    }
+    top.extend_from_slice(b" and more");
+    fs::write(f.v("docs/new.txt"), b"made in the view").unwrap();
+    fs::rename(f.v("plain.bin"), f.v("docs/plain-moved.bin")).unwrap();
+    fs::remove_file(f.v("docs/deep/b.txt")).unwrap();
+    assert_eq!(fs::read(f.v("top.txt")).unwrap(), top);
+    assert_eq!(
+        fs::read(f.v("docs/plain-moved.bin")).unwrap(),
+        d.files["plain.bin"].data
+    );
+    assert!(!f.v("plain.bin").exists());
+    assert_eq!(
+        store("s3-old-e2e").head("top.txt").unwrap().unwrap().size,
+        2554
+    );
+    f.unmount();
+
+    // The copier (offline, in the foreground), verify, commit.
+    ok(f.cmd("execute", &[]));
+    let st = f.status_json();
+    assert_eq!(st["phase"], "executed", "{st}");
+    assert_eq!(st["errors"].as_array().unwrap().len(), 0, "{st}");
+    ok(f.cmd("verify", &["--checksum"]));
+    ok(f.cmd("commit", &[]));
+    assert_eq!(f.status_json()["phase"], "committed");
+
+    // NEW holds the bucket plus the view's changes, exactly, and no ferryfs litter.
+    let mut want_new = Dataset {
+        files: d.files.clone(),
+        symlinks: d.symlinks.clone(),
+        dirs: d.dirs.clone(),
+    };
+    let t = want_new.files.get_mut("top.txt").unwrap();
+    t.data = top;
+    t.mtime = None; // written through the view
+    let plain = want_new.files.remove("plain.bin").unwrap();
+    want_new.files.insert("docs/plain-moved.bin".into(), plain);
+    want_new.files.remove("docs/deep/b.txt");
+    want_new.files.insert(
+        "docs/new.txt".into(),
+        want(b"made in the view".to_vec(), 0o644, (0, 0), None),
+    );
+    // A file made through the view belongs to its creator (root here), mode as its umask left.
+    let new_txt = fs::metadata(f.new.join("docs/new.txt")).unwrap();
+    want_new.files.get_mut("docs/new.txt").unwrap().mode = new_txt.permissions().mode() & 0o7777;
+    check_tree(&f.new, &want_new);
+    let mut all = Vec::new();
+    for e in walk(&f.new) {
+        all.push(e);
+    }
+    all.sort();
+    assert_eq!(
+        all,
+        [
+            "big",
+            "big/blob",
+            "docs",
+            "docs/a.txt",
+            "docs/deep",
+            "docs/new.txt",
+            "docs/plain-moved.bin",
+            "empty",
+            "s3fs",
+            "s3fs/file",
+            "s3fs/link",
+            "top.txt"
+        ]
+    );
+}
+
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn an_object_replaced_after_its_copy_is_reported_and_copied_again() {
+    let g = server();
+    g.bucket("s3-old-stale");
+    let s = store("s3-old-stale");
+    s.put("a/one", b"first version".to_vec(), &PosixMeta::default())
+        .unwrap();
+    s.put("two", b"stays".to_vec(), &PosixMeta::default())
+        .unwrap();
+    let f = Fixture::new();
+    prepare(&f, "s3://s3-old-stale");
+    ok(f.cmd("execute", &[]));
+    assert_eq!(fs::read(f.new.join("a/one")).unwrap(), b"first version");
+    ok(f.cmd("verify", &[]));
+    // Replaced behind the view's back, same size: the ETag (in the fingerprint) tells.
+    s.put("a/one", b"other version".to_vec(), &PosixMeta::default())
+        .unwrap();
+    let v = f.cmd("verify", &[]);
+    assert!(!v.status.success(), "verify passed over a replaced object");
+    let text =
+        String::from_utf8_lossy(&v.stdout).into_owned() + &String::from_utf8_lossy(&v.stderr);
+    assert!(text.contains("a/one"), "{text}");
+    let c = f.cmd("commit", &[]);
+    assert!(!c.status.success(), "commit went ahead with a stale copy");
+    // The final pass copies it again; then all is clean.
+    ok(f.cmd("execute", &[]));
+    assert_eq!(fs::read(f.new.join("a/one")).unwrap(), b"other version");
+    ok(f.cmd("verify", &["--checksum"]));
+    ok(f.cmd("commit", &[]));
+}
+
+#[test]
+fn abort_writes_the_view_back_into_the_bucket() {
+    let g = server();
+    g.bucket("s3-old-abort");
+    let s = store("s3-old-abort");
+    for (k, v) in [
+        ("keep/same", "unchanged"),
+        ("keep/edit", "before"),
+        ("gone", "deleted through the view"),
+        ("dir/x", "in a renamed directory"),
+        ("move-me", "renamed file"),
+    ] {
+        s.put(k, v.as_bytes().to_vec(), &PosixMeta::default())
+            .unwrap();
+    }
+    let same_etag = s.head("keep/same").unwrap().unwrap().etag;
+    let mut f = Fixture::new();
+    prepare(&f, "s3://s3-old-abort");
+    f.mount();
+    fs::write(f.v("keep/edit"), b"after").unwrap();
+    fs::remove_file(f.v("gone")).unwrap();
+    fs::rename(f.v("dir"), f.v("dir2")).unwrap();
+    fs::rename(f.v("move-me"), f.v("keep/moved")).unwrap();
+    fs::write(f.v("fresh"), b"new file").unwrap();
+    fs::set_permissions(f.v("fresh"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(f.v("hollow")).unwrap();
+    std::os::unix::fs::symlink("keep/same", f.v("ln")).unwrap();
+    f.unmount();
+    let out = ok(f.cmd("abort", &[]));
+    assert!(out.contains("aborted"), "{out}");
+    assert_eq!(
+        keys(g, "s3-old-abort"),
+        [
+            "dir2/",
+            "dir2/x",
+            "fresh",
+            "keep/",
+            "keep/edit",
+            "keep/moved",
+            "keep/same",
+            "ln"
+        ]
+    );
+    // (rclone's recursive listing does not show a directory held by a marker alone.)
+    assert!(
+        s.head("hollow/").unwrap().is_some(),
+        "no marker for the empty directory"
+    );
+    let get = |k: &str| {
+        let o = s.head(k).unwrap().unwrap();
+        let r = ferryfs::store::s3::ObjectReader::new(s.clone(), o, 1 << 20);
+        r.read_at(0, 1 << 20).unwrap()
+    };
+    assert_eq!(get("keep/edit"), b"after");
+    assert_eq!(get("keep/moved"), b"renamed file");
+    assert_eq!(get("dir2/x"), b"in a renamed directory");
+    assert_eq!(get("fresh"), b"new file");
+    assert_eq!(get("ln"), b"keep/same");
+    // Unchanged objects are not written again.
+    assert_eq!(s.head("keep/same").unwrap().unwrap().etag, same_etag);
+    // Metadata in s3fs's names: mode with its type, as another client reads it.
+    let fresh = s.head("fresh").unwrap().unwrap().meta.unwrap();
+    assert_eq!(fresh.mode, Some(0o100600));
+    let ln = s.head("ln").unwrap().unwrap().meta.unwrap();
+    assert_eq!(ln.mode.map(|m| m & 0o170000), Some(0o120000));
+    assert_eq!(f.status_json()["phase"], "aborted");
+    // NEW was empty before: it is empty again.
+    assert!(fs::read_dir(&f.new).unwrap().next().is_none());
+}
+
+#[test]
+fn refusals_say_what_is_wrong_and_create_nothing() {
+    let g = server();
+    g.bucket("s3-old-refuse");
+    let f = Fixture::new();
+    // A bucket that does not exist.
+    let out = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        "s3://no-such-bucket-here".as_ref(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-bucket-here"), "{err}");
+    assert!(!f.state.exists(), "a failed prepare left a state dir");
+    // An S3 NEW is not built yet: refused up front.
+    let out = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        f.old.as_os_str(),
+        "--new".as_ref(),
+        "s3://s3-old-refuse".as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("S3 NEW is not supported"), "{err}");
+    // A secret in the URL: refused, and not echoed.
+    let out = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        OsStr::new("s3://s3-old-refuse?secret_key=hunter2hunter2"),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("credentials never go in a store URL"), "{err}");
+    assert!(!err.contains("hunter2"), "the secret was echoed: {err}");
+    assert!(!f.state.exists());
+}
