@@ -463,3 +463,69 @@ fn refusals_say_what_is_wrong_and_create_nothing() {
     assert!(!err.contains("hunter2"), "the secret was echoed: {err}");
     assert!(!f.state.exists());
 }
+
+#[test]
+fn an_object_held_open_across_a_takeover_keeps_its_position_and_bytes() {
+    use std::io::{Read, Seek, SeekFrom};
+    let g = server();
+    g.bucket("s3-old-takeover");
+    let s = store("s3-old-takeover");
+    let data = pattern((12 << 20) + 77, 5);
+    s.put("held", data.clone(), &PosixMeta::default()).unwrap();
+    let mut f = Fixture::new();
+    prepare(&f, "s3://s3-old-takeover");
+    f.mount();
+    let mut h = fs::File::open(f.v("held")).unwrap();
+    let mut first = vec![0u8; 5 << 20];
+    h.read_exact(&mut first).unwrap();
+    assert!(first[..] == data[..5 << 20]);
+    let before = f.daemon_pid().expect("a daemon serves");
+    ok(f.try_mount(&f.mnt.clone(), &["--takeover"]));
+    assert_ne!(f.daemon_pid(), Some(before), "the daemon was not replaced");
+    // The same open file goes on where it was, then seeks back, with no error.
+    let mut rest = Vec::new();
+    h.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest[..] == data[5 << 20..],
+        "bytes after the takeover differ"
+    );
+    h.seek(SeekFrom::Start(1000)).unwrap();
+    let mut again = vec![0u8; 4096];
+    h.read_exact(&mut again).unwrap();
+    assert!(again[..] == data[1000..1000 + 4096]);
+    drop(h);
+    f.unmount();
+}
+
+#[test]
+fn abort_asked_of_the_mounted_daemon_writes_the_bucket_and_detaches_the_view() {
+    let g = server();
+    g.bucket("s3-old-abort-live");
+    let s = store("s3-old-abort-live");
+    for i in 0..5 {
+        s.put(
+            &format!("d/f{i}"),
+            format!("object {i}").into_bytes(),
+            &PosixMeta::default(),
+        )
+        .unwrap();
+    }
+    let mut f = Fixture::new();
+    prepare(&f, "s3://s3-old-abort-live");
+    f.mount_with(&f.mnt.clone(), &[]);
+    fs::write(f.v("d/f0"), b"changed while mounted").unwrap();
+    fs::remove_file(f.v("d/f1")).unwrap();
+    let out = ok(f.cmd("abort", &[]));
+    assert!(out.contains("detached"), "{out}");
+    common::wait_for("the view to go", 30, || {
+        ferryfs::daemon::ferryfs_mount_at(&f.mnt).is_none()
+    });
+    assert_eq!(
+        keys(g, "s3-old-abort-live"),
+        ["d/", "d/f0", "d/f2", "d/f3", "d/f4"]
+    );
+    let o = s.head("d/f0").unwrap().unwrap();
+    let r = ferryfs::store::s3::ObjectReader::new(s.clone(), o, 1 << 20);
+    assert_eq!(r.read_at(0, 100).unwrap(), b"changed while mounted");
+    assert_eq!(f.status_json()["phase"], "aborted");
+}
