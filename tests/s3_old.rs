@@ -529,3 +529,77 @@ fn abort_asked_of_the_mounted_daemon_writes_the_bucket_and_detaches_the_view() {
     assert_eq!(r.read_at(0, 100).unwrap(), b"changed while mounted");
     assert_eq!(f.status_json()["phase"], "aborted");
 }
+
+#[test]
+fn a_bucket_server_that_goes_away_mid_read_fails_reads_with_eio_and_the_daemon_stays_up() {
+    use std::io::Read;
+    // A server of this test's own, stopped half way; its keys go to the daemon's environment.
+    let g2 = Garage::start();
+    g2.bucket("s3-old-vanish");
+    let src = tempfile::tempdir().unwrap();
+    let data = pattern(24 << 20, 9);
+    fs::write(src.path().join("big"), &data).unwrap();
+    let up =
+        common::run(
+            g2.rclone()
+                .args(["copy", src.path().to_str().unwrap(), "g:s3-old-vanish"]),
+        );
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let f = Fixture::new();
+    let with_env = |args: &[&OsStr]| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(args);
+        for (k, v) in g2.env() {
+            c.env(k, v);
+        }
+        common::run(&mut c)
+    };
+    ok(with_env(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        "s3://s3-old-vanish".as_ref(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+    ok(with_env(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        f.mnt.as_os_str(),
+        "--no-copy".as_ref(),
+    ]));
+    fs::write(f.mnt.join("made-before"), b"in NEW").unwrap();
+    let mut h = fs::File::open(f.mnt.join("big")).unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    h.read_exact(&mut first).unwrap();
+    assert!(first[..] == data[..1 << 20]);
+    let pid = f.daemon_pid().expect("a daemon serves");
+    drop(g2);
+    let mut rest = Vec::new();
+    let err = h
+        .read_to_end(&mut rest)
+        .expect_err("reads went on with the bucket's server gone");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(h);
+    // The daemon is still there and the view still serves what NEW holds (past the kernel's
+    // cache: every lookup below reaches the daemon). A new name needs OLD (does OLD hold it?):
+    // it fails EIO rather than guess.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(f.daemon_pid(), Some(pid));
+    fs::metadata(&f.mnt).expect("stat of the view's root with OLD gone");
+    fs::write(f.mnt.join("made-before"), b"still writable").unwrap();
+    assert_eq!(
+        fs::read(f.mnt.join("made-before")).unwrap(),
+        b"still writable"
+    );
+    let e = fs::write(f.mnt.join("made-after"), b"x").expect_err("a new name without OLD");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    ok(f.cmd("status", &[]));
+    ok(ferryfs(&["unmount".as_ref(), f.mnt.as_os_str()]));
+}

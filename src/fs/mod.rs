@@ -650,18 +650,25 @@ impl View {
             };
             if merged {
                 let subdirs = match cached {
-                    Some((c, at)) if at.elapsed() < SUBDIR_COUNT_TTL => c,
-                    _ => {
-                        let c = self
-                            .list(inode)?
-                            .iter()
-                            .filter(|e| e.kind == Kind::Dir)
-                            .count() as u32;
-                        inode.node().subdirs = Some((c, std::time::Instant::now()));
-                        c
-                    }
+                    Some((c, at)) if at.elapsed() < SUBDIR_COUNT_TTL => Some(c),
+                    _ => match self.list(inode) {
+                        Ok(l) => {
+                            let c = l.iter().filter(|e| e.kind == Kind::Dir).count() as u32;
+                            inode.node().subdirs = Some((c, std::time::Instant::now()));
+                            Some(c)
+                        }
+                        // OLD unreachable (a hung NFS server, an S3 endpoint gone): a link
+                        // count is no reason to fail a stat; the last count, else the backing
+                        // store's own, and the listing itself reports the error.
+                        Err(e) => {
+                            tracing::warn!(ino = inode.ino, error = %e, "counting a merged directory's subdirectories");
+                            cached.map(|(c, _)| c)
+                        }
+                    },
                 };
-                a.nlink = 2 + subdirs;
+                if let Some(subdirs) = subdirs {
+                    a.nlink = 2 + subdirs;
+                }
             }
         }
         Ok(a)
