@@ -114,8 +114,15 @@ pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
     Ok((v * mult as f64) as u64)
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Workers when none is asked for: POSIX stores (latency in microseconds to milliseconds;
+/// more workers than this gained nothing on the bench host), and S3 (tens of milliseconds a
+/// request: throughput grows with requests in flight).
+pub const DEFAULT_WORKERS_POSIX: usize = 16;
+pub const DEFAULT_WORKERS_S3: usize = 64;
+
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
+    /// 0: the default for OLD's kind of store.
     pub workers: usize,
     /// Bytes per second; 0: unlimited.
     pub bwlimit: u64,
@@ -123,17 +130,6 @@ pub struct Options {
     pub ops_limit: u64,
     /// Once executed, check every copy against OLD again this often (`None`: only when asked).
     pub recheck: Option<Duration>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            workers: 16,
-            bwlimit: 0,
-            ops_limit: 0,
-            recheck: None,
-        }
-    }
 }
 
 /// What one pass did.
@@ -288,10 +284,15 @@ pub struct CopierState {
 
 impl Copier {
     pub fn new(view: Arc<View>, journal: Records, opts: Options) -> Arc<Copier> {
+        let workers = match opts.workers {
+            0 if view.old_is_s3() => DEFAULT_WORKERS_S3,
+            0 => DEFAULT_WORKERS_POSIX,
+            n => n,
+        };
         Arc::new(Copier {
             view,
             journal,
-            workers: AtomicUsize::new(opts.workers.max(1)),
+            workers: AtomicUsize::new(workers),
             bw: Limiter::new(opts.bwlimit),
             ops: Limiter::new(opts.ops_limit),
             paused: AtomicBool::new(false),
@@ -805,6 +806,8 @@ impl Copier {
                 std::thread::Builder::new()
                     .name(format!("copier-{i}"))
                     .spawn_scoped(s, move || {
+                        // A small S3 object is looked up and fetched by one GET.
+                        crate::store::s3tree::fetch_small_objects(true);
                         // Copies waiting to be named, and the lookups that keep their
                         // entries (and parents) known until then.
                         let mut batch: Vec<(Pending, bool)> = Vec::new();

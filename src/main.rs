@@ -128,7 +128,8 @@ enum Cmd {
         /// With a daemon: wait until the migration is executed, showing progress.
         #[arg(long)]
         wait: bool,
-        /// Copier worker threads [default: 16, or the daemon's setting].
+        /// Copier worker threads [default: 16 for a POSIX OLD, 64 for an S3 OLD, or the daemon's
+        /// setting].
         #[arg(long)]
         workers: Option<usize>,
         /// Copier bandwidth limit in bytes/s (k, M, G suffixes); 0 is unlimited [default: 0,
@@ -187,10 +188,10 @@ enum Cmd {
 
 #[derive(clap::Args, Clone)]
 struct LimitArgs {
-    /// Copier worker threads (each keeps up to 64 copies, two fds each, waiting for its
-    /// batch's syncfs).
-    #[arg(long, default_value_t = 16)]
-    workers: usize,
+    /// Copier worker threads (each keeps up to 32 copies waiting for its batch's syncfs)
+    /// [default: 16 for a POSIX OLD, 64 for an S3 OLD].
+    #[arg(long)]
+    workers: Option<usize>,
     /// Copier bandwidth limit in bytes/s (k, M, G suffixes: 50M); 0 is unlimited.
     #[arg(long, default_value = "0")]
     bwlimit: String,
@@ -206,7 +207,7 @@ struct LimitArgs {
 impl LimitArgs {
     fn options(&self) -> Result<copier::Options, String> {
         Ok(copier::Options {
-            workers: self.workers.max(1),
+            workers: self.workers.map_or(0, |w| w.max(1)),
             bwlimit: copier::parse_rate(&self.bwlimit)?,
             ops_limit: self.ops_limit,
             recheck: (self.recheck_interval > 0)
@@ -587,7 +588,7 @@ fn execute(
     let m = open_offline(state)?;
     let o = daemon::open_view(&m)?;
     let opts = copier::Options {
-        workers: workers.unwrap_or(copier::Options::default().workers),
+        workers: workers.map_or(0, |w| w.max(1)),
         bwlimit: bwlimit.unwrap_or(0),
         ops_limit: ops_limit.unwrap_or(0),
         recheck: None,

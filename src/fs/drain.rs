@@ -235,6 +235,11 @@ impl View {
         });
     }
 
+    /// Whether OLD is an S3 store.
+    pub fn old_is_s3(&self) -> bool {
+        self.old.is_s3()
+    }
+
     pub fn is_single(&self) -> bool {
         self.single.load(Ordering::Acquire)
     }

@@ -32,6 +32,21 @@ const LISTINGS: usize = 64;
 /// Readahead chunk of an object open for reading.
 pub const READ_CHUNK: u64 = 8 << 20;
 
+/// Largest object a copier's lookup fetches whole (see [`fetch_small_objects`]).
+pub const PREFETCH_MAX: u64 = 1 << 20;
+
+thread_local! {
+    static FETCH_SMALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// On this thread (a copier worker), look up a small object by GETting it whole instead of
+/// HEADing it: the GET's headers carry everything a HEAD would (size, ETag, LastModified, the
+/// metadata), and the bytes come along for the copy that follows. One request per small object
+/// instead of two; the entry holds the bytes until the copy takes them.
+pub fn fetch_small_objects(on: bool) {
+    FETCH_SMALL.with(|f| f.set(on));
+}
+
 /// FNV-1a, 64 bits: stable across builds and Rust versions (the numbers it makes are kept in
 /// the journal's fingerprints).
 fn fnv(parts: &[&[u8]]) -> u64 {
@@ -89,6 +104,9 @@ pub struct Entry {
     /// The object, for a file; `None` for a directory.
     pub object: Option<ObjectInfo>,
     pub st: rustix::fs::Stat,
+    /// The object's bytes, when the lookup fetched them (a copier's, of a small object):
+    /// taken by the copy.
+    body: Mutex<Option<Vec<u8>>>,
 }
 
 impl fmt::Debug for Entry {
@@ -103,6 +121,11 @@ impl fmt::Debug for Entry {
 impl Entry {
     pub fn is_dir(&self) -> bool {
         self.object.is_none()
+    }
+
+    /// The bytes the lookup fetched, if it did (once).
+    pub fn take_body(&self) -> Option<Vec<u8>> {
+        self.body.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// A symlink's target: the object's content (s3fs's convention).
@@ -218,15 +241,17 @@ impl S3Tree {
             tree: self.clone(),
             rel,
             object: None,
+            body: Mutex::new(None),
         }
     }
 
-    fn file(self: &Arc<Self>, info: ObjectInfo) -> Entry {
+    fn file(self: &Arc<Self>, info: ObjectInfo, body: Option<Vec<u8>>) -> Entry {
         Entry {
             st: self.stat_of(&info.rel, Some(&info)),
             tree: self.clone(),
             rel: info.rel.clone(),
             object: Some(info),
+            body: Mutex::new(body),
         }
     }
 
@@ -253,6 +278,14 @@ impl S3Tree {
             match names.get(name) {
                 None => return Ok(None),
                 Some(Listed::Dir(_)) => return Ok(Some(self.dir(rel))),
+                Some(Listed::Object(o))
+                    if o.size <= PREFETCH_MAX && FETCH_SMALL.with(|f| f.get()) =>
+                {
+                    return match self.store.get_whole(&rel)? {
+                        Some((info, data)) => Ok(Some(self.file(info, Some(data)))),
+                        None => Ok(None), // gone since the listing
+                    };
+                }
                 Some(Listed::Object(_)) => {} // its metadata is in its HEAD
             }
         }
@@ -265,7 +298,7 @@ impl S3Tree {
             return Ok(Some(self.root()));
         }
         if let Some(info) = self.store.head(rel)? {
-            return Ok(Some(self.file(info)));
+            return Ok(Some(self.file(info, None)));
         }
         if self.store.is_dir(rel)? {
             return Ok(Some(self.dir(rel.to_string())));
