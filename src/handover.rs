@@ -281,7 +281,6 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     let gate = &src.parts.gate;
     if !gate.park(DRAIN_LIMIT) {
         gate.unpark();
-        resend_own();
         return refuse(format!(
             "requests still running after {} s (a hung store?)",
             DRAIN_LIMIT.as_secs()
@@ -358,7 +357,7 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     std::process::exit(0);
 }
 
-/// Back to serving: the parked requests are queued again, for this daemon.
+/// Back to serving: the parked requests go on.
 fn cancel(
     conn: &UnixStream,
     src: &Source,
@@ -367,23 +366,11 @@ fn cancel(
 ) -> std::io::Result<()> {
     tracing::warn!(reason = %why, "handover failed; serving again");
     src.parts.gate.unpark();
-    resend_own();
     if !carry.paused {
         src.copier.resume();
     }
     let _ = send_frame(conn, &Answer::Refused(why));
     Ok(())
-}
-
-fn resend_own() {
-    match crate::fuse::handover::fuse_fds() {
-        Ok(fds) if !fds.is_empty() => {
-            if let Err(e) = crate::fuse::handover::resend(fds[0]) {
-                tracing::error!(error = %e, "queueing parked requests again");
-            }
-        }
-        _ => tracing::error!("no /dev/fuse fd to queue parked requests again"),
-    }
 }
 
 /// What the new daemon received.

@@ -160,16 +160,6 @@ pub(crate) fn fetch_object(
     let Some(info) = &e.object else {
         return Err(errno_err("copy of an S3 directory's data", libc::EISDIR));
     };
-    if let Some(data) = e.take_body() {
-        // Fetched by the lookup, in the same GET its stat was made from.
-        use std::os::unix::fs::FileExt;
-        dst.write_all_at(&data, 0).ctx("write NEW")?;
-        return Ok(if tick(data.len() as u64) {
-            Fetched::Done
-        } else {
-            Fetched::Stopped
-        });
-    }
     match e.tree.store.get_to_file(&info.rel, &info.etag, dst, tick) {
         Ok(Some(_)) => Ok(Fetched::Done),
         Ok(None) => Ok(Fetched::Stopped),

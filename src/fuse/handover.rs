@@ -22,6 +22,9 @@ use super::{FerryFs, IoMode, Opened, Passthrough};
 pub struct Gate {
     parking: AtomicBool,
     in_flight: AtomicUsize,
+    /// Where parked requests wait for `unpark` (or for the process to exit, its mount taken).
+    parked: std::sync::Mutex<()>,
+    unparked: std::sync::Condvar,
     /// What the kernel offered at INIT, replayed to the next daemon's fuser session.
     kernel: OnceLock<KernelInit>,
 }
@@ -36,14 +39,24 @@ impl Drop for Entered<'_> {
 }
 
 impl Gate {
-    /// `None`: park this request (a handover runs).
-    pub(super) fn enter(&self) -> Option<Entered<'_>> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if self.parking.load(Ordering::SeqCst) {
+    /// Enter to answer a request. While a handover runs the request waits here, not
+    /// counted as being answered: if the handover succeeds this process exits without ever
+    /// answering it (the new daemon has the kernel queue it again, FUSE_NOTIFY_RESEND); if it
+    /// fails, the request goes on once unparked. (Forgetting parked requests and queueing them
+    /// again on failure would also queue again the requests being answered right then, which
+    /// were then answered twice: a create done twice failed EEXIST.)
+    pub(super) fn enter(&self) -> Entered<'_> {
+        loop {
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.parking.load(Ordering::SeqCst) {
+                return Entered(self);
+            }
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return None;
+            let mut g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            while self.parking.load(Ordering::SeqCst) {
+                g = self.unparked.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
         }
-        Some(Entered(self))
     }
 
     /// Park every new request and wait, up to `limit`, until the ones being answered are
@@ -61,7 +74,9 @@ impl Gate {
     }
 
     pub fn unpark(&self) {
+        let _g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         self.parking.store(false, Ordering::SeqCst);
+        self.unparked.notify_all();
     }
 
     pub(super) fn set_kernel(&self, k: KernelInit) {

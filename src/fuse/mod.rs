@@ -357,15 +357,11 @@ fn span(op: Op, ino: u64) -> InFlight<'static> {
 }
 
 /// Start serving a request that has a reply: its span and timer, and its place in the gate.
-/// While the mount is being handed over the request is parked instead: its reply is never
-/// sent (dropping it would answer EIO), and the next daemon gets the request again from the
-/// kernel (FUSE_NOTIFY_RESEND) and answers it.
+/// While the mount is being handed over the request waits in the gate first (see
+/// `Gate::enter`): answered here if the handover fails, by the next daemon if it succeeds.
 macro_rules! enter {
     ($self:ident, $op:expr, $ino:expr, $reply:ident) => {{
-        let Some(g) = $self.gate.enter() else {
-            std::mem::forget($reply);
-            return;
-        };
+        let g = $self.gate.enter();
         let mut f = span($op, $ino);
         f._gate = Some(g);
         f

@@ -762,57 +762,18 @@ impl S3Store {
         Ok(())
     }
 
-    /// GET the whole of `rel` (any version): the object as this GET saw it, metadata included,
-    /// and its bytes. `None` when there is no such object.
-    pub fn get_whole(&self, rel: &str) -> Result<Option<(ObjectInfo, Vec<u8>)>> {
-        self.counters.gets.fetch_add(1, Ordering::Relaxed);
-        let key = self.url.key(rel);
-        let what = format!("GET {key}");
-        let r = self.block(async {
-            let o = self
-                .client
-                .get_object()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| sdk_err(&what, e))?;
-            let info = ObjectInfo {
-                rel: rel.to_string(),
-                size: o.content_length().unwrap_or(0).max(0) as u64,
-                etag: o.e_tag().unwrap_or_default().to_string(),
-                last_modified: time_of(o.last_modified()),
-                meta: Some(
-                    o.metadata()
-                        .map(PosixMeta::from_metadata)
-                        .unwrap_or_default(),
-                ),
-            };
-            let data = o
-                .body
-                .collect()
-                .await
-                .map(|b| b.into_bytes().to_vec())
-                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
-            Ok::<_, S3Error>((info, data))
-        });
-        match r {
-            Ok((info, data)) => {
-                self.counters
-                    .get_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                if data.len() as u64 != info.size {
-                    return Err(S3Error::new(
-                        &what,
-                        libc::EIO,
-                        format!("body of {} bytes, {} announced", data.len(), info.size),
-                    ));
-                }
-                Ok(Some((info, data)))
-            }
-            Err(e) if e.errno == libc::ENOENT => Ok(None),
-            Err(e) => Err(e),
-        }
+    /// [`S3Store::list_dir`] in the background; [`S3Store::join`] waits for it.
+    pub fn spawn_list_dir(
+        self: &Arc<Self>,
+        rel_dir: String,
+    ) -> tokio::task::JoinHandle<Result<Vec<Listed>>> {
+        let me = self.clone();
+        self.rt.spawn_blocking(move || me.list_dir(&rel_dir))
+    }
+
+    /// Wait for a background request; `None` if it was cancelled or panicked.
+    pub fn join<T>(&self, h: tokio::task::JoinHandle<T>) -> Option<T> {
+        self.block(h).ok()
     }
 
     /// Whether `rel` is a directory: some key lies below `rel/` (a marker or an object).

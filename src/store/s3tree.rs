@@ -32,20 +32,27 @@ const LISTINGS: usize = 64;
 /// Readahead chunk of an object open for reading.
 pub const READ_CHUNK: u64 = 8 << 20;
 
-/// Largest object a copier's lookup fetches whole (see [`fetch_small_objects`]).
-pub const PREFETCH_MAX: u64 = 1 << 20;
+/// Listings of subdirectories fetched ahead of the copier's walk, at most.
+const PREFETCH_LISTINGS: usize = 128;
 
 thread_local! {
-    static FETCH_SMALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static COPIER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// On this thread (a copier worker), look up a small object by GETting it whole instead of
-/// HEADing it: the GET's headers carry everything a HEAD would (size, ETag, LastModified, the
-/// metadata), and the bytes come along for the copy that follows. One request per small object
-/// instead of two; the entry holds the bytes until the copy takes them.
-pub fn fetch_small_objects(on: bool) {
-    FETCH_SMALL.with(|f| f.set(on));
+/// This thread works for the copier's walk, which wants throughput where a kernel request
+/// wants the freshest answer: listing a directory starts the listings of its subdirectories
+/// in the background (S3 answers a request in tens of milliseconds; the walk would otherwise
+/// wait for each in turn), and the walk takes them as its snapshot of those directories.
+pub fn copier_thread(on: bool) {
+    COPIER.with(|f| f.set(on));
 }
+
+fn on_copier_thread() -> bool {
+    COPIER.with(|f| f.get())
+}
+
+/// A directory listing being fetched ahead.
+type Prefetch = tokio::task::JoinHandle<super::s3::Result<Vec<Listed>>>;
 
 /// FNV-1a, 64 bits: stable across builds and Rust versions (the numbers it makes are kept in
 /// the journal's fingerprints).
@@ -88,6 +95,8 @@ pub struct S3Tree {
     defaults: Defaults,
     /// Directory (rel, no trailing '/') to when it was listed and its names.
     listings: Mutex<lru::LruCache<String, (Instant, Names)>>,
+    /// Directory (rel) to its listing being fetched ahead of the copier's walk.
+    prefetched: Mutex<HashMap<String, Prefetch>>,
 }
 
 impl fmt::Debug for S3Tree {
@@ -104,9 +113,6 @@ pub struct Entry {
     /// The object, for a file; `None` for a directory.
     pub object: Option<ObjectInfo>,
     pub st: rustix::fs::Stat,
-    /// The object's bytes, when the lookup fetched them (a copier's, of a small object):
-    /// taken by the copy.
-    body: Mutex<Option<Vec<u8>>>,
 }
 
 impl fmt::Debug for Entry {
@@ -121,11 +127,6 @@ impl fmt::Debug for Entry {
 impl Entry {
     pub fn is_dir(&self) -> bool {
         self.object.is_none()
-    }
-
-    /// The bytes the lookup fetched, if it did (once).
-    pub fn take_body(&self) -> Option<Vec<u8>> {
-        self.body.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// A symlink's target: the object's content (s3fs's convention).
@@ -181,6 +182,7 @@ impl S3Tree {
             listings: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(LISTINGS).expect("nonzero"),
             )),
+            prefetched: Mutex::new(HashMap::new()),
         })
     }
 
@@ -241,17 +243,15 @@ impl S3Tree {
             tree: self.clone(),
             rel,
             object: None,
-            body: Mutex::new(None),
         }
     }
 
-    fn file(self: &Arc<Self>, info: ObjectInfo, body: Option<Vec<u8>>) -> Entry {
+    fn file(self: &Arc<Self>, info: ObjectInfo) -> Entry {
         Entry {
             st: self.stat_of(&info.rel, Some(&info)),
             tree: self.clone(),
             rel: info.rel.clone(),
             object: Some(info),
-            body: Mutex::new(body),
         }
     }
 
@@ -267,6 +267,18 @@ impl S3Tree {
         }
     }
 
+    /// Start listing `dir` in the background, for the copier's walk to find done.
+    fn prefetch(&self, dir: &str) {
+        let mut p = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        if p.len() >= PREFETCH_LISTINGS || p.contains_key(dir) {
+            return;
+        }
+        p.insert(
+            dir.to_string(),
+            self.store.spawn_list_dir(format!("{dir}/")),
+        );
+    }
+
     /// The entry `name` in directory `dir` (a rel path), if there is one.
     pub fn lookup(self: &Arc<Self>, dir: &str, name: &OsStr) -> io::Result<Option<Entry>> {
         // S3 keys are UTF-8: no other name can be in the bucket.
@@ -278,14 +290,6 @@ impl S3Tree {
             match names.get(name) {
                 None => return Ok(None),
                 Some(Listed::Dir(_)) => return Ok(Some(self.dir(rel))),
-                Some(Listed::Object(o))
-                    if o.size <= PREFETCH_MAX && FETCH_SMALL.with(|f| f.get()) =>
-                {
-                    return match self.store.get_whole(&rel)? {
-                        Some((info, data)) => Ok(Some(self.file(info, Some(data)))),
-                        None => Ok(None), // gone since the listing
-                    };
-                }
                 Some(Listed::Object(_)) => {} // its metadata is in its HEAD
             }
         }
@@ -298,7 +302,7 @@ impl S3Tree {
             return Ok(Some(self.root()));
         }
         if let Some(info) = self.store.head(rel)? {
-            return Ok(Some(self.file(info, None)));
+            return Ok(Some(self.file(info)));
         }
         if self.store.is_dir(rel)? {
             return Ok(Some(self.dir(rel.to_string())));
@@ -308,11 +312,37 @@ impl S3Tree {
 
     /// The names in directory `dir`, sorted. Kept a second for lookups of those names.
     pub fn list(&self, dir: &str) -> io::Result<Vec<Child>> {
-        let listed = self.store.list_dir(&if dir.is_empty() {
-            String::new()
-        } else {
-            format!("{dir}/")
-        })?;
+        let copier = on_copier_thread();
+        let ahead = self
+            .prefetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(dir);
+        let listed = match ahead {
+            // Fetched ahead for the walk, which takes it as its snapshot of the directory.
+            Some(h) if copier => self.store.join(h),
+            // Anyone else gets a listing of now.
+            Some(h) => {
+                h.abort();
+                None
+            }
+            None => None,
+        };
+        let listed = match listed {
+            Some(l) => l?,
+            None => self.store.list_dir(&if dir.is_empty() {
+                String::new()
+            } else {
+                format!("{dir}/")
+            })?,
+        };
+        if copier {
+            for l in &listed {
+                if let Listed::Dir(d) = l {
+                    self.prefetch(d);
+                }
+            }
+        }
         let mut out = Vec::with_capacity(listed.len());
         let mut names = HashMap::with_capacity(listed.len());
         for l in listed {
