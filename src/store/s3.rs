@@ -637,7 +637,7 @@ impl S3Store {
             }
         }
         // A name that is both an object and a prefix shows as the directory (the object is
-        // unreachable through a POSIX view; `prepare` reports such names).
+        // unreachable through a POSIX view; docs/SEMANTICS.md "An S3 OLD").
         out.retain(|l| !dirs.contains(name_of(l)));
         out.extend(
             dirs.into_iter()
