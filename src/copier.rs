@@ -164,15 +164,6 @@ impl PassSummary {
     }
 }
 
-/// Takes the copier mark off this thread when the walk ends (the thread may serve others).
-struct Reset;
-
-impl Drop for Reset {
-    fn drop(&mut self) {
-        crate::store::s3tree::copier_thread(false);
-    }
-}
-
 /// What a pass's workers share.
 struct PassCtx<'a> {
     c: &'a PassCounters,
@@ -785,9 +776,6 @@ impl Copier {
         flush: &(dyn Fn(Vec<(Pending, bool)>) + Sync),
     ) -> bool {
         let workers = self.workers.load(Ordering::Relaxed);
-        // The walk lists an S3 OLD's subdirectories ahead (see copier_thread).
-        crate::store::s3tree::copier_thread(true);
-        let _reset = Reset;
         let (tx, rx) = chan::bounded::<Job>(1024);
         let touched = self.view.touched();
         // Workers hand their batches to one namer, which makes everything queued durable with

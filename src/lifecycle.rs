@@ -160,10 +160,6 @@ pub fn abort(
     new_root: BorrowedFd<'_>,
     keep_new: bool,
 ) -> Result<String> {
-    let old_root = match old {
-        OldTarget::Posix(fd) => fd,
-        OldTarget::S3(tree) => return abort_s3(view, journal, tree, new_root, keep_new),
-    };
     match state::phase(journal)? {
         Phase::Committed => {
             return Err(refusal(
@@ -174,6 +170,10 @@ pub fn abort(
         Phase::Aborted => return Ok("already aborted".into()),
         _ => {}
     }
+    let old_root = match old {
+        OldTarget::Posix(fd) => fd,
+        OldTarget::S3(tree) => return abort_s3(view, journal, tree, new_root, keep_new),
+    };
     let step = journal
         .meta("abort_step")?
         .map(|s| String::from_utf8_lossy(&s).into_owned());
@@ -224,19 +224,7 @@ pub fn abort(
     remove_tree_at(old_root, OsStr::new(TRASH))?;
     let _ = rustix::fs::unlinkat(old_root, STAGING, AtFlags::REMOVEDIR);
     syncfs(old_root).ctx("syncfs OLD")?;
-    let new_note = if keep_new || !new_was_empty(journal)? {
-        "NEW kept as it is".to_string()
-    } else {
-        for e in posix::read_dir_names(new_root).ctx("read NEW root")? {
-            remove_tree_at(new_root, OsStr::from_bytes(&e.name))?;
-        }
-        "NEW emptied".to_string()
-    };
-    state::set_phase(journal, Phase::Aborted)?;
-    journal.clear_view_records()?;
-    let mut b = Batch::new();
-    b.meta("abort_step", b"done");
-    journal.commit(b, true)?;
+    let new_note = end_abort(journal, new_root, keep_new)?;
     Ok(format!(
         "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD, {} \
          files copied back from NEW); {new_note}",
@@ -273,16 +261,6 @@ fn abort_s3(
     new_root: BorrowedFd<'_>,
     keep_new: bool,
 ) -> Result<String> {
-    match state::phase(journal)? {
-        Phase::Committed => {
-            return Err(refusal(
-                "the migration is committed: NEW is the dataset now; abort is no longer possible"
-                    .into(),
-            ));
-        }
-        Phase::Aborted => return Ok("already aborted".into()),
-        _ => {}
-    }
     let mut bad = Vec::new();
     check_s3_names(view, &view.root(), "", &mut bad)?;
     if !bad.is_empty() {
@@ -313,19 +291,7 @@ fn abort_s3(
     for rel in &extra {
         tree.store.delete(rel).map_err(s3_err("delete from OLD"))?;
     }
-    let new_note = if keep_new || !new_was_empty(journal)? {
-        "NEW kept as it is".to_string()
-    } else {
-        for e in posix::read_dir_names(new_root).ctx("read NEW root")? {
-            remove_tree_at(new_root, OsStr::from_bytes(&e.name))?;
-        }
-        "NEW emptied".to_string()
-    };
-    state::set_phase(journal, Phase::Aborted)?;
-    journal.clear_view_records()?;
-    let mut b = Batch::new();
-    b.meta("abort_step", b"done");
-    journal.commit(b, true)?;
+    let new_note = end_abort(journal, new_root, keep_new)?;
     Ok(format!(
         "aborted: OLD ({}) now holds the view as it was ({} objects left as they were, {} \
          written from NEW, {} deleted); {new_note}",
@@ -454,7 +420,7 @@ fn write_s3_entry(
         let info = o.object.as_ref().ok_or_else(|| {
             crate::error::errno_err("an S3 directory where a file was", libc::EISDIR)
         })?;
-        let f = tempfile_in_state()?;
+        let f = anonymous_temp_file()?;
         tree.store
             .get_to_file(&info.rel, &info.etag, &f, &mut |_| true)
             .map_err(s3_err("read OLD object"))?;
@@ -490,7 +456,7 @@ fn write_s3_entry(
 }
 
 /// An anonymous temporary file (for an object on its way from one key to another).
-fn tempfile_in_state() -> Result<std::fs::File> {
+fn anonymous_temp_file() -> Result<std::fs::File> {
     rustix::fs::openat(
         rustix::fs::CWD,
         std::env::temp_dir().as_path(),
@@ -499,6 +465,26 @@ fn tempfile_in_state() -> Result<std::fs::File> {
     )
     .map(std::fs::File::from)
     .ctx("O_TMPFILE in the temp dir")
+}
+
+/// The last step of every abort, once OLD holds the view: NEW emptied (unless kept, or it held
+/// data before prepare), the phase `aborted`, the view's records dropped. Says what became of
+/// NEW.
+fn end_abort(journal: &Records, new_root: BorrowedFd<'_>, keep_new: bool) -> Result<String> {
+    let new_note = if keep_new || !new_was_empty(journal)? {
+        "NEW kept as it is".to_string()
+    } else {
+        for e in posix::read_dir_names(new_root).ctx("read NEW root")? {
+            remove_tree_at(new_root, OsStr::from_bytes(&e.name))?;
+        }
+        "NEW emptied".to_string()
+    };
+    state::set_phase(journal, Phase::Aborted)?;
+    journal.clear_view_records()?;
+    let mut b = Batch::new();
+    b.meta("abort_step", b"done");
+    journal.commit(b, true)?;
+    Ok(new_note)
 }
 
 fn set_step(journal: &Records, step: &str) -> Result<()> {

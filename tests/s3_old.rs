@@ -17,19 +17,8 @@ use common::garage::Garage;
 use common::{Fixture, ferryfs, ok};
 use ferryfs::store::s3::{PosixMeta, S3Store, S3Url};
 
-/// One server for the tests of this binary, its settings in the environment the ferryfs
-/// commands inherit (AWS's standard variables only). Each test has a bucket of its own.
 fn server() -> &'static Garage {
-    static G: std::sync::OnceLock<Garage> = std::sync::OnceLock::new();
-    G.get_or_init(|| {
-        let g = Garage::start();
-        for (k, v) in g.env() {
-            // SAFETY: set before any store or command is started, under the OnceLock, and
-            // never changed afterwards.
-            unsafe { std::env::set_var(k, v) };
-        }
-        g
-    })
+    common::garage::shared()
 }
 
 fn store(bucket: &str) -> Arc<S3Store> {
@@ -40,16 +29,30 @@ fn pattern(n: usize, seed: usize) -> Vec<u8> {
     (0..n).map(|i| ((i * 31 + seed) % 251) as u8).collect()
 }
 
-fn prepare(f: &Fixture, old: &str) -> String {
-    ok(ferryfs(&[
+fn try_prepare(old: &OsStr, new: &OsStr, state: &Path) -> std::process::Output {
+    ferryfs(&[
         "prepare".as_ref(),
         "--old".as_ref(),
-        old.as_ref(),
+        old,
         "--new".as_ref(),
-        f.new.as_os_str(),
+        new,
         "--state".as_ref(),
-        f.state.as_os_str(),
-    ]))
+        state.as_os_str(),
+    ])
+}
+
+fn prepare(f: &Fixture, old: &str) -> String {
+    ok(try_prepare(old.as_ref(), f.new.as_os_str(), &f.state))
+}
+
+/// The stderr of a command that must fail.
+fn refused(out: std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// What a test bucket holds, written the ways real buckets are: rclone with its mtime
@@ -421,44 +424,26 @@ fn refusals_say_what_is_wrong_and_create_nothing() {
     g.bucket("s3-old-refuse");
     let f = Fixture::new();
     // A bucket that does not exist.
-    let out = ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
+    let err = refused(try_prepare(
         "s3://no-such-bucket-here".as_ref(),
-        "--new".as_ref(),
         f.new.as_os_str(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+        &f.state,
+    ));
     assert!(err.contains("no-such-bucket-here"), "{err}");
     assert!(!f.state.exists(), "a failed prepare left a state dir");
     // An S3 NEW is not built yet: refused up front.
-    let out = ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
+    let err = refused(try_prepare(
         f.old.as_os_str(),
-        "--new".as_ref(),
         "s3://s3-old-refuse".as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+        &f.state,
+    ));
     assert!(err.contains("S3 NEW is not supported"), "{err}");
     // A secret in the URL: refused, and not echoed.
-    let out = ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        OsStr::new("s3://s3-old-refuse?secret_key=hunter2hunter2"),
-        "--new".as_ref(),
+    let err = refused(try_prepare(
+        "s3://s3-old-refuse?secret_key=hunter2hunter2".as_ref(),
         f.new.as_os_str(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+        &f.state,
+    ));
     assert!(err.contains("credentials never go in a store URL"), "{err}");
     assert!(!err.contains("hunter2"), "the secret was echoed: {err}");
     assert!(!f.state.exists());

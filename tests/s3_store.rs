@@ -14,13 +14,9 @@ use ferryfs::store::s3::{Listed, ObjectReader, PosixMeta, S3Store, S3Url};
 /// The process environment is shared by the tests of this binary: set it once, for one
 /// server. Each test works in a bucket of its own.
 fn server() -> &'static Garage {
-    static G: std::sync::OnceLock<Garage> = std::sync::OnceLock::new();
-    G.get_or_init(|| {
-        let g = Garage::start();
-        for (k, v) in g.env() {
-            // SAFETY: set before any store is built, under the OnceLock, and never changed.
-            unsafe { std::env::set_var(k, v) };
-        }
+    static PROFILES: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let g = common::garage::shared();
+    PROFILES.get_or_init(|| {
         // Profiles of the tests' own: `wrong` has the right key id and a wrong secret.
         let dir = std::env::temp_dir().join(format!("ferryfs-s3-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -34,11 +30,11 @@ fn server() -> &'static Garage {
             ),
         )
         .unwrap();
-        // SAFETY: as above.
+        // SAFETY: under the OnceLock, before any store is built, and never changed.
         unsafe { std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &creds) };
         unsafe { std::env::set_var("AWS_CONFIG_FILE", dir.join("config")) };
-        g
-    })
+    });
+    g
 }
 
 fn store(url: &str) -> Arc<S3Store> {

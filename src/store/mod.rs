@@ -82,11 +82,7 @@ impl Source {
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         match self {
             Source::File(f) => f.read_at(buf, off),
-            Source::Object(o) => {
-                let d = o.read_at(off, buf.len())?;
-                buf[..d.len()].copy_from_slice(&d);
-                Ok(d.len())
-            }
+            Source::Object(o) => Ok(o.read_into(off, buf)?),
         }
     }
 

@@ -491,6 +491,23 @@ fn time_of(t: Option<&aws_sdk_s3::primitives::DateTime>) -> (i64, u32) {
     t.map_or((0, 0), |t| (t.secs(), t.subsec_nanos()))
 }
 
+/// An object as a HEAD or a GET answer describes it (both carry the same fields).
+fn info_of(
+    rel: &str,
+    len: Option<i64>,
+    etag: Option<&str>,
+    modified: Option<&aws_sdk_s3::primitives::DateTime>,
+    meta: Option<&HashMap<String, String>>,
+) -> ObjectInfo {
+    ObjectInfo {
+        rel: rel.to_string(),
+        size: len.unwrap_or(0).max(0) as u64,
+        etag: etag.unwrap_or_default().to_string(),
+        last_modified: time_of(modified),
+        meta: Some(meta.map(PosixMeta::from_metadata).unwrap_or_default()),
+    }
+}
+
 impl S3Store {
     /// Build a client for `url` with the standard credential chain. Makes no request.
     pub fn connect(url: &S3Url) -> Result<S3Store> {
@@ -559,17 +576,13 @@ impl S3Store {
                 .send(),
         );
         match r {
-            Ok(o) => Ok(Some(ObjectInfo {
-                rel: rel.to_string(),
-                size: o.content_length().unwrap_or(0).max(0) as u64,
-                etag: o.e_tag().unwrap_or_default().to_string(),
-                last_modified: time_of(o.last_modified()),
-                meta: Some(
-                    o.metadata()
-                        .map(PosixMeta::from_metadata)
-                        .unwrap_or_default(),
-                ),
-            })),
+            Ok(o) => Ok(Some(info_of(
+                rel,
+                o.content_length(),
+                o.e_tag(),
+                o.last_modified(),
+                o.metadata(),
+            ))),
             Err(e) => {
                 let e = sdk_err(&format!("HEAD {key}"), e);
                 if e.errno == libc::ENOENT {
@@ -581,6 +594,29 @@ impl S3Store {
         }
     }
 
+    /// One page of ListObjectsV2 below `prefix` (a full key prefix): split at '/' when
+    /// `delimited`, at most `max_keys` keys when given, from `token` on.
+    fn list_page(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        max_keys: Option<i32>,
+        token: Option<String>,
+    ) -> Result<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output> {
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
+        self.block(
+            self.client
+                .list_objects_v2()
+                .bucket(&self.url.bucket)
+                .prefix(prefix)
+                .set_delimiter(delimited.then(|| "/".to_string()))
+                .set_max_keys(max_keys)
+                .set_continuation_token(token)
+                .send(),
+        )
+        .map_err(|e| sdk_err(&format!("LIST s3://{}/{prefix}", self.url.bucket), e))
+    }
+
     /// The names directly below directory `rel_dir` (empty: the root; else ending in '/'),
     /// sorted by name. A `name/` marker object and a common prefix `name/` are one directory.
     pub fn list_dir(&self, rel_dir: &str) -> Result<Vec<Listed>> {
@@ -589,18 +625,7 @@ impl S3Store {
         let mut dirs = std::collections::BTreeSet::new();
         let mut token: Option<String> = None;
         loop {
-            self.counters.lists.fetch_add(1, Ordering::Relaxed);
-            let r = self
-                .block(
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.url.bucket)
-                        .prefix(&prefix)
-                        .delimiter("/")
-                        .set_continuation_token(token.take())
-                        .send(),
-                )
-                .map_err(|e| sdk_err(&format!("LIST {prefix}"), e))?;
+            let r = self.list_page(&prefix, true, None, token.take())?;
             for o in r.contents() {
                 let Some(key) = o.key() else { continue };
                 let Some(name) = key.strip_prefix(&prefix) else {
@@ -707,17 +732,13 @@ impl S3Store {
         }
         self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
-            let info = ObjectInfo {
-                rel: rel.to_string(),
-                size: o.content_length().unwrap_or(0).max(0) as u64,
-                etag: o.e_tag().unwrap_or_default().to_string(),
-                last_modified: time_of(o.last_modified()),
-                meta: Some(
-                    o.metadata()
-                        .map(PosixMeta::from_metadata)
-                        .unwrap_or_default(),
-                ),
-            };
+            let info = info_of(
+                rel,
+                o.content_length(),
+                o.e_tag(),
+                o.last_modified(),
+                o.metadata(),
+            );
             let mut body = o.body;
             let mut off = 0u64;
             while let Some(piece) = body
@@ -749,47 +770,13 @@ impl S3Store {
 
     /// One LIST of at most one key: the bucket exists and these credentials may read it.
     pub fn reachable(&self) -> Result<()> {
-        self.counters.lists.fetch_add(1, Ordering::Relaxed);
-        self.block(
-            self.client
-                .list_objects_v2()
-                .bucket(&self.url.bucket)
-                .prefix(&self.url.prefix)
-                .max_keys(1)
-                .send(),
-        )
-        .map_err(|e| sdk_err(&format!("LIST s3://{}", self.url.bucket), e))?;
-        Ok(())
-    }
-
-    /// [`S3Store::list_dir`] in the background; [`S3Store::join`] waits for it.
-    pub fn spawn_list_dir(
-        self: &Arc<Self>,
-        rel_dir: String,
-    ) -> tokio::task::JoinHandle<Result<Vec<Listed>>> {
-        let me = self.clone();
-        self.rt.spawn_blocking(move || me.list_dir(&rel_dir))
-    }
-
-    /// Wait for a background request; `None` if it was cancelled or panicked.
-    pub fn join<T>(&self, h: tokio::task::JoinHandle<T>) -> Option<T> {
-        self.block(h).ok()
+        self.list_page(&self.url.prefix, false, Some(1), None)
+            .map(drop)
     }
 
     /// Whether `rel` is a directory: some key lies below `rel/` (a marker or an object).
     pub fn is_dir(&self, rel: &str) -> Result<bool> {
-        self.counters.lists.fetch_add(1, Ordering::Relaxed);
-        let prefix = self.url.key(&format!("{rel}/"));
-        let r = self
-            .block(
-                self.client
-                    .list_objects_v2()
-                    .bucket(&self.url.bucket)
-                    .prefix(&prefix)
-                    .max_keys(1)
-                    .send(),
-            )
-            .map_err(|e| sdk_err(&format!("LIST {prefix}"), e))?;
+        let r = self.list_page(&self.url.key(&format!("{rel}/")), false, Some(1), None)?;
         Ok(r.key_count().unwrap_or(0) > 0 || !r.contents().is_empty())
     }
 
@@ -799,17 +786,7 @@ impl S3Store {
         let prefix = self.url.prefix.clone();
         let mut token: Option<String> = None;
         loop {
-            self.counters.lists.fetch_add(1, Ordering::Relaxed);
-            let r = self
-                .block(
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.url.bucket)
-                        .prefix(&prefix)
-                        .set_continuation_token(token.take())
-                        .send(),
-                )
-                .map_err(|e| sdk_err(&format!("LIST {prefix}"), e))?;
+            let r = self.list_page(&prefix, false, None, token.take())?;
             for o in r.contents() {
                 if let Some(rel) = o.key().and_then(|k| k.strip_prefix(&prefix)) {
                     each(rel, o.size().unwrap_or(0).max(0) as u64);
@@ -971,14 +948,23 @@ impl ObjectReader {
 
     /// Read up to `len` bytes at `off` (short only at the end of the object).
     pub fn read_at(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let n = self.read_into(off, &mut out)?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    /// [`ObjectReader::read_at`] into `buf` (the view's read path: no allocation per read);
+    /// returns the length read.
+    pub fn read_into(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
         let size = self.info.size;
-        if off >= size || len == 0 {
-            return Ok(Vec::new());
+        if off >= size || buf.is_empty() {
+            return Ok(0);
         }
-        let end = (off + len as u64).min(size);
+        let end = (off + buf.len() as u64).min(size);
         let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let sequential = off == w.next && off != 0 || (off == 0 && w.data.is_empty());
-        let mut out = Vec::with_capacity((end - off) as usize);
+        let mut done = 0usize;
         let mut pos = off;
         while pos < end {
             let in_window = pos >= w.start && pos < w.start + w.data.len() as u64;
@@ -1013,8 +999,10 @@ impl ObjectReader {
                         if d.is_empty() {
                             break;
                         }
-                        pos += d.len() as u64;
-                        out.extend_from_slice(&d);
+                        let n = d.len().min(buf.len() - done);
+                        buf[done..done + n].copy_from_slice(&d[..n]);
+                        done += n;
+                        pos += n as u64;
                         continue;
                     }
                 };
@@ -1026,7 +1014,8 @@ impl ObjectReader {
             }
             let from = (pos - w.start) as usize;
             let to = ((end - w.start) as usize).min(w.data.len());
-            out.extend_from_slice(&w.data[from..to]);
+            buf[done..done + to - from].copy_from_slice(&w.data[from..to]);
+            done += to - from;
             pos += (to - from) as u64;
             if sequential && w.ahead.is_none() {
                 let next = w.start + w.data.len() as u64;
@@ -1037,7 +1026,7 @@ impl ObjectReader {
             }
         }
         w.next = pos;
-        Ok(out)
+        Ok(done)
     }
 }
 

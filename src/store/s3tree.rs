@@ -32,28 +32,6 @@ const LISTINGS: usize = 64;
 /// Readahead chunk of an object open for reading.
 pub const READ_CHUNK: u64 = 8 << 20;
 
-/// Listings of subdirectories fetched ahead of the copier's walk, at most.
-const PREFETCH_LISTINGS: usize = 128;
-
-thread_local! {
-    static COPIER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// This thread works for the copier's walk, which wants throughput where a kernel request
-/// wants the freshest answer: listing a directory starts the listings of its subdirectories
-/// in the background (S3 answers a request in tens of milliseconds; the walk would otherwise
-/// wait for each in turn), and the walk takes them as its snapshot of those directories.
-pub fn copier_thread(on: bool) {
-    COPIER.with(|f| f.set(on));
-}
-
-fn on_copier_thread() -> bool {
-    COPIER.with(|f| f.get())
-}
-
-/// A directory listing being fetched ahead.
-type Prefetch = tokio::task::JoinHandle<super::s3::Result<Vec<Listed>>>;
-
 /// FNV-1a, 64 bits: stable across builds and Rust versions (the numbers it makes are kept in
 /// the journal's fingerprints).
 fn fnv(parts: &[&[u8]]) -> u64 {
@@ -95,8 +73,6 @@ pub struct S3Tree {
     defaults: Defaults,
     /// Directory (rel, no trailing '/') to when it was listed and its names.
     listings: Mutex<lru::LruCache<String, (Instant, Names)>>,
-    /// Directory (rel) to its listing being fetched ahead of the copier's walk.
-    prefetched: Mutex<HashMap<String, Prefetch>>,
 }
 
 impl fmt::Debug for S3Tree {
@@ -182,7 +158,6 @@ impl S3Tree {
             listings: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(LISTINGS).expect("nonzero"),
             )),
-            prefetched: Mutex::new(HashMap::new()),
         })
     }
 
@@ -267,18 +242,6 @@ impl S3Tree {
         }
     }
 
-    /// Start listing `dir` in the background, for the copier's walk to find done.
-    fn prefetch(&self, dir: &str) {
-        let mut p = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
-        if p.len() >= PREFETCH_LISTINGS || p.contains_key(dir) {
-            return;
-        }
-        p.insert(
-            dir.to_string(),
-            self.store.spawn_list_dir(format!("{dir}/")),
-        );
-    }
-
     /// The entry `name` in directory `dir` (a rel path), if there is one.
     pub fn lookup(self: &Arc<Self>, dir: &str, name: &OsStr) -> io::Result<Option<Entry>> {
         // S3 keys are UTF-8: no other name can be in the bucket.
@@ -312,37 +275,11 @@ impl S3Tree {
 
     /// The names in directory `dir`, sorted. Kept a second for lookups of those names.
     pub fn list(&self, dir: &str) -> io::Result<Vec<Child>> {
-        let copier = on_copier_thread();
-        let ahead = self
-            .prefetched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(dir);
-        let listed = match ahead {
-            // Fetched ahead for the walk, which takes it as its snapshot of the directory.
-            Some(h) if copier => self.store.join(h),
-            // Anyone else gets a listing of now.
-            Some(h) => {
-                h.abort();
-                None
-            }
-            None => None,
-        };
-        let listed = match listed {
-            Some(l) => l?,
-            None => self.store.list_dir(&if dir.is_empty() {
-                String::new()
-            } else {
-                format!("{dir}/")
-            })?,
-        };
-        if copier {
-            for l in &listed {
-                if let Listed::Dir(d) = l {
-                    self.prefetch(d);
-                }
-            }
-        }
+        let listed = self.store.list_dir(&if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        })?;
         let mut out = Vec::with_capacity(listed.len());
         let mut names = HashMap::with_capacity(listed.len());
         for l in listed {

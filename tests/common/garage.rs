@@ -19,6 +19,21 @@ pub struct Garage {
 }
 
 /// The Garage binary scripts/setup.sh installs (or one on PATH).
+/// One server for every test of this test binary, its settings (AWS's standard variables) in
+/// the process environment, which stores built here and ferryfs commands started here use.
+/// The environment is the process's: set once, before any store or command, never changed.
+pub fn shared() -> &'static Garage {
+    static G: std::sync::OnceLock<Garage> = std::sync::OnceLock::new();
+    G.get_or_init(|| {
+        let g = Garage::start();
+        for (k, v) in g.env() {
+            // SAFETY: under the OnceLock, before any other thread of the test reads it.
+            unsafe { std::env::set_var(k, v) };
+        }
+        g
+    })
+}
+
 pub fn garage_bin() -> PathBuf {
     let tools = std::env::var_os("FERRYFS_TOOLS_BIN")
         .map(PathBuf::from)
