@@ -229,6 +229,7 @@ fn abort(ctx: &Ctx, keep_new: bool) -> Response {
             old,
             std::os::fd::AsFd::as_fd(&ctx.new_root),
             keep_new,
+            c.publisher().map(|p| p.as_ref()),
         )
     };
     match res {

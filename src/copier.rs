@@ -269,6 +269,8 @@ pub struct Copier {
     last: Mutex<Option<PassSummary>>,
     running: AtomicBool,
     recheck: Option<Duration>,
+    /// An S3 NEW's publisher (crate::publish): commit, verify and abort reach it here.
+    publisher: std::sync::OnceLock<Arc<crate::publish::Publisher>>,
 }
 
 /// A snapshot for progress displays and the control socket.
@@ -302,7 +304,19 @@ impl Copier {
             last: Mutex::new(None),
             running: AtomicBool::new(false),
             recheck: opts.recheck,
+            publisher: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The publisher of an S3 NEW, for commit, verify and abort.
+    pub fn set_publisher(&self, p: Option<Arc<crate::publish::Publisher>>) {
+        if let Some(p) = p {
+            let _ = self.publisher.set(p);
+        }
+    }
+
+    pub fn publisher(&self) -> Option<&Arc<crate::publish::Publisher>> {
+        self.publisher.get()
     }
 
     pub fn view(&self) -> &Arc<View> {

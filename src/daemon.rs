@@ -54,12 +54,25 @@ pub struct Opened {
     /// OLD when it is an S3 store (for abort); `None` once committed.
     pub old_s3: Option<Arc<S3Tree>>,
     pub new: PosixStore,
+    /// An S3 NEW's publisher (`None` for a POSIX NEW, and once aborted).
+    pub publisher: Option<Arc<crate::publish::Publisher>>,
 }
 
 impl Opened {
     /// Whether OLD is still part of the migration (not committed).
     pub fn has_old(&self) -> bool {
         self.old.is_some() || self.old_s3.is_some()
+    }
+
+    /// A copier of this view (with the publisher of an S3 NEW).
+    pub fn copier(
+        &self,
+        journal: &crate::journal::Records,
+        opts: crate::copier::Options,
+    ) -> Arc<crate::copier::Copier> {
+        let c = crate::copier::Copier::new(self.view.clone(), journal.clone(), opts);
+        c.set_publisher(self.publisher.clone());
+        c
     }
 }
 
@@ -76,11 +89,8 @@ fn open_view_with(
     m: &Migration,
     open: impl Fn(&str, &Path) -> Result<PosixStore, String>,
 ) -> Result<Opened, String> {
-    let new_path = m
-        .config
-        .new
-        .posix_path()
-        .ok_or("an S3 NEW is not supported by this build yet (only OLD may be s3://)")?;
+    let new_dir = m.new_dir();
+    let new_path = new_dir.as_path();
     let phase = crate::state::phase(&m.journal).map_err(|e| e.to_string())?;
     // Entries are created on behalf of callers with the mode the kernel already masked with
     // the caller's umask; the daemon's own umask must not mask it a second time.
@@ -137,12 +147,28 @@ fn open_view_with(
     if matches!(phase, Phase::Committed | Phase::Aborted) {
         view.set_single();
     }
+    if m.new_s3().is_some() {
+        view.set_s3_new();
+    }
+    let publisher = match (m.new_s3(), phase) {
+        (Some(url), p) if p != Phase::Aborted => Some(Arc::new(
+            crate::publish::Publisher::connect(
+                url,
+                new_dir.clone(),
+                m.journal.clone(),
+                crate::publish::DEFAULT_WORKERS,
+            )
+            .map_err(|e| format!("NEW store {}: {e}", m.config.new))?,
+        )),
+        _ => None,
+    };
     Ok(Opened {
         view: Arc::new(view),
         phase,
         old,
         old_s3: s3,
         new,
+        publisher,
     })
 }
 
@@ -394,7 +420,12 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             "took over the kernel's inodes and open files"
         );
     }
-    let copier = crate::copier::Copier::new(view.clone(), migration.journal.clone(), args.copier);
+    let copier = opened.copier(&migration.journal, args.copier);
+    let publish_thread = opened
+        .publisher
+        .as_ref()
+        .map(|p| spawn_publish_loop(p.clone(), copier.clone()))
+        .transpose()?;
     let copier_thread = {
         let c = copier.clone();
         std::thread::Builder::new()
@@ -587,6 +618,9 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     copier.shutdown();
     let _ = copier_thread.join();
     let _ = sampler.join();
+    if let Some(t) = publish_thread {
+        let _ = t.join();
+    }
     let _ = std::fs::remove_file(crate::control::socket_path(&args.state));
     drop(migration);
     tracing::info!("view stopped");
@@ -675,6 +709,46 @@ fn spawn_notify_loop(
                 notifier.notify(&msg);
             }
         });
+}
+
+/// An S3 NEW: a publish pass whenever the view or the copier changed the staging tree (at most
+/// one every half second), failed uploads retried every 30 s, and a last pass at unmount. No
+/// pass while the copier is paused (by an operator, or by a handover: the next daemon
+/// publishes) or halted (abort).
+fn spawn_publish_loop(
+    p: Arc<crate::publish::Publisher>,
+    copier: Arc<crate::copier::Copier>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    std::thread::Builder::new()
+        .name("publish".into())
+        .spawn(move || {
+            let mut seen = None;
+            let mut retry_at = Instant::now();
+            loop {
+                let stopping = copier.stopping();
+                let g = copier.view().generation();
+                let failed = !p.last().errors.is_empty() && Instant::now() >= retry_at;
+                let idle = copier.state().paused;
+                if !idle && (seen != Some(g) || failed || stopping) {
+                    seen = Some(g);
+                    match p.pass() {
+                        Ok(r) if !r.errors.is_empty() => {
+                            retry_at = Instant::now() + Duration::from_secs(30);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "publish pass failed");
+                            retry_at = Instant::now() + Duration::from_secs(30);
+                        }
+                    }
+                }
+                if stopping {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+        .map_err(|e| e.to_string())
 }
 
 /// Every second while the copier runs: the copy rate over the last ten seconds, into the

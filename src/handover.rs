@@ -295,6 +295,9 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
         ops_limit: c.ops_limit,
     };
     src.copier.pause();
+    if let Some(p) = src.copier.publisher() {
+        p.hold();
+    }
     let fuse = match crate::fuse::handover::fuse_fds() {
         Ok(f) if !f.is_empty() => f,
         Ok(_) => return cancel(conn, src, &carry, "no /dev/fuse fd found".into()),
@@ -366,6 +369,9 @@ fn cancel(
 ) -> std::io::Result<()> {
     tracing::warn!(reason = %why, "handover failed; serving again");
     src.parts.gate.unpark();
+    if let Some(p) = src.copier.publisher() {
+        p.release();
+    }
     if !carry.paused {
         src.copier.resume();
     }

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod lifecycle;
 pub mod metrics;
 pub mod observe;
+pub mod publish;
 pub mod sdnotify;
 pub mod state;
 pub mod store;

@@ -15,6 +15,7 @@ use crate::error::{Context, Error, Result};
 use crate::fs::inode::Inode;
 use crate::fs::{Compare, Kind, View};
 use crate::journal::{Batch, CopyError, Records};
+use crate::publish::Publisher;
 use crate::state::{self, Phase};
 use crate::store::posix::{self, Loc};
 use crate::store::s3::PosixMeta;
@@ -23,11 +24,22 @@ use crate::store::s3tree::S3Tree;
 /// `verify`: every entry NEW took from OLD still equals OLD (metadata always, every byte with
 /// `checksum`). Entries still only in OLD are listed as pending, not as mismatches.
 pub fn verify(copier: &Copier, checksum: bool) -> Result<CheckReport> {
-    copier.check(Some(if checksum {
+    let mut r = copier.check(Some(if checksum {
         Compare::Checksum
     } else {
         Compare::Meta
-    }))
+    }))?;
+    if let Some(p) = copier.publisher() {
+        // An S3 NEW: the bucket must hold the staging tree, as recorded and as listed. What
+        // is still on its way is uploaded first (verify waits for it, as commit does).
+        p.settle(5).ctx("upload into NEW")?;
+        let plan = p.plan().ctx("compare NEW with the bucket")?;
+        r.mismatches.extend(plan);
+        let (problems, _) = p.check_bucket().ctx("list NEW")?;
+        r.mismatches.extend(problems);
+        r.mismatches.sort();
+    }
+    Ok(r)
 }
 
 /// `commit`: refuses unless executed and a final pass over OLD is clean; then NEW is made
@@ -90,15 +102,68 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
             "commit refused: NEW still holds ferryfs's work dir (hard-link copies pending)".into(),
         ));
     }
+    let bucket = match copier.publisher() {
+        Some(p) => Some(settle_bucket(p)?),
+        None => None,
+    };
     state::record_final_local(journal, new_root)?;
     state::set_phase(journal, Phase::Committed)?;
     journal.clear_view_records()?;
     copier.view().set_single();
-    Ok(format!(
-        "committed: {} entries checked against OLD; the view now serves NEW only, and NEW is a \
-         plain tree usable without ferryfs",
-        report.checked
-    ))
+    Ok(match bucket {
+        None => format!(
+            "committed: {} entries checked against OLD; the view now serves NEW only, and NEW \
+             is a plain tree usable without ferryfs",
+            report.checked
+        ),
+        Some(objects) => format!(
+            "committed: {} entries checked against OLD; the NEW bucket ({}) holds the view's {} \
+             objects, checked by listing; the view now serves NEW only, and the bucket is usable \
+             without ferryfs",
+            report.checked,
+            copier
+                .publisher()
+                .map(|p| p.store.url.to_string())
+                .unwrap_or_default(),
+            objects
+        ),
+    })
+}
+
+/// Commit's last check of an S3 NEW: publish passes until one finds nothing to do, then the
+/// bucket, listed, holds every recorded object at its size. Refuses otherwise, saying why.
+fn settle_bucket(p: &Publisher) -> Result<u64> {
+    let r = p.settle(5).ctx("upload into NEW")?;
+    if !r.clean() {
+        let shown: Vec<String> = r
+            .errors
+            .iter()
+            .take(10)
+            .map(|(k, e)| format!("{k}: {e}"))
+            .collect();
+        return Err(refusal(format!(
+            "commit refused: the NEW bucket does not hold the view yet ({} uploads failed, {} \
+             changed while uploading){}{}",
+            r.errors.len(),
+            r.changed,
+            if shown.is_empty() { "" } else { ": " },
+            shown.join("; ")
+        )));
+    }
+    let (problems, _foreign) = p.check_bucket().ctx("list NEW")?;
+    if !problems.is_empty() {
+        return Err(refusal(format!(
+            "commit refused: the NEW bucket does not hold what was uploaded ({} problems): {}",
+            problems.len(),
+            problems
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        )));
+    }
+    Ok(r.objects)
 }
 
 /// syncfs through a real fd (store roots are O_PATH, which syncfs refuses).
@@ -159,6 +224,7 @@ pub fn abort(
     old: OldTarget<'_>,
     new_root: BorrowedFd<'_>,
     keep_new: bool,
+    publisher: Option<&Publisher>,
 ) -> Result<String> {
     match state::phase(journal)? {
         Phase::Committed => {
@@ -172,7 +238,9 @@ pub fn abort(
     }
     let old_root = match old {
         OldTarget::Posix(fd) => fd,
-        OldTarget::S3(tree) => return abort_s3(view, journal, tree, new_root, keep_new),
+        OldTarget::S3(tree) => {
+            return abort_s3(view, journal, tree, new_root, keep_new, publisher);
+        }
     };
     let step = journal
         .meta("abort_step")?
@@ -224,7 +292,7 @@ pub fn abort(
     remove_tree_at(old_root, OsStr::new(TRASH))?;
     let _ = rustix::fs::unlinkat(old_root, STAGING, AtFlags::REMOVEDIR);
     syncfs(old_root).ctx("syncfs OLD")?;
-    let new_note = end_abort(journal, new_root, keep_new)?;
+    let new_note = end_abort(journal, new_root, keep_new, publisher)?;
     Ok(format!(
         "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD, {} \
          files copied back from NEW); {new_note}",
@@ -260,6 +328,7 @@ fn abort_s3(
     tree: &Arc<S3Tree>,
     new_root: BorrowedFd<'_>,
     keep_new: bool,
+    publisher: Option<&Publisher>,
 ) -> Result<String> {
     let mut bad = Vec::new();
     check_s3_names(view, &view.root(), "", &mut bad)?;
@@ -291,7 +360,7 @@ fn abort_s3(
     for rel in &extra {
         tree.store.delete(rel).map_err(s3_err("delete from OLD"))?;
     }
-    let new_note = end_abort(journal, new_root, keep_new)?;
+    let new_note = end_abort(journal, new_root, keep_new, publisher)?;
     Ok(format!(
         "aborted: OLD ({}) now holds the view as it was ({} objects left as they were, {} \
          written from NEW, {} deleted); {new_note}",
@@ -470,7 +539,27 @@ fn anonymous_temp_file() -> Result<std::fs::File> {
 /// The last step of every abort, once OLD holds the view: NEW emptied (unless kept, or it held
 /// data before prepare), the phase `aborted`, the view's records dropped. Says what became of
 /// NEW.
-fn end_abort(journal: &Records, new_root: BorrowedFd<'_>, keep_new: bool) -> Result<String> {
+fn end_abort(
+    journal: &Records,
+    new_root: BorrowedFd<'_>,
+    keep_new: bool,
+    publisher: Option<&Publisher>,
+) -> Result<String> {
+    let mut bucket_note = String::new();
+    if let Some(p) = publisher {
+        // An S3 NEW: no more uploads; what this migration put into the bucket goes (unless
+        // kept). Objects other clients wrote there are left alone.
+        p.stop();
+        bucket_note = if keep_new {
+            format!("; the NEW bucket ({}) kept as it is", p.store.url)
+        } else {
+            let n = p.remove_all().ctx("empty the NEW bucket")?;
+            format!(
+                "; {n} objects removed from the NEW bucket ({})",
+                p.store.url
+            )
+        };
+    }
     let new_note = if keep_new || !new_was_empty(journal)? {
         "NEW kept as it is".to_string()
     } else {
@@ -484,7 +573,7 @@ fn end_abort(journal: &Records, new_root: BorrowedFd<'_>, keep_new: bool) -> Res
     let mut b = Batch::new();
     b.meta("abort_step", b"done");
     journal.commit(b, true)?;
-    Ok(new_note)
+    Ok(format!("{new_note}{bucket_note}"))
 }
 
 fn set_step(journal: &Records, step: &str) -> Result<()> {

@@ -363,7 +363,7 @@ fn run() -> Result<(), String> {
             }
             let m = open_offline(&state)?;
             let o = daemon::open_view(&m)?;
-            let c = copier::Copier::new(o.view.clone(), m.journal.clone(), Default::default());
+            let c = o.copier(&m.journal, Default::default());
             let msg = lifecycle::commit(&c, &m.journal, o.new.root()).map_err(|e| e.to_string())?;
             println!("{msg}");
             Ok(())
@@ -397,8 +397,15 @@ fn run() -> Result<(), String> {
                     return Err("the migration is committed: abort is no longer possible".into());
                 }
             };
-            let msg = lifecycle::abort(&o.view, &m.journal, old, o.new.root(), keep_new)
-                .map_err(|e| e.to_string())?;
+            let msg = lifecycle::abort(
+                &o.view,
+                &m.journal,
+                old,
+                o.new.root(),
+                keep_new,
+                o.publisher.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
             println!("{msg}");
             Ok(())
         }
@@ -516,6 +523,12 @@ fn print_status(s: &state::Status) {
     );
     println!("tombstones: {}", s.tombstones);
     println!("redirects:  {}", s.redirects);
+    if let Some(p) = &s.published {
+        println!(
+            "bucket:     {} objects uploaded into NEW, {} uploads under way",
+            p.objects, p.pending
+        );
+    }
     println!(
         "changed in OLD since copied: {} ({} copied again)",
         s.changed_in_old.len(),
@@ -593,7 +606,7 @@ fn execute(
         ops_limit: ops_limit.unwrap_or(0),
         recheck: None,
     };
-    let c = copier::Copier::new(o.view.clone(), m.journal.clone(), opts);
+    let c = o.copier(&m.journal, opts);
     c.execute().map_err(|e| e.to_string())?;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shower = {
@@ -627,6 +640,25 @@ fn execute(
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = shower.join();
     let summary = res.map_err(|e| e.to_string())?;
+    if let Some(p) = &o.publisher {
+        // An S3 NEW: the staging tree into the bucket before this process ends.
+        let r = p
+            .settle(5)
+            .map_err(|e| format!("uploading into NEW: {e}"))?;
+        println!(
+            "NEW {}: {} objects, {} uploaded ({} bytes), {} copied by the server, {} deleted",
+            m.config.new, r.objects, r.uploaded, r.uploaded_bytes, r.copied, r.deleted
+        );
+        if !r.errors.is_empty() {
+            for (k, e) in &r.errors {
+                eprintln!("  {k}: {e}");
+            }
+            return Err(format!(
+                "{} objects could not be uploaded into NEW (run execute again once the cause is fixed)",
+                r.errors.len()
+            ));
+        }
+    }
     let s = state::status_of(&m.journal, state, false).map_err(|e| e.to_string())?;
     print_progress(&s, false);
     if s.phase == "executed" {
@@ -651,7 +683,7 @@ fn verify(state: &std::path::Path, checksum: bool) -> Result<(), String> {
         None => {
             let m = open_offline(state)?;
             let o = daemon::open_view(&m)?;
-            let c = copier::Copier::new(o.view.clone(), m.journal.clone(), Default::default());
+            let c = o.copier(&m.journal, Default::default());
             lifecycle::verify(&c, checksum).map_err(|e| e.to_string())?
         }
     };

@@ -199,11 +199,19 @@ fn take_lock(state: &Path) -> Result<File, StateError> {
 fn check_dir(what: &str, spec: &StoreSpec) -> Result<(), StateError> {
     let path = match spec {
         StoreSpec::Posix { path } => path,
-        StoreSpec::S3 { .. } if what == "NEW" => {
-            return Err(StateError::Invalid(format!(
-                "NEW store {spec}: an S3 NEW is not supported by this build yet (OLD may be \
-                 s3://; NEW must be a POSIX directory)"
-            )));
+        StoreSpec::S3 { url } if what == "NEW" => {
+            let store = crate::store::s3::S3Store::connect(url)
+                .map_err(|e| StateError::Invalid(format!("NEW store {spec}: {e}")))?;
+            let empty = store
+                .is_empty()
+                .map_err(|e| StateError::Invalid(format!("NEW store {spec}: {e}")))?;
+            if !empty {
+                return Err(StateError::Invalid(format!(
+                    "NEW store {spec} is not empty: an S3 NEW must hold no object below its \
+                     prefix (--allow-nonempty-new applies to a POSIX NEW only)"
+                )));
+            }
+            return Ok(());
         }
         StoreSpec::S3 { url } => {
             crate::store::s3tree::S3Tree::open(url)
@@ -350,8 +358,11 @@ pub fn prepare(
 ) -> Result<Totals, StateError> {
     check_dir("OLD", &old)?;
     check_dir("NEW", &new)?;
-    let np = new.posix_path().expect("checked: NEW is POSIX");
-    let np = fs::canonicalize(np).map_err(io_at(np))?;
+    let np = match &new {
+        StoreSpec::Posix { path } => fs::canonicalize(path).map_err(io_at(path))?,
+        // An S3 NEW: the view's NEW is the staging tree in the state dir (crate::publish).
+        StoreSpec::S3 { .. } => make_stage(state)?,
+    };
     let old = match old {
         StoreSpec::S3 { mut url } => {
             // Directories of an S3 OLD have no times of their own: they show the time of
@@ -359,7 +370,7 @@ pub fn prepare(
             url.defaults.dir_mtime = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            return prepare_from_s3(url, np, state, allow_nonempty_new);
+            return prepare_from_s3(url, np, new, state, allow_nonempty_new);
         }
         o => o,
     };
@@ -380,7 +391,10 @@ pub fn prepare(
     let ost = rustix::fs::stat(&op).map_err(|e| io_at(&op)(e.into()))?;
     let config = Config {
         old: StoreSpec::Posix { path: op.clone() },
-        new: StoreSpec::Posix { path: np.clone() },
+        new: match new {
+            StoreSpec::Posix { .. } => StoreSpec::Posix { path: np.clone() },
+            s3 => s3,
+        },
     };
     record_migration(&config, &totals, &ost, &np, state, new_was_empty)?;
     Ok(totals)
@@ -390,6 +404,7 @@ pub fn prepare(
 fn prepare_from_s3(
     url: crate::store::s3::S3Url,
     np: PathBuf,
+    new: StoreSpec,
     state: &Path,
     allow_nonempty_new: bool,
 ) -> Result<Totals, StateError> {
@@ -415,10 +430,48 @@ fn prepare_from_s3(
     }
     let config = Config {
         old: spec,
-        new: StoreSpec::Posix { path: np.clone() },
+        new: match new {
+            StoreSpec::Posix { .. } => StoreSpec::Posix { path: np.clone() },
+            s3 => s3,
+        },
     };
     record_migration(&config, &totals, &ost, &np, state, new_was_empty)?;
     Ok(totals)
+}
+
+/// The staging tree of an S3 NEW, made (empty) in a state dir that holds no migration yet.
+fn make_stage(state: &Path) -> Result<PathBuf, StateError> {
+    if journal_dir(state).exists() {
+        return Err(StateError::Invalid(format!(
+            "state dir {} already holds a migration",
+            state.display()
+        )));
+    }
+    let stage = crate::publish::stage_dir(state);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&stage)
+        .map_err(io_at(&stage))?;
+    if fs::read_dir(&stage)
+        .map_err(io_at(&stage))?
+        .next()
+        .is_some()
+    {
+        return Err(StateError::Invalid(format!(
+            "{} is not empty (left by another tool?): remove it, then prepare again",
+            stage.display()
+        )));
+    }
+    fs::canonicalize(&stage).map_err(io_at(&stage))
+}
+
+/// The directory the view uses as NEW: a POSIX NEW itself, or an S3 NEW's staging tree.
+pub fn new_dir(config: &Config, state: &Path) -> PathBuf {
+    match &config.new {
+        StoreSpec::Posix { path } => path.clone(),
+        StoreSpec::S3 { .. } => crate::publish::stage_dir(state),
+    }
 }
 
 /// The checks of NEW and of the state dir every `prepare` makes, then the state dir is made.
@@ -507,6 +560,19 @@ fn read_config(journal: &Records, state: &Path) -> Result<Config, StateError> {
 }
 
 impl Migration {
+    /// The directory the view uses as NEW (see [`new_dir`]).
+    pub fn new_dir(&self) -> PathBuf {
+        new_dir(&self.config, &self.dir)
+    }
+
+    /// The S3 NEW's URL, when NEW is a bucket.
+    pub fn new_s3(&self) -> Option<&crate::store::s3::S3Url> {
+        match &self.config.new {
+            StoreSpec::S3 { url } => Some(url),
+            StoreSpec::Posix { .. } => None,
+        }
+    }
+
     /// The state dir's lock file, held for as long as this `Migration` lives.
     pub fn lock_file(&self) -> &File {
         &self._lock
@@ -560,6 +626,16 @@ pub struct Status {
     pub rate_bytes_per_sec: u64,
     /// Seconds until every byte is copied at that rate; `null` when unknown.
     pub eta_seconds: Option<u64>,
+    /// An S3 NEW only: the objects the bucket holds from the staging tree, and the uploads
+    /// under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published: Option<Published>,
+}
+
+#[derive(Debug, Serialize, Clone, Copy)]
+pub struct Published {
+    pub objects: u64,
+    pub pending: u64,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -627,9 +703,7 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         .map_err(|e| StateError::Invalid(format!("{}: {e}", state.display())))?
         .to_string();
     let counts = journal.counts()?;
-    let np = config.new.posix_path().ok_or_else(|| {
-        StateError::Invalid(format!("{}: NEW is not a POSIX store", state.display()))
-    })?;
+    let np = &new_dir(&config, state);
     let final_local = journal
         .meta("final_local")?
         .and_then(|v| v.try_into().ok().map(u64::from_le_bytes));
@@ -644,7 +718,7 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         0
     };
     let done = journal.done()?;
-    let errors = journal
+    let mut errors: Vec<ErrorEntry> = journal
         .errors()?
         .into_iter()
         .map(|(p, e)| ErrorEntry {
@@ -654,6 +728,23 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
             attempts: e.attempts,
         })
         .collect();
+    // An S3 NEW's failed uploads, by the view path of the object's key.
+    errors.extend(journal.pub_errors()?.into_iter().map(|(k, e)| ErrorEntry {
+        path: format!("/{}", k.trim_end_matches('/')),
+        error: e.error,
+        errno: e.errno,
+        attempts: e.attempts,
+    }));
+    let published = match &config.new {
+        StoreSpec::S3 { .. } => {
+            let recs = journal.published()?;
+            Some(Published {
+                objects: recs.iter().filter(|(_, r)| !r.pending).count() as u64,
+                pending: recs.iter().filter(|(_, r)| r.pending).count() as u64,
+            })
+        }
+        StoreSpec::Posix { .. } => None,
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -705,5 +796,6 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
             .collect(),
         rate_bytes_per_sec: rate,
         eta_seconds,
+        published,
     })
 }

@@ -431,13 +431,21 @@ fn refusals_say_what_is_wrong_and_create_nothing() {
     ));
     assert!(err.contains("no-such-bucket-here"), "{err}");
     assert!(!f.state.exists(), "a failed prepare left a state dir");
-    // An S3 NEW is not built yet: refused up front.
-    let err = refused(try_prepare(
+    // An S3 NEW that holds objects: refused, even with --allow-nonempty-new.
+    store("s3-old-refuse")
+        .put("someone/else", b"x".to_vec(), &PosixMeta::default())
+        .unwrap();
+    let err = refused(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
         f.old.as_os_str(),
+        "--new".as_ref(),
         "s3://s3-old-refuse".as_ref(),
-        &f.state,
-    ));
-    assert!(err.contains("S3 NEW is not supported"), "{err}");
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        "--allow-nonempty-new".as_ref(),
+    ]));
+    assert!(err.contains("is not empty"), "{err}");
     // A secret in the URL: refused, and not echoed.
     let err = refused(try_prepare(
         "s3://s3-old-refuse?secret_key=hunter2hunter2".as_ref(),

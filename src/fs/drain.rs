@@ -21,6 +21,13 @@ use crate::error::{Context, Error, Result};
 use crate::journal::{Batch, CopyRecord, Done, Fingerprint};
 use crate::store::posix::{self, Loc};
 
+/// What [`View::check_s3_new`] checks.
+pub(crate) enum S3Refusal<'a> {
+    Link,
+    Xattr,
+    Name(&'a std::ffi::OsStr),
+}
+
 /// Prefix of the temporary names a recopy uses in [`WORK_DIR`]; leftovers of a crash are
 /// removed when the view opens.
 const RECOPY_PREFIX: &str = "recopy-";
@@ -215,7 +222,24 @@ impl View {
 
     /// Shared hold on the view's changes (see `gate`).
     pub(crate) fn changes(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.note_edit();
         self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn note_edit(&self) {
+        self.edits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Moves whenever the view or the copier may have changed NEW: changes through the view,
+    /// and every entry the copier brought over.
+    pub fn generation(&self) -> u64 {
+        let d = self.done();
+        self.edits
+            .load(Ordering::Relaxed)
+            .wrapping_add(self.ns_changes())
+            .wrapping_add(d.files)
+            .wrapping_add(d.dirs)
+            .wrapping_add(d.bytes)
     }
 
     /// Hold every change through the view until the guard drops (applications' writes,
@@ -238,6 +262,33 @@ impl View {
     /// Whether OLD is an S3 store.
     pub fn old_is_s3(&self) -> bool {
         self.old.is_s3()
+    }
+
+    /// NEW is an S3 bucket (the view's NEW its staging tree).
+    pub fn set_s3_new(&self) {
+        self.s3_new.store(true, Ordering::Release);
+    }
+
+    /// What an S3 NEW cannot hold, refused up front (DESIGN: nothing silently lost).
+    pub(crate) fn check_s3_new(&self, what: S3Refusal<'_>) -> Result<()> {
+        if !self.s3_new.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match what {
+            S3Refusal::Link => Err(crate::error::Error::refused(
+                libc::EPERM,
+                "hard links cannot be kept in an S3 NEW",
+            )),
+            S3Refusal::Xattr => Err(crate::error::Error::refused(
+                libc::EOPNOTSUPP,
+                "extended attributes cannot be kept in an S3 NEW",
+            )),
+            S3Refusal::Name(n) if n.to_str().is_none() => Err(crate::error::Error::refused(
+                libc::EINVAL,
+                "an S3 NEW takes UTF-8 names only",
+            )),
+            S3Refusal::Name(_) => Ok(()),
+        }
     }
 
     pub fn is_single(&self) -> bool {

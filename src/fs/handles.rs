@@ -69,8 +69,12 @@ impl HandleTable {
             .cloned()
             .ok_or_else(|| Error::refused(libc::EBADF, "unknown file handle"))
     }
-    pub fn remove(&self, fh: u64) {
-        self.map.lock().unwrap().remove(&fh);
+    /// Forget handle `fh`; whether it was a file open for writing.
+    pub fn remove(&self, fh: u64) -> bool {
+        match self.map.lock().unwrap().remove(&fh).as_deref() {
+            Some(Handle::File(f)) => wants_write(f.flags),
+            _ => false,
+        }
     }
     pub fn dir_entries(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>> {
         match &*self.get(fh)? {
@@ -329,6 +333,7 @@ impl View {
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
+        self.note_edit();
         self.with_source(fh, |src, _, _| {
             // Nothing was written to an S3 object open read-only.
             let Some(file) = src.file() else {
@@ -386,6 +391,10 @@ impl View {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.remove(fh);
+        // What a file open for writing got (with passthrough the daemon saw none of it) is
+        // final now: an S3 NEW's publisher uploads it.
+        if self.handles.remove(fh) {
+            self.note_edit();
+        }
     }
 }

@@ -130,6 +130,12 @@ pub struct View {
     touched_rx: crossbeam_channel::Receiver<Arc<Inode>>,
     /// Namespace changes made through the view so far.
     ns_changes: std::sync::atomic::AtomicU64,
+    /// Changes of any kind made through the view so far (each change's gate hold, each
+    /// release of a file open for writing, each fsync): the publisher of an S3 NEW watches it.
+    edits: std::sync::atomic::AtomicU64,
+    /// NEW is an S3 bucket behind the staging tree: what no object can be (a hard link, an
+    /// xattr, a name that is not UTF-8) is refused when asked for.
+    s3_new: std::sync::atomic::AtomicBool,
     /// Held shared by every change through the view (namespace, metadata, data writes) and
     /// exclusively by an abort, which must see the view still.
     gate: RwLock<()>,
@@ -211,6 +217,8 @@ impl View {
             touched,
             touched_rx,
             ns_changes: Default::default(),
+            edits: Default::default(),
+            s3_new: Default::default(),
             rechecks,
             rechecks_rx,
             gate: RwLock::new(()),

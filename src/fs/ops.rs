@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
+use super::drain::S3Refusal;
 use super::inode::{Identity, Inode, ROOT_INO};
 use super::{Attr, Caller, Kind, OpenFile, Resolved, View, join, not_found};
 use crate::error::{Context, Error, Result, errno_err};
@@ -166,6 +167,7 @@ impl View {
         caller: Caller,
         make: impl FnOnce(BorrowedFd<'_>, &rustix::fs::Stat) -> Result<Option<u32>>,
     ) -> Result<(Arc<Inode>, Attr)> {
+        self.check_s3_new(S3Refusal::Name(name))?;
         let p = self.inode(parent)?;
         let pfd = self.claim_new_name_locked(&p, name)?;
         let pst = posix::stat_fd(pfd.as_fd()).ctx("stat NEW parent")?;
@@ -286,6 +288,7 @@ impl View {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         let _gate = self.changes();
+        self.check_s3_new(S3Refusal::Link)?;
         let inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
             return Err(Error::refused(libc::EPERM, "hard link to a directory"));
@@ -497,6 +500,7 @@ impl View {
         flags: u32,
     ) -> Result<()> {
         let _gate = self.changes();
+        self.check_s3_new(S3Refusal::Name(newname))?;
         if flags & (libc::RENAME_EXCHANGE | libc::RENAME_WHITEOUT) != 0 {
             return Err(Error::refused(libc::EINVAL, "rename flag not supported"));
         }
@@ -804,6 +808,7 @@ impl View {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let _gate = self.changes();
+        self.check_s3_new(S3Refusal::Xattr)?;
         let inode = self.inode(ino)?;
         self.copy_up(&inode, true)?;
         self.changing(&inode)?;

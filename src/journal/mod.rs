@@ -154,8 +154,25 @@ pub struct Done {
     pub bytes: u64,
 }
 
+/// An object the publisher put into an S3 NEW, keyed by its key below the store's prefix: what
+/// the staged entry was when it was uploaded (crate::publish). `pending`: written before the
+/// request, so that a crash between the request and its record leaves no object nobody knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub pending: bool,
+    /// The staged entry's st_ino, size, mtime (s, ns), ctime (s, ns), mode, uid, gid.
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub etag: String,
+}
+
 /// Byte strings as base64 in JSON (names need not be UTF-8).
-mod bytes_b64 {
+pub(crate) mod bytes_b64 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -241,6 +258,8 @@ const P_INTENT: u8 = b'i';
 const P_COPY: u8 = b'c';
 const P_ERROR: u8 = b'e';
 const P_STALE: u8 = b's';
+const P_PUBLISHED: u8 = b'p';
+const P_PUB_ERROR: u8 = b'u';
 const META_NEXT_ID: &str = "next_id";
 const META_DONE: &str = "done";
 
@@ -426,6 +445,34 @@ impl Batch {
     }
     pub fn clear_error(&mut self, path: &[u8]) -> &mut Self {
         self.ops.push(KvOp::Delete(error_key(path)));
+        self
+    }
+    pub fn published(&mut self, key: &str, p: &Published) -> &mut Self {
+        let mut k = vec![P_PUBLISHED];
+        k.extend_from_slice(key.as_bytes());
+        let v = serde_json::to_vec(p).expect("published record serializes");
+        self.ops.push(KvOp::Put(k, v));
+        self
+    }
+    /// An upload into an S3 NEW that failed, keyed by the object's key (apart from the
+    /// copier's errors, which each copier pass settles).
+    pub fn pub_error(&mut self, key: &str, e: &CopyError) -> &mut Self {
+        let mut k = vec![P_PUB_ERROR];
+        k.extend_from_slice(key.as_bytes());
+        let v = serde_json::to_vec(e).expect("error serializes");
+        self.ops.push(KvOp::Put(k, v));
+        self
+    }
+    pub fn clear_pub_error(&mut self, key: &str) -> &mut Self {
+        let mut k = vec![P_PUB_ERROR];
+        k.extend_from_slice(key.as_bytes());
+        self.ops.push(KvOp::Delete(k));
+        self
+    }
+    pub fn clear_published(&mut self, key: &str) -> &mut Self {
+        let mut k = vec![P_PUBLISHED];
+        k.extend_from_slice(key.as_bytes());
+        self.ops.push(KvOp::Delete(k));
         self
     }
     pub fn done(&mut self, d: &Done) -> &mut Self {
@@ -620,6 +667,24 @@ impl Records {
     /// Every entry found changed in OLD after its copy: (view path, record).
     pub fn stales(&self) -> Result<Vec<(Vec<u8>, StaleRecord)>> {
         self.scan_json(P_STALE, "stale record")
+    }
+
+    /// Every object the publisher put (or is putting) into an S3 NEW: (key, record).
+    pub fn published(&self) -> Result<Vec<(String, Published)>> {
+        Ok(self
+            .scan_json(P_PUBLISHED, "published record")?
+            .into_iter()
+            .map(|(k, r)| (String::from_utf8_lossy(&k).into_owned(), r))
+            .collect())
+    }
+
+    /// Every failed upload into an S3 NEW: (key, error).
+    pub fn pub_errors(&self) -> Result<Vec<(String, CopyError)>> {
+        Ok(self
+            .scan_json(P_PUB_ERROR, "upload error record")?
+            .into_iter()
+            .map(|(k, r)| (String::from_utf8_lossy(&k).into_owned(), r))
+            .collect())
     }
 
     pub fn done(&self) -> Result<Done> {

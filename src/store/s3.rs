@@ -284,7 +284,7 @@ pub struct S3Error {
 }
 
 impl S3Error {
-    fn new(what: impl Into<String>, errno: i32, msg: impl Into<String>) -> S3Error {
+    pub fn new(what: impl Into<String>, errno: i32, msg: impl Into<String>) -> S3Error {
         S3Error {
             what: what.into(),
             msg: msg.into(),
@@ -774,6 +774,12 @@ impl S3Store {
             .map(drop)
     }
 
+    /// Whether no object lies below the store's prefix.
+    pub fn is_empty(&self) -> Result<bool> {
+        let r = self.list_page(&self.url.prefix, false, Some(1), None)?;
+        Ok(r.key_count().unwrap_or(0) == 0 && r.contents().is_empty())
+    }
+
     /// Whether `rel` is a directory: some key lies below `rel/` (a marker or an object).
     pub fn is_dir(&self, rel: &str) -> Result<bool> {
         let r = self.list_page(&self.url.key(&format!("{rel}/")), false, Some(1), None)?;
@@ -846,6 +852,10 @@ impl S3Store {
                 "larger than 5 GiB, S3's limit for one PUT (multipart upload is not built yet)",
             ));
         }
+        // Content-MD5: the server refuses a body that arrives other than it was read.
+        let md5 = file_md5(file).map_err(|e| {
+            S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+        })?;
         // By the fd's /proc path: a body made from a path is read again if the request is
         // retried (one made from an open file is not).
         let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
@@ -861,6 +871,7 @@ impl S3Store {
                 .bucket(&self.url.bucket)
                 .key(&key)
                 .body(body)
+                .content_md5(crate::journal::bytes_b64::encode(&md5))
                 .set_metadata(Some(meta.to_metadata()))
                 .send()
                 .await
@@ -870,6 +881,43 @@ impl S3Store {
             rel: rel.to_string(),
             size,
             etag: o.e_tag().unwrap_or_default().to_string(),
+            last_modified: (0, 0),
+            meta: Some(*meta),
+        })
+    }
+
+    /// Server-side copy of `from` to `rel` with new POSIX metadata (CopyObject, metadata
+    /// replaced): no byte passes through this host. Up to 5 GiB, S3's limit for one copy.
+    /// `from` may be `rel` itself, which changes the metadata alone.
+    pub fn copy(&self, from: &str, rel: &str, meta: &PosixMeta) -> Result<ObjectInfo> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let source = format!(
+            "{}/{}",
+            self.url.bucket,
+            percent_encode_key(&self.url.key(from))
+        );
+        let o = self
+            .block(
+                self.client
+                    .copy_object()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .copy_source(&source)
+                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                    .set_metadata(Some(meta.to_metadata()))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&format!("COPY {} to {key}", self.url.key(from)), e))?;
+        let etag = o
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_string();
+        Ok(ObjectInfo {
+            rel: rel.to_string(),
+            size: 0,
+            etag,
             last_modified: (0, 0),
             meta: Some(*meta),
         })
@@ -894,6 +942,47 @@ impl S3Store {
             .map_err(|e| sdk_err(&format!("CREATE BUCKET {}", self.url.bucket), e))?;
         Ok(())
     }
+}
+
+/// The MD5 of the whole of `file` (read by offset: the file position is left alone).
+pub fn file_md5(file: &std::fs::File) -> std::io::Result<[u8; 16]> {
+    use md5::Digest;
+    use std::os::unix::fs::FileExt;
+    let mut h = md5::Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = file.read_at(&mut buf, off)?;
+        if n == 0 {
+            return Ok(h.finalize().into());
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+}
+
+/// An MD5 as an ETag of a single-part upload shows it: quoted lowercase hex.
+pub fn md5_etag(md5: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(34);
+    s.push('"');
+    for b in md5 {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s.push('"');
+    s
+}
+
+/// A key as CopyObject's `x-amz-copy-source` wants it: percent-encoded, '/' kept.
+fn percent_encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn name_of(l: &Listed) -> &str {

@@ -1,0 +1,715 @@
+//! An S3 NEW: the view's NEW is a staging tree in the state dir, and the publisher makes the
+//! bucket hold what the staging tree holds.
+//!
+//! Every change through the view lands in the staging tree (`<state>/stage`), a plain POSIX
+//! directory: the view, the copier, copy-up, the handover and abort work on it exactly as on a
+//! POSIX NEW, and an fsync there is as durable as on any local file. The publisher runs passes
+//! that compare the staging tree with what it put into the bucket (the journal's `Published`
+//! records) and close the difference:
+//! - a new or changed file is PUT whole, with its Content-MD5 and POSIX metadata in s3fs's and
+//!   rclone's names (`mode`, `uid`, `gid`, `mtime`);
+//! - a file whose bytes are already in the bucket under another key (a rename, a second hard
+//!   link) is copied there by the server (CopyObject), and a file whose metadata alone changed
+//!   is copied onto itself with the new metadata; the bytes are compared by MD5 first;
+//! - a directory is a `dir/` marker carrying its metadata (s3fs's convention); a symlink an
+//!   object holding its target with an `S_IFLNK` mode; a fifo or device node an empty object;
+//! - keys the staging tree no longer has are deleted, after the pass's uploads and copies, so a
+//!   renamed file's bytes are copied before its old key goes.
+//!
+//! A record is written `pending` before each request, so a crash between a request and its
+//! record leaves no object nobody knows of (abort deletes pending keys too). A file that
+//! changes while it uploads is recorded as it was before and found changed by the next pass.
+//! Nothing of ferryfs's goes into the bucket: the staging tree's work dir is skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use rustix::fs::OFlags;
+
+use crate::journal::{Batch, CopyError, Published, Records};
+use crate::store::posix::{PosixStore, open_child, read_dir_names, reopen, stat_at, stat_fd};
+use crate::store::s3::{PosixMeta, S3Error, S3Store};
+
+/// The staging tree's directory inside the state dir.
+pub const STAGE_DIR: &str = "stage";
+
+/// Uploads in flight: S3 requests are latency-bound (see the copier's S3 default).
+pub const DEFAULT_WORKERS: usize = 64;
+
+/// Longest key S3 takes, in bytes.
+pub const KEY_MAX: usize = 1024;
+
+/// The staging tree of the migration in `state`.
+pub fn stage_dir(state: &Path) -> PathBuf {
+    state.join(STAGE_DIR)
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PassReport {
+    /// Keys the bucket must hold (files, symlinks, directory markers...).
+    pub objects: u64,
+    pub uploaded: u64,
+    pub uploaded_bytes: u64,
+    /// Server-side copies: renames, second links, metadata changes.
+    pub copied: u64,
+    pub deleted: u64,
+    /// Files that changed while they uploaded (the next pass takes them again).
+    pub changed: u64,
+    /// (key, error) of what failed this pass.
+    pub errors: Vec<(String, String)>,
+}
+
+impl PassReport {
+    /// The bucket held what the staging tree held: the pass had nothing to do.
+    pub fn clean(&self) -> bool {
+        self.uploaded + self.copied + self.deleted + self.changed == 0 && self.errors.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// A staged entry and the key it must have.
+struct Want {
+    key: String,
+    /// Below the staging tree's root (opened again without following any symlink).
+    path: PathBuf,
+    kind: Kind,
+    rec: Published,
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn stamp(st: &rustix::fs::Stat) -> Published {
+    let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+    Published {
+        pending: false,
+        ino: st.st_ino as u64,
+        size: if is_dir { 0 } else { st.st_size as u64 },
+        mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+        ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
+        mode: st.st_mode as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        etag: String::new(),
+    }
+}
+
+fn meta_of(r: &Published) -> PosixMeta {
+    PosixMeta {
+        mode: Some(r.mode),
+        uid: Some(r.uid),
+        gid: Some(r.gid),
+        mtime: Some(r.mtime),
+    }
+}
+
+/// The same bytes as recorded (same inode, size, mtime and ctime: nothing wrote it since).
+fn same_stat(a: &Published, b: &Published) -> bool {
+    a.ino == b.ino && a.size == b.size && a.mtime == b.mtime && a.ctime == b.ctime
+}
+
+fn same_meta(a: &Published, b: &Published) -> bool {
+    a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtime == b.mtime
+}
+
+/// Where the bytes of a staged inode already are in the bucket, by (ino, size, mtime).
+type ByIno = HashMap<(u64, u64, (i64, u32)), Vec<String>>;
+
+/// Makes an S3 NEW hold the staging tree; see the module docs.
+pub struct Publisher {
+    pub store: Arc<S3Store>,
+    stage: PathBuf,
+    journal: Records,
+    workers: usize,
+    stop: AtomicBool,
+    /// Held by a handover under way: no request until it is released (or the process ends).
+    held: AtomicBool,
+    /// One pass at a time (the daemon's loop, commit, abort).
+    running: Mutex<()>,
+    /// Failed uploads of the last pass, counted for the metrics and status.
+    last: Mutex<PassReport>,
+    passes: AtomicU64,
+}
+
+impl Publisher {
+    pub fn new(store: Arc<S3Store>, stage: PathBuf, journal: Records, workers: usize) -> Publisher {
+        Publisher {
+            store,
+            stage,
+            journal,
+            workers: workers.max(1),
+            stop: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            running: Mutex::new(()),
+            last: Mutex::new(PassReport::default()),
+            passes: AtomicU64::new(0),
+        }
+    }
+
+    /// Connect to the NEW bucket of `url` for the staging tree `stage`.
+    pub fn connect(
+        url: &crate::store::s3::S3Url,
+        stage: PathBuf,
+        journal: Records,
+        workers: usize,
+    ) -> Result<Publisher, S3Error> {
+        Ok(Publisher::new(
+            Arc::new(S3Store::connect(url)?),
+            stage,
+            journal,
+            workers,
+        ))
+    }
+
+    /// Stop the pass under way at its next entry (abort, shutdown), and every later one.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// No more requests until [`release`](Self::release), and the pass under way (if any)
+    /// over when this returns: a handover's new daemon publishes from then on, alone.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::Release);
+        drop(self.running.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn release(&self) {
+        self.held.store(false, Ordering::Release);
+    }
+
+    fn halted(&self) -> bool {
+        self.stop.load(Ordering::Acquire) || self.held.load(Ordering::Acquire)
+    }
+
+    pub fn last(&self) -> PassReport {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Relaxed)
+    }
+
+    /// Passes until one finds nothing to do (at most `max`); the last pass's report.
+    pub fn settle(&self, max: usize) -> std::io::Result<PassReport> {
+        let mut r = self.pass()?;
+        for _ in 1..max {
+            if r.clean() || self.halted() {
+                break;
+            }
+            // Errors stay errors until their cause is fixed: one more pass to retry them, no
+            // more.
+            if r.uploaded + r.copied + r.deleted + r.changed == 0 {
+                break;
+            }
+            r = self.pass()?;
+        }
+        Ok(r)
+    }
+
+    /// What a pass would do now, without doing it, one line per key: to upload or copy, to
+    /// delete, and names no key can hold (verify's mismatches).
+    pub fn plan(&self) -> std::io::Result<Vec<String>> {
+        let d = self.diff()?;
+        let mut keys: Vec<String> = d
+            .todo
+            .iter()
+            .map(|i| format!("{}: not in the NEW bucket yet", d.wants[*i].key))
+            .collect();
+        keys.extend(
+            d.gone
+                .iter()
+                .map(|k| format!("{k}: still in the NEW bucket, no longer in the view")),
+        );
+        keys.extend(d.bad.into_iter().map(|(k, e)| format!("{k}: {e}")));
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The staging tree against the records.
+    fn diff(&self) -> std::io::Result<Diff> {
+        let mut wants = Vec::new();
+        let mut bad = Vec::new();
+        let root = PosixStore::open(&self.stage)?;
+        walk(root.root(), Path::new(""), "", &mut wants, &mut bad)?;
+        let records: HashMap<String, Published> = self
+            .journal
+            .published()
+            .map_err(std::io::Error::other)?
+            .into_iter()
+            .collect();
+        let wanted: HashSet<&str> = wants.iter().map(|w| w.key.as_str()).collect();
+        let mut gone: Vec<String> = records
+            .keys()
+            .filter(|k| !wanted.contains(k.as_str()))
+            .cloned()
+            .collect();
+        gone.sort();
+        let todo = wants
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| match records.get(&w.key) {
+                Some(r) => r.pending || !same_stat(r, &w.rec) || !same_meta(r, &w.rec),
+                None => true,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        Ok(Diff {
+            wants,
+            bad,
+            records,
+            todo,
+            gone,
+        })
+    }
+
+    /// One pass: walk the staging tree, upload and copy what differs, delete what is gone.
+    pub fn pass(&self) -> std::io::Result<PassReport> {
+        let _one = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if self.halted() {
+            return Ok(PassReport::default());
+        }
+        let root = PosixStore::open(&self.stage)?;
+        let mut report = PassReport::default();
+        let Diff {
+            wants,
+            bad,
+            records,
+            todo,
+            gone,
+        } = self.diff()?;
+        report.objects = wants.len() as u64;
+        // Where the bytes of a staged inode already are in the bucket: (ino, size, mtime).
+        let mut by_ino: ByIno = HashMap::new();
+        for (k, r) in &records {
+            if !r.pending && !k.ends_with('/') {
+                by_ino
+                    .entry((r.ino, r.size, r.mtime))
+                    .or_default()
+                    .push(k.clone());
+            }
+        }
+        let todo: Vec<&Want> = todo.iter().map(|i| &wants[*i]).collect();
+        let out = Mutex::new(&mut report);
+        let next = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..self.workers.min(todo.len()) {
+                s.spawn(|| {
+                    loop {
+                        if self.halted() {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(w) = todo.get(i) else { return };
+                        let r = self.publish(&root, w, records.get(&w.key), &by_ino, &records);
+                        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                        match r {
+                            Ok(Done::Uploaded(n)) => {
+                                o.uploaded += 1;
+                                o.uploaded_bytes += n;
+                            }
+                            Ok(Done::Copied) => o.copied += 1,
+                            Ok(Done::Recorded) => {}
+                            Ok(Done::Changed) => o.changed += 1,
+                            Err(e) => o.errors.push((w.key.clone(), e.to_string())),
+                        }
+                    }
+                });
+            }
+        });
+        for (key, why) in bad {
+            report.errors.push((key, why));
+        }
+        // Deletions last: a renamed file's bytes were copied to its new key above.
+        if !self.halted() {
+            for key in &gone {
+                match self.store.delete(key) {
+                    Ok(()) => {
+                        let mut b = Batch::new();
+                        b.clear_published(key).clear_pub_error(key);
+                        self.journal
+                            .commit(b, false)
+                            .map_err(std::io::Error::other)?;
+                        report.deleted += 1;
+                    }
+                    Err(e) => report.errors.push((key.clone(), e.to_string())),
+                }
+            }
+        }
+        self.record_errors(&report)?;
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+        if !report.clean() {
+            tracing::info!(
+                uploaded = report.uploaded,
+                copied = report.copied,
+                deleted = report.deleted,
+                changed = report.changed,
+                errors = report.errors.len(),
+                "publish pass"
+            );
+        }
+        Ok(report)
+    }
+
+    /// The pass's errors replace the recorded ones (a key that published is no error now).
+    fn record_errors(&self, report: &PassReport) -> std::io::Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let known: HashMap<String, CopyError> = self
+            .journal
+            .pub_errors()
+            .map_err(std::io::Error::other)?
+            .into_iter()
+            .collect();
+        let failed: HashSet<&str> = report.errors.iter().map(|(k, _)| k.as_str()).collect();
+        let mut b = Batch::new();
+        for k in known.keys().filter(|k| !failed.contains(k.as_str())) {
+            b.clear_pub_error(k);
+        }
+        for (k, e) in &report.errors {
+            tracing::warn!(key = %k, error = %e, "upload into NEW failed");
+            b.pub_error(
+                k,
+                &CopyError {
+                    error: format!("upload into NEW: {e}"),
+                    errno: libc::EIO,
+                    attempts: known.get(k).map_or(0, |c| c.attempts) + 1,
+                    at: now,
+                },
+            );
+        }
+        self.journal.commit(b, false).map_err(std::io::Error::other)
+    }
+
+    fn record(&self, key: &str, r: &Published) -> std::io::Result<()> {
+        let mut b = Batch::new();
+        b.published(key, r);
+        self.journal.commit(b, false).map_err(std::io::Error::other)
+    }
+
+    /// Bring one key up to date with its staged entry.
+    fn publish(
+        &self,
+        root: &PosixStore,
+        w: &Want,
+        had: Option<&Published>,
+        by_ino: &ByIno,
+        records: &HashMap<String, Published>,
+    ) -> Result<Done, S3Error> {
+        let io = |what: &str, e: std::io::Error| {
+            S3Error::new(
+                format!("{what} {}", w.path.display()),
+                e.raw_os_error().unwrap_or(libc::EIO),
+                e.to_string(),
+            )
+        };
+        if had.is_none_or(|h| !h.pending) {
+            let mut p = w.rec.clone();
+            p.pending = true;
+            // (the etag of what may still be at the key)
+            p.etag = had.map(|h| h.etag.clone()).unwrap_or_default();
+            self.record(&w.key, &p).map_err(|e| io("journal", e))?;
+        }
+        match w.kind {
+            Kind::Dir | Kind::Other => {
+                let o = self.store.put(&w.key, Vec::new(), &meta_of(&w.rec))?;
+                self.record(
+                    &w.key,
+                    &Published {
+                        pending: false,
+                        etag: o.etag,
+                        ..w.rec.clone()
+                    },
+                )
+                .map_err(|e| io("journal", e))?;
+                Ok(Done::Uploaded(0))
+            }
+            Kind::Symlink => {
+                let fd = match root.open_path(&w.path) {
+                    Ok(fd) => fd,
+                    Err(e) if vanished(&e) => return Ok(Done::Changed),
+                    Err(e) => return Err(io("open", e)),
+                };
+                let data = rustix::fs::readlinkat(&fd, "", Vec::new())
+                    .map_err(|e| io("readlink", e.into()))?
+                    .into_bytes();
+                let n = data.len() as u64;
+                let o = self.store.put(&w.key, data, &meta_of(&w.rec))?;
+                self.record(
+                    &w.key,
+                    &Published {
+                        pending: false,
+                        etag: o.etag,
+                        ..w.rec.clone()
+                    },
+                )
+                .map_err(|e| io("journal", e))?;
+                Ok(Done::Uploaded(n))
+            }
+            Kind::File => {
+                // By a path resolved below the root with no symlink followed: whatever the
+                // view did meanwhile, nothing outside the staging tree is read.
+                let f = match root
+                    .open_path(&w.path)
+                    .and_then(|fd| reopen(fd.as_fd(), OFlags::RDONLY))
+                {
+                    Ok(f) => f,
+                    Err(e) if vanished(&e) => return Ok(Done::Changed),
+                    Err(e) => return Err(io("open", e)),
+                };
+                let fstat = |f: &File| {
+                    rustix::fs::fstat(f)
+                        .map(|st| stamp(&st))
+                        .map_err(|e| io("stat", e.into()))
+                };
+                let now = fstat(&f)?;
+                if now.ino != w.rec.ino || now.mode & libc::S_IFMT != libc::S_IFREG {
+                    return Ok(Done::Changed);
+                }
+                if let Some(x) = user_xattr(&f) {
+                    return Err(S3Error::new(
+                        w.path.display().to_string(),
+                        libc::EOPNOTSUPP,
+                        format!(
+                            "has the extended attribute {x:?}, which an S3 NEW cannot hold \
+                             (remove it through the view, or abort)"
+                        ),
+                    ));
+                }
+                // The bytes may be in the bucket already: at this key (a metadata change) or
+                // at another (a rename, a second link). MD5 decides; ETags of single PUTs and
+                // copies are the MD5 of the bytes.
+                let mut candidates: Vec<String> = Vec::new();
+                if had.is_some_and(|h| h.size == now.size && !h.etag.is_empty()) {
+                    candidates.push(w.key.clone());
+                }
+                if let Some(ks) = by_ino.get(&(now.ino, now.size, now.mtime)) {
+                    candidates.extend(ks.iter().filter(|k| **k != w.key).cloned());
+                }
+                let etag_of = |k: &str| {
+                    if k == w.key {
+                        had.map(|h| h.etag.clone())
+                    } else {
+                        records.get(k).map(|r| r.etag.clone())
+                    }
+                };
+                if !candidates.is_empty() {
+                    let md5 = crate::store::s3::file_md5(&f).map_err(|e| io("read", e))?;
+                    let want = crate::store::s3::md5_etag(&md5);
+                    if let Some(from) = candidates
+                        .iter()
+                        .find(|k| etag_of(k).as_deref() == Some(&want))
+                    {
+                        let meta_same = had.is_some_and(|h| same_meta(h, &now));
+                        if *from != w.key || !meta_same {
+                            self.store.copy(from, &w.key, &meta_of(&now))?;
+                        }
+                        if !same_stat(&fstat(&f)?, &now) {
+                            return Ok(Done::Changed);
+                        }
+                        self.record(&w.key, &Published { etag: want, ..now })
+                            .map_err(|e| io("journal", e))?;
+                        return Ok(if *from != w.key || !meta_same {
+                            Done::Copied
+                        } else {
+                            Done::Recorded
+                        });
+                    }
+                }
+                let o = self.store.put_file(&w.key, &f, &meta_of(&now))?;
+                if !same_stat(&fstat(&f)?, &now) {
+                    return Ok(Done::Changed);
+                }
+                self.record(
+                    &w.key,
+                    &Published {
+                        etag: o.etag,
+                        ..now
+                    },
+                )
+                .map_err(|e| io("journal", e))?;
+                Ok(Done::Uploaded(o.size))
+            }
+        }
+    }
+
+    /// Every key this migration put (or was putting) into the bucket, deleted: abort's "remove
+    /// what ferryfs put into NEW". Keys other clients wrote are left alone.
+    pub fn remove_all(&self) -> std::io::Result<u64> {
+        let _one = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (key, _) in self.journal.published().map_err(std::io::Error::other)? {
+            self.store.delete(&key).map_err(std::io::Error::from)?;
+            let mut b = Batch::new();
+            b.clear_published(&key).clear_pub_error(&key);
+            self.journal
+                .commit(b, false)
+                .map_err(std::io::Error::other)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Check the bucket against the records: every recorded key is there with its size, and
+    /// nothing is pending. Returns the problems found (empty: the bucket is as recorded) and
+    /// the keys below the prefix that this migration did not write.
+    pub fn check_bucket(&self) -> std::io::Result<(Vec<String>, Vec<String>)> {
+        let records: HashMap<String, Published> = self
+            .journal
+            .published()
+            .map_err(std::io::Error::other)?
+            .into_iter()
+            .collect();
+        let mut listed: HashMap<String, u64> = HashMap::new();
+        self.store
+            .list_all(&mut |k, size| {
+                listed.insert(k.to_string(), size);
+            })
+            .map_err(std::io::Error::from)?;
+        let mut problems = Vec::new();
+        let mut keys: Vec<&String> = records.keys().collect();
+        keys.sort();
+        for k in keys {
+            let r = &records[k];
+            if r.pending {
+                problems.push(format!("{k}: upload not finished"));
+                continue;
+            }
+            // A symlink's object holds its target, whose length is the link's st_size.
+            let want = if k.ends_with('/') { 0 } else { r.size };
+            match listed.get(k) {
+                None => problems.push(format!("{k}: missing from the bucket")),
+                Some(s) if *s != want => {
+                    problems.push(format!("{k}: {s} bytes in the bucket, {want} staged"))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut foreign: Vec<String> = listed
+            .into_keys()
+            .filter(|k| !records.contains_key(k))
+            .collect();
+        foreign.sort();
+        Ok((problems, foreign))
+    }
+}
+
+/// Renamed or removed through the view since the walk (the next pass sees where it went).
+fn vanished(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
+}
+
+struct Diff {
+    wants: Vec<Want>,
+    bad: Vec<(String, String)>,
+    records: HashMap<String, Published>,
+    /// Indices into `wants` of the keys that differ from their records.
+    todo: Vec<usize>,
+    /// Recorded keys the staging tree no longer has.
+    gone: Vec<String>,
+}
+
+enum Done {
+    Uploaded(u64),
+    Copied,
+    Recorded,
+    Changed,
+}
+
+/// The first `user.` extended attribute of `f`, if it has one.
+fn user_xattr(f: &File) -> Option<String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = rustix::fs::flistxattr(f, &mut buf).ok()?;
+    buf[..n]
+        .split(|b| *b == 0)
+        .find(|n| n.starts_with(b"user."))
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+}
+
+/// Collect the wanted keys below the directory `dir` (at `rel` below the root, key path
+/// `key_dir`: "" for the root, else ending in '/'), by fd, never following a symlink. Names no
+/// key can hold go to `bad`.
+fn walk(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    key_dir: &str,
+    wants: &mut Vec<Want>,
+    bad: &mut Vec<(String, String)>,
+) -> std::io::Result<()> {
+    let gone = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOENT);
+    let names = match read_dir_names(dir) {
+        Ok(n) => n,
+        // Removed since it was listed (through the view): the next pass.
+        Err(e) if gone(&e) && !key_dir.is_empty() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for ent in names {
+        let name = OsStr::from_bytes(&ent.name);
+        if key_dir.is_empty() && name == OsStr::new(crate::fs::WORK_DIR) {
+            continue;
+        }
+        let Some(n) = name.to_str() else {
+            bad.push((
+                format!("{key_dir}{}", String::from_utf8_lossy(&ent.name)),
+                "the name is not UTF-8, which no S3 key can hold".into(),
+            ));
+            continue;
+        };
+        let st = match stat_at(dir, name) {
+            Ok(st) => st,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let (key, kind) = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => (format!("{key_dir}{n}/"), Kind::Dir),
+            libc::S_IFREG => (format!("{key_dir}{n}"), Kind::File),
+            libc::S_IFLNK => (format!("{key_dir}{n}"), Kind::Symlink),
+            _ => (format!("{key_dir}{n}"), Kind::Other),
+        };
+        if key.len() > KEY_MAX {
+            bad.push((
+                key,
+                format!("longer than {KEY_MAX} bytes, S3's limit for a key"),
+            ));
+            continue;
+        }
+        let path = rel.join(name);
+        wants.push(Want {
+            key: key.clone(),
+            path: path.clone(),
+            kind,
+            rec: stamp(&st),
+        });
+        if kind == Kind::Dir {
+            let sub = match open_child(dir, name) {
+                Ok(fd) => fd,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            // Replaced by something else since the stat: the next pass sees what it is.
+            if stat_fd(sub.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                continue;
+            }
+            walk(sub.as_fd(), &path, &key, wants, bad)?;
+        }
+    }
+    Ok(())
+}

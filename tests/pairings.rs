@@ -1,0 +1,513 @@
+//! The lifecycle over the four pairings of stores (issue 6): posix to posix, s3 to posix,
+//! posix to s3, s3 to s3, against a real Garage on 127.0.0.1 and a real FUSE mount.
+//!
+//! The same dataset goes into OLD (a directory, or a bucket in s3fs's convention), the same
+//! changes are made through the view (create + fsync, append, chmod, rename of an OLD-only file
+//! and of a directory holding OLD-only content, delete, symlink), then either
+//! execute / verify / commit, after which NEW (the directory, or the bucket as another client
+//! lists and reads it) must hold exactly what the view showed; or abort, after which OLD must
+//! hold exactly what the view showed and NEW nothing of ferryfs's.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use common::garage::Garage;
+use common::{Fixture, ferryfs, ok};
+use ferryfs::store::s3::{ObjectReader, PosixMeta, S3Store, S3Url};
+
+fn server() -> &'static Garage {
+    common::garage::shared()
+}
+
+fn store(bucket: &str) -> Arc<S3Store> {
+    Arc::new(S3Store::connect(&S3Url::parse(&format!("s3://{bucket}")).unwrap()).unwrap())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Posix,
+    S3,
+}
+
+/// One entry as a client sees it: type, bytes (a symlink's target), permission bits, and
+/// mtime in seconds (files and symlinks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Dir,
+    File {
+        data: Vec<u8>,
+        perm: u32,
+        mtime: i64,
+    },
+    Link(Vec<u8>),
+}
+
+fn pattern(n: usize, seed: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + seed) % 251) as u8).collect()
+}
+
+/// The dataset: (path, bytes, permission bits, mtime).
+fn dataset() -> Vec<(&'static str, Vec<u8>, u32, i64)> {
+    vec![
+        ("a/one.txt", b"one".to_vec(), 0o644, 1_500_000_000),
+        ("a/two.txt", pattern(70_000, 2), 0o640, 1_500_000_100),
+        ("b/deep/x.bin", pattern(9 << 20, 3), 0o600, 1_500_000_200),
+        ("b/y.txt", b"y".to_vec(), 0o644, 1_500_000_300),
+        ("c.txt", b"to be deleted".to_vec(), 0o644, 1_500_000_400),
+        ("top.txt", b"stays".to_vec(), 0o444, 1_500_000_500),
+    ]
+}
+
+/// Fill OLD with the dataset and a symlink; returns the OLD store argument.
+fn fill_old(f: &Fixture, side: Side, bucket: &str) -> String {
+    match side {
+        Side::Posix => {
+            for (rel, data, perm, mtime) in dataset() {
+                let p = f.old.join(rel);
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, &data).unwrap();
+                fs::set_permissions(&p, fs::Permissions::from_mode(perm)).unwrap();
+                set_mtime(&p, mtime);
+            }
+            std::os::unix::fs::symlink("top.txt", f.old.join("old-link")).unwrap();
+            f.old.to_str().unwrap().to_string()
+        }
+        Side::S3 => {
+            server().bucket(bucket);
+            let s = store(bucket);
+            for (rel, data, perm, mtime) in dataset() {
+                let meta = PosixMeta {
+                    mode: Some(0o100000 | perm),
+                    uid: Some(0),
+                    gid: Some(0),
+                    mtime: Some((mtime, 0)),
+                };
+                s.put(rel, data, &meta).unwrap();
+            }
+            let link = PosixMeta {
+                mode: Some(0o120777),
+                uid: Some(0),
+                gid: Some(0),
+                mtime: Some((1_500_000_600, 0)),
+            };
+            s.put("old-link", b"top.txt".to_vec(), &link).unwrap();
+            format!("s3://{bucket}")
+        }
+    }
+}
+
+fn set_mtime(p: &Path, secs: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+/// The NEW store argument (the bucket made empty, or the fixture's directory).
+fn new_arg(f: &Fixture, side: Side, bucket: &str) -> String {
+    match side {
+        Side::Posix => f.new.to_str().unwrap().to_string(),
+        Side::S3 => {
+            server().bucket(bucket);
+            format!("s3://{bucket}")
+        }
+    }
+}
+
+/// Every entry below `root` of a directory tree.
+fn tree_of_dir(root: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let entry = if md.is_dir() {
+                stack.push(p.clone());
+                Entry::Dir
+            } else if md.file_type().is_symlink() {
+                Entry::Link(
+                    fs::read_link(&p)
+                        .unwrap()
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                )
+            } else {
+                Entry::File {
+                    data: fs::read(&p).unwrap(),
+                    perm: md.mode() & 0o7777,
+                    mtime: md.mtime(),
+                }
+            };
+            out.insert(rel, entry);
+        }
+    }
+    out
+}
+
+/// Every entry of a bucket as another client reads it: objects by HEAD and GET, their type and
+/// mode from s3fs's metadata, directories from markers and from the keys' prefixes.
+fn tree_of_bucket(s: &Arc<S3Store>) -> BTreeMap<String, Entry> {
+    let mut keys = Vec::new();
+    s.list_all(&mut |k, _| keys.push(k.to_string())).unwrap();
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let mut parts: Vec<&str> = k.trim_end_matches('/').split('/').collect();
+        parts.pop();
+        for i in 1..=parts.len() {
+            out.insert(parts[..i].join("/"), Entry::Dir);
+        }
+        if let Some(d) = k.strip_suffix('/') {
+            out.insert(d.to_string(), Entry::Dir);
+            continue;
+        }
+        let info = s.head(&k).unwrap().expect("listed object");
+        let meta = info.meta.unwrap_or_default();
+        let r = ObjectReader::new(s.clone(), info.clone(), 16 << 20);
+        let data = r.read_at(0, info.size as usize).unwrap();
+        let mode = meta.mode.unwrap_or(0o100644);
+        let entry = if mode & 0o170000 == 0o120000 {
+            Entry::Link(data)
+        } else {
+            Entry::File {
+                data,
+                perm: mode & 0o7777,
+                mtime: meta.mtime.map_or(info.last_modified.0, |t| t.0),
+            }
+        };
+        out.insert(k, entry);
+    }
+    out
+}
+
+fn tree_of(side: Side, dir: &Path, bucket: &str) -> BTreeMap<String, Entry> {
+    match side {
+        Side::Posix => tree_of_dir(dir),
+        Side::S3 => tree_of_bucket(&store(bucket)),
+    }
+}
+
+fn assert_same(what: &str, got: &BTreeMap<String, Entry>, want: &BTreeMap<String, Entry>) {
+    let short = |e: &Entry| match e {
+        Entry::File { data, perm, mtime } => {
+            format!("file {} bytes {perm:o} mtime {mtime}", data.len())
+        }
+        e => format!("{e:?}"),
+    };
+    let mut diffs = Vec::new();
+    for (k, w) in want {
+        match got.get(k) {
+            None => diffs.push(format!("missing {k}: {}", short(w))),
+            Some(g) if g != w => diffs.push(format!("{k}: got {}, want {}", short(g), short(w))),
+            Some(_) => {}
+        }
+    }
+    for (k, g) in got {
+        if !want.contains_key(k) {
+            diffs.push(format!("extra {k}: {}", short(g)));
+        }
+    }
+    assert!(diffs.is_empty(), "{what}:\n{}", diffs.join("\n"));
+}
+
+/// The same changes through the view, for every pairing.
+fn change_through_the_view(f: &Fixture) {
+    fs::create_dir(f.v("born")).unwrap();
+    let mut h = fs::File::create(f.v("born/new.txt")).unwrap();
+    h.write_all(b"born in the view").unwrap();
+    h.sync_all().unwrap();
+    drop(h);
+    let mut h = fs::OpenOptions::new()
+        .append(true)
+        .open(f.v("a/one.txt"))
+        .unwrap();
+    h.write_all(b" and more").unwrap();
+    drop(h);
+    fs::set_permissions(f.v("a/one.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(f.v("a/two.txt"), f.v("a/two-renamed.txt")).unwrap();
+    fs::rename(f.v("b"), f.v("b2")).unwrap();
+    fs::remove_file(f.v("c.txt")).unwrap();
+    std::os::unix::fs::symlink("a/one.txt", f.v("new-link")).unwrap();
+    fs::create_dir(f.v("empty")).unwrap();
+}
+
+/// Changes to entries NEW already holds.
+fn change_again(f: &Fixture) {
+    fs::rename(f.v("a/two-renamed.txt"), f.v("a/two-again.txt")).unwrap();
+    fs::rename(f.v("b2"), f.v("b3")).unwrap();
+    fs::remove_file(f.v("top.txt")).unwrap();
+    fs::set_permissions(f.v("born/new.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::write(f.v("a/one.txt"), b"rewritten, longer than before").unwrap();
+}
+
+/// What the view shows after [`change_through_the_view`], as the stores must show it.
+fn expected_after_changes(f: &Fixture) -> BTreeMap<String, Entry> {
+    let seen = tree_of_dir(&f.mnt);
+    assert!(seen.contains_key("born/new.txt") && !seen.contains_key("c.txt"));
+    seen
+}
+
+fn lifecycle(old: Side, new: Side, name: &str) {
+    let mut f = Fixture::new();
+    let (ob, nb) = (format!("{name}-old"), format!("{name}-new"));
+    let old_arg = fill_old(&f, old, &ob);
+    let new_arg = new_arg(&f, new, &nb);
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old_arg.as_ref(),
+        "--new".as_ref(),
+        new_arg.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+    f.mount();
+    change_through_the_view(&f);
+    if new == Side::S3 {
+        // What S3 cannot hold is refused when asked for, with a clear errno.
+        let e = fs::hard_link(f.v("top.txt"), f.v("hard")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "link: {e}");
+        let e = rustix::fs::setxattr(
+            f.v("top.txt").as_path(),
+            "user.k",
+            b"v",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap_err();
+        assert_eq!(e, rustix::io::Errno::OPNOTSUPP, "setxattr");
+    }
+    ok(f.cmd("execute", &["--wait"]));
+    // Everything is in NEW now (and, for an S3 NEW, being uploaded): change it again, so that
+    // what NEW already holds is renamed, deleted, rewritten and chmod-ed.
+    ok(f.cmd("verify", &[]));
+    change_again(&f);
+    let want = expected_after_changes(&f);
+    let out = ok(f.cmd("verify", &["--checksum"]));
+    assert!(out.contains("0 mismatches"), "{out}");
+    let out = ok(f.cmd("commit", &[]));
+    assert!(out.contains("committed"), "{out}");
+    // The view serves NEW only, and still shows the same.
+    assert_same("the view after commit", &tree_of_dir(&f.mnt), &want);
+    f.unmount();
+    assert_same("NEW after commit", &tree_of(new, &f.new, &nb), &want);
+    if new == Side::S3 {
+        // Another client lists exactly the objects expected and reads the same bytes.
+        let out =
+            common::run(
+                server()
+                    .rclone()
+                    .args(["lsf", "-R", "--files-only", &format!("g:{nb}")]),
+            );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        listed.sort();
+        let mut files: Vec<String> = want
+            .iter()
+            .filter(|(_, e)| !matches!(e, Entry::Dir))
+            .map(|(k, _)| k.clone())
+            .collect();
+        files.sort();
+        assert_eq!(listed, files, "rclone lsf of the NEW bucket");
+        let out = common::run(
+            server()
+                .rclone()
+                .args(["cat", &format!("g:{nb}/b3/deep/x.bin")]),
+        );
+        assert!(
+            out.stdout == pattern(9 << 20, 3),
+            "rclone cat of a copied object"
+        );
+        let st = ferryfs::state::status(&f.state).unwrap();
+        assert_eq!(st.published.unwrap().pending, 0);
+        // The renames of what the bucket held were copies made by the server, not uploads.
+        let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+        let copied: u64 = log
+            .lines()
+            .filter(|l| l.contains("publish pass"))
+            .filter_map(|l| l.split("copied=").nth(1))
+            .filter_map(|v| {
+                v.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert!(copied >= 3, "server-side copies: {copied}\n{log}");
+    }
+}
+
+fn abort(old: Side, new: Side, name: &str) {
+    let mut f = Fixture::new();
+    let (ob, nb) = (format!("{name}-old"), format!("{name}-new"));
+    let old_arg = fill_old(&f, old, &ob);
+    let new_arg = new_arg(&f, new, &nb);
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old_arg.as_ref(),
+        "--new".as_ref(),
+        new_arg.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+    // The copier runs meanwhile: some of OLD is in NEW (and, for an S3 NEW, in the bucket).
+    f.mount_with(&f.mnt.clone(), &[]);
+    change_through_the_view(&f);
+    ok(f.cmd("execute", &["--wait"]));
+    // Directories compare by being there: a bucket keeps no mode for a directory that is not
+    // empty (abort writes markers for empty ones only).
+    let want = expected_after_changes(&f);
+    let out = ok(f.cmd("abort", &[]));
+    assert!(out.contains("aborted"), "{out}");
+    assert_same("OLD after abort", &tree_of(old, &f.old, &ob), &want);
+    match new {
+        Side::Posix => assert!(
+            fs::read_dir(&f.new).unwrap().next().is_none(),
+            "NEW not emptied"
+        ),
+        Side::S3 => {
+            let mut keys = Vec::new();
+            store(&nb)
+                .list_all(&mut |k, _| keys.push(k.to_string()))
+                .unwrap();
+            assert!(keys.is_empty(), "the NEW bucket still holds {keys:?}");
+        }
+    }
+    assert_eq!(f.status_json()["phase"], "aborted");
+}
+
+#[test]
+fn lifecycle_posix_to_posix() {
+    lifecycle(Side::Posix, Side::Posix, "pp");
+}
+
+#[test]
+fn lifecycle_s3_to_posix() {
+    lifecycle(Side::S3, Side::Posix, "sp");
+}
+
+#[test]
+fn lifecycle_posix_to_s3() {
+    lifecycle(Side::Posix, Side::S3, "ps");
+}
+
+#[test]
+fn lifecycle_s3_to_s3() {
+    lifecycle(Side::S3, Side::S3, "ss");
+}
+
+#[test]
+fn abort_posix_to_posix() {
+    abort(Side::Posix, Side::Posix, "app");
+}
+
+#[test]
+fn abort_s3_to_posix() {
+    abort(Side::S3, Side::Posix, "asp");
+}
+
+#[test]
+fn abort_posix_to_s3() {
+    abort(Side::Posix, Side::S3, "aps");
+}
+
+#[test]
+fn abort_s3_to_s3() {
+    abort(Side::S3, Side::S3, "ass");
+}
+
+/// An S3 NEW: what the bucket cannot hold (an OLD file's user xattr) is an error status lists
+/// and commit refuses, with the daemon up; once the cause is gone the migration completes.
+/// Then a file written and fsync-ed through the view survives kill -9 of the daemon and reaches
+/// the bucket from the next mount.
+#[test]
+fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
+    let mut f = Fixture::new();
+    let old_arg = fill_old(&f, Side::Posix, "unused");
+    rustix::fs::setxattr(
+        f.old.join("b/y.txt").as_path(),
+        "user.tag",
+        b"v",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let nb = "xattr-new";
+    let new_arg = new_arg(&f, Side::S3, nb);
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old_arg.as_ref(),
+        "--new".as_ref(),
+        new_arg.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+    f.mount();
+    ok(f.cmd("execute", &["--wait"]));
+    let out = f.cmd("verify", &[]);
+    assert!(
+        !out.status.success(),
+        "verify passed with an upload failing"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("b/y.txt"), "{text}");
+    let st = f.status_json();
+    let errors = st["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|e| e["path"] == "/b/y.txt"
+            && e["error"].as_str().unwrap().contains("extended attribute")),
+        "status errors: {errors:?}"
+    );
+    let out = f.cmd("commit", &[]);
+    assert!(
+        !out.status.success(),
+        "commit passed with an upload failing"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("b/y.txt"), "{err}");
+    assert!(f.daemon_pid().is_some(), "the daemon went down");
+    // The cause removed through the view: the next pass uploads it.
+    rustix::fs::removexattr(f.v("b/y.txt").as_path(), "user.tag").unwrap();
+    ok(f.cmd("verify", &[]));
+    // Written and fsync-ed, then the daemon killed before any pass may have run.
+    let mut h = fs::File::create(f.v("durable.bin")).unwrap();
+    h.write_all(&pattern(300_000, 9)).unwrap();
+    h.sync_all().unwrap();
+    drop(h);
+    f.kill9();
+    f.mount();
+    assert!(fs::read(f.v("durable.bin")).unwrap() == pattern(300_000, 9));
+    ok(f.cmd("commit", &[]));
+    let got = tree_of_bucket(&store(nb));
+    match got.get("durable.bin") {
+        Some(Entry::File { data, .. }) => assert!(*data == pattern(300_000, 9)),
+        e => panic!("durable.bin in the bucket: {e:?}"),
+    }
+    assert!(got.contains_key("b/y.txt"));
+    f.unmount();
+}
