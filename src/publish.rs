@@ -105,6 +105,7 @@ fn stamp(st: &rustix::fs::Stat) -> Published {
         uid: st.st_uid,
         gid: st.st_gid,
         etag: String::new(),
+        md5: String::new(),
     }
 }
 
@@ -494,18 +495,23 @@ impl Publisher {
                 // The bytes may be in the bucket already: at this key (a metadata change) or
                 // at another (a rename, a second link). MD5 decides; ETags of single PUTs and
                 // copies are the MD5 of the bytes.
+                // (CopyObject takes at most 5 GiB: a bigger file is uploaded again.)
                 let mut candidates: Vec<String> = Vec::new();
-                if had.is_some_and(|h| h.size == now.size && !h.etag.is_empty()) {
+                let copyable = now.size <= COPY_MAX;
+                if copyable && had.is_some_and(|h| h.size == now.size && !md5_of(h).is_empty()) {
                     candidates.push(w.key.clone());
                 }
-                if let Some(ks) = by_ino.get(&(now.ino, now.size, now.mtime)) {
+                if let Some(ks) = by_ino
+                    .get(&(now.ino, now.size, now.mtime))
+                    .filter(|_| copyable)
+                {
                     candidates.extend(ks.iter().filter(|k| **k != w.key).cloned());
                 }
                 let etag_of = |k: &str| {
                     if k == w.key {
-                        had.map(|h| h.etag.clone())
+                        had.map(|h| md5_of(h).to_string())
                     } else {
-                        records.get(k).map(|r| r.etag.clone())
+                        records.get(k).map(|r| md5_of(r).to_string())
                     }
                 };
                 if !candidates.is_empty() {
@@ -522,8 +528,15 @@ impl Publisher {
                         if !same_stat(&fstat(&f)?, &now) {
                             return Ok(Done::Changed);
                         }
-                        self.record(&w.key, &Published { etag: want, ..now })
-                            .map_err(|e| io("journal", e))?;
+                        self.record(
+                            &w.key,
+                            &Published {
+                                etag: want.clone(),
+                                md5: want,
+                                ..now
+                            },
+                        )
+                        .map_err(|e| io("journal", e))?;
                         return Ok(if *from != w.key || !meta_same {
                             Done::Copied
                         } else {
@@ -531,7 +544,7 @@ impl Publisher {
                         });
                     }
                 }
-                let o = self.store.put_file(&w.key, &f, &meta_of(&now))?;
+                let (o, md5) = self.store.put_file_md5(&w.key, &f, &meta_of(&now))?;
                 if !same_stat(&fstat(&f)?, &now) {
                     return Ok(Done::Changed);
                 }
@@ -539,6 +552,7 @@ impl Publisher {
                     &w.key,
                     &Published {
                         etag: o.etag,
+                        md5: crate::store::s3::md5_etag(&md5),
                         ..now
                     },
                 )
@@ -607,6 +621,14 @@ impl Publisher {
         foreign.sort();
         Ok((problems, foreign))
     }
+}
+
+/// S3's limit for one CopyObject.
+const COPY_MAX: u64 = 5 << 30;
+
+/// The MD5 of a recorded file (records before `md5` was kept: the ETag of a single PUT).
+fn md5_of(r: &Published) -> &str {
+    if r.md5.is_empty() { &r.etag } else { &r.md5 }
 }
 
 /// Renamed or removed through the view since the walk (the next pass sees where it went).

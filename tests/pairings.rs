@@ -456,6 +456,9 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
         rustix::fs::XattrFlags::empty(),
     )
     .unwrap();
+    // Big enough for a multipart upload (parts of 16 MiB, 8 in flight).
+    let big = pattern((70 << 20) + 12345, 4);
+    fs::write(f.old.join("big.bin"), &big).unwrap();
     let nb = "xattr-new";
     let new_arg = new_arg(&f, Side::S3, nb);
     ok(ferryfs(&[
@@ -494,6 +497,26 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
     // The cause removed through the view: the next pass uploads it.
     rustix::fs::removexattr(f.v("b/y.txt").as_path(), "user.tag").unwrap();
     ok(f.cmd("verify", &[]));
+    // The multipart object, renamed: copied by the server (its MD5 kept in the journal, as a
+    // multipart ETag is not one), and read back whole by another client.
+    let etag = store(nb).head("big.bin").unwrap().expect("uploaded").etag;
+    assert!(etag.contains('-'), "not a multipart upload: ETag {etag}");
+    fs::rename(f.v("big.bin"), f.v("big-renamed.bin")).unwrap();
+    ok(f.cmd("verify", &[]));
+    let out = common::run(
+        server()
+            .rclone()
+            .args(["cat", &format!("g:{nb}/big-renamed.bin")]),
+    );
+    assert!(out.stdout == big, "the multipart object read back differs");
+    let mut keys = Vec::new();
+    store(nb)
+        .list_all(&mut |k, _| keys.push(k.to_string()))
+        .unwrap();
+    assert!(
+        !keys.iter().any(|k| k == "big.bin"),
+        "the old key stayed: {keys:?}"
+    );
     // Written and fsync-ed, then the daemon killed before any pass may have run.
     let mut h = fs::File::create(f.v("durable.bin")).unwrap();
     h.write_all(&pattern(300_000, 9)).unwrap();

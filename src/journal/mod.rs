@@ -169,6 +169,10 @@ pub struct Published {
     pub uid: u32,
     pub gid: u32,
     pub etag: String,
+    /// The MD5 of a file's bytes, as an ETag of a single PUT shows it (quoted hex): a
+    /// multipart object's ETag is not its MD5.
+    #[serde(default)]
+    pub md5: String,
 }
 
 /// Byte strings as base64 in JSON (names need not be UTF-8).

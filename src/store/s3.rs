@@ -831,34 +831,39 @@ impl S3Store {
     }
 
     /// PUT `rel` with the whole of `file` (streamed from disk, not held in memory) and POSIX
-    /// metadata. One request: up to 5 GiB, S3's limit for a single PUT.
+    /// metadata: one request up to [`MULTIPART_THRESHOLD`], a multipart upload above it.
     pub fn put_file(
         &self,
         rel: &str,
         file: &std::fs::File,
         meta: &PosixMeta,
     ) -> Result<ObjectInfo> {
+        self.put_file_md5(rel, file, meta).map(|(o, _)| o)
+    }
+
+    /// [`put_file`](Self::put_file), also giving the MD5 of the bytes sent (a multipart
+    /// object's ETag is not one).
+    pub fn put_file_md5(
+        &self,
+        rel: &str,
+        file: &std::fs::File,
+        meta: &PosixMeta,
+    ) -> Result<(ObjectInfo, [u8; 16])> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = format!("PUT {key}");
-        let size = file
-            .metadata()
-            .map_err(|e| S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?
-            .len();
-        if size > 5 << 30 {
-            return Err(S3Error::new(
-                &what,
-                libc::EFBIG,
-                "larger than 5 GiB, S3's limit for one PUT (multipart upload is not built yet)",
-            ));
-        }
-        // Content-MD5: the server refuses a body that arrives other than it was read.
-        let md5 = file_md5(file).map_err(|e| {
+        let io = |e: std::io::Error| {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
-        })?;
+        };
+        let size = file.metadata().map_err(io)?.len();
         // By the fd's /proc path: a body made from a path is read again if the request is
         // retried (one made from an open file is not).
         let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+        if size > MULTIPART_THRESHOLD {
+            return self.put_multipart(rel, file, &path, size, meta);
+        }
+        // Content-MD5: the server refuses a body that arrives other than it was read.
+        let md5 = file_md5(file).map_err(io)?;
         let o = self.block(async {
             let body = ByteStream::read_from()
                 .path(&path)
@@ -877,13 +882,147 @@ impl S3Store {
                 .await
                 .map_err(|e| sdk_err(&what, e))
         })?;
-        Ok(ObjectInfo {
-            rel: rel.to_string(),
-            size,
-            etag: o.e_tag().unwrap_or_default().to_string(),
-            last_modified: (0, 0),
-            meta: Some(*meta),
-        })
+        Ok((
+            ObjectInfo {
+                rel: rel.to_string(),
+                size,
+                etag: o.e_tag().unwrap_or_default().to_string(),
+                last_modified: (0, 0),
+                meta: Some(*meta),
+            },
+            md5,
+        ))
+    }
+
+    /// A multipart upload of `file` (`path` its /proc path), parts of [`MULTIPART_PART`] or
+    /// more (S3 takes at most 10,000), [`MULTIPART_IN_FLIGHT`] at a time, each with its
+    /// Content-MD5. Aborted on any failure, so no half upload stays behind.
+    fn put_multipart(
+        &self,
+        rel: &str,
+        file: &std::fs::File,
+        path: &str,
+        size: u64,
+        meta: &PosixMeta,
+    ) -> Result<(ObjectInfo, [u8; 16])> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        use md5::Digest;
+        use std::os::unix::fs::FileExt;
+        let key = self.url.key(rel);
+        let what = format!("multipart PUT {key}");
+        let io = |e: std::io::Error| {
+            S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+        };
+        let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
+        // Each part's MD5 (for its Content-MD5) and the whole's, in one read of the file.
+        let mut whole = md5::Md5::new();
+        let mut parts: Vec<(u64, u64, [u8; 16])> = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < size {
+            let len = part.min(size - off);
+            let mut h = md5::Md5::new();
+            let mut done = 0u64;
+            while done < len {
+                let want = (len - done).min(buf.len() as u64) as usize;
+                let n = file.read_at(&mut buf[..want], off + done).map_err(io)?;
+                if n == 0 {
+                    return Err(io(std::io::Error::from_raw_os_error(libc::ESTALE)));
+                }
+                h.update(&buf[..n]);
+                whole.update(&buf[..n]);
+                done += n as u64;
+            }
+            parts.push((off, len, h.finalize().into()));
+            off += len;
+        }
+        let created = self
+            .block(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .set_metadata(Some(meta.to_metadata()))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&what, e))?;
+        let id = created.upload_id().unwrap_or_default().to_string();
+        let sent = self.block(async {
+            let mut done: Vec<CompletedPart> = Vec::with_capacity(parts.len());
+            for chunk in parts.chunks(MULTIPART_IN_FLIGHT).enumerate() {
+                let (c, group) = chunk;
+                let mut set = tokio::task::JoinSet::new();
+                for (i, (off, len, md5)) in group.iter().enumerate() {
+                    let number = (c * MULTIPART_IN_FLIGHT + i + 1) as i32;
+                    let body = ByteStream::read_from()
+                        .path(path)
+                        .offset(*off)
+                        .length(aws_sdk_s3::primitives::Length::Exact(*len))
+                        .build()
+                        .await
+                        .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
+                    let req = self
+                        .client
+                        .upload_part()
+                        .bucket(&self.url.bucket)
+                        .key(&key)
+                        .upload_id(&id)
+                        .part_number(number)
+                        .content_md5(crate::journal::bytes_b64::encode(md5))
+                        .body(body);
+                    set.spawn(async move { (number, req.send().await) });
+                }
+                while let Some(r) = set.join_next().await {
+                    let (number, r) =
+                        r.map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
+                    let o = r.map_err(|e| sdk_err(&what, e))?;
+                    done.push(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(o.e_tag().map(str::to_string))
+                            .build(),
+                    );
+                }
+            }
+            done.sort_by_key(|p| p.part_number());
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .upload_id(&id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(done))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_err(&what, e))
+        });
+        let o = match sent {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = self.block(
+                    self.client
+                        .abort_multipart_upload()
+                        .bucket(&self.url.bucket)
+                        .key(&key)
+                        .upload_id(&id)
+                        .send(),
+                );
+                return Err(e);
+            }
+        };
+        Ok((
+            ObjectInfo {
+                rel: rel.to_string(),
+                size,
+                etag: o.e_tag().unwrap_or_default().to_string(),
+                last_modified: (0, 0),
+                meta: Some(*meta),
+            },
+            whole.finalize().into(),
+        ))
     }
 
     /// Server-side copy of `from` to `rel` with new POSIX metadata (CopyObject, metadata
@@ -943,6 +1082,13 @@ impl S3Store {
         Ok(())
     }
 }
+
+/// Files above this size are uploaded in parts.
+pub const MULTIPART_THRESHOLD: u64 = 64 << 20;
+/// The smallest part of a multipart upload (S3's own minimum is 5 MiB).
+pub const MULTIPART_PART: u64 = 16 << 20;
+/// Parts of one upload in flight at once.
+pub const MULTIPART_IN_FLIGHT: usize = 8;
 
 /// The MD5 of the whole of `file` (read by offset: the file position is left alone).
 pub fn file_md5(file: &std::fs::File) -> std::io::Result<[u8; 16]> {
