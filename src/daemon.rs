@@ -151,15 +151,19 @@ fn open_view_with(
         view.set_s3_new();
     }
     let publisher = match (m.new_s3(), phase) {
-        (Some(url), p) if p != Phase::Aborted => Some(Arc::new(
-            crate::publish::Publisher::connect(
+        (Some(url), p) if p != Phase::Aborted => {
+            let p = crate::publish::Publisher::connect(
                 url,
                 new_dir.clone(),
                 m.journal.clone(),
                 crate::publish::DEFAULT_WORKERS,
             )
-            .map_err(|e| format!("NEW store {}: {e}", m.config.new))?,
-        )),
+            .map_err(|e| format!("NEW store {}: {e}", m.config.new))?;
+            Some(Arc::new(match &s3 {
+                Some(t) => p.with_old(t.store.clone()),
+                None => p,
+            }))
+        }
         _ => None,
     };
     Ok(Opened {

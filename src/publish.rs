@@ -61,6 +61,9 @@ pub struct PassReport {
     pub uploaded_bytes: u64,
     /// Server-side copies: renames, second links, metadata changes.
     pub copied: u64,
+    /// Server-side copies from an S3 OLD's bucket (objects the copier brought unchanged).
+    pub from_old: u64,
+    pub from_old_bytes: u64,
     pub deleted: u64,
     /// Files that changed while they uploaded (the next pass takes them again).
     pub changed: u64,
@@ -71,7 +74,8 @@ pub struct PassReport {
 impl PassReport {
     /// The bucket held what the staging tree held: the pass had nothing to do.
     pub fn clean(&self) -> bool {
-        self.uploaded + self.copied + self.deleted + self.changed == 0 && self.errors.is_empty()
+        self.uploaded + self.copied + self.from_old + self.deleted + self.changed == 0
+            && self.errors.is_empty()
     }
 }
 
@@ -88,6 +92,8 @@ struct Want {
     key: String,
     /// Below the staging tree's root (opened again without following any symlink).
     path: PathBuf,
+    /// st_dev of the staged entry (with `rec.ino`, the key of its copy record).
+    dev: u64,
     kind: Kind,
     rec: Published,
 }
@@ -137,6 +143,10 @@ pub struct Publisher {
     journal: Records,
     workers: usize,
     stop: AtomicBool,
+    /// An S3 OLD on the same service: unchanged copies of its objects are copied from its
+    /// bucket by the server instead of uploaded (until a copy is refused: other credentials).
+    old: Option<Arc<S3Store>>,
+    from_old_ok: AtomicBool,
     /// Held by a handover under way: no request until it is released (or the process ends).
     held: AtomicBool,
     /// One pass at a time (the daemon's loop, commit, abort).
@@ -154,6 +164,8 @@ impl Publisher {
             journal,
             workers: workers.max(1),
             stop: AtomicBool::new(false),
+            old: None,
+            from_old_ok: AtomicBool::new(true),
             held: AtomicBool::new(false),
             running: Mutex::new(()),
             last: Mutex::new(PassReport::default()),
@@ -174,6 +186,39 @@ impl Publisher {
             journal,
             workers,
         ))
+    }
+
+    /// Copy unchanged copies of `old`'s objects from its bucket, server-side, when both
+    /// stores are on the same service (else this does nothing).
+    pub fn with_old(mut self, old: Arc<S3Store>) -> Publisher {
+        if self.store.same_service(&old) {
+            self.old = Some(old);
+        }
+        self
+    }
+
+    /// The OLD object the staged file `w` is an unchanged copy of, as it is now in OLD's
+    /// bucket (its key and ETag), when the server can copy it instead of an upload.
+    fn old_source(&self, w: &Want, now: &Published) -> Option<(String, String)> {
+        let old = self.old.as_ref()?;
+        if !self.from_old_ok.load(Ordering::Relaxed)
+            || now.size < SERVER_COPY_MIN
+            || now.size > COPY_MAX
+        {
+            return None;
+        }
+        let rec = self.journal.copy(w.dev, now.ino).ok()??;
+        if rec.is_dir {
+            return None;
+        }
+        let rel = String::from_utf8(rec.origin).ok()?;
+        let rel = rel.trim_start_matches('/').to_string();
+        let info = old.head(&rel).ok()??;
+        // The very version the copier copied (the fingerprint's inode is the hash of key and
+        // ETag), else the staged bytes are uploaded.
+        (info.size == now.size
+            && crate::store::s3tree::ino_of(&rel, Some(&info.etag)) == rec.fp.ino)
+            .then_some((rel, info.etag))
     }
 
     /// Stop the pass under way at its next entry (abort, shutdown), and every later one.
@@ -213,7 +258,7 @@ impl Publisher {
             }
             // Errors stay errors until their cause is fixed: one more pass to retry them, no
             // more.
-            if r.uploaded + r.copied + r.deleted + r.changed == 0 {
+            if r.uploaded + r.copied + r.from_old + r.deleted + r.changed == 0 {
                 break;
             }
             r = self.pass()?;
@@ -323,6 +368,10 @@ impl Publisher {
                                 o.uploaded_bytes += n;
                             }
                             Ok(Done::Copied) => o.copied += 1,
+                            Ok(Done::FromOld(n)) => {
+                                o.from_old += 1;
+                                o.from_old_bytes += n;
+                            }
                             Ok(Done::Recorded) => {}
                             Ok(Done::Changed) => o.changed += 1,
                             Err(e) => o.errors.push((w.key.clone(), e.to_string())),
@@ -357,6 +406,7 @@ impl Publisher {
             tracing::info!(
                 uploaded = report.uploaded,
                 copied = report.copied,
+                from_old = report.from_old,
                 deleted = report.deleted,
                 changed = report.changed,
                 errors = report.errors.len(),
@@ -544,6 +594,42 @@ impl Publisher {
                         });
                     }
                 }
+                if let Some((rel, etag)) = self.old_source(w, &now) {
+                    let old = self.old.as_ref().expect("old_source checked");
+                    match self
+                        .store
+                        .copy_from(old, &rel, &etag, &w.key, &meta_of(&now))
+                    {
+                        Ok(o) => {
+                            if !same_stat(&fstat(&f)?, &now) {
+                                return Ok(Done::Changed);
+                            }
+                            // A single PUT's ETag is the MD5 of the bytes; a multipart one's
+                            // is not (then no MD5 is known: a rename uploads again).
+                            let md5 = if etag.contains('-') {
+                                String::new()
+                            } else {
+                                etag
+                            };
+                            self.record(
+                                &w.key,
+                                &Published {
+                                    etag: o.etag,
+                                    md5,
+                                    ..now
+                                },
+                            )
+                            .map_err(|e| io("journal", e))?;
+                            return Ok(Done::FromOld(now.size));
+                        }
+                        // Replaced in OLD since the HEAD: our bytes go up instead.
+                        Err(e) if e.errno == libc::ESTALE => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "server-side copy from OLD refused; uploading instead from now on");
+                            self.from_old_ok.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
                 let (o, md5) = self.store.put_file_md5(&w.key, &f, &meta_of(&now))?;
                 if !same_stat(&fstat(&f)?, &now) {
                     return Ok(Done::Changed);
@@ -623,6 +709,9 @@ impl Publisher {
     }
 }
 
+/// Below this size an upload is one request, and a copy from OLD two (HEAD and copy).
+const SERVER_COPY_MIN: u64 = 1 << 20;
+
 /// S3's limit for one CopyObject.
 const COPY_MAX: u64 = 5 << 30;
 
@@ -651,6 +740,7 @@ struct Diff {
 
 enum Done {
     Uploaded(u64),
+    FromOld(u64),
     Copied,
     Recorded,
     Changed,
@@ -714,9 +804,11 @@ fn walk(
             continue;
         }
         let path = rel.join(name);
+        #[allow(clippy::unnecessary_cast)]
         wants.push(Want {
             key: key.clone(),
             path: path.clone(),
+            dev: st.st_dev as u64,
             kind,
             rec: stamp(&st),
         });

@@ -358,6 +358,25 @@ fn lifecycle(old: Side, new: Side, name: &str) {
             })
             .sum();
         assert!(copied >= 3, "server-side copies: {copied}\n{log}");
+        if old == Side::S3 {
+            // Same service: what the copier brought unchanged from OLD's bucket (1 MiB and
+            // more) went into NEW's by a server-side copy, not an upload.
+            let from_old: u64 = log
+                .lines()
+                .filter(|l| l.contains("publish pass"))
+                .filter_map(|l| l.split("from_old=").nth(1))
+                .filter_map(|v| {
+                    v.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum();
+            assert!(
+                from_old >= 1,
+                "server-side copies from OLD: {from_old}\n{log}"
+            );
+        }
     }
 }
 

@@ -482,6 +482,10 @@ pub struct Counters {
 /// A connected S3 store.
 pub struct S3Store {
     pub url: S3Url,
+    /// The endpoint requests go to, as resolved at connect (`None`: AWS's own), and the
+    /// region: two stores with the same can copy between them server-side.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
     rt: Arc<tokio::runtime::Runtime>,
     client: Client,
     pub counters: Counters,
@@ -552,8 +556,11 @@ impl S3Store {
                 "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or name a profile (profile=)",
             ));
         }
+        let region = conf.region().map(|r| r.to_string());
         Ok(S3Store {
             url: url.clone(),
+            endpoint: endpoint.clone(),
+            region,
             rt: Arc::new(rt),
             client: Client::from_conf(b.build()),
             counters: Counters::default(),
@@ -1023,6 +1030,55 @@ impl S3Store {
             },
             whole.finalize().into(),
         ))
+    }
+
+    /// Server-side copy of another store's object (`src`'s `rel`, exactly the version with
+    /// ETag `etag`: a replaced object fails ESTALE) to `to` here, with new POSIX metadata. Up
+    /// to 5 GiB. These credentials must be allowed to read `src`'s bucket.
+    pub fn copy_from(
+        &self,
+        src: &S3Store,
+        rel: &str,
+        etag: &str,
+        to: &str,
+        meta: &PosixMeta,
+    ) -> Result<ObjectInfo> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(to);
+        let source = format!(
+            "{}/{}",
+            src.url.bucket,
+            percent_encode_key(&src.url.key(rel))
+        );
+        let o = self
+            .block(
+                self.client
+                    .copy_object()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .copy_source(&source)
+                    .copy_source_if_match(etag)
+                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                    .set_metadata(Some(meta.to_metadata()))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&format!("COPY {source} to {key}"), e))?;
+        Ok(ObjectInfo {
+            rel: to.to_string(),
+            size: 0,
+            etag: o
+                .copy_object_result()
+                .and_then(|r| r.e_tag())
+                .unwrap_or_default()
+                .to_string(),
+            last_modified: (0, 0),
+            meta: Some(*meta),
+        })
+    }
+
+    /// Whether objects of `other` can be copied here by the server: same endpoint and region.
+    pub fn same_service(&self, other: &S3Store) -> bool {
+        self.endpoint == other.endpoint && self.region == other.region
     }
 
     /// Server-side copy of `from` to `rel` with new POSIX metadata (CopyObject, metadata

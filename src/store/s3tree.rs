@@ -47,7 +47,7 @@ fn fnv(parts: &[&[u8]]) -> u64 {
 
 /// The inode number of a directory (`etag` None) or of one version of an object. Never 0, top
 /// bit clear (the view marks numbers it made up with the top bit).
-fn ino_of(rel: &str, etag: Option<&str>) -> u64 {
+pub fn ino_of(rel: &str, etag: Option<&str>) -> u64 {
     let h = match etag {
         Some(e) => fnv(&[b"f", rel.as_bytes(), e.as_bytes()]),
         None => fnv(&[b"d", rel.as_bytes()]),
