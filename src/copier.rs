@@ -872,6 +872,9 @@ impl Copier {
                                     if self.stopping() {
                                         continue;
                                     }
+                                    // An S3 OLD: the lookup's request (and a small object's
+                                    // copy) made here, outside the view's locks.
+                                    self.view.prefetch_old(&job.dir.inode, &job.name);
                                     let inode = match self.view.child(&job.dir.inode, &job.name) {
                                         Ok(Some(i)) => i,
                                         Ok(None) => continue,

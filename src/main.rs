@@ -608,19 +608,16 @@ fn execute(
     };
     let c = o.copier(&m.journal, opts);
     c.execute().map_err(|e| e.to_string())?;
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Dropped when the copier is done: the progress thread ends at once, not at its next tick.
+    let (done, done_rx) = crossbeam_channel::bounded::<()>(0);
     let shower = {
-        let (c, done, journal, state) = (
-            c.clone(),
-            done.clone(),
-            m.journal.clone(),
-            state.to_path_buf(),
-        );
+        let (c, journal, state) = (c.clone(), m.journal.clone(), state.to_path_buf());
         std::thread::spawn(move || {
             let mut meter = copier::RateMeter::default();
             let mut ticks = 0u64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(std::time::Duration::from_millis(250));
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                done_rx.recv_timeout(std::time::Duration::from_millis(250))
+            {
                 ticks += 1;
                 if ticks % 4 != 0 {
                     continue;
@@ -637,7 +634,7 @@ fn execute(
         })
     };
     let res = c.run_until_executed(5);
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(done);
     let _ = shower.join();
     let summary = res.map_err(|e| e.to_string())?;
     if let Some(p) = &o.publisher {

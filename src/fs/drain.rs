@@ -264,6 +264,34 @@ impl View {
         self.old.is_s3()
     }
 
+    /// For the copier, before its lookup of `name` in `dir`: an S3 OLD's object that NEW does
+    /// not hold yet is asked for now, outside the namespace lock (the lookup and the copy then
+    /// find the answer; see `S3Tree::prefetch`).
+    pub fn prefetch_old(&self, dir: &Inode, name: &std::ffi::OsStr) {
+        if self.is_single() || !self.old_is_s3() {
+            return;
+        }
+        let (old, new) = {
+            let n = dir.node();
+            (
+                n.old.clone(),
+                n.new.as_ref().and_then(|l| l.dir_fd().cloned()),
+            )
+        };
+        if let Some(fd) = new
+            && crate::store::posix::stat_at(fd.as_fd(), name).is_ok()
+        {
+            return;
+        }
+        if let Some(crate::fs::inode::OldRef {
+            loc: Loc::Obj(e), ..
+        }) = old
+            && e.is_dir()
+        {
+            e.tree.prefetch(&e.rel, name);
+        }
+    }
+
     /// NEW is an S3 bucket (the view's NEW its staging tree).
     pub fn set_s3_new(&self) {
         self.s3_new.store(true, Ordering::Release);

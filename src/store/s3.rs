@@ -775,6 +775,51 @@ impl S3Store {
         })
     }
 
+    /// GET of the whole of `rel` into memory (any version: the answer says which), with its
+    /// metadata: a small object's lookup and data in one request. `None`: no such object.
+    pub fn get_small(&self, rel: &str) -> Result<Option<(ObjectInfo, Vec<u8>)>> {
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let what = format!("GET {key}");
+        let req = self.client.get_object().bucket(&self.url.bucket).key(&key);
+        let r = self.block(async {
+            let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+            let info = info_of(
+                rel,
+                o.content_length(),
+                o.e_tag(),
+                o.last_modified(),
+                o.metadata(),
+            );
+            // One copy: the body's pieces straight into a buffer of the object's size.
+            let mut data = Vec::with_capacity(info.size as usize);
+            let mut body = o.body;
+            while let Some(piece) = body
+                .try_next()
+                .await
+                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?
+            {
+                data.extend_from_slice(&piece);
+            }
+            if data.len() as u64 != info.size {
+                return Err(S3Error::new(
+                    &what,
+                    libc::EIO,
+                    format!("body of {} bytes, not {}", data.len(), info.size),
+                ));
+            }
+            self.counters
+                .get_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            Ok((info, data))
+        });
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.errno == libc::ENOENT => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One LIST of at most one key: the bucket exists and these credentials may read it.
     pub fn reachable(&self) -> Result<()> {
         self.list_page(&self.url.prefix, false, Some(1), None)

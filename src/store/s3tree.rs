@@ -73,7 +73,24 @@ pub struct S3Tree {
     defaults: Defaults,
     /// Directory (rel, no trailing '/') to when it was listed and its names.
     listings: Mutex<lru::LruCache<String, (Instant, Names)>>,
+    /// Objects the copier asked for ahead of its lookups ([`S3Tree::prefetch`]): rel to when,
+    /// what a HEAD or GET said, and a small object's bytes.
+    prefetched: Mutex<lru::LruCache<String, Prefetched>>,
 }
+
+struct Prefetched {
+    at: Instant,
+    info: ObjectInfo,
+    data: Option<Arc<Vec<u8>>>,
+}
+
+/// Objects up to this size are fetched whole by a prefetch (their lookup and their copy in one
+/// GET); bigger ones get a HEAD.
+pub const PREFETCH_WHOLE: u64 = 256 << 10;
+/// How old a listing may be for a prefetch to use it (to choose between GET and HEAD).
+const PREFETCH_LISTING_AGE: Duration = Duration::from_secs(60);
+/// Prefetched objects kept at most (so at most 64 MiB of small objects' bytes).
+const PREFETCHED: usize = 256;
 
 impl fmt::Debug for S3Tree {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -157,6 +174,9 @@ impl S3Tree {
             store,
             listings: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(LISTINGS).expect("nonzero"),
+            )),
+            prefetched: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(PREFETCHED).expect("nonzero"),
             )),
         })
     }
@@ -259,10 +279,74 @@ impl S3Tree {
         self.locate(&rel)
     }
 
+    /// Ask S3 now, from the caller's thread and outside the view's locks, what a lookup of
+    /// `name` in `dir` will ask: when a fresh listing of `dir` holds `name` as an object, a
+    /// GET of the whole object if it is small (its bytes kept for the copy), else a HEAD. The
+    /// answer serves lookups for as long as a listing does. Errors are left to the lookup.
+    pub fn prefetch(&self, dir: &str, name: &OsStr) {
+        let Some(name) = name.to_str() else { return };
+        // The listing only says whether to GET or HEAD; the answer is what counts. The copier
+        // queues names up to a thousand ahead of its workers: an older listing serves.
+        let names = {
+            let mut l = self.listings.lock().unwrap_or_else(|p| p.into_inner());
+            match l.get(dir) {
+                Some((at, names)) if at.elapsed() < PREFETCH_LISTING_AGE => names.clone(),
+                _ => return,
+            }
+        };
+        let Some(Listed::Object(o)) = names.get(name) else {
+            return;
+        };
+        let rel = join(dir, name);
+        if self.fresh_prefetch(&rel).is_some() {
+            return;
+        }
+        let got = if o.size <= PREFETCH_WHOLE {
+            self.store
+                .get_small(&rel)
+                .map(|r| r.map(|(i, d)| (i, Some(Arc::new(d)))))
+        } else {
+            self.store.head(&rel).map(|r| r.map(|i| (i, None)))
+        };
+        if let Ok(Some((info, data))) = got {
+            self.prefetched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(
+                    rel,
+                    Prefetched {
+                        at: Instant::now(),
+                        info,
+                        data,
+                    },
+                );
+        }
+    }
+
+    fn fresh_prefetch(&self, rel: &str) -> Option<ObjectInfo> {
+        let mut p = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        match p.get(rel) {
+            Some(f) if f.at.elapsed() < LISTING_TTL => Some(f.info.clone()),
+            _ => None,
+        }
+    }
+
+    /// The bytes of version `etag` of `rel`, if a prefetch fetched them (taken: once).
+    pub fn take_prefetched(&self, rel: &str, etag: &str) -> Option<Arc<Vec<u8>>> {
+        let mut p = self.prefetched.lock().unwrap_or_else(|p| p.into_inner());
+        match p.peek(rel) {
+            Some(f) if f.info.etag == etag && f.data.is_some() => p.pop(rel).and_then(|f| f.data),
+            _ => None,
+        }
+    }
+
     /// The entry at `rel` (a path below the root), if there is one.
     pub fn locate(self: &Arc<Self>, rel: &str) -> io::Result<Option<Entry>> {
         if rel.is_empty() {
             return Ok(Some(self.root()));
+        }
+        if let Some(info) = self.fresh_prefetch(rel) {
+            return Ok(Some(self.file(info)));
         }
         if let Some(info) = self.store.head(rel)? {
             return Ok(Some(self.file(info)));
