@@ -9,7 +9,7 @@
 //! - a new or changed file is PUT whole, with its Content-MD5 and POSIX metadata in s3fs's and
 //!   rclone's names (`mode`, `uid`, `gid`, `mtime`);
 //! - a file whose bytes are already in the bucket under another key (a rename, a second hard
-//!   link) is copied there by the server (CopyObject), and a file whose metadata alone changed
+//!   link) is copied there by the server (CopyObject; UploadPartCopy above 5 GiB), and a file whose metadata alone changed
 //!   is copied onto itself with the new metadata; the bytes are compared by MD5 first;
 //! - a directory is a `dir/` marker carrying its metadata (s3fs's convention); a symlink an
 //!   object holding its target with an `S_IFLNK` mode; a fifo or device node an empty object;
@@ -201,10 +201,7 @@ impl Publisher {
     /// bucket (its key and ETag), when the server can copy it instead of an upload.
     fn old_source(&self, w: &Want, now: &Published) -> Option<(String, String)> {
         let old = self.old.as_ref()?;
-        if !self.from_old_ok.load(Ordering::Relaxed)
-            || now.size < SERVER_COPY_MIN
-            || now.size > COPY_MAX
-        {
+        if !self.from_old_ok.load(Ordering::Relaxed) || now.size < SERVER_COPY_MIN {
             return None;
         }
         let rec = self.journal.copy(w.dev, now.ino).ok()??;
@@ -545,16 +542,11 @@ impl Publisher {
                 // The bytes may be in the bucket already: at this key (a metadata change) or
                 // at another (a rename, a second link). MD5 decides; ETags of single PUTs and
                 // copies are the MD5 of the bytes.
-                // (CopyObject takes at most 5 GiB: a bigger file is uploaded again.)
                 let mut candidates: Vec<String> = Vec::new();
-                let copyable = now.size <= COPY_MAX;
-                if copyable && had.is_some_and(|h| h.size == now.size && !md5_of(h).is_empty()) {
+                if had.is_some_and(|h| h.size == now.size && !md5_of(h).is_empty()) {
                     candidates.push(w.key.clone());
                 }
-                if let Some(ks) = by_ino
-                    .get(&(now.ino, now.size, now.mtime))
-                    .filter(|_| copyable)
-                {
+                if let Some(ks) = by_ino.get(&(now.ino, now.size, now.mtime)) {
                     candidates.extend(ks.iter().filter(|k| **k != w.key).cloned());
                 }
                 let etag_of = |k: &str| {
@@ -573,7 +565,7 @@ impl Publisher {
                     {
                         let meta_same = had.is_some_and(|h| same_meta(h, &now));
                         if *from != w.key || !meta_same {
-                            self.store.copy(from, &w.key, &meta_of(&now))?;
+                            self.store.copy(from, &w.key, now.size, &meta_of(&now))?;
                         }
                         if !same_stat(&fstat(&f)?, &now) {
                             return Ok(Done::Changed);
@@ -598,7 +590,7 @@ impl Publisher {
                     let old = self.old.as_ref().expect("old_source checked");
                     match self
                         .store
-                        .copy_from(old, &rel, &etag, &w.key, &meta_of(&now))
+                        .copy_from(old, &rel, &etag, now.size, &w.key, &meta_of(&now))
                     {
                         Ok(o) => {
                             if !same_stat(&fstat(&f)?, &now) {
@@ -711,9 +703,6 @@ impl Publisher {
 
 /// Below this size an upload is one request, and a copy from OLD two (HEAD and copy).
 const SERVER_COPY_MIN: u64 = 1 << 20;
-
-/// S3's limit for one CopyObject.
-const COPY_MAX: u64 = 5 << 30;
 
 /// The MD5 of a recorded file (records before `md5` was kept: the ETag of a single PUT).
 fn md5_of(r: &Published) -> &str {

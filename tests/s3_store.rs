@@ -234,3 +234,37 @@ fn bad_credentials_fail_with_eacces_and_never_show_the_secret() {
     assert!(!e.to_string().contains(&"0".repeat(64)));
     assert!(!e.to_string().contains(&g.secret));
 }
+
+/// A server-side copy in parts (UploadPartCopy, what objects over 5 GiB take), here with
+/// 5 MiB parts: the bytes and the new metadata arrive, the old version is refused.
+#[test]
+fn an_object_is_copied_by_the_server_in_parts() {
+    let g = server();
+    g.bucket("s3-copy-parts");
+    let s = store("s3://s3-copy-parts");
+    let data: Vec<u8> = (0..(12 << 20) + 4321)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let put = s.put("src", data.clone(), &PosixMeta::default()).unwrap();
+    let meta = PosixMeta {
+        mode: Some(0o100600),
+        uid: Some(7),
+        gid: Some(8),
+        mtime: Some((1_600_000_000, 5)),
+    };
+    let size = data.len() as u64;
+    s.copy_parts(&s, "src", &put.etag, size, "dst", &meta, 5 << 20)
+        .unwrap();
+    let got = s.head("dst").unwrap().unwrap();
+    assert_eq!(got.size, size);
+    assert_eq!(got.meta, Some(meta));
+    assert!(got.etag.ends_with("-3\""), "three parts: {}", got.etag);
+    let r = ObjectReader::new(s.clone(), got, 16 << 20);
+    assert!(r.read_at(0, data.len()).unwrap() == data);
+    // A version that is no longer there: refused, and nothing is left at the target.
+    let e = s
+        .copy_parts(&s, "src", "\"0123\"", size, "dst2", &meta, 5 << 20)
+        .unwrap_err();
+    assert_eq!(e.errno, libc::ESTALE, "{e}");
+    assert!(s.head("dst2").unwrap().is_none());
+}

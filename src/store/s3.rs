@@ -1078,16 +1078,46 @@ impl S3Store {
     }
 
     /// Server-side copy of another store's object (`src`'s `rel`, exactly the version with
-    /// ETag `etag`: a replaced object fails ESTALE) to `to` here, with new POSIX metadata. Up
-    /// to 5 GiB. These credentials must be allowed to read `src`'s bucket.
+    /// ETag `etag`: a replaced object fails ESTALE) of `size` bytes to `to` here, with new
+    /// POSIX metadata. These credentials must be allowed to read `src`'s bucket.
     pub fn copy_from(
         &self,
         src: &S3Store,
         rel: &str,
         etag: &str,
+        size: u64,
         to: &str,
         meta: &PosixMeta,
     ) -> Result<ObjectInfo> {
+        self.copy_object(src, rel, Some(etag), size, to, meta)
+    }
+
+    /// Whether objects of `other` can be copied here by the server: same endpoint and region.
+    pub fn same_service(&self, other: &S3Store) -> bool {
+        self.endpoint == other.endpoint && self.region == other.region
+    }
+
+    /// Server-side copy of `from` (of `size` bytes) to `rel` with new POSIX metadata: no byte
+    /// passes through this host. `from` may be `rel` itself, which changes the metadata alone.
+    pub fn copy(&self, from: &str, rel: &str, size: u64, meta: &PosixMeta) -> Result<ObjectInfo> {
+        self.copy_object(self, from, None, size, rel, meta)
+    }
+
+    /// CopyObject (metadata replaced) up to 5 GiB, its limit; above, a multipart upload whose
+    /// parts are copied by the server (UploadPartCopy).
+    fn copy_object(
+        &self,
+        src: &S3Store,
+        rel: &str,
+        etag: Option<&str>,
+        size: u64,
+        to: &str,
+        meta: &PosixMeta,
+    ) -> Result<ObjectInfo> {
+        if size > COPY_LIMIT {
+            let part = COPY_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
+            return self.copy_parts(src, rel, etag.unwrap_or(""), size, to, meta, part);
+        }
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(to);
         let source = format!(
@@ -1102,7 +1132,7 @@ impl S3Store {
                     .bucket(&self.url.bucket)
                     .key(&key)
                     .copy_source(&source)
-                    .copy_source_if_match(etag)
+                    .set_copy_source_if_match(etag.map(str::to_string))
                     .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
                     .set_metadata(Some(meta.to_metadata()))
                     .send(),
@@ -1110,7 +1140,7 @@ impl S3Store {
             .map_err(|e| sdk_err(&format!("COPY {source} to {key}"), e))?;
         Ok(ObjectInfo {
             rel: to.to_string(),
-            size: 0,
+            size,
             etag: o
                 .copy_object_result()
                 .and_then(|r| r.e_tag())
@@ -1121,46 +1151,112 @@ impl S3Store {
         })
     }
 
-    /// Whether objects of `other` can be copied here by the server: same endpoint and region.
-    pub fn same_service(&self, other: &S3Store) -> bool {
-        self.endpoint == other.endpoint && self.region == other.region
-    }
-
-    /// Server-side copy of `from` to `rel` with new POSIX metadata (CopyObject, metadata
-    /// replaced): no byte passes through this host. Up to 5 GiB, S3's limit for one copy.
-    /// `from` may be `rel` itself, which changes the metadata alone.
-    pub fn copy(&self, from: &str, rel: &str, meta: &PosixMeta) -> Result<ObjectInfo> {
+    /// Server-side copy of `src`'s `rel` (version `etag`; any version when empty) to `to`
+    /// here as a multipart upload of `part`-byte parts, each copied by the server
+    /// (UploadPartCopy), [`MULTIPART_IN_FLIGHT`] at a time; aborted on any failure.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_parts(
+        &self,
+        src: &S3Store,
+        rel: &str,
+        etag: &str,
+        size: u64,
+        to: &str,
+        meta: &PosixMeta,
+        part: u64,
+    ) -> Result<ObjectInfo> {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        let key = self.url.key(rel);
+        let key = self.url.key(to);
         let source = format!(
             "{}/{}",
-            self.url.bucket,
-            percent_encode_key(&self.url.key(from))
+            src.url.bucket,
+            percent_encode_key(&src.url.key(rel))
         );
-        let o = self
+        let what = format!("multipart COPY {source} to {key}");
+        let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part.max(1)))
+            .map(|i| (i * part, ((i + 1) * part).min(size) - 1))
+            .collect();
+        let created = self
             .block(
                 self.client
-                    .copy_object()
+                    .create_multipart_upload()
                     .bucket(&self.url.bucket)
                     .key(&key)
-                    .copy_source(&source)
-                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
                     .set_metadata(Some(meta.to_metadata()))
                     .send(),
             )
-            .map_err(|e| sdk_err(&format!("COPY {} to {key}", self.url.key(from)), e))?;
-        let etag = o
-            .copy_object_result()
-            .and_then(|r| r.e_tag())
-            .unwrap_or_default()
-            .to_string();
-        Ok(ObjectInfo {
-            rel: rel.to_string(),
-            size: 0,
-            etag,
-            last_modified: (0, 0),
-            meta: Some(*meta),
-        })
+            .map_err(|e| sdk_err(&what, e))?;
+        let id = created.upload_id().unwrap_or_default().to_string();
+        let sent = self.block(async {
+            let mut done: Vec<CompletedPart> = Vec::with_capacity(ranges.len());
+            for (c, group) in ranges.chunks(MULTIPART_IN_FLIGHT).enumerate() {
+                let mut set = tokio::task::JoinSet::new();
+                for (i, (first, last)) in group.iter().enumerate() {
+                    let number = (c * MULTIPART_IN_FLIGHT + i + 1) as i32;
+                    let req = self
+                        .client
+                        .upload_part_copy()
+                        .bucket(&self.url.bucket)
+                        .key(&key)
+                        .upload_id(&id)
+                        .part_number(number)
+                        .copy_source(&source)
+                        .copy_source_range(format!("bytes={first}-{last}"))
+                        .set_copy_source_if_match((!etag.is_empty()).then(|| etag.to_string()));
+                    set.spawn(async move { (number, req.send().await) });
+                }
+                while let Some(r) = set.join_next().await {
+                    let (number, r) =
+                        r.map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
+                    let o = r.map_err(|e| sdk_err(&what, e))?;
+                    done.push(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(
+                                o.copy_part_result()
+                                    .and_then(|p| p.e_tag())
+                                    .map(str::to_string),
+                            )
+                            .build(),
+                    );
+                }
+            }
+            done.sort_by_key(|p| p.part_number());
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .upload_id(&id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(done))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_err(&what, e))
+        });
+        match sent {
+            Ok(o) => Ok(ObjectInfo {
+                rel: to.to_string(),
+                size,
+                etag: o.e_tag().unwrap_or_default().to_string(),
+                last_modified: (0, 0),
+                meta: Some(*meta),
+            }),
+            Err(e) => {
+                let _ = self.block(
+                    self.client
+                        .abort_multipart_upload()
+                        .bucket(&self.url.bucket)
+                        .key(&key)
+                        .upload_id(&id)
+                        .send(),
+                );
+                Err(e)
+            }
+        }
     }
 
     pub fn delete(&self, rel: &str) -> Result<()> {
@@ -1188,6 +1284,10 @@ impl S3Store {
 pub const MULTIPART_THRESHOLD: u64 = 64 << 20;
 /// The smallest part of a multipart upload (S3's own minimum is 5 MiB).
 pub const MULTIPART_PART: u64 = 16 << 20;
+/// S3's limit for one CopyObject; bigger objects are copied in parts.
+pub const COPY_LIMIT: u64 = 5 << 30;
+/// The part of a server-side multipart copy.
+pub const COPY_PART: u64 = 512 << 20;
 /// Parts of one upload in flight at once.
 pub const MULTIPART_IN_FLIGHT: usize = 8;
 
