@@ -230,26 +230,69 @@ fn check_dir(what: &str, spec: &StoreSpec) -> Result<(), StateError> {
     Ok(())
 }
 
-/// The totals of an S3 OLD: one recursive listing (1,000 keys a request). A directory is every
-/// distinct prefix of a key; a `name/` marker is a directory, not a file.
+/// The totals of an S3 OLD: the root listed by directory, then each top-level directory
+/// listed recursively (1,000 keys a request), up to 16 at once. A directory is every distinct
+/// prefix of a key; a `name/` marker is a directory, not a file.
 fn scan_totals_s3(tree: &crate::store::s3tree::S3Tree) -> io::Result<Totals> {
+    use crate::store::s3::Listed;
     let mut t = Totals::default();
-    let mut dirs: std::collections::HashSet<String> = std::collections::HashSet::new();
-    tree.store.list_all(&mut |rel, size| {
-        let (parents, is_marker) = match rel.strip_suffix('/') {
-            Some(d) => (d, true),
-            None => (rel.rsplit_once('/').map_or("", |(d, _)| d), false),
-        };
-        if !is_marker {
-            t.files += 1;
-            t.bytes += size;
+    let mut tops = Vec::new();
+    for l in tree.store.list_dir("")? {
+        match l {
+            Listed::Object(o) => {
+                t.files += 1;
+                t.bytes += o.size;
+            }
+            Listed::Dir(d) => tops.push(d),
         }
-        let mut p = parents;
-        while !p.is_empty() && dirs.insert(p.to_string()) {
-            p = p.rsplit_once('/').map_or("", |(d, _)| d);
-        }
-    })?;
-    t.dirs = dirs.len() as u64;
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let parts: Vec<io::Result<Totals>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..tops.len().min(16))
+            .map(|_| {
+                s.spawn(|| -> io::Result<Totals> {
+                    let mut t = Totals::default();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(top) = tops.get(i) else {
+                            return Ok(t);
+                        };
+                        let mut dirs = std::collections::HashSet::new();
+                        dirs.insert(top.clone());
+                        tree.store
+                            .list_all_below(&format!("{top}/"), &mut |rel, size| {
+                                let (parents, is_marker) = match rel.strip_suffix('/') {
+                                    Some(d) => (d, true),
+                                    None => (rel.rsplit_once('/').map_or("", |(d, _)| d), false),
+                                };
+                                if !is_marker {
+                                    t.files += 1;
+                                    t.bytes += size;
+                                }
+                                let mut p = parents;
+                                while !p.is_empty() && dirs.insert(p.to_string()) {
+                                    p = p.rsplit_once('/').map_or("", |(d, _)| d);
+                                }
+                            })?;
+                        t.dirs += dirs.len() as u64;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("scan thread panicked")))
+            })
+            .collect()
+    });
+    for p in parts {
+        let p = p?;
+        t.files += p.files;
+        t.bytes += p.bytes;
+        t.dirs += p.dirs;
+    }
     Ok(t)
 }
 

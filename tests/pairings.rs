@@ -279,6 +279,10 @@ fn lifecycle(old: Side, new: Side, name: &str) {
         "--state".as_ref(),
         f.state.as_os_str(),
     ]));
+    // prepare's scan: files (a symlink is one) and directories, whatever OLD is.
+    let st = f.status_json();
+    assert_eq!(st["files"]["total"], 7, "{st}");
+    assert_eq!(st["dirs"]["total"], 3, "{st}");
     f.mount();
     change_through_the_view(&f);
     if new == Side::S3 {

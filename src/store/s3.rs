@@ -841,12 +841,19 @@ impl S3Store {
     /// Every object below the store's root, in key order, with no delimiter (one request per
     /// 1,000 keys whatever the tree's shape): `each` gets the key below the root and the size.
     pub fn list_all(&self, each: &mut dyn FnMut(&str, u64)) -> Result<()> {
-        let prefix = self.url.prefix.clone();
+        self.list_all_below("", each)
+    }
+
+    /// [`S3Store::list_all`] of the keys below `rel_dir` (empty: the root; else ending in
+    /// '/'); `each` still gets keys below the store's root.
+    pub fn list_all_below(&self, rel_dir: &str, each: &mut dyn FnMut(&str, u64)) -> Result<()> {
+        let root = self.url.prefix.clone();
+        let prefix = self.url.key(rel_dir);
         let mut token: Option<String> = None;
         loop {
             let r = self.list_page(&prefix, false, None, token.take())?;
             for o in r.contents() {
-                if let Some(rel) = o.key().and_then(|k| k.strip_prefix(&prefix)) {
+                if let Some(rel) = o.key().and_then(|k| k.strip_prefix(&root)) {
                     each(rel, o.size().unwrap_or(0).max(0) as u64);
                 }
             }
