@@ -331,7 +331,9 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     {
         return cancel(conn, src, &carry, format!("sending the state: {e}"));
     }
-    conn.set_read_timeout(Some(TAKEN_LIMIT))?;
+    if let Err(e) = conn.set_read_timeout(Some(TAKEN_LIMIT)) {
+        return cancel(conn, src, &carry, format!("socket timeout: {e}"));
+    }
     let mut line = String::new();
     let _ = BufReader::new(conn).read_line(&mut line);
     if line.trim() != "taken" {

@@ -223,11 +223,12 @@ impl Publisher {
         self.stop.store(true, Ordering::Release);
     }
 
-    /// No more requests until [`release`](Self::release), and the pass under way (if any)
-    /// over when this returns: a handover's new daemon publishes from then on, alone.
+    /// No new request until [`release`](Self::release): a handover under way. Requests in
+    /// flight are not waited for (applications' requests are parked meanwhile); the process
+    /// exits before the next daemon opens the journal, and their `pending` records make that
+    /// daemon redo them.
     pub fn hold(&self) {
         self.held.store(true, Ordering::Release);
-        drop(self.running.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     pub fn release(&self) {

@@ -557,3 +557,44 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
     assert!(got.contains_key("b/y.txt"));
     f.unmount();
 }
+
+/// An S3 NEW across `mount --takeover`: the old daemon stops publishing, the new one goes on,
+/// and what was written before and after the handover reaches the bucket.
+#[test]
+fn an_s3_new_keeps_publishing_across_a_takeover() {
+    let mut f = Fixture::new();
+    let old_arg = fill_old(&f, Side::Posix, "unused");
+    let nb = "takeover-new";
+    let new_arg = new_arg(&f, Side::S3, nb);
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old_arg.as_ref(),
+        "--new".as_ref(),
+        new_arg.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+    f.mount_with(&f.mnt.clone(), &[]);
+    fs::write(f.v("before.txt"), b"written before the handover").unwrap();
+    let mut held = fs::OpenOptions::new()
+        .append(true)
+        .open(f.v("a/one.txt"))
+        .unwrap();
+    held.write_all(b" +1").unwrap();
+    let before = f.daemon_pid().expect("a daemon serves");
+    ok(f.try_mount(&f.mnt.clone(), &["--takeover"]));
+    assert_ne!(f.daemon_pid(), Some(before), "the daemon was not replaced");
+    held.write_all(b" +2").unwrap();
+    drop(held);
+    fs::write(f.v("after.txt"), b"written after the handover").unwrap();
+    ok(f.cmd("execute", &["--wait"]));
+    let want = tree_of_dir(&f.mnt);
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    assert_same("NEW after a takeover", &tree_of_bucket(&store(nb)), &want);
+    match want.get("a/one.txt") {
+        Some(Entry::File { data, .. }) => assert_eq!(data, b"one +1 +2"),
+        e => panic!("a/one.txt: {e:?}"),
+    }
+}
