@@ -727,22 +727,26 @@ fn spawn_publish_loop(
         .name("publish".into())
         .spawn(move || {
             let mut seen = None;
-            let mut retry_at = Instant::now();
+            // When to try again a pass that failed, or had failed uploads.
+            let mut retry_at: Option<Instant> = None;
             loop {
                 let stopping = copier.stopping();
                 let g = copier.view().generation();
-                let failed = !p.last().errors.is_empty() && Instant::now() >= retry_at;
+                let retry = retry_at.is_some_and(|t| Instant::now() >= t);
                 let idle = copier.state().paused;
-                if !idle && (seen != Some(g) || failed || stopping) {
+                if !idle && (seen != Some(g) || retry || stopping) {
                     seen = Some(g);
+                    retry_at = None;
                     match p.pass() {
+                        // Cut short (a handover that was then cancelled): run it again.
+                        Ok(r) if r.interrupted => seen = None,
                         Ok(r) if !r.errors.is_empty() => {
-                            retry_at = Instant::now() + Duration::from_secs(30);
+                            retry_at = Some(Instant::now() + Duration::from_secs(30));
                         }
                         Ok(_) => {}
                         Err(e) => {
                             tracing::error!(error = %e, "publish pass failed");
-                            retry_at = Instant::now() + Duration::from_secs(30);
+                            retry_at = Some(Instant::now() + Duration::from_secs(30));
                         }
                     }
                 }

@@ -134,6 +134,13 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
 /// bucket, listed, holds every recorded object at its size. Refuses otherwise, saying why.
 fn settle_bucket(p: &Publisher) -> Result<u64> {
     let r = p.settle(5).ctx("upload into NEW")?;
+    if r.interrupted {
+        return Err(refusal(
+            "commit refused: uploads into the NEW bucket are stopped (an abort or a handover \
+             under way); commit again once it is over"
+                .into(),
+        ));
+    }
     if !r.clean() {
         let shown: Vec<String> = r
             .errors

@@ -69,6 +69,8 @@ pub struct PassReport {
     pub changed: u64,
     /// (key, error) of what failed this pass.
     pub errors: Vec<(String, String)>,
+    /// The pass did not run to its end (abort, a handover): nothing can be concluded.
+    pub interrupted: bool,
 }
 
 impl PassReport {
@@ -76,6 +78,7 @@ impl PassReport {
     pub fn clean(&self) -> bool {
         self.uploaded + self.copied + self.from_old + self.deleted + self.changed == 0
             && self.errors.is_empty()
+            && !self.interrupted
     }
 }
 
@@ -112,6 +115,7 @@ fn stamp(st: &rustix::fs::Stat) -> Published {
         gid: st.st_gid,
         etag: String::new(),
         md5: String::new(),
+        racy: false,
     }
 }
 
@@ -251,7 +255,7 @@ impl Publisher {
     pub fn settle(&self, max: usize) -> std::io::Result<PassReport> {
         let mut r = self.pass()?;
         for _ in 1..max {
-            if r.clean() || self.halted() {
+            if r.clean() || r.interrupted {
                 break;
             }
             // Errors stay errors until their cause is fixed: one more pass to retry them, no
@@ -268,10 +272,29 @@ impl Publisher {
     /// delete, and names no key can hold (verify's mismatches).
     pub fn plan(&self) -> std::io::Result<Vec<String>> {
         let d = self.diff()?;
+        let root = PosixStore::open(&self.stage)?;
         let mut keys: Vec<String> = d
             .todo
             .iter()
-            .map(|i| format!("{}: not in the NEW bucket yet", d.wants[*i].key))
+            .map(|i| &d.wants[*i])
+            .filter(|w| match d.records.get(&w.key) {
+                // Recorded moments after its last change, and unchanged since by stat: the
+                // bytes decide.
+                Some(r)
+                    if r.racy
+                        && !r.pending
+                        && same_stat(r, &w.rec)
+                        && same_meta(r, &w.rec)
+                        && w.kind == Kind::File =>
+                {
+                    root.open_path(&w.path)
+                        .and_then(|fd| reopen(fd.as_fd(), OFlags::RDONLY | OFlags::NONBLOCK))
+                        .and_then(|f| crate::store::s3::file_md5(&f))
+                        .map_or(true, |m| crate::store::s3::md5_etag(&m) != md5_of(r))
+                }
+                _ => true,
+            })
+            .map(|w| format!("{}: not in the NEW bucket yet", w.key))
             .collect();
         keys.extend(
             d.gone
@@ -289,6 +312,18 @@ impl Publisher {
         let mut bad = Vec::new();
         let root = PosixStore::open(&self.stage)?;
         walk(root.root(), Path::new(""), "", &mut wants, &mut bad)?;
+        // The store's prefix is part of every key.
+        let room = KEY_MAX.saturating_sub(self.store.url.prefix.len());
+        wants.retain(|w| {
+            if w.key.len() <= room {
+                return true;
+            }
+            bad.push((
+                w.key.clone(),
+                format!("with the prefix, longer than {KEY_MAX} bytes, S3's limit for a key"),
+            ));
+            false
+        });
         let records: HashMap<String, Published> = self
             .journal
             .published()
@@ -306,7 +341,7 @@ impl Publisher {
             .iter()
             .enumerate()
             .filter(|(_, w)| match records.get(&w.key) {
-                Some(r) => r.pending || !same_stat(r, &w.rec) || !same_meta(r, &w.rec),
+                Some(r) => r.pending || r.racy || !same_stat(r, &w.rec) || !same_meta(r, &w.rec),
                 None => true,
             })
             .map(|(i, _)| i)
@@ -324,7 +359,10 @@ impl Publisher {
     pub fn pass(&self) -> std::io::Result<PassReport> {
         let _one = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if self.halted() {
-            return Ok(PassReport::default());
+            return Ok(PassReport {
+                interrupted: true,
+                ..Default::default()
+            });
         }
         let root = PosixStore::open(&self.stage)?;
         let mut report = PassReport::default();
@@ -347,6 +385,23 @@ impl Publisher {
             }
         }
         let todo: Vec<&Want> = todo.iter().map(|i| &wants[*i]).collect();
+        // Keys new to the bucket are recorded `pending` first, in one durable batch: after a
+        // crash (power loss included) no object can be there that the journal does not know.
+        let mut b = Batch::new();
+        for w in todo.iter().filter(|w| !records.contains_key(&w.key)) {
+            b.published(
+                &w.key,
+                &Published {
+                    pending: true,
+                    ..w.rec.clone()
+                },
+            );
+        }
+        if !b.is_empty() {
+            self.journal
+                .commit(b, true)
+                .map_err(std::io::Error::other)?;
+        }
         let out = Mutex::new(&mut report);
         let next = AtomicU64::new(0);
         std::thread::scope(|s| {
@@ -397,6 +452,7 @@ impl Publisher {
                 }
             }
         }
+        report.interrupted = self.halted();
         self.record_errors(&report)?;
         self.passes.fetch_add(1, Ordering::Relaxed);
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
@@ -467,13 +523,8 @@ impl Publisher {
                 e.to_string(),
             )
         };
-        if had.is_none_or(|h| !h.pending) {
-            let mut p = w.rec.clone();
-            p.pending = true;
-            // (the etag of what may still be at the key)
-            p.etag = had.map(|h| h.etag.clone()).unwrap_or_default();
-            self.record(&w.key, &p).map_err(|e| io("journal", e))?;
-        }
+        // (The `pending` record of a key new to the bucket was written, durably, before the
+        // pass's first request.)
         match w.kind {
             Kind::Dir | Kind::Other => {
                 let o = self.store.put(&w.key, Vec::new(), &meta_of(&w.rec))?;
@@ -512,22 +563,26 @@ impl Publisher {
             }
             Kind::File => {
                 // By a path resolved below the root with no symlink followed: whatever the
-                // view did meanwhile, nothing outside the staging tree is read.
-                let f = match root
-                    .open_path(&w.path)
-                    .and_then(|fd| reopen(fd.as_fd(), OFlags::RDONLY))
-                {
-                    Ok(f) => f,
+                // view did meanwhile, nothing outside the staging tree is read. Only a regular
+                // file is opened (a FIFO swapped in since the walk would block the open).
+                let fd = match root.open_path(&w.path) {
+                    Ok(fd) => fd,
                     Err(e) if vanished(&e) => return Ok(Done::Changed),
                     Err(e) => return Err(io("open", e)),
                 };
+                let st = stat_fd(fd.as_fd()).map_err(|e| io("stat", e))?;
+                if stamp(&st).ino != w.rec.ino || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Ok(Done::Changed);
+                }
+                let f = reopen(fd.as_fd(), OFlags::RDONLY | OFlags::NONBLOCK)
+                    .map_err(|e| io("open", e))?;
                 let fstat = |f: &File| {
                     rustix::fs::fstat(f)
                         .map(|st| stamp(&st))
                         .map_err(|e| io("stat", e.into()))
                 };
                 let now = fstat(&f)?;
-                if now.ino != w.rec.ino || now.mode & libc::S_IFMT != libc::S_IFREG {
+                if now.ino != w.rec.ino {
                     return Ok(Done::Changed);
                 }
                 if let Some(x) = user_xattr(&f) {
@@ -540,51 +595,65 @@ impl Publisher {
                         ),
                     ));
                 }
-                // The bytes may be in the bucket already: at this key (a metadata change) or
-                // at another (a rename, a second link). MD5 decides; ETags of single PUTs and
-                // copies are the MD5 of the bytes.
-                let mut candidates: Vec<String> = Vec::new();
-                if had.is_some_and(|h| h.size == now.size && !md5_of(h).is_empty()) {
-                    candidates.push(w.key.clone());
+                let started = wall_clock();
+                // Recorded as it is now; a write in the same timestamp tick as this look
+                // cannot be told from none by stat, so a record this recent is checked by MD5
+                // at the next pass (`racy`).
+                let done_rec = |etag: String, md5: String| Published {
+                    etag,
+                    racy: recent(&now, started),
+                    md5,
+                    ..now.clone()
+                };
+                // The bytes may be in the bucket already: at this key (a metadata change, or a
+                // record to confirm) or at another (a rename, a second link). MD5 decides. A
+                // copy is conditional on the source's recorded ETag: a source rewritten
+                // meanwhile (in this very pass, say) fails it, and the bytes are uploaded.
+                let mut candidates: Vec<(&str, &Published)> = Vec::new();
+                if let Some(h) =
+                    had.filter(|h| !h.pending && h.size == now.size && !md5_of(h).is_empty())
+                {
+                    candidates.push((w.key.as_str(), h));
                 }
                 if let Some(ks) = by_ino.get(&(now.ino, now.size, now.mtime)) {
-                    candidates.extend(ks.iter().filter(|k| **k != w.key).cloned());
-                }
-                let etag_of = |k: &str| {
-                    if k == w.key {
-                        had.map(|h| md5_of(h).to_string())
-                    } else {
-                        records.get(k).map(|r| md5_of(r).to_string())
+                    for k in ks.iter().filter(|k| **k != w.key) {
+                        // (A racy record is a good source: its MD5 is of the bytes sent.)
+                        if let Some(r) = records.get(k).filter(|r| !r.pending) {
+                            candidates.push((k.as_str(), r));
+                        }
                     }
-                };
+                }
                 if !candidates.is_empty() {
                     let md5 = crate::store::s3::file_md5(&f).map_err(|e| io("read", e))?;
                     let want = crate::store::s3::md5_etag(&md5);
-                    if let Some(from) = candidates
-                        .iter()
-                        .find(|k| etag_of(k).as_deref() == Some(&want))
-                    {
-                        let meta_same = had.is_some_and(|h| same_meta(h, &now));
-                        if *from != w.key || !meta_same {
-                            self.store.copy(from, &w.key, now.size, &meta_of(&now))?;
-                        }
-                        if !same_stat(&fstat(&f)?, &now) {
-                            return Ok(Done::Changed);
-                        }
-                        self.record(
-                            &w.key,
-                            &Published {
-                                etag: want.clone(),
-                                md5: want,
-                                ..now
-                            },
-                        )
-                        .map_err(|e| io("journal", e))?;
-                        return Ok(if *from != w.key || !meta_same {
-                            Done::Copied
+                    if let Some((from, src)) = candidates.iter().find(|(_, r)| md5_of(r) == want) {
+                        let in_place = *from == w.key && same_meta(src, &now);
+                        let copied = if in_place {
+                            Some(src.etag.clone())
                         } else {
-                            Done::Recorded
-                        });
+                            match self
+                                .store
+                                .copy(from, &w.key, &src.etag, now.size, &meta_of(&now))
+                            {
+                                Ok(o) => Some(o.etag),
+                                Err(e) if e.errno == libc::ESTALE || e.errno == libc::ENOENT => {
+                                    None
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        };
+                        if let Some(etag) = copied {
+                            if !same_stat(&fstat(&f)?, &now) {
+                                return Ok(Done::Changed);
+                            }
+                            self.record(&w.key, &done_rec(etag, want))
+                                .map_err(|e| io("journal", e))?;
+                            return Ok(if in_place {
+                                Done::Recorded
+                            } else {
+                                Done::Copied
+                            });
+                        }
                     }
                 }
                 if let Some((rel, etag)) = self.old_source(w, &now) {
@@ -604,22 +673,18 @@ impl Publisher {
                             } else {
                                 etag
                             };
-                            self.record(
-                                &w.key,
-                                &Published {
-                                    etag: o.etag,
-                                    md5,
-                                    ..now
-                                },
-                            )
-                            .map_err(|e| io("journal", e))?;
+                            self.record(&w.key, &done_rec(o.etag, md5))
+                                .map_err(|e| io("journal", e))?;
                             return Ok(Done::FromOld(now.size));
                         }
                         // Replaced in OLD since the HEAD: our bytes go up instead.
-                        Err(e) if e.errno == libc::ESTALE => {}
-                        Err(e) => {
+                        Err(e) if e.errno == libc::ESTALE || e.errno == libc::ENOENT => {}
+                        Err(e) if e.errno == libc::EACCES || e.errno == libc::EPERM => {
                             tracing::warn!(error = %e, "server-side copy from OLD refused; uploading instead from now on");
                             self.from_old_ok.store(false, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "server-side copy from OLD failed; uploading instead");
                         }
                     }
                 }
@@ -627,15 +692,8 @@ impl Publisher {
                 if !same_stat(&fstat(&f)?, &now) {
                     return Ok(Done::Changed);
                 }
-                self.record(
-                    &w.key,
-                    &Published {
-                        etag: o.etag,
-                        md5: crate::store::s3::md5_etag(&md5),
-                        ..now
-                    },
-                )
-                .map_err(|e| io("journal", e))?;
+                self.record(&w.key, &done_rec(o.etag, crate::store::s3::md5_etag(&md5)))
+                    .map_err(|e| io("journal", e))?;
                 Ok(Done::Uploaded(o.size))
             }
         }
@@ -668,13 +726,14 @@ impl Publisher {
             .map_err(std::io::Error::other)?
             .into_iter()
             .collect();
-        let mut listed: HashMap<String, u64> = HashMap::new();
+        let mut listed: HashMap<String, (u64, String)> = HashMap::new();
         self.store
-            .list_all(&mut |k, size| {
-                listed.insert(k.to_string(), size);
+            .list_all_etags(&mut |k, size, etag| {
+                listed.insert(k.to_string(), (size, etag.to_string()));
             })
             .map_err(std::io::Error::from)?;
         let mut problems = Vec::new();
+        let mut heal = Batch::new();
         let mut keys: Vec<&String> = records.keys().collect();
         keys.sort();
         for k in keys {
@@ -685,13 +744,34 @@ impl Publisher {
             }
             // A symlink's object holds its target, whose length is the link's st_size.
             let want = if k.ends_with('/') { 0 } else { r.size };
-            match listed.get(k) {
-                None => problems.push(format!("{k}: missing from the bucket")),
-                Some(s) if *s != want => {
-                    problems.push(format!("{k}: {s} bytes in the bucket, {want} staged"))
+            let problem = match listed.get(k) {
+                None => Some(format!("{k}: missing from the bucket")),
+                Some((s, _)) if *s != want => {
+                    Some(format!("{k}: {s} bytes in the bucket, {want} staged"))
                 }
-                Some(_) => {}
+                Some((_, e)) if !r.etag.is_empty() && *e != r.etag => Some(format!(
+                    "{k}: another version in the bucket (ETag {e}, uploaded {})",
+                    r.etag
+                )),
+                Some(_) => None,
+            };
+            if let Some(p) = problem {
+                // Not what was put there (another client, a lost write): the next pass puts
+                // it again.
+                heal.published(
+                    k,
+                    &Published {
+                        pending: true,
+                        ..r.clone()
+                    },
+                );
+                problems.push(p);
             }
+        }
+        if !heal.is_empty() {
+            self.journal
+                .commit(heal, true)
+                .map_err(std::io::Error::other)?;
         }
         let mut foreign: Vec<String> = listed
             .into_keys()
@@ -700,6 +780,20 @@ impl Publisher {
         foreign.sort();
         Ok((problems, foreign))
     }
+}
+
+/// Now, as (seconds, nanoseconds) since the epoch.
+fn wall_clock() -> (i64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// Whether a stat taken at `at` could miss a write made in the same instant: its ctime is
+/// less than a second before `at` (file systems stamp times from a coarse clock).
+fn recent(p: &Published, at: (i64, u32)) -> bool {
+    p.ctime.0 + 1 >= at.0
 }
 
 /// Below this size an upload is one request, and a copy from OLD two (HEAD and copy).

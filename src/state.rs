@@ -401,6 +401,16 @@ pub fn prepare(
 ) -> Result<Totals, StateError> {
     check_dir("OLD", &old)?;
     check_dir("NEW", &new)?;
+    if let (StoreSpec::S3 { url: o }, StoreSpec::S3 { url: n }) = (&old, &new)
+        && o.bucket == n.bucket
+        && o.endpoint == n.endpoint
+        && (o.prefix.starts_with(&n.prefix) || n.prefix.starts_with(&o.prefix))
+    {
+        return Err(StateError::Invalid(format!(
+            "OLD ({old}) and NEW ({new}) must not contain one another: they are the same \
+             bucket with nested prefixes"
+        )));
+    }
     let np = match &new {
         StoreSpec::Posix { path } => fs::canonicalize(path).map_err(io_at(path))?,
         // An S3 NEW: the view's NEW is the staging tree in the state dir (crate::publish).

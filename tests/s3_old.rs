@@ -446,6 +446,13 @@ fn refusals_say_what_is_wrong_and_create_nothing() {
         "--allow-nonempty-new".as_ref(),
     ]));
     assert!(err.contains("is not empty"), "{err}");
+    // One bucket as both stores, NEW's prefix inside OLD's: refused.
+    let err = refused(try_prepare(
+        "s3://s3-old-refuse".as_ref(),
+        "s3://s3-old-refuse/inside".as_ref(),
+        &f.state,
+    ));
+    assert!(err.contains("must not contain one another"), "{err}");
     // A secret in the URL: refused, and not echoed.
     let err = refused(try_prepare(
         "s3://s3-old-refuse?secret_key=hunter2hunter2".as_ref(),

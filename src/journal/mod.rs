@@ -173,6 +173,10 @@ pub struct Published {
     /// multipart object's ETag is not its MD5.
     #[serde(default)]
     pub md5: String,
+    /// Recorded less than a second after the file last changed: a write in that instant may
+    /// not show in its stat, so the next pass compares its MD5.
+    #[serde(default)]
+    pub racy: bool,
 }
 
 /// Byte strings as base64 in JSON (names need not be UTF-8).

@@ -791,6 +791,15 @@ impl S3Store {
                 o.last_modified(),
                 o.metadata(),
             );
+            // Asked for as small (from a listing that may be old): a big object now is left
+            // to a streamed read.
+            if info.size > GET_SMALL_MAX {
+                return Err(S3Error::new(
+                    &what,
+                    libc::EFBIG,
+                    format!("{} bytes: too big to hold in memory", info.size),
+                ));
+            }
             // One copy: the body's pieces straight into a buffer of the object's size.
             let mut data = Vec::with_capacity(info.size as usize);
             let mut body = o.body;
@@ -844,9 +853,18 @@ impl S3Store {
         self.list_all_below("", each)
     }
 
+    /// [`S3Store::list_all`] with each object's ETag.
+    pub fn list_all_etags(&self, each: &mut dyn FnMut(&str, u64, &str)) -> Result<()> {
+        self.list_keys("", &mut |k, size, etag| each(k, size, etag))
+    }
+
     /// [`S3Store::list_all`] of the keys below `rel_dir` (empty: the root; else ending in
     /// '/'); `each` still gets keys below the store's root.
     pub fn list_all_below(&self, rel_dir: &str, each: &mut dyn FnMut(&str, u64)) -> Result<()> {
+        self.list_keys(rel_dir, &mut |k, size, _| each(k, size))
+    }
+
+    fn list_keys(&self, rel_dir: &str, each: &mut dyn FnMut(&str, u64, &str)) -> Result<()> {
         let root = self.url.prefix.clone();
         let prefix = self.url.key(rel_dir);
         let mut token: Option<String> = None;
@@ -854,7 +872,11 @@ impl S3Store {
             let r = self.list_page(&prefix, false, None, token.take())?;
             for o in r.contents() {
                 if let Some(rel) = o.key().and_then(|k| k.strip_prefix(&root)) {
-                    each(rel, o.size().unwrap_or(0).max(0) as u64);
+                    each(
+                        rel,
+                        o.size().unwrap_or(0).max(0) as u64,
+                        o.e_tag().unwrap_or_default(),
+                    );
                 }
             }
             match r.next_continuation_token() {
@@ -1104,10 +1126,25 @@ impl S3Store {
         self.endpoint == other.endpoint && self.region == other.region
     }
 
-    /// Server-side copy of `from` (of `size` bytes) to `rel` with new POSIX metadata: no byte
-    /// passes through this host. `from` may be `rel` itself, which changes the metadata alone.
-    pub fn copy(&self, from: &str, rel: &str, size: u64, meta: &PosixMeta) -> Result<ObjectInfo> {
-        self.copy_object(self, from, None, size, rel, meta)
+    /// Server-side copy of `from` (of `size` bytes, exactly the version with ETag `etag`: a
+    /// replaced object fails ESTALE) to `rel` with new POSIX metadata: no byte passes through
+    /// this host. `from` may be `rel` itself, which changes the metadata alone.
+    pub fn copy(
+        &self,
+        from: &str,
+        rel: &str,
+        etag: &str,
+        size: u64,
+        meta: &PosixMeta,
+    ) -> Result<ObjectInfo> {
+        self.copy_object(
+            self,
+            from,
+            Some(etag).filter(|e| !e.is_empty()),
+            size,
+            rel,
+            meta,
+        )
     }
 
     /// CopyObject (metadata replaced) up to 5 GiB, its limit; above, a multipart upload whose
@@ -1287,6 +1324,8 @@ impl S3Store {
     }
 }
 
+/// The most [`S3Store::get_small`] holds in memory.
+pub const GET_SMALL_MAX: u64 = 4 << 20;
 /// Files above this size are uploaded in parts.
 pub const MULTIPART_THRESHOLD: u64 = 64 << 20;
 /// The smallest part of a multipart upload (S3's own minimum is 5 MiB).
