@@ -740,6 +740,9 @@ fn spawn_publish_loop(
                     match p.pass() {
                         // Cut short (a handover that was then cancelled): run it again.
                         Ok(r) if r.interrupted => seen = None,
+                        // It had work: one more pass confirms the bucket holds it all (and
+                        // says so, for `status` and `execute --wait`).
+                        Ok(r) if r.errors.is_empty() && !r.clean() => seen = None,
                         Ok(r) if !r.errors.is_empty() => {
                             retry_at = Some(Instant::now() + Duration::from_secs(30));
                         }

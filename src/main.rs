@@ -586,11 +586,28 @@ fn execute(
             std::thread::sleep(std::time::Duration::from_secs(1));
             let s = state::status(state).map_err(|e| e.to_string())?;
             print_progress(&s, true);
+            // An S3 NEW: done once the bucket holds it all, too, or failed uploads say why
+            // it cannot (once the copier is done, the errors left are the publisher's).
             if s.phase == "executed" {
-                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                let settled = s.published.is_none_or(|p| p.settled);
+                if (settled || !s.errors.is_empty())
+                    && std::io::IsTerminal::is_terminal(&std::io::stdout())
+                {
                     println!();
                 }
-                return Ok(());
+                if settled {
+                    return Ok(());
+                }
+                if !s.errors.is_empty() {
+                    for e in &s.errors {
+                        eprintln!("  {}: {}", e.path, e.error);
+                    }
+                    return Err(format!(
+                        "executed, but {} entries could not be uploaded into NEW (they are \
+                         retried every 30 s; fix the cause, then run execute again)",
+                        s.errors.len()
+                    ));
+                }
             }
             if !s.mounted {
                 return Err("the daemon stopped before the migration was executed".into());

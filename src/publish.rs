@@ -41,6 +41,10 @@ use crate::store::s3::{PosixMeta, S3Error, S3Store};
 /// The staging tree's directory inside the state dir.
 pub const STAGE_DIR: &str = "stage";
 
+/// Journal meta key: "1" when the last pass found nothing to do, "0" after one that did (for
+/// `status` and `execute --wait`).
+pub const SETTLED: &str = "publish_settled";
+
 /// Uploads in flight: S3 requests are latency-bound (see the copier's S3 default).
 pub const DEFAULT_WORKERS: usize = 64;
 
@@ -365,6 +369,11 @@ impl Publisher {
             });
         }
         let root = PosixStore::open(&self.stage)?;
+        let mut b = Batch::new();
+        b.meta(SETTLED, b"0");
+        self.journal
+            .commit(b, false)
+            .map_err(std::io::Error::other)?;
         let mut report = PassReport::default();
         let Diff {
             wants,
@@ -454,6 +463,11 @@ impl Publisher {
         }
         report.interrupted = self.halted();
         self.record_errors(&report)?;
+        let mut b = Batch::new();
+        b.meta(SETTLED, if report.clean() { b"1" } else { b"0" });
+        self.journal
+            .commit(b, false)
+            .map_err(std::io::Error::other)?;
         self.passes.fetch_add(1, Ordering::Relaxed);
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
         if !report.clean() {

@@ -689,6 +689,8 @@ pub struct Status {
 pub struct Published {
     pub objects: u64,
     pub pending: u64,
+    /// The last publish pass found nothing to do: the bucket held the staging tree.
+    pub settled: bool,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -794,6 +796,7 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
             Some(Published {
                 objects: recs.iter().filter(|(_, r)| !r.pending).count() as u64,
                 pending: recs.iter().filter(|(_, r)| r.pending).count() as u64,
+                settled: journal.meta(crate::publish::SETTLED)?.as_deref() == Some(b"1"),
             })
         }
         StoreSpec::Posix { .. } => None,

@@ -299,8 +299,18 @@ fn lifecycle(old: Side, new: Side, name: &str) {
         assert_eq!(e, rustix::io::Errno::OPNOTSUPP, "setxattr");
     }
     ok(f.cmd("execute", &["--wait"]));
-    // Everything is in NEW now (and, for an S3 NEW, being uploaded): change it again, so that
-    // what NEW already holds is renamed, deleted, rewritten and chmod-ed.
+    if new == Side::S3 {
+        // execute --wait returns once the bucket holds the view, too.
+        let st = f.status_json();
+        assert_eq!(st["published"]["settled"], true, "{st}");
+        assert_same(
+            "the bucket after execute --wait",
+            &tree_of_bucket(&store(&nb)),
+            &tree_of_dir(&f.mnt),
+        );
+    }
+    // Everything is in NEW now: change it again, so that what NEW already holds is renamed,
+    // deleted, rewritten and chmod-ed.
     ok(f.cmd("verify", &[]));
     change_again(&f);
     let want = expected_after_changes(&f);
@@ -494,7 +504,16 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
         f.state.as_os_str(),
     ]));
     f.mount();
-    ok(f.cmd("execute", &["--wait"]));
+    let out = f.cmd("execute", &["--wait"]);
+    assert!(
+        !out.status.success(),
+        "execute --wait passed with an upload failing"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("b/y.txt") && err.contains("could not be uploaded"),
+        "{err}"
+    );
     let out = f.cmd("verify", &[]);
     assert!(
         !out.status.success(),
