@@ -29,6 +29,10 @@ const LINKS_PER_LOCK: usize = 8;
 /// Called after each chunk with its length; `false` stops the copy (it is thrown away).
 pub(crate) type Tick<'a> = &'a mut dyn FnMut(u64) -> bool;
 
+/// Prefix of the names, in the work dir, of directories being made before they take their
+/// place in NEW; leftovers of a crash are removed by `clean_work_dir`.
+pub(crate) const NEW_DIR_PREFIX: &str = "dir-";
+
 /// Copy `len` bytes from `src` to `dst` at the same offsets, with copy_file_range where the file
 /// systems allow it, else plain read/write. `Ok(false)`: `tick` stopped it.
 pub(crate) fn copy_range(
@@ -375,15 +379,16 @@ impl View {
         let pfd = self.ensure_new_dir_locked(&parent)?;
         let old = old_side(dir)?;
         let st = old.loc.stat().ctx("stat OLD dir")?;
-        keeping_dir_times(&pfd, || {
-            match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
-                Err(e) => Err(e).ctx("mkdir NEW"),
-            }
-        })?;
-        let fd = Arc::new(posix::open_child(pfd.as_fd(), &name).ctx("open NEW dir")?);
+        // Made whole in the work dir (mode, owner, xattrs, and its copy record), then renamed
+        // into place: a crash never leaves a half-made directory under its name, which the
+        // next mount would take for the view's own (0700, OLD's metadata lost).
+        let work = self.work_dir()?;
+        let tmp = std::ffi::OsString::from(format!("{NEW_DIR_PREFIX}{}", dir.ino));
+        let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::REMOVEDIR);
+        rustix::fs::mkdirat(&work, &tmp, Mode::from_raw_mode(0o700)).ctx("mkdir NEW")?;
+        let fd = Arc::new(posix::open_child(work.as_fd(), &tmp).ctx("open NEW dir")?);
         copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
-        apply_meta(pfd.as_fd(), &name, &st)?;
+        apply_meta(work.as_fd(), &tmp, &st)?;
         let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
         let mut b = Batch::new();
         b.copy(
@@ -397,6 +402,47 @@ impl View {
             b.done(&d);
         }
         self.journal.commit(b, false)?;
+        let placed = keeping_dir_times(&pfd, || {
+            match rustix::fs::renameat_with(
+                &work,
+                &tmp,
+                pfd.as_fd(),
+                &name,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => Ok(true),
+                // A name already there, or a parent on another file system (a mount inside
+                // NEW): made in place instead.
+                Err(rustix::io::Errno::EXIST | rustix::io::Errno::XDEV) => Ok(false),
+                Err(e) => Err(e).ctx("rename NEW dir into place"),
+            }
+        })?;
+        let fd = if placed {
+            fd
+        } else {
+            // NEW holds a directory of that name already (left by an older build's crash):
+            // it becomes this copy, with OLD's metadata.
+            let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::REMOVEDIR);
+            keeping_dir_times(&pfd, || {
+                match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+                    Err(e) => Err(e).ctx("mkdir NEW"),
+                }
+            })?;
+            let fd = Arc::new(posix::open_child(pfd.as_fd(), &name).ctx("open NEW dir")?);
+            copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
+            apply_meta(pfd.as_fd(), &name, &st)?;
+            let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
+            let mut b = Batch::new();
+            b.copy(
+                nst.st_dev,
+                nst.st_ino,
+                &record_for(&old.path, &st, fd.as_fd(), true)?,
+            );
+            self.journal.commit(b, false)?;
+            fd
+        };
+        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
         {
             let mut n = dir.node();
             n.new = Some(Loc::Fd(fd.clone()));

@@ -671,7 +671,7 @@ impl View {
     }
 
     /// ferryfs's work dir in NEW, created on demand (hidden from the view).
-    fn work_dir(&self) -> Result<std::os::fd::OwnedFd> {
+    pub(crate) fn work_dir(&self) -> Result<std::os::fd::OwnedFd> {
         match rustix::fs::mkdirat(self.new.root(), WORK_DIR, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e).ctx("mkdir work dir in NEW"),
@@ -689,6 +689,10 @@ impl View {
             if e.name.starts_with(RECOPY_PREFIX.as_bytes()) {
                 rustix::fs::unlinkat(&work, OsStr::from_bytes(&e.name), AtFlags::empty())
                     .ctx("remove a recopy left by a crash")?;
+            }
+            if e.name.starts_with(super::copyup::NEW_DIR_PREFIX.as_bytes()) {
+                rustix::fs::unlinkat(&work, OsStr::from_bytes(&e.name), AtFlags::REMOVEDIR)
+                    .ctx("remove a directory copy left by a crash")?;
             }
         }
         let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);
