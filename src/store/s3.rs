@@ -522,7 +522,11 @@ impl S3Store {
             .build()
             .map_err(|e| S3Error::new("starting the S3 runtime", libc::EIO, e.to_string()))?;
         let conf = rt.block_on(async {
-            let mut l = aws_config::defaults(aws_config::BehaviorVersion::latest());
+            // Five attempts, not the SDK's three: a server restarting or shedding load resets
+            // connections for a second or two, and a store operation that gives up then fails
+            // a read through the view or a whole prepare.
+            let mut l = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(5));
             if let Some(p) = &url.profile {
                 // The named profile's own keys, even when AWS_ACCESS_KEY_ID is set (it may be
                 // the other store's): OLD and NEW can use different credentials.
