@@ -540,28 +540,20 @@ impl Publisher {
         // (The `pending` record of a key new to the bucket was written, durably, before the
         // pass's first request.)
         match w.kind {
-            Kind::Dir | Kind::Other => {
-                let o = self.store.put(&w.key, Vec::new(), &meta_of(&w.rec))?;
-                self.record(
-                    &w.key,
-                    &Published {
-                        pending: false,
-                        etag: o.etag,
-                        ..w.rec.clone()
-                    },
-                )
-                .map_err(|e| io("journal", e))?;
-                Ok(Done::Uploaded(0))
-            }
-            Kind::Symlink => {
-                let fd = match root.open_path(&w.path) {
-                    Ok(fd) => fd,
-                    Err(e) if vanished(&e) => return Ok(Done::Changed),
-                    Err(e) => return Err(io("open", e)),
+            Kind::Dir | Kind::Other | Kind::Symlink => {
+                // A marker or an empty object; a symlink's object holds its target.
+                let data = if w.kind == Kind::Symlink {
+                    let fd = match root.open_path(&w.path) {
+                        Ok(fd) => fd,
+                        Err(e) if vanished(&e) => return Ok(Done::Changed),
+                        Err(e) => return Err(io("open", e)),
+                    };
+                    rustix::fs::readlinkat(&fd, "", Vec::new())
+                        .map_err(|e| io("readlink", e.into()))?
+                        .into_bytes()
+                } else {
+                    Vec::new()
                 };
-                let data = rustix::fs::readlinkat(&fd, "", Vec::new())
-                    .map_err(|e| io("readlink", e.into()))?
-                    .into_bytes();
                 let n = data.len() as u64;
                 let o = self.store.put(&w.key, data, &meta_of(&w.rec))?;
                 self.record(
@@ -613,11 +605,19 @@ impl Publisher {
                 // Recorded as it is now; a write in the same timestamp tick as this look
                 // cannot be told from none by stat, so a record this recent is checked by MD5
                 // at the next pass (`racy`).
-                let done_rec = |etag: String, md5: String| Published {
-                    etag,
-                    racy: recent(&now, started),
-                    md5,
-                    ..now.clone()
+                // The object now holds the file as `now` saw it, unless the file changed since.
+                let keep = |etag: String, md5: String, done: Done| -> Result<Done, S3Error> {
+                    if !same_stat(&fstat(&f)?, &now) {
+                        return Ok(Done::Changed);
+                    }
+                    let rec = Published {
+                        etag,
+                        racy: recent(&now, started),
+                        md5,
+                        ..now.clone()
+                    };
+                    self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
+                    Ok(done)
                 };
                 // The bytes may be in the bucket already: at this key (a metadata change, or a
                 // record to confirm) or at another (a rename, a second link). MD5 decides. A
@@ -657,16 +657,12 @@ impl Publisher {
                             }
                         };
                         if let Some(etag) = copied {
-                            if !same_stat(&fstat(&f)?, &now) {
-                                return Ok(Done::Changed);
-                            }
-                            self.record(&w.key, &done_rec(etag, want))
-                                .map_err(|e| io("journal", e))?;
-                            return Ok(if in_place {
+                            let done = if in_place {
                                 Done::Recorded
                             } else {
                                 Done::Copied
-                            });
+                            };
+                            return keep(etag, want, done);
                         }
                     }
                 }
@@ -677,9 +673,6 @@ impl Publisher {
                         .copy_from(old, &rel, &etag, now.size, &w.key, &meta_of(&now))
                     {
                         Ok(o) => {
-                            if !same_stat(&fstat(&f)?, &now) {
-                                return Ok(Done::Changed);
-                            }
                             // A single PUT's ETag is the MD5 of the bytes; a multipart one's
                             // is not (then no MD5 is known: a rename uploads again).
                             let md5 = if etag.contains('-') {
@@ -687,9 +680,7 @@ impl Publisher {
                             } else {
                                 etag
                             };
-                            self.record(&w.key, &done_rec(o.etag, md5))
-                                .map_err(|e| io("journal", e))?;
-                            return Ok(Done::FromOld(now.size));
+                            return keep(o.etag, md5, Done::FromOld(now.size));
                         }
                         // Replaced in OLD since the HEAD: our bytes go up instead.
                         Err(e) if e.errno == libc::ESTALE || e.errno == libc::ENOENT => {}
@@ -703,12 +694,11 @@ impl Publisher {
                     }
                 }
                 let (o, md5) = self.store.put_file_md5(&w.key, &f, &meta_of(&now))?;
-                if !same_stat(&fstat(&f)?, &now) {
-                    return Ok(Done::Changed);
-                }
-                self.record(&w.key, &done_rec(o.etag, crate::store::s3::md5_etag(&md5)))
-                    .map_err(|e| io("journal", e))?;
-                Ok(Done::Uploaded(o.size))
+                keep(
+                    o.etag,
+                    crate::store::s3::md5_etag(&md5),
+                    Done::Uploaded(o.size),
+                )
             }
         }
     }

@@ -130,6 +130,19 @@ fn new_arg(f: &Fixture, side: Side, bucket: &str) -> String {
     }
 }
 
+/// `ferryfs prepare` of OLD and NEW (store arguments) into the fixture's state dir.
+fn prepare(f: &Fixture, old: &str, new: &str) {
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old.as_ref(),
+        "--new".as_ref(),
+        new.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+}
+
 /// Every entry below `root` of a directory tree.
 fn tree_of_dir(root: &Path) -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();
@@ -270,15 +283,7 @@ fn lifecycle(old: Side, new: Side, name: &str) {
     let (ob, nb) = (format!("{name}-old"), format!("{name}-new"));
     let old_arg = fill_old(&f, old, &ob);
     let new_arg = new_arg(&f, new, &nb);
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        old_arg.as_ref(),
-        "--new".as_ref(),
-        new_arg.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]));
+    prepare(&f, &old_arg, &new_arg);
     // prepare's scan: files (a symlink is one) and directories, whatever OLD is.
     let st = f.status_json();
     assert_eq!(st["files"]["total"], 7, "{st}");
@@ -399,15 +404,7 @@ fn abort(old: Side, new: Side, name: &str) {
     let (ob, nb) = (format!("{name}-old"), format!("{name}-new"));
     let old_arg = fill_old(&f, old, &ob);
     let new_arg = new_arg(&f, new, &nb);
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        old_arg.as_ref(),
-        "--new".as_ref(),
-        new_arg.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]));
+    prepare(&f, &old_arg, &new_arg);
     // The copier runs meanwhile: some of OLD is in NEW (and, for an S3 NEW, in the bucket).
     f.mount_with(&f.mnt.clone(), &[]);
     change_through_the_view(&f);
@@ -494,15 +491,7 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
     fs::write(f.old.join("big.bin"), &big).unwrap();
     let nb = "xattr-new";
     let new_arg = new_arg(&f, Side::S3, nb);
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        old_arg.as_ref(),
-        "--new".as_ref(),
-        new_arg.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]));
+    prepare(&f, &old_arg, &new_arg);
     f.mount();
     let out = f.cmd("execute", &["--wait"]);
     assert!(
@@ -598,15 +587,7 @@ fn an_s3_new_keeps_publishing_across_a_takeover() {
     let old_arg = fill_old(&f, Side::Posix, "unused");
     let nb = "takeover-new";
     let new_arg = new_arg(&f, Side::S3, nb);
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        old_arg.as_ref(),
-        "--new".as_ref(),
-        new_arg.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]));
+    prepare(&f, &old_arg, &new_arg);
     f.mount_with(&f.mnt.clone(), &[]);
     fs::write(f.v("before.txt"), b"written before the handover").unwrap();
     let mut held = fs::OpenOptions::new()
@@ -668,15 +649,7 @@ fn crash_resume(old: Side, new: Side, name: &str) {
         Side::S3 => tree_of_bucket(&store(&ob)),
     };
     let new_arg = new_arg(&f, new, &nb);
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        old_arg.as_ref(),
-        "--new".as_ref(),
-        new_arg.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]));
+    prepare(&f, &old_arg, &new_arg);
     f.mount_with(&f.mnt.clone(), &["--ops-limit", "150"]);
     common::wait_for("the copier to copy some files", 30, || {
         f.status_json()["files"]["done"].as_u64().unwrap_or(0) >= 60

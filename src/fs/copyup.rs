@@ -382,26 +382,32 @@ impl View {
         // Made whole in the work dir (mode, owner, xattrs, and its copy record), then renamed
         // into place: a crash never leaves a half-made directory under its name, which the
         // next mount would take for the view's own (0700, OLD's metadata lost).
+        // OLD's xattrs, owner and mode on the NEW directory `name` in `at`, and its copy
+        // record (with the done count when it is a new copy).
+        let dress = |at: BorrowedFd<'_>, name: &OsStr, count: bool| -> Result<Arc<OwnedFd>> {
+            let fd = Arc::new(posix::open_child(at, name).ctx("open NEW dir")?);
+            copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
+            apply_meta(at, name, &st)?;
+            let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
+            let mut b = Batch::new();
+            b.copy(
+                nst.st_dev,
+                nst.st_ino,
+                &record_for(&old.path, &st, fd.as_fd(), true)?,
+            );
+            if count {
+                let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+                d.dirs += 1;
+                b.done(&d);
+            }
+            self.journal.commit(b, false)?;
+            Ok(fd)
+        };
         let work = self.work_dir()?;
         let tmp = std::ffi::OsString::from(format!("{NEW_DIR_PREFIX}{}", dir.ino));
         let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::REMOVEDIR);
         rustix::fs::mkdirat(&work, &tmp, Mode::from_raw_mode(0o700)).ctx("mkdir NEW")?;
-        let fd = Arc::new(posix::open_child(work.as_fd(), &tmp).ctx("open NEW dir")?);
-        copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
-        apply_meta(work.as_fd(), &tmp, &st)?;
-        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
-        let mut b = Batch::new();
-        b.copy(
-            nst.st_dev,
-            nst.st_ino,
-            &record_for(&old.path, &st, fd.as_fd(), true)?,
-        );
-        {
-            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            d.dirs += 1;
-            b.done(&d);
-        }
-        self.journal.commit(b, false)?;
+        let fd = dress(work.as_fd(), &tmp, true)?;
         let placed = keeping_dir_times(&pfd, || {
             match rustix::fs::renameat_with(
                 &work,
@@ -429,18 +435,7 @@ impl View {
                     Err(e) => Err(e).ctx("mkdir NEW"),
                 }
             })?;
-            let fd = Arc::new(posix::open_child(pfd.as_fd(), &name).ctx("open NEW dir")?);
-            copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
-            apply_meta(pfd.as_fd(), &name, &st)?;
-            let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
-            let mut b = Batch::new();
-            b.copy(
-                nst.st_dev,
-                nst.st_ino,
-                &record_for(&old.path, &st, fd.as_fd(), true)?,
-            );
-            self.journal.commit(b, false)?;
-            fd
+            dress(pfd.as_fd(), &name, false)?
         };
         let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
         {

@@ -990,7 +990,7 @@ impl S3Store {
         size: u64,
         meta: &PosixMeta,
     ) -> Result<(ObjectInfo, [u8; 16])> {
-        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        use aws_sdk_s3::types::CompletedPart;
         use md5::Digest;
         use std::os::unix::fs::FileExt;
         let key = self.url.key(rel);
@@ -1069,40 +1069,14 @@ impl S3Store {
                     );
                 }
             }
-            done.sort_by_key(|p| p.part_number());
-            self.client
-                .complete_multipart_upload()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .upload_id(&id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(done))
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| sdk_err(&what, e))
+            Ok(done)
         });
-        let o = match sent {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = self.block(
-                    self.client
-                        .abort_multipart_upload()
-                        .bucket(&self.url.bucket)
-                        .key(&key)
-                        .upload_id(&id)
-                        .send(),
-                );
-                return Err(e);
-            }
-        };
+        let etag = self.finish_multipart(&key, &id, &what, sent)?;
         Ok((
             ObjectInfo {
                 rel: rel.to_string(),
                 size,
-                etag: o.e_tag().unwrap_or_default().to_string(),
+                etag,
                 last_modified: (0, 0),
                 meta: Some(*meta),
             },
@@ -1213,7 +1187,7 @@ impl S3Store {
         meta: &PosixMeta,
         part: u64,
     ) -> Result<ObjectInfo> {
-        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        use aws_sdk_s3::types::CompletedPart;
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(to);
         let source = format!(
@@ -1270,36 +1244,53 @@ impl S3Store {
                     );
                 }
             }
-            done.sort_by_key(|p| p.part_number());
-            self.client
-                .complete_multipart_upload()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .upload_id(&id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(done))
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| sdk_err(&what, e))
+            Ok(done)
         });
-        match sent {
-            Ok(o) => Ok(ObjectInfo {
-                rel: to.to_string(),
-                size,
-                etag: o.e_tag().unwrap_or_default().to_string(),
-                last_modified: (0, 0),
-                meta: Some(*meta),
-            }),
+        let etag = self.finish_multipart(&key, &id, &what, sent)?;
+        Ok(ObjectInfo {
+            rel: to.to_string(),
+            size,
+            etag,
+            last_modified: (0, 0),
+            meta: Some(*meta),
+        })
+    }
+
+    /// The last step of a multipart upload `id` of `key`: completed with the parts `sent`
+    /// gave (their ETag), or aborted when sending failed, so no half upload stays behind.
+    fn finish_multipart(
+        &self,
+        key: &str,
+        id: &str,
+        what: &str,
+        sent: Result<Vec<aws_sdk_s3::types::CompletedPart>>,
+    ) -> Result<String> {
+        let done = sent.and_then(|mut parts| {
+            parts.sort_by_key(|p| p.part_number());
+            self.block(
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.url.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .multipart_upload(
+                        aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send(),
+            )
+            .map_err(|e| sdk_err(what, e))
+        });
+        match done {
+            Ok(o) => Ok(o.e_tag().unwrap_or_default().to_string()),
             Err(e) => {
                 let _ = self.block(
                     self.client
                         .abort_multipart_upload()
                         .bucket(&self.url.bucket)
-                        .key(&key)
-                        .upload_id(&id)
+                        .key(key)
+                        .upload_id(id)
                         .send(),
                 );
                 Err(e)
