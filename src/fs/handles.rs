@@ -128,7 +128,8 @@ pub struct OpenFile {
 }
 
 /// Open flags that were for the kernel (or are handled by the view), not for the backing file.
-const STRIP: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT;
+pub(crate) const STRIP: i32 =
+    libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_DIRECT;
 
 /// Whether an open with these flags changes the file (write access or O_TRUNC).
 pub fn wants_write(flags: i32) -> bool {
@@ -191,6 +192,17 @@ impl View {
     }
 
     pub(crate) fn open_inode(&self, inode: Arc<Inode>, flags: i32) -> Result<OpenFile> {
+        self.open_inode_with(inode, flags, None)
+    }
+
+    /// [`Self::open_inode`], with the file already open when `file` is given (NEW's file of
+    /// the inode, opened with `flags`: a create's).
+    pub(crate) fn open_inode_with(
+        &self,
+        inode: Arc<Inode>,
+        flags: i32,
+        file: Option<std::fs::File>,
+    ) -> Result<OpenFile> {
         let (loc, on_new) = {
             let n = inode.node();
             match (&n.new, &n.old) {
@@ -199,13 +211,16 @@ impl View {
                 (None, None) => return Err(crate::error::errno_err("open", libc::ENOENT)),
             }
         };
-        let src = loc
-            .open_source(OFlags::from_bits_retain((flags & !STRIP) as u32))
-            .ctx(if on_new {
-                "open NEW file"
-            } else {
-                "open OLD file"
-            })?;
+        let src = match file {
+            Some(f) if on_new => crate::store::Source::File(Arc::new(f)),
+            _ => loc
+                .open_source(OFlags::from_bits_retain((flags & !STRIP) as u32))
+                .ctx(if on_new {
+                    "open NEW file"
+                } else {
+                    "open OLD file"
+                })?,
+        };
         let st = match src.file() {
             Some(file) => {
                 if flags & libc::O_TRUNC != 0 && on_new {

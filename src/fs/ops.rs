@@ -211,21 +211,30 @@ impl View {
         caller: Caller,
     ) -> Result<(Attr, OpenFile)> {
         let _gate = self.changes();
+        let flags = flags & !libc::O_TRUNC;
+        let mut made = None;
         let (inode, attr) = {
             let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
             self.create_entry(parent, name, caller, |pfd, _| {
                 let perm = mode & 0o7777;
-                rustix::fs::openat(
+                // Created open as the caller asked (the daemon's access is never refused), and
+                // that file is the one the caller gets: no second open of the new name.
+                let fd = rustix::fs::openat(
                     pfd,
                     name,
-                    OFlags::CREATE | OFlags::EXCL | OFlags::RDONLY | OFlags::CLOEXEC,
+                    OFlags::from_bits_retain((flags & !super::handles::STRIP) as u32)
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
                     Mode::from_raw_mode(perm),
                 )
                 .ctx("create in NEW")?;
+                made = Some(std::fs::File::from(fd));
                 Ok((perm & 0o6000 != 0).then_some(perm))
             })?
         };
-        let of = self.open_inode(inode, flags & !libc::O_TRUNC)?;
+        let of = self.open_inode_with(inode, flags, made)?;
         Ok((attr, of))
     }
 
@@ -786,7 +795,8 @@ impl View {
         size: u32,
         f: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
     ) -> Result<XattrReply> {
-        let mut buf = vec![0u8; if size == 0 { 64 * 1024 } else { size as usize }];
+        // A size query (the kernel's, before every write to a file) needs no buffer.
+        let mut buf = vec![0u8; size as usize];
         let n = f(&mut buf[..]).ctx("xattr")?;
         buf.truncate(n);
         Ok(if size == 0 {

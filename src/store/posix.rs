@@ -134,6 +134,102 @@ pub fn open_child(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
 
 /// The `/proc/self/fd/N` path of an fd: lets path-only calls (xattrs on O_PATH fds, reopen)
 /// act on exactly the inode we hold, without resolving any name again.
+/// getxattrat(2) and listxattrat(2) (Linux 6.13): an entry's xattrs read relative to its
+/// directory fd, never following a symlink, without walking a /proc path (the kernel asks for
+/// `security.capability` at every write to a file, so this is on the write path). `None` where
+/// the kernel lacks them: the caller then goes through /proc, and so does every later call.
+mod xattrat {
+    use std::ffi::{CString, OsStr};
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // One number on every architecture (the unified table, from 424 on).
+    const SYS_GETXATTRAT: libc::c_long = 464;
+    const SYS_LISTXATTRAT: libc::c_long = 465;
+
+    static MISSING: AtomicBool = AtomicBool::new(false);
+
+    /// The kernel's `struct xattr_args`.
+    #[repr(C)]
+    struct XattrArgs {
+        value: u64,
+        size: u32,
+        flags: u32,
+    }
+
+    fn done(r: libc::c_long) -> Option<io::Result<usize>> {
+        if r >= 0 {
+            return Some(Ok(r as usize));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            MISSING.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(Err(e))
+    }
+
+    fn cstr(s: &OsStr) -> CString {
+        CString::new(s.as_bytes()).expect("names hold no NUL")
+    }
+
+    pub(super) fn get(
+        dir: BorrowedFd<'_>,
+        entry: &OsStr,
+        name: &OsStr,
+        buf: &mut [u8],
+    ) -> Option<io::Result<usize>> {
+        if MISSING.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (entry, name) = (cstr(entry), cstr(name));
+        let mut args = XattrArgs {
+            value: buf.as_mut_ptr() as u64,
+            size: buf.len() as u32,
+            flags: 0,
+        };
+        // SAFETY: valid NUL-terminated strings, `args` points at `buf` with its length, and
+        // the kernel writes at most that many bytes there.
+        let r = unsafe {
+            libc::syscall(
+                SYS_GETXATTRAT,
+                dir.as_raw_fd(),
+                entry.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                name.as_ptr(),
+                &mut args as *mut XattrArgs,
+                std::mem::size_of::<XattrArgs>(),
+            )
+        };
+        done(r)
+    }
+
+    pub(super) fn list(
+        dir: BorrowedFd<'_>,
+        entry: &OsStr,
+        buf: &mut [u8],
+    ) -> Option<io::Result<usize>> {
+        if MISSING.load(Ordering::Relaxed) {
+            return None;
+        }
+        let entry = cstr(entry);
+        // SAFETY: a valid NUL-terminated string and `buf` with its length.
+        let r = unsafe {
+            libc::syscall(
+                SYS_LISTXATTRAT,
+                dir.as_raw_fd(),
+                entry.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        done(r)
+    }
+}
+
 pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
@@ -363,6 +459,11 @@ impl Loc {
         if let Loc::Obj(_) = self {
             return Err(errno(libc::ENODATA));
         }
+        if let Loc::At(dir, entry) = self
+            && let Some(r) = xattrat::get(dir.as_fd(), entry, name, buf)
+        {
+            return r;
+        }
         let (p, nofollow) = self.path()?;
         if nofollow {
             rustix::fs::lgetxattr(p.as_c_str(), name, buf)
@@ -375,6 +476,11 @@ impl Loc {
     pub fn listxattr(&self, buf: &mut [u8]) -> io::Result<usize> {
         if let Loc::Obj(_) = self {
             return Ok(0);
+        }
+        if let Loc::At(dir, entry) = self
+            && let Some(r) = xattrat::list(dir.as_fd(), entry, buf)
+        {
+            return r;
         }
         let (p, nofollow) = self.path()?;
         if nofollow {
