@@ -568,6 +568,7 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     if let Some(dev) = mount_dev(mp, &state_abs) {
         view.set_mount_dev(dev);
     }
+    spawn_invalidator(&view, session.notifier()).map_err(|e| e.to_string())?;
     tracing::info!(mountpoint = %mp.display(), state = %state_abs.display(), "view serving");
     observed.set_ready();
     // Probes cost a statfs through the view every few seconds: only when someone watches.
@@ -634,6 +635,27 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
 /// `mount --takeover`: receive the live mount from the daemon serving the state dir, wait for
 /// it to exit, and open the journal under the lock it handed over. Everything that can be
 /// refused is refused before the old daemon lets go, and it then keeps serving.
+/// The thread that tells the kernel to drop what it caches of an inode (`View::invalidate`).
+/// Its own thread: a notification can wait on the kernel's locks, which a request in flight
+/// may hold while it waits for its answer.
+fn spawn_invalidator(view: &Arc<View>, notifier: fuser::Notifier) -> std::io::Result<()> {
+    let (tx, rx) = crossbeam_channel::unbounded::<u64>();
+    view.set_invalidator(tx);
+    std::thread::Builder::new()
+        .name("invalidate".into())
+        .spawn(move || {
+            for ino in rx {
+                // ENOENT: the kernel holds nothing of that inode (forgotten, or never known).
+                if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
+                    && e.raw_os_error() != Some(libc::ENOENT)
+                {
+                    tracing::debug!(ino, error = %e, "kernel cache invalidation");
+                }
+            }
+        })
+        .map(drop)
+}
+
 fn take_over(
     args: &MountArgs,
     notifier: &crate::sdnotify::Notifier,

@@ -78,7 +78,7 @@ enum Cmd {
         /// Seconds the kernel may cache names and attributes without asking the daemon. Changes
         /// made through the view show at once whatever the value; it bounds how late a change
         /// made in OLD behind the view's back shows. Raise it for big, read-mostly trees.
-        #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_ttl)]
+        #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_ttl)]
         metadata_ttl: f64,
         #[command(flatten)]
         limits: LimitArgs,

@@ -382,6 +382,39 @@ fn a_file_changed_in_old_after_its_copy_blocks_commit_until_copied_again() {
 }
 
 #[test]
+fn a_file_the_copier_takes_again_is_read_fresh_through_the_view_whatever_the_ttl() {
+    let mut f = Fixture::new();
+    write(&f.old.join("d/changes"), b"version one");
+    f.prepare();
+    let mnt = f.mnt.clone();
+    // A TTL far longer than the test: only an invalidation can make the kernel ask again.
+    f.mount_with(&mnt, &["--metadata-ttl", "600"]);
+    wait_executed(&f, 60);
+    // The kernel now caches the file's attributes and pages.
+    assert_eq!(fs::read(f.v("d/changes")).unwrap(), b"version one");
+    assert_eq!(fs::metadata(f.v("d/changes")).unwrap().len(), 11);
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(f.old.join("d/changes"), b"version two, longer").unwrap();
+    // The refused commit finds the change; the copier takes the file again.
+    assert!(!f.cmd("commit", &[]).status.success());
+    assert_ok(f.cmd("execute", &["--wait"]));
+    wait_for("the file copied again", 30, || {
+        f.status_json()["changed_in_old"][0]["copied_again"] == true
+    });
+    assert_eq!(
+        fs::metadata(f.v("d/changes")).unwrap().len(),
+        19,
+        "the kernel kept the size it cached before the copy was taken again"
+    );
+    assert_eq!(
+        fs::read(f.v("d/changes")).unwrap(),
+        b"version two, longer",
+        "the view serves the stale bytes"
+    );
+    f.unmount();
+}
+
+#[test]
 fn an_application_appending_while_the_copier_copies_loses_no_byte() {
     let mut f = Fixture::new();
     let original: Vec<u8> = (0..48u32 << 20).map(|i| (i % 251) as u8).collect();

@@ -478,6 +478,48 @@ fn listings_with_attributes_count_lookups_exactly_as_the_kernel_does() {
 }
 
 #[test]
+fn an_unchanged_directory_is_listed_from_the_kernel_cache_until_it_changes() {
+    let mut f = Fixture::new();
+    for i in 0..200 {
+        write(&f.old.join(format!("d/f{i}")), b"x");
+    }
+    f.prepare();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
+    let names = || fs::read_dir(f.v("d")).unwrap().count();
+    let listings = || {
+        let m = scrape(port);
+        get(&m, "ferryfs_fuse_requests_total{op=\"readdir\"}")
+            + get(&m, "ferryfs_fuse_requests_total{op=\"readdirplus\"}")
+    };
+    assert_eq!(names(), 200);
+    let first = listings();
+    assert!(first >= 1.0, "the first listing came from the daemon");
+    for _ in 0..3 {
+        assert_eq!(names(), 200);
+    }
+    assert_eq!(
+        listings(),
+        first,
+        "an unchanged directory was listed by the daemon again"
+    );
+    // A change through the view: the kernel drops its cached listing by itself.
+    write(&f.v("d/made-through-the-view"), b"y");
+    assert_eq!(names(), 201);
+    assert!(listings() > first, "listed from a stale cache");
+    // Behind the view's back: OLD's directory times differ at the next open.
+    std::thread::sleep(Duration::from_millis(20));
+    write(&f.old.join("d/made-in-old"), b"z");
+    assert_eq!(
+        names(),
+        202,
+        "a name added in OLD is missing from the listing"
+    );
+    f.unmount();
+}
+
+#[test]
 fn readdirplus_off_lists_names_only_and_every_stat_is_a_lookup() {
     let mut f = Fixture::new();
     for i in 0..300 {

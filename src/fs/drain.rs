@@ -470,6 +470,9 @@ impl View {
             });
         }
         let recopied = self.recopy(inode, &rec, tick)?;
+        if recopied {
+            self.invalidate(inode.ino);
+        }
         Ok(Check::Stale { origin, recopied })
     }
 

@@ -50,8 +50,12 @@ pub struct Node {
     /// st_nlink of a merged directory without listing it on every getattr.
     pub subdirs: Option<(u32, std::time::Instant)>,
     /// (mtime, mtime_nsec, size, st_ino) of the data when the kernel last opened it: an open
-    /// that finds the same stamp keeps the kernel's page cache.
+    /// that finds the same stamp keeps the kernel's page cache. A directory's: its stores'
+    /// times at its last open (`View::dir_stamp`), for keeping the kernel's cached listing.
     pub cache_stamp: Option<(i64, i64, i64, u64)>,
+    /// A directory's: when the kernel last got its whole listing, with every entry's
+    /// attributes (READDIRPLUS), rather than keeping the listing it had cached.
+    pub listed_at: Option<std::time::Instant>,
     /// Whether NEW's entry is still a plain copy of OLD (a copy record exists), as far as
     /// known: the first change through the view removes the record, once.
     pub copy: CopyState,
@@ -72,6 +76,7 @@ impl Node {
             old_group: None,
             subdirs: None,
             cache_stamp: None,
+            listed_at: None,
             copy: CopyState::Local,
             rechecked: None,
         }

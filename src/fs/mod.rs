@@ -145,6 +145,9 @@ pub struct View {
     /// The FUSE mount's st_dev, once mounted: how the view recognises its own files in
     /// /proc/*/exe (see `open`, O_RDONLY|O_TRUNC of a running program).
     mount_dev: std::sync::OnceLock<u64>,
+    /// Where to send the inodes whose kernel-cached attributes and data must go (see
+    /// [`View::invalidate`]): the mount's notifier thread.
+    invalidator: std::sync::OnceLock<crossbeam_channel::Sender<u64>>,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -193,6 +196,7 @@ impl View {
             old_group: None,
             subdirs: None,
             cache_stamp: None,
+            listed_at: None,
             copy: Default::default(),
             rechecked: None,
             ids: vec![
@@ -223,6 +227,7 @@ impl View {
             rechecks_rx,
             gate: RwLock::new(()),
             mount_dev: std::sync::OnceLock::new(),
+            invalidator: std::sync::OnceLock::new(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -445,6 +450,7 @@ impl View {
                 old_group,
                 subdirs: None,
                 cache_stamp: None,
+                listed_at: None,
                 copy: Default::default(),
                 rechecked: None,
             });
@@ -595,13 +601,27 @@ impl View {
         self.inodes.len()
     }
 
-    /// Attributes of an inode; through the open file `fh` when the kernel gives one (the only
-    /// way to reach a file whose every name was removed while it stays open).
     /// Record the st_dev of the FUSE mount serving this view.
     pub fn set_mount_dev(&self, dev: u64) {
         let _ = self.mount_dev.set(dev);
     }
 
+    /// Where [`View::invalidate`] sends inode numbers (the mount's notifier thread).
+    pub fn set_invalidator(&self, tx: crossbeam_channel::Sender<u64>) {
+        let _ = self.invalidator.set(tx);
+    }
+
+    /// What backs inode `ino` changed without the kernel asking (the copier took a file again
+    /// after OLD changed behind the view's back): the kernel drops its cached attributes and
+    /// pages of it, whatever the TTL. Sent through another thread, never from a request's.
+    pub(crate) fn invalidate(&self, ino: u64) {
+        if let Some(tx) = self.invalidator.get() {
+            let _ = tx.send(ino);
+        }
+    }
+
+    /// Attributes of an inode; through the open file `fh` when the kernel gives one (the only
+    /// way to reach a file whose every name was removed while it stays open).
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Attr> {
         let inode = self.inode(ino)?;
         let st = match fh.and_then(|fh| self.handles.open_file(fh)) {
@@ -694,6 +714,7 @@ impl View {
             old_group: None,
             subdirs: None,
             cache_stamp: None,
+            listed_at: None,
             copy: Default::default(),
             rechecked: None,
         };
@@ -805,12 +826,33 @@ impl View {
 
     /// Snapshot a directory for readdir; offsets index this snapshot, so they stay valid
     /// whatever changes while the application reads it (rule 7).
-    pub fn opendir(&self, ino: u64) -> Result<u64> {
+    /// Open directory `ino`: its handle, and whether the kernel may keep the listing it cached
+    /// at an earlier open (the directory's stores are unchanged since then, see
+    /// [`Self::dir_stamp`]; a change through the view the kernel sees by itself).
+    pub fn opendir(&self, ino: u64, keep_for: std::time::Duration) -> Result<(u64, bool)> {
         let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
         let dir = self.inode(ino)?;
         if dir.kind != Kind::Dir {
             return Err(Error::refused(libc::ENOTDIR, "not a directory"));
         }
+        // Taken before the listing: a change made after it shows in the next stamp.
+        let stamp = self.dir_stamp(&dir);
+        // Kept only while the entries the kernel got with the listing are still within their
+        // TTL (`keep_for`): past it, a kept listing would make the kernel look up each entry
+        // one request at a time, where a fresh READDIRPLUS answers a whole batch at once.
+        let keep = {
+            let mut n = dir.node();
+            let now = std::time::Instant::now();
+            let fresh = n
+                .listed_at
+                .is_some_and(|t| now.duration_since(t) < keep_for);
+            let keep = stamp.is_some() && n.cache_stamp == stamp && fresh;
+            n.cache_stamp = stamp;
+            if !keep {
+                n.listed_at = Some(now);
+            }
+            keep
+        };
         let parent = dir
             .node()
             .names
@@ -830,7 +872,37 @@ impl View {
             },
         ];
         entries.extend(self.list(&dir)?);
-        Ok(self.handles.insert_dir(entries))
+        Ok((self.handles.insert_dir(entries), keep))
+    }
+
+    /// What the listing of a directory is made from: the modification and change times of its
+    /// NEW and OLD directories (a copy linked into NEW changes NEW's ctime: conservative).
+    /// None when one of them cannot say (an S3 OLD's prefix has no times): never kept then.
+    fn dir_stamp(&self, dir: &Inode) -> Option<(i64, i64, i64, u64)> {
+        let (new, old) = {
+            let n = dir.node();
+            (n.new.clone(), n.old.as_ref().map(|o| o.loc.clone()))
+        };
+        #[allow(clippy::unnecessary_cast)]
+        let times = |st: &rustix::fs::Stat| {
+            (
+                st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
+                st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
+            )
+        };
+        let new = match new {
+            Some(l) => Some(times(&l.stat().ok()?)),
+            None => None,
+        };
+        let old = match old {
+            Some(_) if self.is_single() => None,
+            Some(Loc::Obj(_)) => return None,
+            Some(l) => Some(times(&l.stat().ok()?)),
+            None => None,
+        };
+        let (nm, nc) = new.unwrap_or((-1, -1));
+        let (om, oc) = old.unwrap_or((-1, -1));
+        Some((nm, nc, om, oc as u64))
     }
 
     /// Entries of an open directory from `offset` (0 = start). Each entry's own offset is its

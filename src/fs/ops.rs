@@ -453,6 +453,7 @@ impl View {
             old_group: None,
             subdirs: None,
             cache_stamp: None,
+            listed_at: None,
             copy: Default::default(),
             rechecked: None,
         };

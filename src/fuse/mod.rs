@@ -767,8 +767,17 @@ impl Filesystem for FerryFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _span = enter!(self, Op::Opendir, ino.0, reply);
-        match self.view.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        match self.view.opendir(ino.0, self.ttl) {
+            // The kernel caches the listing (readdir from its page cache, no request), and
+            // drops it itself when the directory changes through the view.
+            Ok((fh, keep)) => reply.opened(
+                FileHandle(fh),
+                if keep {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::FOPEN_CACHE_DIR
+                },
+            ),
             Err(e) => reply.error(fail(Op::Opendir, ino.0, None, &e)),
         }
     }
