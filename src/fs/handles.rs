@@ -4,7 +4,7 @@
 //! first and then works on NEW. A handle opened on OLD that sees its inode copied up by someone
 //! else switches to NEW at its next read, so every open of a file sees one file.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;

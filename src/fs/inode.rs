@@ -6,7 +6,6 @@
 //! st_dev/st_ino), so hard links share one inode. An inode leaves the table when the kernel
 //! forgets it.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -128,8 +127,8 @@ impl Inode {
 
 #[derive(Default)]
 struct Tables {
-    by_ino: HashMap<u64, Arc<Inode>>,
-    by_id: HashMap<Identity, u64>,
+    by_ino: rustc_hash::FxHashMap<u64, Arc<Inode>>,
+    by_id: rustc_hash::FxHashMap<Identity, u64>,
 }
 
 pub struct InodeTable {

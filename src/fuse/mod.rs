@@ -2,7 +2,7 @@
 //! [`View`]; each handler replies exactly once, and every error goes through [`fail`], which
 //! logs it at its level with the request's context and replies its errno.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +44,7 @@ impl FerryFs {
             passthrough: Arc::new(Passthrough {
                 wanted: passthrough,
                 refused: [AtomicBool::new(false), AtomicBool::new(false)],
-                inodes: Mutex::new(HashMap::new()),
+                inodes: Mutex::new(HashMap::default()),
                 dev: std::sync::OnceLock::new(),
             }),
             gate: Default::default(),
@@ -1067,7 +1067,7 @@ mod tests {
         Passthrough {
             wanted: mode,
             refused: [AtomicBool::new(false), AtomicBool::new(false)],
-            inodes: Mutex::new(HashMap::new()),
+            inodes: Mutex::new(HashMap::default()),
             dev: std::sync::OnceLock::new(),
         }
     }
