@@ -632,9 +632,6 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     res.map_err(|e| format!("serving: {e}"))
 }
 
-/// `mount --takeover`: receive the live mount from the daemon serving the state dir, wait for
-/// it to exit, and open the journal under the lock it handed over. Everything that can be
-/// refused is refused before the old daemon lets go, and it then keeps serving.
 /// The thread that tells the kernel to drop what it caches of an inode (`View::invalidate`).
 /// Its own thread: a notification can wait on the kernel's locks, which a request in flight
 /// may hold while it waits for its answer.
@@ -656,6 +653,9 @@ fn spawn_invalidator(view: &Arc<View>, notifier: fuser::Notifier) -> std::io::Re
         .map(drop)
 }
 
+/// `mount --takeover`: receive the live mount from the daemon serving the state dir, wait for
+/// it to exit, and open the journal under the lock it handed over. Everything that can be
+/// refused is refused before the old daemon lets go, and it then keeps serving.
 fn take_over(
     args: &MountArgs,
     notifier: &crate::sdnotify::Notifier,

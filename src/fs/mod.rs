@@ -824,11 +824,10 @@ impl View {
         Ok(out)
     }
 
-    /// Snapshot a directory for readdir; offsets index this snapshot, so they stay valid
-    /// whatever changes while the application reads it (rule 7).
-    /// Open directory `ino`: its handle, and whether the kernel may keep the listing it cached
-    /// at an earlier open (the directory's stores are unchanged since then, see
-    /// [`Self::dir_stamp`]; a change through the view the kernel sees by itself).
+    /// Open directory `ino`: a snapshot for readdir (offsets index it, so they stay valid
+    /// whatever changes while the application reads it, rule 7), and whether the kernel may
+    /// keep the listing it cached at an earlier open (the directory's stores are unchanged
+    /// since then, see [`Self::dir_stamp`]; a change through the view the kernel sees itself).
     pub fn opendir(&self, ino: u64, keep_for: std::time::Duration) -> Result<(u64, bool)> {
         let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
         let dir = self.inode(ino)?;
