@@ -450,6 +450,7 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         }
         None => (!args.no_copy, false),
     };
+    let invalidations = view.invalidations();
     if execute && !finished {
         if let Err(e) = copier.execute() {
             return Err(fail(&mut ready, format!("starting the copier: {e}")));
@@ -568,7 +569,8 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
     if let Some(dev) = mount_dev(mp, &state_abs) {
         view.set_mount_dev(dev);
     }
-    spawn_invalidator(&view, session.notifier()).map_err(|e| e.to_string())?;
+    spawn_invalidator(view.clone(), invalidations, session.notifier())
+        .map_err(|e| e.to_string())?;
     tracing::info!(mountpoint = %mp.display(), state = %state_abs.display(), "view serving");
     observed.set_ready();
     // Probes cost a statfs through the view every few seconds: only when someone watches.
@@ -635,18 +637,26 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
 /// The thread that tells the kernel to drop what it caches of an inode (`View::invalidate`).
 /// Its own thread: a notification can wait on the kernel's locks, which a request in flight
 /// may hold while it waits for its answer.
-fn spawn_invalidator(view: &Arc<View>, notifier: fuser::Notifier) -> std::io::Result<()> {
-    let (tx, rx) = crossbeam_channel::unbounded::<u64>();
-    view.set_invalidator(tx);
+fn spawn_invalidator(
+    view: Arc<View>,
+    rx: crossbeam_channel::Receiver<u64>,
+    notifier: fuser::Notifier,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("invalidate".into())
         .spawn(move || {
             for ino in rx {
-                // ENOENT: the kernel holds nothing of that inode (forgotten, or never known).
-                if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
-                    && e.raw_os_error() != Some(libc::ENOENT)
-                {
-                    tracing::debug!(ino, error = %e, "kernel cache invalidation");
+                let sent = view.while_invalidations_open(|| {
+                    // ENOENT: the kernel holds nothing of that inode (forgotten, never known).
+                    if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0)
+                        && e.raw_os_error() != Some(libc::ENOENT)
+                    {
+                        tracing::debug!(ino, error = %e, "kernel cache invalidation");
+                    }
+                });
+                if !sent {
+                    // Handing over: the kernel's cache of it expires with the TTL.
+                    tracing::debug!(ino, "kernel cache invalidation skipped during a handover");
                 }
             }
         })

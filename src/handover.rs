@@ -278,9 +278,12 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
         return refuse("the FUSE session is not initialised yet".into());
     };
     tracing::info!("handover asked for: parking FUSE requests");
+    // First: a cache notification must not wait on a page lock a parked request holds.
+    src.view.hold_invalidations(true);
     let gate = &src.parts.gate;
     if !gate.park(DRAIN_LIMIT) {
         gate.unpark();
+        src.view.hold_invalidations(false);
         return refuse(format!(
             "requests still running after {} s (a hung store?)",
             DRAIN_LIMIT.as_secs()
@@ -371,6 +374,7 @@ fn cancel(
 ) -> std::io::Result<()> {
     tracing::warn!(reason = %why, "handover failed; serving again");
     src.parts.gate.unpark();
+    src.view.hold_invalidations(false);
     if let Some(p) = src.copier.publisher() {
         p.release();
     }

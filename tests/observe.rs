@@ -516,7 +516,43 @@ fn an_unchanged_directory_is_listed_from_the_kernel_cache_until_it_changes() {
         202,
         "a name added in OLD is missing from the listing"
     );
+    // A handle opened before a change and read after it: it lists the directory as it is
+    // when it reads, and that is what the kernel's shared listing cache gets from it.
+    let early = fs::File::open(f.v("d")).unwrap();
+    write(&f.v("d/made-after-the-open"), b"w");
+    let listed = list_fd(early);
+    assert!(
+        listed.iter().any(|n| n == "made-after-the-open"),
+        "a handle read after a create misses the new name"
+    );
+    assert_eq!(
+        names(),
+        203,
+        "the kernel's cached listing misses a new name"
+    );
     f.unmount();
+}
+
+/// The names read through an already open directory fd (readdir on that very handle).
+fn list_fd(f: fs::File) -> Vec<String> {
+    use std::os::fd::IntoRawFd;
+    let mut out = Vec::new();
+    // SAFETY: fdopendir takes ownership of a valid directory fd; every dirent pointer is used
+    // before the next readdir call, and the stream is closed once.
+    unsafe {
+        let d = libc::fdopendir(f.into_raw_fd());
+        assert!(!d.is_null(), "fdopendir");
+        loop {
+            let e = libc::readdir64(d);
+            if e.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*e).d_name.as_ptr());
+            out.push(name.to_string_lossy().into_owned());
+        }
+        libc::closedir(d);
+    }
+    out
 }
 
 #[test]

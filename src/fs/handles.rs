@@ -28,7 +28,18 @@ pub(crate) struct FileHandle {
 
 pub(crate) enum Handle {
     File(FileHandle),
-    Dir(Vec<DirEntry>),
+    Dir(DirHandle),
+}
+
+/// An open directory: the listing its offsets index. Taken at each read from offset 0 (the
+/// first read, and every rewind), never at open: the kernel may fill its shared listing cache
+/// (`FOPEN_CACHE_DIR`) from any open handle, so what a handle lists from the start must be
+/// the directory as it is then, not as it was when the handle was opened.
+pub(crate) struct DirHandle {
+    /// The directory's inode; 0 for a handle a previous daemon handed over without it (its
+    /// snapshot is then the one it had, never taken again).
+    pub(crate) ino: u64,
+    pub(crate) entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
 }
 
 #[derive(Default)]
@@ -58,8 +69,11 @@ impl HandleTable {
         self.map.lock().unwrap().insert(fh, Arc::new(h));
         fh
     }
-    pub fn insert_dir(&self, entries: Vec<DirEntry>) -> u64 {
-        self.insert(Handle::Dir(entries))
+    pub fn insert_dir(&self, ino: u64) -> u64 {
+        self.insert(Handle::Dir(DirHandle {
+            ino,
+            entries: Mutex::new(None),
+        }))
     }
     fn get(&self, fh: u64) -> Result<Arc<Handle>> {
         self.map
@@ -76,16 +90,36 @@ impl HandleTable {
             _ => false,
         }
     }
-    pub fn dir_entries(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>> {
-        match &*self.get(fh)? {
-            Handle::Dir(entries) => Ok(entries
-                .iter()
-                .enumerate()
-                .skip(offset as usize)
-                .map(|(i, e)| (i as u64 + 1, e.clone()))
-                .collect()),
-            Handle::File(_) => Err(Error::refused(libc::ENOTDIR, "not a directory handle")),
-        }
+    /// Entries of directory handle `fh` from `offset`; `list` takes the listing when the
+    /// handle reads from the start, or has none yet.
+    pub fn dir_entries(
+        &self,
+        fh: u64,
+        offset: u64,
+        list: impl FnOnce(u64) -> Result<Vec<DirEntry>>,
+    ) -> Result<Vec<(u64, DirEntry)>> {
+        let h = self.get(fh)?;
+        let Handle::Dir(d) = &*h else {
+            return Err(Error::refused(libc::ENOTDIR, "not a directory handle"));
+        };
+        let entries = {
+            let mut g = d.entries.lock().unwrap();
+            match &*g {
+                Some(e) if offset != 0 || d.ino == 0 => e.clone(),
+                _ if d.ino == 0 => Arc::new(Vec::new()),
+                _ => {
+                    let e = Arc::new(list(d.ino)?);
+                    *g = Some(e.clone());
+                    e
+                }
+            }
+        };
+        Ok(entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect())
     }
     /// The open file behind `fh`, if it is a file handle.
     pub fn open_file(&self, fh: u64) -> Option<Arc<File>> {

@@ -36,6 +36,16 @@ pub struct OpenFileState {
 pub struct OpenDirState {
     pub fh: u64,
     pub entries: Vec<(Vec<u8>, Kind, u64)>,
+    /// The directory's inode (absent from an older daemon's state: the snapshot then stays).
+    #[serde(default)]
+    pub ino: Option<u64>,
+    /// Whether `entries` is a snapshot taken (else the handle lists at its first read).
+    #[serde(default = "listed_default")]
+    pub listed: bool,
+}
+
+fn listed_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -86,13 +96,20 @@ impl View {
                         fds.push(file.clone());
                     }
                 }
-                Handle::Dir(entries) => st.dirs.push(OpenDirState {
-                    fh,
-                    entries: entries
-                        .iter()
-                        .map(|e| (e.name.as_bytes().to_vec(), e.kind, e.ino))
-                        .collect(),
-                }),
+                Handle::Dir(d) => {
+                    let snapshot = d.entries.lock().unwrap().clone();
+                    st.dirs.push(OpenDirState {
+                        fh,
+                        entries: snapshot
+                            .as_deref()
+                            .into_iter()
+                            .flatten()
+                            .map(|e| (e.name.as_bytes().to_vec(), e.kind, e.ino))
+                            .collect(),
+                        ino: Some(d.ino),
+                        listed: snapshot.is_some(),
+                    })
+                }
             }
         }
         (st, fds)
@@ -213,7 +230,13 @@ impl View {
                     ino,
                 })
                 .collect();
-            self.handles.insert_at(d.fh, Handle::Dir(entries));
+            self.handles.insert_at(
+                d.fh,
+                Handle::Dir(super::handles::DirHandle {
+                    ino: d.ino.unwrap_or(0),
+                    entries: std::sync::Mutex::new(d.listed.then(|| std::sync::Arc::new(entries))),
+                }),
+            );
             out.dirs += 1;
         }
         self.handles.set_next(st.next_fh);

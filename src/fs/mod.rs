@@ -20,7 +20,7 @@ mod handover;
 pub mod inode;
 mod ops;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -148,6 +148,9 @@ pub struct View {
     /// Where to send the inodes whose kernel-cached attributes and data must go (see
     /// [`View::invalidate`]): the mount's notifier thread.
     invalidator: std::sync::OnceLock<crossbeam_channel::Sender<u64>>,
+    /// Whether notifications may go to the kernel now: not while a handover parks requests
+    /// (a notification would wait on page locks the parked requests hold).
+    invalidations_open: std::sync::Mutex<bool>,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -228,6 +231,7 @@ impl View {
             gate: RwLock::new(()),
             mount_dev: std::sync::OnceLock::new(),
             invalidator: std::sync::OnceLock::new(),
+            invalidations_open: std::sync::Mutex::new(true),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -606,9 +610,34 @@ impl View {
         let _ = self.mount_dev.set(dev);
     }
 
-    /// Where [`View::invalidate`] sends inode numbers (the mount's notifier thread).
-    pub fn set_invalidator(&self, tx: crossbeam_channel::Sender<u64>) {
+    /// The inode numbers [`View::invalidate`] sends, for the mount's notifier thread. Taken
+    /// before the copier starts, so that nothing it takes again goes unsent.
+    pub fn invalidations(&self) -> crossbeam_channel::Receiver<u64> {
+        let (tx, rx) = crossbeam_channel::unbounded();
         let _ = self.invalidator.set(tx);
+        rx
+    }
+
+    /// Run `send` (one notification to the kernel) unless a handover holds notifications;
+    /// whether it ran.
+    pub fn while_invalidations_open(&self, send: impl FnOnce()) -> bool {
+        let open = self
+            .invalidations_open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *open {
+            send();
+        }
+        *open
+    }
+
+    /// A handover is about to park requests: no notification from now on, and the one being
+    /// sent, if any, has reached the kernel when this returns. `release` undoes it.
+    pub fn hold_invalidations(&self, hold: bool) {
+        *self
+            .invalidations_open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = !hold;
     }
 
     /// What backs inode `ino` changed without the kernel asking (the copier took a file again
@@ -735,9 +764,11 @@ impl View {
             )
         };
         let did = sides.dir_id;
-        let records: HashMap<Vec<u8>, Dentry> = match did {
+        // Sorted: two snapshots of an unchanged directory list it in the same order (the
+        // kernel's listing cache may join the start of one to the rest of another).
+        let records: std::collections::BTreeMap<Vec<u8>, Dentry> = match did {
             Some(id) => self.journal.list(id)?.into_iter().collect(),
-            None => HashMap::new(),
+            None => Default::default(),
         };
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut out = Vec::new();
@@ -824,10 +855,10 @@ impl View {
         Ok(out)
     }
 
-    /// Open directory `ino`: a snapshot for readdir (offsets index it, so they stay valid
-    /// whatever changes while the application reads it, rule 7), and whether the kernel may
-    /// keep the listing it cached at an earlier open (the directory's stores are unchanged
-    /// since then, see [`Self::dir_stamp`]; a change through the view the kernel sees itself).
+    /// Open directory `ino`: its handle, and whether the kernel may keep the listing it cached
+    /// at an earlier open (the directory's stores are unchanged since then, see
+    /// [`Self::dir_stamp`]; a change through the view the kernel sees itself). The handle's
+    /// listing is taken at its first read, see [`Self::readdir`].
     pub fn opendir(&self, ino: u64, keep_for: std::time::Duration) -> Result<(u64, bool)> {
         let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
         let dir = self.inode(ino)?;
@@ -852,6 +883,13 @@ impl View {
             }
             keep
         };
+        Ok((self.handles.insert_dir(ino), keep))
+    }
+
+    /// The listing a directory handle reads: ".", "..", then the merged entries.
+    fn dir_snapshot(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+        let dir = self.inode(ino)?;
         let parent = dir
             .node()
             .names
@@ -871,7 +909,7 @@ impl View {
             },
         ];
         entries.extend(self.list(&dir)?);
-        Ok((self.handles.insert_dir(entries), keep))
+        Ok(entries)
     }
 
     /// What the listing of a directory is made from: the modification and change times of its
@@ -905,9 +943,12 @@ impl View {
     }
 
     /// Entries of an open directory from `offset` (0 = start). Each entry's own offset is its
-    /// index + 1.
+    /// index + 1, in a snapshot taken when the handle reads from the start: offsets stay valid
+    /// whatever changes while the application reads on (rule 7), and a rewind sees the
+    /// directory as it is then.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>> {
-        self.handles.dir_entries(fh, offset)
+        self.handles
+            .dir_entries(fh, offset, |ino| self.dir_snapshot(ino))
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -132,8 +132,6 @@ pub fn open_child(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     .map_err(io_err)
 }
 
-/// The `/proc/self/fd/N` path of an fd: lets path-only calls (xattrs on O_PATH fds, reopen)
-/// act on exactly the inode we hold, without resolving any name again.
 /// getxattrat(2) and listxattrat(2) (Linux 6.13): an entry's xattrs read relative to its
 /// directory fd, never following a symlink, without walking a /proc path (the kernel asks for
 /// `security.capability` at every write to a file, so this is on the write path). `None` where
@@ -164,11 +162,15 @@ mod xattrat {
             return Some(Ok(r as usize));
         }
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOSYS) {
-            MISSING.store(true, Ordering::Relaxed);
-            return None;
+        match e.raw_os_error() {
+            Some(libc::ENOSYS) => {
+                MISSING.store(true, Ordering::Relaxed);
+                None
+            }
+            // A seccomp filter or LSM that does not know the call: the /proc way, this time.
+            Some(libc::EPERM) => None,
+            _ => Some(Err(e)),
         }
-        Some(Err(e))
     }
 
     fn cstr(s: &OsStr) -> CString {
@@ -230,6 +232,8 @@ mod xattrat {
     }
 }
 
+/// The `/proc/self/fd/N` path of an fd: lets path-only calls (xattrs on O_PATH fds, reopen)
+/// act on exactly the inode we hold, without resolving any name again.
 pub fn proc_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
