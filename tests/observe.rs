@@ -16,6 +16,22 @@ fn scrape(port: u16) -> BTreeMap<String, f64> {
     parse_metrics(&body)
 }
 
+/// OLD holds `d/<name>` for each name; the view is mounted without the copier, its metrics on
+/// the port returned, with `args` added.
+fn mount_dir_with_metrics(names: impl Iterator<Item = String>, args: &[&str]) -> (Fixture, u16) {
+    let mut f = Fixture::new();
+    for n in names {
+        write(&f.old.join("d").join(n), b"x");
+    }
+    f.prepare();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut all = vec!["--no-copy", "--metrics-addr", &addr];
+    all.extend_from_slice(args);
+    f.mount_with(&f.mnt.clone(), &all);
+    (f, port)
+}
+
 fn get(m: &BTreeMap<String, f64>, series: &str) -> f64 {
     *m.get(series)
         .unwrap_or_else(|| panic!("no series {series} in /metrics; have: {:?}", m.keys()))
@@ -423,18 +439,11 @@ fn a_store_that_hangs_fails_readiness_not_liveness_and_recovers() {
 
 #[test]
 fn listings_with_attributes_count_lookups_exactly_as_the_kernel_does() {
-    let mut f = Fixture::new();
     // 3,000 names: many READDIRPLUS replies, each ending with an entry that did not fit.
-    for i in 0..3000 {
-        write(
-            &f.old.join(format!("d/a-rather-long-file-name-{i:05}")),
-            b"x",
-        );
-    }
-    f.prepare();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
+    let (mut f, port) = mount_dir_with_metrics(
+        (0..3000).map(|i| format!("a-rather-long-file-name-{i:05}")),
+        &[],
+    );
     let ls = || {
         let out = run(std::process::Command::new("ls").arg("-l").arg(f.v("d")));
         assert!(out.status.success());
@@ -479,14 +488,7 @@ fn listings_with_attributes_count_lookups_exactly_as_the_kernel_does() {
 
 #[test]
 fn an_unchanged_directory_is_listed_from_the_kernel_cache_until_it_changes() {
-    let mut f = Fixture::new();
-    for i in 0..200 {
-        write(&f.old.join(format!("d/f{i}")), b"x");
-    }
-    f.prepare();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
+    let (mut f, port) = mount_dir_with_metrics((0..200).map(|i| format!("f{i}")), &[]);
     let names = || fs::read_dir(f.v("d")).unwrap().count();
     let listings = || {
         let m = scrape(port);
@@ -557,17 +559,8 @@ fn list_fd(f: fs::File) -> Vec<String> {
 
 #[test]
 fn readdirplus_off_lists_names_only_and_every_stat_is_a_lookup() {
-    let mut f = Fixture::new();
-    for i in 0..300 {
-        write(&f.old.join(format!("d/f{i}")), b"x");
-    }
-    f.prepare();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    f.mount_with(
-        &f.mnt.clone(),
-        &["--no-copy", "--metrics-addr", &addr, "--readdirplus", "off"],
-    );
+    let (mut f, port) =
+        mount_dir_with_metrics((0..300).map(|i| format!("f{i}")), &["--readdirplus", "off"]);
     let out = run(std::process::Command::new("ls").arg("-l").arg(f.v("d")));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 301);
     let m = scrape(port);
