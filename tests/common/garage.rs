@@ -155,6 +155,21 @@ impl Garage {
         g.key_id = field("Key ID:");
         g.secret = field("Secret key:");
         g.ok(&["key", "allow", "--create-bucket", "test-key"]);
+        // The ports were free when picked, but another test process may have bound one since.
+        // Garage then keeps running without that server (it logs the error), and the port
+        // answers for someone else: another Garage's RPC port resets every S3 request. By now
+        // the servers have long tried their binds; each must have taken its port, and the S3
+        // port must answer HTTP.
+        let log = server_log(&g);
+        if log.contains("exited with error") || log.contains("Address already in use") {
+            return Err(format!("a port was taken by another process: {log}"));
+        }
+        if super::http("GET", s3, "/").is_none() {
+            return Err(format!(
+                "the S3 port {s3} does not answer HTTP: {}",
+                server_log(&g)
+            ));
+        }
         Ok(g)
     }
 
