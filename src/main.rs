@@ -57,6 +57,16 @@ enum Cmd {
         /// on every start); one of other stores is still refused.
         #[arg(long)]
         if_absent: bool,
+        /// The AWS profile (~/.aws/credentials, ~/.aws/config) an S3 OLD is reached with: its
+        /// keys (they win over AWS_ACCESS_KEY_ID), and its region and endpoint_url where neither
+        /// the URL nor the environment sets them. The same as profile= in the OLD URL;
+        /// recorded with the store (the name, never the keys).
+        #[arg(long, value_name = "PROFILE")]
+        old_s3_profile: Option<String>,
+        /// The AWS profile an S3 NEW is reached with (as --old-s3-profile): OLD and NEW may
+        /// use different credentials and endpoints.
+        #[arg(long, value_name = "PROFILE")]
+        new_s3_profile: Option<String>,
     },
     /// Serve the view at MOUNTPOINT (which may be OLD's own path). Returns once it serves.
     Mount {
@@ -258,9 +268,17 @@ fn run() -> Result<(), String> {
             state,
             allow_nonempty_new,
             if_absent,
+            old_s3_profile,
+            new_s3_profile,
         } => {
-            let old = StoreSpec::parse(&old)?;
-            let new = StoreSpec::parse(&new)?;
+            let mut old = StoreSpec::parse(&old)?;
+            let mut new = StoreSpec::parse(&new)?;
+            if let Some(p) = &old_s3_profile {
+                old = old.with_s3_profile(p, "OLD", "--old-s3-profile")?;
+            }
+            if let Some(p) = &new_s3_profile {
+                new = new.with_s3_profile(p, "NEW", "--new-s3-profile")?;
+            }
             if if_absent
                 && let Some(c) =
                     state::already_prepared(&old, &new, &state).map_err(|e| e.to_string())?

@@ -392,6 +392,17 @@ pub fn already_prepared(
     }
 }
 
+/// Whether two S3 stores' requests go to the same endpoint, as each resolves it (the URL's
+/// `endpoint=`, else the environment's or its profile's): the same bucket name on two servers
+/// is two buckets. Taken as the same when either cannot say.
+fn same_endpoint(a: &crate::store::s3::S3Url, b: &crate::store::s3::S3Url) -> bool {
+    use crate::store::s3::S3Store;
+    match (S3Store::connect(a), S3Store::connect(b)) {
+        (Ok(a), Ok(b)) => a.endpoint == b.endpoint,
+        _ => true,
+    }
+}
+
 /// `ferryfs prepare`: check both stores, record them, create the journal.
 pub fn prepare(
     old: StoreSpec,
@@ -403,8 +414,8 @@ pub fn prepare(
     check_dir("NEW", &new)?;
     if let (StoreSpec::S3 { url: o }, StoreSpec::S3 { url: n }) = (&old, &new)
         && o.bucket == n.bucket
-        && o.endpoint == n.endpoint
         && (o.prefix.starts_with(&n.prefix) || n.prefix.starts_with(&o.prefix))
+        && same_endpoint(o, n)
     {
         return Err(StateError::Invalid(format!(
             "OLD ({old}) and NEW ({new}) must not contain one another: they are the same \

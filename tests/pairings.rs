@@ -693,3 +693,186 @@ fn crash_resume_posix_to_s3() {
 fn crash_resume_s3_to_s3() {
     crash_resume(Side::S3, Side::S3, "css");
 }
+
+/// `--old-s3-profile` / `--new-s3-profile`: OLD and NEW are buckets of the same name on two
+/// servers, each reached with the keys and endpoint of an AWS profile of its own, and no keys
+/// or endpoint in the environment at all. The migration runs end to end; the state dir
+/// records the profiles' names and never their keys.
+#[test]
+fn old_and_new_on_two_servers_each_reached_with_a_profile_of_its_own() {
+    use std::ffi::OsStr;
+    let a = server();
+    let b = Garage::start();
+    a.bucket("prof-both");
+    b.bucket("prof-both");
+    let meta = PosixMeta {
+        mode: Some(0o100640),
+        uid: Some(0),
+        gid: Some(0),
+        mtime: Some((1_500_000_000, 0)),
+    };
+    let o = store("prof-both");
+    o.put("top", b"top level".to_vec(), &meta).unwrap();
+    o.put("d/inner", vec![5u8; 70_000], &meta).unwrap();
+    let f = Fixture::new();
+    let aws = f.root.path().join("aws");
+    fs::create_dir(&aws).unwrap();
+    fs::write(
+        aws.join("credentials"),
+        format!(
+            "[old]\naws_access_key_id = {}\naws_secret_access_key = {}\n\
+             [new]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            a.key_id, a.secret, b.key_id, b.secret
+        ),
+    )
+    .unwrap();
+    fs::write(
+        aws.join("config"),
+        format!(
+            "[profile old]\nregion = garage\nendpoint_url = {}\n\
+             [profile new]\nregion = garage\nendpoint_url = {}\n",
+            a.endpoint, b.endpoint
+        ),
+    )
+    .unwrap();
+    // Every ferryfs command (and so the daemon) gets the profiles and none of AWS's key or
+    // endpoint variables.
+    let cli = |args: &[&OsStr]| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(args);
+        for k in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT_URL",
+            "AWS_REGION",
+            "AWS_PROFILE",
+        ] {
+            c.env_remove(k);
+        }
+        c.env("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"))
+            .env("AWS_CONFIG_FILE", aws.join("config"));
+        common::run(&mut c)
+    };
+    // The same bucket name on both servers, each server named by its profile alone.
+    let old_url = "s3://prof-both".to_string();
+    let new_url = "s3://prof-both".to_string();
+    let prepare = |old: &str, new: &str, extra: &[&str]| {
+        let mut args: Vec<&OsStr> = vec![
+            "prepare".as_ref(),
+            "--old".as_ref(),
+            old.as_ref(),
+            "--new".as_ref(),
+            new.as_ref(),
+            "--state".as_ref(),
+            f.state.as_os_str(),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        cli(&args)
+    };
+    let refused = |out: std::process::Output, what: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "prepare passed: {what}");
+        assert!(
+            !f.state.exists(),
+            "a refused prepare made the state dir: {what}"
+        );
+        err
+    };
+    // No profile and no keys: refused, saying what is missing.
+    let err = refused(prepare(&old_url, &new_url, &[]), "no credentials");
+    assert!(err.contains("credentials"), "{err}");
+    // A profile for a store that is a directory, and one the URL contradicts.
+    let err = refused(
+        prepare(
+            f.old.to_str().unwrap(),
+            &new_url,
+            &["--old-s3-profile", "old", "--new-s3-profile", "new"],
+        ),
+        "a profile for a directory",
+    );
+    assert!(
+        err.contains("--old-s3-profile") && err.contains("directory"),
+        "{err}"
+    );
+    let err = refused(
+        prepare(
+            &format!("{old_url}?profile=other"),
+            &new_url,
+            &["--old-s3-profile", "old", "--new-s3-profile", "new"],
+        ),
+        "two profiles for OLD",
+    );
+    assert!(err.contains("disagree"), "{err}");
+
+    ok(prepare(
+        &old_url,
+        &new_url,
+        &["--old-s3-profile", "old", "--new-s3-profile", "new"],
+    ));
+    let st = f.state.as_os_str();
+    ok(cli(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        st,
+        f.mnt.as_os_str(),
+        "-o".as_ref(),
+        "allow_other".as_ref(),
+    ]));
+    assert_eq!(fs::read(f.mnt.join("top")).unwrap(), b"top level");
+    fs::write(f.mnt.join("made"), b"through the view").unwrap();
+    ok(cli(&[
+        "execute".as_ref(),
+        "--state".as_ref(),
+        st,
+        "--wait".as_ref(),
+    ]));
+    let out = ok(cli(&[
+        "verify".as_ref(),
+        "--state".as_ref(),
+        st,
+        "--checksum".as_ref(),
+    ]));
+    assert!(out.contains("0 mismatches"), "{out}");
+    let out = ok(cli(&["commit".as_ref(), "--state".as_ref(), st]));
+    assert!(out.contains("committed"), "{out}");
+    let status = ok(cli(&["status".as_ref(), "--state".as_ref(), st]));
+    ok(ferryfs(&["unmount".as_ref(), f.mnt.as_os_str()]));
+    assert!(
+        status.contains("profile=old") && status.contains("profile=new"),
+        "status names the stores with their profiles: {status}"
+    );
+    // The keys are nowhere in the state dir (journal, config, log).
+    let mut stack = vec![f.state.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = fs::read(&p) {
+                for secret in [&a.secret, &b.secret] {
+                    assert!(
+                        !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                        "a secret key in {}",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+    // NEW's bucket, as another client with NEW's keys sees it.
+    let ls = common::run(
+        b.rclone()
+            .args(["lsf", "-R", "--files-only", "g:prof-both"]),
+    );
+    let mut names: Vec<String> = String::from_utf8_lossy(&ls.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d/inner", "made", "top"], "{ls:?}");
+    let cat = common::run(b.rclone().args(["cat", "g:prof-both/made"]));
+    assert_eq!(cat.stdout, b"through the view");
+    let cat = common::run(b.rclone().args(["cat", "g:prof-both/d/inner"]));
+    assert_eq!(cat.stdout, vec![5u8; 70_000]);
+}

@@ -52,6 +52,40 @@ impl StoreSpec {
         Ok(StoreSpec::Posix { path })
     }
 
+    /// This store reached with the AWS profile `profile` (`--old-s3-profile` /
+    /// `--new-s3-profile`): the same as `profile=` in its URL, which it must not contradict.
+    /// `side` ("OLD", "NEW") and `flag` name the store and the flag in errors.
+    pub fn with_s3_profile(
+        self,
+        profile: &str,
+        side: &str,
+        flag: &str,
+    ) -> Result<StoreSpec, String> {
+        if profile.is_empty()
+            || !profile
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.@+".contains(&c))
+        {
+            return Err(format!(
+                "{flag} {profile:?}: not a profile name (letters, digits, '-', '_', '.', '@', '+')"
+            ));
+        }
+        match self {
+            StoreSpec::Posix { .. } => Err(format!(
+                "{flag} names the AWS profile of an S3 {side}, but {side} is a directory ({self})"
+            )),
+            StoreSpec::S3 { mut url } => match &url.profile {
+                Some(p) if p != profile => Err(format!(
+                    "{flag} {profile} and profile={p} in the {side} URL disagree: give one of them"
+                )),
+                _ => {
+                    url.profile = Some(profile.to_string());
+                    Ok(StoreSpec::S3 { url })
+                }
+            },
+        }
+    }
+
     /// The directory of a POSIX store.
     pub fn posix_path(&self) -> Option<&PathBuf> {
         match self {
