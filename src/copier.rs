@@ -267,6 +267,9 @@ pub struct Copier {
     want: Mutex<Want>,
     cv: Condvar,
     last: Mutex<Option<PassSummary>>,
+    /// Background passes finished, and how many of the last ones in a row ended with errors.
+    passes: AtomicU64,
+    error_streak: AtomicU64,
     running: AtomicBool,
     recheck: Option<Duration>,
     /// An S3 NEW's publisher (crate::publish): commit, verify and abort reach it here.
@@ -282,7 +285,16 @@ pub struct CopierState {
     pub bwlimit: u64,
     pub ops_limit: u64,
     pub last_pass: Option<PassSummary>,
+    /// Background passes finished since the daemon started.
+    pub passes: u64,
+    /// How many of the last passes in a row ended with errors (0 after one without): `execute
+    /// --wait` gives up at [`ERROR_PASSES`] of them, as a foreground execute does.
+    pub error_passes: u64,
 }
+
+/// Passes in a row that end with errors before `execute` stops waiting for them (the entries
+/// are still retried, with back-off, by a daemon).
+pub const ERROR_PASSES: u64 = 5;
 
 impl Copier {
     pub fn new(view: Arc<View>, journal: Records, opts: Options) -> Arc<Copier> {
@@ -302,6 +314,8 @@ impl Copier {
             want: Mutex::new(Want::default()),
             cv: Condvar::new(),
             last: Mutex::new(None),
+            passes: AtomicU64::new(0),
+            error_streak: AtomicU64::new(0),
             running: AtomicBool::new(false),
             recheck: opts.recheck,
             publisher: std::sync::OnceLock::new(),
@@ -335,6 +349,8 @@ impl Copier {
             bwlimit: self.bw.get(),
             ops_limit: self.ops.get(),
             last_pass: *self.last.lock().unwrap_or_else(|p| p.into_inner()),
+            passes: self.passes.load(Ordering::Relaxed),
+            error_passes: self.error_streak.load(Ordering::Relaxed),
         }
     }
 
@@ -433,10 +449,24 @@ impl Copier {
                         w = self.want.lock().unwrap_or_else(|p| p.into_inner());
                     }
                 }
+                if w.kick != seen_kick {
+                    // Asked for again (`execute`, commit, a lookup's recheck): retry errors
+                    // soon, not after a back-off grown while nobody waited.
+                    backoff = Duration::from_secs(1);
+                }
                 seen_kick = w.kick;
             }
             last_pass = Instant::now();
-            match self.run_pass() {
+            let r = self.run_pass();
+            let failed = r.as_ref().map_or(true, |s| s.errors > 0);
+            let streak = if failed {
+                self.error_streak.load(Ordering::Relaxed) + 1
+            } else {
+                0
+            };
+            self.error_streak.store(streak, Ordering::Relaxed);
+            self.passes.fetch_add(1, Ordering::Relaxed);
+            match r {
                 Ok(s) if s.clean() => {
                     backoff = Duration::from_secs(1);
                     if let Err(e) = self.mark_executed(&s) {

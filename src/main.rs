@@ -600,10 +600,36 @@ fn execute(
         if !wait {
             return Ok(());
         }
+        // The daemon's passes so far: it retries failing entries for ever, but this command
+        // stops waiting once ERROR_PASSES passes in a row since it began ended with errors.
+        let passes = |state: &std::path::Path| -> Option<(u64, u64)> {
+            let r = control::request(state, &Request::Status).ok()??;
+            let n = |k: &str| r.data.get(k).and_then(serde_json::Value::as_u64);
+            Some((n("passes")?, n("error_passes")?))
+        };
+        let first = passes(state).map_or(0, |p| p.0);
         loop {
             std::thread::sleep(std::time::Duration::from_secs(1));
             let s = state::status(state).map_err(|e| e.to_string())?;
             print_progress(&s, true);
+            if s.phase != "executed"
+                && let Some((n, failing)) = passes(state)
+                && failing >= copier::ERROR_PASSES
+                && n.saturating_sub(first) >= copier::ERROR_PASSES
+            {
+                if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    println!();
+                }
+                for e in &s.errors {
+                    eprintln!("  {}: {}", e.path, e.error);
+                }
+                return Err(format!(
+                    "not executed: {} entries failed in each of the last {failing} passes; the \
+                     daemon goes on retrying them (back-off up to a minute): fix the cause, then \
+                     run execute again",
+                    s.errors.len()
+                ));
+            }
             // An S3 NEW: done once the bucket holds it all, too, or failed uploads say why
             // it cannot (once the copier is done, the errors left are the publisher's).
             if s.phase == "executed" {
@@ -668,7 +694,7 @@ fn execute(
             }
         })
     };
-    let res = c.run_until_executed(5);
+    let res = c.run_until_executed(copier::ERROR_PASSES as u32);
     drop(done);
     let _ = shower.join();
     let summary = res.map_err(|e| e.to_string())?;

@@ -549,6 +549,35 @@ fn an_unreadable_old_file_is_listed_retried_and_completes_once_readable() {
             .iter()
             .any(|e| e["errno"] == libc::EACCES && e["path"] == "/open/locked")
     });
+    // `execute --wait` does not wait for ever on an entry that keeps failing: after five
+    // passes in a row with errors it says which and exits non-zero; the daemon goes on.
+    let t = std::time::Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["execute", "--wait", "--state"])
+        .arg(&f.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("execute --wait still waiting after 120 s on an entry that keeps failing");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "execute --wait passed: {}",
+        out_text(&out)
+    );
+    assert!(
+        err.contains("/open/locked") && err.contains("not executed"),
+        "{err}"
+    );
+    assert!(f.daemon_pid().is_some(), "the daemon went away");
     assert!(!f.cmd("commit", &[]).status.success());
     assert_eq!(fs::read(f.v("open/readable")).unwrap(), b"fine");
     fs::set_permissions(f.old.join("open/locked"), fs::Permissions::from_mode(0o644)).unwrap();
