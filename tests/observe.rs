@@ -252,6 +252,7 @@ fn a_metrics_address_in_use_fails_the_mount_with_the_reason() {
 fn json_logs_are_one_object_per_line_and_carry_no_secret() {
     let mut f = Fixture::new();
     write(&f.old.join("a"), b"a");
+    write(&f.old.join("d/e/x"), b"x");
     f.prepare();
     let secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY";
     let out = run(std::process::Command::new(BIN)
@@ -265,6 +266,7 @@ fn json_logs_are_one_object_per_line_and_carry_no_secret() {
     // Some traffic, including a failure that is logged with its op and errno.
     assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
     assert!(fs::metadata(f.v("missing")).is_err());
+    assert!(fs::metadata(f.v("d/e/gone")).is_err());
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -295,6 +297,12 @@ fn json_logs_are_one_object_per_line_and_carry_no_secret() {
             && l.contains("\"op\":\"lookup\"")
             && l.contains("\"errno\":2")),
         "no lookup failure with op and errno in:\n{log}"
+    );
+    // ... and with the view path it was about.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("request failed") && l.contains("\"path\":\"/d/e/gone\"")),
+        "no lookup failure with its path in:\n{log}"
     );
     assert!(!log.contains(secret), "the secret key reached the log");
     assert!(

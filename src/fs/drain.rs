@@ -81,6 +81,19 @@ impl View {
         self.new_path(inode).unwrap_or_else(|_| b"?".to_vec())
     }
 
+    /// The view path of `name` in the directory `ino`, or of `ino` itself, for a log line
+    /// ("/?/name" where the directory is no longer known).
+    pub fn log_path(&self, ino: u64, name: Option<&OsStr>) -> String {
+        let dir = self
+            .inode(ino)
+            .map_or_else(|_| b"?".to_vec(), |i| self.view_path(&i));
+        let p = match name {
+            Some(n) => super::join(&dir, n),
+            None => dir,
+        };
+        crate::copier::display_path(&p)
+    }
+
     /// What backs the entry now: NEW's entry if there is one, else OLD's.
     pub fn backing(&self, inode: &Inode) -> Option<Loc> {
         let n = inode.node();

@@ -368,23 +368,29 @@ macro_rules! enter {
     }};
 }
 
-/// Log a failed request at the error's level, count it, then give the kernel its errno.
-fn fail(op: Op, ino: u64, name: Option<&OsStr>, e: &Error) -> Errno {
-    METRICS.fuse_error(op);
-    let op = op.name();
-    let errno = e.errno();
-    macro_rules! log {
-        ($lvl:ident) => {
-            tracing::$lvl!(op, ino, name = ?name, errno, error = %e, "request failed")
-        };
+impl FerryFs {
+    /// Log a failed request at the error's level with the view path it was about, count it,
+    /// then give the kernel its errno. The path is only worked out when the line is logged.
+    fn fail(&self, op: Op, ino: u64, name: Option<&OsStr>, e: &Error) -> Errno {
+        METRICS.fuse_error(op);
+        let op = op.name();
+        let errno = e.errno();
+        macro_rules! log {
+            ($lvl:ident, $level:expr) => {
+                if tracing::enabled!($level) {
+                    let path = self.view.log_path(ino, name);
+                    tracing::$lvl!(op, ino, name = ?name, path = %path, errno, error = %e, "request failed")
+                }
+            };
+        }
+        match e.level() {
+            tracing::Level::ERROR => log!(error, tracing::Level::ERROR),
+            tracing::Level::WARN => log!(warn, tracing::Level::WARN),
+            tracing::Level::INFO => log!(info, tracing::Level::INFO),
+            _ => log!(debug, tracing::Level::DEBUG),
+        }
+        Errno::from_i32(errno)
     }
-    match e.level() {
-        tracing::Level::ERROR => log!(error),
-        tracing::Level::WARN => log!(warn),
-        tracing::Level::INFO => log!(info),
-        _ => log!(debug),
-    }
-    Errno::from_i32(errno)
 }
 
 fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
@@ -473,7 +479,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Lookup, parent.0, reply);
         match self.view.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail(Op::Lookup, parent.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Lookup, parent.0, Some(name), &e)),
         }
     }
 
@@ -486,7 +492,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Getattr, ino.0, reply);
         match self.view.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&self.ttl, &attr(&a)),
-            Err(e) => reply.error(fail(Op::Getattr, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Getattr, ino.0, None, &e)),
         }
     }
 
@@ -523,7 +529,7 @@ impl Filesystem for FerryFs {
         }
         match self.view.setattr(ino.0, s) {
             Ok(a) => reply.attr(&self.ttl, &attr(&a)),
-            Err(e) => reply.error(fail(Op::Setattr, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Setattr, ino.0, None, &e)),
         }
     }
 
@@ -531,7 +537,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Readlink, ino.0, reply);
         match self.view.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(fail(Op::Readlink, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Readlink, ino.0, None, &e)),
         }
     }
 
@@ -554,7 +560,7 @@ impl Filesystem for FerryFs {
             caller(req),
         ) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail(Op::Mknod, parent.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Mknod, parent.0, Some(name), &e)),
         }
     }
 
@@ -570,7 +576,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Mkdir, parent.0, reply);
         match self.view.mkdir(parent.0, name, mode & !umask, caller(req)) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail(Op::Mkdir, parent.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Mkdir, parent.0, Some(name), &e)),
         }
     }
 
@@ -578,7 +584,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Unlink, parent.0, reply);
         match self.view.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Unlink, parent.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Unlink, parent.0, Some(name), &e)),
         }
     }
 
@@ -586,7 +592,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Rmdir, parent.0, reply);
         match self.view.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Rmdir, parent.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Rmdir, parent.0, Some(name), &e)),
         }
     }
 
@@ -604,7 +610,7 @@ impl Filesystem for FerryFs {
             .symlink(parent.0, link_name, target.as_os_str(), caller(req))
         {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail(Op::Symlink, parent.0, Some(link_name), &e)),
+            Err(e) => reply.error(self.fail(Op::Symlink, parent.0, Some(link_name), &e)),
         }
     }
 
@@ -624,7 +630,7 @@ impl Filesystem for FerryFs {
             .rename(parent.0, name, newparent.0, newname, flags.bits())
         {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Rename, parent.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Rename, parent.0, Some(name), &e)),
         }
     }
 
@@ -639,7 +645,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Link, ino.0, reply);
         match self.view.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.ttl, &attr(&a), Generation(0)),
-            Err(e) => reply.error(fail(Op::Link, ino.0, Some(newname), &e)),
+            Err(e) => reply.error(self.fail(Op::Link, ino.0, Some(newname), &e)),
         }
     }
 
@@ -652,7 +658,7 @@ impl Filesystem for FerryFs {
         }
         let of = match self.view.open(ino.0, flags.0) {
             Ok(of) => of,
-            Err(e) => return reply.error(fail(Op::Open, ino.0, None, &e)),
+            Err(e) => return reply.error(self.fail(Op::Open, ino.0, None, &e)),
         };
         match self
             .passthrough
@@ -695,7 +701,7 @@ impl Filesystem for FerryFs {
         }
         BUF.with_borrow_mut(|buf| match self.view.read(fh.0, offset, size, buf) {
             Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(fail(Op::Read, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Read, ino.0, None, &e)),
         });
     }
 
@@ -714,7 +720,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Write, ino.0, reply);
         match self.view.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(fail(Op::Write, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Write, ino.0, None, &e)),
         }
     }
 
@@ -761,7 +767,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Fsync, ino.0, reply);
         match self.view.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Fsync, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Fsync, ino.0, None, &e)),
         }
     }
 
@@ -778,7 +784,7 @@ impl Filesystem for FerryFs {
                     FopenFlags::FOPEN_CACHE_DIR
                 },
             ),
-            Err(e) => reply.error(fail(Op::Opendir, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Opendir, ino.0, None, &e)),
         }
     }
 
@@ -800,7 +806,7 @@ impl Filesystem for FerryFs {
                 }
                 reply.ok()
             }
-            Err(e) => reply.error(fail(Op::Readdir, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Readdir, ino.0, None, &e)),
         }
     }
 
@@ -819,7 +825,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Readdirplus, ino.0, reply);
         let entries = match self.view.readdir(fh.0, offset) {
             Ok(e) => e,
-            Err(e) => return reply.error(fail(Op::Readdirplus, ino.0, None, &e)),
+            Err(e) => return reply.error(self.fail(Op::Readdirplus, ino.0, None, &e)),
         };
         for (off, e) in entries {
             if e.name == "." || e.name == ".." {
@@ -871,7 +877,9 @@ impl Filesystem for FerryFs {
                 }
                 // Gone since the listing was taken: left out, as a later readdir would.
                 Err(err) if err.errno() == libc::ENOENT => continue,
-                Err(err) => return reply.error(fail(Op::Readdirplus, ino.0, Some(&e.name), &err)),
+                Err(err) => {
+                    return reply.error(self.fail(Op::Readdirplus, ino.0, Some(&e.name), &err));
+                }
             }
         }
         reply.ok()
@@ -901,7 +909,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Fsyncdir, ino.0, reply);
         match self.view.fsyncdir(ino.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Fsyncdir, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Fsyncdir, ino.0, None, &e)),
         }
     }
 
@@ -918,7 +926,7 @@ impl Filesystem for FerryFs {
                 crate::fs::NAME_MAX as u32,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(fail(Op::Statfs, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Statfs, ino.0, None, &e)),
         }
     }
 
@@ -935,7 +943,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Setxattr, ino.0, reply);
         match self.view.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Setxattr, ino.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Setxattr, ino.0, Some(name), &e)),
         }
     }
 
@@ -944,7 +952,7 @@ impl Filesystem for FerryFs {
         match self.view.getxattr(ino.0, name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(fail(Op::Getxattr, ino.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Getxattr, ino.0, Some(name), &e)),
         }
     }
 
@@ -953,7 +961,7 @@ impl Filesystem for FerryFs {
         match self.view.listxattr(ino.0, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(fail(Op::Listxattr, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Listxattr, ino.0, None, &e)),
         }
     }
 
@@ -961,7 +969,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Removexattr, ino.0, reply);
         match self.view.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Removexattr, ino.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Removexattr, ino.0, Some(name), &e)),
         }
     }
 
@@ -1012,7 +1020,7 @@ impl Filesystem for FerryFs {
                     reply.error(busy_with_old_readers(Op::Create, a.ino));
                 }
             },
-            Err(e) => reply.error(fail(Op::Create, parent.0, Some(name), &e)),
+            Err(e) => reply.error(self.fail(Op::Create, parent.0, Some(name), &e)),
         }
     }
 
@@ -1029,7 +1037,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Fallocate, ino.0, reply);
         match self.view.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(Op::Fallocate, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Fallocate, ino.0, None, &e)),
         }
     }
 
@@ -1045,7 +1053,7 @@ impl Filesystem for FerryFs {
         let _span = enter!(self, Op::Lseek, ino.0, reply);
         match self.view.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
-            Err(e) => reply.error(fail(Op::Lseek, ino.0, None, &e)),
+            Err(e) => reply.error(self.fail(Op::Lseek, ino.0, None, &e)),
         }
     }
 }
