@@ -270,6 +270,9 @@ pub struct Copier {
     /// Background passes finished, and how many of the last ones in a row ended with errors.
     passes: AtomicU64,
     error_streak: AtomicU64,
+    /// A check (verify, commit's final pass) under way, and the entries it has checked.
+    checking: AtomicBool,
+    checked: AtomicU64,
     running: AtomicBool,
     recheck: Option<Duration>,
     /// An S3 NEW's publisher (crate::publish): commit, verify and abort reach it here.
@@ -290,6 +293,9 @@ pub struct CopierState {
     /// How many of the last passes in a row ended with errors (0 after one without): `execute
     /// --wait` gives up at [`ERROR_PASSES`] of them, as a foreground execute does.
     pub error_passes: u64,
+    /// A check (verify, commit's final pass) is under way, and has checked this many entries.
+    pub checking: bool,
+    pub checked: u64,
 }
 
 /// Passes in a row that end with errors before `execute` stops waiting for them (the entries
@@ -316,6 +322,8 @@ impl Copier {
             last: Mutex::new(None),
             passes: AtomicU64::new(0),
             error_streak: AtomicU64::new(0),
+            checking: AtomicBool::new(false),
+            checked: AtomicU64::new(0),
             running: AtomicBool::new(false),
             recheck: opts.recheck,
             publisher: std::sync::OnceLock::new(),
@@ -351,6 +359,8 @@ impl Copier {
             last_pass: *self.last.lock().unwrap_or_else(|p| p.into_inner()),
             passes: self.passes.load(Ordering::Relaxed),
             error_passes: self.error_streak.load(Ordering::Relaxed),
+            checking: self.checking.load(Ordering::Relaxed),
+            checked: self.checked.load(Ordering::Relaxed),
         }
     }
 
@@ -1042,11 +1052,21 @@ impl Copier {
     /// A pass that copies nothing: what is still pending, which copies are stale, and (with
     /// `compare`) which copies differ from OLD in content or metadata.
     pub fn check(&self, compare: Option<crate::fs::Compare>) -> Result<CheckReport> {
+        struct Checking<'a>(&'a AtomicBool);
+        impl Drop for Checking<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        self.checked.store(0, Ordering::Relaxed);
+        self.checking.store(true, Ordering::Relaxed);
+        let _checking = Checking(&self.checking);
         let report = Mutex::new(CheckReport::default());
         let visit = |inode: &Arc<Inode>, counts: bool| -> Option<Pending> {
             if !counts {
                 return None; // entries applications touched: the walk meets them anyway
             }
+            self.checked.fetch_add(1, Ordering::Relaxed);
             let path = String::from_utf8_lossy(&self.view.view_path(inode)).into_owned();
             let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
             r.checked += 1;

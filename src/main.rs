@@ -376,14 +376,22 @@ fn run() -> Result<(), String> {
         ),
         Cmd::Verify { state, checksum } => verify(&state, checksum),
         Cmd::Commit { state } => {
-            if let Some(r) = control::request(&state, &Request::Commit)? {
-                return answer(r);
+            if control::request(&state, &Request::Status)?.is_some() {
+                let st = state.clone();
+                let progress = CheckProgress::start("commit", &state, move || daemon_checked(&st));
+                let r = control::request(&state, &Request::Commit)?;
+                drop(progress);
+                if let Some(r) = r {
+                    return answer(r);
+                }
             }
             let m = open_offline(&state)?;
             let o = daemon::open_view(&m)?;
             let c = o.copier(&m.journal, Default::default());
-            let msg = lifecycle::commit(&c, &m.journal, o.new.root()).map_err(|e| e.to_string())?;
-            println!("{msg}");
+            let progress = CheckProgress::start("commit", &state, offline_checked(&c));
+            let msg = lifecycle::commit(&c, &m.journal, o.new.root()).map_err(|e| e.to_string());
+            drop(progress);
+            println!("{}", msg?);
             Ok(())
         }
         Cmd::Abort { state, keep_new } => {
@@ -733,15 +741,116 @@ fn execute(
     }
 }
 
+/// Progress of a check (verify, commit's final pass) while it runs: a line when it starts,
+/// then every second a bar redrawn on a terminal or a plain line otherwise, from the entries
+/// checked so far (`checked`: the mounted daemon's count, or this process's copier's).
+struct CheckProgress {
+    stop: Option<crossbeam_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CheckProgress {
+    fn start(
+        what: &'static str,
+        state: &std::path::Path,
+        checked: impl Fn() -> Option<u64> + Send + 'static,
+    ) -> CheckProgress {
+        use std::io::{IsTerminal, Write};
+        // Entries the view is expected to hold: OLD's scanned totals (an estimate once the
+        // view has changed things).
+        let total = state::status(state)
+            .map(|s| s.files.total + s.dirs.total)
+            .unwrap_or(0);
+        let (stop, rx) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::spawn(move || {
+            let tty = std::io::stdout().is_terminal();
+            println!("{what}: checking about {total} entries against OLD");
+            let mut shown = false;
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(std::time::Duration::from_secs(1))
+            {
+                let Some(n) = checked() else { continue };
+                let pct = if total > 0 {
+                    (n as f64 * 100.0 / total as f64).min(100.0)
+                } else {
+                    0.0
+                };
+                let mut out = std::io::stdout();
+                if tty {
+                    let filled = (pct / 100.0 * 24.0) as usize;
+                    let _ = write!(
+                        out,
+                        "\r\x1b[K[{}{}] {pct:>5.1}%  {what}: {n} of about {total} entries checked",
+                        "#".repeat(filled),
+                        "-".repeat(24 - filled)
+                    );
+                    let _ = out.flush();
+                    shown = true;
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "{what}: {n} of about {total} entries checked ({pct:.1}%)"
+                    );
+                }
+            }
+            if shown {
+                println!();
+            }
+        });
+        CheckProgress {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for CheckProgress {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The mounted daemon's count of entries checked by the check it runs, if it runs one.
+fn daemon_checked(state: &std::path::Path) -> Option<u64> {
+    let r = control::request(state, &Request::Status).ok()??;
+    if r.data.get("checking")?.as_bool()? {
+        r.data.get("checked")?.as_u64()
+    } else {
+        None
+    }
+}
+
+/// A check in this process's copier, with progress.
+fn offline_checked(
+    c: &std::sync::Arc<copier::Copier>,
+) -> impl Fn() -> Option<u64> + Send + 'static {
+    let c = c.clone();
+    move || {
+        let s = c.state();
+        s.checking.then_some(s.checked)
+    }
+}
+
 fn verify(state: &std::path::Path, checksum: bool) -> Result<(), String> {
-    let report: copier::CheckReport = match control::request(state, &Request::Verify { checksum })?
-    {
+    // In the mounted daemon if one serves the state dir, else in this process.
+    let answer = if control::request(state, &Request::Status)?.is_some() {
+        let st = state.to_path_buf();
+        let _progress = CheckProgress::start("verify", state, move || daemon_checked(&st));
+        control::request(state, &Request::Verify { checksum })?
+    } else {
+        None
+    };
+    let report: copier::CheckReport = match answer {
         Some(r) if r.ok => serde_json::from_value(r.data).map_err(|e| e.to_string())?,
         Some(r) => return Err(r.message),
         None => {
             let m = open_offline(state)?;
             let o = daemon::open_view(&m)?;
             let c = o.copier(&m.journal, Default::default());
+            let _progress = CheckProgress::start("verify", state, offline_checked(&c));
             lifecycle::verify(&c, checksum).map_err(|e| e.to_string())?
         }
     };
