@@ -291,8 +291,40 @@ fn run() -> Result<(), String> {
                 );
                 return Ok(());
             }
-            let t = state::prepare(old.clone(), new.clone(), &state, allow_nonempty_new)
-                .map_err(|e| e.to_string())?;
+            // The scan of OLD can take minutes on a big or remote tree: how far it is, every
+            // second (a redrawn line on a terminal, a plain line otherwise).
+            let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+            let shower = std::thread::spawn(move || {
+                use std::io::{IsTerminal, Write};
+                let tty = std::io::stdout().is_terminal();
+                let mut shown = false;
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(std::time::Duration::from_secs(1))
+                {
+                    let t = state::SCAN_PROGRESS.get();
+                    let line = format!(
+                        "prepare: scanning OLD: {} dirs, {} files, {} so far",
+                        t.dirs,
+                        t.files,
+                        human(t.bytes)
+                    );
+                    let mut out = std::io::stdout();
+                    if tty {
+                        let _ = write!(out, "\r\x1b[K{line}");
+                        let _ = out.flush();
+                        shown = true;
+                    } else {
+                        let _ = writeln!(out, "{line}");
+                    }
+                }
+                if shown {
+                    println!();
+                }
+            });
+            let t = state::prepare(old.clone(), new.clone(), &state, allow_nonempty_new);
+            drop(stop);
+            let _ = shower.join();
+            let t = t.map_err(|e| e.to_string())?;
             println!(
                 "prepared: OLD {old} ({} dirs, {} files, {} bytes) -> NEW {new}; state in {}",
                 t.dirs,
