@@ -267,6 +267,8 @@ fn json_logs_are_one_object_per_line_and_carry_no_secret() {
     assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
     assert!(fs::metadata(f.v("missing")).is_err());
     assert!(fs::metadata(f.v("d/e/gone")).is_err());
+    let mut buf = [0u8; 16];
+    assert!(rustix::fs::getxattr(f.v("d/e/x"), "user.none", &mut buf).is_err());
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -303,6 +305,13 @@ fn json_logs_are_one_object_per_line_and_carry_no_secret() {
         log.lines()
             .any(|l| l.contains("request failed") && l.contains("\"path\":\"/d/e/gone\"")),
         "no lookup failure with its path in:\n{log}"
+    );
+    // An xattr's name is not a path component: the path is the file's.
+    assert!(
+        log.lines().any(|l| l.contains("request failed")
+            && l.contains("\"op\":\"getxattr\"")
+            && l.contains("\"path\":\"/d/e/x\"")),
+        "no getxattr failure with the file's path in:\n{log}"
     );
     assert!(!log.contains(secret), "the secret key reached the log");
     assert!(

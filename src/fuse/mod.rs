@@ -373,12 +373,19 @@ impl FerryFs {
     /// then give the kernel its errno. The path is only worked out when the line is logged.
     fn fail(&self, op: Op, ino: u64, name: Option<&OsStr>, e: &Error) -> Errno {
         METRICS.fuse_error(op);
+        let op_kind = op;
         let op = op.name();
         let errno = e.errno();
         macro_rules! log {
             ($lvl:ident, $level:expr) => {
                 if tracing::enabled!($level) {
-                    let path = self.view.log_path(ino, name);
+                    // `name` is an entry of the directory `ino`, except for xattr requests (an
+                    // attribute's name) and link (a name in the new parent).
+                    let entry = !matches!(
+                        op_kind,
+                        Op::Getxattr | Op::Setxattr | Op::Removexattr | Op::Link
+                    );
+                    let path = self.view.log_path(ino, name.filter(|_| entry));
                     tracing::$lvl!(op, ino, name = ?name, path = %path, errno, error = %e, "request failed")
                 }
             };
