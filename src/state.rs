@@ -366,7 +366,7 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
         t.bytes += sub.bytes;
         Ok(())
     };
-    let parts: Vec<Totals> = std::thread::scope(|s| {
+    let parts: Vec<Option<Totals>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..SCAN_THREADS)
             .map(|_| {
                 s.spawn(|| {
@@ -392,16 +392,15 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_default())
-            .collect()
+        workers.into_iter().map(|w| w.join().ok()).collect()
     });
     if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     let mut t = Totals::default();
     for p in parts {
+        // A thread that panicked took its counts with it: no totals rather than wrong ones.
+        let p = p.ok_or_else(|| io::Error::other("a scan thread panicked"))?;
         t.dirs += p.dirs;
         t.files += p.files;
         t.bytes += p.bytes;
