@@ -296,6 +296,8 @@ pub struct CopierState {
     /// A check (verify, commit's final pass) is under way, and has checked this many entries.
     pub checking: bool,
     pub checked: u64,
+    /// Entries an abort under way has written back into OLD.
+    pub abort_written: u64,
 }
 
 /// Passes in a row that end with errors before `execute` stops waiting for them (the entries
@@ -361,6 +363,7 @@ impl Copier {
             error_passes: self.error_streak.load(Ordering::Relaxed),
             checking: self.checking.load(Ordering::Relaxed),
             checked: self.checked.load(Ordering::Relaxed),
+            abort_written: crate::lifecycle::ABORT_WRITTEN.load(Ordering::Relaxed),
         }
     }
 

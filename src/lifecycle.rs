@@ -307,6 +307,13 @@ pub fn abort(
     ))
 }
 
+/// Entries of the view an abort has written back into OLD so far (its progress line).
+pub static ABORT_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_written() {
+    ABORT_WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// OLD, as abort writes the view back into it.
 pub enum OldTarget<'a> {
     Posix(BorrowedFd<'a>),
@@ -450,6 +457,7 @@ fn write_s3_dir(
             continue;
         };
         let path = s3_join(rel, &name.to_string_lossy());
+        count_written();
         let r = if inode.kind == Kind::Dir {
             stats.dirs += 1;
             write_s3_dir(view, tree, &inode, &path, keep, stats)
@@ -653,6 +661,7 @@ fn stage_entry(
     links: &mut std::collections::HashMap<(u64, u64), (Arc<OwnedFd>, OsString)>,
     stats: &mut AbortStats,
 ) -> Result<()> {
+    count_written();
     if inode.kind == Kind::Dir {
         rustix::fs::mkdirat(out.as_fd(), name, Mode::from_raw_mode(0o700)).ctx("mkdir staged")?;
         let sub = posix::open_child(out.as_fd(), name).ctx("open staged dir")?;

@@ -427,7 +427,19 @@ fn run() -> Result<(), String> {
             Ok(())
         }
         Cmd::Abort { state, keep_new } => {
-            if let Some(r) = control::request(&state, &Request::Abort { keep_new })? {
+            const WORDS: (&str, &str, &str) =
+                ("writing", "of the view back into OLD", "written back");
+            let daemon = if control::request(&state, &Request::Status)?.is_some() {
+                let st = state.clone();
+                let _progress = CheckProgress::with_words("abort", WORDS, &state, move || {
+                    let r = control::request(&st, &Request::Status).ok()??;
+                    r.data.get("abort_written")?.as_u64().filter(|n| *n > 0)
+                });
+                control::request(&state, &Request::Abort { keep_new })?
+            } else {
+                None
+            };
+            if let Some(r) = daemon {
                 // The daemon detaches the view once it has answered: wait for that, so the
                 // caller finds OLD's own path again when this returns.
                 let mp = r
@@ -455,6 +467,10 @@ fn run() -> Result<(), String> {
                     return Err("the migration is committed: abort is no longer possible".into());
                 }
             };
+            let progress = CheckProgress::with_words("abort", WORDS, &state, || {
+                let n = lifecycle::ABORT_WRITTEN.load(std::sync::atomic::Ordering::Relaxed);
+                (n > 0).then_some(n)
+            });
             let msg = lifecycle::abort(
                 &o.view,
                 &m.journal,
@@ -463,8 +479,9 @@ fn run() -> Result<(), String> {
                 keep_new,
                 o.publisher.as_deref(),
             )
-            .map_err(|e| e.to_string())?;
-            println!("{msg}");
+            .map_err(|e| e.to_string());
+            drop(progress);
+            println!("{}", msg?);
             Ok(())
         }
         Cmd::Unmount { mountpoint } => daemon::unmount(&mountpoint),
@@ -787,6 +804,17 @@ impl CheckProgress {
         state: &std::path::Path,
         checked: impl Fn() -> Option<u64> + Send + 'static,
     ) -> CheckProgress {
+        CheckProgress::with_words(what, ("checking", "against OLD", "checked"), state, checked)
+    }
+
+    /// `words`: what the first line says it does and to what, and what each entry counted is.
+    fn with_words(
+        what: &'static str,
+        words: (&'static str, &'static str, &'static str),
+        state: &std::path::Path,
+        checked: impl Fn() -> Option<u64> + Send + 'static,
+    ) -> CheckProgress {
+        let (doing, to, done) = words;
         use std::io::{IsTerminal, Write};
         // Entries the view is expected to hold: OLD's scanned totals (an estimate once the
         // view has changed things).
@@ -796,7 +824,7 @@ impl CheckProgress {
         let (stop, rx) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::spawn(move || {
             let tty = std::io::stdout().is_terminal();
-            println!("{what}: checking about {total} entries against OLD");
+            println!("{what}: {doing} about {total} entries {to}");
             let mut shown = false;
             while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                 rx.recv_timeout(std::time::Duration::from_secs(1))
@@ -812,7 +840,7 @@ impl CheckProgress {
                     let filled = (pct / 100.0 * 24.0) as usize;
                     let _ = write!(
                         out,
-                        "\r\x1b[K[{}{}] {pct:>5.1}%  {what}: {n} of about {total} entries checked",
+                        "\r\x1b[K[{}{}] {pct:>5.1}%  {what}: {n} of about {total} entries {done}",
                         "#".repeat(filled),
                         "-".repeat(24 - filled)
                     );
@@ -821,7 +849,7 @@ impl CheckProgress {
                 } else {
                     let _ = writeln!(
                         out,
-                        "{what}: {n} of about {total} entries checked ({pct:.1}%)"
+                        "{what}: {n} of about {total} entries {done} ({pct:.1}%)"
                     );
                 }
             }

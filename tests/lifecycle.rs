@@ -240,6 +240,10 @@ fn abort_returns_old_to_the_view_as_it_was_including_every_change() {
     let out = assert_ok(f.cmd("abort", &[]));
     assert!(out.contains("aborted"), "{out}");
     assert!(
+        out.starts_with("abort: writing about "),
+        "no progress line first: {out}"
+    );
+    assert!(
         ferryfs_mount_source(&f.old).is_none(),
         "the view is still mounted over OLD after abort"
     );
@@ -269,6 +273,7 @@ fn abort_without_a_daemon_after_unmount_and_keep_new() {
     let snapshot = full_manifest(&f.mnt);
     f.unmount();
     let out = assert_ok(f.cmd("abort", &["--keep-new"]));
+    assert!(out.starts_with("abort: writing about "), "{out}");
     assert!(out.contains("NEW kept"), "{out}");
     let after = full_manifest(&f.old);
     assert!(after == snapshot, "{}", diff(&snapshot, &after));
