@@ -261,6 +261,13 @@ fn run() -> Result<(), String> {
     if !matches!(cli.cmd, Cmd::Mount { .. } | Cmd::Status { .. }) {
         init_logging("warn", log_format);
     }
+    if matches!(cli.cmd, Cmd::Status { .. }) {
+        // `ferryfs status | head` ends quietly, as Unix tools do, instead of panicking on the
+        // closed pipe. Only status: it writes to stdout and reads files, no socket, so no
+        // other write can meet a closed peer.
+        // SAFETY: setting a signal's disposition to the default, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.cmd {
         Cmd::Prepare {
             old,

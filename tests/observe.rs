@@ -588,3 +588,43 @@ fn readdirplus_off_lists_names_only_and_every_stat_is_a_lookup() {
     assert!(get(&m, "ferryfs_fuse_requests_total{op=\"lookup\"}") >= 300.0);
     f.unmount();
 }
+
+/// `ferryfs status --watch | head -1`: once the reader is gone, status ends at once and
+/// quietly, as Unix tools do, instead of panicking on the closed pipe.
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    let f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    f.prepare();
+    let mut child = std::process::Command::new(BIN)
+        .args(["status", "--watch", "--state"])
+        .arg(&f.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        out.read(&mut buf).unwrap() > 0,
+        "status --watch printed nothing"
+    );
+    drop(out);
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("status --watch went on for 10 s with nobody reading");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}
