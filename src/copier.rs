@@ -87,29 +87,34 @@ impl Limiter {
     }
 }
 
-/// Parse a rate such as `50M`, `1.5G`, `800k` or `12345` (bytes per second; k/M/G/T are
-/// powers of 1024). `0` means unlimited.
+/// Parse a rate such as `50M`, `1.5G`, `800k` or `12345` (bytes per second). The unit may be
+/// written `M`, `MB` or `MiB`, with or without `/s`: k, M, G and T are powers of 1024 however
+/// written. `0` means unlimited.
 pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'B' => 1,
-                _ => return Err(format!("bad rate {s:?}: unknown unit {c:?}")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
+    let bad = || format!("bad rate {s:?}: expected a number with an optional k/M/G/T (e.g. 50M)");
+    let mut unit = s.strip_suffix("/s").unwrap_or(s);
+    let digits = unit
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(unit.len());
+    let num = &unit[..digits];
+    unit = unit[digits..].trim_start();
+    let upper = unit.to_ascii_uppercase();
+    let prefix = upper
+        .strip_suffix("IB")
+        .or_else(|| upper.strip_suffix('B'))
+        .unwrap_or(&upper);
+    let mult: u64 = match prefix {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("bad rate {s:?}: unknown unit {unit:?}")),
     };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("bad rate {s:?}: expected a number with an optional k/M/G/T"))?;
+    let v: f64 = num.parse().map_err(|_| bad())?;
     if !v.is_finite() || v < 0.0 {
-        return Err(format!("bad rate {s:?}"));
+        return Err(bad());
     }
     Ok((v * mult as f64) as u64)
 }
@@ -1172,6 +1177,14 @@ mod tests {
         assert_eq!(parse_rate("123").unwrap(), 123);
         assert!(parse_rate("12Q").is_err());
         assert!(parse_rate("fast").is_err());
+        for s in ["50MB", "50MiB", "50M/s", "50 MiB/s", "50mb"] {
+            assert_eq!(parse_rate(s).unwrap(), 50 << 20, "{s}");
+        }
+        assert_eq!(parse_rate("100B").unwrap(), 100);
+        assert_eq!(parse_rate("2KiB").unwrap(), 2048);
+        assert!(parse_rate("5MQ").is_err());
+        assert!(parse_rate("-5M").is_err());
+        assert!(parse_rate("").is_err());
     }
 
     #[test]
