@@ -314,6 +314,70 @@ fn rule07_readdir_lists_each_name_once_hides_tombstones_and_survives_changes() {
     f.unmount();
 }
 
+/// One getdents64 call on `dir` with a buffer of `len` bytes: the names it returned.
+fn getdents(dir: &fs::File, len: usize) -> Vec<String> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; len];
+    // SAFETY: the buffer is `len` bytes long and lives across the call.
+    let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), len) };
+    assert!(n >= 0, "getdents64: {}", std::io::Error::last_os_error());
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < n as usize {
+        // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name.
+        let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+        let name = &buf[at + 19..at + reclen];
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        out.push(String::from_utf8_lossy(&name[..end]).into_owned());
+        at += reclen;
+    }
+    out
+}
+
+/// Rule 7 with the kernel's listing cache, which every handle of a directory shares: a handle
+/// that read its first entries from the cache another handle's listing filled goes on, once a
+/// change and a listing from the start dropped that cache, by asking the daemon for what comes
+/// after its offset, an offset from the other handle's listing. Every name there throughout
+/// is listed once (with offsets as positions in a listing, the removal of a name ahead of that
+/// offset made the handle skip one).
+#[test]
+fn rule07_a_listing_begun_from_the_kernels_cache_goes_on_right_after_a_change() {
+    let mut f = Fixture::new();
+    for i in 0..400 {
+        write(&f.old.join(format!("d/f{i:03}")), b"o");
+    }
+    f.prepare();
+    f.mount();
+    let d = f.v("d");
+    // A whole listing, which the kernel keeps.
+    let all = names(&d);
+    assert_eq!(all.len(), 400);
+    // A handle opened while the listing is kept reads a few entries (from the kernel's cache).
+    let b = fs::File::open(&d).unwrap();
+    let mut seen = getdents(&b, 400);
+    seen.retain(|n| n != "." && n != "..");
+    assert!(!seen.is_empty() && seen.len() < 50, "first read: {seen:?}");
+    // A name it has read goes away; a listing from the start drops the kernel's cache.
+    let gone = seen[0].clone();
+    fs::remove_file(d.join(&gone)).unwrap();
+    assert_eq!(names(&d).len(), 399);
+    loop {
+        let more = getdents(&b, 400);
+        if more.is_empty() {
+            break;
+        }
+        seen.extend(more.into_iter().filter(|n| n != "." && n != ".."));
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), seen.len(), "a name listed twice");
+    let missing: Vec<&String> = all.iter().filter(|n| !seen.contains(n)).collect();
+    assert!(missing.is_empty(), "never listed: {missing:?}");
+    drop(b);
+    f.unmount();
+}
+
 #[test]
 fn rule08_permissions_are_checked_and_new_entries_belong_to_the_caller() {
     let mut f = Fixture::new();

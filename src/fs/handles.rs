@@ -31,15 +31,74 @@ pub(crate) enum Handle {
     Dir(DirHandle),
 }
 
-/// An open directory: the listing its offsets index. Taken at each read from offset 0 (the
-/// first read, and every rewind), never at open: the kernel may fill its shared listing cache
-/// (`FOPEN_CACHE_DIR`) from any open handle, so what a handle lists from the start must be
-/// the directory as it is then, not as it was when the handle was opened.
+/// An open directory: the listing it reads, each entry at its offset ([`placed`]). Taken at
+/// each read from offset 0 (the first read, and every rewind), never at open: the kernel may
+/// fill its shared listing cache (`FOPEN_CACHE_DIR`) from any open handle, so what a handle
+/// lists from the start must be the directory as it is then, not as it was when the handle
+/// was opened.
 pub(crate) struct DirHandle {
     /// The directory's inode; 0 for a handle a previous daemon handed over without it (its
     /// snapshot is then the one it had, never taken again).
     pub(crate) ino: u64,
-    pub(crate) entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+    pub(crate) entries: Mutex<Option<Arc<Listing>>>,
+}
+
+/// A directory's entries, each with its offset ([`placed`]).
+pub(crate) type Listing = Vec<(u64, DirEntry)>;
+
+/// A directory's listing in the order, and at the offsets, that every listing of that
+/// directory uses: "." at 1, ".." at 2, every other name at [`name_offset`] of its bytes,
+/// ascending. An offset so means one place in any snapshot of the directory. The kernel's
+/// listing cache is shared by the directory's handles: a handle that read its first entries
+/// from a cache another handle's snapshot filled asks the daemon for the rest (once a change
+/// dropped the cache) with an offset from that other snapshot. Were offsets positions, a name
+/// removed or added ahead of it would make that handle skip or repeat a name that was there
+/// throughout (rule 7); by name they cannot. Names of one hash (about one directory in 10^8
+/// at a million names) take consecutive offsets; only across snapshots could those few be
+/// repeated or skipped.
+pub(crate) fn placed(entries: Vec<DirEntry>) -> Listing {
+    let mut out = Vec::with_capacity(entries.len());
+    let mut rest = Vec::with_capacity(entries.len());
+    for e in entries {
+        match e.name.as_encoded_bytes() {
+            b"." => out.push((1, e)),
+            b".." => out.push((2, e)),
+            n => rest.push((name_offset(n), e)),
+        }
+    }
+    out.sort_unstable_by_key(|(off, _)| *off);
+    spread(&mut rest);
+    out.extend(rest);
+    out
+}
+
+/// Order names by offset (then by name), and move each name whose offset an earlier one took
+/// to the next free one.
+fn spread(entries: &mut [(u64, DirEntry)]) {
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    let mut last = 2;
+    for (off, _) in entries {
+        *off = (*off).max(last + 1);
+        last = *off;
+    }
+}
+
+/// Where a name sits in its directory's listings: FNV-1a of its bytes, mixed by splitmix64's
+/// finalizer, in 3 ..= 2^63 - 2^32 + 2 (below i64::MAX, with room above for names of one
+/// hash). Fixed across builds and versions: a daemon that takes the mount over answers the
+/// offsets the kernel got from the one before it.
+pub(crate) fn name_offset(name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in name {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    3 + h % ((1 << 63) - (1 << 32))
 }
 
 #[derive(Default)]
@@ -90,8 +149,9 @@ impl HandleTable {
             _ => false,
         }
     }
-    /// Entries of directory handle `fh` from `offset`; `list` takes the listing when the
-    /// handle reads from the start, or has none yet.
+    /// Entries of directory handle `fh` after `offset` (those at a greater offset, with their
+    /// offsets); `list` takes the listing when the handle reads from the start, or has none
+    /// yet (see [`placed`] for why that is right at any offset).
     pub fn dir_entries(
         &self,
         fh: u64,
@@ -108,18 +168,14 @@ impl HandleTable {
                 Some(e) if offset != 0 || d.ino == 0 => e.clone(),
                 _ if d.ino == 0 => Arc::new(Vec::new()),
                 _ => {
-                    let e = Arc::new(list(d.ino)?);
+                    let e = Arc::new(placed(list(d.ino)?));
                     *g = Some(e.clone());
                     e
                 }
             }
         };
-        Ok(entries
-            .iter()
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, e)| (i as u64 + 1, e.clone()))
-            .collect())
+        let from = entries.partition_point(|(off, _)| *off <= offset);
+        Ok(entries[from..].to_vec())
     }
     /// The open file behind `fh`, if it is a file handle.
     pub fn open_file(&self, fh: u64) -> Option<Arc<File>> {
@@ -445,5 +501,61 @@ impl View {
         if self.handles.remove(fh) {
             self.note_edit();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> DirEntry {
+        DirEntry {
+            name: name.into(),
+            kind: super::super::Kind::File,
+            ino: 7,
+        }
+    }
+
+    #[test]
+    fn name_offsets_are_fixed_and_leave_room_for_the_dots() {
+        // Pinned: the kernel keeps these offsets across a takeover by another build.
+        assert_eq!(name_offset(b"a"), 198_367_012_849_983_739);
+        assert_eq!(name_offset(b"f000"), 6_902_134_409_761_322_597);
+        for n in 0..10_000u32 {
+            let off = name_offset(format!("n{n}").as_bytes());
+            assert!((3..=(1 << 63) - (1 << 32) + 2).contains(&off));
+        }
+    }
+
+    #[test]
+    fn a_name_keeps_its_offset_whatever_else_the_directory_holds() {
+        let names: Vec<String> = (0..500).map(|i| format!("f{i:03}")).collect();
+        let all = placed(
+            [".", ".."]
+                .iter()
+                .map(|n| entry(n))
+                .chain(names.iter().map(|n| entry(n)))
+                .collect(),
+        );
+        assert_eq!(all[0].0, 1);
+        assert_eq!(all[1].0, 2);
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "offsets ascend");
+        // Every other name removed: each left keeps the offset it had.
+        let half = placed(names.iter().step_by(2).map(|n| entry(n)).collect());
+        for (off, e) in &half {
+            let (was, _) = all.iter().find(|(_, a)| a.name == e.name).unwrap();
+            assert_eq!(off, was, "{:?} moved", e.name);
+        }
+    }
+
+    #[test]
+    fn names_of_one_hash_take_consecutive_offsets() {
+        let mut fake = vec![(10, entry("c")), (9, entry("b")), (9, entry("a"))];
+        spread(&mut fake);
+        let got: Vec<(u64, &str)> = fake
+            .iter()
+            .map(|(o, e)| (*o, e.name.to_str().unwrap()))
+            .collect();
+        assert_eq!(got, vec![(9, "a"), (10, "b"), (11, "c")]);
     }
 }

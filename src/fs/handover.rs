@@ -104,7 +104,7 @@ impl View {
                             .as_deref()
                             .into_iter()
                             .flatten()
-                            .map(|e| (e.name.as_bytes().to_vec(), e.kind, e.ino))
+                            .map(|(_, e)| (e.name.as_bytes().to_vec(), e.kind, e.ino))
                             .collect(),
                         ino: Some(d.ino),
                         listed: snapshot.is_some(),
@@ -230,6 +230,8 @@ impl View {
                     ino,
                 })
                 .collect();
+            // The offsets the kernel holds are the ones these names are placed at here too.
+            let entries = super::handles::placed(entries);
             self.handles.insert_at(
                 d.fh,
                 Handle::Dir(super::handles::DirHandle {
