@@ -30,8 +30,11 @@ use crate::fuse::handover::{KernelInit, Parts, PassthroughState};
 use crate::journal::Records;
 
 /// Bumped whenever [`Handed`] changes incompatibly: a daemon refuses a handover in a format
-/// it does not know, and the old daemon keeps serving.
-pub const FORMAT: u32 = 1;
+/// it does not know, and the old daemon keeps serving. 2: directory offsets are places by
+/// name (see `placed` in src/fs/handles.rs), no longer positions in a snapshot, and a
+/// directory handle may be handed over before its first listing (`listed`), which a daemon
+/// of format 1 would serve as an empty directory.
+pub const FORMAT: u32 = 2;
 
 /// How long the old daemon waits for the requests being answered to finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -279,11 +282,17 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     };
     tracing::info!("handover asked for: parking FUSE requests");
     // First: a cache notification must not wait on a page lock a parked request holds.
-    src.view.hold_invalidations(true);
+    if !src.view.hold_invalidations(DRAIN_LIMIT) {
+        src.view.release_invalidations();
+        return refuse(format!(
+            "a kernel cache notification still waiting after {} s (a hung store?)",
+            DRAIN_LIMIT.as_secs()
+        ));
+    }
     let gate = &src.parts.gate;
     if !gate.park(DRAIN_LIMIT) {
         gate.unpark();
-        src.view.hold_invalidations(false);
+        src.view.release_invalidations();
         return refuse(format!(
             "requests still running after {} s (a hung store?)",
             DRAIN_LIMIT.as_secs()
@@ -374,7 +383,7 @@ fn cancel(
 ) -> std::io::Result<()> {
     tracing::warn!(reason = %why, "handover failed; serving again");
     src.parts.gate.unpark();
-    src.view.hold_invalidations(false);
+    src.view.release_invalidations();
     if let Some(p) = src.copier.publisher() {
         p.release();
     }

@@ -149,8 +149,11 @@ pub struct View {
     /// [`View::invalidate`]): the mount's notifier thread.
     invalidator: std::sync::OnceLock<crossbeam_channel::Sender<u64>>,
     /// Whether notifications may go to the kernel now: not while a handover parks requests
-    /// (a notification would wait on page locks the parked requests hold).
+    /// (a notification would wait on page locks the parked requests hold). Held while one is
+    /// sent.
     invalidations_open: std::sync::Mutex<bool>,
+    /// A handover asks to hold notifications: none starts from now on.
+    invalidations_held: std::sync::atomic::AtomicBool,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -232,6 +235,7 @@ impl View {
             mount_dev: std::sync::OnceLock::new(),
             invalidator: std::sync::OnceLock::new(),
             invalidations_open: std::sync::Mutex::new(true),
+            invalidations_held: std::sync::atomic::AtomicBool::new(false),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -621,23 +625,54 @@ impl View {
     /// Run `send` (one notification to the kernel) unless a handover holds notifications;
     /// whether it ran.
     pub fn while_invalidations_open(&self, send: impl FnOnce()) -> bool {
+        use std::sync::atomic::Ordering;
         let open = self
             .invalidations_open
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if *open {
+        let open = *open && !self.invalidations_held.load(Ordering::SeqCst);
+        if open {
             send();
         }
-        *open
+        open
     }
 
-    /// A handover is about to park requests: no notification from now on, and the one being
-    /// sent, if any, has reached the kernel when this returns. `release` undoes it.
-    pub fn hold_invalidations(&self, hold: bool) {
+    /// A handover is about to park requests: no notification starts from now on, and the one
+    /// being sent, if any, has reached the kernel when this returns true. False if that one
+    /// is still waiting in the kernel after `limit` (on a page lock a request stuck on a hung
+    /// store holds): the handover is refused then, and `release_invalidations` undoes this.
+    pub fn hold_invalidations(&self, limit: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        self.invalidations_held.store(true, Ordering::SeqCst);
+        let start = std::time::Instant::now();
+        loop {
+            match self.invalidations_open.try_lock() {
+                Ok(mut open) => {
+                    *open = false;
+                    return true;
+                }
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    *p.into_inner() = false;
+                    return true;
+                }
+                Err(std::sync::TryLockError::WouldBlock) if start.elapsed() >= limit => {
+                    return false;
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Notifications go to the kernel again (a handover was refused or failed).
+    pub fn release_invalidations(&self) {
+        use std::sync::atomic::Ordering;
         *self
             .invalidations_open
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = !hold;
+            .unwrap_or_else(|p| p.into_inner()) = true;
+        self.invalidations_held.store(false, Ordering::SeqCst);
     }
 
     /// What backs inode `ino` changed without the kernel asking (the copier took a file again
