@@ -378,7 +378,13 @@ fn run() -> Result<(), String> {
             }
         }
         Cmd::Status { state, json, watch } => loop {
-            let s = state::status(&state).map_err(|e| e.to_string())?;
+            // The progress line shows no `local`: no walk of NEW every second.
+            let s = if watch && !json {
+                state::progress(&state)
+            } else {
+                state::status(&state)
+            }
+            .map_err(|e| e.to_string())?;
             if json {
                 println!("{}", serde_json::to_string(&s).expect("status serializes"));
             } else if watch {
@@ -671,15 +677,16 @@ fn execute(
             let n = |k: &str| r.data.get(k).and_then(serde_json::Value::as_u64);
             Some((n("passes")?, n("error_passes")?))
         };
-        let first = passes(state).map_or(0, |p| p.0);
+        // Counted from the first answer (a daemon busy at the first ask is asked again).
+        let mut first = passes(state).map(|p| p.0);
         loop {
             std::thread::sleep(std::time::Duration::from_secs(1));
-            let s = state::status(state).map_err(|e| e.to_string())?;
+            let s = state::progress(state).map_err(|e| e.to_string())?;
             print_progress(&s, true);
             if s.phase != "executed"
                 && let Some((n, failing)) = passes(state)
                 && failing >= copier::ERROR_PASSES
-                && n.saturating_sub(first) >= copier::ERROR_PASSES
+                && n.saturating_sub(*first.get_or_insert(n)) >= copier::ERROR_PASSES
             {
                 if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                     println!();
@@ -825,8 +832,8 @@ impl CheckProgress {
         use std::io::{IsTerminal, Write};
         // Entries the view is expected to hold: OLD's scanned totals (an estimate once the
         // view has changed things).
-        let total = state::status(state)
-            .map(|s| s.files.total + s.dirs.total)
+        let total = state::scanned_totals(state)
+            .map(|t| t.files + t.dirs)
             .unwrap_or(0);
         let (stop, rx) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::spawn(move || {

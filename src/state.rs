@@ -380,7 +380,13 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
                         let Ok(dir) = rx.recv_timeout(std::time::Duration::from_millis(5)) else {
                             continue;
                         };
-                        if let Err(e) = read_dir(&dir, &mut t) {
+                        // A panic is an error of this directory: the other threads would
+                        // otherwise wait for ever on its count in `pending`.
+                        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            read_dir(&dir, &mut t)
+                        }))
+                        .unwrap_or_else(|_| Err(io::Error::other("the scan thread panicked")));
+                        if let Err(e) = read {
                             let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                             f.get_or_insert(io::Error::new(
                                 e.kind(),
@@ -488,8 +494,33 @@ pub fn already_prepared(
 fn same_endpoint(a: &crate::store::s3::S3Url, b: &crate::store::s3::S3Url) -> bool {
     use crate::store::s3::S3Store;
     match (S3Store::connect(a), S3Store::connect(b)) {
-        (Ok(a), Ok(b)) => a.endpoint == b.endpoint,
+        (Ok(a), Ok(b)) => {
+            a.endpoint.as_deref().map(endpoint_key) == b.endpoint.as_deref().map(endpoint_key)
+        }
         _ => true,
+    }
+}
+
+/// An endpoint URL as compared: scheme and host in lower case, the scheme's default port
+/// written out, no trailing slash (`HTTP://Host:80/` and `http://host` are one endpoint).
+fn endpoint_key(e: &str) -> String {
+    let e = e.trim().trim_end_matches('/');
+    let (scheme, rest) = e.split_once("://").unwrap_or(("https", e));
+    let scheme = scheme.to_ascii_lowercase();
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = host.to_ascii_lowercase();
+    let has_port = host
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let host = match (has_port, scheme.as_str()) {
+        (false, "http") => format!("{host}:80"),
+        (false, "https") => format!("{host}:443"),
+        _ => host,
+    };
+    if path.is_empty() {
+        format!("{scheme}://{host}")
+    } else {
+        format!("{scheme}://{host}/{path}")
     }
 }
 
@@ -839,6 +870,10 @@ fn local_entries(root: &Path, copies: &std::collections::HashSet<(u64, u64)>) ->
 
 /// Read the state without taking the lock, so it works while a daemon serves the view.
 pub fn status(state: &Path) -> Result<Status, StateError> {
+    read_status(state, true)
+}
+
+fn read_status(state: &Path, count_local: bool) -> Result<Status, StateError> {
     if !journal_dir(state).exists() {
         return Err(StateError::Invalid(format!(
             "{} holds no migration",
@@ -846,7 +881,19 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
         )));
     }
     let journal = Records::new(Arc::new(RocksJournal::open_read_only(&journal_dir(state))?))?;
-    status_of(&journal, state, true)
+    status_of(&journal, state, count_local)
+}
+
+/// Status for progress lines, without the walk of NEW that counts `local` (0 here): cheap
+/// enough to read every second whatever the size of NEW.
+pub fn progress(state: &Path) -> Result<Status, StateError> {
+    read_status(state, false)
+}
+
+/// OLD's totals as scanned at prepare, read without the lock.
+pub fn scanned_totals(state: &Path) -> Result<Totals, StateError> {
+    let journal = Records::new(Arc::new(RocksJournal::open_read_only(&journal_dir(state))?))?;
+    Ok(totals(&journal)?)
 }
 
 /// Status from a journal this process has open. `count_local` walks NEW (skip it for
@@ -960,6 +1007,18 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_endpoint_written_two_ways_compares_equal() {
+        let k = endpoint_key;
+        assert_eq!(k("http://127.0.0.1:3900/"), k("http://127.0.0.1:3900"));
+        assert_eq!(k("HTTP://Garage.Local"), k("http://garage.local:80/"));
+        assert_eq!(k("https://s3.example.com"), k("https://s3.example.com:443"));
+        assert_eq!(k("http://[::1]"), "http://[::1]:80");
+        assert_eq!(k("http://[::1]:3900/"), "http://[::1]:3900");
+        assert_ne!(k("http://127.0.0.1:3900"), k("http://127.0.0.1:3901"));
+        assert_ne!(k("http://h:3900"), k("https://h:3900"));
+    }
 
     /// The parallel scan counts what a plain walk counts: every directory below the root,
     /// every non-directory (symlinks included, not followed), and regular files' bytes.
