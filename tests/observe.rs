@@ -513,7 +513,8 @@ fn an_unchanged_directory_is_listed_from_the_kernel_cache_until_it_changes() {
             + get(&m, "ferryfs_fuse_requests_total{op=\"readdirplus\"}")
     };
     assert_eq!(names(), 200);
-    let first = listings();
+    // A request is counted once its answer is sent: the count may lag the listing briefly.
+    let first = settled(listings);
     assert!(first >= 1.0, "the first listing came from the daemon");
     for _ in 0..3 {
         assert_eq!(names(), 200);
@@ -550,6 +551,20 @@ fn an_unchanged_directory_is_listed_from_the_kernel_cache_until_it_changes() {
         "the kernel's cached listing misses a new name"
     );
     f.unmount();
+}
+
+/// A counter once two readings 200 ms apart agree (requests are counted after their answer).
+fn settled(read: impl Fn() -> f64) -> f64 {
+    let mut last = read();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the counter never settled (last {last})");
 }
 
 /// The names read through an already open directory fd (readdir on that very handle).
