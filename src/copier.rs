@@ -19,7 +19,6 @@
 //! Pacing: a bytes/s and an operations/s token bucket (changeable while running), and a short
 //! sleep between chunks whenever applications did I/O through the view in the last few ms.
 
-use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -641,7 +640,8 @@ impl Copier {
         };
         let visit = |inode: &Arc<Inode>, counts: bool| self.copy_one(inode, &ctx, counts);
         let flush = |batch: Vec<(Pending, bool)>| self.flush(batch, &ctx);
-        let stopped = self.walk(true, &visit, &flush);
+        let fail = |path: Vec<u8>, e: &Error| self.record_error(&ctx, path, e);
+        let stopped = self.walk(true, &visit, &flush, &fail);
         // Nothing changed the view's namespace during the pass: no entry can have moved out
         // of the walk's way, so a pass that only copied is complete (no confirming pass).
         let quiet = self.view.ns_changes() == ns_at_start;
@@ -799,34 +799,37 @@ impl Copier {
                     c.redo.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e) => {
-                let path = self.view.view_path(inode);
-                c.errors.fetch_add(1, Ordering::Relaxed);
-                let attempts = p.known.get(&path).map_or(0, |k| k.attempts) + 1;
-                tracing::warn!(
-                    path = %String::from_utf8_lossy(&path),
-                    errno = e.errno(),
-                    attempts,
-                    error = %e,
-                    "copy failed; will retry"
-                );
-                let rec = CopyError {
-                    error: e.to_string(),
-                    errno: e.errno(),
-                    attempts,
-                    at: now_secs(),
-                };
-                let mut b = Batch::new();
-                b.error(&path, &rec);
-                if let Err(e) = self.journal.commit(b, false) {
-                    tracing::error!(error = %e, "recording a copy error");
-                }
-                p.seen
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(path);
-            }
+            Err(e) => self.record_error(p, self.view.view_path(inode), &e),
         }
+    }
+
+    /// An entry this pass could not copy, look up or list: counted (the pass is not clean),
+    /// logged, and recorded for status with its attempts, retried by the next pass.
+    fn record_error(&self, p: &PassCtx<'_>, path: Vec<u8>, e: &Error) {
+        p.c.errors.fetch_add(1, Ordering::Relaxed);
+        let attempts = p.known.get(&path).map_or(0, |k| k.attempts) + 1;
+        tracing::warn!(
+            path = %String::from_utf8_lossy(&path),
+            errno = e.errno(),
+            attempts,
+            error = %e,
+            "copy failed; will retry"
+        );
+        let rec = CopyError {
+            error: e.to_string(),
+            errno: e.errno(),
+            attempts,
+            at: now_secs(),
+        };
+        let mut b = Batch::new();
+        b.error(&path, &rec);
+        if let Err(e) = self.journal.commit(b, false) {
+            tracing::error!(error = %e, "recording a copy error");
+        }
+        p.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path);
     }
 
     /// Walk the whole view: directories visited by this thread before their entries, the rest
@@ -836,6 +839,7 @@ impl Copier {
         finish_dirs: bool,
         visit: &(dyn Fn(&Arc<Inode>, bool) -> Option<Pending> + Sync),
         flush: &(dyn Fn(Vec<(Pending, bool)>) + Sync),
+        fail: &(dyn Fn(Vec<u8>, &Error) + Sync),
     ) -> bool {
         let workers = self.workers.load(Ordering::Relaxed);
         let (tx, rx) = chan::bounded::<Job>(1024);
@@ -926,14 +930,12 @@ impl Copier {
                                     let inode = match self.view.child(&job.dir.inode, &job.name) {
                                         Ok(Some(i)) => i,
                                         Ok(None) => continue,
+                                        // Removed since the listing: nothing to copy.
+                                        Err(e) if e.errno() == libc::ENOENT => continue,
                                         Err(e) => {
-                                            tracing::warn!(
-                                                dir = %String::from_utf8_lossy(
-                                                    &self.view.view_path(&job.dir.inode)
-                                                ),
-                                                name = %String::from_utf8_lossy(job.name.as_bytes()),
-                                                error = %e,
-                                                "looking up an entry"
+                                            fail(
+                                                self.view.child_path(&job.dir.inode, &job.name),
+                                                &e,
                                             );
                                             continue;
                                         }
@@ -990,11 +992,11 @@ impl Copier {
                 let names = match self.view.children(&dir.inode) {
                     Ok(n) => n,
                     Err(e) => {
-                        tracing::warn!(
-                            path = %String::from_utf8_lossy(&self.view.view_path(&dir.inode)),
-                            error = %e,
-                            "listing a directory"
-                        );
+                        // Not listed, not walked: an error, so the pass is not clean and
+                        // commit's check does not pass over the subtree unseen.
+                        if e.errno() != libc::ENOENT {
+                            fail(self.view.view_path(&dir.inode), &e);
+                        }
                         if let Some(p) = visit(&dir.inode, true) {
                             flush(vec![(p, true)]);
                         }
@@ -1019,13 +1021,9 @@ impl Copier {
                     let inode = match self.view.child(&dir.inode, &name) {
                         Ok(Some(i)) => i,
                         Ok(None) => continue,
+                        Err(e) if e.errno() == libc::ENOENT => continue,
                         Err(e) => {
-                            tracing::warn!(
-                                dir = %String::from_utf8_lossy(&self.view.view_path(&dir.inode)),
-                                name = %String::from_utf8_lossy(name.as_bytes()),
-                                error = %e,
-                                "looking up an entry"
-                            );
+                            fail(self.view.child_path(&dir.inode, &name), &e);
                             continue;
                         }
                     };
@@ -1109,7 +1107,14 @@ impl Copier {
             }
             None
         };
-        self.walk(false, &visit, &|_| {});
+        let fail = |path: Vec<u8>, e: &Error| {
+            report
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .errors
+                .push(format!("{}: {e}", String::from_utf8_lossy(&path)));
+        };
+        self.walk(false, &visit, &|_| {}, &fail);
         let mut r = report.into_inner().unwrap_or_else(|p| p.into_inner());
         for (path, e) in self.journal.errors()? {
             r.errors.push(format!(

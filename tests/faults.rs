@@ -104,3 +104,52 @@ fn an_old_store_that_vanishes_mid_read_gives_errors_not_a_crash() {
     assert_eq!(fs::read(f.v("still-writable")).unwrap(), b"yes");
     f.unmount();
 }
+
+/// An OLD directory that cannot be read (here a FUSE mount inside OLD whose server died: every
+/// access fails ENOTCONN, as a dead NFS submount would) is an error of the copier's pass, listed
+/// by status: the migration is not executed and commit refuses, rather than a pass that walked
+/// past the directory and called itself clean (commit would then drop it from the view).
+#[test]
+fn an_old_directory_that_cannot_be_read_is_an_error_and_commit_refuses() {
+    let f = Fixture::new();
+    write(&f.old.join("a.txt"), b"a");
+    let src = f.root.path().join("sub-src");
+    write(&src.join("inside"), b"only reachable through the submount");
+    fs::create_dir(f.old.join("sub")).unwrap();
+    let mut bindfs = Command::new("bindfs")
+        .arg("-f")
+        .arg(&src)
+        .arg(f.old.join("sub"))
+        .spawn()
+        .expect("bindfs is missing (scripts/setup.sh installs it)");
+    wait_for("bindfs to serve OLD/sub", 10, || {
+        f.old.join("sub/inside").exists()
+    });
+    f.prepare();
+    bindfs.kill().unwrap();
+    bindfs.wait().unwrap();
+    let gone = fs::metadata(f.old.join("sub")).unwrap_err();
+    assert_eq!(gone.raw_os_error(), Some(libc::ENOTCONN), "{gone}");
+    let out = f.cmd("execute", &[]);
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(f.old.join("sub"))
+        .status();
+    assert!(
+        !out.status.success(),
+        "execute called a pass that could not read OLD/sub clean: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let s = f.status_json();
+    assert_ne!(s["phase"], "executed", "{s}");
+    let errors = s["errors"].as_array().expect("errors list");
+    assert!(
+        errors.iter().any(|e| e["path"]
+            .as_str()
+            .is_some_and(|p| p.trim_start_matches('/') == "sub")),
+        "status does not list OLD/sub: {s}"
+    );
+    let commit = f.cmd("commit", &[]);
+    assert!(!commit.status.success(), "commit went ahead");
+    assert_eq!(f.status_json()["phase"], "executing");
+}

@@ -81,6 +81,11 @@ impl View {
         self.new_path(inode).unwrap_or_else(|_| b"?".to_vec())
     }
 
+    /// The view path of `name` in the directory `dir`.
+    pub fn child_path(&self, dir: &Inode, name: &OsStr) -> Vec<u8> {
+        super::join(&self.view_path(dir), name)
+    }
+
     /// The view path of `name` in the directory `ino`, or of `ino` itself, for a log line
     /// ("/?/name" where the directory is no longer known).
     pub fn log_path(&self, ino: u64, name: Option<&OsStr>) -> String {

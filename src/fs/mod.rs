@@ -873,7 +873,27 @@ impl View {
                 | Dentry::File { origin: Some(o) } => o,
                 _ => continue,
             };
-            if let Ok((_, st)) = self.old.locate_path(origin) {
+            // Gone from OLD (as resolution treats it): not listed. Any other failure (EIO,
+            // EMFILE, a store that times out) fails the listing rather than hide the name: a
+            // copier pass or commit's check walking this listing must not skip it unseen.
+            let found = match self.old.locate_path(origin) {
+                Ok(f) => Some(f),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                    ) =>
+                {
+                    None
+                }
+                Err(e) => {
+                    return Err(Error::Store {
+                        op: "open a renamed entry's OLD origin",
+                        source: e,
+                    });
+                }
+            };
+            if let Some((_, st)) = found {
                 let kind = Kind::from_mode(st.st_mode);
                 // Same rule as resolution: a redirect whose OLD entry changed kind shows nothing.
                 if matches!(rec, Dentry::Dir { .. }) != (kind == Kind::Dir) {
