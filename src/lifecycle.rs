@@ -617,11 +617,12 @@ fn dup_loc(fd: BorrowedFd<'_>) -> Result<Loc> {
 /// only, but xattrs on some file systems touch mtime).
 fn copy_meta(src: &Loc, dst: &Loc) -> Result<()> {
     let st = src.stat().ctx("stat source")?;
-    crate::fs::copy_xattrs(src, dst)?;
     dst.chown(Some(st.st_uid), Some(st.st_gid)).ctx("chown")?;
     if Kind::from_mode(st.st_mode) != Kind::Symlink {
         dst.chmod(st.st_mode).ctx("chmod")?;
     }
+    // After the chown, which drops a file's capabilities.
+    crate::fs::copy_xattrs(src, dst)?;
     dst.utimens(&crate::fs::timestamps_of(&st)).ctx("utimens")
 }
 

@@ -479,6 +479,53 @@ fn rule09_symlinks_inside_stores_are_never_followed() {
     f.unmount();
 }
 
+/// Rule 10 for file capabilities (`setcap`): the kernel drops `security.capability` whenever
+/// a file's owner is set, so a copy that set the owner after the xattrs lost them. Checked on
+/// a copy-up (a chmod through the view) and on the copier's copy, of files not owned by root.
+#[test]
+fn rule10_file_capabilities_survive_copy_up_and_the_copier() {
+    let mut f = Fixture::new();
+    // vfs_cap_data revision 2: CAP_NET_RAW permitted.
+    let caps: [u8; 20] = [
+        0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    for name in ["cap-up", "cap-copied"] {
+        let p = f.old.join(name);
+        write(&p, b"#!/bin/sh\n");
+        rustix::fs::chown(
+            &p,
+            Some(rustix::fs::Uid::from_raw(1234)),
+            Some(rustix::fs::Gid::from_raw(4321)),
+        )
+        .unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        rustix::fs::setxattr(
+            &p,
+            "security.capability",
+            &caps,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+    }
+    let got = |p: &Path| {
+        let mut buf = [0u8; 64];
+        rustix::fs::getxattr(p, "security.capability", &mut buf)
+            .map(|n| buf[..n].to_vec())
+            .unwrap_or_else(|e| panic!("{}: no capabilities: {e}", p.display()))
+    };
+    let want = got(&f.old.join("cap-up"));
+    f.prepare();
+    f.mount_with(&f.mnt.clone(), &["--no-copy"]);
+    fs::set_permissions(f.v("cap-up"), fs::Permissions::from_mode(0o750)).unwrap();
+    assert_eq!(got(&f.new.join("cap-up")), want, "lost by copy-up");
+    assert_eq!(fs::metadata(f.new.join("cap-up")).unwrap().uid(), 1234);
+    f.unmount();
+    ok(f.cmd("execute", &[]));
+    assert_eq!(got(&f.new.join("cap-copied")), want, "lost by the copier");
+    assert_eq!(fs::metadata(f.new.join("cap-copied")).unwrap().uid(), 1234);
+    ok(f.cmd("verify", &[]));
+}
+
 #[test]
 fn rule10_copy_up_preserves_links_holes_xattrs_mode_owner_and_ns_times() {
     let mut f = Fixture::new();

@@ -272,6 +272,23 @@ pub(crate) fn timestamps(st: &rustix::fs::Stat) -> Timestamps {
 /// Give the NEW entry `name` in `dir` OLD's owner, mode and times (after the data and xattrs,
 /// and chmod after chown, because chown clears set-id bits).
 pub(crate) fn apply_meta(dir: BorrowedFd<'_>, name: &OsStr, st: &rustix::fs::Stat) -> Result<()> {
+    let file = if Kind::from_mode(st.st_mode) == Kind::File {
+        Some(
+            rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx("open NEW file")?,
+        )
+    } else {
+        None
+    };
+    let caps = match &file {
+        Some(f) => file_caps(f.as_fd())?,
+        None => None,
+    };
     rustix::fs::chownat(
         dir,
         name,
@@ -289,9 +306,36 @@ pub(crate) fn apply_meta(dir: BorrowedFd<'_>, name: &OsStr, st: &rustix::fs::Sta
         )
         .ctx("chmod NEW")?;
     }
+    if let Some(f) = &file {
+        restore_caps(f.as_fd(), caps)?;
+    }
     rustix::fs::utimensat(dir, name, &timestamps(st), AtFlags::SYMLINK_NOFOLLOW)
         .ctx("utimens NEW")?;
     Ok(())
+}
+
+/// The xattr holding a file's capabilities.
+const CAPS: &str = "security.capability";
+
+/// A regular file's capabilities (`security.capability`), which the kernel drops whenever the
+/// file's owner is set, even to the owner it has: read before a chown, to be put back after
+/// (rule 10; `setcap`'d programs keep their capabilities across copy-up and the copier).
+fn file_caps(f: BorrowedFd<'_>) -> Result<Option<Vec<u8>>> {
+    let mut buf = [0u8; 64];
+    match rustix::fs::fgetxattr(f, CAPS, &mut buf) {
+        Ok(n) => Ok(Some(buf[..n].to_vec())),
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::OPNOTSUPP) => Ok(None),
+        Err(e) => Err(std::io::Error::from(e)).ctx("read file capabilities"),
+    }
+}
+
+fn restore_caps(f: BorrowedFd<'_>, caps: Option<Vec<u8>>) -> Result<()> {
+    match caps {
+        Some(c) => rustix::fs::fsetxattr(f, CAPS, &c, rustix::fs::XattrFlags::empty())
+            .map_err(std::io::Error::from)
+            .ctx("put file capabilities back"),
+        None => Ok(()),
+    }
 }
 
 /// Run `f`, which adds an entry to the NEW directory `dir` on ferryfs's own behalf (a copy, a
@@ -309,13 +353,15 @@ pub(crate) fn keeping_dir_times<T>(dir: &Arc<OwnedFd>, f: impl FnOnce() -> Resul
 
 /// OLD's owner, then OLD's mode (chown clears set-id bits, so chmod comes after).
 fn set_owner_and_mode(f: &File, st: &rustix::fs::Stat) -> Result<()> {
+    let caps = file_caps(f.as_fd())?;
     rustix::fs::fchown(
         f,
         Some(rustix::fs::Uid::from_raw(st.st_uid)),
         Some(rustix::fs::Gid::from_raw(st.st_gid)),
     )
     .ctx("fchown copy")?;
-    rustix::fs::fchmod(f, Mode::from_raw_mode(st.st_mode & 0o7777)).ctx("fchmod copy")
+    rustix::fs::fchmod(f, Mode::from_raw_mode(st.st_mode & 0o7777)).ctx("fchmod copy")?;
+    restore_caps(f.as_fd(), caps)
 }
 
 /// The copy record of a NEW entry (open as `fd`) copied from OLD's `origin`, whose stat was `old`.
