@@ -205,15 +205,22 @@ impl Publisher {
         self
     }
 
-    /// The OLD object the staged file `w` is an unchanged copy of, as it is now in OLD's
-    /// bucket (its key and ETag), when the server can copy it instead of an upload.
-    fn old_source(&self, w: &Want, now: &Published) -> Option<(String, String)> {
+    /// The OLD object the staged file `w` (open as `f`) is an unchanged copy of, as it is now
+    /// in OLD's bucket (its key and ETag), when the server can copy it instead of an upload.
+    fn old_source(&self, w: &Want, f: &std::fs::File, now: &Published) -> Option<(String, String)> {
         let old = self.old.as_ref()?;
         if !self.from_old_ok.load(Ordering::Relaxed) || now.size < SERVER_COPY_MIN {
             return None;
         }
         let rec = self.journal.copy(w.dev, now.ino).ok()??;
         if rec.is_dir {
+            return None;
+        }
+        // The record is of this very file, not of an earlier one whose inode number the
+        // staging file system gave again (a file renamed over the copy frees its number, and
+        // the next file may get it): else OLD's bytes would take the place of the new ones.
+        let handle = crate::store::posix::file_handle(std::os::fd::AsFd::as_fd(f)).ok()?;
+        if rec.handle.is_empty() || rec.handle != handle {
             return None;
         }
         let rel = String::from_utf8(rec.origin).ok()?;
@@ -666,7 +673,7 @@ impl Publisher {
                         }
                     }
                 }
-                if let Some((rel, etag)) = self.old_source(w, &now) {
+                if let Some((rel, etag)) = self.old_source(w, &f, &now) {
                     let old = self.old.as_ref().expect("old_source checked");
                     match self
                         .store
