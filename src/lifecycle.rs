@@ -327,15 +327,24 @@ const S3_KEY_MAX: usize = 1024;
 ///
 /// 1. Every name is checked first: an S3 key is UTF-8 and at most 1,024 bytes. A view holding
 ///    another name is refused, saying which, before anything is written.
-/// 2. The view is walked: a file whose bytes are still OLD's object at the same key stays as it
-///    is; every other file is PUT from NEW with its owner, mode and mtime as object metadata
-///    (s3fs's and rclone's conventions); a symlink is an object holding its target (s3fs);
-///    a directory with nothing in it gets a `name/` marker.
-/// 3. Every key below the prefix that the view does not show is deleted.
+/// 2. Staging: the view is walked once and what it takes is planned. A file whose bytes are
+///    still OLD's object at the same key stays as it is. A file that is OLD's object under
+///    another key (renamed through the view, not copied yet) is copied by the server, exactly
+///    the version the view shows, to `.ferryfs-abort/<its path>` first: the writes that follow
+///    may replace the key it comes from (`mv log log.1; touch log`, `mv data data.old; mkdir
+///    data`). Every other file and symlink is planned from NEW, and an empty directory as a
+///    `name/` marker. The plan is recorded in the journal.
+/// 3. Placing: the plan is carried out, from the journal, never from the view again: staged
+///    copies are copied into place by the server, files from NEW are PUT with their owner,
+///    mode and mtime as object metadata (s3fs's and rclone's conventions), a symlink is an
+///    object holding its target (s3fs). The keys below the prefix the view does not show are
+///    then listed once and recorded.
+/// 4. Deleting: the recorded keys, then the staging copies, are deleted.
 ///
-/// A crash anywhere is finished by running abort again: the view's records stay until the
-/// end, PUTs of the same bytes are harmless, and step 3 only deletes what the view lacks.
-/// Directory metadata and hard links (each name becomes an object of its own) are not kept.
+/// A crash anywhere is finished by running abort again, which goes on at the recorded step:
+/// OLD's own keys are written only once the plan is durable, and deleted only from the
+/// recorded list, so a rerun never reads the view over a half-written bucket. Directory
+/// metadata and hard links (each name becomes an object of its own) are not kept.
 fn abort_s3(
     view: &View,
     journal: &Records,
@@ -344,45 +353,150 @@ fn abort_s3(
     keep_new: bool,
     publisher: Option<&Publisher>,
 ) -> Result<String> {
-    let mut bad = Vec::new();
-    check_s3_names(view, &view.root(), "", &mut bad)?;
-    if !bad.is_empty() {
-        let shown: Vec<String> = bad.iter().take(10).cloned().collect();
-        return Err(refusal(format!(
-            "abort refused, nothing was changed: {} name(s) in the view are not UTF-8 or make \
-             an S3 key longer than {S3_KEY_MAX} bytes: {}; rename them through the view, then \
-             abort again",
-            bad.len(),
-            shown.join(", ")
-        )));
-    }
-    if journal.meta("abort_step")?.is_none() {
-        state::record_final_local(journal, new_root)?;
-        set_step(journal, "s3-writing")?;
-    }
-    let mut keep = std::collections::HashSet::new();
+    let step = journal
+        .meta("abort_step")?
+        .map(|s| String::from_utf8_lossy(&s).into_owned());
+    let step = match step.as_deref() {
+        Some(STEP_S3_PLACING | STEP_S3_DELETING) => step,
+        // Not begun, begun in an earlier version's steps, or staging: (again) from the start.
+        _ => None,
+    };
     let mut stats = AbortStats::default();
-    write_s3_dir(view, tree, &view.root(), "", &mut keep, &mut stats)?;
-    let mut extra = Vec::new();
-    tree.store
-        .list_all(&mut |rel, _| {
-            if !keep.contains(rel) {
-                extra.push(rel.to_string());
-            }
-        })
-        .map_err(s3_err("list OLD"))?;
+    if step.is_none() {
+        let mut bad = Vec::new();
+        check_s3_names(view, &view.root(), "", &mut bad)?;
+        if !bad.is_empty() {
+            let shown: Vec<String> = bad.iter().take(10).cloned().collect();
+            return Err(refusal(format!(
+                "abort refused, nothing was changed: {} name(s) in the view are not UTF-8, \
+                 make an S3 key longer than {S3_KEY_MAX} bytes, or are {STAGING} (the \
+                 abort's own) at the root: {}; rename them through the view, then abort again",
+                bad.len(),
+                shown.join(", ")
+            )));
+        }
+        if journal.meta("abort_step")?.is_none() {
+            state::record_final_local(journal, new_root)?;
+        }
+        set_step(journal, STEP_S3_STAGING)?;
+        // Staged copies an earlier try left: of a view that may have changed since.
+        delete_staged(tree)?;
+        let mut plan = Vec::new();
+        plan_s3_dir(view, tree, &view.root(), "", &mut plan)?;
+        let mut b = Batch::new();
+        b.meta(
+            "abort_s3_plan",
+            &serde_json::to_vec(&plan).expect("plan serializes"),
+        );
+        b.meta("abort_step", STEP_S3_PLACING.as_bytes());
+        journal.commit(b, true)?;
+    }
+    let step = journal
+        .meta("abort_step")?
+        .map(|s| String::from_utf8_lossy(&s).into_owned());
+    if step.as_deref() == Some(STEP_S3_PLACING) {
+        let plan: Vec<Planned> = journal
+            .meta("abort_s3_plan")?
+            .and_then(|p| serde_json::from_slice(&p).ok())
+            .ok_or_else(|| refusal("the abort's recorded plan is missing or unreadable".into()))?;
+        let mut keep = std::collections::HashSet::new();
+        for p in &plan {
+            count_written();
+            place(view, tree, p, &mut stats)?;
+            keep.insert(p.path().to_string());
+        }
+        // What the view shows, besides what was just written: OLD's own unchanged objects
+        // and the markers of its directories. (A renamed entry's key is planned: never
+        // looked for here.)
+        view_keys(view, &view.root(), "", &mut keep)?;
+        let staged_prefix = format!("{STAGING}/");
+        let mut extra = Vec::new();
+        tree.store
+            .list_all(&mut |rel, _| {
+                if !keep.contains(rel) && !rel.starts_with(&staged_prefix) {
+                    extra.push(rel.to_string());
+                }
+            })
+            .map_err(s3_err("list OLD"))?;
+        let mut b = Batch::new();
+        b.meta(
+            "abort_s3_deletes",
+            &serde_json::to_vec(&extra).expect("keys serialize"),
+        );
+        b.meta("abort_step", STEP_S3_DELETING.as_bytes());
+        journal.commit(b, true)?;
+    }
+    let extra: Vec<String> = journal
+        .meta("abort_s3_deletes")?
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .ok_or_else(|| {
+            refusal("the abort's recorded deletions are missing or unreadable".into())
+        })?;
     for rel in &extra {
         tree.store.delete(rel).map_err(s3_err("delete from OLD"))?;
     }
+    delete_staged(tree)?;
     let new_note = end_abort(journal, new_root, keep_new, publisher)?;
+    let mut b = Batch::new();
+    b.meta("abort_s3_plan", b"[]");
+    b.meta("abort_s3_deletes", b"[]");
+    journal.commit(b, false)?;
     Ok(format!(
-        "aborted: OLD ({}) now holds the view as it was ({} objects left as they were, {} \
-         written from NEW, {} deleted); {new_note}",
+        "aborted: OLD ({}) now holds the view as it was ({} objects written, {} of them \
+         renamed through the view, {} deleted); {new_note}",
         tree.store.url,
-        stats.linked,
         stats.copied,
+        stats.linked,
         extra.len()
     ))
+}
+
+const STEP_S3_STAGING: &str = "s3-staging";
+const STEP_S3_PLACING: &str = "s3-placing";
+const STEP_S3_DELETING: &str = "s3-deleting";
+
+/// One write of an abort into an S3 OLD (see [`abort_s3`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Planned {
+    /// An empty directory's marker (`path` ends in '/').
+    Marker { path: String, meta: PosixMeta },
+    /// OLD's object from another key, copied to [`staged_key`] of `path`.
+    Staged {
+        path: String,
+        size: u64,
+        meta: PosixMeta,
+    },
+    /// The view's file or symlink at `path`, from NEW.
+    New { path: String },
+}
+
+impl Planned {
+    fn path(&self) -> &str {
+        match self {
+            Planned::Marker { path, .. } | Planned::Staged { path, .. } | Planned::New { path } => {
+                path
+            }
+        }
+    }
+}
+
+fn staged_key(path: &str) -> String {
+    format!("{STAGING}/{path}")
+}
+
+fn delete_staged(tree: &Arc<S3Tree>) -> Result<()> {
+    let mut staged = Vec::new();
+    tree.store
+        .list_all_below(&format!("{STAGING}/"), &mut |rel, _| {
+            staged.push(rel.to_string())
+        })
+        .map_err(s3_err("list the abort's staged copies"))?;
+    for rel in &staged {
+        tree.store
+            .delete(rel)
+            .map_err(s3_err("delete a staged copy"))?;
+    }
+    Ok(())
 }
 
 fn s3_err(op: &'static str) -> impl Fn(crate::store::s3::S3Error) -> Error {
@@ -411,7 +525,19 @@ fn check_s3_names(view: &View, dir: &Arc<Inode>, rel: &str, bad: &mut Vec<String
             continue;
         };
         let path = s3_join(rel, n);
-        if path.len() + 1 > S3_KEY_MAX {
+        if path == STAGING {
+            // OLD's own `.ferryfs-abort` is an earlier try's staged copies (deleted before
+            // staging again); one made through the view would be lost: refused.
+            if let Some(e) = view.child(dir, &name)? {
+                let in_new = view.in_new(&e);
+                view.release_lookup(&e);
+                if in_new {
+                    bad.push(format!("{path:?}"));
+                }
+            }
+            continue;
+        }
+        if path.len() + 1 + STAGING.len() + 1 > S3_KEY_MAX {
             bad.push(format!("{path:?}"));
             continue;
         }
@@ -426,48 +552,80 @@ fn check_s3_names(view: &View, dir: &Arc<Inode>, rel: &str, bad: &mut Vec<String
     Ok(())
 }
 
-/// Step 2 of [`abort_s3`] for the view's directory `dir` at `rel`; `keep` gets every key the
-/// view shows.
-fn write_s3_dir(
+/// Staging, for the view's directory `dir` at `rel`: `plan` gets every write it takes, and
+/// the files it takes from OLD under another key are copied to their staged keys.
+fn plan_s3_dir(
     view: &View,
     tree: &Arc<S3Tree>,
     dir: &Arc<Inode>,
     rel: &str,
-    keep: &mut std::collections::HashSet<String>,
-    stats: &mut AbortStats,
+    plan: &mut Vec<Planned>,
 ) -> Result<()> {
     let children = view.children(dir)?;
     if children.is_empty() && !rel.is_empty() {
-        let key = format!("{rel}/");
         let meta = match view.backing(dir) {
             Some(l) => meta_of(&l.stat().ctx("stat view dir")?),
             None => PosixMeta::default(),
         };
-        tree.store
-            .put(&key, Vec::new(), &meta)
-            .map_err(s3_err("write a directory marker into OLD"))?;
-        keep.insert(key);
-    }
-    if !rel.is_empty() {
-        // A marker OLD had for this directory stays (it may carry the directory's metadata).
-        keep.insert(format!("{rel}/"));
+        plan.push(Planned::Marker {
+            path: format!("{rel}/"),
+            meta,
+        });
     }
     for (name, _) in children {
+        if rel.is_empty() && name == STAGING {
+            continue; // the abort's own (see check_s3_names)
+        }
         let Some(inode) = view.child(dir, &name)? else {
             continue;
         };
         let path = s3_join(rel, &name.to_string_lossy());
-        count_written();
         let r = if inode.kind == Kind::Dir {
-            stats.dirs += 1;
-            write_s3_dir(view, tree, &inode, &path, keep, stats)
+            plan_s3_dir(view, tree, &inode, &path, plan)
         } else {
-            write_s3_entry(view, tree, &inode, &path, stats)
+            plan_s3_entry(view, tree, &inode, path, plan)
         };
         view.release_lookup(&inode);
         r?;
-        keep.insert(path);
     }
+    Ok(())
+}
+
+fn plan_s3_entry(
+    view: &View,
+    tree: &Arc<S3Tree>,
+    inode: &Arc<Inode>,
+    path: String,
+    plan: &mut Vec<Planned>,
+) -> Result<()> {
+    // OLD's own object, unchanged, at this very key: nothing to write.
+    if let Some(old) = view.old_source(inode)?
+        && old.object().is_some_and(|o| o.rel == path)
+    {
+        return Ok(());
+    }
+    let src = view
+        .backing(inode)
+        .ok_or_else(|| crate::error::errno_err("entry has no backing", libc::ENOENT))?;
+    let Some(o) = src.object() else {
+        plan.push(Planned::New { path });
+        return Ok(());
+    };
+    // OLD's object under another name (renamed through the view, not copied yet): copied
+    // aside, exactly the version the view shows, before any key of OLD is written.
+    let info = o
+        .object
+        .as_ref()
+        .ok_or_else(|| crate::error::errno_err("an S3 directory where a file was", libc::EISDIR))?;
+    let meta = meta_of(&o.st);
+    tree.store
+        .copy(&info.rel, &staged_key(&path), &info.etag, info.size, &meta)
+        .map_err(s3_err("copy a renamed object aside in OLD"))?;
+    plan.push(Planned::Staged {
+        path,
+        size: info.size,
+        meta,
+    });
     Ok(())
 }
 
@@ -481,39 +639,57 @@ fn meta_of(st: &rustix::fs::Stat) -> PosixMeta {
     }
 }
 
-fn write_s3_entry(
-    view: &View,
-    tree: &Arc<S3Tree>,
-    inode: &Arc<Inode>,
-    path: &str,
-    stats: &mut AbortStats,
-) -> Result<()> {
-    // OLD's own object, unchanged, at this very key: nothing to write.
-    if let Some(old) = view.old_source(inode)?
-        && old.object().is_some_and(|o| o.rel == path)
-    {
-        stats.linked += 1;
-        return Ok(());
+/// Placing: one planned write.
+fn place(view: &View, tree: &Arc<S3Tree>, p: &Planned, stats: &mut AbortStats) -> Result<()> {
+    match p {
+        Planned::Marker { path, meta } => {
+            tree.store
+                .put(path, Vec::new(), meta)
+                .map_err(s3_err("write a directory marker into OLD"))?;
+        }
+        Planned::Staged { path, size, meta } => {
+            tree.store
+                .copy(&staged_key(path), path, "", *size, meta)
+                .map_err(s3_err("copy a renamed object into place in OLD"))?;
+            stats.linked += 1;
+        }
+        Planned::New { path } => {
+            let inode = view_entry(view, path)?.ok_or_else(|| {
+                crate::error::errno_err("a planned entry left the view", libc::ENOENT)
+            })?;
+            let r = put_from_new(view, tree, &inode, path);
+            view.release_lookup(&inode);
+            r?;
+        }
     }
+    stats.copied += 1;
+    Ok(())
+}
+
+/// The view's entry at the S3 path `path` (looked up: release it).
+fn view_entry(view: &View, path: &str) -> Result<Option<Arc<Inode>>> {
+    let mut cur = view.root();
+    let mut looked_up = false;
+    for part in path.split('/') {
+        let next = view.child(&cur, OsStr::new(part));
+        if looked_up {
+            view.release_lookup(&cur);
+        }
+        match next? {
+            Some(i) => {
+                cur = i;
+                looked_up = true;
+            }
+            None => return Ok(None),
+        }
+    }
+    Ok(looked_up.then_some(cur))
+}
+
+fn put_from_new(view: &View, tree: &Arc<S3Tree>, inode: &Arc<Inode>, path: &str) -> Result<()> {
     let src = view
         .backing(inode)
         .ok_or_else(|| crate::error::errno_err("entry has no backing", libc::ENOENT))?;
-    if src.object().is_some() {
-        // OLD's object under another name (renamed through the view, not copied yet).
-        let o = src.object().expect("checked");
-        let info = o.object.as_ref().ok_or_else(|| {
-            crate::error::errno_err("an S3 directory where a file was", libc::EISDIR)
-        })?;
-        let f = anonymous_temp_file()?;
-        tree.store
-            .get_to_file(&info.rel, &info.etag, &f, &mut |_| true)
-            .map_err(s3_err("read OLD object"))?;
-        tree.store
-            .put_file(path, &f, &meta_of(&o.st))
-            .map_err(s3_err("write into OLD"))?;
-        stats.copied += 1;
-        return Ok(());
-    }
     let st = src.stat().ctx("stat view entry")?;
     let meta = meta_of(&st);
     match Kind::from_mode(st.st_mode) {
@@ -535,20 +711,35 @@ fn write_s3_entry(
                 .map_err(s3_err("write into OLD"))?;
         }
     }
-    stats.copied += 1;
     Ok(())
 }
 
-/// An anonymous temporary file (for an object on its way from one key to another).
-fn anonymous_temp_file() -> Result<std::fs::File> {
-    rustix::fs::openat(
-        rustix::fs::CWD,
-        std::env::temp_dir().as_path(),
-        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
-    )
-    .map(std::fs::File::from)
-    .ctx("O_TMPFILE in the temp dir")
+/// Every key the view's directory `dir` at `rel` shows: names, and `name/` for directories
+/// (a marker OLD had for a directory stays: it may carry the directory's metadata).
+fn view_keys(
+    view: &View,
+    dir: &Arc<Inode>,
+    rel: &str,
+    keep: &mut std::collections::HashSet<String>,
+) -> Result<()> {
+    if !rel.is_empty() {
+        keep.insert(format!("{rel}/"));
+    }
+    for (name, kind) in view.children(dir)? {
+        if rel.is_empty() && name == STAGING {
+            continue; // the abort's own
+        }
+        let path = s3_join(rel, &name.to_string_lossy());
+        if kind == Kind::Dir
+            && let Some(sub) = view.child(dir, &name)?
+        {
+            let r = view_keys(view, &sub, &path, keep);
+            view.release_lookup(&sub);
+            r?;
+        }
+        keep.insert(path);
+    }
+    Ok(())
 }
 
 /// The last step of every abort, once OLD holds the view: NEW emptied (unless kept, or it held

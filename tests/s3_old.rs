@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::garage::Garage;
-use common::{Fixture, ferryfs, ok};
+use common::{BIN, Fixture, ferryfs, ok};
 use ferryfs::store::s3::{PosixMeta, S3Store, S3Url};
 
 fn server() -> &'static Garage {
@@ -416,6 +416,98 @@ fn abort_writes_the_view_back_into_the_bucket() {
     assert_eq!(f.status_json()["phase"], "aborted");
     // NEW was empty before: it is empty again.
     assert!(fs::read_dir(&f.new).unwrap().next().is_none());
+}
+
+/// Abort into a bucket when names were reused through the view: a file renamed away and a new
+/// one made at its name (log rotation), a directory renamed away and made again. Each renamed
+/// entry still reads OLD's object at its old key, which abort also writes: OLD must end with
+/// both, each with its own bytes, whatever order abort meets them in; and so when the abort is
+/// killed (-9) part way, at several moments, and run again.
+#[test]
+fn abort_into_a_bucket_keeps_renamed_objects_whose_old_keys_were_reused() {
+    for (i, kill_after_ms) in [None, Some(450), Some(600), Some(750), Some(900)]
+        .into_iter()
+        .enumerate()
+    {
+        abort_with_reused_names(&format!("s3-old-reuse-{i}"), kill_after_ms);
+    }
+}
+
+fn abort_with_reused_names(bucket: &str, kill_after_ms: Option<u64>) {
+    let g = server();
+    g.bucket(bucket);
+    let s = store(bucket);
+    let mut names = Vec::new();
+    for i in 0..6 {
+        names.push(format!("log{i}"));
+        s.put(
+            &format!("log{i}"),
+            format!("old log {i}").into_bytes(),
+            &PosixMeta::default(),
+        )
+        .unwrap();
+    }
+    s.put("data/x", b"old data".to_vec(), &PosixMeta::default())
+        .unwrap();
+    let mut f = Fixture::new();
+    prepare(&f, &format!("s3://{bucket}"));
+    f.mount_with(&f.mnt.clone(), &["--no-copy"]);
+    for n in &names {
+        fs::rename(f.v(n), f.v(&format!("{n}.1"))).unwrap();
+        fs::write(f.v(n), format!("new {n}")).unwrap();
+    }
+    fs::rename(f.v("data"), f.v("data.old")).unwrap();
+    fs::create_dir(f.v("data")).unwrap();
+    fs::write(f.v("data/x"), b"new data").unwrap();
+    f.unmount();
+    if let Some(ms) = kill_after_ms {
+        let mut first = std::process::Command::new(BIN)
+            .arg("abort")
+            .arg("--state")
+            .arg(&f.state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let _ = first.kill();
+        first.wait().unwrap();
+    }
+    // (A first abort the kill came too late for has finished: nothing to run again.)
+    let phase = f.status_json()["phase"].clone();
+    eprintln!(
+        "{bucket}: phase {phase} after the first abort, keys {:?}",
+        keys(g, bucket)
+    );
+    if phase != "aborted" {
+        let out = ok(f.cmd("abort", &[]));
+        assert!(out.contains("aborted"), "{out}");
+    }
+    let get = |k: &str| {
+        let o = s
+            .head(k)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{bucket}: {k} missing from OLD"));
+        let r = ferryfs::store::s3::ObjectReader::new(s.clone(), o, 1 << 20);
+        String::from_utf8(r.read_at(0, 1 << 20).unwrap()).unwrap()
+    };
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(
+            get(&format!("{n}.1")),
+            format!("old log {i}"),
+            "{bucket}: {n}.1"
+        );
+        assert_eq!(get(n), format!("new {n}"), "{bucket}: {n}");
+    }
+    assert_eq!(get("data.old/x"), "old data");
+    assert_eq!(get("data/x"), "new data");
+    // Nothing of the abort's own is left in the bucket.
+    let left = keys(g, bucket);
+    assert!(
+        left.iter().all(|k| !k.starts_with(".ferryfs")),
+        "{bucket}: {left:?}"
+    );
+    assert_eq!(f.status_json()["phase"], "aborted");
 }
 
 #[test]

@@ -359,7 +359,7 @@ where
 }
 
 /// POSIX attributes taken from an object's user metadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PosixMeta {
     /// Permission bits and, when the writer recorded it (s3fs), the file type.
     pub mode: Option<u32>,
