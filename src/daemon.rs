@@ -357,6 +357,21 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
             Err(e) => return Err(fail(&mut ready, e.to_string())),
         }
     };
+    // An abort that went past its staging has begun to rewrite OLD: the view's records no
+    // longer match it, and changes made through a view now would not be in OLD at the end.
+    if let Ok(Some(step)) = migration.journal.meta("abort_step")
+        && crate::lifecycle::abort_rewrites_old(&step)
+    {
+        return Err(fail(
+            &mut ready,
+            format!(
+                "an abort of this migration is under way and has begun to write OLD ({}): run \
+                 `ferryfs abort --state {}` again to finish it; the view cannot be served",
+                String::from_utf8_lossy(&step),
+                args.state.display()
+            ),
+        ));
+    }
     let notifier = Arc::new(notifier);
     let opened = match &taken {
         // The stores' roots as the old daemon opened them: with the view mounted in place,

@@ -451,6 +451,19 @@ fn abort_s3(
     ))
 }
 
+/// Whether an abort at `step` has begun to change OLD's own entries (past its staging, not
+/// done): a view over OLD cannot be served then, only the abort finished.
+pub fn abort_rewrites_old(step: &[u8]) -> bool {
+    [
+        STEP_EMPTYING,
+        STEP_FILLING,
+        STEP_S3_PLACING,
+        STEP_S3_DELETING,
+    ]
+    .iter()
+    .any(|s| s.as_bytes() == step)
+}
+
 const STEP_S3_STAGING: &str = "s3-staging";
 const STEP_S3_PLACING: &str = "s3-placing";
 const STEP_S3_DELETING: &str = "s3-deleting";

@@ -682,3 +682,44 @@ fn files_applications_read_are_copied_first() {
     );
     f.unmount();
 }
+
+/// An abort that failed after it began to rewrite OLD (here: OLD holds a mountpoint, which
+/// cannot be moved aside, EBUSY) leaves the view unservable: `mount` refuses, saying to run
+/// abort again, instead of serving a view whose records no longer match OLD. Once the cause
+/// is gone, abort again finishes, and OLD equals the view as it was.
+#[test]
+fn a_mount_is_refused_while_an_abort_that_began_rewriting_old_is_unfinished() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    fs::create_dir(f.old.join("m")).unwrap();
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy"]);
+    write(&f.v("a"), b"a, changed");
+    write(&f.v("fresh"), b"new");
+    let snapshot = full_manifest(&f.mnt);
+    f.unmount();
+    let m = f.old.join("m");
+    mounted_tmpfs(&m, "1m");
+    let guard = Unmount(&m);
+    let busy = f.cmd("abort", &[]);
+    drop(guard);
+    assert!(
+        !busy.status.success(),
+        "abort moved a mountpoint aside: {}",
+        out_text(&busy)
+    );
+    let refused = f.try_mount(&mnt, &["--no-copy"]);
+    assert!(!refused.status.success(), "mounted mid-abort");
+    let says = out_text(&refused);
+    assert!(says.contains("abort") && says.contains("again"), "{says}");
+    assert_ok(f.cmd("abort", &[]));
+    // (`m` itself took the tmpfs root's mode and times while mounted over: left out.)
+    let mut after = full_manifest(&f.old);
+    let mut snapshot = snapshot;
+    for m in [&mut after, &mut snapshot] {
+        m.remove(b"m".as_slice());
+    }
+    assert!(after == snapshot, "{}", diff(&snapshot, &after));
+    assert!(f.old.join("m").is_dir());
+}

@@ -425,7 +425,7 @@ fn abort_writes_the_view_back_into_the_bucket() {
 /// killed (-9) part way, at several moments, and run again.
 #[test]
 fn abort_into_a_bucket_keeps_renamed_objects_whose_old_keys_were_reused() {
-    for (i, kill_after_ms) in [None, Some(450), Some(600), Some(750), Some(900)]
+    for (i, kill_after_ms) in [None, Some(250), Some(400), Some(550), Some(700), Some(850)]
         .into_iter()
         .enumerate()
     {
@@ -482,6 +482,7 @@ fn abort_with_reused_names(bucket: &str, kill_after_ms: Option<u64>) {
     if phase != "aborted" {
         let out = ok(f.cmd("abort", &[]));
         assert!(out.contains("aborted"), "{out}");
+        eprintln!("{bucket}: {}", out.lines().last().unwrap_or_default());
     }
     let get = |k: &str| {
         let o = s
