@@ -413,7 +413,7 @@ fn abort_s3(
         let mut extra = Vec::new();
         tree.store
             .list_all(&mut |rel, _| {
-                if !keep.contains(rel) && !rel.starts_with(&staged_prefix) {
+                if !keep.contains(rel) && !rel.starts_with(&staged_prefix) && nameable(rel) {
                     extra.push(rel.to_string());
                 }
             })
@@ -462,6 +462,17 @@ pub fn abort_rewrites_old(step: &[u8]) -> bool {
     ]
     .iter()
     .any(|s| s.as_bytes() == step)
+}
+
+/// Whether a key below OLD's prefix is one a view path can name: no empty, `.` or `..`
+/// component (`a//b`, `/x`, `a/./b`). The view never shows the others, so abort leaves them
+/// where they are rather than delete what it never saw.
+fn nameable(rel: &str) -> bool {
+    let rel = rel.strip_suffix('/').unwrap_or(rel);
+    !rel.is_empty()
+        && rel
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 const STEP_S3_STAGING: &str = "s3-staging";
@@ -959,4 +970,19 @@ pub(crate) fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         rustix::fs::unlinkat(dir, name, AtFlags::empty()).ctx("unlink")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nameable;
+
+    #[test]
+    fn abort_deletes_only_keys_a_view_path_can_name() {
+        for k in ["a", "a/b", "dir/", "a b/c+d%20", "x.y/..z"] {
+            assert!(nameable(k), "{k}");
+        }
+        for k in ["", "/", "/x", "a//b", "a/./b", "../x", "a/..", "x//"] {
+            assert!(!nameable(k), "{k}");
+        }
+    }
 }
