@@ -615,6 +615,17 @@ impl Publisher {
                 // The object now holds the file as `now` saw it, unless the file changed since.
                 let keep = |etag: String, md5: String, done: Done| -> Result<Done, S3Error> {
                     if !same_stat(&fstat(&f)?, &now) {
+                        // The key holds what was sent, not what its record says, if anything
+                        // was sent: the record becomes pending (never taken for what the
+                        // bucket holds), so that a file changed back to the recorded bytes is
+                        // sent again rather than recorded as there.
+                        if let Some(h) = had.filter(|_| !matches!(done, Done::Recorded)) {
+                            let rec = Published {
+                                pending: true,
+                                ..h.clone()
+                            };
+                            self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
+                        }
                         return Ok(Done::Changed);
                     }
                     let rec = Published {
