@@ -234,15 +234,7 @@ fn abort(ctx: &Ctx, keep_new: bool) -> Response {
     };
     match res {
         Ok(msg) => {
-            let mp = ctx.mountpoint.clone();
-            std::thread::spawn(move || {
-                // Let the answer reach the client first.
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                tracing::info!(mountpoint = %mp.display(), "aborted: detaching the view");
-                if let Err(e) = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH) {
-                    tracing::error!(error = %e, "detaching the view after abort");
-                }
-            });
+            detach_soon(ctx.mountpoint.clone(), "aborted");
             Response::ok(
                 format!(
                     "{msg}; the view at {} is detached",
@@ -251,10 +243,40 @@ fn abort(ctx: &Ctx, keep_new: bool) -> Response {
                 serde_json::json!({ "mountpoint": ctx.mountpoint }),
             )
         }
+        // Stopped after it began to rewrite OLD: the view's records no longer match OLD, and
+        // a change made through it now would not reach OLD. Detached as after an abort
+        // (`mount` refuses until abort is run again).
+        Err(e)
+            if ctx
+                .journal
+                .meta("abort_step")
+                .ok()
+                .flatten()
+                .is_some_and(|s| crate::lifecycle::abort_rewrites_old(&s)) =>
+        {
+            detach_soon(ctx.mountpoint.clone(), "abort stopped part way");
+            Response::err(format!(
+                "{e} (OLD is partly rewritten, so the view at {} is detached; run `ferryfs \
+                 abort` again to finish)",
+                ctx.mountpoint.display()
+            ))
+        }
         Err(e) => Response::err(format!(
             "{e} (the copier is stopped; run `ferryfs abort` again to finish)"
         )),
     }
+}
+
+/// Detach the view lazily (open files keep working until closed) once the answer has had a
+/// moment to reach the client; the daemon exits once the kernel lets go.
+fn detach_soon(mp: std::path::PathBuf, why: &'static str) {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        tracing::info!(mountpoint = %mp.display(), why, "detaching the view");
+        if let Err(e) = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH) {
+            tracing::error!(error = %e, "detaching the view");
+        }
+    });
 }
 
 /// Send one request to the daemon serving `state`. `Ok(None)`: no daemon listens there.

@@ -723,3 +723,32 @@ fn a_mount_is_refused_while_an_abort_that_began_rewriting_old_is_unfinished() {
     assert!(after == snapshot, "{}", diff(&snapshot, &after));
     assert!(f.old.join("m").is_dir());
 }
+
+/// The same stop during an abort asked of the mounted daemon: once OLD is partly rewritten,
+/// the daemon detaches the view (as a finished abort does) instead of serving changes that
+/// would never reach OLD; abort run again finishes.
+#[test]
+fn an_online_abort_stopped_after_it_began_rewriting_old_detaches_the_view() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    fs::create_dir(f.old.join("m")).unwrap();
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy"]);
+    write(&f.v("fresh"), b"new");
+    let m = f.old.join("m");
+    mounted_tmpfs(&m, "1m");
+    let guard = Unmount(&m);
+    let busy = f.cmd("abort", &[]);
+    assert!(!busy.status.success(), "{}", out_text(&busy));
+    let says = out_text(&busy);
+    assert!(says.contains("detached"), "{says}");
+    wait_for("the view to be detached", 10, || {
+        ferryfs_mount_source(&mnt).is_none()
+    });
+    drop(guard);
+    wait_for("the daemon to exit", 10, || f.daemon_pid().is_none());
+    assert_ok(f.cmd("abort", &[]));
+    assert_eq!(fs::read(f.old.join("fresh")).unwrap(), b"new");
+    assert_eq!(fs::read(f.old.join("a")).unwrap(), b"a");
+}
