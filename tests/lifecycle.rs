@@ -683,20 +683,27 @@ fn files_applications_read_are_copied_first() {
     f.unmount();
 }
 
-/// An abort that failed after it began to rewrite OLD (here: OLD holds a mountpoint, which
-/// cannot be moved aside, EBUSY) leaves the view unservable: `mount` refuses, saying to run
-/// abort again, instead of serving a view whose records no longer match OLD. Once the cause
-/// is gone, abort again finishes, and OLD equals the view as it was.
-#[test]
-fn a_mount_is_refused_while_an_abort_that_began_rewriting_old_is_unfinished() {
+/// OLD holding `a` and a directory `m` (a mountpoint later, which abort cannot move aside),
+/// the view mounted without the copier, and `fresh` made through it.
+fn view_over_old_with_a_dir_m() -> (Fixture, std::path::PathBuf) {
     let mut f = Fixture::new();
     write(&f.old.join("a"), b"a");
     fs::create_dir(f.old.join("m")).unwrap();
     f.prepare();
     let mnt = f.mnt.clone();
     f.mount_with(&mnt, &["--no-copy"]);
-    write(&f.v("a"), b"a, changed");
     write(&f.v("fresh"), b"new");
+    (f, mnt)
+}
+
+/// An abort that failed after it began to rewrite OLD (here: OLD holds a mountpoint, which
+/// cannot be moved aside, EBUSY) leaves the view unservable: `mount` refuses, saying to run
+/// abort again, instead of serving a view whose records no longer match OLD. Once the cause
+/// is gone, abort again finishes, and OLD equals the view as it was.
+#[test]
+fn a_mount_is_refused_while_an_abort_that_began_rewriting_old_is_unfinished() {
+    let (mut f, mnt) = view_over_old_with_a_dir_m();
+    write(&f.v("a"), b"a, changed");
     let snapshot = full_manifest(&f.mnt);
     f.unmount();
     let m = f.old.join("m");
@@ -729,13 +736,7 @@ fn a_mount_is_refused_while_an_abort_that_began_rewriting_old_is_unfinished() {
 /// would never reach OLD; abort run again finishes.
 #[test]
 fn an_online_abort_stopped_after_it_began_rewriting_old_detaches_the_view() {
-    let mut f = Fixture::new();
-    write(&f.old.join("a"), b"a");
-    fs::create_dir(f.old.join("m")).unwrap();
-    f.prepare();
-    let mnt = f.mnt.clone();
-    f.mount_with(&mnt, &["--no-copy"]);
-    write(&f.v("fresh"), b"new");
+    let (f, mnt) = view_over_old_with_a_dir_m();
     let m = f.old.join("m");
     mounted_tmpfs(&m, "1m");
     let guard = Unmount(&m);
