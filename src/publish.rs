@@ -69,6 +69,9 @@ pub struct PassReport {
     pub from_old: u64,
     pub from_old_bytes: u64,
     pub deleted: u64,
+    /// Keys gone from the staging tree whose deletion waits for a pass that saw no failure,
+    /// no file changing and no entry vanishing (see [`Publisher::pass`]).
+    pub held: u64,
     /// Files that changed while they uploaded (the next pass takes them again).
     pub changed: u64,
     /// (key, error) of what failed this pass.
@@ -80,7 +83,7 @@ pub struct PassReport {
 impl PassReport {
     /// The bucket held what the staging tree held: the pass had nothing to do.
     pub fn clean(&self) -> bool {
-        self.uploaded + self.copied + self.from_old + self.deleted + self.changed == 0
+        self.uploaded + self.copied + self.from_old + self.deleted + self.held + self.changed == 0
             && self.errors.is_empty()
             && !self.interrupted
     }
@@ -322,7 +325,16 @@ impl Publisher {
         let mut wants = Vec::new();
         let mut bad = Vec::new();
         let root = PosixStore::open(&self.stage)?;
-        walk(root.root(), Path::new(""), "", &mut wants, &mut bad)?;
+        let partial = std::cell::Cell::new(false);
+        walk(
+            root.root(),
+            Path::new(""),
+            "",
+            &mut wants,
+            &mut bad,
+            &partial,
+        )?;
+        let partial = partial.get();
         // The store's prefix is part of every key.
         let room = KEY_MAX.saturating_sub(self.store.url.prefix.len());
         wants.retain(|w| {
@@ -363,6 +375,7 @@ impl Publisher {
             records,
             todo,
             gone,
+            partial,
         })
     }
 
@@ -388,6 +401,7 @@ impl Publisher {
             records,
             todo,
             gone,
+            partial,
         } = self.diff()?;
         report.objects = wants.len() as u64;
         // Where the bytes of a staged inode already are in the bucket: (ino, size, mtime).
@@ -420,6 +434,8 @@ impl Publisher {
         }
         let out = Mutex::new(&mut report);
         let next = AtomicU64::new(0);
+        // Indices into `todo` of the keys this pass failed to bring up to date.
+        let unsure: Mutex<Vec<usize>> = Mutex::new(Vec::new());
         std::thread::scope(|s| {
             for _ in 0..self.workers.min(todo.len()) {
                 s.spawn(|| {
@@ -442,17 +458,41 @@ impl Publisher {
                                 o.from_old_bytes += n;
                             }
                             Ok(Done::Recorded) => {}
-                            Ok(Done::Changed) => o.changed += 1,
-                            Err(e) => o.errors.push((w.key.clone(), e.to_string())),
+                            Ok(Done::Changed) => {
+                                o.changed += 1;
+                                unsure.lock().unwrap_or_else(|p| p.into_inner()).push(i);
+                            }
+                            Err(e) => {
+                                o.errors.push((w.key.clone(), e.to_string()));
+                                unsure.lock().unwrap_or_else(|p| p.into_inner()).push(i);
+                            }
                         }
                     }
                 });
             }
         });
+        // Deletions last: a renamed file's bytes were copied to its new key above. Held where
+        // that may not hold, as a key gone from the tree may then be the only copy in the
+        // bucket of what another key should hold: every one, when the walk met an entry that
+        // vanished (a directory renamed while it was listed, whose new name it never saw);
+        // else those of the inode and size of a key this pass failed to bring up to date (an
+        // error, a file changing). They wait for a later pass; this one is not clean.
+        let unsure: HashSet<(u64, u64)> = unsure
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .map(|i| (todo[i].rec.ino, todo[i].rec.size))
+            .collect();
+        let (held, gone): (Vec<String>, Vec<String>) = gone.into_iter().partition(|k| {
+            partial
+                || records
+                    .get(k)
+                    .is_some_and(|r| unsure.contains(&(r.ino, r.size)))
+        });
+        report.held = held.len() as u64;
         for (key, why) in bad {
             report.errors.push((key, why));
         }
-        // Deletions last: a renamed file's bytes were copied to its new key above.
         if !self.halted() {
             for key in &gone {
                 match self.store.delete(key) {
@@ -842,6 +882,8 @@ struct Diff {
     todo: Vec<usize>,
     /// Recorded keys the staging tree no longer has.
     gone: Vec<String>,
+    /// The walk met an entry that vanished while it looked (renamed or removed meanwhile).
+    partial: bool,
 }
 
 enum Done {
@@ -871,8 +913,15 @@ fn walk(
     key_dir: &str,
     wants: &mut Vec<Want>,
     bad: &mut Vec<(String, String)>,
+    partial: &std::cell::Cell<bool>,
 ) -> std::io::Result<()> {
-    let gone = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOENT);
+    let gone = |e: &std::io::Error| {
+        let g = e.raw_os_error() == Some(libc::ENOENT);
+        if g {
+            partial.set(true);
+        }
+        g
+    };
     let names = match read_dir_names(dir) {
         Ok(n) => n,
         // Removed since it was listed (through the view): the next pass.
@@ -928,7 +977,7 @@ fn walk(
             if stat_fd(sub.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFDIR {
                 continue;
             }
-            walk(sub.as_fd(), &path, &key, wants, bad)?;
+            walk(sub.as_fd(), &path, &key, wants, bad, partial)?;
         }
     }
     Ok(())
