@@ -383,22 +383,13 @@ fn abort_s3(
         delete_staged(tree)?;
         let mut plan = Vec::new();
         plan_s3_dir(view, tree, &view.root(), "", &mut plan)?;
-        let mut b = Batch::new();
-        b.meta(
-            "abort_s3_plan",
-            &serde_json::to_vec(&plan).expect("plan serializes"),
-        );
-        b.meta("abort_step", STEP_S3_PLACING.as_bytes());
-        journal.commit(b, true)?;
+        set_step_with(journal, STEP_S3_PLACING, PLAN, &plan)?;
     }
     let step = journal
         .meta("abort_step")?
         .map(|s| String::from_utf8_lossy(&s).into_owned());
     if step.as_deref() == Some(STEP_S3_PLACING) {
-        let plan: Vec<Planned> = journal
-            .meta("abort_s3_plan")?
-            .and_then(|p| serde_json::from_slice(&p).ok())
-            .ok_or_else(|| refusal("the abort's recorded plan is missing or unreadable".into()))?;
+        let plan: Vec<Planned> = recorded(journal, PLAN)?;
         let mut keep = std::collections::HashSet::new();
         for p in &plan {
             count_written();
@@ -418,28 +409,17 @@ fn abort_s3(
                 }
             })
             .map_err(s3_err("list OLD"))?;
-        let mut b = Batch::new();
-        b.meta(
-            "abort_s3_deletes",
-            &serde_json::to_vec(&extra).expect("keys serialize"),
-        );
-        b.meta("abort_step", STEP_S3_DELETING.as_bytes());
-        journal.commit(b, true)?;
+        set_step_with(journal, STEP_S3_DELETING, DELETES, &extra)?;
     }
-    let extra: Vec<String> = journal
-        .meta("abort_s3_deletes")?
-        .and_then(|p| serde_json::from_slice(&p).ok())
-        .ok_or_else(|| {
-            refusal("the abort's recorded deletions are missing or unreadable".into())
-        })?;
+    let extra: Vec<String> = recorded(journal, DELETES)?;
     for rel in &extra {
         tree.store.delete(rel).map_err(s3_err("delete from OLD"))?;
     }
     delete_staged(tree)?;
     let new_note = end_abort(journal, new_root, keep_new, publisher)?;
     let mut b = Batch::new();
-    b.meta("abort_s3_plan", b"[]");
-    b.meta("abort_s3_deletes", b"[]");
+    b.meta(PLAN, b"[]");
+    b.meta(DELETES, b"[]");
     journal.commit(b, false)?;
     Ok(format!(
         "aborted: OLD ({}) now holds the view as it was ({} objects written, {} of them \
@@ -473,6 +453,36 @@ fn nameable(rel: &str) -> bool {
         && rel
             .split('/')
             .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Journal meta keys of an abort into an S3 OLD: its plan, and the keys it deletes.
+const PLAN: &str = "abort_s3_plan";
+const DELETES: &str = "abort_s3_deletes";
+
+/// Move to `step`, with what it works from (`value`, as JSON at meta `key`), in one durable
+/// write.
+fn set_step_with(
+    journal: &Records,
+    step: &str,
+    key: &str,
+    value: &impl serde::Serialize,
+) -> Result<()> {
+    let mut b = Batch::new();
+    b.meta(
+        key,
+        &serde_json::to_vec(value).expect("abort records serialize"),
+    );
+    b.meta("abort_step", step.as_bytes());
+    journal.commit(b, true)?;
+    Ok(())
+}
+
+/// What [`set_step_with`] recorded at `key`.
+fn recorded<T: serde::de::DeserializeOwned>(journal: &Records, key: &str) -> Result<T> {
+    journal
+        .meta(key)?
+        .and_then(|v| serde_json::from_slice(&v).ok())
+        .ok_or_else(|| refusal(format!("the abort's record {key} is missing or unreadable")))
 }
 
 const STEP_S3_STAGING: &str = "s3-staging";

@@ -35,7 +35,9 @@ use serde::Serialize;
 use rustix::fs::OFlags;
 
 use crate::journal::{Batch, CopyError, Published, Records};
-use crate::store::posix::{PosixStore, open_child, read_dir_names, reopen, stat_at, stat_fd};
+use crate::store::posix::{
+    PosixStore, open_child, read_dir_names, reopen, stat_at, stat_fd, vanished,
+};
 use crate::store::s3::{PosixMeta, S3Error, S3Store};
 
 /// The staging tree's directory inside the state dir.
@@ -864,14 +866,6 @@ const SERVER_COPY_MIN: u64 = 1 << 20;
 /// The MD5 of a recorded file (records before `md5` was kept: the ETag of a single PUT).
 fn md5_of(r: &Published) -> &str {
     if r.md5.is_empty() { &r.etag } else { &r.md5 }
-}
-
-/// Renamed or removed through the view since the walk (the next pass sees where it went).
-fn vanished(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
-    )
 }
 
 struct Diff {

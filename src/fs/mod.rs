@@ -296,12 +296,7 @@ impl View {
         };
         let dir = match self.new.open_path(parent) {
             Ok(d) => Arc::new(d),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
-                ) =>
-            {
+            Err(e) if posix::vanished(&e) => {
                 return Ok(None);
             }
             Err(e) => {
@@ -410,14 +405,7 @@ impl View {
                 Ok(Some((path, loc, st)))
             }
             Ok(None) => Ok(None),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
-                ) =>
-            {
-                Ok(None)
-            }
+            Err(e) if posix::vanished(&e) => Ok(None),
             Err(e) => Err(Error::Store {
                 op: "open OLD entry",
                 source: e,
@@ -878,14 +866,7 @@ impl View {
             // copier pass or commit's check walking this listing must not skip it unseen.
             let found = match self.old.locate_path(origin) {
                 Ok(f) => Some(f),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
-                    ) =>
-                {
-                    None
-                }
+                Err(e) if posix::vanished(&e) => None,
                 Err(e) => {
                     return Err(Error::Store {
                         op: "open a renamed entry's OLD origin",

@@ -322,6 +322,15 @@ fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
 }
 
+/// Whether an error resolving a path means nothing is there any more (removed, renamed, or a
+/// component that became a non-directory or a symlink), not that the store failed.
+pub fn vanished(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+    )
+}
+
 impl Loc {
     pub fn stat(&self) -> io::Result<rustix::fs::Stat> {
         match self {
