@@ -281,6 +281,68 @@ fn abort_without_a_daemon_after_unmount_and_keep_new() {
 }
 
 #[test]
+fn kill_9_while_copying_symlinks_and_fifos_leaves_none_with_the_wrong_owner_or_times() {
+    let mut f = Fixture::new();
+    // Many entries whose copy is all metadata: a kill lands inside one copy's making.
+    for d in 0..10 {
+        let dir = f.old.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..1500 {
+            let p = dir.join(format!("l{i:04}"));
+            symlink(format!("target-{d}-{i}"), &p).unwrap();
+            std::os::unix::fs::lchown(&p, Some(4321), Some(4322)).unwrap();
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &p,
+                &fixed_times(),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+        }
+        for i in 0..300 {
+            let p = dir.join(format!("p{i:03}"));
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &p,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o640),
+                0,
+            )
+            .unwrap();
+            std::os::unix::fs::lchown(&p, Some(4321), Some(4322)).unwrap();
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &p,
+                &fixed_times(),
+                rustix::fs::AtFlags::empty(),
+            )
+            .unwrap();
+        }
+    }
+    let old_manifest = full_manifest(&f.old);
+    f.prepare();
+    let mnt = f.mnt.clone();
+    let mut kills = 0;
+    for ms in [600u64, 900, 450, 1200, 750] {
+        f.mount_with(&mnt, &[]);
+        std::thread::sleep(Duration::from_millis(ms));
+        if f.status_json()["phase"] == "executed" {
+            f.unmount();
+            break;
+        }
+        f.kill9();
+        kills += 1;
+    }
+    assert!(kills >= 2, "the copier finished before a second kill");
+    f.mount_with(&mnt, &[]);
+    wait_executed(&f, 300);
+    f.unmount();
+    assert_ok(f.cmd("commit", &[]));
+    let new = full_manifest(&f.new);
+    assert!(new == old_manifest, "{}", diff(&old_manifest, &new));
+}
+
+#[test]
 fn kill_9_while_copying_resumes_without_copying_finished_files_again() {
     let mut f = Fixture::new();
     let files = 3_000;
@@ -389,6 +451,50 @@ fn a_file_changed_in_old_after_its_copy_blocks_commit_until_copied_again() {
         fs::read(f.new.join("d/changes")).unwrap(),
         b"version two, longer"
     );
+}
+
+#[test]
+fn a_write_through_the_view_during_a_recopy_of_a_hard_linked_file_is_kept() {
+    let mut f = Fixture::new();
+    let size = 32usize << 20;
+    write(&f.old.join("d/a"), &vec![b'1'; size]);
+    fs::hard_link(f.old.join("d/a"), f.old.join("d/b")).unwrap();
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--recheck-interval", "0"]);
+    wait_executed(&f, 60);
+    let new = f.new.clone();
+    let ino = |p: &str| fs::metadata(new.join(p)).unwrap().ino();
+    assert_eq!(ino("d/a"), ino("d/b"), "NEW split the hard link");
+    // Behind the view's back: OLD rewritten in place (both names), then a slow copier (8 MiB/s:
+    // about 4 s to take the file again, rewriting NEW's one inode in place).
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(f.old.join("d/a"), vec![b'2'; size]).unwrap();
+    assert_ok(f.cmd("limits", &["--bwlimit", "8M"]));
+    assert!(!f.cmd("commit", &[]).status.success());
+    assert_ok(f.cmd("execute", &[]));
+    std::thread::sleep(Duration::from_millis(1500));
+    // Mid-recopy, an application writes the last bytes through the other name.
+    let h = fs::OpenOptions::new().write(true).open(f.v("d/b")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&h, b"APPENDIX", size as u64 - 8).unwrap();
+    h.sync_all().unwrap();
+    drop(h);
+    assert_ok(f.cmd("limits", &["--bwlimit", "0"]));
+    assert_ok(f.cmd("execute", &["--wait"]));
+    let mut want = vec![b'2'; size - 8];
+    want.extend_from_slice(b"APPENDIX");
+    let got = fs::read(f.v("d/a")).unwrap();
+    assert!(
+        got == want,
+        "the view's write or OLD's new bytes were lost: size {}, tail {:?}, head {:?}",
+        got.len(),
+        String::from_utf8_lossy(&got[got.len().saturating_sub(8)..]),
+        got.first().map(|b| *b as char)
+    );
+    assert_ok(f.cmd("commit", &[]));
+    f.unmount();
+    assert_eq!(ino("d/a"), ino("d/b"), "NEW split the hard link");
+    assert!(fs::read(f.new.join("d/b")).unwrap() == want);
 }
 
 #[test]

@@ -33,6 +33,10 @@ pub(crate) type Tick<'a> = &'a mut dyn FnMut(u64) -> bool;
 /// place in NEW; leftovers of a crash are removed by `clean_work_dir`.
 pub(crate) const NEW_DIR_PREFIX: &str = "dir-";
 
+/// Prefix of the names, in the work dir, of symlinks and special files being made before they
+/// take their place in NEW; leftovers of a crash are removed by `clean_work_dir`.
+pub(crate) const NEW_SPECIAL_PREFIX: &str = "special-";
+
 /// Copy `len` bytes from `src` to `dst` at the same offsets, with copy_file_range where the file
 /// systems allow it, else plain read/write. `Ok(false)`: `tick` stopped it.
 pub(crate) fn copy_range(
@@ -352,7 +356,7 @@ pub(crate) fn keeping_dir_times<T>(dir: &Arc<OwnedFd>, f: impl FnOnce() -> Resul
 }
 
 /// OLD's owner, then OLD's mode (chown clears set-id bits, so chmod comes after).
-fn set_owner_and_mode(f: &File, st: &rustix::fs::Stat) -> Result<()> {
+pub(crate) fn set_owner_and_mode(f: &File, st: &rustix::fs::Stat) -> Result<()> {
     let caps = file_caps(f.as_fd())?;
     rustix::fs::fchown(
         f,
@@ -930,24 +934,54 @@ impl View {
         let st = old.loc.stat().ctx("stat OLD entry")?;
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
-        keeping_dir_times(&pfd, || {
+        // Made and dressed (xattrs, owner, mode, times) in the work dir, then renamed into
+        // place: a crash never leaves a NEW entry with the wrong owner or times, which the view
+        // would take for its own (no record) and keep. A crash before the rename leaves a name
+        // in the work dir that `clean_work_dir` removes.
+        let make = |dir: BorrowedFd<'_>, nm: &OsStr| -> Result<()> {
             if inode.kind == Kind::Symlink {
                 let target = old.loc.readlink().ctx("readlink OLD")?;
-                rustix::fs::symlinkat(target.as_slice(), pfd.as_fd(), &name).ctx("symlink NEW")
+                rustix::fs::symlinkat(target.as_slice(), dir, nm).ctx("symlink NEW")?;
             } else {
                 rustix::fs::mknodat(
-                    pfd.as_fd(),
-                    &name,
+                    dir,
+                    nm,
                     rustix::fs::FileType::from_raw_mode(st.st_mode),
                     Mode::from_raw_mode(st.st_mode & 0o7777),
                     st.st_rdev,
                 )
-                .ctx("mknod NEW")
+                .ctx("mknod NEW")?;
             }
-        })?;
+            let dup = Arc::new(rustix::io::fcntl_dupfd_cloexec(dir, 0).ctx("dup")?);
+            copy_xattrs(&old.loc, &Loc::At(dup, nm.to_owned()))?;
+            apply_meta(dir, nm, &st)
+        };
+        let work = self.work_dir()?;
+        let tmp = std::ffi::OsString::from(format!("{NEW_SPECIAL_PREFIX}{}", inode.ino));
+        let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
+        make(work.as_fd(), &tmp)?;
+        let placed = keeping_dir_times(&pfd, || {
+            match rustix::fs::renameat_with(
+                &work,
+                &tmp,
+                pfd.as_fd(),
+                &name,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => Ok(true),
+                // A parent on another file system (a mount inside NEW): made in place.
+                Err(rustix::io::Errno::XDEV) => Ok(false),
+                Err(e) => Err(e).ctx("rename NEW entry into place"),
+            }
+        });
+        if !matches!(placed, Ok(true)) {
+            let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
+        }
+        drop(work);
+        if !placed? {
+            keeping_dir_times(&pfd, || make(pfd.as_fd(), &name))?;
+        }
         let loc = Loc::At(pfd.clone(), name.clone());
-        copy_xattrs(&old.loc, &loc)?;
-        apply_meta(pfd.as_fd(), &name, &st)?;
         if !record {
             fsync_dir(pfd.as_fd())?;
         }

@@ -344,7 +344,17 @@ impl View {
     /// Before the view changes a NEW entry's data or metadata: if it was a plain copy of OLD,
     /// its copy record goes first, durably (from now on the entry is the view's own, which
     /// abort replays into OLD and verify does not compare).
+    ///
+    /// A recopy of the entry in flight (OLD changed behind the view's back) finishes first, at
+    /// full speed, and the change applies on top of OLD's latest bytes: the claim makes the
+    /// view wait, so it never writes into a copy a recopy is about to replace or rewrite.
     pub(crate) fn changing(&self, inode: &Inode) -> Result<()> {
+        if inode.node().copy == CopyState::Local {
+            return Ok(());
+        }
+        inode.cancel.store(true, Ordering::Release);
+        let _claim = inode.claim.lock().unwrap_or_else(|p| p.into_inner());
+        inode.cancel.store(false, Ordering::Release);
         let (state, loc) = {
             let n = inode.node();
             (n.copy, n.new.clone())
@@ -497,7 +507,10 @@ impl View {
     /// Take a stale copy again from OLD. The new copy is built aside (an anonymous file, then a
     /// name in the work dir) and renamed over the stale one: readers see the old or the new
     /// copy, never a mix. A file with several names is rewritten in place instead (a rename
-    /// would split its names). `false` when the view changed the entry meanwhile (it wins).
+    /// would split its names). `false` when the view moved or removed the entry meanwhile.
+    ///
+    /// Runs under the claim. A view about to change the entry waits for it ([`Self::changing`]
+    /// sets `cancel`): from then on the copy runs unpaced, so the wait is as short as the copy.
     fn recopy(&self, inode: &Inode, rec: &CopyRecord, tick: Tick<'_>) -> Result<bool> {
         let Ok(_claim) = inode.claim.try_lock() else {
             return Ok(false);
@@ -544,8 +557,10 @@ impl View {
             return Ok(false);
         };
         let cur = posix::stat_at(pfd.as_fd(), &name).ctx("stat NEW copy")?;
+        // The view waiting for the claim (to change the entry) wants this done now.
+        let mut tick = |n| inode.cancel.load(Ordering::Acquire) || tick(n);
         if inode.kind == Kind::File && cur.st_nlink > 1 && old.loc.object().is_none() {
-            return self.recopy_in_place(inode, &old.loc, &pfd, &name, tick);
+            return self.recopy_in_place(inode, &old.loc, &cur, &pfd, &name, &mut tick);
         }
         let work = self.work_dir()?;
         let tmp_name = OsString::from(format!("{RECOPY_PREFIX}{}", inode.ino));
@@ -569,7 +584,6 @@ impl View {
                 )
                 .ctx("O_TMPFILE in NEW")?,
             );
-            let mut tick = |n| !inode.cancel.load(Ordering::Acquire) && tick(n);
             let fetched = match (&src, &obj) {
                 (Some(f), _) => copy_data(f, &tmp, st.st_size as u64, &mut tick)?.into(),
                 (None, Some(e)) => super::copyup::fetch_object(e, &tmp, &mut tick)?,
@@ -619,11 +633,11 @@ impl View {
             (tst.st_dev, tst.st_ino, Vec::new(), 0)
         };
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
-        // The view changed or moved the entry meanwhile: it wins, this copy goes.
+        // The view moved or removed the entry meanwhile: this copy goes.
         let still = self.copy_record(inode)?;
         let placed =
             matches!(&inode.node().new, Some(Loc::At(d, n)) if Arc::ptr_eq(d, &pfd) && *n == name);
-        if inode.cancel.load(Ordering::Acquire) || still.is_none() || !placed {
+        if still.is_none() || !placed {
             let _ = rustix::fs::unlinkat(&work, &tmp_name, AtFlags::empty());
             return Ok(false);
         }
@@ -657,37 +671,57 @@ impl View {
         Ok(true)
     }
 
+    /// [`Self::recopy`] of a file with several names in NEW. OLD's bytes go to an anonymous
+    /// file first (the slow part, paced), then over the copy's own inode through one file
+    /// descriptor checked to be that inode: a rename elsewhere meanwhile cannot redirect the
+    /// rewrite. Readers through another name may see the rewrite half done (as they would see
+    /// OLD's own rewrite). A crash midway leaves the old fingerprint recorded, so the copy is
+    /// still stale and is taken again.
     fn recopy_in_place(
         &self,
         inode: &Inode,
         old: &Loc,
+        cur: &rustix::fs::Stat,
         pfd: &Arc<std::os::fd::OwnedFd>,
         name: &OsStr,
         tick: Tick<'_>,
     ) -> Result<bool> {
         let src = old.open(OFlags::RDONLY).ctx("open OLD file")?;
         let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+        // An anonymous file never has a name: it leaves nothing behind in the directory.
+        let tmp = std::fs::File::from(
+            rustix::fs::openat(
+                pfd.as_fd(),
+                ".",
+                OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .ctx("O_TMPFILE in NEW")?,
+        );
+        if !copy_data(&src, &tmp, st.st_size as u64, tick)? {
+            return Ok(false);
+        }
         let dst = Loc::At(pfd.clone(), name.to_owned())
             .open(OFlags::WRONLY)
             .ctx("open NEW copy")?;
-        dst.set_len(0).ctx("truncate NEW copy")?;
-        if !copy_data(&src, &dst, st.st_size as u64, &mut |n| {
-            !inode.cancel.load(Ordering::Acquire) && tick(n)
-        })? {
-            // The view is taking the file over; its data is no longer a copy.
-            self.changing(inode)?;
+        let nst = posix::stat_fd(dst.as_fd()).ctx("stat NEW copy")?;
+        // Still the copy's inode, and still a copy (the claim keeps the view's changes out).
+        if (nst.st_dev, nst.st_ino) != (cur.st_dev, cur.st_ino) {
             return Ok(false);
         }
+        let Some((_, _, mut rec)) = self.copy_record(inode)? else {
+            return Ok(false);
+        };
+        dst.set_len(0).ctx("truncate NEW copy")?;
+        copy_data(&tmp, &dst, st.st_size as u64, &mut |_| true)?;
         super::copyup::copy_xattrs_fd(&src, &dst)?;
-        apply_meta(pfd.as_fd(), name, &st)?;
+        super::copyup::set_owner_and_mode(&dst, &st)?;
+        rustix::fs::futimens(&dst, &super::copyup::timestamps(&st)).ctx("futimens NEW copy")?;
         rustix::fs::fsync(&dst).ctx("fsync NEW copy")?;
-        let nst = posix::stat_fd(dst.as_fd()).ctx("stat NEW copy")?;
-        if let Some((_, _, mut rec)) = self.copy_record(inode)? {
-            rec.fp = Fingerprint::of(&st);
-            let mut b = Batch::new();
-            b.copy(nst.st_dev, nst.st_ino, &rec);
-            self.journal.commit(b, false)?;
-        }
+        rec.fp = Fingerprint::of(&st);
+        let mut b = Batch::new();
+        b.copy(nst.st_dev, nst.st_ino, &rec);
+        self.journal.commit(b, false)?;
         Ok(true)
     }
 
@@ -707,7 +741,10 @@ impl View {
             return Ok(());
         };
         for e in posix::read_dir_names(work.as_fd()).ctx("read work dir")? {
-            if e.name.starts_with(RECOPY_PREFIX.as_bytes()) {
+            if e.name.starts_with(RECOPY_PREFIX.as_bytes())
+                || e.name
+                    .starts_with(super::copyup::NEW_SPECIAL_PREFIX.as_bytes())
+            {
                 rustix::fs::unlinkat(&work, OsStr::from_bytes(&e.name), AtFlags::empty())
                     .ctx("remove a recopy left by a crash")?;
             }
