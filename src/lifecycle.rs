@@ -333,7 +333,9 @@ const S3_KEY_MAX: usize = 1024;
 ///    the version the view shows, to `.ferryfs-abort/<its path>` first: the writes that follow
 ///    may replace the key it comes from (`mv log log.1; touch log`, `mv data data.old; mkdir
 ///    data`). Every other file and symlink is planned from NEW, and an empty directory as a
-///    `name/` marker. The plan is recorded in the journal.
+///    `name/` marker. The plan is recorded in the journal, with OLD's objects hidden behind a
+///    directory of their name (`a` beside `a/x`), which the view never showed: they are
+///    never deleted.
 /// 3. Placing: the plan is carried out, from the journal, never from the view again: staged
 ///    copies are copied into place by the server, files from NEW are PUT with their owner,
 ///    mode and mtime as object metadata (s3fs's and rclone's conventions), a symlink is an
@@ -381,6 +383,13 @@ fn abort_s3(
         set_step(journal, STEP_S3_STAGING)?;
         // Staged copies an earlier try left: of a view that may have changed since.
         delete_staged(tree)?;
+        let hidden = hidden_objects(tree)?;
+        let mut b = Batch::new();
+        b.meta(
+            HIDDEN,
+            &serde_json::to_vec(&hidden).expect("a list of keys"),
+        );
+        journal.commit(b, false)?;
         let mut plan = Vec::new();
         plan_s3_dir(view, tree, &view.root(), "", &mut plan)?;
         set_step_with(journal, STEP_S3_PLACING, PLAN, &plan)?;
@@ -401,10 +410,19 @@ fn abort_s3(
         // looked for here.)
         view_keys(view, &view.root(), "", &mut keep)?;
         let staged_prefix = format!("{STAGING}/");
+        // Objects hidden behind a directory of their name were never seen through the view.
+        let hidden: std::collections::HashSet<String> = match journal.meta(HIDDEN)? {
+            Some(v) => serde_json::from_slice(&v).unwrap_or_default(),
+            None => Default::default(),
+        };
         let mut extra = Vec::new();
         tree.store
             .list_all(&mut |rel, _| {
-                if !keep.contains(rel) && !rel.starts_with(&staged_prefix) && nameable(rel) {
+                if !keep.contains(rel)
+                    && !rel.starts_with(&staged_prefix)
+                    && nameable(rel)
+                    && !hidden.contains(rel)
+                {
                     extra.push(rel.to_string());
                 }
             })
@@ -420,6 +438,7 @@ fn abort_s3(
     let mut b = Batch::new();
     b.meta(PLAN, b"[]");
     b.meta(DELETES, b"[]");
+    b.meta(HIDDEN, b"[]");
     journal.commit(b, false)?;
     Ok(format!(
         "aborted: OLD ({}) now holds the view as it was ({} objects written, {} of them \
@@ -455,8 +474,48 @@ fn nameable(rel: &str) -> bool {
             .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
-/// Journal meta keys of an abort into an S3 OLD: its plan, and the keys it deletes.
+/// OLD's objects hidden behind a directory of the same name (`a` beside `a/x` or `a/`): the
+/// view shows the directory (docs/SEMANTICS.md "An S3 OLD"), so abort never saw the object and
+/// never deletes it. Listed before abort writes anything: a directory abort makes later, where
+/// the view removed a file, does not hide that file's object.
+fn hidden_objects(tree: &Arc<S3Tree>) -> Result<Vec<String>> {
+    let staged_prefix = format!("{STAGING}/");
+    let mut objects = std::collections::HashSet::new();
+    let mut dirs = std::collections::HashSet::new();
+    tree.store
+        .list_all(&mut |rel, _| {
+            if rel.starts_with(&staged_prefix) {
+                return;
+            }
+            shadows_of(rel, &mut dirs);
+            if !rel.ends_with('/') && nameable(rel) {
+                objects.insert(rel.to_string());
+            }
+        })
+        .map_err(s3_err("list OLD"))?;
+    let mut hidden: Vec<String> = objects.intersection(&dirs).cloned().collect();
+    hidden.sort();
+    Ok(hidden)
+}
+
+/// Add to `dirs` the directories a key makes: its parents, and itself when it is a `name/`
+/// marker.
+fn shadows_of(rel: &str, dirs: &mut std::collections::HashSet<String>) {
+    let body = rel.strip_suffix('/').unwrap_or(rel);
+    if body.len() < rel.len() && !body.is_empty() {
+        dirs.insert(body.to_string());
+    }
+    for (i, b) in body.bytes().enumerate() {
+        if b == b'/' && i > 0 && !dirs.contains(&body[..i]) {
+            dirs.insert(body[..i].to_string());
+        }
+    }
+}
+
+/// Journal meta keys of an abort into an S3 OLD: its plan, the objects it leaves because the
+/// view never showed them, and the keys it deletes.
 const PLAN: &str = "abort_s3_plan";
+const HIDDEN: &str = "abort_s3_hidden";
 const DELETES: &str = "abort_s3_deletes";
 
 /// Move to `step`, with what it works from (`value`, as JSON at meta `key`), in one durable
@@ -770,8 +829,10 @@ fn view_keys(
             let r = view_keys(view, &sub, &path, keep);
             view.release_lookup(&sub);
             r?;
+        } else {
+            // (A directory keeps its `path/` marker, not an object named `path`.)
+            keep.insert(path);
         }
-        keep.insert(path);
     }
     Ok(())
 }
@@ -984,7 +1045,18 @@ pub(crate) fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::nameable;
+    use super::{nameable, shadows_of};
+
+    #[test]
+    fn shadows_are_the_directories_keys_make() {
+        let mut d = std::collections::HashSet::new();
+        for k in ["a/b/c", "m/", "x", "p//q"] {
+            shadows_of(k, &mut d);
+        }
+        let mut got: Vec<&str> = d.iter().map(String::as_str).collect();
+        got.sort();
+        assert_eq!(got, ["a", "a/b", "m", "p", "p/"]);
+    }
 
     #[test]
     fn abort_deletes_only_keys_a_view_path_can_name() {

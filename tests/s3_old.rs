@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::garage::Garage;
-use common::{BIN, Fixture, ferryfs, ok};
+use common::{BIN, Fixture, ferryfs, names, ok};
 use ferryfs::store::s3::{PosixMeta, S3Store, S3Url};
 
 fn server() -> &'static Garage {
@@ -416,6 +416,68 @@ fn abort_writes_the_view_back_into_the_bucket() {
     assert_eq!(f.status_json()["phase"], "aborted");
     // NEW was empty before: it is empty again.
     assert!(fs::read_dir(&f.new).unwrap().next().is_none());
+}
+
+/// A bucket holding an object and a directory of the same name (`a` and `a/x`): the view shows
+/// the directory, so abort never saw the object and must not delete it, even when the view
+/// renamed the directory away; an object the view removed and replaced by a directory of its
+/// name is deleted.
+#[test]
+fn abort_into_a_bucket_leaves_an_object_hidden_behind_a_directory_of_its_name() {
+    let g = server();
+    g.bucket("s3-old-shadow");
+    let s = store("s3-old-shadow");
+    for (k, v) in [
+        ("a", "hidden by the directory a/"),
+        ("a/x", "in a"),
+        ("m", "hidden by the marker m/"),
+        ("m/", ""),
+        ("f", "a file the view turns into a directory"),
+        ("b", "hidden by the directory b/, which the view renames"),
+        ("b/x", "in b"),
+    ] {
+        s.put(k, v.as_bytes().to_vec(), &PosixMeta::default())
+            .unwrap();
+    }
+    let mut f = Fixture::new();
+    prepare(&f, "s3://s3-old-shadow");
+    f.mount();
+    assert!(f.v("a").is_dir() && f.v("m").is_dir());
+    fs::remove_file(f.v("f")).unwrap();
+    fs::create_dir(f.v("f")).unwrap();
+    fs::write(f.v("f/y"), b"made through the view").unwrap();
+    fs::write(f.v("a/z"), b"new in a").unwrap();
+    fs::rename(f.v("b"), f.v("c")).unwrap();
+    // The renamed directory is listed (its OLD origin `b` is a directory, not the object).
+    let mut root = names(&f.mnt);
+    root.sort();
+    assert_eq!(root, ["a", "c", "f", "m"]);
+    assert_eq!(names(&f.v("c")), ["x"]);
+    f.unmount();
+    ok(f.cmd("abort", &[]));
+    let get = |k: &str| {
+        let o = s
+            .head(k)
+            .unwrap()
+            .unwrap_or_else(|| panic!("abort deleted {k}"));
+        let r = ferryfs::store::s3::ObjectReader::new(s.clone(), o, 1 << 20);
+        r.read_at(0, 1 << 20).unwrap()
+    };
+    assert_eq!(get("a"), b"hidden by the directory a/");
+    assert_eq!(get("m"), b"hidden by the marker m/");
+    assert_eq!(get("a/x"), b"in a");
+    assert_eq!(get("a/z"), b"new in a");
+    assert_eq!(get("f/y"), b"made through the view");
+    assert_eq!(
+        get("b"),
+        b"hidden by the directory b/, which the view renames"
+    );
+    assert_eq!(get("c/x"), b"in b");
+    assert!(s.head("b/x").unwrap().is_none(), "b/x was renamed to c/x");
+    assert!(
+        s.head("f").unwrap().is_none(),
+        "the file removed through the view is still in the bucket"
+    );
 }
 
 /// Abort into a bucket when names were reused through the view: a file renamed away and a new

@@ -273,7 +273,8 @@ impl S3Tree {
             match names.get(name) {
                 None => return Ok(None),
                 Some(Listed::Dir(_)) => return Ok(Some(self.dir(rel))),
-                Some(Listed::Object(_)) => {} // its metadata is in its HEAD
+                // Its metadata is in its HEAD.
+                Some(Listed::Object(_)) => return self.locate_listed_object(&rel),
             }
         }
         self.locate(&rel)
@@ -348,13 +349,29 @@ impl S3Tree {
         if let Some(info) = self.fresh_prefetch(rel) {
             return Ok(Some(self.file(info)));
         }
-        if let Some(info) = self.store.head(rel)? {
-            return Ok(Some(self.file(info)));
-        }
-        if self.store.is_dir(rel)? {
+        // An object and a directory of one name (`a` beside `a/x`): the directory, as listings
+        // show it (docs/SEMANTICS.md "An S3 OLD"). Both asked at once: one round trip.
+        let (head, is_dir) = std::thread::scope(|s| {
+            let dir = s.spawn(|| self.store.is_dir(rel));
+            let head = self.store.head(rel);
+            (
+                head,
+                dir.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            )
+        });
+        if is_dir? {
             return Ok(Some(self.dir(rel.to_string())));
         }
-        Ok(None)
+        Ok(head?.map(|info| self.file(info)))
+    }
+
+    /// [`Self::locate`] of a name a listing of its directory showed as an object a moment
+    /// ago (so no directory hides it): its HEAD alone.
+    fn locate_listed_object(self: &Arc<Self>, rel: &str) -> io::Result<Option<Entry>> {
+        if let Some(info) = self.fresh_prefetch(rel) {
+            return Ok(Some(self.file(info)));
+        }
+        Ok(self.store.head(rel)?.map(|info| self.file(info)))
     }
 
     /// The names in directory `dir`, sorted. Kept a second for lookups of those names.
