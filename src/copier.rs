@@ -609,6 +609,8 @@ impl Copier {
             );
         }
         self.view.set_done(done)?;
+        // Nothing left to copy: the work dir's copies-in-making are gone with it.
+        self.view.drop_empty_work_dir();
         state::set_totals(&self.journal, &state::Totals { dirs, files, bytes })?;
         if state::phase(&self.journal)? != Phase::Executed {
             state::set_phase(&self.journal, Phase::Executed)?;

@@ -337,6 +337,10 @@ fn kill_9_while_copying_symlinks_and_fifos_leaves_none_with_the_wrong_owner_or_t
     f.mount_with(&mnt, &[]);
     wait_executed(&f, 300);
     f.unmount();
+    assert!(
+        !f.new.join(ferryfs::fs::WORK_DIR).exists(),
+        "an executed migration left ferryfs's work dir in NEW"
+    );
     assert_ok(f.cmd("commit", &[]));
     let new = full_manifest(&f.new);
     assert!(new == old_manifest, "{}", diff(&old_manifest, &new));

@@ -562,10 +562,9 @@ impl View {
         if inode.kind == Kind::File && cur.st_nlink > 1 && old.loc.object().is_none() {
             return self.recopy_in_place(inode, &old.loc, &cur, &pfd, &name, &mut tick);
         }
-        let work = self.work_dir()?;
         let tmp_name = OsString::from(format!("{RECOPY_PREFIX}{}", inode.ino));
-        let _ = rustix::fs::unlinkat(&work, &tmp_name, AtFlags::empty());
-        let (tdev, tino, handle, bytes) = if inode.kind == Kind::File {
+        // Names are made in the work dir under `ns` only (see [`Self::drop_empty_work_dir`]).
+        let (ns, work, (tdev, tino, handle, bytes)) = if inode.kind == Kind::File {
             let obj = old.loc.object().cloned();
             let src = match &obj {
                 Some(_) => None,
@@ -577,7 +576,7 @@ impl View {
             };
             let tmp = std::fs::File::from(
                 rustix::fs::openat(
-                    &work,
+                    pfd.as_fd(),
                     ".",
                     OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
@@ -596,6 +595,9 @@ impl View {
                 super::copyup::copy_xattrs_fd(src, &tmp)?;
             }
             rustix::fs::fsync(&tmp).ctx("fsync copy")?;
+            let ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+            let work = self.work_dir()?;
+            let _ = rustix::fs::unlinkat(&work, &tmp_name, AtFlags::empty());
             let tp = posix::proc_path(tmp.as_fd());
             rustix::fs::linkat(
                 rustix::fs::CWD,
@@ -608,10 +610,17 @@ impl View {
             apply_meta(work.as_fd(), &tmp_name, &st)?;
             let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
             let h = posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?;
-            (tst.st_dev, tst.st_ino, h, st.st_size as u64)
+            (ns, work, (tst.st_dev, tst.st_ino, h, st.st_size as u64))
         } else {
-            if inode.kind == Kind::Symlink {
-                let target = old.loc.readlink().ctx("readlink OLD")?;
+            let target = if inode.kind == Kind::Symlink {
+                Some(old.loc.readlink().ctx("readlink OLD")?)
+            } else {
+                None
+            };
+            let ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+            let work = self.work_dir()?;
+            let _ = rustix::fs::unlinkat(&work, &tmp_name, AtFlags::empty());
+            if let Some(target) = target {
                 rustix::fs::symlinkat(target.as_slice(), &work, &tmp_name)
                     .ctx("symlink in the work dir")?;
             } else {
@@ -630,9 +639,9 @@ impl View {
             )?;
             apply_meta(work.as_fd(), &tmp_name, &ost)?;
             let tst = posix::stat_at(work.as_fd(), &tmp_name).ctx("stat copy")?;
-            (tst.st_dev, tst.st_ino, Vec::new(), 0)
+            (ns, work, (tst.st_dev, tst.st_ino, Vec::new(), 0))
         };
-        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let _ns = ns;
         // The view moved or removed the entry meanwhile: this copy goes.
         let still = self.copy_record(inode)?;
         let placed =
@@ -723,6 +732,14 @@ impl View {
         b.copy(nst.st_dev, nst.st_ino, &rec);
         self.journal.commit(b, false)?;
         Ok(true)
+    }
+
+    /// Remove NEW's work dir if nothing is in it, so a migration that is executed leaves no
+    /// ferryfs litter in NEW. Under `ns` write: every name made in the work dir is made under
+    /// `ns` (directory, special file and recopy copies), so none is being made meanwhile.
+    pub fn drop_empty_work_dir(&self) {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);
     }
 
     /// ferryfs's work dir in NEW, created on demand (hidden from the view).
