@@ -178,8 +178,23 @@ pub(crate) fn fetch_object(
             Fetched::Stopped
         });
     }
-    match e.tree.store.get_to_file(&info.rel, &info.etag, dst, tick) {
-        Ok(Some(_)) => Ok(Fetched::Done),
+    let got = if info.size >= crate::store::s3::PARALLEL_GET_MIN && !info.etag.is_empty() {
+        e.tree.store.get_parallel_to_file(
+            &info.rel,
+            &info.etag,
+            info.size,
+            crate::store::s3::PARALLEL_GET_PART,
+            dst,
+            tick,
+        )
+    } else {
+        e.tree
+            .store
+            .get_to_file(&info.rel, &info.etag, dst, tick)
+            .map(|o| o.map(drop))
+    };
+    match got {
+        Ok(Some(())) => Ok(Fetched::Done),
         Ok(None) => Ok(Fetched::Stopped),
         Err(s) if s.errno == libc::ESTALE || s.errno == libc::ENOENT => Ok(Fetched::Changed),
         Err(s) => Err(crate::error::Error::Store {

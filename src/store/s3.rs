@@ -779,6 +779,165 @@ impl S3Store {
         })
     }
 
+    /// [`S3Store::get_to_file`] of a large object of `size` bytes, in ranged GETs of `part`
+    /// bytes (the copier's: [`PARALLEL_GET_PART`]), up to [`PARALLEL_GET_STREAMS`] at once: one TCP stream
+    /// carries a few hundred MiB/s at most, several fill the link. Every range asks for
+    /// version `etag` (If-Match), so a replaced object fails ESTALE instead of mixing two
+    /// versions. Each range streams into `out` at its own offset (memory: a body piece per
+    /// stream). Only the calling thread calls `tick`, with each piece's length, and the streams
+    /// wait while it sleeps (a bandwidth limit holds); `false` stops every stream (`Ok(None)`). Extra streams beyond the caller's own are shared by the
+    /// whole process ([`PARALLEL_GET_EXTRA`]), so many large objects at once do not open
+    /// hundreds of connections.
+    pub fn get_parallel_to_file(
+        &self,
+        rel: &str,
+        etag: &str,
+        size: u64,
+        part: u64,
+        out: &std::fs::File,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Option<()>> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        static EXTRA_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+        let part = part.max(1);
+        let parts = size.div_ceil(part);
+        let next = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        // Bounded: while `tick` sleeps (a bandwidth limit), the streams wait for it.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(PARALLEL_GET_STREAMS);
+        // One range after another until none is left, an error, or a stop.
+        let stream = |tx: std::sync::mpsc::SyncSender<u64>| -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= parts || stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let off = i * part;
+                let len = part.min(size - off);
+                let r = self.get_range_to_file(rel, etag, off, len, out, &stop, &tx);
+                if r.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                r?;
+            }
+        };
+        let (mine, extra) = std::thread::scope(|sc| {
+            let mut extra = Vec::new();
+            for _ in 1..PARALLEL_GET_STREAMS.min(parts as usize) {
+                let taken = EXTRA_IN_FLIGHT
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < PARALLEL_GET_EXTRA).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !taken {
+                    break;
+                }
+                let tx = tx.clone();
+                let h = std::thread::Builder::new()
+                    .name("s3-range".into())
+                    .spawn_scoped(sc, move || {
+                        let r = stream(tx);
+                        EXTRA_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+                        r
+                    });
+                match h {
+                    Ok(h) => extra.push(h),
+                    Err(_) => {
+                        EXTRA_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+                        break;
+                    }
+                }
+            }
+            // The caller's own stream runs on a thread too, so this one can pace the copy.
+            let me = {
+                let tx = tx.clone();
+                sc.spawn(move || stream(tx))
+            };
+            drop(tx);
+            for n in rx.iter() {
+                if !stop.load(Ordering::Relaxed) && !tick(n) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+                h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+            };
+            let mine = join(me);
+            let extra: Vec<Result<()>> = extra.into_iter().map(join).collect();
+            (mine, extra)
+        });
+        mine?;
+        for r in extra {
+            r?;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        Ok(Some(()))
+    }
+
+    /// One range of [`S3Store::get_parallel_to_file`]: bytes [off, off+len) of version `etag`
+    /// of `rel` into `out` at the same offsets; each piece's length goes to `done`. Stops
+    /// (without error) when `stop` is set.
+    #[allow(clippy::too_many_arguments)]
+    fn get_range_to_file(
+        &self,
+        rel: &str,
+        etag: &str,
+        off: u64,
+        len: u64,
+        out: &std::fs::File,
+        stop: &std::sync::atomic::AtomicBool,
+        done: &std::sync::mpsc::SyncSender<u64>,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let what = format!("GET {key} bytes {off}+{len}");
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(&key)
+            .range(format!("bytes={off}-{}", off + len - 1));
+        if !etag.is_empty() {
+            req = req.if_match(etag);
+        }
+        self.block(async {
+            let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+            let mut body = o.body;
+            let mut at = 0u64;
+            while let Some(piece) = body
+                .try_next()
+                .await
+                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?
+            {
+                if at + piece.len() as u64 > len {
+                    return Err(S3Error::new(&what, libc::EIO, "more bytes than asked for"));
+                }
+                out.write_all_at(&piece, off + at).map_err(|e| {
+                    S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+                })?;
+                at += piece.len() as u64;
+                self.counters
+                    .get_bytes
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                let _ = done.send(piece.len() as u64);
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+            }
+            if at != len {
+                return Err(S3Error::new(
+                    &what,
+                    libc::EIO,
+                    format!("body ended at {at} of {len} bytes"),
+                ));
+            }
+            Ok(())
+        })
+    }
+
     /// GET of the whole of `rel` into memory (any version: the answer says which), with its
     /// metadata: a small object's lookup and data in one request. `None`: no such object.
     pub fn get_small(&self, rel: &str) -> Result<Option<(ObjectInfo, Vec<u8>)>> {
@@ -1321,6 +1480,14 @@ impl S3Store {
 
 /// The most [`S3Store::get_small`] holds in memory.
 pub const GET_SMALL_MAX: u64 = 4 << 20;
+/// From this size on, the copier fetches an object in parallel ranged GETs.
+pub const PARALLEL_GET_MIN: u64 = 64 << 20;
+/// The size of each of those ranges.
+pub const PARALLEL_GET_PART: u64 = 16 << 20;
+/// Ranged GETs in flight for one object, at most.
+pub const PARALLEL_GET_STREAMS: usize = 4;
+/// Ranged GETs in flight beyond each object's first, in the whole process, at most.
+pub const PARALLEL_GET_EXTRA: usize = 4;
 /// Files above this size are uploaded in parts.
 pub const MULTIPART_THRESHOLD: u64 = 64 << 20;
 /// The smallest part of a multipart upload (S3's own minimum is 5 MiB).
