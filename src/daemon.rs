@@ -763,7 +763,10 @@ fn spawn_notify_loop(
 }
 
 /// An S3 NEW: a publish pass whenever the view or the copier changed the staging tree (at most
-/// one every half second), failed uploads retried every 30 s, and a last pass at unmount. No
+/// one every half second, and never sooner than three times the last pass's walk after it: a
+/// pass walks the whole staging tree, so on a large tree under steady writes the publisher
+/// spends at most a quarter of its time walking), failed uploads retried every 30 s, and a
+/// last pass at unmount. No
 /// pass while the copier is paused (by an operator, or by a handover: the next daemon
 /// publishes) or halted (abort).
 fn spawn_publish_loop(
@@ -776,15 +779,22 @@ fn spawn_publish_loop(
             let mut seen = None;
             // When to try again a pass that failed, or had failed uploads.
             let mut retry_at: Option<Instant> = None;
+            // No pass before this (the last pass's walk, three times over, after it).
+            let mut rest_until = Instant::now();
             loop {
                 let stopping = copier.stopping();
                 let g = copier.view().generation();
                 let retry = retry_at.is_some_and(|t| Instant::now() >= t);
                 let idle = copier.state().paused;
-                if !idle && (seen != Some(g) || retry || stopping) {
+                let rested = Instant::now() >= rest_until;
+                if !idle && ((rested && (seen != Some(g) || retry)) || stopping) {
                     seen = Some(g);
                     retry_at = None;
-                    match p.pass() {
+                    let r = p.pass();
+                    if let Ok(r) = &r {
+                        rest_until = Instant::now() + r.walk * 3;
+                    }
+                    match r {
                         // Cut short (a handover that was then cancelled): run it again.
                         Ok(r) if r.interrupted => seen = None,
                         // It had work: one more pass confirms the bucket holds it all (and

@@ -80,6 +80,10 @@ pub struct PassReport {
     pub errors: Vec<(String, String)>,
     /// The pass did not run to its end (abort, a handover): nothing can be concluded.
     pub interrupted: bool,
+    /// How long the pass took to find what differs (its walk of the staging tree and the
+    /// records), what every pass costs however little changed.
+    #[serde(skip)]
+    pub walk: std::time::Duration,
 }
 
 impl PassReport {
@@ -390,6 +394,7 @@ impl Publisher {
                 ..Default::default()
             });
         }
+        let began = std::time::Instant::now();
         let root = PosixStore::open(&self.stage)?;
         let mut b = Batch::new();
         b.meta(SETTLED, b"0");
@@ -397,6 +402,7 @@ impl Publisher {
             .commit(b, false)
             .map_err(std::io::Error::other)?;
         let mut report = PassReport::default();
+        let walk_began = std::time::Instant::now();
         let Diff {
             wants,
             bad,
@@ -405,6 +411,7 @@ impl Publisher {
             gone,
             partial,
         } = self.diff()?;
+        report.walk = walk_began.elapsed();
         report.objects = wants.len() as u64;
         // Where the bytes of a staged inode already are in the bucket: (ino, size, mtime).
         let mut by_ino: ByIno = HashMap::new();
@@ -521,6 +528,9 @@ impl Publisher {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
         if !report.clean() {
             tracing::info!(
+                objects = report.objects,
+                ms = began.elapsed().as_millis() as u64,
+                walk_ms = report.walk.as_millis() as u64,
                 uploaded = report.uploaded,
                 copied = report.copied,
                 from_old = report.from_old,
