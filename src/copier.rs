@@ -62,6 +62,11 @@ impl Limiter {
     /// Take `n` units, sleeping as long as the rate requires (callers may go into debt: a
     /// chunk larger than a second's worth is simply followed by a longer sleep).
     pub fn take(&self, n: u64, stop: &AtomicBool) {
+        self.take_unless(n, &|| stop.load(Ordering::Relaxed));
+    }
+
+    /// [`Limiter::take`], cutting the sleep short as soon as `done()` (checked every 100 ms).
+    pub fn take_unless(&self, n: u64, done: &dyn Fn() -> bool) {
         let rate = self.rate.load(Ordering::Relaxed);
         if rate == 0 {
             return;
@@ -80,7 +85,7 @@ impl Limiter {
         };
         // Sleep in slices so a lowered limit or a stop takes effect soon.
         let until = Instant::now() + wait;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        while Instant::now() < until && !done() {
             std::thread::sleep((until - Instant::now()).min(Duration::from_millis(100)));
         }
     }
@@ -521,7 +526,10 @@ impl Copier {
             if !self.view.in_new(&inode) {
                 continue;
             }
-            match self.view.check_copy(&inode, true, &mut |n| self.tick(n)) {
+            match self
+                .view
+                .check_copy(&inode, true, &mut |n| self.tick_for(n, Some(&inode.cancel)))
+            {
                 Ok(Check::Stale { recopied, .. }) => {
                     let path = self.view.view_path(&inode);
                     tracing::info!(
@@ -686,11 +694,20 @@ impl Copier {
 
     /// The pacing between chunks: bandwidth, pause, yielding to applications; `false` stops.
     fn tick(&self, n: u64) -> bool {
-        self.bw.take(n, &self.stop);
-        while self.paused.load(Ordering::Relaxed) && !self.stopping() {
+        self.tick_for(n, None)
+    }
+
+    /// [`Copier::tick`] for the copy of one entry: once the view waits for that entry (its
+    /// `cancel` set: a change through the view waiting for a recopy), no limit, pause or
+    /// yield holds the copy back any longer, so the application's request waits only for the
+    /// copy itself.
+    fn tick_for(&self, n: u64, hurry: Option<&AtomicBool>) -> bool {
+        let hurried = || hurry.is_some_and(|h| h.load(Ordering::Acquire));
+        self.bw.take_unless(n, &|| self.stopping() || hurried());
+        while self.paused.load(Ordering::Relaxed) && !self.stopping() && !hurried() {
             std::thread::sleep(Duration::from_millis(50));
         }
-        if self.view.idle_for() < YIELD_WINDOW {
+        if self.view.idle_for() < YIELD_WINDOW && !hurried() {
             std::thread::sleep(YIELD_SLEEP);
         }
         !self.stopping()
@@ -699,7 +716,7 @@ impl Copier {
     /// Copy or check one entry. A plain file's copy may come back pending: the worker names
     /// it with its batch (see [`Copier::flush`]).
     fn copy_one(&self, inode: &Arc<Inode>, p: &PassCtx<'_>, counts: bool) -> Option<Pending> {
-        let mut tick = |n| self.tick(n);
+        let mut tick = |n| self.tick_for(n, Some(&inode.cancel));
         let r = if self.view.in_new(inode) {
             self.view
                 .check_copy(inode, true, &mut tick)

@@ -502,6 +502,48 @@ fn a_write_through_the_view_during_a_recopy_of_a_hard_linked_file_is_kept() {
 }
 
 #[test]
+fn a_write_waiting_for_a_recopy_is_not_held_by_a_paused_copier() {
+    let mut f = Fixture::new();
+    let size = 32usize << 20;
+    write(&f.old.join("d/a"), &vec![b'1'; size]);
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--recheck-interval", "0"]);
+    wait_executed(&f, 60);
+    // OLD rewritten behind the view; the copier takes it again at 4 MiB/s (about 8 s), and is
+    // paused a second into that.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(f.old.join("d/a"), vec![b'2'; size]).unwrap();
+    assert_ok(f.cmd("limits", &["--bwlimit", "4M"]));
+    assert!(!f.cmd("commit", &[]).status.success());
+    assert_ok(f.cmd("execute", &[]));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_ok(f.cmd("pause", &[]));
+    // A write through the view waits for the recopy, which no pause or limit holds back now.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = f.v("d/a");
+    std::thread::spawn(move || {
+        let r = fs::OpenOptions::new().write(true).open(&p).and_then(|h| {
+            std::os::unix::fs::FileExt::write_all_at(&h, b"END", size as u64 - 3)?;
+            h.sync_all()
+        });
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30));
+    assert_ok(f.cmd("resume", &[]));
+    assert!(
+        matches!(got, Ok(Ok(()))),
+        "the write waited on the paused copier: {got:?}"
+    );
+    let data = fs::read(f.v("d/a")).unwrap();
+    assert!(
+        data[..size - 3].iter().all(|b| *b == b'1') || data[..size - 3].iter().all(|b| *b == b'2')
+    );
+    assert_eq!(&data[size - 3..], b"END");
+    f.unmount();
+}
+
+#[test]
 fn a_file_the_copier_takes_again_is_read_fresh_through_the_view_whatever_the_ttl() {
     let mut f = Fixture::new();
     write(&f.old.join("d/changes"), b"version one");

@@ -821,7 +821,30 @@ impl S3Store {
                 r?;
             }
         };
-        let (mine, extra) = std::thread::scope(|sc| {
+        // One slot of EXTRA_IN_FLIGHT, given back however its stream ends (a panic included).
+        struct Slot;
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                EXTRA_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        // Whatever ends the draining (a panic in `tick` included) stops the streams and drops
+        // the receiver, so none stays blocked on a full channel and the scope can end.
+        struct Drain<'a> {
+            rx: Option<std::sync::mpsc::Receiver<u64>>,
+            stop: &'a AtomicBool,
+        }
+        impl Drop for Drain<'_> {
+            fn drop(&mut self) {
+                self.stop.store(true, Ordering::Relaxed);
+                self.rx.take();
+            }
+        }
+        let (mine, extra, stopped) = std::thread::scope(|sc| {
+            let mut drain = Drain {
+                rx: Some(rx),
+                stop: &stop,
+            };
             let mut extra = Vec::new();
             for _ in 1..PARALLEL_GET_STREAMS.min(parts as usize) {
                 let taken = EXTRA_IN_FLIGHT
@@ -832,45 +855,59 @@ impl S3Store {
                 if !taken {
                     break;
                 }
+                let slot = Slot;
                 let tx = tx.clone();
                 let h = std::thread::Builder::new()
                     .name("s3-range".into())
                     .spawn_scoped(sc, move || {
-                        let r = stream(tx);
-                        EXTRA_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
-                        r
+                        let _slot = slot;
+                        stream(tx)
                     });
                 match h {
                     Ok(h) => extra.push(h),
-                    Err(_) => {
-                        EXTRA_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
-                        break;
-                    }
+                    // (The closure, and its slot, are dropped.)
+                    Err(_) => break,
                 }
             }
             // The caller's own stream runs on a thread too, so this one can pace the copy.
             let me = {
                 let tx = tx.clone();
-                sc.spawn(move || stream(tx))
+                std::thread::Builder::new()
+                    .name("s3-range".into())
+                    .spawn_scoped(sc, move || stream(tx))
             };
             drop(tx);
-            for n in rx.iter() {
-                if !stop.load(Ordering::Relaxed) && !tick(n) {
-                    stop.store(true, Ordering::Relaxed);
+            if me.is_err() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            if let Some(rx) = &drain.rx {
+                for n in rx.iter() {
+                    if !stop.load(Ordering::Relaxed) && !tick(n) {
+                        stop.store(true, Ordering::Relaxed);
+                    }
                 }
             }
+            let stopped = stop.load(Ordering::Relaxed);
+            drain.rx.take();
             let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
                 h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
             };
-            let mine = join(me);
+            let mine = match me {
+                Ok(h) => join(h),
+                Err(e) => Err(S3Error::new(
+                    format!("GET {rel}"),
+                    libc::EAGAIN,
+                    format!("no thread for a ranged GET: {e}"),
+                )),
+            };
             let extra: Vec<Result<()>> = extra.into_iter().map(join).collect();
-            (mine, extra)
+            (mine, extra, stopped)
         });
         mine?;
         for r in extra {
             r?;
         }
-        if stop.load(Ordering::Relaxed) {
+        if stopped {
             return Ok(None);
         }
         Ok(Some(()))
