@@ -334,8 +334,8 @@ const S3_KEY_MAX: usize = 1024;
 ///    may replace the key it comes from (`mv log log.1; touch log`, `mv data data.old; mkdir
 ///    data`). Every other file and symlink is planned from NEW, and an empty directory as a
 ///    `name/` marker. The plan is recorded in the journal, with OLD's objects hidden behind a
-///    directory of their name (`a` beside `a/x`), which the view never showed: they are
-///    never deleted.
+///    directory of their name (`a` beside `a/x`), which the view never showed: they are not
+///    deleted while the view still shows that directory.
 /// 3. Placing: the plan is carried out, from the journal, never from the view again: staged
 ///    copies are copied into place by the server, files from NEW are PUT with their owner,
 ///    mode and mtime as object metadata (s3fs's and rclone's conventions), a symlink is an
@@ -418,10 +418,13 @@ fn abort_s3(
         let mut extra = Vec::new();
         tree.store
             .list_all(&mut |rel, _| {
+                // A hidden object stays only while the view still shows the directory that
+                // hides it: else OLD would show a file the view did not.
+                let still_hidden = hidden.contains(rel) && keep.contains(&format!("{rel}/"));
                 if !keep.contains(rel)
                     && !rel.starts_with(&staged_prefix)
                     && nameable(rel)
-                    && !hidden.contains(rel)
+                    && !still_hidden
                 {
                     extra.push(rel.to_string());
                 }
@@ -476,8 +479,9 @@ fn nameable(rel: &str) -> bool {
 
 /// OLD's objects hidden behind a directory of the same name (`a` beside `a/x` or `a/`): the
 /// view shows the directory (docs/SEMANTICS.md "An S3 OLD"), so abort never saw the object and
-/// never deletes it. Listed before abort writes anything: a directory abort makes later, where
-/// the view removed a file, does not hide that file's object.
+/// does not delete it while the view still shows that directory (OLD then shows what the view
+/// does, the object staying hidden). Listed before abort writes anything: a directory abort
+/// makes later, where the view removed a file, does not hide that file's object.
 fn hidden_objects(tree: &Arc<S3Tree>) -> Result<Vec<String>> {
     let staged_prefix = format!("{STAGING}/");
     let mut objects = std::collections::HashSet::new();

@@ -123,7 +123,7 @@ impl View {
         let Some((_, _, rec)) = self.copy_record(inode)? else {
             return Ok(None);
         };
-        let Ok(Some(loc)) = self.old.locate_at(&rec.origin) else {
+        let Ok(Some(loc)) = self.old.locate_at(&rec.origin, rec.is_dir) else {
             return Ok(None);
         };
         match loc.stat() {
@@ -470,7 +470,7 @@ impl View {
             return Ok(Check::Local);
         };
         let origin = rec.origin.clone();
-        let now = match self.old.locate_path(&origin) {
+        let now = match self.old.locate_path(&origin, rec.is_dir) {
             Ok((_, st)) => st,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
                 // Removed from OLD behind the view: the copy stays, as the view's own.
@@ -516,7 +516,7 @@ impl View {
             return Ok(false);
         };
         // The origin the record names (a NEW file's inode keeps no OLD side of its own).
-        let old = match self.old.locate_path(&rec.origin) {
+        let old = match self.old.locate_path(&rec.origin, rec.is_dir) {
             Ok((loc, _)) => super::inode::OldRef {
                 path: rec.origin.clone(),
                 loc,
@@ -841,7 +841,7 @@ impl View {
         let Some((loc, nst, rec)) = self.copy_record(inode)? else {
             return Ok(None);
         };
-        let old = match self.old.locate_path(&rec.origin) {
+        let old = match self.old.locate_path(&rec.origin, rec.is_dir) {
             Ok((loc, _)) => loc,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 return Ok(Some("gone from OLD".into()));

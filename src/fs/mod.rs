@@ -384,7 +384,8 @@ impl View {
                 origin: Some(o), ..
             })
             | Some(Dentry::File { origin: Some(o) }) => {
-                (o.clone(), self.old.locate_path(o).map(Some))
+                let dir = matches!(record, Some(Dentry::Dir { .. }));
+                (o.clone(), self.old.locate_path(o, dir).map(Some))
             }
             None => match parent_old {
                 Some(po) => (join(&po.path, name), old_child(&po.loc, name)),
@@ -864,7 +865,10 @@ impl View {
             // Gone from OLD (as resolution treats it): not listed. Any other failure (EIO,
             // EMFILE, a store that times out) fails the listing rather than hide the name: a
             // copier pass or commit's check walking this listing must not skip it unseen.
-            let found = match self.old.locate_path(origin) {
+            let found = match self
+                .old
+                .locate_path(origin, matches!(rec, Dentry::Dir { .. }))
+            {
                 Ok(f) => Some(f),
                 Err(e) if posix::vanished(&e) => None,
                 Err(e) => {

@@ -154,7 +154,10 @@ impl OldStore {
     }
 
     /// The entry at `rel` below the root (never following a symlink): ENOENT when absent.
-    pub fn locate_path(&self, rel: &[u8]) -> io::Result<(Loc, rustix::fs::Stat)> {
+    /// `dir`: whether the caller expects a directory there (a record's kind). In an S3 OLD a
+    /// name may be both an object and a directory; the expected kind is asked first, in one
+    /// request when it is there.
+    pub fn locate_path(&self, rel: &[u8], dir: bool) -> io::Result<(Loc, rustix::fs::Stat)> {
         match self {
             OldStore::Posix(p) => {
                 let fd = p.open_path(Path::new(std::ffi::OsStr::from_bytes(rel)))?;
@@ -164,7 +167,7 @@ impl OldStore {
             OldStore::S3(t) => {
                 let rel = std::str::from_utf8(rel)
                     .map_err(|_| io::Error::from_raw_os_error(libc::ENOENT))?;
-                match t.locate(rel)? {
+                match t.locate_as(rel, dir)? {
                     Some(e) => {
                         let st = e.st;
                         Ok((Loc::Obj(Arc::new(e)), st))
@@ -177,7 +180,7 @@ impl OldStore {
 
     /// The entry at `rel`, held by its parent directory and name for a POSIX non-directory
     /// (what a copy's origin is checked through).
-    pub fn locate_at(&self, rel: &[u8]) -> io::Result<Option<Loc>> {
+    pub fn locate_at(&self, rel: &[u8], dir: bool) -> io::Result<Option<Loc>> {
         match self {
             OldStore::Posix(p) => {
                 let path = Path::new(std::ffi::OsStr::from_bytes(rel));
@@ -187,7 +190,7 @@ impl OldStore {
                 let dfd = p.open_path(dir)?;
                 Ok(Some(Loc::At(Arc::new(dfd), name.to_owned())))
             }
-            OldStore::S3(_) => match self.locate_path(rel) {
+            OldStore::S3(_) => match self.locate_path(rel, dir) {
                 Ok((loc, _)) => Ok(Some(loc)),
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
                 Err(e) => Err(e),

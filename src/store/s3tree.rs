@@ -365,6 +365,31 @@ impl S3Tree {
         Ok(head?.map(|info| self.file(info)))
     }
 
+    /// [`Self::locate`] when the caller knows what it expects there (a copy record's or a
+    /// redirect's kind): that kind is asked first, and alone when it is there (one request,
+    /// as before names could clash); the other only when it is not.
+    pub fn locate_as(self: &Arc<Self>, rel: &str, dir: bool) -> io::Result<Option<Entry>> {
+        if rel.is_empty() {
+            return Ok(Some(self.root()));
+        }
+        if let Some(info) = self.fresh_prefetch(rel) {
+            return Ok(Some(self.file(info)));
+        }
+        if dir {
+            if self.store.is_dir(rel)? {
+                return Ok(Some(self.dir(rel.to_string())));
+            }
+            return Ok(self.store.head(rel)?.map(|info| self.file(info)));
+        }
+        if let Some(info) = self.store.head(rel)? {
+            return Ok(Some(self.file(info)));
+        }
+        if self.store.is_dir(rel)? {
+            return Ok(Some(self.dir(rel.to_string())));
+        }
+        Ok(None)
+    }
+
     /// [`Self::locate`] of a name a listing of its directory showed as an object a moment
     /// ago (so no directory hides it): its HEAD alone.
     fn locate_listed_object(self: &Arc<Self>, rel: &str) -> io::Result<Option<Entry>> {
