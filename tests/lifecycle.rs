@@ -341,6 +341,12 @@ fn kill_9_while_copying_symlinks_and_fifos_leaves_none_with_the_wrong_owner_or_t
         !f.new.join(ferryfs::fs::WORK_DIR).exists(),
         "an executed migration left ferryfs's work dir in NEW"
     );
+    // Making and removing the work dir is ferryfs's own business: NEW's root keeps OLD's times.
+    let mtime = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    };
+    assert_eq!(mtime(&f.new), mtime(&f.old), "NEW's root times");
     assert_ok(f.cmd("commit", &[]));
     let new = full_manifest(&f.new);
     assert!(new == old_manifest, "{}", diff(&old_manifest, &new));

@@ -668,7 +668,7 @@ impl View {
         })?;
         self.inodes.add_identity(inode, Identity::New(tdev, tino));
         // The work dir goes when nothing else is in it (no litter left in NEW).
-        let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);
+        self.remove_work_dir_if_empty();
         {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
             d.bytes += bytes;
@@ -739,15 +739,48 @@ impl View {
     /// `ns` (directory, special file and recopy copies), so none is being made meanwhile.
     pub fn drop_empty_work_dir(&self) {
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
-        let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);
+        self.remove_work_dir_if_empty();
+    }
+
+    /// Run `f`, which makes or removes the work dir, and give NEW's root back the times it had:
+    /// ferryfs's own entry is no change of the root as applications see it.
+    fn keeping_root_times(
+        &self,
+        f: impl FnOnce() -> rustix::io::Result<()>,
+    ) -> rustix::io::Result<()> {
+        let before = posix::stat_fd(self.new.root()).ok();
+        let r = f();
+        if let (Ok(()), Some(b)) = (&r, before) {
+            let _ = rustix::fs::utimensat(
+                rustix::fs::CWD,
+                posix::proc_path(self.new.root()).as_c_str(),
+                &super::copyup::timestamps(&b),
+                AtFlags::empty(),
+            );
+        }
+        r
+    }
+
+    /// Make NEW's work dir if it is not there (keeping the root's times).
+    pub(crate) fn make_work_dir(&self) -> Result<()> {
+        match self.keeping_root_times(|| {
+            rustix::fs::mkdirat(self.new.root(), WORK_DIR, Mode::from_raw_mode(0o700))
+        }) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(e).ctx("mkdir work dir in NEW"),
+        }
+    }
+
+    /// Remove NEW's work dir if it is empty (keeping the root's times).
+    pub(crate) fn remove_work_dir_if_empty(&self) {
+        let _ = self.keeping_root_times(|| {
+            rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR)
+        });
     }
 
     /// ferryfs's work dir in NEW, created on demand (hidden from the view).
     pub(crate) fn work_dir(&self) -> Result<std::os::fd::OwnedFd> {
-        match rustix::fs::mkdirat(self.new.root(), WORK_DIR, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e).ctx("mkdir work dir in NEW"),
-        }
+        self.make_work_dir()?;
         posix::open_child(self.new.root(), OsStr::new(WORK_DIR)).ctx("open work dir")
     }
 
@@ -770,7 +803,7 @@ impl View {
                     .ctx("remove a directory copy left by a crash")?;
             }
         }
-        let _ = rustix::fs::unlinkat(self.new.root(), WORK_DIR, AtFlags::REMOVEDIR);
+        self.remove_work_dir_if_empty();
         Ok(())
     }
 

@@ -570,8 +570,7 @@ impl View {
                     rustix::fs::AtFlags::empty(),
                 );
                 // Removed only once empty: other groups may still keep copies there.
-                let _ =
-                    rustix::fs::unlinkat(self.new.root(), WORK_DIR, rustix::fs::AtFlags::REMOVEDIR);
+                self.remove_work_dir_if_empty();
             }
             g.kept_alive = false;
         }

@@ -395,10 +395,7 @@ impl View {
             Some(g) if g.pending_old_names() > 0 => g,
             _ => return Ok(false),
         };
-        match rustix::fs::mkdirat(self.new.root(), super::WORK_DIR, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e).ctx("mkdir work dir in NEW"),
-        }
+        self.make_work_dir()?;
         let work =
             posix::open_child(self.new.root(), OsStr::new(super::WORK_DIR)).ctx("open work dir")?;
         rustix::fs::renameat(
