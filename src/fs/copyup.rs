@@ -974,7 +974,11 @@ impl View {
         let work = self.work_dir()?;
         let tmp = std::ffi::OsString::from(format!("{NEW_SPECIAL_PREFIX}{}", inode.ino));
         let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
-        make(work.as_fd(), &tmp)?;
+        if let Err(e) = make(work.as_fd(), &tmp) {
+            // (A refused xattr or owner: nothing of this try stays in the work dir.)
+            let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
+            return Err(e);
+        }
         let placed = keeping_dir_times(&pfd, || {
             match rustix::fs::renameat_with(
                 &work,

@@ -785,8 +785,10 @@ impl View {
     }
 
     /// Remove what a crash left of recopies in the work dir, and the work dir itself when
-    /// nothing else is in it.
+    /// nothing else is in it. Under `ns` write, as every maker of names there (commit calls
+    /// it while a lookup's recheck may still take a copy again).
     pub(crate) fn clean_work_dir(&self) -> Result<()> {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let Ok(work) = posix::open_child(self.new.root(), OsStr::new(WORK_DIR)) else {
             return Ok(());
         };
