@@ -473,21 +473,8 @@ impl View {
         let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::REMOVEDIR);
         rustix::fs::mkdirat(&work, &tmp, Mode::from_raw_mode(0o700)).ctx("mkdir NEW")?;
         let fd = dress(work.as_fd(), &tmp, true)?;
-        let placed = keeping_dir_times(&pfd, || {
-            match rustix::fs::renameat_with(
-                &work,
-                &tmp,
-                pfd.as_fd(),
-                &name,
-                rustix::fs::RenameFlags::NOREPLACE,
-            ) {
-                Ok(()) => Ok(true),
-                // A name already there, or a parent on another file system (a mount inside
-                // NEW): made in place instead.
-                Err(rustix::io::Errno::EXIST | rustix::io::Errno::XDEV) => Ok(false),
-                Err(e) => Err(e).ctx("rename NEW dir into place"),
-            }
-        })?;
+        // A name already there, or a parent on another file system: made in place instead.
+        let placed = keeping_dir_times(&pfd, || rename_into_place(&work, &tmp, &pfd, &name, true))?;
         let fd = if placed {
             fd
         } else {
@@ -786,14 +773,8 @@ impl View {
         // their final permission bits, and owner and mode are fixed then only if they differ.
         let deferred = defer.is_some() && group.is_none();
         let create_mode = if deferred { st.st_mode & 0o777 } else { 0o600 };
-        let tmp = rustix::fs::openat(
-            pfd.as_fd(),
-            ".",
-            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-            Mode::from_raw_mode(create_mode),
-        )
-        .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
-        let tmp = File::from(tmp);
+        let tmp = posix::anon_file(pfd.as_fd(), create_mode)
+            .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
         let size = st.st_size as u64;
         let copy = |tick: Tick<'_>| -> Result<Fetched> {
             match (&src, &obj) {
@@ -979,20 +960,8 @@ impl View {
             let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
             return Err(e);
         }
-        let placed = keeping_dir_times(&pfd, || {
-            match rustix::fs::renameat_with(
-                &work,
-                &tmp,
-                pfd.as_fd(),
-                &name,
-                rustix::fs::RenameFlags::NOREPLACE,
-            ) {
-                Ok(()) => Ok(true),
-                // A parent on another file system (a mount inside NEW): made in place.
-                Err(rustix::io::Errno::XDEV) => Ok(false),
-                Err(e) => Err(e).ctx("rename NEW entry into place"),
-            }
-        });
+        // A parent on another file system (a mount inside NEW): made in place.
+        let placed = keeping_dir_times(&pfd, || rename_into_place(&work, &tmp, &pfd, &name, false));
         if !matches!(placed, Ok(true)) {
             let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
         }
@@ -1038,6 +1007,24 @@ impl View {
         self.inodes
             .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
         Ok(())
+    }
+}
+
+/// Rename `tmp`, made whole in the work dir, to `name` in `pfd` without replacing anything.
+/// `Ok(false)` when it must be made in place instead: `pfd` is on another file system (a mount
+/// inside NEW), or, with `exist_in_place`, `name` is there already.
+fn rename_into_place(
+    work: &OwnedFd,
+    tmp: &OsStr,
+    pfd: &OwnedFd,
+    name: &OsStr,
+    exist_in_place: bool,
+) -> Result<bool> {
+    match rustix::fs::renameat_with(work, tmp, pfd, name, rustix::fs::RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::XDEV) => Ok(false),
+        Err(rustix::io::Errno::EXIST) if exist_in_place => Ok(false),
+        Err(e) => Err(e).ctx("rename into place in NEW"),
     }
 }
 

@@ -574,15 +574,7 @@ impl View {
                 Some(f) => posix::stat_fd(f.as_fd()).ctx("stat OLD file")?,
                 None => ost,
             };
-            let tmp = std::fs::File::from(
-                rustix::fs::openat(
-                    pfd.as_fd(),
-                    ".",
-                    OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .ctx("O_TMPFILE in NEW")?,
-            );
+            let tmp = posix::anon_file(pfd.as_fd(), 0o600).ctx("O_TMPFILE in NEW")?;
             let fetched = match (&src, &obj) {
                 (Some(f), _) => copy_data(f, &tmp, st.st_size as u64, &mut tick)?.into(),
                 (None, Some(e)) => super::copyup::fetch_object(e, &tmp, &mut tick)?,
@@ -697,16 +689,7 @@ impl View {
     ) -> Result<bool> {
         let src = old.open(OFlags::RDONLY).ctx("open OLD file")?;
         let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
-        // An anonymous file never has a name: it leaves nothing behind in the directory.
-        let tmp = std::fs::File::from(
-            rustix::fs::openat(
-                pfd.as_fd(),
-                ".",
-                OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-            .ctx("O_TMPFILE in NEW")?,
-        );
+        let tmp = posix::anon_file(pfd.as_fd(), 0o600).ctx("O_TMPFILE in NEW")?;
         if !copy_data(&src, &tmp, st.st_size as u64, tick)? {
             return Ok(false);
         }

@@ -58,20 +58,14 @@ impl RocksJournal {
         })?;
         let mut tries = 0;
         loop {
-            match DB::open_as_secondary(&opts, dir, &own.0) {
+            // The open reads the MANIFEST, then the logs: a log flushed and deleted in between
+            // is missed, records and all. The primary records a flush's table in the MANIFEST
+            // before it deletes the log, so a catch-up begun after the open reads that table:
+            // every record written before this call is seen.
+            let opened = DB::open_as_secondary(&opts, dir, &own.0)
+                .and_then(|db| db.try_catch_up_with_primary().map(|()| db));
+            match opened {
                 Ok(db) => {
-                    // The open read the MANIFEST, then the logs: a log flushed and deleted in
-                    // between is missed, records and all. The primary records a flush's table
-                    // in the MANIFEST before it deletes the log, so a catch-up begun after the
-                    // open reads that table: every record written before this call is seen.
-                    if let Err(e) = db.try_catch_up_with_primary() {
-                        if tries < 100 && e.to_string().contains("No such file or directory") {
-                            tries += 1;
-                            std::thread::sleep(std::time::Duration::from_millis(20));
-                            continue;
-                        }
-                        return Err(backend(e));
-                    }
                     return Ok(RocksJournal {
                         db,
                         _reader: Some(own),

@@ -232,6 +232,19 @@ mod xattrat {
     }
 }
 
+/// A new anonymous file (O_TMPFILE) on `dir`'s file system, open read-write: it has no name
+/// until one is linked, so a crash leaves nothing behind.
+pub fn anon_file(dir: BorrowedFd<'_>, mode: u32) -> io::Result<std::fs::File> {
+    rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(mode),
+    )
+    .map(std::fs::File::from)
+    .map_err(io_err)
+}
+
 /// The `/proc/self/fd/N` path of an fd: lets path-only calls (xattrs on O_PATH fds, reopen)
 /// act on exactly the inode we hold, without resolving any name again.
 pub fn proc_path(fd: BorrowedFd<'_>) -> CString {

@@ -692,15 +692,7 @@ impl S3Store {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = format!("GET {key} bytes {off}+{len}");
-        let mut req = self
-            .client
-            .get_object()
-            .bucket(&self.url.bucket)
-            .key(&key)
-            .range(format!("bytes={off}-{}", off + len - 1));
-        if !etag.is_empty() {
-            req = req.if_match(etag);
-        }
+        let req = self.get_req(&key, etag, Some((off, len)));
         let data = self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
             o.body
@@ -733,14 +725,10 @@ impl S3Store {
         out: &std::fs::File,
         tick: &mut dyn FnMut(u64) -> bool,
     ) -> Result<Option<ObjectInfo>> {
-        use std::os::unix::fs::FileExt;
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = format!("GET {key}");
-        let mut req = self.client.get_object().bucket(&self.url.bucket).key(&key);
-        if !etag.is_empty() {
-            req = req.if_match(etag);
-        }
+        let req = self.get_req(&key, etag, None);
         self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
             let info = info_of(
@@ -750,44 +738,85 @@ impl S3Store {
                 o.last_modified(),
                 o.metadata(),
             );
-            let mut body = o.body;
-            let mut off = 0u64;
-            while let Some(piece) = body
-                .try_next()
-                .await
-                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?
-            {
-                out.write_all_at(&piece, off).map_err(|e| {
-                    S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
-                })?;
-                off += piece.len() as u64;
-                self.counters
-                    .get_bytes
-                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                if !tick(piece.len() as u64) {
-                    return Ok(None);
-                }
-            }
-            if off != info.size {
-                return Err(S3Error::new(
-                    &what,
-                    libc::EIO,
-                    format!("body ended at {off} of {} bytes", info.size),
-                ));
-            }
-            Ok(Some(info))
+            let written = self
+                .body_to_file(o.body, out, 0, info.size, &what, tick)
+                .await?;
+            Ok(written.map(|()| info))
         })
     }
 
+    /// A GET of `key`, of version `etag` (If-Match; any version when empty), of the bytes
+    /// [off, off+len) when `range` is given.
+    fn get_req(
+        &self,
+        key: &str,
+        etag: &str,
+        range: Option<(u64, u64)>,
+    ) -> aws_sdk_s3::operation::get_object::builders::GetObjectFluentBuilder {
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(key)
+            .set_range(range.map(|(off, len)| format!("bytes={off}-{}", off + len - 1)));
+        if !etag.is_empty() {
+            req = req.if_match(etag);
+        }
+        req
+    }
+
+    /// Stream a GET's `body` into `out` at `base` onwards: exactly `len` bytes (EIO when more
+    /// or fewer arrive). `each` gets each piece's length once it is written; `false` stops
+    /// (`Ok(None)`).
+    async fn body_to_file(
+        &self,
+        mut body: ByteStream,
+        out: &std::fs::File,
+        base: u64,
+        len: u64,
+        what: &str,
+        each: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Option<()>> {
+        use std::os::unix::fs::FileExt;
+        let mut at = 0u64;
+        while let Some(piece) = body
+            .try_next()
+            .await
+            .map_err(|e| S3Error::new(what, libc::EIO, e.to_string()))?
+        {
+            let n = piece.len() as u64;
+            if at + n > len {
+                return Err(S3Error::new(what, libc::EIO, "more bytes than asked for"));
+            }
+            out.write_all_at(&piece, base + at).map_err(|e| {
+                S3Error::new(what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+            })?;
+            at += n;
+            self.counters.get_bytes.fetch_add(n, Ordering::Relaxed);
+            if !each(n) {
+                return Ok(None);
+            }
+        }
+        if at != len {
+            return Err(S3Error::new(
+                what,
+                libc::EIO,
+                format!("body ended at {at} of {len} bytes"),
+            ));
+        }
+        Ok(Some(()))
+    }
+
     /// [`S3Store::get_to_file`] of a large object of `size` bytes, in ranged GETs of `part`
-    /// bytes (the copier's: [`PARALLEL_GET_PART`]), up to [`PARALLEL_GET_STREAMS`] at once: one TCP stream
-    /// carries a few hundred MiB/s at most, several fill the link. Every range asks for
-    /// version `etag` (If-Match), so a replaced object fails ESTALE instead of mixing two
-    /// versions. Each range streams into `out` at its own offset (memory: a body piece per
-    /// stream). Only the calling thread calls `tick`, with each piece's length, and the streams
-    /// wait while it sleeps (a bandwidth limit holds); `false` stops every stream (`Ok(None)`). Extra streams beyond the caller's own are shared by the
-    /// whole process ([`PARALLEL_GET_EXTRA`]), so many large objects at once do not open
-    /// hundreds of connections.
+    /// bytes (the copier's: [`PARALLEL_GET_PART`]), up to [`PARALLEL_GET_STREAMS`] at once:
+    /// one TCP stream carries a few hundred MiB/s at most, several fill the link. Every range
+    /// asks for version `etag` (If-Match), so a replaced object fails ESTALE instead of mixing
+    /// two versions. Each range streams into `out` at its own offset (memory: a body piece per
+    /// stream). Only the calling thread calls `tick`, with each piece's length, and the
+    /// streams wait while it sleeps (a bandwidth limit holds); `false` stops every stream
+    /// (`Ok(None)`). Extra streams beyond the caller's own are shared by the whole process
+    /// ([`PARALLEL_GET_EXTRA`]), so many large objects at once do not open hundreds of
+    /// connections.
     pub fn get_parallel_to_file(
         &self,
         rel: &str,
@@ -927,51 +956,19 @@ impl S3Store {
         stop: &std::sync::atomic::AtomicBool,
         done: &std::sync::mpsc::SyncSender<u64>,
     ) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = format!("GET {key} bytes {off}+{len}");
-        let mut req = self
-            .client
-            .get_object()
-            .bucket(&self.url.bucket)
-            .key(&key)
-            .range(format!("bytes={off}-{}", off + len - 1));
-        if !etag.is_empty() {
-            req = req.if_match(etag);
-        }
+        let req = self.get_req(&key, etag, Some((off, len)));
         self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
-            let mut body = o.body;
-            let mut at = 0u64;
-            while let Some(piece) = body
-                .try_next()
+            let mut each = |n| {
+                let _ = done.send(n);
+                !stop.load(Ordering::Relaxed)
+            };
+            self.body_to_file(o.body, out, off, len, &what, &mut each)
                 .await
-                .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?
-            {
-                if at + piece.len() as u64 > len {
-                    return Err(S3Error::new(&what, libc::EIO, "more bytes than asked for"));
-                }
-                out.write_all_at(&piece, off + at).map_err(|e| {
-                    S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
-                })?;
-                at += piece.len() as u64;
-                self.counters
-                    .get_bytes
-                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                let _ = done.send(piece.len() as u64);
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-            }
-            if at != len {
-                return Err(S3Error::new(
-                    &what,
-                    libc::EIO,
-                    format!("body ended at {at} of {len} bytes"),
-                ));
-            }
-            Ok(())
+                .map(drop)
         })
     }
 
@@ -981,7 +978,7 @@ impl S3Store {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = format!("GET {key}");
-        let req = self.client.get_object().bucket(&self.url.bucket).key(&key);
+        let req = self.get_req(&key, "", None);
         let r = self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
             let info = info_of(
