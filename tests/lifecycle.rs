@@ -463,6 +463,16 @@ fn a_file_changed_in_old_after_its_copy_blocks_commit_until_copied_again() {
     );
 }
 
+/// Rewrite OLD's `d/a` (`size` bytes of '2') behind the executed view, limit the copier to
+/// `bwlimit`, and start the pass that takes the file again (the refused commit finds it).
+fn start_a_slow_recopy(f: &Fixture, size: usize, bwlimit: &str) {
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(f.old.join("d/a"), vec![b'2'; size]).unwrap();
+    assert_ok(f.cmd("limits", &["--bwlimit", bwlimit]));
+    assert!(!f.cmd("commit", &[]).status.success());
+    assert_ok(f.cmd("execute", &[]));
+}
+
 #[test]
 fn a_write_through_the_view_during_a_recopy_of_a_hard_linked_file_is_kept() {
     let mut f = Fixture::new();
@@ -478,11 +488,7 @@ fn a_write_through_the_view_during_a_recopy_of_a_hard_linked_file_is_kept() {
     assert_eq!(ino("d/a"), ino("d/b"), "NEW split the hard link");
     // Behind the view's back: OLD rewritten in place (both names), then a slow copier (8 MiB/s:
     // about 4 s to take the file again, rewriting NEW's one inode in place).
-    std::thread::sleep(Duration::from_millis(20));
-    fs::write(f.old.join("d/a"), vec![b'2'; size]).unwrap();
-    assert_ok(f.cmd("limits", &["--bwlimit", "8M"]));
-    assert!(!f.cmd("commit", &[]).status.success());
-    assert_ok(f.cmd("execute", &[]));
+    start_a_slow_recopy(&f, size, "8M");
     std::thread::sleep(Duration::from_millis(1500));
     // Mid-recopy, an application writes the last bytes through the other name.
     let h = fs::OpenOptions::new().write(true).open(f.v("d/b")).unwrap();
@@ -518,11 +524,7 @@ fn a_write_waiting_for_a_recopy_is_not_held_by_a_paused_copier() {
     wait_executed(&f, 60);
     // OLD rewritten behind the view; the copier takes it again at 4 MiB/s (about 8 s), and is
     // paused a second into that.
-    std::thread::sleep(Duration::from_millis(20));
-    fs::write(f.old.join("d/a"), vec![b'2'; size]).unwrap();
-    assert_ok(f.cmd("limits", &["--bwlimit", "4M"]));
-    assert!(!f.cmd("commit", &[]).status.success());
-    assert_ok(f.cmd("execute", &[]));
+    start_a_slow_recopy(&f, size, "4M");
     std::thread::sleep(Duration::from_millis(1000));
     assert_ok(f.cmd("pause", &[]));
     // A write through the view waits for the recopy, which no pause or limit holds back now.
