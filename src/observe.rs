@@ -248,11 +248,22 @@ impl Observed {
                     ),
                     age_seconds: p.at.elapsed().as_secs_f64(),
                 },
-                None => CheckJson {
+                // Its first check has not returned: a store that hung before it ever answered
+                // is as stale as one that stopped answering.
+                None if self.started.elapsed() <= STALE_AFTER => CheckJson {
                     name: t.name(),
-                    ok: self.started.elapsed() <= STALE_AFTER,
+                    ok: true,
                     detail: "not checked yet".into(),
                     age_seconds: 0.0,
+                },
+                None => CheckJson {
+                    name: t.name(),
+                    ok: false,
+                    detail: format!(
+                        "no answer for {:.0} s (never answered since the daemon started)",
+                        self.started.elapsed().as_secs_f64()
+                    ),
+                    age_seconds: self.started.elapsed().as_secs_f64(),
                 },
             })
             .collect()
