@@ -37,4 +37,21 @@ impl Journal for MemJournal {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+
+    fn scan_after(
+        &self,
+        prefix: &[u8],
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        use std::ops::Bound;
+        let m = self.map.lock().unwrap();
+        Ok(
+            m.range::<Vec<u8>, _>((Bound::Excluded(after.to_vec()), Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
 }

@@ -250,6 +250,14 @@ pub trait Journal: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Every (key, value) whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// At most `limit` of the (key, value) whose key starts with `prefix` and sorts after
+    /// `after` (a whole key; `prefix` itself for the first), in key order: a scan in pages.
+    fn scan_after(
+        &self,
+        prefix: &[u8],
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
 }
 
 #[derive(Debug, Clone)]
@@ -684,6 +692,34 @@ impl Records {
             .into_iter()
             .map(|(k, r)| (String::from_utf8_lossy(&k).into_owned(), r))
             .collect())
+    }
+
+    /// At most `limit` publisher records whose keys sort after `after` ("" for the first),
+    /// in key order (byte order, as S3 lists keys).
+    pub fn published_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Published)>> {
+        let mut from = vec![P_PUBLISHED];
+        from.extend_from_slice(after.as_bytes());
+        self.kv
+            .scan_after(&[P_PUBLISHED], &from, limit)?
+            .into_iter()
+            .map(|(k, v)| {
+                let r = serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("published record: {e}")))?;
+                Ok((String::from_utf8_lossy(&k[1..]).into_owned(), r))
+            })
+            .collect()
+    }
+
+    /// The publisher's record of `key`, if any.
+    pub fn published_one(&self, key: &str) -> Result<Option<Published>> {
+        let mut k = vec![P_PUBLISHED];
+        k.extend_from_slice(key.as_bytes());
+        match self.kv.get(&k)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| JournalError::Corrupt(format!("published record: {e}"))),
+            None => Ok(None),
+        }
     }
 
     /// Every failed upload into an S3 NEW: (key, error).

@@ -139,6 +139,29 @@ impl Journal for RocksJournal {
         }
         Ok(out)
     }
+
+    fn scan_after(
+        &self,
+        prefix: &[u8],
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(after, Direction::Forward))
+        {
+            let (k, v) = item.map_err(backend)?;
+            if out.len() >= limit || !k.starts_with(prefix) {
+                break;
+            }
+            if &*k == after {
+                continue;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
