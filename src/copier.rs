@@ -523,6 +523,11 @@ impl Copier {
             if self.stopping() || self.paused.load(Ordering::Relaxed) {
                 return;
             }
+            // Held while checked and copied again: else the kernel could forget it, and a
+            // write through the entry's next inode would not wait for the new copy.
+            let Some(_pinned) = self.view.pin(&inode) else {
+                continue;
+            };
             if !self.view.in_new(&inode) {
                 continue;
             }
@@ -918,6 +923,10 @@ impl Copier {
                             // Entries applications touched go first; the walk meets them again
                             // later and counts them then (one count per name).
                             if let Ok(t) = touched.try_recv() {
+                                // One the kernel forgot meanwhile: the walk meets its entry.
+                                let Some(_pinned) = self.view.pin(&t) else {
+                                    continue;
+                                };
                                 if !self.view.in_new(&t)
                                     && let Some(p) = visit(&t, false)
                                 {

@@ -71,6 +71,14 @@ impl View {
         }
     }
 
+    /// `inode`, which came by a queue, held for the caller's work: `None` when the kernel
+    /// forgot it (the entry's live inode, if any, is another; the next lookup or pass finds it).
+    pub fn pin<'a>(&'a self, inode: &'a Arc<Inode>) -> Option<Pinned<'a>> {
+        self.inodes
+            .pin(inode)
+            .then_some(Pinned { view: self, inode })
+    }
+
     /// Give back the lookup [`View::child`] took.
     pub fn release_lookup(&self, inode: &Inode) {
         self.forget(inode.ino, 1);
@@ -920,5 +928,17 @@ impl View {
             }
         }
         Ok(None)
+    }
+}
+
+/// A lookup counted by [`View::pin`], given back when dropped.
+pub struct Pinned<'a> {
+    view: &'a View,
+    inode: &'a Arc<Inode>,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.view.release_lookup(self.inode);
     }
 }

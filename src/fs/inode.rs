@@ -178,6 +178,23 @@ impl InodeTable {
             .is_some_and(|i| Arc::ptr_eq(i, inode))
     }
 
+    /// Count one lookup of `inode` if it is still the table's inode for its number (give it
+    /// back with [`Self::forget`]); `false` for an inode the kernel forgot. Work on an inode
+    /// that came by a queue (no lookup of its own) pins it first, so that the kernel cannot
+    /// forget it meanwhile: a new lookup of the entry would make a second inode, with a claim
+    /// of its own, and a change through it would not wait for that work.
+    pub fn pin(&self, inode: &Arc<Inode>) -> bool {
+        let t = self.tables();
+        let live = t
+            .by_ino
+            .get(&inode.ino)
+            .is_some_and(|i| Arc::ptr_eq(i, inode));
+        if live {
+            inode.lookups.fetch_add(1, Ordering::Relaxed);
+        }
+        live
+    }
+
     /// The inode number already serving `id`, if any (for readdir's d_ino).
     pub fn ino_of(&self, id: &Identity) -> Option<u64> {
         self.tables().by_id.get(id).copied()
@@ -347,5 +364,33 @@ impl InodeTable {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_holds_a_live_inode_and_refuses_a_forgotten_one() {
+        let t = InodeTable::new(Node::detached());
+        let id = Identity::New(1, 42);
+        let make = Node::detached;
+        let a = t.lookup_or_insert(id, Kind::File, ROOT_INO, std::ffi::OsStr::new("a"), make);
+        // Pinned, the kernel's forget of its one lookup leaves it in the table: a new lookup
+        // of the entry finds the same inode (one claim for both).
+        assert!(t.pin(&a));
+        t.forget(a.ino, 1);
+        assert!(t.is_live(&a));
+        let again = t.lookup_or_insert(id, Kind::File, ROOT_INO, std::ffi::OsStr::new("a"), make);
+        assert!(Arc::ptr_eq(&a, &again));
+        t.forget(a.ino, 1); // the second lookup
+        t.forget(a.ino, 1); // the pin
+        assert!(!t.is_live(&a));
+        // Forgotten: no pin, and the entry's next lookup is another inode.
+        assert!(!t.pin(&a));
+        let b = t.lookup_or_insert(id, Kind::File, ROOT_INO, std::ffi::OsStr::new("a"), make);
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(!t.pin(&a) && t.pin(&b));
     }
 }
