@@ -512,6 +512,34 @@ fn info_of(
     }
 }
 
+/// A HEAD's answer as [`S3Store::head`] gives it: `None` for no such object.
+fn head_result(
+    rel: &str,
+    key: &str,
+    r: std::result::Result<
+        aws_sdk_s3::operation::head_object::HeadObjectOutput,
+        aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::head_object::HeadObjectError>,
+    >,
+) -> Result<Option<ObjectInfo>> {
+    match r {
+        Ok(o) => Ok(Some(info_of(
+            rel,
+            o.content_length(),
+            o.e_tag(),
+            o.last_modified(),
+            o.metadata(),
+        ))),
+        Err(e) => {
+            let e = sdk_err(&format!("HEAD {key}"), e);
+            if e.errno == libc::ENOENT {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
 impl S3Store {
     /// Build a client for `url` with the standard credential chain. Makes no request.
     pub fn connect(url: &S3Url) -> Result<S3Store> {
@@ -579,30 +607,42 @@ impl S3Store {
     pub fn head(&self, rel: &str) -> Result<Option<ObjectInfo>> {
         self.counters.heads.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let r = self.block(
-            self.client
-                .head_object()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .send(),
-        );
-        match r {
-            Ok(o) => Ok(Some(info_of(
-                rel,
-                o.content_length(),
-                o.e_tag(),
-                o.last_modified(),
-                o.metadata(),
-            ))),
-            Err(e) => {
-                let e = sdk_err(&format!("HEAD {key}"), e);
-                if e.errno == libc::ENOENT {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        let r = self.block(self.head_req(&key).send());
+        head_result(rel, &key, r)
+    }
+
+    fn head_req(
+        &self,
+        key: &str,
+    ) -> aws_sdk_s3::operation::head_object::builders::HeadObjectFluentBuilder {
+        self.client.head_object().bucket(&self.url.bucket).key(key)
+    }
+
+    /// [`S3Store::head`] of `rel` and [`S3Store::is_dir`] of `rel` at once, both requests in
+    /// flight together on the store's runtime (one round trip, no thread of their own).
+    pub fn head_and_is_dir(&self, rel: &str) -> (Result<Option<ObjectInfo>>, Result<bool>) {
+        self.counters.heads.fetch_add(1, Ordering::Relaxed);
+        self.counters.lists.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let dir = self.url.key(&format!("{rel}/"));
+        let list = self
+            .rt
+            .spawn(self.list_req(&dir, false, Some(1), None).send());
+        let (h, l) = self.block(async {
+            let h = self.head_req(&key).send().await;
+            (h, list.await)
+        });
+        let what = format!("LIST s3://{}/{dir}", self.url.bucket);
+        let l = match l {
+            Ok(r) => r
+                .map(|r| r.key_count().unwrap_or(0) > 0 || !r.contents().is_empty())
+                .map_err(|e| sdk_err(&what, e)),
+            Err(e) => match e.try_into_panic() {
+                Ok(p) => std::panic::resume_unwind(p),
+                Err(e) => Err(S3Error::new(what, libc::EIO, e.to_string())),
+            },
+        };
+        (head_result(rel, &key, h), l)
     }
 
     /// One page of ListObjectsV2 below `prefix` (a full key prefix): split at '/' when
@@ -615,17 +655,24 @@ impl S3Store {
         token: Option<String>,
     ) -> Result<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output> {
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
-        self.block(
-            self.client
-                .list_objects_v2()
-                .bucket(&self.url.bucket)
-                .prefix(prefix)
-                .set_delimiter(delimited.then(|| "/".to_string()))
-                .set_max_keys(max_keys)
-                .set_continuation_token(token)
-                .send(),
-        )
-        .map_err(|e| sdk_err(&format!("LIST s3://{}/{prefix}", self.url.bucket), e))
+        self.block(self.list_req(prefix, delimited, max_keys, token).send())
+            .map_err(|e| sdk_err(&format!("LIST s3://{}/{prefix}", self.url.bucket), e))
+    }
+
+    fn list_req(
+        &self,
+        prefix: &str,
+        delimited: bool,
+        max_keys: Option<i32>,
+        token: Option<String>,
+    ) -> aws_sdk_s3::operation::list_objects_v2::builders::ListObjectsV2FluentBuilder {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.url.bucket)
+            .prefix(prefix)
+            .set_delimiter(delimited.then(|| "/".to_string()))
+            .set_max_keys(max_keys)
+            .set_continuation_token(token)
     }
 
     /// The names directly below directory `rel_dir` (empty: the root; else ending in '/'),

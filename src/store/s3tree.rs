@@ -351,14 +351,7 @@ impl S3Tree {
         }
         // An object and a directory of one name (`a` beside `a/x`): the directory, as listings
         // show it (docs/SEMANTICS.md "An S3 OLD"). Both asked at once: one round trip.
-        let (head, is_dir) = std::thread::scope(|s| {
-            let dir = s.spawn(|| self.store.is_dir(rel));
-            let head = self.store.head(rel);
-            (
-                head,
-                dir.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            )
-        });
+        let (head, is_dir) = self.store.head_and_is_dir(rel);
         if is_dir? {
             return Ok(Some(self.dir(rel.to_string())));
         }
