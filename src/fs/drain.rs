@@ -74,9 +74,9 @@ impl View {
     /// `inode`, which came by a queue, held for the caller's work: `None` when the kernel
     /// forgot it (the entry's live inode, if any, is another; the next lookup or pass finds it).
     pub fn pin<'a>(&'a self, inode: &'a Arc<Inode>) -> Option<Pinned<'a>> {
-        self.inodes
-            .pin(inode)
-            .then_some(Pinned { view: self, inode })
+        // (`then`, not `then_some`: a guard made for a refused pin would give back, when
+        // dropped, a lookup it never took.)
+        self.inodes.pin(inode).then(|| Pinned { view: self, inode })
     }
 
     /// Give back the lookup [`View::child`] took.
