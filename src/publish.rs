@@ -423,8 +423,7 @@ impl Publisher {
                         break;
                     }
                     let (k, r) = cursor.next()?.expect("peeked");
-                    add_source(&mut d.sources, &k, &r);
-                    d.gone.push((k, r));
+                    d.gone(k, r);
                 }
                 let had = match cursor.peek()? {
                     Some((k, _)) if *k == w.key => cursor.next()?.map(|(_, r)| r),
@@ -448,8 +447,7 @@ impl Publisher {
             },
         )?;
         while let Some((k, r)) = cursor.next()? {
-            add_source(&mut d.sources, &k, &r);
-            d.gone.push((k, r));
+            d.gone(k, r);
         }
         d.bad.extend(bad);
         d.partial = partial;
@@ -583,8 +581,8 @@ impl Publisher {
             .map_err(std::io::Error::other)?;
         self.passes.fetch_add(1, Ordering::Relaxed);
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
-        // The pass's maps (O(entries)) are freed now; give their pages back to the system
-        // rather than keep the daemon's RSS at every pass's peak between passes.
+        // What the pass held (its changes: every entry on a first pass) is freed now; give
+        // the pages back to the system rather than keep the RSS at every pass's peak.
         // SAFETY: malloc_trim only returns free memory; no pointer is invalidated.
         unsafe {
             libc::malloc_trim(0);
@@ -950,6 +948,15 @@ struct Diff {
     objects: u64,
     /// The walk met an entry that vanished while it looked (renamed or removed meanwhile).
     partial: bool,
+}
+
+impl Diff {
+    /// A recorded key the staging tree no longer has: deleted after the pass's copies, which
+    /// its record may serve first (a rename's bytes).
+    fn gone(&mut self, key: String, r: Published) {
+        add_source(&mut self.sources, &key, &r);
+        self.gone.push((key, r));
+    }
 }
 
 enum Done {

@@ -753,7 +753,7 @@ impl View {
     }
 
     /// Make NEW's work dir if it is not there (keeping the root's times).
-    pub(crate) fn make_work_dir(&self) -> Result<()> {
+    fn make_work_dir(&self) -> Result<()> {
         match self.keeping_root_times(|| {
             rustix::fs::mkdirat(self.new.root(), WORK_DIR, Mode::from_raw_mode(0o700))
         }) {
@@ -771,7 +771,12 @@ impl View {
 
     /// ferryfs's work dir in NEW, created on demand (hidden from the view).
     pub(crate) fn work_dir(&self) -> Result<std::os::fd::OwnedFd> {
-        self.make_work_dir()?;
+        // Opened first: made (a stat and a mkdir more, to keep the root's times) only when
+        // it is not there.
+        match posix::open_child(self.new.root(), OsStr::new(WORK_DIR)) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.make_work_dir()?,
+            r => return r.ctx("open work dir"),
+        }
         posix::open_child(self.new.root(), OsStr::new(WORK_DIR)).ctx("open work dir")
     }
 

@@ -131,6 +131,15 @@ struct Tables {
     by_id: rustc_hash::FxHashMap<Identity, u64>,
 }
 
+impl Tables {
+    /// `inode` is the table's inode for its number (not one the kernel forgot).
+    fn holds(&self, inode: &Arc<Inode>) -> bool {
+        self.by_ino
+            .get(&inode.ino)
+            .is_some_and(|i| Arc::ptr_eq(i, inode))
+    }
+}
+
 pub struct InodeTable {
     t: Mutex<Tables>,
     next: AtomicU64,
@@ -172,10 +181,7 @@ impl InodeTable {
     /// (while the copier held it) is not, and its names may be stale. A new lookup of the same
     /// entry makes a new inode.
     pub fn is_live(&self, inode: &Arc<Inode>) -> bool {
-        self.tables()
-            .by_ino
-            .get(&inode.ino)
-            .is_some_and(|i| Arc::ptr_eq(i, inode))
+        self.tables().holds(inode)
     }
 
     /// Count one lookup of `inode` if it is still the table's inode for its number (give it
@@ -184,14 +190,13 @@ impl InodeTable {
     /// forget it meanwhile: a new lookup of the entry would make a second inode, with a claim
     /// of its own, and a change through it would not wait for that work.
     pub fn pin(&self, inode: &Arc<Inode>) -> bool {
+        // Counted under the table's lock, as `forget` decides under it.
         let t = self.tables();
-        let live = t
-            .by_ino
-            .get(&inode.ino)
-            .is_some_and(|i| Arc::ptr_eq(i, inode));
+        let live = t.holds(inode);
         if live {
             inode.lookups.fetch_add(1, Ordering::Relaxed);
         }
+        drop(t);
         live
     }
 

@@ -395,9 +395,7 @@ impl View {
             Some(g) if g.pending_old_names() > 0 => g,
             _ => return Ok(false),
         };
-        self.make_work_dir()?;
-        let work =
-            posix::open_child(self.new.root(), OsStr::new(super::WORK_DIR)).ctx("open work dir")?;
+        let work = self.work_dir()?;
         rustix::fs::renameat(
             pfd.as_fd(),
             name,

@@ -30,28 +30,22 @@ impl Journal for MemJournal {
         Ok(self.map.lock().unwrap().get(key).cloned())
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let m = self.map.lock().unwrap();
-        Ok(m.range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
-    }
-
     fn scan_after(
         &self,
         prefix: &[u8],
-        after: &[u8],
+        after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         use std::ops::Bound;
+        let from = match after {
+            Some(a) => Bound::Excluded(a.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
         let m = self.map.lock().unwrap();
-        Ok(
-            m.range::<Vec<u8>, _>((Bound::Excluded(after.to_vec()), Bound::Unbounded))
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        )
+        Ok(m.range::<Vec<u8>, _>((from, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }

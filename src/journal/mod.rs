@@ -248,16 +248,19 @@ pub trait Journal: Send + Sync {
     /// Apply every op or none. With `sync`, the batch is on stable storage when this returns.
     fn write(&self, ops: Vec<KvOp>, sync: bool) -> Result<()>;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
-    /// Every (key, value) whose key starts with `prefix`, in key order.
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
-    /// At most `limit` of the (key, value) whose key starts with `prefix` and sorts after
-    /// `after` (a whole key; `prefix` itself for the first), in key order: a scan in pages.
+    /// At most `limit` of the (key, value) whose key starts with `prefix`, in key order, from
+    /// the first (`after`: `None`) or from the first that sorts after the whole key `after`:
+    /// a scan in pages.
     fn scan_after(
         &self,
         prefix: &[u8],
-        after: &[u8],
+        after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Every (key, value) whose key starts with `prefix`, in key order.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.scan_after(prefix, None, usize::MAX)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -699,8 +702,9 @@ impl Records {
     pub fn published_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Published)>> {
         let mut from = vec![P_PUBLISHED];
         from.extend_from_slice(after.as_bytes());
+        let from = (!after.is_empty()).then_some(from.as_slice());
         self.kv
-            .scan_after(&[P_PUBLISHED], &from, limit)?
+            .scan_after(&[P_PUBLISHED], from, limit)?
             .into_iter()
             .map(|(k, v)| {
                 let r = serde_json::from_slice(&v)
@@ -708,18 +712,6 @@ impl Records {
                 Ok((String::from_utf8_lossy(&k[1..]).into_owned(), r))
             })
             .collect()
-    }
-
-    /// The publisher's record of `key`, if any.
-    pub fn published_one(&self, key: &str) -> Result<Option<Published>> {
-        let mut k = vec![P_PUBLISHED];
-        k.extend_from_slice(key.as_bytes());
-        match self.kv.get(&k)? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| JournalError::Corrupt(format!("published record: {e}"))),
-            None => Ok(None),
-        }
     }
 
     /// Every failed upload into an S3 NEW: (key, error).

@@ -125,37 +125,22 @@ impl Journal for RocksJournal {
         self.db.get(key).map_err(backend)
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(prefix, Direction::Forward))
-        {
-            let (k, v) = item.map_err(backend)?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
     fn scan_after(
         &self,
         prefix: &[u8],
-        after: &[u8],
+        after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(after, Direction::Forward))
-        {
+        for item in self.db.iterator(IteratorMode::From(
+            after.unwrap_or(prefix),
+            Direction::Forward,
+        )) {
             let (k, v) = item.map_err(backend)?;
             if out.len() >= limit || !k.starts_with(prefix) {
                 break;
             }
-            if &*k == after {
+            if Some(&*k) == after {
                 continue;
             }
             out.push((k.to_vec(), v.to_vec()));

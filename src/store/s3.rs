@@ -512,6 +512,11 @@ fn info_of(
     }
 }
 
+/// A listing page holds at least one key (a directory is there: [`S3Store::is_dir`]).
+fn has_keys(r: &aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output) -> bool {
+    r.key_count().unwrap_or(0) > 0 || !r.contents().is_empty()
+}
+
 /// A HEAD's answer as [`S3Store::head`] gives it: `None` for no such object.
 fn head_result(
     rel: &str,
@@ -634,9 +639,7 @@ impl S3Store {
         });
         let what = format!("LIST s3://{}/{dir}", self.url.bucket);
         let l = match l {
-            Ok(r) => r
-                .map(|r| r.key_count().unwrap_or(0) > 0 || !r.contents().is_empty())
-                .map_err(|e| sdk_err(&what, e)),
+            Ok(r) => r.map(|r| has_keys(&r)).map_err(|e| sdk_err(&what, e)),
             Err(e) => match e.try_into_panic() {
                 Ok(p) => std::panic::resume_unwind(p),
                 Err(e) => Err(S3Error::new(what, libc::EIO, e.to_string())),
@@ -1088,7 +1091,7 @@ impl S3Store {
     /// Whether `rel` is a directory: some key lies below `rel/` (a marker or an object).
     pub fn is_dir(&self, rel: &str) -> Result<bool> {
         let r = self.list_page(&self.url.key(&format!("{rel}/")), false, Some(1), None)?;
-        Ok(r.key_count().unwrap_or(0) > 0 || !r.contents().is_empty())
+        Ok(has_keys(&r))
     }
 
     /// Every object below the store's root, in key order, with no delimiter (one request per
