@@ -541,6 +541,7 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         mp.clone(),
         state_abs.clone(),
         opened.has_old(),
+        parts.gate.clone(),
     );
     if let Some(addr) = args.metrics_addr {
         match crate::observe::serve(addr, observed.clone()) {
@@ -693,7 +694,23 @@ fn take_over(
     notifier.notify(&format!("MAINPID={}", std::process::id()));
     if let Err(e) = t.commit() {
         notifier.notify(&format!("MAINPID={}", t.handed.pid));
-        return Err(e);
+        // The old daemon has let go and this one cannot serve: nobody will answer the
+        // mount's requests. Say how to end the wait (a process stuck on an unanswered FUSE
+        // request cannot be killed otherwise).
+        let conn = ferryfs_mount_line(&args.mountpoint, None)
+            .map(|m| {
+                format!(
+                    "/sys/fs/fuse/connections/{}/abort",
+                    rustix::fs::minor(m.dev)
+                )
+            })
+            .unwrap_or_else(|| "/sys/fs/fuse/connections/<minor of the mount>/abort".into());
+        return Err(format!(
+            "{e}; the mount at {} is left with no daemon: `echo 1 > {conn}` (mount -t fusectl \
+             none /sys/fs/fuse/connections if it is missing) ends its waiting requests with \
+             ENOTCONN and lets the old daemon exit; then mount again",
+            args.mountpoint.display()
+        ));
     }
     // The old daemon has exited; its journal's own lock goes with its process, so the first
     // open can only race its last moments.

@@ -27,6 +27,18 @@ use crate::state::Phase;
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// A probe silent for this long is failing: what it checks does not answer.
 const STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// `PROBE_EVERY`, or `FERRYFS_PROBE_INTERVAL_MS` from the environment (tests: a probe that
+/// never rests finds the races a probe every 2 s would hit once a day).
+fn probe_every() -> Duration {
+    static EVERY: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        std::env::var("FERRYFS_PROBE_INTERVAL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(PROBE_EVERY, Duration::from_millis)
+    })
+}
 /// At most this many HTTP connections are served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 16;
 
@@ -54,8 +66,9 @@ impl Target {
     }
 }
 
-/// One probe's check: `Ok(detail)` passes, `Err(detail)` fails.
-type Check = Box<dyn Fn(&Observed) -> Result<String, String> + Send>;
+/// One probe's check: `Ok(detail)` passes, `Err(detail)` fails, `None` did not check (the
+/// last result stands, and goes stale if this lasts).
+type Check = Box<dyn Fn(&Observed) -> Option<Result<String, String>> + Send>;
 
 #[derive(Debug, Clone)]
 struct Probe {
@@ -74,6 +87,8 @@ pub struct Observed {
     stopping: AtomicBool,
     probes: Mutex<Vec<(Target, Option<Probe>)>>,
     started: Instant,
+    /// The FUSE request gate: the view probe's statfs asks it first (see `Gate::own_use`).
+    gate: Arc<crate::fuse::handover::Gate>,
 }
 
 #[derive(Serialize)]
@@ -106,6 +121,7 @@ impl Observed {
         mountpoint: PathBuf,
         state: PathBuf,
         has_old: bool,
+        gate: Arc<crate::fuse::handover::Gate>,
     ) -> Arc<Observed> {
         let mut targets = vec![Target::Mount, Target::View];
         if has_old {
@@ -121,6 +137,7 @@ impl Observed {
             stopping: AtomicBool::new(false),
             probes: Mutex::new(targets.into_iter().map(|t| (t, None)).collect()),
             started: Instant::now(),
+            gate,
         })
     }
 
@@ -155,50 +172,57 @@ impl Observed {
                 .spawn(move || {
                     while !me.stopping.load(Ordering::Relaxed) {
                         match check(&me) {
-                            Ok(d) => me.record(t, true, d),
-                            Err(d) => me.record(t, false, d),
+                            Some(Ok(d)) => me.record(t, true, d),
+                            Some(Err(d)) => me.record(t, false, d),
+                            None => {}
                         }
-                        std::thread::sleep(PROBE_EVERY);
+                        std::thread::sleep(probe_every());
                     }
                 });
         };
         spawn(
             Target::Mount,
             Box::new(|o| {
-                if crate::daemon::is_mounted(&o.mountpoint, &o.state) {
+                Some(if crate::daemon::is_mounted(&o.mountpoint, &o.state) {
                     Ok(format!("attached at {}", o.mountpoint.display()))
                 } else {
                     Err(format!("no ferryfs mount at {}", o.mountpoint.display()))
-                }
+                })
             }),
         );
         spawn(
             Target::View,
             Box::new(|o| {
                 if !o.ready.load(Ordering::Relaxed) {
-                    return Err("not serving yet".into());
+                    return Some(Err("not serving yet".into()));
                 }
+                // Not while the mount is being handed over: its answer could be parked.
+                let _own = o.gate.own_use()?;
                 // A round trip through the kernel to this daemon's FUSE workers (statfs is
                 // never answered from a kernel cache).
                 let t = Instant::now();
-                rustix::fs::statvfs(&o.mountpoint)
-                    .map(|_| format!("statfs answered in {:.1} ms", ms(t.elapsed())))
-                    .map_err(|e| format!("statfs of {}: {e}", o.mountpoint.display()))
+                Some(
+                    rustix::fs::statvfs(&o.mountpoint)
+                        .map(|_| format!("statfs answered in {:.1} ms", ms(t.elapsed())))
+                        .map_err(|e| format!("statfs of {}: {e}", o.mountpoint.display())),
+                )
             }),
         );
         let store = |fd: OwnedFd| -> Check {
             Box::new(move |_| {
                 let t = Instant::now();
-                rustix::fs::fstatvfs(&fd)
-                    .map(|v| {
-                        format!(
-                            "answered in {:.1} ms; {} of {} blocks free",
-                            ms(t.elapsed()),
-                            v.f_bavail,
-                            v.f_blocks
-                        )
-                    })
-                    .map_err(|e| format!("fstatvfs of the store's root: {e}"))
+                Some(
+                    rustix::fs::fstatvfs(&fd)
+                        .map(|v| {
+                            format!(
+                                "answered in {:.1} ms; {} of {} blocks free",
+                                ms(t.elapsed()),
+                                v.f_bavail,
+                                v.f_blocks
+                            )
+                        })
+                        .map_err(|e| format!("fstatvfs of the store's root: {e}")),
+                )
             })
         };
         match old {
@@ -208,12 +232,14 @@ impl Observed {
                 Target::Old,
                 Box::new(move |_| {
                     let t = Instant::now();
-                    tree.store
-                        .reachable()
-                        .map(|()| {
-                            format!("{} answered in {:.1} ms", tree.store.url, ms(t.elapsed()))
-                        })
-                        .map_err(|e| e.to_string())
+                    Some(
+                        tree.store
+                            .reachable()
+                            .map(|()| {
+                                format!("{} answered in {:.1} ms", tree.store.url, ms(t.elapsed()))
+                            })
+                            .map_err(|e| e.to_string()),
+                    )
                 }),
             ),
             None => {}

@@ -294,6 +294,47 @@ fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors() {
 }
 
 #[test]
+fn a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon() {
+    // The daemon's own health probe makes requests through its mount. One parked by the old
+    // daemon held its exit for ever (a thread waiting on a FUSE request already read cannot
+    // be killed), the new daemon waited for that exit, and the mount hung. A probe that never
+    // rests is in flight at nearly every handover.
+    let mut f = Fixture::new();
+    fill_old(&f);
+    f.prepare();
+    let mount = |f: &Fixture, takeover: bool, restless: bool| {
+        let mut args = vec!["--no-copy", "--metrics-addr", "127.0.0.1:0"];
+        if takeover {
+            args.push("--takeover");
+        }
+        let env: &[(&str, &str)] = if restless {
+            &[("FERRYFS_PROBE_INTERVAL_MS", "0")]
+        } else {
+            &[]
+        };
+        f.try_mount_env(&f.mnt, &args, env)
+    };
+    ok(mount(&f, false, true));
+    // The last daemon probes every 2 s again: a probe that never rests keeps the mount busy
+    // for `unmount`.
+    for round in 0..7 {
+        let before = f.daemon_pid().expect("a daemon serves");
+        let t = Instant::now();
+        let out = mount(&f, true, round < 6);
+        assert!(
+            out.status.success(),
+            "round {round}: mount --takeover failed after {:?}: {}",
+            t.elapsed(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for("the old daemon to exit", 10, || process_gone(before));
+        assert_eq!(fs::read(f.v("tree/f3")).unwrap(), b"small 3");
+        eprintln!("round {round}: takeover took {:?}", t.elapsed());
+    }
+    f.unmount();
+}
+
+#[test]
 fn takeover_with_no_daemon_serving_says_so() {
     let f = Fixture::new();
     f.prepare();

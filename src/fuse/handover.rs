@@ -27,6 +27,27 @@ pub struct Gate {
     unparked: std::sync::Condvar,
     /// What the kernel offered at INIT, replayed to the next daemon's fuser session.
     kernel: OnceLock<KernelInit>,
+    /// The daemon's own requests through its mount (the health probe's statfs).
+    own: std::sync::Mutex<OwnUses>,
+    own_done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct OwnUses {
+    /// A handover holds them: none may start.
+    held: bool,
+    running: usize,
+}
+
+/// One of the daemon's own requests through its mount, being made.
+pub struct OwnUse<'a>(&'a Gate);
+
+impl Drop for OwnUse<'_> {
+    fn drop(&mut self) {
+        let mut o = self.0.own.lock().unwrap_or_else(|p| p.into_inner());
+        o.running -= 1;
+        self.0.own_done.notify_all();
+    }
 }
 
 /// A request being answered.
@@ -59,11 +80,41 @@ impl Gate {
         }
     }
 
+    /// Make one of the daemon's own requests through its mount (a health probe); `None`
+    /// while a handover runs. Such a request must never be parked: a thread of the old
+    /// daemon waiting for an answer its own daemon read keeps that process from exiting (a
+    /// thread waiting on a FUSE request already read cannot be killed), the new daemon waits
+    /// for that exit before it has the requests queued again, and the mount hangs.
+    pub fn own_use(&self) -> Option<OwnUse<'_>> {
+        let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if o.held {
+            return None;
+        }
+        o.running += 1;
+        Some(OwnUse(self))
+    }
+
     /// Park every new request and wait, up to `limit`, until the ones being answered are
-    /// done. False: some are still running (a hung store); the caller unparks.
+    /// done. First the daemon's own uses of the mount stop, and the running ones are let
+    /// finish (answered, not parked). False: some are still running (a hung store); the
+    /// caller unparks.
     pub fn park(&self, limit: Duration) -> bool {
-        self.parking.store(true, Ordering::SeqCst);
         let t = Instant::now();
+        {
+            let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+            o.held = true;
+            while o.running > 0 {
+                let Some(left) = limit.checked_sub(t.elapsed()) else {
+                    return false;
+                };
+                o = self
+                    .own_done
+                    .wait_timeout(o, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        self.parking.store(true, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) > 0 {
             if t.elapsed() > limit {
                 return false;
@@ -74,9 +125,12 @@ impl Gate {
     }
 
     pub fn unpark(&self) {
-        let _g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        self.parking.store(false, Ordering::SeqCst);
-        self.unparked.notify_all();
+        {
+            let _g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            self.parking.store(false, Ordering::SeqCst);
+            self.unparked.notify_all();
+        }
+        self.own.lock().unwrap_or_else(|p| p.into_inner()).held = false;
     }
 
     pub(super) fn set_kernel(&self, k: KernelInit) {
@@ -277,4 +331,60 @@ pub fn kernel_can_resend() -> bool {
         .filter_map(|s| s.parse::<u32>().ok());
     let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     (maj, min) >= (6, 9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handover_waits_for_the_daemons_own_request_and_then_lets_none_start() {
+        let gate = Arc::new(Gate::default());
+        let probe = gate.own_use().expect("no handover yet");
+        // A request of the daemon's own being answered: park waits for it, not for ever.
+        let parker = {
+            let g = gate.clone();
+            std::thread::spawn(move || g.park(Duration::from_secs(10)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !parker.is_finished(),
+            "parked while the probe's request ran"
+        );
+        assert!(
+            gate.own_use().is_none(),
+            "a new own request started while a handover waits"
+        );
+        // It is answered, not parked: requests still enter.
+        drop(gate.enter());
+        drop(probe);
+        assert!(parker.join().unwrap(), "park gave up after the probe ended");
+        assert!(
+            gate.own_use().is_none(),
+            "an own request started while parked"
+        );
+        gate.unpark();
+        assert!(
+            gate.own_use().is_some(),
+            "own requests refused after the handover failed"
+        );
+    }
+
+    #[test]
+    fn an_own_request_that_does_not_end_fails_the_handover_and_unpark_frees_it() {
+        let gate = Gate::default();
+        let hung = gate.own_use().unwrap();
+        let t = Instant::now();
+        assert!(!gate.park(Duration::from_millis(100)));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(
+            !gate.parking.load(Ordering::SeqCst),
+            "parked after giving up"
+        );
+        gate.unpark();
+        drop(hung);
+        assert!(gate.own_use().is_some());
+        assert!(gate.park(Duration::from_millis(100)));
+        gate.unpark();
+    }
 }

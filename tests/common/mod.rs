@@ -111,6 +111,11 @@ impl Fixture {
 
     /// `mount` at `mp` with extra arguments, as it went (it may fail).
     pub fn try_mount(&self, mp: &Path, extra: &[&str]) -> Output {
+        self.try_mount_env(mp, extra, &[])
+    }
+
+    /// `try_mount` with variables added to the daemon's environment.
+    pub fn try_mount_env(&self, mp: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let mut args: Vec<&OsStr> = vec![
             "mount".as_ref(),
             "--state".as_ref(),
@@ -120,7 +125,7 @@ impl Fixture {
             "allow_other".as_ref(),
         ];
         args.extend(extra.iter().map(|a| OsStr::new(*a)));
-        ferryfs(&args)
+        run(Command::new(BIN).args(&args).envs(env.iter().copied()))
     }
 
     /// Run a ferryfs subcommand on this fixture's state dir (`--state` added).
@@ -202,6 +207,35 @@ impl Fixture {
     }
 }
 
+/// Abort the kernel FUSE connection of the mount at `mp` (fusectl), if there is one: what an
+/// operator does to a mount whose daemon is gone or wedged. Its waiters get ENOTCONN.
+pub fn abort_fuse_connection(mp: &Path) {
+    let Ok(mp) = fs::canonicalize(mp) else { return };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    // "36 35 0:41 / /mnt rw ... - fuse ferryfs:... rw,...": the connection is the minor.
+    let Some(minor) = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && Path::new(f[4]) == mp && l.contains(" - fuse "))
+            .then(|| f[2].split(':').nth(1).map(str::to_owned))
+            .flatten()
+    }) else {
+        return;
+    };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if !ctl.join(&minor).exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(ctl)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    if fs::write(ctl.join(&minor).join("abort"), b"1").is_ok() {
+        eprintln!("aborted the FUSE connection of {}", mp.display());
+    }
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
         // A failed test shows what the daemon said (FERRYFS_LOG=debug for more).
@@ -220,8 +254,12 @@ impl Drop for Fixture {
                 );
             }
         }
-        // Best effort, lazy: a failed test must not leave a mount behind for the next.
+        // Best effort, lazy: a failed test must not leave a mount behind for the next, nor a
+        // daemon stuck on a connection nobody serves.
         for mp in [&self.mnt, &self.old] {
+            if std::thread::panicking() {
+                abort_fuse_connection(mp);
+            }
             let _ = Command::new("umount")
                 .arg("-l")
                 .arg(mp)
