@@ -24,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,11 +79,15 @@ def make_million(root, dirs, per):
 
 def run_measured(cmd, env=None):
     """Run cmd; return (seconds, peak RSS in MiB of the process tree's largest member)."""
-    t = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, ru = os.wait4(p.pid, 0)
-    dt = time.monotonic() - t
-    err = p.stderr.read().decode(errors="replace")
+    # stderr into a file, not a pipe read at the end: a tool that logs more than a pipe holds
+    # (ferryfs's retry warnings on a full NEW) would block on it and never end.
+    with tempfile.TemporaryFile() as errf:
+        t = time.monotonic()
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        dt = time.monotonic() - t
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")[-20000:]
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"copybench: {' '.join(cmd)} failed:\n{err}")
     return dt, ru.ru_maxrss / 1024
@@ -122,12 +127,32 @@ def tools(ferryfs):
     }
 
 
+def fs_desc(path):
+    """'ext4 /dev/loop0 (journal)' for the file system holding path, from findmnt."""
+    try:
+        out = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE,TARGET", "-T", path],
+                             check=True, capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    desc = " ".join(out[:3])
+    if out and out[0].startswith("ext"):
+        try:
+            feats = subprocess.run(["debugfs", "-R", "features", out[1]], check=True,
+                                   capture_output=True, text=True).stdout
+            desc += ", journal" if "has_journal" in feats else ", no journal"
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return desc
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--million", action="store_true")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--only", help="comma-separated tool names")
+    ap.add_argument("--scratch", default="/var/tmp",
+                    help="the file system to copy on (OLD and NEW both): a directory there")
     ap.add_argument("--datasets", default="small,large",
                     help="comma-separated: small, large (and million with --million)")
     a = ap.parse_args()
@@ -139,7 +164,7 @@ def main():
     for t in ["rsync", "rclone"]:
         if not shutil.which(t):
             sh("apt-get", "install", "-y", t, stdout=subprocess.DEVNULL)
-    scratch = f"/var/tmp/ferryfs-copybench-{os.getpid()}"
+    scratch = os.path.join(a.scratch, f"ferryfs-copybench-{os.getpid()}")
     os.makedirs(scratch)
     results = {}
     try:
@@ -183,7 +208,8 @@ def main():
             time.sleep(31)  # let the deletions age out of ext4's recently-deleted window
         lines = [
             f"Copy benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, kernel "
-            f"{os.uname().release}, {os.cpu_count()} CPUs; OLD and NEW on the same ext4; page "
+            f"{os.uname().release}, {os.cpu_count()} CPUs; OLD and NEW on the same file system "
+            f"({fs_desc(scratch)}); page "
             f"cache dropped before each run; median of {reps}.",
             "",
             f"Command: `python3 bench/copybench.py{''.join(' ' + x for x in sys.argv[1:])}`",

@@ -178,7 +178,14 @@ struct PassCtx<'a> {
     c: &'a PassCounters,
     known: &'a std::collections::HashMap<Vec<u8>, CopyError>,
     seen: Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// Copy failures of this pass by errno (the log names the first few of each).
+    failed: Mutex<std::collections::BTreeMap<i32, u64>>,
 }
+
+/// Failures of one errno that a pass logs one by one; the rest are counted in one line at the
+/// end of the pass (a full NEW fails every file alike: 50,000 lines a pass said nothing more).
+/// Every failure is recorded in the journal either way, for `status`.
+const LOGGED_PER_ERRNO: u64 = 20;
 
 /// A worker names its pending copies once it holds this many, or this many bytes.
 const BATCH_FILES: usize = 32;
@@ -652,6 +659,7 @@ impl Copier {
             c: &c,
             known: &known_errors,
             seen: Mutex::new(std::collections::HashSet::new()),
+            failed: Mutex::new(Default::default()),
         };
         let visit = |inode: &Arc<Inode>, counts: bool| self.copy_one(inode, &ctx, counts);
         let flush = |batch: Vec<(Pending, bool)>| self.flush(batch, &ctx);
@@ -662,6 +670,17 @@ impl Copier {
         let quiet = self.view.ns_changes() == ns_at_start;
         // Errors recorded by earlier passes at paths this pass did not fail on are over.
         let seen = ctx.seen.into_inner().unwrap_or_else(|p| p.into_inner());
+        for (errno, n) in ctx.failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            if n > LOGGED_PER_ERRNO {
+                tracing::warn!(
+                    errno,
+                    error = %std::io::Error::from_raw_os_error(errno),
+                    failed = n,
+                    not_logged = n - LOGGED_PER_ERRNO,
+                    "copies failed alike this pass; `ferryfs status` lists every one; will retry"
+                );
+            }
+        }
         let mut b = Batch::new();
         for path in known_errors.keys().filter(|p| !seen.contains(*p)) {
             b.clear_error(path);
@@ -832,13 +851,21 @@ impl Copier {
     fn record_error(&self, p: &PassCtx<'_>, path: Vec<u8>, e: &Error) {
         p.c.errors.fetch_add(1, Ordering::Relaxed);
         let attempts = p.known.get(&path).map_or(0, |k| k.attempts) + 1;
-        tracing::warn!(
-            path = %String::from_utf8_lossy(&path),
-            errno = e.errno(),
-            attempts,
-            error = %e,
-            "copy failed; will retry"
-        );
+        let nth = {
+            let mut f = p.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let n = f.entry(e.errno()).or_default();
+            *n += 1;
+            *n
+        };
+        if nth <= LOGGED_PER_ERRNO {
+            tracing::warn!(
+                path = %String::from_utf8_lossy(&path),
+                errno = e.errno(),
+                attempts,
+                error = %e,
+                "copy failed; will retry"
+            );
+        }
         let rec = CopyError {
             error: e.to_string(),
             errno: e.errno(),

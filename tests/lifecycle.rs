@@ -682,6 +682,56 @@ fn a_full_new_is_listed_retried_and_completes_once_space_is_freed() {
 }
 
 #[test]
+fn a_full_new_logs_a_few_failures_a_pass_and_counts_the_rest_while_status_lists_all() {
+    let mut f = Fixture::new();
+    for i in 0..80 {
+        write(&f.old.join(format!("d/f{i:02}")), &vec![i as u8; 64 << 10]);
+    }
+    mounted_tmpfs(&f.new, "1M");
+    let _u = Unmount(&f.new.clone());
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    let log = f.state.join("ferryfs.log");
+    wait_for(
+        "a pass's summary of its ENOSPC failures in the log",
+        60,
+        || fs::read_to_string(&log).is_ok_and(|l| l.contains("copies failed alike this pass")),
+    );
+    let errors = f.status_json()["errors"].as_array().unwrap().len();
+    assert!(
+        errors > 40,
+        "status lists {errors} errors, want every failed file"
+    );
+    let text = fs::read_to_string(&log).unwrap();
+    let one_by_one = text.matches("copy failed; will retry").count();
+    let summaries: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("copies failed alike this pass"))
+        .collect();
+    assert!(
+        summaries[0].contains("errno=28") && summaries[0].contains("not_logged="),
+        "{}",
+        summaries[0]
+    );
+    // 20 lines a pass at most, the pass under way included.
+    assert!(
+        one_by_one <= 20 * (summaries.len() + 1),
+        "{one_by_one} failure lines for {} passes",
+        summaries.len()
+    );
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=64M"])
+        .arg(&f.new)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_executed(&f, 180);
+    assert!(f.status_json()["errors"].as_array().unwrap().is_empty());
+    f.unmount();
+}
+
+#[test]
 fn an_unreadable_old_file_is_listed_retried_and_completes_once_readable() {
     // Root reads everything; a daemon without DAC override (as under NFS root squash, or a
     // confined service) does not. setpriv drops those capabilities from the daemon.
