@@ -22,8 +22,9 @@
 #
 # Needs root (drop_caches, allow_other), /dev/fuse, fio, bindfs, mergerfs, fuse-overlayfs,
 # unionfs-fuse, fusermount3, python3 (scripts/setup.sh installs them).
-# Scratch data lives in /var/tmp/ferryfs-bench-$$ (about 4 GiB free needed, 0.8 GiB with
-# --quick) and is removed, with everything unmounted, on exit — also on failure or Ctrl-C.
+# Scratch data lives in $BENCH_SCRATCH/ferryfs-bench-$$ (default /var/tmp; about 4 GiB free
+# needed, 0.8 GiB with --quick) and is removed, with everything unmounted, on exit — also on
+# failure or Ctrl-C.
 #
 # Environment:
 #   FERRYFS_BIN        ferryfs binary (default $CARGO_TARGET_DIR/release/ferryfs; when it is
@@ -33,6 +34,8 @@
 #   BENCH_FILE_MB, BENCH_TREE_N, BENCH_CREATE_N, BENCH_UNTAR_N, BENCH_REPS   override the
 #                      sizes / run count
 #   BENCH_OUT          results file (default bench/results/latest.md)
+#   BENCH_SCRATCH      the directory whose file system every variant works on (default
+#                      /var/tmp); e.g. a journaled ext4 when the root's has no journal
 #   BENCH_MOUNT_ARGS   extra `ferryfs mount` arguments for every ferryfs variant, e.g.
 #                      "--metadata-ttl 30"
 #   BENCH_ALLOW_DEBUG  set to measure a FERRYFS_BIN under target/debug (refused otherwise)
@@ -55,7 +58,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 # The exact command, with the environment overrides that change what it measures.
 CMD=""
 for v in FERRYFS_BIN CARGO_TARGET_DIR BENCH_VARIANTS BENCH_FILE_MB BENCH_TREE_N BENCH_CREATE_N \
-    BENCH_REPS BENCH_OUT BENCH_MOUNT_ARGS; do
+    BENCH_REPS BENCH_OUT BENCH_SCRATCH BENCH_MOUNT_ARGS; do
     if [[ -n "${!v:-}" ]]; then CMD+="$v=$(printf '%q' "${!v}") "; fi
 done
 CMD+="bash bench/run.sh"
@@ -240,7 +243,7 @@ fi
 # Data set.
 
 STEP="creating the data set"
-S="/var/tmp/ferryfs-bench-$$"
+S="${BENCH_SCRATCH:-/var/tmp}/ferryfs-bench-$$"
 [[ ! -e "$S" ]] || die "$S already exists"
 mkdir -p "$S"
 OLD="$S/old"
@@ -508,8 +511,8 @@ mkdir -p "$(dirname "$OUT")"
     printf -- '- machine: %s CPUs (%s), %s MiB RAM\n' "$(nproc)" \
         "$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
         "$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)"
-    printf -- '- scratch file system: %s on %s (/var/tmp)\n' \
-        "$(findmnt -no FSTYPE -T /var/tmp)" "$(findmnt -no SOURCE -T /var/tmp)"
+    printf -- '- scratch file system: %s on %s (%s)\n' \
+        "$(findmnt -no FSTYPE -T "$(dirname "$S")")" "$(findmnt -no SOURCE -T "$(dirname "$S")")" "$(dirname "$S")"
     printf -- '- ferryfs: %s, git %s\n' "$ferry_version" "$git_rev"
     printf -- '- %s; %s; %s\n' "$(bindfs --version 2>&1 | head -n 1)" "$(fio --version)" "$(python3 --version)"
     printf -- '- peers: %s; %s; %s\n' "$(mergerfs --version 2>&1 | head -n 1)" \
