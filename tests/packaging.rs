@@ -173,6 +173,9 @@ fn the_units_exec_lines_prepare_mount_notify_and_stop_cleanly() {
         t.path().join("new"),
         t.path().join("state"),
     );
+    // Dropped before `t`: on a failure, a view left mounted over OLD (its daemon gone or
+    // wedged) is ended and detached, so removing the temp dir does not hang on it.
+    let _mounted = EndViewOnPanic(old.clone());
     fs::create_dir(&old).unwrap();
     fs::create_dir(&new).unwrap();
     write(&old.join("report.txt"), b"quarterly numbers\n");
@@ -594,4 +597,15 @@ fn the_dockerfile_builds_in_one_stage_and_runs_from_a_small_fuse3_one() {
     let ignore = fs::read_to_string(repo().join("packaging/container/Dockerfile.dockerignore"))
         .expect("a .dockerignore beside the Dockerfile keeps target/ out of the context");
     assert!(ignore.lines().any(|l| l.trim() == "*"));
+}
+
+struct EndViewOnPanic(PathBuf);
+
+impl Drop for EndViewOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            abort_fuse_connection(&self.0);
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
 }
