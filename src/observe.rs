@@ -39,6 +39,7 @@ fn probe_every() -> Duration {
             .map_or(PROBE_EVERY, Duration::from_millis)
     })
 }
+
 /// At most this many HTTP connections are served at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 16;
 

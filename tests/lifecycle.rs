@@ -631,6 +631,20 @@ fn mounted_tmpfs(dir: &Path, size: &str) {
     assert!(st.success(), "mounting a tmpfs at {} failed", dir.display());
 }
 
+/// Give the tmpfs at `dir` room (or take it away) without unmounting it.
+fn resize_tmpfs(dir: &Path, size: &str) {
+    let st = Command::new("mount")
+        .args(["-o", &format!("remount,size={size}")])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "resizing the tmpfs at {} failed",
+        dir.display()
+    );
+}
+
 struct Unmount<'a>(&'a Path);
 impl Drop for Unmount<'_> {
     fn drop(&mut self) {
@@ -663,12 +677,7 @@ fn a_full_new_is_listed_retried_and_completes_once_space_is_freed() {
     );
     // The daemon is up and serves every file (from OLD where the copy failed).
     assert_eq!(fs::read(f.v("big5")).unwrap(), vec![5u8; 1 << 20]);
-    let st = Command::new("mount")
-        .args(["-o", "remount,size=64M"])
-        .arg(&f.new)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    resize_tmpfs(&f.new, "64M");
     wait_executed(&f, 180);
     assert!(f.status_json()["errors"].as_array().unwrap().is_empty());
     assert_ok(f.cmd("commit", &[]));
@@ -720,12 +729,7 @@ fn a_full_new_logs_a_few_failures_a_pass_and_counts_the_rest_while_status_lists_
         "{one_by_one} failure lines for {} passes",
         summaries.len()
     );
-    let st = Command::new("mount")
-        .args(["-o", "remount,size=64M"])
-        .arg(&f.new)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    resize_tmpfs(&f.new, "64M");
     wait_executed(&f, 180);
     assert!(f.status_json()["errors"].as_array().unwrap().is_empty());
     f.unmount();

@@ -604,8 +604,7 @@ struct EndViewOnPanic(PathBuf);
 impl Drop for EndViewOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            abort_fuse_connection(&self.0);
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            detach_view(&self.0, true);
         }
     }
 }

@@ -236,6 +236,19 @@ pub fn abort_fuse_connection(mp: &Path) {
     }
 }
 
+/// Lazily unmount whatever is mounted at `mp`, first aborting its FUSE connection when
+/// `abort` (a failed test, whose view may have no daemon left to answer).
+pub fn detach_view(mp: &Path, abort: bool) {
+    if abort {
+        abort_fuse_connection(mp);
+    }
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(mp)
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 impl Drop for Fixture {
     fn drop(&mut self) {
         // A failed test shows what the daemon said (FERRYFS_LOG=debug for more).
@@ -257,14 +270,7 @@ impl Drop for Fixture {
         // Best effort, lazy: a failed test must not leave a mount behind for the next, nor a
         // daemon stuck on a connection nobody serves.
         for mp in [&self.mnt, &self.old] {
-            if std::thread::panicking() {
-                abort_fuse_connection(mp);
-            }
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(mp)
-                .stderr(std::process::Stdio::null())
-                .status();
+            detach_view(mp, std::thread::panicking());
         }
     }
 }
