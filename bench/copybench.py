@@ -182,15 +182,17 @@ def main():
         ts = tools(ferryfs)
         if a.only:
             ts = {k: v for k, v in ts.items() if k in a.only.split(",")}
+        keep_copies = fs_desc(scratch).endswith("no journal")
         for name, (files, size) in datasets:
             old = f"{scratch}/old-{name}"
             names = ["ferryfs"] if name == "million" else list(ts)
             for rep in range(reps):
                 for tool in names:
-                    # Every run gets a fresh NEW, and nothing is deleted until the dataset is
-                    # done: on an ext4 without a journal (this machine's root), inodes deleted
-                    # in the last 30 s are skipped by the allocator at a large cost, which would
-                    # tax whichever tool runs after a deletion.
+                    # Every run gets a fresh NEW. On an ext4 without a journal (this machine's
+                    # root) nothing is deleted until the dataset is done: inodes deleted in the
+                    # last 30 s are skipped by the allocator there at a large cost, which would
+                    # tax whichever tool runs after a deletion. Elsewhere each copy goes as soon
+                    # as it is measured, so the scratch needs room for OLD and one copy only.
                     slug = "".join(ch for ch in tool if ch.isalnum())
                     new = f"{scratch}/new-{name}-{slug}-{rep}"
                     st = f"{scratch}/state-{name}-{rep}"
@@ -202,10 +204,14 @@ def main():
                           f"{files / dt:9.0f} files/s  {size / dt / 2**20:8.1f} MiB/s  "
                           f"rss {rss:6.1f} MiB", flush=True)
                     results.setdefault((name, tool), []).append((dt, rss))
+                    if not keep_copies:
+                        shutil.rmtree(new, ignore_errors=True)
+                        shutil.rmtree(st, ignore_errors=True)
             for d in os.listdir(scratch):
                 if d.startswith(("new-", "state-")):
                     shutil.rmtree(f"{scratch}/{d}", ignore_errors=True)
-            time.sleep(31)  # let the deletions age out of ext4's recently-deleted window
+            if keep_copies:
+                time.sleep(31)  # let the deletions age out of ext4's recently-deleted window
         lines = [
             f"Copy benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, kernel "
             f"{os.uname().release}, {os.cpu_count()} CPUs; OLD and NEW on the same file system "

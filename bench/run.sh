@@ -516,7 +516,8 @@ mkdir -p "$(dirname "$OUT")"
     printf -- '- ferryfs: %s, git %s\n' "$ferry_version" "$git_rev"
     printf -- '- %s; %s; %s\n' "$(bindfs --version 2>&1 | head -n 1)" "$(fio --version)" "$(python3 --version)"
     printf -- '- peers: %s; %s; %s\n' "$(mergerfs --version 2>&1 | head -n 1)" \
-        "$(fuse-overlayfs --version 2>&1 | head -n 1)" "$(unionfs-fuse --version 2>&1 | head -n 1)"
+        "$(fuse-overlayfs --version 2>&1 | grep -m 1 '^fuse-overlayfs')" \
+        "unionfs-fuse with $(unionfs-fuse --version 2>&1 | grep -m 1 '^FUSE library')"
     printf -- '- runs per cell: %d (cells are medians); wall time %d s\n\n' "$REPS" "$elapsed"
     cat "$TABLE"
     printf '\n'
