@@ -256,6 +256,16 @@ SAMPLES="$S/samples.tsv"
 : >"$SAMPLES"
 
 log "scratch dir $S ($(findmnt -no FSTYPE -T "$S") on $(findmnt -no SOURCE -T "$S"))"
+# An ext4 without a journal skips inodes freed in the last minutes when it allocates, at a
+# cost that lands on whichever variant creates files after another one deleted some: the
+# plain directory's create, untar and rm -rf then come out 2-4x slower than on a journaled
+# file system (docs/BENCHMARKS.md). Say so; the run goes on.
+if [[ "$(findmnt -no FSTYPE -T "$S")" == ext[34] ]] && command -v debugfs >/dev/null &&
+    ! debugfs -R features "$(findmnt -no SOURCE -T "$S")" 2>/dev/null | grep -qw has_journal; then
+    log "WARNING: the scratch file system is an ext4 without a journal: create, untar and rm -rf"
+    log "         figures will carry its recently-deleted allocator tax; BENCH_SCRATCH=DIR on a"
+    log "         journaled file system avoids it (docs/BENCHMARKS.md shows a loop-file set-up)"
+fi
 log "OLD: ${FILE_MB} MiB file, ${TREE_N}-file tree; ${REPS} run(s) per cell; variants: ${VARIANTS[*]}"
 run dd_big dd if=/dev/urandom of="$OLD/big.bin" bs=1M count="$FILE_MB" iflag=fullblock status=none
 run tree_create python3 "$SMALLFILES" create "$OLD/tree" "$TREE_N"
