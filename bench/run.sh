@@ -261,7 +261,7 @@ log "scratch dir $S ($(findmnt -no FSTYPE -T "$S") on $(findmnt -no SOURCE -T "$
 # plain directory's create, untar and rm -rf then come out 2-4x slower than on a journaled
 # file system (docs/BENCHMARKS.md). Say so; the run goes on.
 if [[ "$(findmnt -no FSTYPE -T "$S")" == ext[34] ]] && command -v debugfs >/dev/null &&
-    ! debugfs -R features "$(findmnt -no SOURCE -T "$S")" 2>/dev/null | grep -qw has_journal; then
+    [[ " $(debugfs -R features "$(findmnt -no SOURCE -T "$S")" 2>/dev/null) " != *" has_journal "* ]]; then
     log "WARNING: the scratch file system is an ext4 without a journal: create, untar and rm -rf"
     log "         figures will carry its recently-deleted allocator tax; BENCH_SCRATCH=DIR on a"
     log "         journaled file system avoids it (docs/BENCHMARKS.md shows a loop-file set-up)"
