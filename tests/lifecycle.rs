@@ -9,7 +9,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -645,11 +645,21 @@ fn resize_tmpfs(dir: &Path, size: &str) {
     );
 }
 
-struct Unmount<'a>(&'a Path);
-impl Drop for Unmount<'_> {
+struct Unmount(PathBuf);
+impl Drop for Unmount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// Put NEW on a tmpfs of `size`, prepare, and mount the view; the tmpfs goes with the guard.
+fn mount_with_new_on_tmpfs(f: &mut Fixture, size: &str) -> Unmount {
+    mounted_tmpfs(&f.new, size);
+    let guard = Unmount(f.new.clone());
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    guard
 }
 
 #[test]
@@ -658,11 +668,7 @@ fn a_full_new_is_listed_retried_and_completes_once_space_is_freed() {
     for i in 0..6 {
         write(&f.old.join(format!("big{i}")), &vec![i as u8; 1 << 20]);
     }
-    mounted_tmpfs(&f.new, "3M");
-    let _u = Unmount(&f.new.clone());
-    f.prepare();
-    let mnt = f.mnt.clone();
-    f.mount_with(&mnt, &[]);
+    let _u = mount_with_new_on_tmpfs(&mut f, "3M");
     wait_for("an ENOSPC error in status", 60, || {
         f.status_json()["errors"]
             .as_array()
@@ -696,11 +702,7 @@ fn a_full_new_logs_a_few_failures_a_pass_and_counts_the_rest_while_status_lists_
     for i in 0..80 {
         write(&f.old.join(format!("d/f{i:02}")), &vec![i as u8; 64 << 10]);
     }
-    mounted_tmpfs(&f.new, "1M");
-    let _u = Unmount(&f.new.clone());
-    f.prepare();
-    let mnt = f.mnt.clone();
-    f.mount_with(&mnt, &[]);
+    let _u = mount_with_new_on_tmpfs(&mut f, "1M");
     let log = f.state.join("ferryfs.log");
     wait_for(
         "a pass's summary of its ENOSPC failures in the log",
@@ -765,7 +767,7 @@ fn an_unreadable_old_file_is_listed_retried_and_completes_once_readable() {
         .unwrap();
     assert!(out.status.success(), "{}", out_text(&out));
     let mnt = f.mnt.clone();
-    let _u = Unmount(&mnt);
+    let _u = Unmount(mnt.clone());
     wait_for("an EACCES error in status", 60, || {
         f.status_json()["errors"]
             .as_array()
@@ -899,7 +901,7 @@ fn files_applications_read_are_copied_first() {
 
 /// OLD holding `a` and a directory `m` (a mountpoint later, which abort cannot move aside),
 /// the view mounted without the copier, and `fresh` made through it.
-fn view_over_old_with_a_dir_m() -> (Fixture, std::path::PathBuf) {
+fn view_over_old_with_a_dir_m() -> (Fixture, PathBuf) {
     let mut f = Fixture::new();
     write(&f.old.join("a"), b"a");
     fs::create_dir(f.old.join("m")).unwrap();
@@ -922,7 +924,7 @@ fn a_mount_is_refused_while_an_abort_that_began_rewriting_old_is_unfinished() {
     f.unmount();
     let m = f.old.join("m");
     mounted_tmpfs(&m, "1m");
-    let guard = Unmount(&m);
+    let guard = Unmount(m.clone());
     let busy = f.cmd("abort", &[]);
     drop(guard);
     assert!(
@@ -953,7 +955,7 @@ fn an_online_abort_stopped_after_it_began_rewriting_old_detaches_the_view() {
     let (f, mnt) = view_over_old_with_a_dir_m();
     let m = f.old.join("m");
     mounted_tmpfs(&m, "1m");
-    let guard = Unmount(&m);
+    let guard = Unmount(m.clone());
     let busy = f.cmd("abort", &[]);
     assert!(!busy.status.success(), "{}", out_text(&busy));
     let says = out_text(&busy);
