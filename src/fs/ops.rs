@@ -364,9 +364,14 @@ impl View {
             if !self.keep_alive_locked(&pfd, name, st)? {
                 rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty()).ctx("unlink in NEW")?;
                 if st.st_nlink == 1 {
-                    let mut b = Batch::new();
-                    b.clear_copy(st.st_dev, st.st_ino);
-                    self.journal.commit(b, false)?;
+                    // A copy's record is written before its name appears in NEW, so a read
+                    // finds it here; a file born in the view has none, and its removal then
+                    // costs no journal write.
+                    if self.journal.has_copy(st.st_dev, st.st_ino)? {
+                        let mut b = Batch::new();
+                        b.clear_copy(st.st_dev, st.st_ino);
+                        self.journal.commit(b, false)?;
+                    }
                     self.deleted_from_new(st);
                 }
             }

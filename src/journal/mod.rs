@@ -643,6 +643,12 @@ impl Records {
             .transpose()
     }
 
+    /// Whether NEW's entry (new_dev, new_ino) has a copy record (a read, no write: most entries
+    /// removed through the view were born there and have none).
+    pub fn has_copy(&self, new_dev: u64, new_ino: u64) -> Result<bool> {
+        Ok(self.kv.get(&copy_key(new_dev, new_ino))?.is_some())
+    }
+
     /// Every copy record: ((new_dev, new_ino), record).
     pub fn copies(&self) -> Result<Vec<((u64, u64), CopyRecord)>> {
         self.kv
