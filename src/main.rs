@@ -92,7 +92,9 @@ enum Cmd {
         metadata_ttl: f64,
         #[command(flatten)]
         limits: LimitArgs,
-        /// Mount options, comma separated: allow_other, allow_root, ro, nosuid, nodev, ...
+        /// Mount options, comma separated: allow_other, allow_root, ro, [no]suid, [no]dev,
+        /// [no]exec, noatime. Left out, suid, dev and exec follow the stores' own mounts
+        /// (nosuid,nodev when a store is a bucket).
         #[arg(short = 'o', value_name = "OPTS")]
         options: Vec<String>,
         /// FUSE worker threads.

@@ -123,3 +123,85 @@ fn unmount_of_a_path_that_is_not_a_view_says_so() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a ferryfs mount"));
 }
+
+/// The per-mount options of the mount at `mp` (mountinfo's sixth field: rw,nosuid,...).
+fn mount_flags(mp: &std::path::Path) -> Vec<String> {
+    let mp = fs::canonicalize(mp).unwrap();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(mp.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("nothing mounted at {}", mp.display()));
+    line.split(' ')
+        .nth(5)
+        .unwrap()
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+/// Detaches the tmpfs mounted on each path when dropped (lazily: a view may still hold it).
+struct Tmpfs(Vec<std::path::PathBuf>);
+impl Tmpfs {
+    fn mount(&mut self, dir: &std::path::Path, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size=16m,{opts}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tmpfs ({opts}) at {}",
+            dir.display()
+        );
+        self.0.push(dir.to_path_buf());
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
+        }
+    }
+}
+
+#[test]
+fn mount_options_follow_the_stores_unless_given() {
+    let has = |flags: &[String], f: &str| flags.iter().any(|x| x == f);
+    // Both stores allow set-id programs, devices and exec: so does the view (a FUSE mount is
+    // nosuid,nodev otherwise).
+    let mut f = Fixture::new();
+    let mut t = Tmpfs(Vec::new());
+    t.mount(&f.old, "suid,dev,exec");
+    t.mount(&f.new, "suid,dev,exec");
+    f.start();
+    let flags = mount_flags(&f.mnt);
+    for no in ["nosuid", "nodev", "noexec"] {
+        assert!(
+            !has(&flags, no),
+            "{no} with both stores allowing it: {flags:?}"
+        );
+    }
+    // What -o says wins over the stores.
+    f.unmount();
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &["--no-copy", "-o", "nosuid"]);
+    let flags = mount_flags(&f.mnt);
+    assert!(has(&flags, "nosuid"), "-o nosuid not applied: {flags:?}");
+    assert!(
+        !has(&flags, "nodev"),
+        "nodev though the stores allow devices: {flags:?}"
+    );
+    f.unmount();
+
+    // One store forbids each: so does the view.
+    let mut g = Fixture::new();
+    t.mount(&g.old, "nosuid,dev,noexec");
+    t.mount(&g.new, "suid,nodev,exec");
+    g.start();
+    let flags = mount_flags(&g.mnt);
+    for no in ["nosuid", "nodev", "noexec"] {
+        assert!(has(&flags, no), "no {no} though a store has it: {flags:?}");
+    }
+    g.unmount();
+}
