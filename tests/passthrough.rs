@@ -175,3 +175,83 @@ fn passthrough_all_reads_old_only_files_natively_and_a_writer_waits_for_those_re
         "OLD written"
     );
 }
+
+/// Run `script` with `sh -c` as an unprivileged user (uid and gid 65534, no capabilities).
+fn as_nobody(script: &str, file: &std::path::Path) {
+    let st = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(script)
+        .arg("sh")
+        .arg(file)
+        .status()
+        .expect("setpriv (util-linux) is needed to act as an unprivileged user");
+    assert!(st.success(), "as nobody: {script} on {}", file.display());
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Set-id bits go as on a native file system whichever path the data takes: a write, an
+/// `O_TRUNC` open or a truncate by a caller without CAP_FSETID clears them (in the view and in
+/// NEW), root's keep them. With passthrough the write never reaches the daemon: the kernel
+/// clears the bits through it; an `O_TRUNC` open is the daemon's to clear (the kernel skips
+/// its SETATTR when OPEN truncates). Guards any change to who clears them (KILLPRIV).
+#[test]
+fn an_unprivileged_write_or_truncate_clears_set_id_bits_with_and_without_passthrough() {
+    use std::os::unix::fs::PermissionsExt;
+    for pt in ["new", "off"] {
+        let mut f = Fixture::new();
+        f.prepare();
+        let mp = f.mnt.clone();
+        f.mount_with(&mp, &["--no-copy", "--passthrough", pt]);
+        for (name, how) in [
+            ("w", "printf x >> \"$1\""),   // a write
+            ("t", ": > \"$1\""),           // an O_TRUNC open
+            ("s", "truncate -s 1 \"$1\""), // truncate(2)
+        ] {
+            let p = f.v(name);
+            write(&p, b"#!/bin/sh\n");
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o6777)).unwrap();
+            // Root (CAP_FSETID) keeps them, writing or truncating.
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&p)
+                .unwrap()
+                .write_all(b"# root\n")
+                .unwrap();
+            fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&p)
+                .unwrap()
+                .write_all(b"#!/bin/sh\n")
+                .unwrap();
+            assert_eq!(
+                mode(&p),
+                0o6777,
+                "--passthrough {pt}: root's write cleared set-id bits"
+            );
+            as_nobody(how, &p);
+            assert_eq!(
+                mode(&p),
+                0o777,
+                "--passthrough {pt}: {name} by nobody kept set-id bits"
+            );
+            assert_eq!(
+                mode(&f.new.join(name)),
+                0o777,
+                "--passthrough {pt}: NEW kept them"
+            );
+        }
+        f.unmount();
+    }
+}

@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::fs::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply, wants_write};
 use crate::metrics::{METRICS, Op, OpenPath, Timer};
 
+mod creds;
 pub mod handover;
 
 pub struct FerryFs {
@@ -329,6 +330,40 @@ fn attr(a: &Attr) -> FileAttr {
         rdev: a.rdev,
         blksize: a.blksize,
         flags: 0,
+    }
+}
+
+impl FerryFs {
+    /// Before an `O_TRUNC` open truncates, clear the set-id bits a truncate by this caller
+    /// clears on a native file system ([`creds::setid_bits_to_kill`]). The kernel leaves it
+    /// to us: with FUSE_ATOMIC_O_TRUNC the truncation is the OPEN's, and the kernel skips the
+    /// SETATTR that would have carried the clearing. Before, not after: a failure then
+    /// refuses the open with nothing truncated. The kernel's cached mode is dropped after.
+    fn clear_setid_for_truncate(&self, req: &Request, ino: u64) -> crate::error::Result<()> {
+        let a = self.view.getattr(ino, None)?;
+        let mode = u32::from(a.perm);
+        if a.kind != Kind::File || mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+            return Ok(());
+        }
+        let creds = creds::Creds::of(req.pid());
+        let kill = creds::setid_bits_to_kill(mode, a.gid, creds.as_ref());
+        if kill == 0 {
+            return Ok(());
+        }
+        self.view.setattr(
+            ino,
+            SetAttr {
+                mode: Some(mode & !kill),
+                uid: None,
+                gid: None,
+                size: None,
+                atime: None,
+                mtime: None,
+                fh: None,
+            },
+        )?;
+        self.view.invalidate(ino);
+        Ok(())
     }
 }
 
@@ -656,12 +691,17 @@ impl Filesystem for FerryFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _span = enter!(self, Op::Open, ino.0, reply);
         let write = wants_write(flags.0);
         if write && !self.passthrough.old_readers_gone(ino.0) {
             reply.error(busy_with_old_readers(Op::Open, ino.0));
             return;
+        }
+        if flags.0 & libc::O_TRUNC != 0
+            && let Err(e) = self.clear_setid_for_truncate(req, ino.0)
+        {
+            return reply.error(self.fail(Op::Open, ino.0, None, &e));
         }
         let of = match self.view.open(ino.0, flags.0) {
             Ok(of) => of,
