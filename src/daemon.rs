@@ -327,52 +327,6 @@ fn mount_options(opts: &[String]) -> (Vec<MountOption>, SessionACL) {
     (out, acl)
 }
 
-/// The mount options the operator left out, taken from the stores' own mounts, so that a view
-/// mounted in place of OLD runs what OLD ran: set-id programs keep their privileges and device
-/// files open where every store's file system allows them (`suid`, `dev`: a FUSE mount is
-/// `nosuid,nodev` otherwise), and nothing is executed where a store forbids it (`noexec`). A
-/// bucket on either side (`None` in `stores`) means `nosuid,nodev`: mode bits read from object
-/// metadata are nobody's to trust with privileges. Returns the options it added.
-fn store_mount_flags(
-    opts: &mut Vec<MountOption>,
-    stores: &[Option<BorrowedFd<'_>>],
-) -> Vec<&'static str> {
-    use rustix::fs::StatVfsMountFlags as F;
-    let (mut suid, mut dev, mut exec) = (true, true, true);
-    for s in stores {
-        match s.map(rustix::fs::fstatvfs) {
-            Some(Ok(v)) => {
-                suid &= !v.f_flag.contains(F::NOSUID);
-                dev &= !v.f_flag.contains(F::NODEV);
-                exec &= !v.f_flag.contains(F::NOEXEC);
-            }
-            // A bucket, or a file system that does not say: the safe side.
-            _ => (suid, dev) = (false, false),
-        }
-    }
-    let mut chosen = Vec::new();
-    let mut pick = |on: bool, yes: MountOption, no: MountOption, names: [&'static str; 2]| {
-        if !opts.iter().any(|o| *o == yes || *o == no) {
-            chosen.push(if on { names[0] } else { names[1] });
-            opts.push(if on { yes } else { no });
-        }
-    };
-    pick(
-        suid,
-        MountOption::Suid,
-        MountOption::NoSuid,
-        ["suid", "nosuid"],
-    );
-    pick(dev, MountOption::Dev, MountOption::NoDev, ["dev", "nodev"]);
-    pick(
-        exec,
-        MountOption::Exec,
-        MountOption::NoExec,
-        ["exec", "noexec"],
-    );
-    chosen
-}
-
 /// Serve the view in this process until it is unmounted. `ready` is told once the kernel has
 /// accepted the mount.
 pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), String> {
@@ -524,24 +478,6 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         .with_readdirplus(args.readdirplus);
     let parts = fs.handover_parts();
     let (mut opts, mut acl) = mount_options(&args.options);
-    if taken.is_none() {
-        // A takeover keeps the kernel mount as it is: its options were chosen at first mount.
-        let mut stores = Vec::new();
-        match (&opened.old, &opened.old_s3) {
-            (Some(o), _) => stores.push(Some(o.root())),
-            (None, Some(_)) => stores.push(None),
-            (None, None) => {}
-        }
-        stores.push(if migration.new_s3().is_some() {
-            None
-        } else {
-            Some(opened.new.root())
-        });
-        let chosen = store_mount_flags(&mut opts, &stores);
-        if !chosen.is_empty() {
-            tracing::info!(options = %chosen.join(","), "mount options taken from the stores");
-        }
-    }
     if let Some(t) = taken.as_mut() {
         acl = t.acl();
         let dev = match t.fuse[0].try_clone() {

@@ -93,8 +93,7 @@ enum Cmd {
         #[command(flatten)]
         limits: LimitArgs,
         /// Mount options, comma separated: allow_other, allow_root, ro, [no]suid, [no]dev,
-        /// [no]exec, noatime. Left out, suid, dev and exec follow the stores' own mounts
-        /// (nosuid,nodev when a store is a bucket).
+        /// [no]exec, noatime. The view is nosuid,nodev unless given suid,dev.
         #[arg(short = 'o', value_name = "OPTS")]
         options: Vec<String>,
         /// FUSE worker threads.
