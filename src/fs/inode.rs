@@ -117,6 +117,9 @@ pub struct Inode {
     /// Set by the view when it wants the claim: a background copy holding it gives up at its
     /// next chunk and throws its work away (the view's change wins).
     pub cancel: std::sync::atomic::AtomicBool,
+    /// Held around a chmod through the view and around clearing set-id bits (the mode read,
+    /// then written back): the two never interleave.
+    pub mode_lock: Mutex<()>,
 }
 
 impl Inode {
@@ -161,6 +164,7 @@ impl InodeTable {
                 node: Mutex::new(root),
                 claim: Mutex::new(()),
                 cancel: Default::default(),
+                mode_lock: Mutex::new(()),
             }),
         );
         InodeTable {
@@ -251,6 +255,7 @@ impl InodeTable {
             }),
             claim: Mutex::new(()),
             cancel: Default::default(),
+            mode_lock: Mutex::new(()),
         });
         t.by_ino.insert(ino, inode.clone());
         inode
@@ -346,6 +351,7 @@ impl InodeTable {
             node: Mutex::new(Node::detached()),
             claim: Mutex::new(()),
             cancel: Default::default(),
+            mode_lock: Mutex::new(()),
         });
         self.tables().by_ino.insert(ino, inode.clone());
         inode

@@ -756,6 +756,7 @@ impl View {
             if inode.kind == Kind::Symlink {
                 return Err(Error::refused(libc::EOPNOTSUPP, "chmod of a symlink"));
             }
+            let _mode = inode.mode_lock.lock().unwrap_or_else(|p| p.into_inner());
             loc.chmod(mode).ctx("chmod")?;
         }
         if s.atime.is_some() || s.mtime.is_some() {
@@ -766,6 +767,31 @@ impl View {
             loc.utimens(&ts).ctx("utimens")?;
         }
         self.getattr(ino, s.fh)
+    }
+
+    /// Clear from a regular file's mode the set-id bits `kill(mode, gid)` names, reading the
+    /// mode and writing it back under the inode's mode lock, so a chmod through the view is
+    /// never undone. Returns whether it changed the mode. For an `O_TRUNC` open, whose
+    /// clearing the kernel leaves to the daemon (src/fuse/creds.rs).
+    pub fn clear_mode_bits(&self, ino: u64, kill: impl Fn(u32, u32) -> u32) -> Result<bool> {
+        let _gate = self.changes();
+        let inode = self.inode(ino)?;
+        let a = self.getattr(ino, None)?;
+        if inode.kind != Kind::File || kill(u32::from(a.perm), a.gid) == 0 {
+            return Ok(false);
+        }
+        self.copy_up(&inode, true)?;
+        self.changing(&inode)?;
+        let loc = self.new_loc(&inode)?;
+        let _mode = inode.mode_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let st = loc.stat().ctx("stat NEW entry")?;
+        let mode = st.st_mode & 0o7777;
+        let k = kill(mode, st.st_gid);
+        if k == 0 {
+            return Ok(false);
+        }
+        loc.chmod(mode & !k).ctx("chmod")?;
+        Ok(true)
     }
 
     /// Where the inode is in NEW (after a copy-up).

@@ -341,28 +341,16 @@ impl FerryFs {
     /// refuses the open with nothing truncated. The kernel's cached mode is dropped after.
     fn clear_setid_for_truncate(&self, req: &Request, ino: u64) -> crate::error::Result<()> {
         let a = self.view.getattr(ino, None)?;
-        let mode = u32::from(a.perm);
-        if a.kind != Kind::File || mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+        if a.kind != Kind::File || u32::from(a.perm) & (libc::S_ISUID | libc::S_ISGID) == 0 {
             return Ok(());
         }
         let creds = creds::Creds::of(req.pid());
-        let kill = creds::setid_bits_to_kill(mode, a.gid, creds.as_ref());
-        if kill == 0 {
-            return Ok(());
+        let cleared = self.view.clear_mode_bits(ino, |mode, gid| {
+            creds::setid_bits_to_kill(mode, gid, creds.as_ref())
+        })?;
+        if cleared {
+            self.view.invalidate(ino);
         }
-        self.view.setattr(
-            ino,
-            SetAttr {
-                mode: Some(mode & !kill),
-                uid: None,
-                gid: None,
-                size: None,
-                atime: None,
-                mtime: None,
-                fh: None,
-            },
-        )?;
-        self.view.invalidate(ino);
         Ok(())
     }
 }
