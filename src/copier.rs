@@ -631,7 +631,17 @@ impl Copier {
         self.view.set_done(done)?;
         // Nothing left to copy: the work dir's copies-in-making are gone with it.
         self.view.drop_empty_work_dir();
-        state::set_totals(&self.journal, &state::Totals { dirs, files, bytes })?;
+        // What prepare counted of OLD's set-id programs and devices stays (mount's warning).
+        let scanned = state::totals(&self.journal)?;
+        state::set_totals(
+            &self.journal,
+            &state::Totals {
+                dirs,
+                files,
+                bytes,
+                ..scanned
+            },
+        )?;
         if state::phase(&self.journal)? != Phase::Executed {
             state::set_phase(&self.journal, Phase::Executed)?;
             tracing::info!(?done, "executed: nothing needs OLD any more");

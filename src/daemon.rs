@@ -327,6 +327,29 @@ fn mount_options(opts: &[String]) -> (Vec<MountOption>, SessionACL) {
     (out, acl)
 }
 
+/// What a view mounted with `opts` takes from OLD's entries that prepare counted: set-id
+/// programs run without their privileges under `nosuid`, device files cannot be opened under
+/// `nodev` (both FUSE's defaults). One warning each, for `mount` to print.
+fn powers_lost(opts: &[MountOption], t: &crate::state::Totals) -> Vec<String> {
+    let mut out = Vec::new();
+    if t.setid > 0 && !opts.contains(&MountOption::Suid) {
+        out.push(format!(
+            "OLD holds {} set-id program(s): the view is mounted nosuid, so through it they run \
+             without their privileges (-o suid keeps them; docs/CONFIGURATION.md says when \
+             that is safe)",
+            t.setid
+        ));
+    }
+    if t.devices > 0 && !opts.contains(&MountOption::Dev) {
+        out.push(format!(
+            "OLD holds {} device file(s): the view is mounted nodev, so they cannot be opened \
+             through it (-o dev allows them)",
+            t.devices
+        ));
+    }
+    out
+}
+
 /// Serve the view in this process until it is unmounted. `ready` is told once the kernel has
 /// accepted the mount.
 pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), String> {
@@ -478,6 +501,15 @@ pub fn serve(args: &MountArgs, mut ready: Option<std::fs::File>) -> Result<(), S
         .with_readdirplus(args.readdirplus);
     let parts = fs.handover_parts();
     let (mut opts, mut acl) = mount_options(&args.options);
+    if taken.is_none() {
+        let scanned = crate::state::totals(copier.journal()).unwrap_or_default();
+        for w in powers_lost(&opts, &scanned) {
+            tracing::warn!("{w}");
+            if let Some(r) = ready.as_mut() {
+                let _ = writeln!(r, "WARN {w}");
+            }
+        }
+    }
     if let Some(t) = taken.as_mut() {
         acl = t.acl();
         let dev = match t.fuse[0].try_clone() {
@@ -965,7 +997,15 @@ pub fn spawn_background(args: &MountArgs, raw_args: &[OsString]) -> Result<(), S
     drop(wr);
     let mut line = String::new();
     let mut reader = BufReader::new(std::fs::File::from(rd));
-    let _ = reader.read_line(&mut line);
+    // Warnings first (what the view takes away, say), then READY or ERROR.
+    loop {
+        line.clear();
+        let _ = reader.read_line(&mut line);
+        match line.trim_end().strip_prefix("WARN ") {
+            Some(w) => eprintln!("warning: {w}"),
+            None => break,
+        }
+    }
     let line = line.trim_end();
     if line == "READY" {
         return Ok(());

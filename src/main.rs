@@ -340,6 +340,13 @@ fn run() -> Result<(), String> {
                 t.bytes,
                 state.display()
             );
+            if t.setid > 0 || t.devices > 0 {
+                println!(
+                    "note: OLD holds {} set-id program(s) and {} device file(s); the view is \
+                     nosuid,nodev unless mounted with -o suid,dev (docs/CONFIGURATION.md)",
+                    t.setid, t.devices
+                );
+            }
             Ok(())
         }
         Cmd::Mount {

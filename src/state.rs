@@ -6,7 +6,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +29,13 @@ pub struct Totals {
     pub dirs: u64,
     pub files: u64,
     pub bytes: u64,
+    /// Set-id programs (set-uid, or set-gid and group-executable) and device files in OLD:
+    /// what a `nosuid,nodev` view takes the powers of (see `mount -o`). 0 when not counted
+    /// (an S3 OLD, a journal from before they were).
+    #[serde(default)]
+    pub setid: u64,
+    #[serde(default)]
+    pub devices: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +335,7 @@ impl ScanProgress {
             dirs: self.dirs.load(Ordering::Relaxed),
             files: self.files.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            ..Totals::default()
         }
     }
 }
@@ -356,7 +364,16 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
             } else {
                 sub.files += 1;
                 if ft.is_file() {
-                    sub.bytes += ent.metadata()?.len();
+                    let md = ent.metadata()?;
+                    sub.bytes += md.len();
+                    let mode = std::os::unix::fs::PermissionsExt::mode(&md.permissions());
+                    if mode & libc::S_ISUID != 0
+                        || mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP
+                    {
+                        sub.setid += 1;
+                    }
+                } else if ft.is_block_device() || ft.is_char_device() {
+                    sub.devices += 1;
                 }
             }
         }
@@ -364,6 +381,8 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
         t.dirs += sub.dirs;
         t.files += sub.files;
         t.bytes += sub.bytes;
+        t.setid += sub.setid;
+        t.devices += sub.devices;
         Ok(())
     };
     let parts: Vec<Option<Totals>> = std::thread::scope(|s| {
@@ -410,6 +429,8 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
         t.dirs += p.dirs;
         t.files += p.files;
         t.bytes += p.bytes;
+        t.setid += p.setid;
+        t.devices += p.devices;
     }
     Ok(t)
 }
@@ -1049,6 +1070,25 @@ mod tests {
         fs::write(root.path().join("top"), b"12345").unwrap();
         want.files += 1;
         want.bytes += 5;
+        // Set-id programs (set-uid; set-gid with group exec) and device files are counted too.
+        use std::os::unix::fs::PermissionsExt;
+        for (name, mode, setid) in [("su", 0o4700, 1), ("sg", 0o2750, 1), ("lock", 0o2640, 0)] {
+            let p = root.path().join(name);
+            fs::write(&p, b"").unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            want.files += 1;
+            want.setid += setid;
+        }
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.path().join("null"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 3),
+        )
+        .expect("mknod of a device file (the tests run as root)");
+        want.files += 1;
+        want.devices += 1;
         assert_eq!(scan_totals(root.path()).unwrap(), want);
         // An unreadable directory ends the scan with an error naming it.
         let e = scan_totals(&root.path().join("missing")).unwrap_err();

@@ -161,3 +161,41 @@ fn the_view_is_nosuid_nodev_unless_mounted_suid_dev() {
     }
     f.unmount();
 }
+
+/// `mount` says what a `nosuid,nodev` view takes from OLD: its set-id programs' privileges and
+/// its device files, counted by prepare; not when `-o suid,dev` keeps them.
+#[test]
+fn mount_warns_when_the_view_takes_powers_from_old_set_id_programs_and_devices() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = Fixture::new();
+    write(&f.old.join("helper"), b"#!/bin/sh\n");
+    fs::set_permissions(f.old.join("helper"), fs::Permissions::from_mode(0o4755)).unwrap();
+    // A set-gid file without group exec is a locking mark, not a program: not counted.
+    write(&f.old.join("locked"), b"x");
+    fs::set_permissions(f.old.join("locked"), fs::Permissions::from_mode(0o2644)).unwrap();
+    let st = Command::new("mknod")
+        .arg(f.old.join("null"))
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mknod of a device file in OLD");
+    f.prepare();
+    let mp = f.mnt.clone();
+    let out = f.try_mount(&mp, &["--no-copy"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "mount failed: {err}");
+    f.unmount_at(&mp);
+    assert!(
+        err.contains("warning: OLD holds 1 set-id program(s)"),
+        "no set-id warning: {err}"
+    );
+    assert!(
+        err.contains("warning: OLD holds 1 device file(s)"),
+        "no device warning: {err}"
+    );
+    let out = f.try_mount(&mp, &["--no-copy", "-o", "suid,dev"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "mount -o suid,dev failed: {err}");
+    f.unmount_at(&mp);
+    assert!(!err.contains("warning:"), "warned with -o suid,dev: {err}");
+}
