@@ -38,6 +38,16 @@ pub struct Totals {
     pub devices: u64,
 }
 
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.dirs += o.dirs;
+        self.files += o.files;
+        self.bytes += o.bytes;
+        self.setid += o.setid;
+        self.devices += o.devices;
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{0}")]
@@ -302,10 +312,7 @@ fn scan_totals_s3(tree: &crate::store::s3tree::S3Tree) -> io::Result<Totals> {
             .collect()
     });
     for p in parts {
-        let p = p?;
-        t.files += p.files;
-        t.bytes += p.bytes;
-        t.dirs += p.dirs;
+        t.add(&p?);
     }
     Ok(t)
 }
@@ -378,11 +385,7 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
             }
         }
         SCAN_PROGRESS.add(&sub);
-        t.dirs += sub.dirs;
-        t.files += sub.files;
-        t.bytes += sub.bytes;
-        t.setid += sub.setid;
-        t.devices += sub.devices;
+        t.add(&sub);
         Ok(())
     };
     let parts: Vec<Option<Totals>> = std::thread::scope(|s| {
@@ -426,11 +429,7 @@ fn scan_totals(root: &Path) -> io::Result<Totals> {
     for p in parts {
         // A thread that panicked took its counts with it: no totals rather than wrong ones.
         let p = p.ok_or_else(|| io::Error::other("a scan thread panicked"))?;
-        t.dirs += p.dirs;
-        t.files += p.files;
-        t.bytes += p.bytes;
-        t.setid += p.setid;
-        t.devices += p.devices;
+        t.add(&p);
     }
     Ok(t)
 }

@@ -776,8 +776,11 @@ impl View {
     pub fn clear_mode_bits(&self, ino: u64, kill: impl Fn(u32, u32) -> u32) -> Result<bool> {
         let _gate = self.changes();
         let inode = self.inode(ino)?;
+        if inode.kind != Kind::File {
+            return Ok(false);
+        }
         let a = self.getattr(ino, None)?;
-        if inode.kind != Kind::File || kill(u32::from(a.perm), a.gid) == 0 {
+        if kill(u32::from(a.perm), a.gid) == 0 {
             return Ok(false);
         }
         self.copy_up(&inode, true)?;

@@ -340,13 +340,14 @@ impl FerryFs {
     /// SETATTR that would have carried the clearing. Before, not after: a failure then
     /// refuses the open with nothing truncated. The kernel's cached mode is dropped after.
     fn clear_setid_for_truncate(&self, req: &Request, ino: u64) -> crate::error::Result<()> {
-        let a = self.view.getattr(ino, None)?;
-        if a.kind != Kind::File || u32::from(a.perm) & (libc::S_ISUID | libc::S_ISGID) == 0 {
-            return Ok(());
-        }
-        let creds = creds::Creds::of(req.pid());
+        // The caller's credentials are read only for a file that has set-id bits.
+        let creds = std::cell::OnceCell::new();
         let cleared = self.view.clear_mode_bits(ino, |mode, gid| {
-            creds::setid_bits_to_kill(mode, gid, creds.as_ref())
+            if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+                return 0;
+            }
+            let c = creds.get_or_init(|| creds::Creds::of(req.pid()));
+            creds::setid_bits_to_kill(mode, gid, c.as_ref())
         })?;
         if cleared {
             self.view.invalidate(ino);
