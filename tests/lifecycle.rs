@@ -648,7 +648,7 @@ fn resize_tmpfs(dir: &Path, size: &str) {
 struct Unmount(PathBuf);
 impl Drop for Unmount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        detach_view(&self.0, false);
     }
 }
 
