@@ -338,7 +338,7 @@ fn kill_9_while_copying_symlinks_and_fifos_leaves_none_with_the_wrong_owner_or_t
     wait_executed(&f, 300);
     f.unmount();
     assert!(
-        !f.new.join(ferryfs::fs::WORK_DIR).exists(),
+        !f.new.join(ferryfs::view::WORK_DIR).exists(),
         "an executed migration left ferryfs's work dir in NEW"
     );
     // Making and removing the work dir is ferryfs's own business: NEW's root keeps OLD's times.

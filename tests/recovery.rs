@@ -6,11 +6,11 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
-use ferryfs::fs::View;
 use ferryfs::journal::mem::MemJournal;
 use ferryfs::journal::{Batch, Intent, Records};
 use ferryfs::store::OldStore;
 use ferryfs::store::posix::PosixStore;
+use ferryfs::view::View;
 
 struct Stores {
     _tmp: tempfile::TempDir,
@@ -142,7 +142,7 @@ fn an_interrupted_removal_of_a_hard_link_groups_last_new_name_keeps_the_copy_ali
     j.commit(b, true).unwrap();
     let _v = open_view(&s, &j);
     assert!(!s.new.join("x").exists());
-    let kept = s.new.join(ferryfs::fs::WORK_DIR).join("hardlink-1-2");
+    let kept = s.new.join(ferryfs::view::WORK_DIR).join("hardlink-1-2");
     assert_eq!(fs::read(&kept).unwrap(), b"group copy");
     assert!(j.hardlink(1, 2).unwrap().unwrap().kept_alive);
 }

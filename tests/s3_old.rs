@@ -693,7 +693,7 @@ fn abort_asked_of_the_mounted_daemon_writes_the_bucket_and_detaches_the_view() {
     let out = ok(f.cmd("abort", &[]));
     assert!(out.contains("detached"), "{out}");
     common::wait_for("the view to go", 30, || {
-        ferryfs::daemon::ferryfs_mount_at(&f.mnt).is_none()
+        ferryfs::fuse::mount::ferryfs_mount_at(&f.mnt).is_none()
     });
     assert_eq!(
         keys(g, "s3-old-abort-live"),

@@ -16,18 +16,20 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
-use crate::error::Error;
-use crate::fs::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply, wants_write};
 use crate::metrics::{METRICS, Op, OpenPath, Timer};
+use crate::view::error::Error;
+use crate::view::{Attr, Caller, Kind, SetAttr, SetTime, View, XattrReply, wants_write};
 
 mod creds;
-pub mod handover;
+pub mod mount;
+pub mod session;
+pub mod takeover;
 
 pub struct FerryFs {
     view: Arc<View>,
     passthrough: Arc<Passthrough>,
     /// Parks requests while the mount is handed to a new daemon (`mount --takeover`).
-    gate: Arc<handover::Gate>,
+    gate: Arc<takeover::Gate>,
     readdirplus: ReaddirPlus,
     /// How long the kernel may trust attributes and names without asking (`mount
     /// --metadata-ttl`). Every change made through the view is seen by the kernel directly;
@@ -58,10 +60,10 @@ impl FerryFs {
         self
     }
 
-    /// What a handover needs of this adapter once it serves: its request gate and its
+    /// What a takeover needs of this adapter once it serves: its request gate and its
     /// passthrough state.
-    pub fn handover_parts(&self) -> handover::Parts {
-        handover::Parts {
+    pub fn takeover_parts(&self) -> takeover::Parts {
+        takeover::Parts {
             gate: self.gate.clone(),
             passthrough: self.passthrough.clone(),
         }
@@ -127,7 +129,7 @@ enum IoMode {
         raw: u32,
         on_new: bool,
     },
-    /// A backing file the previous daemon registered (a handover): taken into a `BackingId`
+    /// A backing file the previous daemon registered (a takeover): taken into a `BackingId`
     /// by the next open of the inode, or closed by its last release.
     Inherited { raw: u32, on_new: bool },
     /// Through the daemon (read and write requests), with the kernel's page cache.
@@ -168,7 +170,7 @@ impl Passthrough {
     fn join<F>(
         &self,
         ino: u64,
-        of: &crate::fs::OpenFile,
+        of: &crate::view::OpenFile,
         write: bool,
         register: F,
     ) -> Result<Option<Arc<BackingId>>, ()>
@@ -248,7 +250,7 @@ impl Passthrough {
                 }) = inodes.remove(&ino)
                 && let Some(dev) = self.dev.get()
             {
-                handover::close_backing(dev, raw);
+                takeover::close_backing(dev, raw);
             }
         }
     }
@@ -290,7 +292,7 @@ impl Backing for ReplyCreate {
     }
 }
 
-/// The backing file for `r`, with its raw id (kept for a handover).
+/// The backing file for `r`, with its raw id (kept for a takeover).
 fn backing(reply: &impl Backing, r: Register<'_>) -> std::io::Result<(BackingId, u32)> {
     let raw = match r {
         Register::Open(f) => reply.open_backing_file(f)?.into_raw(),
@@ -339,7 +341,7 @@ impl FerryFs {
     /// to us: with FUSE_ATOMIC_O_TRUNC the truncation is the OPEN's, and the kernel skips the
     /// SETATTR that would have carried the clearing. Before, not after: a failure then
     /// refuses the open with nothing truncated. The kernel's cached mode is dropped after.
-    fn clear_setid_for_truncate(&self, req: &Request, ino: u64) -> crate::error::Result<()> {
+    fn clear_setid_for_truncate(&self, req: &Request, ino: u64) -> crate::view::error::Result<()> {
         // The caller's credentials are read only for a file that has set-id bits.
         let creds = std::cell::OnceCell::new();
         let cleared = self.view.clear_mode_bits(ino, |mode, gid| {
@@ -369,7 +371,7 @@ fn caller(req: &Request) -> Caller {
 struct InFlight<'a> {
     _span: tracing::span::EnteredSpan,
     _timer: Timer,
-    _gate: Option<handover::Entered<'a>>,
+    _gate: Option<takeover::Entered<'a>>,
 }
 
 fn span(op: Op, ino: u64) -> InFlight<'static> {
@@ -382,7 +384,7 @@ fn span(op: Op, ino: u64) -> InFlight<'static> {
 
 /// Start serving a request that has a reply: its span and timer, and its place in the gate.
 /// While the mount is being handed over the request waits in the gate first (see
-/// `Gate::enter`): answered here if the handover fails, by the next daemon if it succeeds.
+/// `Gate::enter`): answered here if the takeover fails, by the next daemon if it succeeds.
 macro_rules! enter {
     ($self:ident, $op:expr, $ino:expr, $reply:ident) => {{
         let g = $self.gate.enter();
@@ -440,7 +442,7 @@ fn open_flags(keep_cache: bool) -> FopenFlags {
 }
 
 /// Count an open file by where its data path goes.
-fn count_open(of: &crate::fs::OpenFile, passthrough: bool) {
+fn count_open(of: &crate::view::OpenFile, passthrough: bool) {
     METRICS.opened(match (passthrough, of.on_new) {
         (true, true) => OpenPath::PassthroughNew,
         (true, false) => OpenPath::PassthroughOld,
@@ -463,7 +465,7 @@ fn busy_with_old_readers(op: Op, ino: u64) -> Errno {
 impl Filesystem for FerryFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let abi = config.kernel_abi();
-        self.gate.set_kernel(handover::KernelInit {
+        self.gate.set_kernel(takeover::KernelInit {
             major: abi.0,
             minor: abi.1,
             flags: config.capabilities().bits(),
@@ -959,7 +961,7 @@ impl Filesystem for FerryFs {
                 s.f_files,
                 s.f_ffree,
                 s.f_bsize as u32,
-                crate::fs::NAME_MAX as u32,
+                crate::view::NAME_MAX as u32,
                 s.f_frsize as u32,
             ),
             Err(e) => reply.error(self.fail(Op::Statfs, ino.0, None, &e)),
@@ -1098,8 +1100,8 @@ impl Filesystem for FerryFs {
 mod tests {
     use super::*;
 
-    fn open_file(on_new: bool) -> crate::fs::OpenFile {
-        crate::fs::OpenFile {
+    fn open_file(on_new: bool) -> crate::view::OpenFile {
+        crate::view::OpenFile {
             fh: 1,
             keep_cache: false,
             file: Some(Arc::new(tempfile::tempfile().unwrap())),

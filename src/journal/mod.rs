@@ -23,7 +23,10 @@
 //! here, so both implementations store exactly the same bytes.
 
 pub mod mem;
+pub mod meta;
 pub mod rocks;
+
+pub use meta::{Meta, Phase, Totals};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -155,7 +158,7 @@ pub struct Done {
 }
 
 /// An object the publisher put into an S3 NEW, keyed by its key below the store's prefix: what
-/// the staged entry was when it was uploaded (crate::publish). `pending`: written before the
+/// the staged entry was when it was uploaded (crate::copier::publish). `pending`: written before the
 /// request, so that a crash between the request and its record leaves no object nobody knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
@@ -179,43 +182,18 @@ pub struct Published {
     pub racy: bool,
 }
 
-/// Byte strings as base64 in JSON (names need not be UTF-8).
+/// Byte strings as base64 in JSON (names need not be UTF-8): the standard alphabet, padded.
 pub(crate) mod bytes_b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
     pub fn encode(b: &[u8]) -> String {
-        let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
-        for c in b.chunks(3) {
-            let n = (u32::from(c[0]) << 16)
-                | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-                | u32::from(*c.get(2).unwrap_or(&0));
-            for i in 0..4 {
-                if i <= c.len() {
-                    out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
+        STANDARD.encode(b)
     }
 
     pub fn decode(s: &str) -> Option<Vec<u8>> {
-        let val = |c: u8| ALPHABET.iter().position(|a| *a == c).map(|p| p as u32);
-        let s = s.trim_end_matches('=').as_bytes();
-        let mut out = Vec::with_capacity(s.len() * 3 / 4);
-        for c in s.chunks(4) {
-            let mut n = 0u32;
-            for (i, b) in c.iter().enumerate() {
-                n |= val(*b)? << (18 - 6 * i);
-            }
-            for i in 0..c.len().saturating_sub(1) {
-                out.push((n >> (16 - 8 * i)) as u8);
-            }
-        }
-        Some(out)
+        STANDARD.decode(s).ok()
     }
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -279,8 +257,6 @@ const P_ERROR: u8 = b'e';
 const P_STALE: u8 = b's';
 const P_PUBLISHED: u8 = b'p';
 const P_PUB_ERROR: u8 = b'u';
-const META_NEXT_ID: &str = "next_id";
-const META_DONE: &str = "done";
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -315,7 +291,8 @@ fn error_key(path: &[u8]) -> Vec<u8> {
     k
 }
 
-fn meta_key(name: &str) -> Vec<u8> {
+fn meta_key(key: Meta) -> Vec<u8> {
+    let name = key.key();
     let mut k = vec![P_META];
     k.extend_from_slice(name.as_bytes());
     k
@@ -436,7 +413,7 @@ impl Batch {
         self.ops.push(KvOp::Put(copy_of_key(new_dev, new_ino), v));
         self
     }
-    pub fn meta(&mut self, key: &str, value: &[u8]) -> &mut Self {
+    pub fn meta(&mut self, key: Meta, value: &[u8]) -> &mut Self {
         self.ops.push(KvOp::Put(meta_key(key), value.to_vec()));
         self
     }
@@ -495,7 +472,7 @@ impl Batch {
         self
     }
     pub fn done(&mut self, d: &Done) -> &mut Self {
-        self.meta(META_DONE, &serde_json::to_vec(d).expect("done serializes"))
+        self.meta(Meta::Done, &serde_json::to_vec(d).expect("done serializes"))
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -522,7 +499,7 @@ pub struct Records {
 
 impl Records {
     pub fn new(kv: Arc<dyn Journal>) -> Result<Records> {
-        let next = match kv.get(&meta_key(META_NEXT_ID))? {
+        let next = match kv.get(&meta_key(Meta::NextId))? {
             Some(v) => u64::from_le_bytes(
                 v.as_slice()
                     .try_into()
@@ -567,7 +544,7 @@ impl Records {
     pub fn commit(&self, mut batch: Batch, durable: bool) -> Result<()> {
         if let Some(max) = batch.max_id {
             let next = self.next_id.load(Ordering::Relaxed).max(max + 1);
-            batch.meta(META_NEXT_ID, &next.to_le_bytes());
+            batch.meta(Meta::NextId, &next.to_le_bytes());
         }
         if batch.ops.is_empty() {
             return Ok(());
@@ -611,7 +588,7 @@ impl Records {
         }
     }
 
-    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    pub fn meta(&self, key: Meta) -> Result<Option<Vec<u8>>> {
         self.kv.get(&meta_key(key))
     }
 
@@ -730,7 +707,7 @@ impl Records {
     }
 
     pub fn done(&self) -> Result<Done> {
-        match self.meta(META_DONE)? {
+        match self.meta(Meta::Done)? {
             Some(v) => serde_json::from_slice(&v)
                 .map_err(|e| JournalError::Corrupt(format!("done counters: {e}"))),
             None => Ok(Done::default()),

@@ -2,12 +2,12 @@
 //!
 //! A store is named on the command line as `posix:/abs/path`, a bare absolute path, or
 //! `s3://bucket/prefix`. Everything that assumes a POSIX file system lives in [`posix`], the S3
-//! client in [`s3`], and an S3 OLD seen as a read-only tree in [`s3tree`]; the view reaches a
+//! client in [`s3`], and an S3 OLD seen as a read-only tree in [`s3::tree`]; the view reaches a
 //! store only through the `Loc`s, `Source`s and [`OldStore`] these hand out.
 
+pub mod copy;
 pub mod posix;
 pub mod s3;
-pub mod s3tree;
 
 use std::fmt;
 use std::fs::File;
@@ -121,7 +121,7 @@ impl Source {
     }
 
     /// The POSIX file, when it is one (what the kernel can pass through to, what an fd can
-    /// carry across a handover).
+    /// carry across a takeover).
     pub fn file(&self) -> Option<&Arc<File>> {
         match self {
             Source::File(f) => Some(f),
@@ -133,7 +133,7 @@ impl Source {
 /// OLD as the view reads it: a POSIX directory or an S3 bucket.
 pub enum OldStore {
     Posix(PosixStore),
-    S3(Arc<s3tree::S3Tree>),
+    S3(Arc<s3::tree::S3Tree>),
 }
 
 impl OldStore {

@@ -328,7 +328,7 @@ pub fn raw_errno(e: rustix::io::Errno) -> io::Error {
 pub enum Loc {
     Fd(Arc<OwnedFd>),
     At(Arc<OwnedFd>, OsString),
-    Obj(Arc<super::s3tree::Entry>),
+    Obj(Arc<super::s3::tree::Entry>),
 }
 
 fn errno(e: i32) -> io::Error {
@@ -354,7 +354,7 @@ impl Loc {
     }
 
     /// The S3 entry, for an entry of an S3 OLD.
-    pub fn object(&self) -> Option<&Arc<super::s3tree::Entry>> {
+    pub fn object(&self) -> Option<&Arc<super::s3::tree::Entry>> {
         match self {
             Loc::Obj(e) => Some(e),
             _ => None,

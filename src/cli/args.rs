@@ -1,0 +1,243 @@
+//! The command line's words: every subcommand and flag, with its help text (clap).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use super::CliError;
+use crate::copier;
+
+#[derive(Parser)]
+#[command(
+    name = "ferryfs",
+    version,
+    about = "Move a live dataset from an OLD store to a NEW store with no downtime"
+)]
+pub struct Cli {
+    /// Log line format on stderr (and in STATE/ferryfs.log for a background mount): `text`
+    /// for people, `json` (one object per line) for log collectors. The level filter is
+    /// FERRYFS_LOG (tracing's env-filter syntax, e.g. `info,crate::copier=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Check both stores, record them, and create the migration's journal in the state dir.
+    Prepare(PrepareArgs),
+    /// Serve the view at MOUNTPOINT (which may be OLD's own path). Returns once it serves.
+    Mount {
+        #[arg(long)]
+        state: PathBuf,
+        mountpoint: PathBuf,
+        /// Stay attached (for systemd and containers) instead of serving in the background.
+        #[arg(long)]
+        foreground: bool,
+        /// Do not start the background copier; `ferryfs execute` starts it later.
+        #[arg(long)]
+        no_copy: bool,
+        /// Which open files the kernel reads and writes directly, at native speed (FUSE
+        /// passthrough): `new` (files whose data is in NEW), `all` (also read-only opens of
+        /// OLD-only files; a write to such a file then waits for those readers, up to 2 s,
+        /// else EBUSY), `off` (all data through the daemon).
+        #[arg(long, value_enum, default_value_t = crate::fuse::PassthroughMode::New)]
+        passthrough: crate::fuse::PassthroughMode,
+        /// Seconds the kernel may cache names and attributes without asking the daemon. Changes
+        /// made through the view show at once whatever the value; it bounds how late a change
+        /// made in OLD behind the view's back shows. Raise it for big, read-mostly trees.
+        #[arg(long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_ttl)]
+        metadata_ttl: f64,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Mount options, comma separated: allow_other, allow_root, ro, [no]suid, [no]dev,
+        /// [no]exec, noatime. The view is nosuid,nodev unless given suid,dev.
+        #[arg(short = 'o', value_name = "OPTS")]
+        options: Vec<String>,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// Serve Prometheus metrics at /metrics and the health checks /healthz (liveness) and
+        /// /readyz (readiness) over HTTP at this address, e.g. 127.0.0.1:9477 (port 0: any).
+        /// Off by default. The endpoints are unauthenticated and read-only: bind to loopback
+        /// or a pod-internal address.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Restart without unmount: take the live view over from the daemon serving this
+        /// state dir at MOUNTPOINT (after an upgrade, or to change flags). Applications keep
+        /// their open files and see a pause, not an error; the old daemon exits. Mount
+        /// options (-o) stay as first mounted; the copier keeps its state and limits. If
+        /// anything fails before the old daemon lets go, it keeps serving. Linux 6.9 or later.
+        #[arg(long)]
+        takeover: bool,
+        /// Whether directory listings carry each entry's attributes: `always` (a stat after a
+        /// listing costs no request: ls -l, find -printf, rsync, du; a listing nobody stats
+        /// costs the daemon a lookup per entry), `auto` (the kernel's heuristic: attributes
+        /// for a directory's first chunk, then only while lookups follow), `off`. A takeover
+        /// keeps the first daemon's choice (it is negotiated at mount).
+        #[arg(long, value_enum, default_value_t = crate::fuse::ReaddirPlus::Always)]
+        readdirplus: crate::fuse::ReaddirPlus,
+    },
+    /// Show the migration's phase and progress.
+    Status {
+        #[arg(long)]
+        state: PathBuf,
+        /// One JSON object, for machines.
+        #[arg(long)]
+        json: bool,
+        /// Keep showing progress, every second, until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start or resume the copier: in the mounted daemon if one serves the state dir, else in
+    /// this process until everything is copied.
+    Execute(ExecuteArgs),
+    /// Pause the running copier.
+    Pause {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Resume a paused copier.
+    Resume {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Change the running copier's limits.
+    Limits {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        bwlimit: Option<String>,
+        #[arg(long)]
+        ops_limit: Option<u64>,
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Check that every entry NEW took from OLD still equals OLD; exit 0 only if so.
+    Verify {
+        #[arg(long)]
+        state: PathBuf,
+        /// Compare every byte of data too, not only size, times, mode, owner and xattrs.
+        #[arg(long)]
+        checksum: bool,
+    },
+    /// Make NEW the dataset: only when executed and a final pass over OLD is clean.
+    Commit {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Return everything to OLD, including every change made through the view.
+    Abort {
+        #[arg(long)]
+        state: PathBuf,
+        /// Leave what ferryfs put into NEW where it is.
+        #[arg(long)]
+        keep_new: bool,
+    },
+    /// Unmount a view and wait for its daemon to exit.
+    Unmount { mountpoint: PathBuf },
+}
+
+#[derive(clap::Args, Clone)]
+pub struct LimitArgs {
+    /// Copier worker threads (each keeps up to 32 copies waiting for its batch's syncfs)
+    /// [default: 16 for a POSIX OLD, 64 for an S3 OLD].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Copier bandwidth limit in bytes/s (k, M, G suffixes: 50M); 0 is unlimited.
+    #[arg(long, default_value = "0")]
+    pub bwlimit: String,
+    /// Copier limit in entries/s; 0 is unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub ops_limit: u64,
+    /// Once executed, check every copy against OLD again every SECS seconds (a change made in
+    /// OLD behind the view is copied again); 0 checks only at commit and verify.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub recheck_interval: u64,
+}
+
+impl LimitArgs {
+    /// The copier's options these flags ask for.
+    pub fn options(&self) -> Result<copier::Options, CliError> {
+        Ok(copier::Options {
+            workers: self.workers.map_or(0, |w| w.max(1)),
+            bwlimit: copier::parse_rate(&self.bwlimit).map_err(CliError::Usage)?,
+            ops_limit: self.ops_limit,
+            recheck: (self.recheck_interval > 0)
+                .then(|| std::time::Duration::from_secs(self.recheck_interval)),
+        })
+    }
+}
+
+/// `--metadata-ttl`: seconds, 0 to 86400.
+fn parse_ttl(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("not a number of seconds: {s}"))?;
+    if !(0.0..=86_400.0).contains(&v) {
+        return Err(format!("{v} is outside 0 to 86400 seconds"));
+    }
+    Ok(v)
+}
+
+// `prepare`'s arguments (the subcommand's help is the variant's doc).
+#[derive(clap::Args, Clone)]
+pub struct PrepareArgs {
+    /// The store the data lives in today: an absolute directory path, posix:/path, or
+    /// s3://bucket[/prefix][?endpoint=URL&region=R&profile=P&path_style=true] (credentials
+    /// from the profile or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, never in the URL).
+    #[arg(long)]
+    pub old: String,
+    /// The store the data moves to; must be empty unless --allow-nonempty-new.
+    #[arg(long)]
+    pub new: String,
+    /// The migration's state directory (journal, lock, log). Must not be inside a store.
+    #[arg(long)]
+    pub state: PathBuf,
+    /// Accept a NEW that already holds entries; they win over OLD's in the view.
+    #[arg(long)]
+    pub allow_nonempty_new: bool,
+    /// Succeed without changing anything when the state dir already holds a migration of
+    /// this same OLD and NEW (for service managers and init containers that run prepare
+    /// on every start); one of other stores is still refused.
+    #[arg(long)]
+    pub if_absent: bool,
+    /// The AWS profile (~/.aws/credentials, ~/.aws/config) an S3 OLD is reached with: its
+    /// keys (they win over AWS_ACCESS_KEY_ID), and its region and endpoint_url where neither
+    /// the URL nor the environment sets them. The same as profile= in the OLD URL;
+    /// recorded with the store (the name, never the keys).
+    #[arg(long, value_name = "PROFILE")]
+    pub old_s3_profile: Option<String>,
+    /// The AWS profile an S3 NEW is reached with (as --old-s3-profile): OLD and NEW may
+    /// use different credentials and endpoints.
+    #[arg(long, value_name = "PROFILE")]
+    pub new_s3_profile: Option<String>,
+}
+
+// `execute`'s arguments (the subcommand's help is the variant's doc).
+#[derive(clap::Args, Clone)]
+pub struct ExecuteArgs {
+    #[arg(long)]
+    pub state: PathBuf,
+    /// With a daemon: wait until the migration is executed, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Copier worker threads [default: 16 for a POSIX OLD, 64 for an S3 OLD, or the daemon's
+    /// setting].
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Copier bandwidth limit in bytes/s (k, M, G suffixes); 0 is unlimited [default: 0,
+    /// or the daemon's setting].
+    #[arg(long)]
+    pub bwlimit: Option<String>,
+    /// Copier limit in entries/s; 0 is unlimited [default: 0, or the daemon's setting].
+    #[arg(long)]
+    pub ops_limit: Option<u64>,
+}

@@ -1,0 +1,1254 @@
+//! An S3 NEW: the view's NEW is a staging tree in the state dir, and the publisher makes the
+//! bucket hold what the staging tree holds.
+//!
+//! Every change through the view lands in the staging tree (`<state>/stage`), a plain POSIX
+//! directory: the view, the copier, copy-up, the takeover and abort work on it exactly as on a
+//! POSIX NEW, and an fsync there is as durable as on any local file. The publisher runs passes
+//! that compare the staging tree with what it put into the bucket (the journal's `Published`
+//! records) and close the difference:
+//! - a new or changed file is PUT whole, with its Content-MD5 and POSIX metadata in s3fs's and
+//!   rclone's names (`mode`, `uid`, `gid`, `mtime`);
+//! - a file whose bytes are already in the bucket under another key (a rename, a second hard
+//!   link) is copied there by the server (CopyObject; UploadPartCopy above 5 GiB), and a file whose metadata alone changed
+//!   is copied onto itself with the new metadata; the bytes are compared by MD5 first;
+//! - a directory is a `dir/` marker carrying its metadata (s3fs's convention); a symlink an
+//!   object holding its target with an `S_IFLNK` mode; a fifo or device node an empty object;
+//! - keys the staging tree no longer has are deleted, after the pass's uploads and copies, so a
+//!   renamed file's bytes are copied before its old key goes.
+//!
+//! A record is written `pending` before each request, so a crash between a request and its
+//! record leaves no object nobody knows of (abort deletes pending keys too). A file that
+//! changes while it uploads is recorded as it was before and found changed by the next pass.
+//! Nothing of ferryfs's goes into the bucket: the staging tree's work dir is skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use rustix::fs::OFlags;
+
+use crate::journal::{Batch, CopyError, Meta, Published, Records};
+use crate::store::posix::{
+    PosixStore, open_child, read_dir_names, reopen, stat_at, stat_fd, vanished,
+};
+use crate::store::s3::{PosixMeta, S3Error, S3Store};
+
+/// Uploads in flight: S3 requests are latency-bound (see the copier's S3 default).
+pub const DEFAULT_WORKERS: usize = 64;
+
+/// Longest key S3 takes, in bytes.
+pub const KEY_MAX: usize = 1024;
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PassReport {
+    /// Keys the bucket must hold (files, symlinks, directory markers...).
+    pub objects: u64,
+    pub uploaded: u64,
+    pub uploaded_bytes: u64,
+    /// Server-side copies: renames, second links, metadata changes.
+    pub copied: u64,
+    /// Server-side copies from an S3 OLD's bucket (objects the copier brought unchanged).
+    pub from_old: u64,
+    pub from_old_bytes: u64,
+    pub deleted: u64,
+    /// Keys gone from the staging tree whose deletion waits for a pass that saw no failure,
+    /// no file changing and no entry vanishing (see [`Publisher::pass`]).
+    pub held: u64,
+    /// Files that changed while they uploaded (the next pass takes them again).
+    pub changed: u64,
+    /// (key, error) of what failed this pass.
+    pub errors: Vec<(String, String)>,
+    /// The pass did not run to its end (abort, a takeover): nothing can be concluded.
+    pub interrupted: bool,
+    /// How long the pass took to find what differs (its walk of the staging tree and the
+    /// records), what every pass costs however little changed.
+    #[serde(skip)]
+    pub walk: std::time::Duration,
+}
+
+impl PassReport {
+    /// The bucket held what the staging tree held: the pass had nothing to do.
+    pub fn clean(&self) -> bool {
+        self.uploaded + self.copied + self.from_old + self.deleted + self.held + self.changed == 0
+            && self.errors.is_empty()
+            && !self.interrupted
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// A staged entry and the key it must have.
+struct Want {
+    key: String,
+    /// Below the staging tree's root (opened again without following any symlink).
+    path: PathBuf,
+    /// st_dev of the staged entry (with `rec.ino`, the key of its copy record).
+    dev: u64,
+    kind: Kind,
+    /// st_nlink: a file with other names may have its bytes under another key already.
+    links: u64,
+    rec: Published,
+}
+
+#[allow(clippy::unnecessary_cast)]
+fn stamp(st: &rustix::fs::Stat) -> Published {
+    let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+    Published {
+        pending: false,
+        ino: st.st_ino as u64,
+        size: if is_dir { 0 } else { st.st_size as u64 },
+        mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+        ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
+        mode: st.st_mode as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        etag: String::new(),
+        md5: String::new(),
+        racy: false,
+    }
+}
+
+fn meta_of(r: &Published) -> PosixMeta {
+    PosixMeta {
+        mode: Some(r.mode),
+        uid: Some(r.uid),
+        gid: Some(r.gid),
+        mtime: Some(r.mtime),
+    }
+}
+
+/// The same bytes as recorded (same inode, size, mtime and ctime: nothing wrote it since).
+fn same_stat(a: &Published, b: &Published) -> bool {
+    a.ino == b.ino && a.size == b.size && a.mtime == b.mtime && a.ctime == b.ctime
+}
+
+fn same_meta(a: &Published, b: &Published) -> bool {
+    a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtime == b.mtime
+}
+
+/// Records that may hold a staged file's bytes under another key, by (ino, size, mtime): those
+/// of keys gone or changed since their record (a rename, a file replaced) and of files with
+/// several names. Only those: unchanged keys of files with one name cannot serve another key.
+type Sources = HashMap<(u64, u64, (i64, u32)), Vec<(String, Published)>>;
+
+fn add_source(sources: &mut Sources, key: &str, r: &Published) {
+    if !r.pending && !key.ends_with('/') {
+        sources
+            .entry((r.ino, r.size, r.mtime))
+            .or_default()
+            .push((key.to_string(), r.clone()));
+    }
+}
+
+/// Records read from the journal in key order, a page at a time.
+struct Cursor<'a> {
+    journal: &'a Records,
+    page: std::collections::VecDeque<(String, Published)>,
+    last: String,
+    end: bool,
+}
+
+/// Records read per journal scan.
+const RECORDS_PAGE: usize = 1024;
+
+impl<'a> Cursor<'a> {
+    fn new(journal: &'a Records) -> Cursor<'a> {
+        Cursor {
+            journal,
+            page: Default::default(),
+            last: String::new(),
+            end: false,
+        }
+    }
+
+    fn peek(&mut self) -> std::io::Result<Option<&(String, Published)>> {
+        if self.page.is_empty() && !self.end {
+            let page = self
+                .journal
+                .published_after(&self.last, RECORDS_PAGE)
+                .map_err(std::io::Error::other)?;
+            self.end = page.len() < RECORDS_PAGE;
+            if let Some((k, _)) = page.last() {
+                self.last = k.clone();
+            }
+            self.page.extend(page);
+        }
+        Ok(self.page.front())
+    }
+
+    fn next(&mut self) -> std::io::Result<Option<(String, Published)>> {
+        self.peek()?;
+        Ok(self.page.pop_front())
+    }
+}
+
+/// Makes an S3 NEW hold the staging tree; see the module docs.
+pub struct Publisher {
+    pub store: Arc<S3Store>,
+    stage: PathBuf,
+    journal: Records,
+    workers: usize,
+    stop: AtomicBool,
+    /// An S3 OLD on the same service: unchanged copies of its objects are copied from its
+    /// bucket by the server instead of uploaded (until a copy is refused: other credentials).
+    old: Option<Arc<S3Store>>,
+    from_old_ok: AtomicBool,
+    /// Held by a takeover under way: no request until it is released (or the process ends).
+    held: AtomicBool,
+    /// One pass at a time (the daemon's loop, commit, abort).
+    running: Mutex<()>,
+    /// Failed uploads of the last pass, counted for the metrics and status.
+    last: Mutex<PassReport>,
+    passes: AtomicU64,
+}
+
+impl Publisher {
+    pub fn new(store: Arc<S3Store>, stage: PathBuf, journal: Records, workers: usize) -> Publisher {
+        Publisher {
+            store,
+            stage,
+            journal,
+            workers: workers.max(1),
+            stop: AtomicBool::new(false),
+            old: None,
+            from_old_ok: AtomicBool::new(true),
+            held: AtomicBool::new(false),
+            running: Mutex::new(()),
+            last: Mutex::new(PassReport::default()),
+            passes: AtomicU64::new(0),
+        }
+    }
+
+    /// Connect to the NEW bucket of `url` for the staging tree `stage`.
+    pub fn connect(
+        url: &crate::store::s3::S3Url,
+        stage: PathBuf,
+        journal: Records,
+        workers: usize,
+    ) -> Result<Publisher, S3Error> {
+        Ok(Publisher::new(
+            Arc::new(S3Store::connect(url)?),
+            stage,
+            journal,
+            workers,
+        ))
+    }
+
+    /// Copy unchanged copies of `old`'s objects from its bucket, server-side, when both
+    /// stores are on the same service (else this does nothing).
+    pub fn with_old(mut self, old: Arc<S3Store>) -> Publisher {
+        if self.store.same_service(&old) {
+            self.old = Some(old);
+        }
+        self
+    }
+
+    /// The OLD object the staged file `w` (open as `f`) is an unchanged copy of, as it is now
+    /// in OLD's bucket (its key and ETag), when the server can copy it instead of an upload.
+    fn old_source(&self, w: &Want, f: &std::fs::File, now: &Published) -> Option<(String, String)> {
+        let old = self.old.as_ref()?;
+        if !self.from_old_ok.load(Ordering::Relaxed) || now.size < SERVER_COPY_MIN {
+            return None;
+        }
+        let rec = self.journal.copy(w.dev, now.ino).ok()??;
+        if rec.is_dir {
+            return None;
+        }
+        // The record is of this very file, not of an earlier one whose inode number the
+        // staging file system gave again (a file renamed over the copy frees its number, and
+        // the next file may get it): else OLD's bytes would take the place of the new ones.
+        let handle = crate::store::posix::file_handle(std::os::fd::AsFd::as_fd(f)).ok()?;
+        if rec.handle.is_empty() || rec.handle != handle {
+            return None;
+        }
+        let rel = String::from_utf8(rec.origin).ok()?;
+        let rel = rel.trim_start_matches('/').to_string();
+        let info = old.head(&rel).ok()??;
+        // The very version the copier copied (the fingerprint's inode is the hash of key and
+        // ETag), else the staged bytes are uploaded.
+        (info.size == now.size
+            && crate::store::s3::tree::ino_of(&rel, Some(&info.etag)) == rec.fp.ino)
+            .then_some((rel, info.etag))
+    }
+
+    /// Stop the pass under way at its next entry (abort, shutdown), and every later one.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// No new request until [`release`](Self::release): a takeover under way. Requests in
+    /// flight are not waited for (applications' requests are parked meanwhile); the process
+    /// exits before the next daemon opens the journal, and their `pending` records make that
+    /// daemon redo them.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::Release);
+    }
+
+    pub fn release(&self) {
+        self.held.store(false, Ordering::Release);
+    }
+
+    fn halted(&self) -> bool {
+        self.stop.load(Ordering::Acquire) || self.held.load(Ordering::Acquire)
+    }
+
+    pub fn last(&self) -> PassReport {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Relaxed)
+    }
+
+    /// Passes until one finds nothing to do (at most `max`); the last pass's report.
+    pub fn settle(&self, max: usize) -> std::io::Result<PassReport> {
+        let mut r = self.pass()?;
+        for _ in 1..max {
+            if r.clean() || r.interrupted {
+                break;
+            }
+            // Errors stay errors until their cause is fixed: one more pass to retry them, no
+            // more.
+            if r.uploaded + r.copied + r.from_old + r.deleted + r.changed == 0 {
+                break;
+            }
+            r = self.pass()?;
+        }
+        Ok(r)
+    }
+
+    /// What a pass would do now, without doing it, one line per key: to upload or copy, to
+    /// delete, and names no key can hold (verify's mismatches).
+    pub fn plan(&self) -> std::io::Result<Vec<String>> {
+        let d = self.diff()?;
+        let root = PosixStore::open(&self.stage)?;
+        let mut keys: Vec<String> = d
+            .todo
+            .iter()
+            .filter(|(w, had)| match had {
+                // Recorded moments after its last change, and unchanged since by stat: the
+                // bytes decide.
+                Some(r)
+                    if r.racy
+                        && !r.pending
+                        && same_stat(r, &w.rec)
+                        && same_meta(r, &w.rec)
+                        && w.kind == Kind::File =>
+                {
+                    root.open_path(&w.path)
+                        .and_then(|fd| reopen(fd.as_fd(), OFlags::RDONLY | OFlags::NONBLOCK))
+                        .and_then(|f| crate::store::s3::file_md5(&f))
+                        .map_or(true, |m| crate::store::s3::md5_etag(&m) != md5_of(r))
+                }
+                _ => true,
+            })
+            .map(|(w, _)| format!("{}: not in the NEW bucket yet", w.key))
+            .collect();
+        keys.extend(
+            d.gone
+                .iter()
+                .map(|(k, _)| format!("{k}: still in the NEW bucket, no longer in the view")),
+        );
+        keys.extend(d.bad.into_iter().map(|(k, e)| format!("{k}: {e}")));
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The staging tree against the records, in one merge: the tree walked in key order
+    /// beside the records read in pages in key order. What it keeps grows with what differs,
+    /// not with the number of entries.
+    fn diff(&self) -> std::io::Result<Diff> {
+        let root = PosixStore::open(&self.stage)?;
+        let mut d = Diff::default();
+        let mut cursor = Cursor::new(&self.journal);
+        // The store's prefix is part of every key.
+        let room = KEY_MAX.saturating_sub(self.store.url.prefix.len());
+        let mut last = String::new();
+        let mut partial = false;
+        let mut bad = Vec::new();
+        walk(
+            root.root(),
+            Path::new(""),
+            "",
+            &mut bad,
+            &mut partial,
+            &mut |w: Want| {
+                // The merge needs keys in order; a walk out of order would take wanted keys
+                // for gone ones (and delete them): refused, nothing concluded.
+                if w.key <= last {
+                    return Err(std::io::Error::other(format!(
+                        "staging tree walked out of key order ({:?} after {last:?})",
+                        w.key
+                    )));
+                }
+                last.clone_from(&w.key);
+                if w.key.len() > room {
+                    d.bad.push((
+                        w.key,
+                        format!(
+                            "with the prefix, longer than {KEY_MAX} bytes, S3's limit for a key"
+                        ),
+                    ));
+                    return Ok(());
+                }
+                d.objects += 1;
+                while let Some((k, _)) = cursor.peek()? {
+                    if *k >= w.key {
+                        break;
+                    }
+                    let (k, r) = cursor.next()?.expect("peeked");
+                    d.gone(k, r);
+                }
+                let had = match cursor.peek()? {
+                    Some((k, _)) if *k == w.key => cursor.next()?.map(|(_, r)| r),
+                    _ => None,
+                };
+                let differs = match &had {
+                    Some(r) => {
+                        r.pending || r.racy || !same_stat(r, &w.rec) || !same_meta(r, &w.rec)
+                    }
+                    None => true,
+                };
+                if let Some(r) = &had {
+                    if differs || (w.kind == Kind::File && w.links > 1) {
+                        add_source(&mut d.sources, &w.key, r);
+                    }
+                }
+                if differs {
+                    d.todo.push((w, had));
+                }
+                Ok(())
+            },
+        )?;
+        while let Some((k, r)) = cursor.next()? {
+            d.gone(k, r);
+        }
+        d.bad.extend(bad);
+        d.partial = partial;
+        Ok(d)
+    }
+
+    /// One pass: walk the staging tree, upload and copy what differs, delete what is gone.
+    pub fn pass(&self) -> std::io::Result<PassReport> {
+        let _one = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if self.halted() {
+            return Ok(PassReport {
+                interrupted: true,
+                ..Default::default()
+            });
+        }
+        let began = std::time::Instant::now();
+        let root = PosixStore::open(&self.stage)?;
+        let mut b = Batch::new();
+        b.meta(Meta::PublishSettled, b"0");
+        self.journal
+            .commit(b, false)
+            .map_err(std::io::Error::other)?;
+        let mut report = PassReport::default();
+        let walk_began = std::time::Instant::now();
+        let Diff {
+            todo,
+            bad,
+            gone,
+            sources,
+            objects,
+            partial,
+        } = self.diff()?;
+        report.walk = walk_began.elapsed();
+        report.objects = objects;
+        // Keys new to the bucket are recorded `pending` first, in one durable batch: after a
+        // crash (power loss included) no object can be there that the journal does not know.
+        let mut b = Batch::new();
+        for (w, _) in todo.iter().filter(|(_, had)| had.is_none()) {
+            b.published(
+                &w.key,
+                &Published {
+                    pending: true,
+                    ..w.rec.clone()
+                },
+            );
+        }
+        if !b.is_empty() {
+            self.journal
+                .commit(b, true)
+                .map_err(std::io::Error::other)?;
+        }
+        let out = Mutex::new(&mut report);
+        let next = AtomicU64::new(0);
+        // Indices into `todo` of the keys this pass failed to bring up to date.
+        let unsure: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..self.workers.min(todo.len()) {
+                s.spawn(|| {
+                    loop {
+                        if self.halted() {
+                            return;
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some((w, had)) = todo.get(i) else { return };
+                        let r = self.publish(&root, w, had.as_ref(), &sources);
+                        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                        match r {
+                            Ok(Done::Uploaded(n)) => {
+                                o.uploaded += 1;
+                                o.uploaded_bytes += n;
+                            }
+                            Ok(Done::Copied) => o.copied += 1,
+                            Ok(Done::FromOld(n)) => {
+                                o.from_old += 1;
+                                o.from_old_bytes += n;
+                            }
+                            Ok(Done::Recorded) => {}
+                            Ok(Done::Changed) => {
+                                o.changed += 1;
+                                unsure.lock().unwrap_or_else(|p| p.into_inner()).push(i);
+                            }
+                            Err(e) => {
+                                o.errors.push((w.key.clone(), e.to_string()));
+                                unsure.lock().unwrap_or_else(|p| p.into_inner()).push(i);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        // Deletions last: a renamed file's bytes were copied to its new key above. Held where
+        // that may not hold, as a key gone from the tree may then be the only copy in the
+        // bucket of what another key should hold: every one, when the walk met an entry that
+        // vanished (a directory renamed while it was listed, whose new name it never saw);
+        // else those of the inode and size of a key this pass failed to bring up to date (an
+        // error, a file changing). They wait for a later pass; this one is not clean.
+        let unsure: HashSet<(u64, u64)> = unsure
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .map(|i| (todo[i].0.rec.ino, todo[i].0.rec.size))
+            .collect();
+        let (held, gone): (Vec<_>, Vec<_>) = gone
+            .into_iter()
+            .partition(|(_, r)| partial || unsure.contains(&(r.ino, r.size)));
+        report.held = held.len() as u64;
+        for (key, why) in bad {
+            report.errors.push((key, why));
+        }
+        if !self.halted() {
+            for (key, _) in &gone {
+                match self.store.delete(key) {
+                    Ok(()) => {
+                        let mut b = Batch::new();
+                        b.clear_published(key).clear_pub_error(key);
+                        self.journal
+                            .commit(b, false)
+                            .map_err(std::io::Error::other)?;
+                        report.deleted += 1;
+                    }
+                    Err(e) => report.errors.push((key.clone(), e.to_string())),
+                }
+            }
+        }
+        report.interrupted = self.halted();
+        self.record_errors(&report)?;
+        let mut b = Batch::new();
+        b.meta(
+            Meta::PublishSettled,
+            if report.clean() { b"1" } else { b"0" },
+        );
+        self.journal
+            .commit(b, false)
+            .map_err(std::io::Error::other)?;
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+        // What the pass held (its changes: every entry on a first pass) is freed now; give
+        // the pages back to the system rather than keep the RSS at every pass's peak.
+        // SAFETY: malloc_trim only returns free memory; no pointer is invalidated.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        if !report.clean() {
+            tracing::info!(
+                objects = report.objects,
+                ms = began.elapsed().as_millis() as u64,
+                walk_ms = report.walk.as_millis() as u64,
+                uploaded = report.uploaded,
+                copied = report.copied,
+                from_old = report.from_old,
+                deleted = report.deleted,
+                changed = report.changed,
+                errors = report.errors.len(),
+                "publish pass"
+            );
+        }
+        Ok(report)
+    }
+
+    /// The pass's errors replace the recorded ones (a key that published is no error now).
+    fn record_errors(&self, report: &PassReport) -> std::io::Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let known: HashMap<String, CopyError> = self
+            .journal
+            .pub_errors()
+            .map_err(std::io::Error::other)?
+            .into_iter()
+            .collect();
+        let failed: HashSet<&str> = report.errors.iter().map(|(k, _)| k.as_str()).collect();
+        let mut b = Batch::new();
+        for k in known.keys().filter(|k| !failed.contains(k.as_str())) {
+            b.clear_pub_error(k);
+        }
+        for (k, e) in &report.errors {
+            tracing::warn!(key = %k, error = %e, "upload into NEW failed");
+            b.pub_error(
+                k,
+                &CopyError {
+                    error: format!("upload into NEW: {e}"),
+                    errno: libc::EIO,
+                    attempts: known.get(k).map_or(0, |c| c.attempts) + 1,
+                    at: now,
+                },
+            );
+        }
+        self.journal.commit(b, false).map_err(std::io::Error::other)
+    }
+
+    fn record(&self, key: &str, r: &Published) -> std::io::Result<()> {
+        let mut b = Batch::new();
+        b.published(key, r);
+        self.journal.commit(b, false).map_err(std::io::Error::other)
+    }
+
+    /// Bring one key up to date with its staged entry.
+    fn publish(
+        &self,
+        root: &PosixStore,
+        w: &Want,
+        had: Option<&Published>,
+        sources: &Sources,
+    ) -> Result<Done, S3Error> {
+        // (The `pending` record of a key new to the bucket was written, durably, before the
+        // pass's first request.)
+        match w.kind {
+            Kind::Dir | Kind::Other | Kind::Symlink => self.publish_object(root, w),
+            Kind::File => self.publish_file(root, w, had, sources),
+        }
+    }
+
+    /// A directory's marker, a special file's empty object, or a symlink's object holding
+    /// its target.
+    fn publish_object(&self, root: &PosixStore, w: &Want) -> Result<Done, S3Error> {
+        let io = |what: &str, e| io_err(w, what, e);
+        // A marker or an empty object; a symlink's object holds its target.
+        let data = if w.kind == Kind::Symlink {
+            let fd = match root.open_path(&w.path) {
+                Ok(fd) => fd,
+                Err(e) if vanished(&e) => return Ok(Done::Changed),
+                Err(e) => return Err(io("open", e)),
+            };
+            rustix::fs::readlinkat(&fd, "", Vec::new())
+                .map_err(|e| io("readlink", e.into()))?
+                .into_bytes()
+        } else {
+            Vec::new()
+        };
+        let n = data.len() as u64;
+        let o = self.store.put(&w.key, data, &meta_of(&w.rec))?;
+        self.record(
+            &w.key,
+            &Published {
+                pending: false,
+                etag: o.etag,
+                ..w.rec.clone()
+            },
+        )
+        .map_err(|e| io("journal", e))?;
+        Ok(Done::Uploaded(n))
+    }
+
+    /// A file: its bytes copied by the server when the bucket (or an S3 OLD on the same
+    /// service) holds them already, else uploaded; recorded as the file was when it was
+    /// looked at, unless it changed since.
+    fn publish_file(
+        &self,
+        root: &PosixStore,
+        w: &Want,
+        had: Option<&Published>,
+        sources: &Sources,
+    ) -> Result<Done, S3Error> {
+        let io = |what: &str, e| io_err(w, what, e);
+        // By a path resolved below the root with no symlink followed: whatever the
+        // view did meanwhile, nothing outside the staging tree is read. Only a regular
+        // file is opened (a FIFO swapped in since the walk would block the open).
+        let fd = match root.open_path(&w.path) {
+            Ok(fd) => fd,
+            Err(e) if vanished(&e) => return Ok(Done::Changed),
+            Err(e) => return Err(io("open", e)),
+        };
+        let st = stat_fd(fd.as_fd()).map_err(|e| io("stat", e))?;
+        if stamp(&st).ino != w.rec.ino || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(Done::Changed);
+        }
+        let f = reopen(fd.as_fd(), OFlags::RDONLY | OFlags::NONBLOCK).map_err(|e| io("open", e))?;
+        let fstat = |f: &File| {
+            rustix::fs::fstat(f)
+                .map(|st| stamp(&st))
+                .map_err(|e| io("stat", e.into()))
+        };
+        let now = fstat(&f)?;
+        if now.ino != w.rec.ino {
+            return Ok(Done::Changed);
+        }
+        if let Some(x) = user_xattr(&f) {
+            return Err(S3Error::new(
+                w.path.display().to_string(),
+                libc::EOPNOTSUPP,
+                format!(
+                    "has the extended attribute {x:?}, which an S3 NEW cannot hold \
+                     (remove it through the view, or abort)"
+                ),
+            ));
+        }
+        let started = wall_clock();
+        // Recorded as it is now; a write in the same timestamp tick as this look
+        // cannot be told from none by stat, so a record this recent is checked by MD5
+        // at the next pass (`racy`).
+        // The object now holds the file as `now` saw it, unless the file changed since.
+        let keep = |etag: String, md5: String, done: Done| -> Result<Done, S3Error> {
+            if !same_stat(&fstat(&f)?, &now) {
+                // The key holds what was sent, not what its record says, if anything
+                // was sent: the record becomes pending (never taken for what the
+                // bucket holds), so that a file changed back to the recorded bytes is
+                // sent again rather than recorded as there.
+                if let Some(h) = had.filter(|_| !matches!(done, Done::Recorded)) {
+                    let rec = Published {
+                        pending: true,
+                        ..h.clone()
+                    };
+                    self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
+                }
+                return Ok(Done::Changed);
+            }
+            let rec = Published {
+                etag,
+                racy: recent(&now, started),
+                md5,
+                ..now.clone()
+            };
+            self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
+            Ok(done)
+        };
+        if let Some((etag, md5, done)) = self.reuse_bytes(w, had, sources, &f, &now)? {
+            return keep(etag, md5, done);
+        }
+        if let Some((etag, md5, done)) = self.copy_from_old(w, &f, &now) {
+            return keep(etag, md5, done);
+        }
+        let (o, md5) = self.store.put_file_md5(&w.key, &f, &meta_of(&now))?;
+        keep(
+            o.etag,
+            crate::store::s3::md5_etag(&md5),
+            Done::Uploaded(o.size),
+        )
+    }
+
+    /// The bytes may be in the bucket already: at this key (a metadata change, or a record
+    /// to confirm) or at another (a rename, a second link). MD5 decides. A copy is
+    /// conditional on the source's recorded ETag: a source rewritten meanwhile (in this very
+    /// pass, say) fails it, and the bytes are uploaded. Gives the object's ETag, MD5 and
+    /// what was done, if the bytes were there.
+    fn reuse_bytes(
+        &self,
+        w: &Want,
+        had: Option<&Published>,
+        sources: &Sources,
+        f: &File,
+        now: &Published,
+    ) -> Result<Option<(String, String, Done)>, S3Error> {
+        let io = |what: &str, e| io_err(w, what, e);
+        let mut candidates: Vec<(&str, &Published)> = Vec::new();
+        if let Some(h) = had.filter(|h| !h.pending && h.size == now.size && !md5_of(h).is_empty()) {
+            candidates.push((w.key.as_str(), h));
+        }
+        if let Some(ks) = sources.get(&(now.ino, now.size, now.mtime)) {
+            // (A racy record is a good source: its MD5 is of the bytes sent.)
+            for (k, r) in ks.iter().filter(|(k, _)| *k != w.key) {
+                candidates.push((k.as_str(), r));
+            }
+        }
+        if !candidates.is_empty() {
+            let md5 = crate::store::s3::file_md5(f).map_err(|e| io("read", e))?;
+            let want = crate::store::s3::md5_etag(&md5);
+            if let Some((from, src)) = candidates.iter().find(|(_, r)| md5_of(r) == want) {
+                let in_place = *from == w.key && same_meta(src, now);
+                let copied = if in_place {
+                    Some(src.etag.clone())
+                } else {
+                    match self
+                        .store
+                        .copy(from, &w.key, &src.etag, now.size, &meta_of(now))
+                    {
+                        Ok(o) => Some(o.etag),
+                        Err(e) if e.errno == libc::ESTALE || e.errno == libc::ENOENT => None,
+                        Err(e) => return Err(e),
+                    }
+                };
+                if let Some(etag) = copied {
+                    let done = if in_place {
+                        Done::Recorded
+                    } else {
+                        Done::Copied
+                    };
+                    return Ok(Some((etag, want, done)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// An S3 OLD on the same service holding these very bytes: copied by the server.
+    fn copy_from_old(&self, w: &Want, f: &File, now: &Published) -> Option<(String, String, Done)> {
+        if let Some((rel, etag)) = self.old_source(w, f, now) {
+            let old = self.old.as_ref().expect("old_source checked");
+            match self
+                .store
+                .copy_from(old, &rel, &etag, now.size, &w.key, &meta_of(now))
+            {
+                Ok(o) => {
+                    // A single PUT's ETag is the MD5 of the bytes; a multipart one's
+                    // is not (then no MD5 is known: a rename uploads again).
+                    let md5 = if etag.contains('-') {
+                        String::new()
+                    } else {
+                        etag
+                    };
+                    return Some((o.etag, md5, Done::FromOld(now.size)));
+                }
+                // Replaced in OLD since the HEAD: our bytes go up instead.
+                Err(e) if e.errno == libc::ESTALE || e.errno == libc::ENOENT => {}
+                Err(e) if e.errno == libc::EACCES || e.errno == libc::EPERM => {
+                    tracing::warn!(error = %e, "server-side copy from OLD refused; uploading instead from now on");
+                    self.from_old_ok.store(false, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "server-side copy from OLD failed; uploading instead");
+                }
+            }
+        }
+        None
+    }
+
+    /// Every key this migration put (or was putting) into the bucket, deleted: abort's "remove
+    /// what ferryfs put into NEW". Keys other clients wrote are left alone.
+    pub fn remove_all(&self) -> std::io::Result<u64> {
+        let _one = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (key, _) in self.journal.published().map_err(std::io::Error::other)? {
+            self.store.delete(&key).map_err(std::io::Error::from)?;
+            let mut b = Batch::new();
+            b.clear_published(&key).clear_pub_error(&key);
+            self.journal
+                .commit(b, false)
+                .map_err(std::io::Error::other)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Check the bucket against the records: every recorded key is there with its size, and
+    /// nothing is pending. Returns the problems found (empty: the bucket is as recorded) and
+    /// the keys below the prefix that this migration did not write.
+    pub fn check_bucket(&self) -> std::io::Result<(Vec<String>, Vec<String>)> {
+        let records: HashMap<String, Published> = self
+            .journal
+            .published()
+            .map_err(std::io::Error::other)?
+            .into_iter()
+            .collect();
+        let mut listed: HashMap<String, (u64, String)> = HashMap::new();
+        self.store
+            .list_all_etags(&mut |k, size, etag| {
+                listed.insert(k.to_string(), (size, etag.to_string()));
+            })
+            .map_err(std::io::Error::from)?;
+        let mut problems = Vec::new();
+        let mut heal = Batch::new();
+        let mut keys: Vec<&String> = records.keys().collect();
+        keys.sort();
+        for k in keys {
+            let r = &records[k];
+            if r.pending {
+                problems.push(format!("{k}: upload not finished"));
+                continue;
+            }
+            // A symlink's object holds its target, whose length is the link's st_size.
+            let want = if k.ends_with('/') { 0 } else { r.size };
+            let problem = match listed.get(k) {
+                None => Some(format!("{k}: missing from the bucket")),
+                Some((s, _)) if *s != want => {
+                    Some(format!("{k}: {s} bytes in the bucket, {want} staged"))
+                }
+                Some((_, e)) if !r.etag.is_empty() && *e != r.etag => Some(format!(
+                    "{k}: another version in the bucket (ETag {e}, uploaded {})",
+                    r.etag
+                )),
+                Some(_) => None,
+            };
+            if let Some(p) = problem {
+                // Not what was put there (another client, a lost write): the next pass puts
+                // it again.
+                heal.published(
+                    k,
+                    &Published {
+                        pending: true,
+                        ..r.clone()
+                    },
+                );
+                problems.push(p);
+            }
+        }
+        if !heal.is_empty() {
+            self.journal
+                .commit(heal, true)
+                .map_err(std::io::Error::other)?;
+        }
+        let mut foreign: Vec<String> = listed
+            .into_keys()
+            .filter(|k| !records.contains_key(k))
+            .collect();
+        foreign.sort();
+        Ok((problems, foreign))
+    }
+}
+
+/// Now, as (seconds, nanoseconds) since the epoch.
+fn wall_clock() -> (i64, u32) {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// Whether a stat taken at `at` could miss a write made in the same instant: its ctime is
+/// less than a second before `at` (file systems stamp times from a coarse clock).
+fn recent(p: &Published, at: (i64, u32)) -> bool {
+    p.ctime.0 + 1 >= at.0
+}
+
+/// Below this size an upload is one request, and a copy from OLD two (HEAD and copy).
+const SERVER_COPY_MIN: u64 = 1 << 20;
+
+/// The MD5 of a recorded file (records before `md5` was kept: the ETag of a single PUT).
+fn md5_of(r: &Published) -> &str {
+    if r.md5.is_empty() { &r.etag } else { &r.md5 }
+}
+
+#[derive(Default)]
+struct Diff {
+    /// Staged entries that differ from their records (or have none), with those records.
+    todo: Vec<(Want, Option<Published>)>,
+    bad: Vec<(String, String)>,
+    /// Recorded keys the staging tree no longer has, with their records.
+    gone: Vec<(String, Published)>,
+    sources: Sources,
+    /// Keys the bucket must hold.
+    objects: u64,
+    /// The walk met an entry that vanished while it looked (renamed or removed meanwhile).
+    partial: bool,
+}
+
+impl Diff {
+    /// A recorded key the staging tree no longer has: deleted after the pass's copies, which
+    /// its record may serve first (a rename's bytes).
+    fn gone(&mut self, key: String, r: Published) {
+        add_source(&mut self.sources, &key, &r);
+        self.gone.push((key, r));
+    }
+}
+
+enum Done {
+    Uploaded(u64),
+    FromOld(u64),
+    Copied,
+    Recorded,
+    Changed,
+}
+
+/// A local failure while publishing `w`, as an S3 error naming its staged path.
+fn io_err(w: &Want, what: &str, e: std::io::Error) -> S3Error {
+    S3Error::new(
+        format!("{what} {}", w.path.display()),
+        e.raw_os_error().unwrap_or(libc::EIO),
+        e.to_string(),
+    )
+}
+
+/// The first `user.` extended attribute of `f`, if it has one.
+fn user_xattr(f: &File) -> Option<String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = rustix::fs::flistxattr(f, &mut buf).ok()?;
+    buf[..n]
+        .split(|b| *b == 0)
+        .find(|n| n.starts_with(b"user."))
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+}
+
+/// Hand `want` every wanted key below the directory `dir` (at `rel` below the root, key path
+/// `key_dir`: "" for the root, else ending in '/'), in key order (byte order, as S3 lists
+/// keys), by fd, never following a symlink. Names no key can hold go to `bad`.
+///
+/// Key order is a walk taking each directory's entries sorted by their keys (a directory's
+/// is its name and '/'), the directory's own key before what is below it: every key below
+/// `a/` starts with it, so sorts after it and before any sibling that sorts after it.
+fn walk(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    key_dir: &str,
+    bad: &mut Vec<(String, String)>,
+    partial: &mut bool,
+    want: &mut dyn FnMut(Want) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let gone = |e: &std::io::Error, partial: &mut bool| {
+        let g = e.raw_os_error() == Some(libc::ENOENT);
+        if g {
+            *partial = true;
+        }
+        g
+    };
+    let names = match read_dir_names(dir) {
+        Ok(n) => n,
+        // Removed since it was listed (through the view): the next pass.
+        Err(e) if gone(&e, partial) && !key_dir.is_empty() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut here = Vec::with_capacity(names.len());
+    for ent in names {
+        let name = OsStr::from_bytes(&ent.name);
+        if key_dir.is_empty() && name == OsStr::new(crate::view::WORK_DIR) {
+            continue;
+        }
+        let Some(n) = name.to_str() else {
+            bad.push((
+                format!("{key_dir}{}", String::from_utf8_lossy(&ent.name)),
+                "the name is not UTF-8, which no S3 key can hold".into(),
+            ));
+            continue;
+        };
+        let st = match stat_at(dir, name) {
+            Ok(st) => st,
+            Err(e) if gone(&e, partial) => continue,
+            Err(e) => return Err(e),
+        };
+        let (key, kind) = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => (format!("{key_dir}{n}/"), Kind::Dir),
+            libc::S_IFREG => (format!("{key_dir}{n}"), Kind::File),
+            libc::S_IFLNK => (format!("{key_dir}{n}"), Kind::Symlink),
+            _ => (format!("{key_dir}{n}"), Kind::Other),
+        };
+        if key.len() > KEY_MAX {
+            bad.push((
+                key,
+                format!("longer than {KEY_MAX} bytes, S3's limit for a key"),
+            ));
+            continue;
+        }
+        #[allow(clippy::unnecessary_cast)]
+        here.push(Want {
+            key,
+            path: rel.join(name),
+            dev: st.st_dev as u64,
+            kind,
+            links: st.st_nlink as u64,
+            rec: stamp(&st),
+        });
+    }
+    here.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    // A name listed twice (renamed away and back between two getdents calls): once.
+    here.dedup_by(|a, b| a.key == b.key);
+    for w in here {
+        if w.kind != Kind::Dir {
+            want(w)?;
+            continue;
+        }
+        let (path, key) = (w.path.clone(), w.key.clone());
+        want(w)?;
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        let sub = match open_child(dir, name) {
+            Ok(fd) => fd,
+            Err(e) if gone(&e, partial) => continue,
+            Err(e) => return Err(e),
+        };
+        // Replaced by something else since the stat: the next pass sees what it is.
+        if stat_fd(sub.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            continue;
+        }
+        walk(sub.as_fd(), &path, &key, bad, partial, want)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn keys_walked(root: &Path) -> Vec<String> {
+        let store = PosixStore::open(root).unwrap();
+        let (mut bad, mut partial, mut keys) = (Vec::new(), false, Vec::new());
+        walk(
+            store.root(),
+            Path::new(""),
+            "",
+            &mut bad,
+            &mut partial,
+            &mut |w| {
+                keys.push(w.key);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(bad.is_empty() && !partial);
+        keys
+    }
+
+    #[test]
+    fn the_walk_hands_out_keys_in_the_order_s3_lists_them() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        // '-' and '.' sort before '/', '0' after it: a directory's key is not its name.
+        for d in ["a", "b/c", "a-d"] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        for f in ["a/x", "a.b", "a-c", "a0", "b/c/d", "B", "a-d/e"] {
+            std::fs::write(r.join(f), b"").unwrap();
+        }
+        std::fs::create_dir(r.join(crate::view::WORK_DIR)).unwrap();
+        let keys = keys_walked(r);
+        assert_eq!(
+            keys,
+            [
+                "B", "a-c", "a-d/", "a-d/e", "a.b", "a/", "a/x", "a0", "b/", "b/c/", "b/c/d"
+            ]
+        );
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+
+    fn record_of(p: &Path) -> Published {
+        let st = rustix::fs::lstat(p).unwrap();
+        Published {
+            etag: "\"e\"".into(),
+            md5: "\"e\"".into(),
+            ..stamp(&st)
+        }
+    }
+
+    #[test]
+    fn the_merge_keeps_what_differs_and_what_may_serve_it_not_every_record() {
+        let t = tempfile::tempdir().unwrap();
+        let stage = t.path().join("stage");
+        std::fs::create_dir(&stage).unwrap();
+        for f in ["same", "renamed-to", "link1", "changed"] {
+            std::fs::write(stage.join(f), f.as_bytes()).unwrap();
+        }
+        std::fs::hard_link(stage.join("link1"), stage.join("link2")).unwrap();
+        let journal = Records::new(Arc::new(crate::journal::mem::MemJournal::default())).unwrap();
+        let mut b = Batch::new();
+        b.published("same", &record_of(&stage.join("same")));
+        // A rename: the old key's record has the staged file's inode, size and mtime.
+        b.published("renamed-from", &record_of(&stage.join("renamed-to")));
+        b.published("link1", &record_of(&stage.join("link1")));
+        b.published("changed", &record_of(&stage.join("changed")));
+        b.published("zz-removed", &record_of(&stage.join("same")));
+        journal.commit(b, true).unwrap();
+        std::fs::write(stage.join("changed"), b"longer than before").unwrap();
+        let url = crate::store::s3::S3Url::parse("s3://bkt?endpoint=http://127.0.0.1:9&region=x")
+            .unwrap();
+        let p = Publisher::new(
+            Arc::new(S3Store::connect(&url).unwrap()),
+            stage.clone(),
+            journal,
+            1,
+        );
+        let d = p.diff().unwrap();
+        let todo: Vec<&str> = d.todo.iter().map(|(w, _)| w.key.as_str()).collect();
+        assert_eq!(todo, ["changed", "link2", "renamed-to"]);
+        assert!(
+            d.todo
+                .iter()
+                .all(|(w, had)| had.is_some() == (w.key == "changed"))
+        );
+        let gone: Vec<&str> = d.gone.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(gone, ["renamed-from", "zz-removed"]);
+        assert_eq!(d.objects, 5);
+        let source_keys = |p: &Path| -> Vec<String> {
+            let r = record_of(p);
+            let mut k: Vec<String> = d
+                .sources
+                .get(&(r.ino, r.size, r.mtime))
+                .map(|v| v.iter().map(|(k, _)| k.clone()).collect())
+                .unwrap_or_default();
+            k.sort();
+            k
+        };
+        // The renamed file's bytes are at its old key; the second link's at the first's.
+        assert_eq!(source_keys(&stage.join("renamed-to")), ["renamed-from"]);
+        assert_eq!(source_keys(&stage.join("link2")), ["link1"]);
+        // An unchanged file with one name serves no other key; a removed one may.
+        assert_eq!(source_keys(&stage.join("same")), ["zz-removed"]);
+        assert_eq!(
+            std::fs::metadata(stage.join("same")).unwrap().nlink(),
+            1,
+            "the test's premise"
+        );
+    }
+
+    #[test]
+    fn the_cursor_reads_every_record_once_in_order_across_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv: Arc<dyn crate::journal::Journal> = Arc::new(
+            crate::journal::rocks::RocksJournal::open(&dir.path().join("j"), true).unwrap(),
+        );
+        let journal = Records::new(kv).unwrap();
+        let mut want: Vec<String> = (0..RECORDS_PAGE * 2 + 7).map(|i| format!("k{i}")).collect();
+        let mut b = Batch::new();
+        for k in &want {
+            b.published(k, &record_of(dir.path()));
+        }
+        // Other prefixes' records, before ('m') and after ('u') the publisher's, are not its.
+        b.meta(crate::journal::Meta::Config, b"1");
+        b.pub_error(
+            "k0",
+            &CopyError {
+                error: "e".into(),
+                errno: 5,
+                attempts: 1,
+                at: 0,
+            },
+        );
+        journal.commit(b, true).unwrap();
+        want.sort();
+        let mut c = Cursor::new(&journal);
+        let mut got = Vec::new();
+        while let Some((k, _)) = c.next().unwrap() {
+            got.push(k);
+        }
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,390 @@
+//! The FUSE side of handing a live mount to a new daemon (`mount --takeover`).
+//!
+//! The kernel connection outlives the daemon as long as some process holds a /dev/fuse fd of
+//! it. The old daemon parks every request (never answers it), passes all its /dev/fuse fds to
+//! the new daemon and exits without unmounting. The new daemon wraps those fds in a fuser
+//! session (fuser insists on an INIT handshake, so it gets a replay of the original one over
+//! a socketpair, then the real fd is put in place), and asks the kernel to queue every
+//! unanswered request again (FUSE_NOTIFY_RESEND, Linux 6.9): applications see a pause, not an
+//! error.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{FerryFs, IoMode, Opened, Passthrough};
+
+/// Counts the requests being answered, and parks new ones while a takeover runs.
+#[derive(Default)]
+pub struct Gate {
+    parking: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Where parked requests wait for `unpark` (or for the process to exit, its mount taken).
+    parked: std::sync::Mutex<()>,
+    unparked: std::sync::Condvar,
+    /// What the kernel offered at INIT, replayed to the next daemon's fuser session.
+    kernel: OnceLock<KernelInit>,
+    /// The daemon's own requests through its mount (the health probe's statfs).
+    own: std::sync::Mutex<OwnUses>,
+    own_done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct OwnUses {
+    /// A takeover holds them: none may start.
+    held: bool,
+    running: usize,
+}
+
+/// One of the daemon's own requests through its mount, being made.
+pub struct OwnUse<'a>(&'a Gate);
+
+impl Drop for OwnUse<'_> {
+    fn drop(&mut self) {
+        let mut o = self.0.own.lock().unwrap_or_else(|p| p.into_inner());
+        o.running -= 1;
+        self.0.own_done.notify_all();
+    }
+}
+
+/// A request being answered.
+pub struct Entered<'a>(&'a Gate);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Gate {
+    /// Enter to answer a request. While a takeover runs the request waits here, not
+    /// counted as being answered: if the takeover succeeds this process exits without ever
+    /// answering it (the new daemon has the kernel queue it again, FUSE_NOTIFY_RESEND); if it
+    /// fails, the request goes on once unparked. (Forgetting parked requests and queueing them
+    /// again on failure would also queue again the requests being answered right then, which
+    /// were then answered twice: a create done twice failed EEXIST.)
+    pub(super) fn enter(&self) -> Entered<'_> {
+        loop {
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.parking.load(Ordering::SeqCst) {
+                return Entered(self);
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let mut g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            while self.parking.load(Ordering::SeqCst) {
+                g = self.unparked.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
+    /// Make one of the daemon's own requests through its mount (a health probe); `None`
+    /// while a takeover runs. Such a request must never be parked: a thread of the old
+    /// daemon waiting for an answer its own daemon read keeps that process from exiting (a
+    /// thread waiting on a FUSE request already read cannot be killed), the new daemon waits
+    /// for that exit before it has the requests queued again, and the mount hangs.
+    pub fn own_use(&self) -> Option<OwnUse<'_>> {
+        let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if o.held {
+            return None;
+        }
+        o.running += 1;
+        Some(OwnUse(self))
+    }
+
+    /// Park every new request and wait, up to `limit`, until the ones being answered are
+    /// done. First the daemon's own uses of the mount stop, and the running ones are let
+    /// finish (answered, not parked). False: some are still running (a hung store); the
+    /// caller unparks.
+    pub fn park(&self, limit: Duration) -> bool {
+        let t = Instant::now();
+        {
+            let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+            o.held = true;
+            while o.running > 0 {
+                let Some(left) = limit.checked_sub(t.elapsed()) else {
+                    return false;
+                };
+                o = self
+                    .own_done
+                    .wait_timeout(o, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        self.parking.store(true, Ordering::SeqCst);
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            if t.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    pub fn unpark(&self) {
+        {
+            let _g = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+            self.parking.store(false, Ordering::SeqCst);
+            self.unparked.notify_all();
+        }
+        self.own.lock().unwrap_or_else(|p| p.into_inner()).held = false;
+    }
+
+    pub(super) fn set_kernel(&self, k: KernelInit) {
+        let _ = self.kernel.set(k);
+    }
+
+    pub fn kernel(&self) -> Option<KernelInit> {
+        self.kernel.get().copied()
+    }
+}
+
+/// The kernel's INIT: protocol version and the capabilities it offered.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct KernelInit {
+    pub major: u32,
+    pub minor: u32,
+    pub flags: u64,
+}
+
+/// What the daemon's takeover needs of the FUSE adapter.
+#[derive(Clone)]
+pub struct Parts {
+    pub gate: Arc<Gate>,
+    pub(super) passthrough: Arc<Passthrough>,
+}
+
+/// The passthrough state of one inode with open files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenInode {
+    pub ino: u64,
+    pub opens: u32,
+    /// The kernel's backing id and whether it is NEW's file; `None`: served by the daemon.
+    pub backing: Option<(u32, bool)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PassthroughState {
+    pub refused: [bool; 2],
+    pub inodes: Vec<OpenInode>,
+}
+
+impl Parts {
+    pub fn export_passthrough(&self) -> PassthroughState {
+        let pt = &self.passthrough;
+        PassthroughState {
+            refused: [
+                pt.refused[0].load(Ordering::Relaxed),
+                pt.refused[1].load(Ordering::Relaxed),
+            ],
+            inodes: pt
+                .inodes
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(ino, o)| OpenInode {
+                    ino: *ino,
+                    opens: o.opens,
+                    backing: match &o.mode {
+                        IoMode::Passthrough { raw, on_new, .. }
+                        | IoMode::Inherited { raw, on_new } => Some((*raw, *on_new)),
+                        IoMode::Cached => None,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// Take on the previous daemon's passthrough state; `dev` is a /dev/fuse fd of the
+    /// connection, for closing inherited backing files.
+    pub fn import_passthrough(&self, st: PassthroughState, dev: OwnedFd) {
+        let pt = &self.passthrough;
+        for (i, r) in st.refused.iter().enumerate() {
+            pt.refused[i].store(*r, Ordering::Relaxed);
+        }
+        let _ = pt.dev.set(dev);
+        let mut inodes = pt.inodes.lock().unwrap();
+        for o in st.inodes {
+            inodes.insert(
+                o.ino,
+                Opened {
+                    mode: match o.backing {
+                        Some((raw, on_new)) => IoMode::Inherited { raw, on_new },
+                        None => IoMode::Cached,
+                    },
+                    opens: o.opens,
+                },
+            );
+        }
+    }
+}
+
+/// FUSE_DEV_IOC_BACKING_CLOSE: _IOW(229, 2, uint32_t).
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+
+/// Close a backing file the previous daemon registered, once no open file uses it.
+pub(super) fn close_backing(dev: &OwnedFd, raw: u32) {
+    // SAFETY: the ioctl reads one u32 from the pointer, which lives across the call.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &raw) };
+    if r < 0 {
+        tracing::warn!(backing_id = raw, error = %std::io::Error::last_os_error(), "closing an inherited backing file");
+    }
+}
+
+/// FUSE_INIT's opcode, and the INIT_EXT flag (the high 32 flag bits are in flags2).
+const FUSE_INIT: u32 = 26;
+const FUSE_INIT_EXT: u64 = 1 << 30;
+
+/// A fuser session for a connection that is already initialised: fuser gets a replay of the
+/// kernel's INIT over a socketpair (its answer is dropped: the kernel negotiated with the
+/// first daemon), then `dev` takes the place of its fd.
+pub fn session_on(
+    fs: FerryFs,
+    dev: BorrowedFd<'_>,
+    kernel: KernelInit,
+    acl: fuser::SessionACL,
+    cfg: fuser::Config,
+) -> std::io::Result<fuser::Session<FerryFs>> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+    let (ours, theirs) = socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    let mut init = Vec::with_capacity(104);
+    // fuse_in_header
+    init.extend_from_slice(&104u32.to_le_bytes());
+    init.extend_from_slice(&FUSE_INIT.to_le_bytes());
+    init.extend_from_slice(&1u64.to_le_bytes()); // unique
+    init.extend_from_slice(&0u64.to_le_bytes()); // nodeid
+    init.extend_from_slice(&[0u8; 16]); // uid, gid, pid, total_extlen, padding
+    // fuse_init_in
+    let flags = kernel.flags | FUSE_INIT_EXT;
+    init.extend_from_slice(&kernel.major.to_le_bytes());
+    init.extend_from_slice(&kernel.minor.to_le_bytes());
+    init.extend_from_slice(&(128u32 << 10).to_le_bytes()); // max_readahead
+    init.extend_from_slice(&(flags as u32).to_le_bytes());
+    init.extend_from_slice(&((flags >> 32) as u32).to_le_bytes());
+    init.extend_from_slice(&[0u8; 44]);
+    rustix::io::write(&ours, &init)?;
+    let session = fuser::Session::from_fd(fs, theirs, acl, cfg)?;
+    let mut answer = [0u8; 512];
+    rustix::io::read(&ours, &mut answer)?;
+    // SAFETY: dup3 onto the session's own fd, which it owns and keeps using by number; the
+    // socketpair end it held is closed by the kernel as part of the call.
+    let r = unsafe {
+        libc::dup3(
+            dev.as_raw_fd(),
+            session.as_fd().as_raw_fd(),
+            libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(session)
+}
+
+/// FUSE_NOTIFY_RESEND: the kernel queues again every request read from this connection but
+/// not answered (the parked ones), for whoever reads next.
+pub fn resend(dev: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut msg = Vec::with_capacity(16);
+    msg.extend_from_slice(&16u32.to_le_bytes()); // len
+    msg.extend_from_slice(&7i32.to_le_bytes()); // error: the notify code, FUSE_NOTIFY_RESEND
+    msg.extend_from_slice(&0u64.to_le_bytes()); // unique 0: a notification
+    rustix::io::write(dev, &msg)?;
+    Ok(())
+}
+
+/// Every /dev/fuse fd this process holds: the session's and its per-thread clones.
+pub fn fuse_fds() -> std::io::Result<Vec<BorrowedFd<'static>>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd")? {
+        let e = e?;
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target == std::path::Path::new("/dev/fuse")
+            && let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok())
+        {
+            // SAFETY: the session's fds stay open until this process exits (the takeover
+            // ends with exit, or gives up and keeps serving on them).
+            out.push(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+    }
+    out.sort_by_key(|f| f.as_raw_fd());
+    Ok(out)
+}
+
+/// Whether the running kernel has FUSE_NOTIFY_RESEND (Linux 6.9 and later).
+pub fn kernel_can_resend() -> bool {
+    let Ok(rel) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut it = rel
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse::<u32>().ok());
+    let (maj, min) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (maj, min) >= (6, 9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_takeover_waits_for_the_daemons_own_request_and_then_lets_none_start() {
+        let gate = Arc::new(Gate::default());
+        let probe = gate.own_use().expect("no takeover yet");
+        // A request of the daemon's own being answered: park waits for it, not for ever.
+        let parker = {
+            let g = gate.clone();
+            std::thread::spawn(move || g.park(Duration::from_secs(10)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !parker.is_finished(),
+            "parked while the probe's request ran"
+        );
+        assert!(
+            gate.own_use().is_none(),
+            "a new own request started while a takeover waits"
+        );
+        // It is answered, not parked: requests still enter.
+        drop(gate.enter());
+        drop(probe);
+        assert!(parker.join().unwrap(), "park gave up after the probe ended");
+        assert!(
+            gate.own_use().is_none(),
+            "an own request started while parked"
+        );
+        gate.unpark();
+        assert!(
+            gate.own_use().is_some(),
+            "own requests refused after the takeover failed"
+        );
+    }
+
+    #[test]
+    fn an_own_request_that_does_not_end_fails_the_takeover_and_unpark_frees_it() {
+        let gate = Gate::default();
+        let hung = gate.own_use().unwrap();
+        let t = Instant::now();
+        assert!(!gate.park(Duration::from_millis(100)));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(
+            !gate.parking.load(Ordering::SeqCst),
+            "parked after giving up"
+        );
+        gate.unpark();
+        drop(hung);
+        assert!(gate.own_use().is_some());
+        assert!(gate.park(Duration::from_millis(100)));
+        gate.unpark();
+    }
+}

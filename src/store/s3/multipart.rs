@@ -1,0 +1,227 @@
+//! Multipart uploads: a large file uploaded in parts, and a large object copied by the server
+//! in parts (UploadPartCopy). One helper creates the upload, sends its parts a bounded number
+//! at a time, and completes it, or aborts it on any failure so no half upload stays behind.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+
+use super::*;
+
+impl S3Store {
+    /// A multipart upload of `file` (`path` its /proc path), parts of [`MULTIPART_PART`] or
+    /// more (S3 takes at most 10,000), [`MULTIPART_IN_FLIGHT`] at a time, each with its
+    /// Content-MD5. Gives the object and the MD5 of the whole file.
+    pub(super) fn put_multipart(
+        &self,
+        rel: &str,
+        file: &std::fs::File,
+        path: &str,
+        size: u64,
+        meta: &PosixMeta,
+    ) -> Result<(ObjectInfo, [u8; 16])> {
+        let key = self.url.key(rel);
+        let what = format!("multipart PUT {key}");
+        let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
+        let (parts, whole) = part_md5s(file, size, part).map_err(|e| {
+            S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+        })?;
+        let etag = self.multipart(&key, &what, meta, parts.len(), |id, number| {
+            let (off, len, md5) = parts[number as usize - 1];
+            let req = self
+                .client
+                .upload_part()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .upload_id(id)
+                .part_number(number)
+                .content_md5(base64_md5(&md5));
+            let (path, what) = (path.to_string(), what.clone());
+            async move {
+                let body = ByteStream::read_from()
+                    .path(&path)
+                    .offset(off)
+                    .length(aws_sdk_s3::primitives::Length::Exact(len))
+                    .build()
+                    .await
+                    .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
+                let o = req.body(body).send().await.map_err(|e| sdk_err(&what, e))?;
+                Ok(o.e_tag().map(str::to_string))
+            }
+        })?;
+        Ok((ObjectInfo::written(rel, size, etag, meta), whole))
+    }
+
+    /// Server-side copy of `src`'s `rel` (version `etag`; any version when empty) to `to`
+    /// here as a multipart upload of `part`-byte parts, each copied by the server
+    /// (UploadPartCopy), [`MULTIPART_IN_FLIGHT`] at a time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_parts(
+        &self,
+        src: &S3Store,
+        rel: &str,
+        etag: &str,
+        size: u64,
+        to: &str,
+        meta: &PosixMeta,
+        part: u64,
+    ) -> Result<ObjectInfo> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(to);
+        let source = copy_source(src, rel);
+        let what = format!("multipart COPY {source} to {key}");
+        let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part.max(1)))
+            .map(|i| (i * part, ((i + 1) * part).min(size) - 1))
+            .collect();
+        let etag = self.multipart(&key, &what, meta, ranges.len(), |id, number| {
+            let (first, last) = ranges[number as usize - 1];
+            let req = self
+                .client
+                .upload_part_copy()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .upload_id(id)
+                .part_number(number)
+                .copy_source(&source)
+                .copy_source_range(format!("bytes={first}-{last}"))
+                .set_copy_source_if_match((!etag.is_empty()).then(|| etag.to_string()));
+            let what = what.clone();
+            async move {
+                let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+                Ok(o.copy_part_result()
+                    .and_then(|p| p.e_tag())
+                    .map(str::to_string))
+            }
+        })?;
+        Ok(ObjectInfo::written(to, size, etag, meta))
+    }
+
+    /// A multipart upload of `key` with `count` parts, part `number` (from 1) sent by the
+    /// future `part(upload id, number)` gives, which answers the part's ETag;
+    /// [`MULTIPART_IN_FLIGHT`] parts at a time. Completed with every part, or aborted on any
+    /// failure. Gives the object's ETag.
+    fn multipart<F, Fut>(
+        &self,
+        key: &str,
+        what: &str,
+        meta: &PosixMeta,
+        count: usize,
+        part: F,
+    ) -> Result<String>
+    where
+        F: Fn(&str, i32) -> Fut,
+        Fut: Future<Output = Result<Option<String>>> + Send + 'static,
+    {
+        let created = self
+            .block(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.url.bucket)
+                    .key(key)
+                    .set_metadata(Some(meta.to_metadata()))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(what, e))?;
+        let id = created.upload_id().unwrap_or_default().to_string();
+        let sent = self.block(async {
+            let mut done: Vec<CompletedPart> = Vec::with_capacity(count);
+            for first in (0..count).step_by(MULTIPART_IN_FLIGHT) {
+                let mut set = tokio::task::JoinSet::new();
+                for i in first..(first + MULTIPART_IN_FLIGHT).min(count) {
+                    let number = (i + 1) as i32;
+                    let send = part(&id, number);
+                    set.spawn(async move { (number, send.await) });
+                }
+                while let Some(r) = set.join_next().await {
+                    let (number, r) =
+                        r.map_err(|e| S3Error::new(what, libc::EIO, e.to_string()))?;
+                    done.push(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(r?)
+                            .build(),
+                    );
+                }
+            }
+            Ok(done)
+        });
+        self.finish_multipart(key, &id, what, sent)
+    }
+
+    /// The last step of a multipart upload `id` of `key`: completed with the parts `sent`
+    /// gave (their ETag), or aborted when sending failed, so no half upload stays behind.
+    fn finish_multipart(
+        &self,
+        key: &str,
+        id: &str,
+        what: &str,
+        sent: Result<Vec<CompletedPart>>,
+    ) -> Result<String> {
+        let done = sent.and_then(|mut parts| {
+            parts.sort_by_key(|p| p.part_number());
+            self.block(
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.url.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send(),
+            )
+            .map_err(|e| sdk_err(what, e))
+        });
+        match done {
+            Ok(o) => Ok(o.e_tag().unwrap_or_default().to_string()),
+            Err(e) => {
+                let _ = self.block(
+                    self.client
+                        .abort_multipart_upload()
+                        .bucket(&self.url.bucket)
+                        .key(key)
+                        .upload_id(id)
+                        .send(),
+                );
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One part of an upload: its offset, its length and the MD5 its Content-MD5 carries.
+type Part = (u64, u64, [u8; 16]);
+
+/// Each part of `part` bytes (the last shorter), and the whole file's MD5, in one read of the
+/// file.
+fn part_md5s(file: &std::fs::File, size: u64, part: u64) -> std::io::Result<(Vec<Part>, [u8; 16])> {
+    use md5::Digest;
+    use std::os::unix::fs::FileExt;
+    let mut whole = md5::Md5::new();
+    let mut parts = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let len = part.min(size - off);
+        let mut h = md5::Md5::new();
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(buf.len() as u64) as usize;
+            let n = file.read_at(&mut buf[..want], off + done)?;
+            if n == 0 {
+                // The file shrank under the upload.
+                return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            h.update(&buf[..n]);
+            whole.update(&buf[..n]);
+            done += n as u64;
+        }
+        parts.push((off, len, h.finalize().into()));
+        off += len;
+    }
+    Ok((parts, whole.finalize().into()))
+}

@@ -1,0 +1,816 @@
+//! Copy-up: the first change to an OLD-only entry brings it into NEW (rule 3).
+//!
+//! A file is copied into an anonymous file in the right NEW directory (O_TMPFILE), its data
+//! (holes kept), xattrs, owner, mode and times are set, it is fsync'ed, and only then linked
+//! under its name and the directory fsync'ed. So no partial file is ever visible in NEW, and a
+//! crash leaves either no copy or a complete one. The data copy runs under the inode's claim
+//! only; the namespace lock is taken just to link, so a long copy does not stall the view.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use super::inode::{CopyState, Identity, Inode};
+use super::{Kind, View};
+use crate::journal::{Batch, CopyRecord, Fingerprint};
+use crate::store::copy::{
+    Fetched, Tick, apply_meta, copy_data_of, copy_xattrs, copy_xattrs_fd, fetch_object,
+    keeping_dir_times, set_owner_and_mode, timestamps,
+};
+use crate::store::posix::{self, Loc};
+use crate::view::error::{Context, Result, errno_err};
+
+/// Copies a batch names per hold of the namespace lock.
+const LINKS_PER_LOCK: usize = 8;
+
+/// Prefix of the names, in the work dir, of directories being made before they take their
+/// place in NEW; leftovers of a crash are removed by `clean_work_dir`.
+pub(crate) const NEW_DIR_PREFIX: &str = "dir-";
+
+/// Prefix of the names, in the work dir, of symlinks and special files being made before they
+/// take their place in NEW; leftovers of a crash are removed by `clean_work_dir`.
+pub(crate) const NEW_SPECIAL_PREFIX: &str = "special-";
+
+/// The OLD side of an inode being copied up (it has one: it is not in NEW yet).
+fn old_side(inode: &Inode) -> Result<super::inode::OldRef> {
+    inode
+        .node()
+        .old
+        .clone()
+        .ok_or_else(|| errno_err("copy-up: the entry has no OLD side", libc::ENOENT))
+}
+
+/// The copy record of a NEW entry (open as `fd`) copied from OLD's `origin`, whose stat was `old`.
+fn record_for(
+    origin: &[u8],
+    old: &rustix::fs::Stat,
+    fd: BorrowedFd<'_>,
+    is_dir: bool,
+) -> Result<CopyRecord> {
+    Ok(CopyRecord {
+        origin: origin.to_vec(),
+        fp: Fingerprint::of(old),
+        handle: posix::file_handle(fd).ctx("file handle of the copy")?,
+        is_dir,
+    })
+}
+
+/// A file copy's hard-link group, as [`View::hardlink_group`] found it.
+enum Group {
+    /// The group's copy exists: this name is linked to it.
+    Linked,
+    /// The group record the copy will carry (`None`: a single name).
+    Copy(Option<crate::journal::HardLinkGroup>),
+}
+
+/// A copy made in an anonymous file, ready to be named.
+struct Made<'a> {
+    tmp: File,
+    /// OLD's stat, taken before the copy.
+    st: rustix::fs::Stat,
+    group: Option<crate::journal::HardLinkGroup>,
+    origin: &'a [u8],
+}
+
+/// Give the anonymous file `tmp` the name `name` in `dir`: by its fd where the kernel allows
+/// it (CAP_DAC_READ_SEARCH), else through its /proc path.
+fn link_anon(tmp: &File, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
+    match rustix::fs::linkat(tmp, "", dir, name, AtFlags::EMPTY_PATH) {
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
+            let tp = posix::proc_path(tmp.as_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                tp.as_c_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        r => r,
+    }
+}
+
+fn fsync_dir(dir: BorrowedFd<'_>) -> Result<()> {
+    let d = posix::reopen(dir, OFlags::RDONLY | OFlags::DIRECTORY).ctx("open NEW dir")?;
+    rustix::fs::fsync(&d).ctx("fsync NEW dir")
+}
+
+impl View {
+    /// The view name to place `inode` at: any of its live names.
+    fn placement(&self, inode: &Inode) -> Result<(Arc<Inode>, std::ffi::OsString)> {
+        let names = inode.node().names.clone();
+        for (p, name) in names {
+            if let Ok(parent) = self.inode(p) {
+                return Ok((parent, name));
+            }
+        }
+        Err(errno_err("copy-up: entry has no name left", libc::ENOENT))
+    }
+
+    /// Make sure directory `dir` exists in NEW; returns its NEW fd. Caller holds `ns` write.
+    /// A directory brought over from OLD gets a copy record (its times are OLD's again once the
+    /// copier has filled it, unless the view changes it first).
+    pub(crate) fn ensure_new_dir_locked(&self, dir: &Inode) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = dir.node().new.as_ref().and_then(|l| l.dir_fd().cloned()) {
+            return Ok(fd);
+        }
+        let (parent, name) = self.placement(dir)?;
+        let pfd = self.ensure_new_dir_locked(&parent)?;
+        let old = old_side(dir)?;
+        let st = old.loc.stat().ctx("stat OLD dir")?;
+        // Made whole in the work dir (mode, owner, xattrs, and its copy record), then renamed
+        // into place: a crash never leaves a half-made directory under its name, which the
+        // next mount would take for the view's own (0700, OLD's metadata lost).
+        // OLD's xattrs, owner and mode on the NEW directory `name` in `at`, and its copy
+        // record (with the done count when it is a new copy).
+        let dress = |at: BorrowedFd<'_>, name: &OsStr, count: bool| -> Result<Arc<OwnedFd>> {
+            let fd = Arc::new(posix::open_child(at, name).ctx("open NEW dir")?);
+            copy_xattrs(&old.loc, &Loc::Fd(fd.clone()))?;
+            apply_meta(at, name, &st)?;
+            let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
+            let mut b = Batch::new();
+            b.copy(
+                nst.st_dev,
+                nst.st_ino,
+                &record_for(&old.path, &st, fd.as_fd(), true)?,
+            );
+            if count {
+                let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+                d.dirs += 1;
+                b.done(&d);
+            }
+            self.journal.commit(b, false)?;
+            Ok(fd)
+        };
+        let work = self.work_dir()?;
+        let tmp = std::ffi::OsString::from(format!("{NEW_DIR_PREFIX}{}", dir.ino));
+        let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::REMOVEDIR);
+        rustix::fs::mkdirat(&work, &tmp, Mode::from_raw_mode(0o700)).ctx("mkdir NEW")?;
+        let fd = dress(work.as_fd(), &tmp, true)?;
+        // A name already there, or a parent on another file system: made in place instead.
+        let placed = keeping_dir_times(&pfd, || rename_into_place(&work, &tmp, &pfd, &name, true))?;
+        let fd = if placed {
+            fd
+        } else {
+            // NEW holds a directory of that name already (left by an older build's crash):
+            // it becomes this copy, with OLD's metadata.
+            let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::REMOVEDIR);
+            keeping_dir_times(&pfd, || {
+                match rustix::fs::mkdirat(pfd.as_fd(), &name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+                    Err(e) => Err(e).ctx("mkdir NEW"),
+                }
+            })?;
+            dress(pfd.as_fd(), &name, false)?
+        };
+        let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
+        {
+            let mut n = dir.node();
+            n.new = Some(Loc::Fd(fd.clone()));
+            n.copy = CopyState::Copy;
+        }
+        self.inodes
+            .add_identity(dir, Identity::New(nst.st_dev, nst.st_ino));
+        Ok(fd)
+    }
+
+    /// Copy `inode` up into NEW unless it is there already. `data: false` when the caller is
+    /// about to truncate to zero (O_TRUNC): OLD's bytes are irrelevant, so none are copied.
+    /// A background copy holding the claim gives way (its work is thrown away).
+    pub(crate) fn copy_up(&self, inode: &Inode, data: bool) -> Result<()> {
+        if inode.node().new.is_some() {
+            return Ok(());
+        }
+        inode.cancel.store(true, Ordering::Release);
+        let _claim = inode.claim.lock().unwrap_or_else(|p| p.into_inner());
+        inode.cancel.store(false, Ordering::Release);
+        if inode.node().new.is_some() {
+            return Ok(());
+        }
+        match inode.kind {
+            Kind::Dir => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.ensure_new_dir_locked(inode).map(drop)
+            }
+            Kind::File => self.copy_file(inode, CopyMode::View { data }).map(drop),
+            _ => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.copy_special_locked(inode, false)
+            }
+        }?;
+        crate::metrics::METRICS.copy_up();
+        Ok(())
+    }
+
+    /// The copier's copy of one entry: the same copy as copy-up, but it gives way to the view
+    /// (never waits for the claim, stops when the view asks for it), paces itself through
+    /// `tick`, and records the copy with OLD's fingerprint before the copy gets its name.
+    pub fn copy_background(&self, inode: &Arc<Inode>, tick: Tick<'_>) -> Result<Outcome> {
+        let done = Outcome::Done;
+        if inode.node().new.is_some() {
+            return Ok(done(Copied::Present));
+        }
+        let Ok(_claim) = inode.claim.try_lock() else {
+            return Ok(done(Copied::GaveWay));
+        };
+        if inode.cancel.load(Ordering::Acquire) {
+            return Ok(done(Copied::GaveWay));
+        }
+        if inode.node().new.is_some() {
+            return Ok(done(Copied::Present));
+        }
+        match inode.kind {
+            Kind::Dir => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.ensure_new_dir_locked(inode)?;
+                Ok(done(Copied::Dir))
+            }
+            Kind::File => {
+                let mut pending = None;
+                let r = self.copy_file(
+                    inode,
+                    CopyMode::Background {
+                        tick,
+                        defer: Some((inode, &mut pending)),
+                    },
+                )?;
+                Ok(match pending {
+                    Some(p) => Outcome::Pending(p),
+                    None => done(r),
+                })
+            }
+            _ => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                self.copy_special_locked(inode, true)?;
+                Ok(done(Copied::File { bytes: 0 }))
+            }
+        }
+    }
+
+    /// Give names to copies whose data the caller has just made durable (one syncfs of NEW
+    /// for the whole batch instead of an fsync per file): their copy records first, in one
+    /// journal batch, then their links, each where its entry is now. A copy the view took
+    /// over meanwhile, or whose OLD file changed, is thrown away.
+    pub(crate) fn finish_pending(&self, batch: Vec<Pending>) -> Vec<(Arc<Inode>, Result<Copied>)> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut ready = Vec::new();
+        let mut b = Batch::new();
+        for p in batch {
+            let check = (|| -> Result<Option<Copied>> {
+                if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
+                    return Ok(Some(Copied::GaveWay));
+                }
+                // (An S3 object's copy was fetched conditional on its ETag: nothing to check.)
+                if let Some(src) = &p.src {
+                    let now = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+                    if Fingerprint::of(&now) != Fingerprint::of(&p.st) {
+                        return Ok(Some(Copied::ChangedInOld));
+                    }
+                }
+                Ok(None)
+            })();
+            match check {
+                Ok(Some(c)) => out.push((p.inode, Ok(c))),
+                Err(e) => out.push((p.inode, Err(e))),
+                Ok(None) => {
+                    let rec = posix::stat_fd(p.tmp.as_fd())
+                        .ctx("stat copy")
+                        .and_then(|tst| {
+                            // Owner and mode as OLD's (the file was created with its permission
+                            // bits; owner, set-id bits or an ACL mask may still differ).
+                            let mode = |st: &rustix::fs::Stat| st.st_mode & 0o7777;
+                            if (tst.st_uid, tst.st_gid) != (p.st.st_uid, p.st.st_gid)
+                                || mode(&tst) != mode(&p.st)
+                            {
+                                set_owner_and_mode(&p.tmp, &p.st)?;
+                            }
+                            record_for(&p.origin, &p.st, p.tmp.as_fd(), false).map(|r| (tst, r))
+                        });
+                    match rec {
+                        Ok((tst, rec)) => {
+                            b.copy(tst.st_dev, tst.st_ino, &rec);
+                            ready.push((p, tst));
+                        }
+                        Err(e) => out.push((p.inode, Err(e))),
+                    }
+                }
+            }
+        }
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            for (p, _) in &ready {
+                d.files += 1;
+                d.bytes += p.st.st_size as u64;
+            }
+            b.done(&d);
+        }
+        if let Err(e) = self.journal.commit(b, false) {
+            let msg = e.to_string();
+            for (p, _) in ready {
+                out.push((
+                    p.inode,
+                    Err(crate::view::error::Error::Journal(msg.clone())),
+                ));
+            }
+            return out;
+        }
+        // Links, a few at a time under the namespace lock (no rename or removal through the
+        // view interleaves with them; lookups go on between chunks). Each directory linked into
+        // gets its times back before the lock is released, so neither another worker's links
+        // nor a change through the view ever sees, or keeps, a time set by a copy.
+        let mut orphans = Batch::new();
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+            let mut dirs: Vec<(Arc<OwnedFd>, rustix::fs::Stat)> = Vec::new();
+            for (p, tst) in ready.by_ref().take(LINKS_PER_LOCK) {
+                let r = (|| -> Result<Copied> {
+                    // The view took the entry over since the checks above: its copy wins. An
+                    // inode the kernel forgot meanwhile may carry stale names: the next pass
+                    // copies the entry again, through its live inode.
+                    if p.inode.cancel.load(Ordering::Acquire)
+                        || p.inode.node().new.is_some()
+                        || !self.inodes.is_live(&p.inode)
+                    {
+                        orphans.clear_copy(tst.st_dev, tst.st_ino);
+                        return Ok(Copied::GaveWay);
+                    }
+                    let (parent, name) = self.placement(&p.inode)?;
+                    let pfd = self.ensure_new_dir_locked(&parent)?;
+                    if !dirs.iter().any(|(d, _)| Arc::ptr_eq(d, &pfd)) {
+                        let before = posix::stat_fd(pfd.as_fd()).ctx("stat NEW dir")?;
+                        dirs.push((pfd.clone(), before));
+                    }
+                    match link_anon(&p.tmp, pfd.as_fd(), &name) {
+                        // NEW got an entry of that name meanwhile (through the view): it wins.
+                        Err(rustix::io::Errno::EXIST) => {
+                            orphans.clear_copy(tst.st_dev, tst.st_ino);
+                            return Ok(Copied::GaveWay);
+                        }
+                        r => r.ctx("link copy into NEW")?,
+                    }
+                    {
+                        let mut n = p.inode.node();
+                        n.new = Some(Loc::At(pfd, name));
+                        n.copy = CopyState::Copy;
+                    }
+                    self.inodes
+                        .add_identity(&p.inode, Identity::New(tst.st_dev, tst.st_ino));
+                    Ok(Copied::File {
+                        bytes: p.st.st_size as u64,
+                    })
+                })();
+                out.push((p.inode, r));
+            }
+            for (d, before) in dirs {
+                if let Err(e) = Loc::Fd(d).utimens(&timestamps(&before)) {
+                    tracing::warn!(error = %e, "restoring a NEW directory's times");
+                }
+            }
+        }
+        if !orphans.is_empty() {
+            let _ = self.journal.commit(orphans, false);
+        }
+        out
+    }
+
+    fn copy_file(&self, inode: &Inode, mode: CopyMode<'_>) -> Result<Copied> {
+        let (data, mut tick, background, defer) = match mode {
+            CopyMode::View { data } => (data, None, false, None),
+            CopyMode::Background { tick, defer } => (true, Some(tick), true, defer),
+        };
+        let old = old_side(inode)?;
+        // An S3 OLD's object is fetched by one GET, conditional on the ETag its stat was made
+        // from: the copy is that version or nothing.
+        let obj = old.loc.object().cloned();
+        let src = match &obj {
+            Some(_) => None,
+            None => Some(
+                old.loc
+                    .open(OFlags::RDONLY | OFlags::NOATIME)
+                    .or_else(|_| old.loc.open(OFlags::RDONLY))
+                    .ctx("open OLD file")?,
+            ),
+        };
+        let st = match &src {
+            Some(f) => posix::stat_fd(f.as_fd()).ctx("stat OLD file")?,
+            None => old.loc.stat().ctx("stat OLD object")?,
+        };
+        // The directory to build the copy in (the copy is named later, wherever the entry is
+        // then). Usually in NEW already: a shared lock is enough to find it.
+        let pfd = self.copy_dir_for(inode)?;
+        // A name of an OLD hard-link group whose copy exists already: link to that copy.
+        let group = match self.hardlink_group(inode, &st, background)? {
+            Group::Linked => {
+                return Ok(Copied::File {
+                    bytes: st.st_size as u64,
+                });
+            }
+            Group::Copy(g) => g,
+        };
+        // The copier's plain files are named later, with their batch: they are created with
+        // their final permission bits, and owner and mode are fixed then only if they differ.
+        let deferred = defer.is_some() && group.is_none();
+        let create_mode = if deferred { st.st_mode & 0o777 } else { 0o600 };
+        let tmp = posix::anon_file(pfd.as_fd(), create_mode)
+            .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
+        let size = st.st_size as u64;
+        let copy = |tick: Tick<'_>| -> Result<Fetched> {
+            match (&src, &obj) {
+                (Some(f), _) => Ok(copy_data_of(f, &tmp, size, Some(&st), tick)?.into()),
+                (None, Some(e)) => Ok(fetch_object(e, &tmp, tick)?),
+                (None, None) => unreachable!("an OLD file or an OLD object"),
+            }
+        };
+        let fetched = match tick.as_mut() {
+            Some(t) => copy(&mut |n| !inode.cancel.load(Ordering::Acquire) && t(n))?,
+            None if data => copy(&mut |_| true)?,
+            None => Fetched::Done,
+        };
+        match fetched {
+            Fetched::Done => {}
+            Fetched::Stopped => return Ok(Copied::GaveWay),
+            Fetched::Changed if background => return Ok(Copied::ChangedInOld),
+            // Replaced in OLD since the kernel looked it up: the application sees ESTALE and
+            // its next lookup finds the new object.
+            Fetched::Changed => {
+                return Err(errno_err(
+                    "OLD's object was replaced while being copied up",
+                    libc::ESTALE,
+                ));
+            }
+        }
+        if let Some(src) = &src {
+            copy_xattrs_fd(src, &tmp)?;
+        }
+        if !deferred {
+            set_owner_and_mode(&tmp, &st)?;
+        }
+        rustix::fs::futimens(&tmp, &timestamps(&st)).ctx("futimens copy")?;
+        if let Some((arc, slot)) = defer
+            && group.is_none()
+        {
+            // Start writing the copy back now, without waiting: the batch's syncfs then finds
+            // little left to write, and the disk works while the next files are copied.
+            // SAFETY: plain syscall on an fd we own; a failure only loses the head start.
+            unsafe {
+                libc::sync_file_range(
+                    std::os::fd::AsRawFd::as_raw_fd(&tmp),
+                    0,
+                    0,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            // The copier's plain file: named later, with its batch (see finish_pending).
+            *slot = Some(Pending {
+                inode: arc.clone(),
+                src,
+                st,
+                tmp,
+                origin: old.path.clone(),
+            });
+            return Ok(Copied::GaveWay);
+        }
+        rustix::fs::fsync(&tmp).ctx("fsync copy")?;
+        if background && let Some(src) = &src {
+            // OLD changed while we copied (an application writing to OLD behind the view):
+            // this copy is not OLD's content; the next pass copies it again.
+            let now = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
+            if Fingerprint::of(&now) != Fingerprint::of(&st) {
+                return Ok(Copied::ChangedInOld);
+            }
+        }
+
+        self.name_copy(
+            inode,
+            Made {
+                tmp,
+                st,
+                group,
+                origin: &old.path,
+            },
+            background,
+            data,
+        )
+    }
+
+    /// The NEW directory a copy of `inode` is built in (the copy is named later, wherever the
+    /// entry is then). Usually in NEW already: a shared lock is enough to find it.
+    fn copy_dir_for(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
+        let existing = {
+            let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
+            let (parent, _) = self.placement(inode)?;
+            self.new_dir(&parent)
+        };
+        match existing {
+            Some(fd) => Ok(fd),
+            None => {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                let (parent, _) = self.placement(inode)?;
+                self.ensure_new_dir_locked(&parent)
+            }
+        }
+    }
+
+    /// A file with several OLD names (`st` its OLD stat): linked to the group's copy when one
+    /// exists already (`Group::Linked`), else the group record its copy will carry.
+    fn hardlink_group(
+        &self,
+        inode: &Inode,
+        st: &rustix::fs::Stat,
+        background: bool,
+    ) -> Result<Group> {
+        if st.st_nlink > 1 {
+            let g = self.journal.hardlink(st.st_dev, st.st_ino)?.unwrap_or(
+                crate::journal::HardLinkGroup {
+                    old_nlink: st.st_nlink as u32,
+                    ..Default::default()
+                },
+            );
+            if g.copy.is_some() {
+                let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+                let (parent, name) = self.placement(inode)?;
+                if self.link_up_locked(&parent, &name, st.st_dev, st.st_ino, g.clone())? {
+                    let pfd = self.ensure_new_dir_locked(&parent)?;
+                    if !background {
+                        fsync_dir(pfd.as_fd())?;
+                    }
+                    let loc = Loc::At(pfd, name);
+                    let nst = loc.stat().ctx("stat NEW copy")?;
+                    {
+                        let mut n = inode.node();
+                        n.new = Some(loc);
+                        n.old_group = Some((st.st_dev, st.st_ino));
+                        n.copy = CopyState::Unknown;
+                    }
+                    self.inodes
+                        .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
+                    return Ok(Group::Linked);
+                }
+            }
+            Ok(Group::Copy(Some(g)))
+        } else {
+            Ok(Group::Copy(None))
+        }
+    }
+
+    /// Name a finished copy: under the namespace lock, unless the view or another copy got
+    /// there first; its copy record (the copier's) and its hard-link group's record journaled
+    /// first, then linked where the entry is now.
+    fn name_copy(
+        &self,
+        inode: &Inode,
+        m: Made<'_>,
+        background: bool,
+        data: bool,
+    ) -> Result<Copied> {
+        let Made {
+            tmp,
+            st,
+            group,
+            origin,
+        } = m;
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        if !background && inode.node().new.is_some() {
+            // The copier named its copy (made before the view claimed the entry) meanwhile:
+            // that copy is OLD's content too, and the view's change applies to it.
+            return Ok(Copied::Present);
+        }
+        if background
+            && (inode.cancel.load(Ordering::Acquire)
+                || inode.node().new.is_some()
+                || !self
+                    .inode(inode.ino)
+                    .is_ok_and(|i| std::ptr::eq(&*i, inode)))
+        {
+            return Ok(Copied::GaveWay);
+        }
+        let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
+        let mut b = Batch::new();
+        let durable = group.is_some();
+        if let Some(mut g) = group {
+            // Journal the group's copy before it is visible: every other OLD name of the
+            // group will be linked to it, and st_nlink counts them.
+            g.copy = Some(posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?);
+            b.hardlink(st.st_dev, st.st_ino, &g)
+                .copy_of(tst.st_dev, tst.st_ino, st.st_dev, st.st_ino);
+            inode.node().old_group = Some((st.st_dev, st.st_ino));
+        }
+        if background {
+            b.copy(
+                tst.st_dev,
+                tst.st_ino,
+                &record_for(origin, &st, tmp.as_fd(), false)?,
+            );
+        }
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.files += 1;
+            d.bytes += if data { st.st_size as u64 } else { 0 };
+            b.done(&d);
+        }
+        // Durable when it makes a hard-link group's copy known; a plain copy record need not
+        // be: lost with its copy, the copier copies again; lost alone, the copy is the view's.
+        self.journal.commit(b, durable)?;
+        // The entry may have been renamed while we copied: place it where it is now.
+        let (parent, name) = self.placement(inode)?;
+        let pfd = self.ensure_new_dir_locked(&parent)?;
+        let linked = keeping_dir_times(&pfd, || {
+            match link_anon(&tmp, pfd.as_fd(), &name) {
+                // NEW got an entry of that name in between (created through the view): it wins.
+                Err(rustix::io::Errno::EXIST) if background => Ok(false),
+                r => r.ctx("link copy into NEW").map(|()| true),
+            }
+        })?;
+        if !linked {
+            return Ok(Copied::GaveWay);
+        }
+        if !background {
+            fsync_dir(pfd.as_fd())?;
+        }
+        let loc = Loc::At(pfd.clone(), name.clone());
+        {
+            let mut n = inode.node();
+            n.new = Some(loc);
+            n.copy = if background {
+                CopyState::Copy
+            } else {
+                CopyState::Local
+            };
+        }
+        self.inodes
+            .add_identity(inode, Identity::New(tst.st_dev, tst.st_ino));
+        tracing::debug!(
+            ino = inode.ino,
+            bytes = if data { st.st_size } else { 0 },
+            background,
+            "copied up"
+        );
+        Ok(Copied::File {
+            bytes: if data { st.st_size as u64 } else { 0 },
+        })
+    }
+
+    /// Symlinks, FIFOs, sockets and device nodes: created in place (each creation is atomic).
+    /// `record`: the copier's copy, recorded as a copy of OLD.
+    fn copy_special_locked(&self, inode: &Inode, record: bool) -> Result<()> {
+        let old = old_side(inode)?;
+        let st = old.loc.stat().ctx("stat OLD entry")?;
+        let (parent, name) = self.placement(inode)?;
+        let pfd = self.ensure_new_dir_locked(&parent)?;
+        // Made and dressed (xattrs, owner, mode, times) in the work dir, then renamed into
+        // place: a crash never leaves a NEW entry with the wrong owner or times, which the view
+        // would take for its own (no record) and keep. A crash before the rename leaves a name
+        // in the work dir that `clean_work_dir` removes.
+        let make = |dir: BorrowedFd<'_>, nm: &OsStr| -> Result<()> {
+            if inode.kind == Kind::Symlink {
+                let target = old.loc.readlink().ctx("readlink OLD")?;
+                rustix::fs::symlinkat(target.as_slice(), dir, nm).ctx("symlink NEW")?;
+            } else {
+                rustix::fs::mknodat(
+                    dir,
+                    nm,
+                    rustix::fs::FileType::from_raw_mode(st.st_mode),
+                    Mode::from_raw_mode(st.st_mode & 0o7777),
+                    st.st_rdev,
+                )
+                .ctx("mknod NEW")?;
+            }
+            let dup = Arc::new(rustix::io::fcntl_dupfd_cloexec(dir, 0).ctx("dup")?);
+            copy_xattrs(&old.loc, &Loc::At(dup, nm.to_owned()))?;
+            Ok(apply_meta(dir, nm, &st)?)
+        };
+        let work = self.work_dir()?;
+        let tmp = std::ffi::OsString::from(format!("{NEW_SPECIAL_PREFIX}{}", inode.ino));
+        let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
+        if let Err(e) = make(work.as_fd(), &tmp) {
+            // (A refused xattr or owner: nothing of this try stays in the work dir.)
+            let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
+            return Err(e);
+        }
+        // A parent on another file system (a mount inside NEW): made in place.
+        let placed = keeping_dir_times(&pfd, || rename_into_place(&work, &tmp, &pfd, &name, false));
+        if !matches!(placed, Ok(true)) {
+            let _ = rustix::fs::unlinkat(&work, &tmp, AtFlags::empty());
+        }
+        drop(work);
+        if !placed? {
+            keeping_dir_times(&pfd, || make(pfd.as_fd(), &name))?;
+        }
+        let loc = Loc::At(pfd.clone(), name.clone());
+        if !record {
+            fsync_dir(pfd.as_fd())?;
+        }
+        let nst = loc.stat().ctx("stat NEW entry")?;
+        let mut b = Batch::new();
+        if record {
+            // Symlinks have no file handle of their own to open; the record's handle is
+            // unused for them (verify finds them by walking the view).
+            b.copy(
+                nst.st_dev,
+                nst.st_ino,
+                &CopyRecord {
+                    origin: old.path.clone(),
+                    fp: Fingerprint::of(&st),
+                    handle: Vec::new(),
+                    is_dir: false,
+                },
+            );
+        }
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.files += 1;
+            b.done(&d);
+        }
+        self.journal.commit(b, false)?;
+        {
+            let mut n = inode.node();
+            n.new = Some(loc);
+            n.copy = if record {
+                CopyState::Copy
+            } else {
+                CopyState::Local
+            };
+        }
+        self.inodes
+            .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
+        Ok(())
+    }
+}
+
+/// Rename `tmp`, made whole in the work dir, to `name` in `pfd` without replacing anything.
+/// `Ok(false)` when it must be made in place instead: `pfd` is on another file system (a mount
+/// inside NEW), or, with `exist_in_place`, `name` is there already.
+fn rename_into_place(
+    work: &OwnedFd,
+    tmp: &OsStr,
+    pfd: &OwnedFd,
+    name: &OsStr,
+    exist_in_place: bool,
+) -> Result<bool> {
+    match rustix::fs::renameat_with(work, tmp, pfd, name, rustix::fs::RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::XDEV) => Ok(false),
+        Err(rustix::io::Errno::EXIST) if exist_in_place => Ok(false),
+        Err(e) => Err(e).ctx("rename into place in NEW"),
+    }
+}
+
+/// How a file copy runs: for the view (holding the claim; `data: false` for O_TRUNC), or in
+/// the background for the copier.
+pub(crate) enum CopyMode<'a> {
+    View {
+        data: bool,
+    },
+    Background {
+        tick: Tick<'a>,
+        /// Where to leave a plain file's finished copy for the batch to name, instead of
+        /// fsyncing and naming it now.
+        defer: Option<(&'a Arc<Inode>, &'a mut Option<Pending>)>,
+    },
+}
+
+/// A background copy whose data and metadata are written but not yet durable nor named.
+pub struct Pending {
+    inode: Arc<Inode>,
+    /// OLD's file (kept open to check it did not change); `None` for an S3 object.
+    src: Option<File>,
+    st: rustix::fs::Stat,
+    tmp: File,
+    origin: Vec<u8>,
+}
+
+impl Pending {
+    pub fn bytes(&self) -> u64 {
+        self.st.st_size as u64
+    }
+    pub fn inode_arc(&self) -> Arc<Inode> {
+        self.inode.clone()
+    }
+}
+
+/// What the copier's copy of one entry left.
+pub enum Outcome {
+    Done(Copied),
+    /// A copy waiting for its batch: made durable by one syncfs, then named.
+    Pending(Pending),
+}
+
+/// What a background copy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// A file, symlink or special file now in NEW; `bytes` of data copied.
+    File { bytes: u64 },
+    /// A directory now in NEW.
+    Dir,
+    /// NEW had it already.
+    Present,
+    /// The view took the entry over (a change through the view wins); nothing was kept.
+    GaveWay,
+    /// OLD changed during the copy; nothing was kept, copy again later.
+    ChangedInOld,
+}
