@@ -199,3 +199,36 @@ fn mount_warns_when_the_view_takes_powers_from_old_set_id_programs_and_devices()
     f.unmount_at(&mp);
     assert!(!err.contains("warning:"), "warned with -o suid,dev: {err}");
 }
+
+/// Terminal ioctls (Python's `open()` asks TCGETS of every file) get ENOTTY from the view, as
+/// from a plain file, and the daemon logs nothing for them (fuser's default logged three
+/// lines of "Not Implemented" each time).
+#[test]
+fn a_terminal_ioctl_gets_enotty_and_logs_nothing() {
+    let mut f = Fixture::new();
+    write(&f.old.join("old-only"), b"from OLD");
+    f.start();
+    write(&f.v("in-new"), b"written through the view");
+    for name in ["old-only", "in-new"] {
+        let file = fs::File::open(f.v(name)).unwrap();
+        // SAFETY: termios is plain data, valid all zero.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: TCGETS writes a termios into `t`, which lives across the call; the fd is open.
+        let r =
+            unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::TCGETS, &mut t) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((r, errno), (-1, Some(libc::ENOTTY)), "{name}");
+    }
+    let out = run(Command::new("python3").arg("-c").arg(format!(
+        "open({:?}).read(); open({:?}).read()",
+        f.v("old-only"),
+        f.v("in-new")
+    )));
+    assert!(out.status.success(), "{out:?}");
+    f.unmount();
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    assert!(
+        !log.contains("Not Implemented"),
+        "the daemon logged ioctls:\n{log}"
+    );
+}

@@ -11,9 +11,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    IoctlFlags, KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::metrics::{METRICS, Op, OpenPath, Timer};
@@ -949,6 +949,25 @@ impl Filesystem for FerryFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(Op::Fsyncdir, ino.0, None, &e)),
         }
+    }
+
+    /// No ioctl passes through the view: each gets ENOTTY, what a plain file answers to a
+    /// terminal's (Python's `open()` asks TCGETS of every file it opens). fuser's default
+    /// logs a warning per call, three lines for every such open.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let _span = enter!(self, Op::Ioctl, ino.0, reply);
+        tracing::trace!(cmd, "ioctl refused (ENOTTY)");
+        reply.error(Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {

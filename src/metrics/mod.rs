@@ -139,6 +139,7 @@ fuse_ops! {
     Create => "create",
     Fallocate => "fallocate",
     Lseek => "lseek",
+    Ioctl => "ioctl",
 }
 
 impl Op {
