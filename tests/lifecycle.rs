@@ -969,3 +969,27 @@ fn an_online_abort_stopped_after_it_began_rewriting_old_detaches_the_view() {
     assert_eq!(fs::read(f.old.join("fresh")).unwrap(), b"new");
     assert_eq!(fs::read(f.old.join("a")).unwrap(), b"a");
 }
+
+/// Once committed, the daemon's copier has nothing left to do and idles: no pass, so no
+/// "copier pass failed: the migration is committed" line every few seconds for as long as
+/// the view serves NEW.
+#[test]
+fn a_committed_view_keeps_serving_without_copier_passes_or_errors() {
+    let mut f = Fixture::new();
+    write(&f.old.join("a"), b"a");
+    f.start();
+    assert_ok(f.cmd("execute", &["--wait"]));
+    assert_ok(f.cmd("commit", &[]));
+    let log_from = fs::metadata(f.state.join("ferryfs.log")).unwrap().len() as usize;
+    // Asked to execute again (refused or not), the copier must still run no pass.
+    let _ = f.cmd("execute", &[]);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(fs::read(f.v("a")).unwrap(), b"a");
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    let after = &log[log_from..];
+    assert!(
+        !after.contains("copier pass failed") && !after.contains("copier pass done"),
+        "the copier still runs passes after commit:\n{after}"
+    );
+    f.unmount();
+}

@@ -377,9 +377,14 @@ impl Copier {
                     if self.stopping() {
                         return;
                     }
-                    let executed = self.journal.phase().ok() == Some(Phase::Executed);
+                    let phase = self.journal.phase().ok();
+                    // Committed or aborted: nothing is left to copy, and a pass would only
+                    // refuse. The copier idles until the daemon stops.
+                    let finished = matches!(phase, Some(Phase::Committed | Phase::Aborted));
+                    let executed = phase == Some(Phase::Executed);
                     let recheck_due = self.recheck.is_some_and(|r| last_pass.elapsed() >= r);
                     if w.run
+                        && !finished
                         && !self.paused.load(Ordering::Relaxed)
                         && (!executed || w.kick != seen_kick || recheck_due)
                     {
@@ -390,7 +395,7 @@ impl Copier {
                         .wait_timeout(w, Duration::from_millis(500))
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
-                    if w.run && !self.paused.load(Ordering::Relaxed) {
+                    if w.run && !finished && !self.paused.load(Ordering::Relaxed) {
                         drop(w);
                         self.drain_rechecks();
                         w = self.want.lock().unwrap_or_else(|p| p.into_inner());
