@@ -993,3 +993,29 @@ fn a_committed_view_keeps_serving_without_copier_passes_or_errors() {
     );
     f.unmount();
 }
+
+/// A paused copier holds copying, not an operator's check: verify, and commit's last pass,
+/// run to the end while it is paused (verify used to wait until the copier was resumed).
+#[test]
+fn verify_and_commit_run_while_the_copier_is_paused() {
+    let mut f = Fixture::new();
+    write(&f.old.join("d/a"), b"a");
+    write(&f.old.join("d/e/b"), b"b");
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    wait_executed(&f, 60);
+    assert_ok(f.cmd("pause", &[]));
+    for cmd in ["verify", "commit"] {
+        let mut c = Command::new("timeout");
+        c.args(["30", BIN, cmd, "--state"]).arg(&f.state);
+        let o = run(&mut c);
+        assert!(
+            o.status.success(),
+            "{cmd} while the copier is paused: {}",
+            out_text(&o)
+        );
+    }
+    assert_eq!(f.status_json()["phase"], "committed");
+    f.unmount();
+}

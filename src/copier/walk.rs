@@ -47,8 +47,11 @@ impl Batch {
 
 impl Copier {
     /// Walk the whole view: directories visited by this thread before their entries, the rest
-    /// by the workers. Returns whether it was stopped before the end.
-    pub(super) fn walk(&self, finish_dirs: bool, v: &Visitor<'_>) -> bool {
+    /// by the workers. Returns whether it was stopped before the end. `copying`: a copy pass,
+    /// which gives directories OLD's times back once filled and waits while the copier is
+    /// paused; a check (verify, commit's last pass) does neither: a paused copier must not
+    /// hold an operator's verify.
+    pub(super) fn walk(&self, copying: bool, v: &Visitor<'_>) -> bool {
         let workers = self.workers.load(Ordering::Relaxed);
         let (tx, rx) = chan::bounded::<Job>(1024);
         // At most one batch per worker waits for the namer (backpressure, and a bound on
@@ -68,7 +71,7 @@ impl Copier {
             }
             drop(rx);
             drop(ntx);
-            self.walk_dirs(finish_dirs, tx, v)
+            self.walk_dirs(copying, tx, v)
         })
     }
 
@@ -182,17 +185,17 @@ impl Copier {
 
     /// This thread's part: directories depth first, each visited (brought into NEW) before
     /// its entries are listed; non-directories sent to the workers over `tx`.
-    fn walk_dirs(&self, finish_dirs: bool, tx: chan::Sender<Job>, v: &Visitor<'_>) -> bool {
+    fn walk_dirs(&self, copying: bool, tx: chan::Sender<Job>, v: &Visitor<'_>) -> bool {
         let root = Arc::new(DirGuard {
             view: self.view.clone(),
             inode: self.view.root(),
-            finish: finish_dirs,
+            finish: copying,
             counted: false,
             _parent: None,
         });
         let mut stack = vec![root];
         while let Some(dir) = stack.pop() {
-            while self.paused.load(Ordering::Relaxed) && !self.stopping() {
+            while copying && self.paused.load(Ordering::Relaxed) && !self.stopping() {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if self.stopping() {
@@ -250,7 +253,7 @@ impl Copier {
                 stack.push(Arc::new(DirGuard {
                     view: self.view.clone(),
                     inode,
-                    finish: finish_dirs,
+                    finish: copying,
                     counted: true,
                     _parent: Some(dir.clone()),
                 }));
