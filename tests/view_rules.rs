@@ -1033,3 +1033,61 @@ fn metadata_ttl_bounds_how_late_a_change_in_old_shows() {
         "{err}"
     );
 }
+
+/// Removing or renaming an OLD-only entry through the view changes its directories' mtime and
+/// ctime, as a change of a directory does on any file system, although only the journal
+/// records it (NEW's copy of the directory carries the times). OLD is untouched.
+#[test]
+fn removing_or_renaming_an_old_only_entry_updates_its_directories_times() {
+    let mut f = Fixture::new();
+    for p in ["a/gone", "a/moved", "b/kept"] {
+        write(&f.old.join(p), b"x");
+    }
+    fs::create_dir_all(f.old.join("c/empty")).unwrap();
+    for d in ["a", "b", "c"] {
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            f.old.join(d),
+            &fixed_times(),
+            rustix::fs::AtFlags::empty(),
+        )
+        .unwrap();
+    }
+    f.start();
+    let old_mtime = fixed_times().last_modification.tv_sec;
+    let mtime = |f: &Fixture, d: &str| fs::metadata(f.v(d)).unwrap().mtime();
+    for d in ["a", "b", "c"] {
+        assert_eq!(mtime(&f, d), old_mtime, "{d} before");
+    }
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 1;
+    fs::remove_file(f.v("a/gone")).unwrap();
+    let a = fs::metadata(f.v("a")).unwrap();
+    assert!(a.mtime() >= start && a.ctime() >= start, "unlink: {a:?}");
+    fs::rename(f.v("a/moved"), f.v("b/moved")).unwrap();
+    for d in ["a", "b"] {
+        let m = fs::metadata(f.v(d)).unwrap();
+        assert!(
+            m.mtime() >= start && m.ctime() >= start,
+            "rename, {d}: {m:?}"
+        );
+    }
+    fs::remove_dir(f.v("c/empty")).unwrap();
+    let c = fs::metadata(f.v("c")).unwrap();
+    assert!(c.mtime() >= start && c.ctime() >= start, "rmdir: {c:?}");
+    // Across a remount (times are NEW's, not a cache), and OLD as it was.
+    f.unmount();
+    f.mount();
+    for d in ["a", "b", "c"] {
+        assert!(mtime(&f, d) >= start, "{d} after a remount");
+        assert_eq!(
+            fs::metadata(f.old.join(d)).unwrap().mtime(),
+            old_mtime,
+            "OLD's {d}"
+        );
+    }
+    f.unmount();
+}

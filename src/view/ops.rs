@@ -357,6 +357,9 @@ impl View {
             self.count_removed_old_link(&r, &mut b)?;
             self.journal.commit(b, true)?;
         }
+        if r.new.is_none() {
+            self.touch_dir_locked(&p)?;
+        }
         if let Some((_, st)) = &r.new {
             let pfd = self
                 .new_dir(&p)
@@ -484,7 +487,9 @@ impl View {
         if !b.is_empty() {
             self.journal.commit(b, true)?;
         }
-        if r.new.is_some() {
+        if r.new.is_none() {
+            self.touch_dir_locked(&p)?;
+        } else {
             let pfd = self
                 .new_dir(&p)
                 .ok_or_else(|| errno_err("NEW entry has a NEW parent", libc::EIO))?;
@@ -550,8 +555,13 @@ impl View {
         };
         if src.new.is_some() {
             self.rename_in_new(&at, dst.as_ref())?;
-        } else if let Some(d) = dst.as_ref().filter(|d| d.new.is_some()) {
-            self.remove_renamed_over(&at, d)?;
+        } else {
+            // An OLD-only source moves by journal records alone: both directories change.
+            self.touch_dir_locked(&sp)?;
+            match dst.as_ref().filter(|d| d.new.is_some()) {
+                Some(d) => self.remove_renamed_over(&at, d)?,
+                None => self.touch_dir_locked(&dp)?,
+            }
         }
         if let Some(id) = intent_id {
             let mut b = Batch::new();
@@ -579,6 +589,18 @@ impl View {
             self.relocate(&inode);
         }
         Ok(())
+    }
+
+    /// `dir` lost or gained a name by journal records alone (an OLD-only entry removed or
+    /// renamed): nothing changed in NEW to show it, so `dir`'s mtime and ctime are set as the
+    /// kernel sets them for any change of a directory (`dir` brought into NEW first).
+    fn touch_dir_locked(&self, dir: &Inode) -> Result<()> {
+        let fd = self.ensure_new_dir_locked(dir)?;
+        let now = Timestamps {
+            last_access: timespec(None),
+            last_modification: timespec(Some(SetTime::Now)),
+        };
+        Loc::Fd(fd).utimens(&now).ctx("touch NEW dir")
     }
 
     /// Whether a rename onto the existing `d` does nothing (`Ok(true)`: two names of one
