@@ -1,4 +1,4 @@
-//! The S3 store layer (src/store/s3.rs) against a real Garage on 127.0.0.1: configuration
+//! The S3 store layer (src/store/s3/) against a real Garage on 127.0.0.1: configuration
 //! from AWS's standard environment alone, listing as directories, POSIX metadata written by
 //! another client (rclone) and by ferryfs, ranged reads with readahead, and an object
 //! replaced while open.
@@ -233,6 +233,21 @@ fn bad_credentials_fail_with_eacces_and_never_show_the_secret() {
     assert_eq!(e.errno, libc::EACCES, "{e}");
     assert!(!e.to_string().contains(&"0".repeat(64)));
     assert!(!e.to_string().contains(&g.secret));
+}
+
+/// An error names the endpoint its request went to, also when the endpoint came from the
+/// environment and not from the store's URL (two stores may be on two services).
+#[test]
+fn errors_name_the_endpoint_the_request_went_to() {
+    let g = server();
+    g.bucket("where");
+    let s = store("s3://where?profile=wrong");
+    let e = s.head("x").unwrap_err();
+    assert!(e.to_string().contains(&format!("at {}", g.endpoint)), "{e}");
+    let e = s
+        .put("y", b"y".to_vec(), &PosixMeta::default())
+        .unwrap_err();
+    assert!(e.to_string().contains(&format!("at {}", g.endpoint)), "{e}");
 }
 
 /// A server-side copy in parts (UploadPartCopy, what objects over 5 GiB take), here with

@@ -13,7 +13,7 @@ impl S3Store {
         self.counters.heads.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let r = self.block(self.head_req(&key).send());
-        head_result(rel, &key, r)
+        head_result(rel, &self.at(format!("HEAD {key}")), r)
     }
 
     fn head_req(
@@ -37,7 +37,7 @@ impl S3Store {
             let h = self.head_req(&key).send().await;
             (h, list.await)
         });
-        let what = format!("LIST s3://{}/{dir}", self.url.bucket);
+        let what = self.at(format!("LIST s3://{}/{dir}", self.url.bucket));
         let l = match l {
             Ok(r) => r.map(|r| has_keys(&r)).map_err(|e| sdk_err(&what, e)),
             Err(e) => match e.try_into_panic() {
@@ -45,7 +45,7 @@ impl S3Store {
                 Err(e) => Err(S3Error::new(what, libc::EIO, e.to_string())),
             },
         };
-        (head_result(rel, &key, h), l)
+        (head_result(rel, &self.at(format!("HEAD {key}")), h), l)
     }
 
     /// One page of ListObjectsV2 below `prefix` (a full key prefix): split at '/' when
@@ -59,7 +59,12 @@ impl S3Store {
     ) -> Result<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output> {
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         self.block(self.list_req(prefix, delimited, max_keys, token).send())
-            .map_err(|e| sdk_err(&format!("LIST s3://{}/{prefix}", self.url.bucket), e))
+            .map_err(|e| {
+                sdk_err(
+                    &self.at(format!("LIST s3://{}/{prefix}", self.url.bucket)),
+                    e,
+                )
+            })
     }
 
     fn list_req(
@@ -205,7 +210,7 @@ impl S3Store {
                     .set_metadata(Some(meta.to_metadata()))
                     .send(),
             )
-            .map_err(|e| sdk_err(&format!("PUT {key}"), e))?;
+            .map_err(|e| sdk_err(&self.at(format!("PUT {key}")), e))?;
         Ok(ObjectInfo::written(
             rel,
             size,
@@ -235,7 +240,7 @@ impl S3Store {
     ) -> Result<(ObjectInfo, [u8; 16])> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let what = format!("PUT {key}");
+        let what = self.at(format!("PUT {key}"));
         let io = |e: std::io::Error| {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
         };
@@ -343,7 +348,7 @@ impl S3Store {
                     .set_metadata(Some(meta.to_metadata()))
                     .send(),
             )
-            .map_err(|e| sdk_err(&format!("COPY {source} to {key}"), e))?;
+            .map_err(|e| sdk_err(&self.at(format!("COPY {source} to {key}")), e))?;
         Ok(ObjectInfo::written(
             to,
             size,
@@ -364,14 +369,14 @@ impl S3Store {
                 .key(&key)
                 .send(),
         )
-        .map_err(|e| sdk_err(&format!("DELETE {key}"), e))?;
+        .map_err(|e| sdk_err(&self.at(format!("DELETE {key}")), e))?;
         Ok(())
     }
 
     /// Create the bucket (tests, and a NEW bucket that does not exist yet).
     pub fn create_bucket(&self) -> Result<()> {
         self.block(self.client.create_bucket().bucket(&self.url.bucket).send())
-            .map_err(|e| sdk_err(&format!("CREATE BUCKET {}", self.url.bucket), e))?;
+            .map_err(|e| sdk_err(&self.at(format!("CREATE BUCKET {}", self.url.bucket)), e))?;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ impl S3Store {
         }
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let what = format!("GET {key} bytes {off}+{len}");
+        let what = self.at(format!("GET {key} bytes {off}+{len}"));
         let req = self.get_req(&key, etag, Some((off, len)));
         let data = self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
@@ -50,7 +50,7 @@ impl S3Store {
     ) -> Result<Option<ObjectInfo>> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let what = format!("GET {key}");
+        let what = self.at(format!("GET {key}"));
         let req = self.get_req(&key, etag, None);
         self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
@@ -281,7 +281,7 @@ impl S3Store {
     ) -> Result<()> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let what = format!("GET {key} bytes {off}+{len}");
+        let what = self.at(format!("GET {key} bytes {off}+{len}"));
         let req = self.get_req(&key, etag, Some((off, len)));
         self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
@@ -300,7 +300,7 @@ impl S3Store {
     pub fn get_small(&self, rel: &str) -> Result<Option<(ObjectInfo, Vec<u8>)>> {
         self.counters.gets.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let what = format!("GET {key}");
+        let what = self.at(format!("GET {key}"));
         let req = self.get_req(&key, "", None);
         let r = self.block(async {
             let o = req.send().await.map_err(|e| sdk_err(&what, e))?;

@@ -217,7 +217,7 @@ fn has_keys(r: &aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output) -> 
 /// A HEAD's answer as [`S3Store::head`] gives it: `None` for no such object.
 fn head_result(
     rel: &str,
-    key: &str,
+    what: &str,
     r: std::result::Result<
         aws_sdk_s3::operation::head_object::HeadObjectOutput,
         aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::head_object::HeadObjectError>,
@@ -232,7 +232,7 @@ fn head_result(
             o.metadata(),
         ))),
         Err(e) => {
-            let e = sdk_err(&format!("HEAD {key}"), e);
+            let e = sdk_err(what, e);
             if e.errno == libc::ENOENT {
                 Ok(None)
             } else {
@@ -299,6 +299,16 @@ impl S3Store {
             client: Client::from_conf(b.build()),
             counters: Counters::default(),
         })
+    }
+
+    /// A request's name for its errors: what it was, and the endpoint it went to (which of
+    /// two stores on two services failed, and where).
+    fn at(&self, what: impl std::fmt::Display) -> String {
+        match (&self.endpoint, &self.region) {
+            (Some(e), _) => format!("{what} at {e}"),
+            (None, Some(r)) => format!("{what} at AWS S3 ({r})"),
+            (None, None) => format!("{what} at AWS S3"),
+        }
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {

@@ -23,7 +23,7 @@ impl S3Store {
         meta: &PosixMeta,
     ) -> Result<(ObjectInfo, [u8; 16])> {
         let key = self.url.key(rel);
-        let what = format!("multipart PUT {key}");
+        let what = self.at(format!("multipart PUT {key}"));
         let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
         let (parts, whole) = part_md5s(file, size, part).map_err(|e| {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
@@ -71,7 +71,7 @@ impl S3Store {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(to);
         let source = copy_source(src, rel);
-        let what = format!("multipart COPY {source} to {key}");
+        let what = self.at(format!("multipart COPY {source} to {key}"));
         let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part.max(1)))
             .map(|i| (i * part, ((i + 1) * part).min(size) - 1))
             .collect();
