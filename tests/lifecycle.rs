@@ -1019,3 +1019,41 @@ fn verify_and_commit_run_while_the_copier_is_paused() {
     assert_eq!(f.status_json()["phase"], "committed");
     f.unmount();
 }
+
+/// An abort that fails says where: here NEW holds a file it cannot remove (immutable), and
+/// the error names it. Run again once the cause is gone, abort finishes, and says it finished
+/// what an earlier run began instead of counting nothing written.
+#[test]
+fn a_failed_abort_names_the_path_and_a_rerun_says_it_finished_the_earlier_one() {
+    let mut f = Fixture::new();
+    write(&f.old.join("d/a"), b"a");
+    f.start();
+    write(&f.v("d/stuck"), b"written through the view");
+    let snapshot = full_manifest(&f.mnt);
+    f.unmount();
+    let stuck = f.new.join("d/stuck");
+    let chattr = |flag: &str| {
+        let o = run(Command::new("chattr").arg(flag).arg(&stuck));
+        assert!(o.status.success(), "chattr {flag}: {}", out_text(&o));
+    };
+    chattr("+i");
+    let o = f.cmd("abort", &[]);
+    chattr("-i");
+    assert!(
+        !o.status.success(),
+        "abort removed an immutable file: {}",
+        out_text(&o)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("NEW/d/stuck"),
+        "the error names no path: {err}"
+    );
+    let out = assert_ok(f.cmd("abort", &[]));
+    assert!(out.contains("this run finished it"), "{out}");
+    assert!(!out.contains("0 dirs"), "{out}");
+    let after = full_manifest(&f.old);
+    assert!(after == snapshot, "{}", diff(&snapshot, &after));
+    assert!(names(&f.new).is_empty(), "NEW was not emptied");
+    assert_eq!(f.status_json()["phase"], "aborted");
+}

@@ -5,6 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
@@ -14,7 +15,7 @@ use crate::journal::{Batch, Meta, Phase, Records};
 use crate::state;
 use crate::store::posix::{self, Loc};
 use crate::store::s3::tree::S3Tree;
-use crate::view::error::{Context, Result};
+use crate::view::error::{Context, Error, Result};
 use crate::view::inode::Inode;
 use crate::view::{Kind, View};
 
@@ -69,12 +70,14 @@ pub fn abort(
         .meta(Meta::AbortStep)?
         .map(|s| String::from_utf8_lossy(&s).into_owned());
     let mut stats = AbortStats::default();
+    // An earlier run took the abort past its staging: this one finishes it.
+    let resumed = step.clone().filter(|s| s != STEP_STAGING);
     if step.is_none() {
         state::record_final_local(journal, new_root)?;
     }
     if step.is_none() || step.as_deref() == Some(STEP_STAGING) {
         set_step(journal, STEP_STAGING)?;
-        remove_tree_at(old_root, OsStr::new(STAGING))?;
+        remove_tree_at(old_root, OsStr::new(STAGING), Path::new("OLD"))?;
         rustix::fs::mkdirat(old_root, STAGING, Mode::from_raw_mode(0o700))
             .ctx("mkdir the abort staging dir in OLD")?;
         let staging = posix::open_child(old_root, OsStr::new(STAGING)).ctx("open staging")?;
@@ -97,7 +100,9 @@ pub fn abort(
                 continue;
             }
             let name = OsStr::from_bytes(&e.name);
-            rustix::fs::renameat(old_root, name, &trash, name).ctx("move OLD entry to trash")?;
+            rustix::fs::renameat(old_root, name, &trash, name)
+                .ctx("move OLD entry to trash")
+                .map_err(|e| named(e, Path::new("OLD").join(name).display()))?;
         }
         syncfs(old_root).ctx("syncfs OLD")?;
         set_step(journal, STEP_FILLING)?;
@@ -107,20 +112,27 @@ pub fn abort(
         for e in posix::read_dir_names(staging.as_fd()).ctx("read staging")? {
             let name = OsStr::from_bytes(&e.name);
             rustix::fs::renameat(&staging, name, old_root, name)
-                .ctx("move staged entry into OLD")?;
+                .ctx("move staged entry into OLD")
+                .map_err(|e| named(e, Path::new("OLD").join(name).display()))?;
         }
         // The root itself: the view's root metadata.
         copy_meta(&Loc::Fd(Arc::new(staging)), &dup_loc(old_root)?)?;
     }
-    remove_tree_at(old_root, OsStr::new(TRASH))?;
+    remove_tree_at(old_root, OsStr::new(TRASH), Path::new("OLD"))?;
     let _ = rustix::fs::unlinkat(old_root, STAGING, AtFlags::REMOVEDIR);
     syncfs(old_root).ctx("syncfs OLD")?;
     let new_note = end_abort(journal, new_root, keep_new, publisher)?;
-    Ok(format!(
-        "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD, {} \
-         files copied back from NEW); {new_note}",
-        stats.dirs, stats.linked, stats.copied
-    ))
+    Ok(match resumed {
+        Some(step) => format!(
+            "aborted: OLD now holds the view as it was (an earlier run staged it and was \
+             stopped at its {step} step; this run finished it); {new_note}"
+        ),
+        None => format!(
+            "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD, \
+             {} files copied back from NEW); {new_note}",
+            stats.dirs, stats.linked, stats.copied
+        ),
+    })
 }
 
 /// OLD, as abort writes the view back into it.
@@ -170,7 +182,7 @@ pub(super) fn end_abort(
         "NEW kept as it is".to_string()
     } else {
         for e in posix::read_dir_names(new_root).ctx("read NEW root")? {
-            remove_tree_at(new_root, OsStr::from_bytes(&e.name))?;
+            remove_tree_at(new_root, OsStr::from_bytes(&e.name), Path::new("NEW"))?;
         }
         "NEW emptied".to_string()
     };
@@ -238,7 +250,10 @@ fn stage_dir(
         };
         let res = stage_entry(view, &inode, &out, &name, links, stats);
         view.release_lookup(&inode);
-        res?;
+        res.map_err(|e| {
+            let path = crate::view::display_path(&view.child_path(dir, &name));
+            named(e, format_args!("staging {path} of the view into OLD"))
+        })?;
     }
     if let Some(src) = view.backing(dir) {
         copy_meta(&src, &Loc::Fd(out))?;
@@ -331,20 +346,42 @@ fn stage_entry(
 }
 
 /// Remove `name` in `dir` and everything below it (nothing if absent). Never follows a symlink.
-fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
+/// Remove `name` in `dir` and everything below it (nothing if absent). Never follows a symlink.
+/// `at`: where `dir` is, for the error's message (`NEW`, `OLD/.ferryfs-abort-trash/a`).
+fn remove_tree_at(dir: BorrowedFd<'_>, name: &OsStr, at: &Path) -> Result<()> {
+    let here = at.join(name);
+    let named_here = |e: Error| named(e, here.display());
     let st = match posix::stat_at(dir, name) {
         Ok(st) => st,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-        Err(e) => return Err(e).ctx("stat for removal"),
+        Err(e) => return Err(e).ctx("stat for removal").map_err(named_here),
     };
     if Kind::from_mode(st.st_mode) == Kind::Dir {
-        let sub = posix::open_child(dir, name).ctx("open dir for removal")?;
-        for e in posix::read_dir_names(sub.as_fd()).ctx("read dir for removal")? {
-            remove_tree_at(sub.as_fd(), OsStr::from_bytes(&e.name))?;
+        let sub = posix::open_child(dir, name)
+            .ctx("open dir for removal")
+            .map_err(named_here)?;
+        for e in posix::read_dir_names(sub.as_fd())
+            .ctx("read dir for removal")
+            .map_err(named_here)?
+        {
+            remove_tree_at(sub.as_fd(), OsStr::from_bytes(&e.name), &here)?;
         }
-        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).ctx("rmdir")?;
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+            .ctx("rmdir")
+            .map_err(named_here)?;
     } else {
-        rustix::fs::unlinkat(dir, name, AtFlags::empty()).ctx("unlink")?;
+        rustix::fs::unlinkat(dir, name, AtFlags::empty())
+            .ctx("unlink")
+            .map_err(named_here)?;
     }
     Ok(())
+}
+
+/// An abort's failure, naming where it happened (a path in OLD or NEW, an S3 key). An error
+/// named deeper down (or a refusal, which says what it is about) is kept as it is.
+pub(super) fn named(e: Error, what: impl std::fmt::Display) -> Error {
+    match e {
+        Error::Lifecycle(_) => e,
+        other => Error::Lifecycle(format!("{what}: {other}")),
+    }
 }

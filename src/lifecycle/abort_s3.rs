@@ -62,6 +62,8 @@ pub(super) fn abort_s3(
         _ => None,
     };
     let mut stats = AbortStats::default();
+    // An earlier run took the abort this far: this one finishes it.
+    let resumed = step.clone();
     if step.is_none() {
         let mut bad = Vec::new();
         check_s3_names(view, &view.root(), "", &mut bad)?;
@@ -141,9 +143,16 @@ pub(super) fn abort_s3(
     b.meta(Meta::AbortS3Deletes, b"[]");
     b.meta(Meta::AbortS3Hidden, b"[]");
     journal.commit(b, false)?;
+    let resumed = match resumed {
+        Some(step) => format!(
+            "; an earlier run had planned it and was stopped at its {step} step, this run \
+             finished it"
+        ),
+        None => String::new(),
+    };
     Ok(format!(
-        "aborted: OLD ({}) now holds the view as it was ({} objects written, {} of them \
-         renamed through the view, {} deleted); {new_note}",
+        "aborted: OLD ({}) now holds the view as it was ({} objects written by this run, {} \
+         of them renamed through the view, {} deleted{resumed}); {new_note}",
         tree.store.url,
         stats.copied,
         stats.linked,
@@ -286,14 +295,9 @@ fn delete_staged(tree: &Arc<S3Tree>) -> Result<()> {
     Ok(())
 }
 
+/// An S3 failure of an abort, with its request (which names the key and the endpoint).
 fn s3_err(op: &'static str) -> impl Fn(crate::store::s3::S3Error) -> Error {
-    move |e| {
-        tracing::warn!(error = %e, "{op}");
-        Error::Store {
-            op,
-            source: e.into(),
-        }
-    }
+    move |e| Error::Lifecycle(format!("{op}: {e}"))
 }
 
 fn s3_join(dir: &str, name: &str) -> String {
