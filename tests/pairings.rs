@@ -876,3 +876,62 @@ fn old_and_new_on_two_servers_each_reached_with_a_profile_of_its_own() {
     let cat = common::run(b.rclone().args(["cat", "g:prof-both/d/inner"]));
     assert_eq!(cat.stdout, vec![5u8; 70_000]);
 }
+
+/// `prepare --s3-metadata rclone`: NEW's objects carry the mode in rclone's octal, so
+/// `rclone copy --metadata` out of the bucket gives every file its mode and mtime back
+/// (with s3fs's decimal it turned 0600 into 0152). Refused for a directory NEW.
+#[test]
+fn an_s3_new_written_for_rclone_gives_rclone_its_modes_back() {
+    let mut f = Fixture::new();
+    let old = fill_old(&f, Side::Posix, "");
+    let new = new_arg(&f, Side::S3, "for-rclone");
+    let posix_new = f.new.to_str().unwrap().to_string();
+    let refused = ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old.as_ref(),
+        "--new".as_ref(),
+        posix_new.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        "--s3-metadata".as_ref(),
+        "rclone".as_ref(),
+    ]);
+    assert!(
+        !refused.status.success(),
+        "--s3-metadata taken for a directory NEW"
+    );
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old.as_ref(),
+        "--new".as_ref(),
+        new.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        "--s3-metadata".as_ref(),
+        "rclone".as_ref(),
+    ]));
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    ok(f.cmd("execute", &["--wait"]));
+    f.unmount();
+    let out = f.root.path().join("rclone-out");
+    let o = common::run(server().rclone().args([
+        "copy",
+        "--metadata",
+        "g:for-rclone",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        o.status.success(),
+        "rclone: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for (rel, data, perm, mtime) in dataset() {
+        let md = fs::metadata(out.join(rel)).unwrap();
+        assert_eq!(fs::read(out.join(rel)).unwrap(), data, "{rel}");
+        assert_eq!(md.mode() & 0o7777, perm, "{rel}: mode {:o}", md.mode());
+        assert_eq!(md.mtime(), mtime, "{rel}");
+    }
+}

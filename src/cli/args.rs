@@ -219,6 +219,13 @@ pub struct PrepareArgs {
     /// use different credentials and endpoints.
     #[arg(long, value_name = "PROFILE")]
     pub new_s3_profile: Option<String>,
+    /// How an S3 NEW records each object's owner, mode and mtime in its metadata: `s3fs`
+    /// (mode in decimal: what s3fs-fuse and most S3 file systems read), `rclone` (mode in
+    /// octal: what `rclone copy --metadata` applies), `none` (bytes only). The same as
+    /// metadata= in the NEW URL. Both conventions are read whatever is written.
+    /// [default: s3fs]
+    #[arg(long, value_name = "STYLE")]
+    pub s3_metadata: Option<String>,
 }
 
 // `execute`'s arguments (the subcommand's help is the variant's doc).

@@ -24,6 +24,11 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
             .with_s3_profile(profile, "OLD", "--old-s3-profile")
             .map_err(CliError::Usage)?;
     }
+    if let Some(style) = &p.s3_metadata {
+        new = new
+            .with_s3_metadata(style, "NEW")
+            .map_err(CliError::Usage)?;
+    }
     if let Some(profile) = &p.new_s3_profile {
         new = new
             .with_s3_profile(profile, "NEW", "--new-s3-profile")

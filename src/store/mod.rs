@@ -86,6 +86,31 @@ impl StoreSpec {
         }
     }
 
+    /// This S3 store writing POSIX attributes in `style` (`--s3-metadata`): the same as
+    /// `metadata=` in its URL. An error for a POSIX store (its attributes are its own).
+    pub fn with_s3_metadata(self, style: &str, side: &str) -> Result<StoreSpec, String> {
+        let style = s3::MetaStyle::parse(style)
+            .ok_or_else(|| format!("--s3-metadata {style:?}: one of s3fs, rclone or none"))?;
+        match self {
+            StoreSpec::Posix { .. } => Err(format!(
+                "--s3-metadata is how an S3 {side} records owners, modes and times, but {side} \
+                 is a directory ({self})"
+            )),
+            StoreSpec::S3 { mut url } => {
+                if url.metadata != s3::MetaStyle::default() && url.metadata != style {
+                    return Err(format!(
+                        "--s3-metadata {} and metadata={} in the {side} URL disagree: give one \
+                         of them",
+                        style.as_str(),
+                        url.metadata.as_str()
+                    ));
+                }
+                url.metadata = style;
+                Ok(StoreSpec::S3 { url })
+            }
+        }
+    }
+
     /// The directory of a POSIX store.
     pub fn posix_path(&self) -> Option<&PathBuf> {
         match self {

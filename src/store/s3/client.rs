@@ -207,7 +207,7 @@ impl S3Store {
                     .bucket(&self.url.bucket)
                     .key(&key)
                     .body(ByteStream::from(data))
-                    .set_metadata(Some(meta.to_metadata()))
+                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
                     .send(),
             )
             .map_err(|e| sdk_err(&self.at(format!("PUT {key}")), e))?;
@@ -266,7 +266,7 @@ impl S3Store {
                 .key(&key)
                 .body(body)
                 .content_md5(base64_md5(&md5))
-                .set_metadata(Some(meta.to_metadata()))
+                .set_metadata(Some(meta.to_metadata(self.url.metadata)))
                 .send()
                 .await
                 .map_err(|e| sdk_err(&what, e))
@@ -345,7 +345,7 @@ impl S3Store {
                     .copy_source(&source)
                     .set_copy_source_if_match(etag.map(str::to_string))
                     .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-                    .set_metadata(Some(meta.to_metadata()))
+                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
                     .send(),
             )
             .map_err(|e| sdk_err(&self.at(format!("COPY {source} to {key}")), e))?;

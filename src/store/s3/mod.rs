@@ -22,7 +22,7 @@ pub mod reader;
 pub mod tree;
 pub mod url;
 
-pub use meta::{PosixMeta, file_md5, format_time, md5_etag, parse_mode, parse_time};
+pub use meta::{MetaStyle, PosixMeta, file_md5, format_time, md5_etag, parse_mode, parse_time};
 pub use reader::ObjectReader;
 pub use url::{Defaults, S3Url, wants_path_style};
 
@@ -457,7 +457,14 @@ mod tests {
         assert_eq!(p.mode, Some(0o100644));
         assert_eq!((p.uid, p.gid), (Some(1000), Some(100)));
         assert_eq!(p.mtime, Some((1_600_000_000, 250_000_000)));
-        assert_eq!(PosixMeta::from_metadata(&p.to_metadata()), p);
+        for style in [MetaStyle::S3fs, MetaStyle::Rclone] {
+            assert_eq!(
+                PosixMeta::from_metadata(&p.to_metadata(style)),
+                p,
+                "{style:?}"
+            );
+        }
+        assert!(p.to_metadata(MetaStyle::None).is_empty());
         let octal: HashMap<String, String> = [("mode".to_string(), "0755".to_string())]
             .into_iter()
             .collect();

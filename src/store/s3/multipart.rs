@@ -120,7 +120,7 @@ impl S3Store {
                     .create_multipart_upload()
                     .bucket(&self.url.bucket)
                     .key(key)
-                    .set_metadata(Some(meta.to_metadata()))
+                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
                     .send(),
             )
             .map_err(|e| sdk_err(what, e))?;

@@ -15,6 +15,9 @@ pub struct S3Url {
     pub region: Option<String>,
     pub profile: Option<String>,
     pub path_style: Option<bool>,
+    /// How POSIX attributes are written into object metadata (`metadata=s3fs|rclone|none`).
+    #[serde(default)]
+    pub metadata: super::MetaStyle,
     /// POSIX attributes for objects and directories whose metadata does not say (`uid=`,
     /// `gid=`, `file_mode=`, `dir_mode=`, octal modes).
     #[serde(default)]
@@ -56,6 +59,7 @@ const SETTINGS: &[&str] = &[
     "gid",
     "file_mode",
     "dir_mode",
+    "metadata",
 ];
 
 fn percent_decode(s: &str) -> std::result::Result<String, String> {
@@ -120,6 +124,7 @@ impl S3Url {
             region: None,
             profile: None,
             path_style: None,
+            metadata: Default::default(),
             defaults: Defaults::default(),
         };
         for kv in query
@@ -139,6 +144,10 @@ impl S3Url {
                     url.endpoint = Some(v.trim_end_matches('/').to_string());
                 }
                 "region" => url.region = Some(v),
+                "metadata" => {
+                    url.metadata = super::MetaStyle::parse(&v)
+                        .ok_or_else(|| format!("{arg}: metadata must be s3fs, rclone or none"))?
+                }
                 "profile" => url.profile = Some(v),
                 "path_style" => {
                     url.path_style = Some(match v.as_str() {
@@ -216,6 +225,9 @@ impl fmt::Display for S3Url {
         }
         if let Some(p) = self.path_style {
             put(f, "path_style", if p { "true" } else { "false" })?;
+        }
+        if self.metadata != super::MetaStyle::default() {
+            put(f, "metadata", self.metadata.as_str())?;
         }
         let (d, z) = (&self.defaults, Defaults::default());
         if d.uid != z.uid {
