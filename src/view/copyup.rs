@@ -76,6 +76,27 @@ struct Made<'a> {
     origin: &'a [u8],
 }
 
+/// The copy just linked as `name` in `dir` must be there, as the inode it is (`tst`): a file
+/// system that reports a link it did not make (JuiceFS's emulated O_TMPFILE does) would
+/// otherwise leave the view, and the copier's counts, believing NEW holds a copy it does not.
+/// Such a copy is an error of its entry (path and cause in `status`), never a copy done.
+fn check_linked(dir: BorrowedFd<'_>, name: &OsStr, tst: &rustix::fs::Stat) -> Result<()> {
+    match posix::stat_at(dir, name) {
+        Ok(st) if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino) => Ok(()),
+        Ok(_) => Err(errno_err(
+            "the copy linked into NEW is not under its name (NEW's file system put another \
+             entry there)",
+            libc::EIO,
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(errno_err(
+            "the copy linked into NEW is not there (NEW's file system reported a link it did \
+             not make)",
+            libc::EIO,
+        )),
+        Err(e) => Err(e).ctx("stat the copy linked into NEW"),
+    }
+}
+
 /// Give the anonymous file `tmp` the name `name` in `dir`: by its fd where the kernel allows
 /// it (CAP_DAC_READ_SEARCH), else through its /proc path.
 fn link_anon(tmp: &File, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
@@ -300,14 +321,6 @@ impl View {
                 }
             }
         }
-        {
-            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            for (p, _) in &ready {
-                d.files += 1;
-                d.bytes += p.st.st_size as u64;
-            }
-            b.done(&d);
-        }
         if let Err(e) = self.journal.commit(b, false) {
             let msg = e.to_string();
             for (p, _) in ready {
@@ -323,6 +336,9 @@ impl View {
         // gets its times back before the lock is released, so neither another worker's links
         // nor a change through the view ever sees, or keeps, a time set by a copy.
         let mut orphans = Batch::new();
+        // The copies that took their names: only these count as copied (a copy that gave way
+        // is copied again, and counted then).
+        let mut linked: Vec<u64> = Vec::new();
         let mut ready = ready.into_iter().peekable();
         while ready.peek().is_some() {
             let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
@@ -353,11 +369,16 @@ impl View {
                         }
                         r => r.ctx("link copy into NEW")?,
                     }
+                    if let Err(e) = check_linked(pfd.as_fd(), &name, &tst) {
+                        orphans.clear_copy(tst.st_dev, tst.st_ino);
+                        return Err(e);
+                    }
                     {
                         let mut n = p.inode.node();
                         n.new = Some(Loc::At(pfd, name));
                         n.copy = CopyState::Copy;
                     }
+                    linked.push(p.st.st_size as u64);
                     self.inodes
                         .add_identity(&p.inode, Identity::New(tst.st_dev, tst.st_ino));
                     Ok(Copied::File {
@@ -371,6 +392,12 @@ impl View {
                     tracing::warn!(error = %e, "restoring a NEW directory's times");
                 }
             }
+        }
+        if !linked.is_empty() {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.files += linked.len() as u64;
+            d.bytes += linked.iter().sum::<u64>();
+            orphans.done(&d);
         }
         if !orphans.is_empty() {
             let _ = self.journal.commit(orphans, false);
@@ -607,12 +634,6 @@ impl View {
                 &record_for(origin, &st, tmp.as_fd(), false)?,
             );
         }
-        {
-            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            d.files += 1;
-            d.bytes += if data { st.st_size as u64 } else { 0 };
-            b.done(&d);
-        }
         // Durable when it makes a hard-link group's copy known; a plain copy record need not
         // be: lost with its copy, the copier copies again; lost alone, the copy is the view's.
         self.journal.commit(b, durable)?;
@@ -628,6 +649,17 @@ impl View {
         })?;
         if !linked {
             return Ok(Copied::GaveWay);
+        }
+        if let Err(e) = check_linked(pfd.as_fd(), &name, &tst) {
+            let mut b = Batch::new();
+            b.clear_copy(tst.st_dev, tst.st_ino);
+            let _ = self.journal.commit(b, false);
+            return Err(e);
+        }
+        {
+            let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            d.files += 1;
+            d.bytes += if data { st.st_size as u64 } else { 0 };
         }
         if !background {
             fsync_dir(pfd.as_fd())?;
