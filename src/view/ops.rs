@@ -595,7 +595,13 @@ impl View {
     /// renamed): nothing changed in NEW to show it, so `dir`'s mtime and ctime are set as the
     /// kernel sets them for any change of a directory (`dir` brought into NEW first).
     fn touch_dir_locked(&self, dir: &Inode) -> Result<()> {
+        let made = dir.node().new.is_none();
         let fd = self.ensure_new_dir_locked(dir)?;
+        if made {
+            // Directories are made in the work dir, then renamed into place: none is left
+            // behind in NEW for this (the caller holds `ns`, under which names are made there).
+            self.remove_work_dir_if_empty();
+        }
         let now = Timestamps {
             last_access: timespec(None),
             last_modification: timespec(Some(SetTime::Now)),
