@@ -132,7 +132,12 @@ fn new_arg(f: &Fixture, side: Side, bucket: &str) -> String {
 
 /// `ferryfs prepare` of OLD and NEW (store arguments) into the fixture's state dir.
 fn prepare(f: &Fixture, old: &str, new: &str) {
-    ok(ferryfs(&[
+    ok(prepare_with(f, old, new, &[]));
+}
+
+/// `prepare` with more arguments, as it went.
+fn prepare_with(f: &Fixture, old: &str, new: &str, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
         "prepare".as_ref(),
         "--old".as_ref(),
         old.as_ref(),
@@ -140,7 +145,9 @@ fn prepare(f: &Fixture, old: &str, new: &str) {
         new.as_ref(),
         "--state".as_ref(),
         f.state.as_os_str(),
-    ]));
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    ferryfs(&args)
 }
 
 /// Every entry below `root` of a directory tree.
@@ -886,32 +893,12 @@ fn an_s3_new_written_for_rclone_gives_rclone_its_modes_back() {
     let old = fill_old(&f, Side::Posix, "");
     let new = new_arg(&f, Side::S3, "for-rclone");
     let posix_new = f.new.to_str().unwrap().to_string();
-    let refused = ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        old.as_ref(),
-        "--new".as_ref(),
-        posix_new.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-        "--s3-metadata".as_ref(),
-        "rclone".as_ref(),
-    ]);
+    let refused = prepare_with(&f, &old, &posix_new, &["--s3-metadata", "rclone"]);
     assert!(
         !refused.status.success(),
         "--s3-metadata taken for a directory NEW"
     );
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        old.as_ref(),
-        "--new".as_ref(),
-        new.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-        "--s3-metadata".as_ref(),
-        "rclone".as_ref(),
-    ]));
+    ok(prepare_with(&f, &old, &new, &["--s3-metadata", "rclone"]));
     let mnt = f.mnt.clone();
     f.mount_with(&mnt, &[]);
     ok(f.cmd("execute", &["--wait"]));
