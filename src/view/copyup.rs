@@ -656,11 +656,16 @@ impl View {
             let _ = self.journal.commit(b, false);
             return Err(e);
         }
-        {
+        let done = {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
             d.files += 1;
             d.bytes += if data { st.st_size as u64 } else { 0 };
-        }
+            *d
+        };
+        // Counted once named; recorded for `status` (not synced: it is only news).
+        let mut b = Batch::new();
+        b.done(&done);
+        let _ = self.journal.commit(b, false);
         if !background {
             fsync_dir(pfd.as_fd())?;
         }
