@@ -336,3 +336,42 @@ fn a_large_object_is_fetched_in_parallel_ranges() {
         .unwrap_err();
     assert_eq!(e.errno, libc::ESTALE, "{e}");
 }
+
+/// A store on a service that is not AWS's, with no region anywhere: the region is never asked
+/// of the EC2 instance metadata service (the SDK's default chain asks it last: a request off
+/// the host). The metadata service is pointed at a listener here, which must see no
+/// connection while `prepare` works (and fails: the store's port is closed).
+#[test]
+fn a_store_on_another_service_never_asks_the_instance_metadata_service_for_a_region() {
+    let imds = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    imds.set_nonblocking(true).unwrap();
+    let closed = common::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("new")).unwrap();
+    let out = common::run(
+        std::process::Command::new(common::BIN)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("AWS_ACCESS_KEY_ID", "x")
+            .env("AWS_SECRET_ACCESS_KEY", "y")
+            .env(
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                format!("http://{}", imds.local_addr().unwrap()),
+            )
+            .arg("prepare")
+            .arg("--old")
+            .arg(format!("s3://bkt?endpoint=http://127.0.0.1:{closed}"))
+            .arg("--new")
+            .arg(dir.path().join("new"))
+            .arg("--state")
+            .arg(dir.path().join("state")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "prepare of a closed port succeeded");
+    assert!(err.contains(&format!("127.0.0.1:{closed}")), "{err}");
+    match imds.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the instance metadata service was asked: {other:?}\n{err}"),
+    }
+}

@@ -268,6 +268,27 @@ impl S3Store {
             }
             if let Some(r) = &url.region {
                 l = l.region(aws_config::Region::new(r.clone()));
+            } else if url.endpoint.is_some()
+                || ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+                    .iter()
+                    .any(|k| std::env::var_os(k).is_some())
+            {
+                // A service that is not AWS's: its region comes from the environment or the
+                // profile, else any name does. Never from the EC2 instance metadata service,
+                // which the SDK's default chain asks last: a request off this host, waiting
+                // for its timeout wherever there is no such service.
+                use aws_config::environment::region::EnvironmentVariableRegionProvider;
+                use aws_config::meta::region::RegionProviderChain;
+                use aws_config::profile::ProfileFileRegionProvider;
+                let profile = match &url.profile {
+                    Some(p) => ProfileFileRegionProvider::builder().profile_name(p).build(),
+                    None => ProfileFileRegionProvider::new(),
+                };
+                l = l.region(
+                    RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+                        .or_else(profile)
+                        .or_else(aws_config::Region::new("us-east-1")),
+                );
             }
             if let Some(e) = &url.endpoint {
                 l = l.endpoint_url(e);
