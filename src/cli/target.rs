@@ -47,7 +47,7 @@ impl Offline {
 }
 
 /// Open the state dir in this process (no daemon serves it), clearing dead views first.
-pub fn open_offline(state: &Path) -> Result<Migration, CliError> {
+fn open_offline(state: &Path) -> Result<Migration, CliError> {
     let m = Migration::open(state)?;
     crate::daemon::clear_dead_views(&m).map_err(CliError::Daemon)?;
     Ok(m)

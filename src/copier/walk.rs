@@ -28,14 +28,14 @@ pub(super) struct Visitor<'a> {
 /// A worker's copies waiting to be named, and the lookups that keep their entries (and
 /// parents) known until then.
 #[derive(Default)]
-struct Batch {
+struct WorkerBatch {
     copies: Vec<(Pending, bool)>,
     held: Vec<(Arc<Inode>, Arc<DirGuard>)>,
     bytes: u64,
     since: Option<Instant>,
 }
 
-impl Batch {
+impl WorkerBatch {
     /// Full, or waiting long enough (slow under a bandwidth limit): name it, so progress
     /// shows steadily.
     fn due(&self) -> bool {
@@ -92,9 +92,9 @@ impl Copier {
     }
 
     /// Hand a worker's batch to the namer (or name it here if the namer is gone).
-    fn name_batch(&self, b: &mut Batch, ntx: &chan::Sender<NamerBatch>, v: &Visitor<'_>) {
+    fn name_batch(&self, b: &mut WorkerBatch, ntx: &chan::Sender<NamerBatch>, v: &Visitor<'_>) {
         let (copies, held) = (std::mem::take(&mut b.copies), std::mem::take(&mut b.held));
-        *b = Batch::default();
+        *b = WorkerBatch::default();
         if copies.is_empty() {
             for (inode, _dir) in held {
                 self.view.release_lookup(&inode);
@@ -113,7 +113,7 @@ impl Copier {
     /// is over.
     fn work(&self, rx: chan::Receiver<Job>, ntx: chan::Sender<NamerBatch>, v: &Visitor<'_>) {
         let touched = self.view.touched();
-        let mut batch = Batch::default();
+        let mut batch = WorkerBatch::default();
         loop {
             // Entries applications touched go first; the walk meets them again later and
             // counts them then (one count per name).
@@ -155,7 +155,7 @@ impl Copier {
     }
 
     /// One non-directory the walk listed: looked up, then copied or checked.
-    fn do_job(&self, job: Job, batch: &mut Batch, v: &Visitor<'_>) {
+    fn do_job(&self, job: Job, batch: &mut WorkerBatch, v: &Visitor<'_>) {
         if self.stopping() {
             return;
         }

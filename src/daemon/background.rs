@@ -31,11 +31,6 @@ impl Ready {
         }))
     }
 
-    /// No parent waits (a `--foreground` mount started by hand, a test).
-    pub fn none() -> Ready {
-        Ready(None)
-    }
-
     /// A warning the parent prints before it returns.
     pub fn warn(&mut self, w: &str) {
         if let Some(r) = self.0.as_mut() {

@@ -24,7 +24,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::journal::rocks::RocksJournal;
 use crate::journal::{JournalError, Meta, Records};
-pub use crate::journal::{Phase, Totals};
 use crate::store::StoreSpec;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -204,12 +204,9 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let rate = match journal.meta(Meta::Rate)? {
-        Some(v) => match serde_json::from_slice::<(u64, u64)>(&v) {
-            Ok((bps, at)) if now.saturating_sub(at) <= 5 && phase == "executing" => bps,
-            _ => 0,
-        },
-        None => 0,
+    let rate = match journal.rate()? {
+        Some((bps, at)) if now.saturating_sub(at) <= 5 && phase == "executing" => bps,
+        _ => 0,
     };
     let left = totals.bytes.saturating_sub(done.bytes);
     let eta_seconds = match phase.as_str() {

@@ -560,7 +560,8 @@ impl View {
             self.touch_dir_locked(&sp)?;
             match dst.as_ref().filter(|d| d.new.is_some()) {
                 Some(d) => self.remove_renamed_over(&at, d)?,
-                None => self.touch_dir_locked(&dp)?,
+                None if !Arc::ptr_eq(&sp, &dp) => self.touch_dir_locked(&dp)?,
+                None => {}
             }
         }
         if let Some(id) = intent_id {

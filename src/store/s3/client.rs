@@ -13,7 +13,7 @@ impl S3Store {
         self.counters.heads.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let r = self.block(self.head_req(&key).send());
-        head_result(rel, &self.at(format!("HEAD {key}")), r)
+        head_result(rel, || self.at(format!("HEAD {key}")), r)
     }
 
     fn head_req(
@@ -45,7 +45,7 @@ impl S3Store {
                 Err(e) => Err(S3Error::new(what, libc::EIO, e.to_string())),
             },
         };
-        (head_result(rel, &self.at(format!("HEAD {key}")), h), l)
+        (head_result(rel, || self.at(format!("HEAD {key}")), h), l)
     }
 
     /// One page of ListObjectsV2 below `prefix` (a full key prefix): split at '/' when

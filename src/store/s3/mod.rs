@@ -217,7 +217,7 @@ fn has_keys(r: &aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output) -> 
 /// A HEAD's answer as [`S3Store::head`] gives it: `None` for no such object.
 fn head_result(
     rel: &str,
-    what: &str,
+    what: impl FnOnce() -> String,
     r: std::result::Result<
         aws_sdk_s3::operation::head_object::HeadObjectOutput,
         aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::head_object::HeadObjectError>,
@@ -232,7 +232,7 @@ fn head_result(
             o.metadata(),
         ))),
         Err(e) => {
-            let e = sdk_err(what, e);
+            let e = sdk_err(&what(), e);
             if e.errno == libc::ENOENT {
                 Ok(None)
             } else {
