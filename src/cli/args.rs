@@ -247,4 +247,8 @@ pub struct ExecuteArgs {
     /// Copier limit in entries/s; 0 is unlimited [default: 0, or the daemon's setting].
     #[arg(long)]
     pub ops_limit: Option<u64>,
+    /// Copy again every entry NEW took from OLD and has lost since (removed or lost in NEW
+    /// behind ferryfs's back); until then each is an error, and the migration is not executed.
+    #[arg(long)]
+    pub recopy_lost: bool,
 }

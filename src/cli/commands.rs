@@ -57,7 +57,7 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
     });
     let t = state::prepare(old.clone(), new.clone(), &p.state, p.allow_nonempty_new);
     drop(shower);
-    let t = t?;
+    let (t, caps) = t?;
     println!(
         "prepared: OLD {old} ({} dirs, {} files, {} bytes) -> NEW {new}; state in {}",
         t.dirs,
@@ -65,6 +65,10 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
         t.bytes,
         p.state.display()
     );
+    print!("{}", caps.table());
+    for w in capability_warnings(&caps, &t) {
+        println!("warning: {w}");
+    }
     if t.setid > 0 || t.devices > 0 {
         println!(
             "note: OLD holds {} set-id program(s) and {} device file(s); the view is \
@@ -73,6 +77,27 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// What NEW cannot hold as OLD has it, with the count of OLD entries concerned where the scan
+/// counted them: each such entry fails to copy later, with an error naming it.
+fn capability_warnings(
+    caps: &crate::store::probe::Capabilities,
+    t: &crate::journal::Totals,
+) -> Vec<String> {
+    caps.new
+        .iter()
+        .filter(|c| !c.ok && c.degrades)
+        // Nothing in OLD that NEW's lack of hard links would change.
+        .filter(|c| c.name != "hard_links" || t.hardlinks > 0)
+        .map(|c| {
+            let count = match c.name.as_str() {
+                "hard_links" => format!(" ({} names of hard-linked files in OLD)", t.hardlinks),
+                _ => String::new(),
+            };
+            format!("NEW lacks {}{count}: {}; {}", c.name, c.detail, c.fallback)
+        })
+        .collect()
 }
 
 /// `mount`: serve in this process (`--foreground`), or start the daemon in the background
@@ -160,6 +185,11 @@ pub fn execute(e: &ExecuteArgs) -> Result<(), CliError> {
             r.accepted()?;
         }
     }
+    if e.recopy_lost
+        && let Some(r) = ask(state, &Request::RecopyLost)?
+    {
+        r.accepted()?;
+    }
     if let Some(r) = ask(state, &Request::Execute)? {
         println!("{}", r.accepted()?);
         return if e.wait { wait_executed(state) } else { Ok(()) };
@@ -171,7 +201,11 @@ pub fn execute(e: &ExecuteArgs) -> Result<(), CliError> {
         ops_limit: e.ops_limit.unwrap_or(0),
         recheck: None,
     };
-    execute_here(state, &Offline::open(state, opts)?)
+    let o = Offline::open(state, opts)?;
+    if e.recopy_lost {
+        o.copier.recopy_lost();
+    }
+    execute_here(state, &o)
 }
 
 /// `execute --wait` with a daemon: progress until the migration is executed (and an S3 NEW's

@@ -200,6 +200,11 @@ pub fn print_status(s: &Status) {
     );
     println!("tombstones: {}", s.tombstones);
     println!("redirects:  {}", s.redirects);
+    for (store, list) in [("OLD", &s.capabilities.old), ("NEW", &s.capabilities.new)] {
+        for c in list.iter().filter(|c| !c.ok && !c.fallback.is_empty()) {
+            println!("fallback:   {store} lacks {}: {}", c.name, c.fallback);
+        }
+    }
     if let Some(p) = &s.published {
         println!(
             "bucket:     {} objects uploaded into NEW, {} uploads under way",

@@ -13,6 +13,8 @@ pub enum Request {
     /// The copier's live state (status itself reads the journal). Reply: `CopierState`.
     Status,
     Execute,
+    /// The next pass copies again what NEW lost (`execute --recopy-lost`).
+    RecopyLost,
     Pause,
     Resume,
     /// Change limits while running; absent fields stay as they are. Reply: `CopierState`.

@@ -98,6 +98,8 @@ struct PassCtx<'a> {
     seen: Mutex<std::collections::HashSet<Vec<u8>>>,
     /// Copy failures of this pass by errno (the log names the first few of each).
     failed: Mutex<std::collections::BTreeMap<i32, u64>>,
+    /// Copies NEW lost are copied again this pass (`execute --recopy-lost`), not reported.
+    recopy_lost: bool,
 }
 
 /// Failures of one errno that a pass logs one by one; the rest are counted in one line at the
@@ -208,6 +210,8 @@ pub struct Copier {
     checking: AtomicBool,
     checked: AtomicU64,
     running: AtomicBool,
+    /// `execute --recopy-lost` asked for the next pass to copy again what NEW lost.
+    recopy_lost: AtomicBool,
     recheck: Option<Duration>,
     /// An S3 NEW's publisher (crate::copier::publish): commit, verify and abort reach it here.
     publisher: std::sync::OnceLock<Arc<crate::copier::publish::Publisher>>,
@@ -253,6 +257,7 @@ impl Copier {
             ops: Limiter::new(opts.ops_limit),
             paused: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            recopy_lost: AtomicBool::new(false),
             want: Mutex::new(Want::default()),
             cv: Condvar::new(),
             last: Mutex::new(None),
@@ -333,6 +338,13 @@ impl Copier {
         self.paused.store(false, Ordering::Relaxed);
         self.cv.notify_all();
         Ok(())
+    }
+
+    /// The next pass copies again every entry NEW took from OLD and lost since (each is an
+    /// error until then, so that nothing reports the migration executed while NEW lacks it).
+    pub fn recopy_lost(&self) {
+        self.recopy_lost.store(true, Ordering::Release);
+        self.kick();
     }
 
     /// Ask for another pass soon (after something found work for it).
@@ -585,7 +597,9 @@ impl Copier {
             self.journal.errors()?.into_iter().collect();
         let c = PassCounters::default();
         let ns_at_start = self.view.ns_changes();
+        let recopy_lost = self.recopy_lost.load(Ordering::Acquire);
         let ctx = PassCtx {
+            recopy_lost,
             c: &c,
             known: &known_errors,
             seen: Mutex::new(std::collections::HashSet::new()),
@@ -617,6 +631,9 @@ impl Copier {
                     "copies failed alike this pass; `ferryfs status` lists every one; will retry"
                 );
             }
+        }
+        if recopy_lost && !stopped {
+            self.recopy_lost.store(false, Ordering::Release);
         }
         let mut b = Batch::new();
         for path in known_errors.keys().filter(|p| !seen.contains(*p)) {
@@ -678,6 +695,23 @@ impl Copier {
     /// it with its batch (see [`Copier::flush`]).
     fn copy_one(&self, inode: &Arc<Inode>, p: &PassCtx<'_>, counts: bool) -> Option<Pending> {
         let mut tick = |n| self.tick_for(n, Some(&inode.cancel));
+        if p.recopy_lost && self.view.in_new(inode) {
+            // A copy NEW lost while the view kept its inode: shown from OLD again, to copy.
+            self.view.drop_lost_new_side(inode);
+        }
+        if !p.recopy_lost && !self.view.in_new(inode) {
+            match self.view.lost_copy(inode) {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.account(inode, Err(crate::view::error::Error::lost()), p, counts);
+                    return None;
+                }
+                Err(e) => {
+                    self.account(inode, Err(e), p, counts);
+                    return None;
+                }
+            }
+        }
         let r = if self.view.in_new(inode) {
             self.view
                 .check_copy(inode, true, &mut tick)
@@ -843,11 +877,16 @@ impl Copier {
             r.checked += 1;
             drop(r);
             if !self.view.in_new(inode) {
-                report
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pending
-                    .push(path);
+                // An entry NEW took and lost is a mismatch, not one still to copy.
+                let lost = self.view.lost_copy(inode);
+                let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+                match lost {
+                    Ok(false) => r.pending.push(path),
+                    Ok(true) => r
+                        .mismatches
+                        .push(format!("{path}: {}", crate::view::error::LOST)),
+                    Err(e) => r.errors.push(format!("{path}: {e}")),
+                }
                 return None;
             }
             let res = self

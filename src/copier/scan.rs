@@ -136,6 +136,9 @@ pub fn scan_totals(root: &Path) -> io::Result<Totals> {
                 if ft.is_file() {
                     let md = ent.metadata()?;
                     sub.bytes += md.len();
+                    if std::os::unix::fs::MetadataExt::nlink(&md) > 1 {
+                        sub.hardlinks += 1;
+                    }
                     let mode = std::os::unix::fs::PermissionsExt::mode(&md.permissions());
                     if mode & libc::S_ISUID != 0
                         || mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP

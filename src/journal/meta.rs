@@ -37,6 +37,8 @@ pub enum Meta {
     AbortS3Plan,
     AbortS3Hidden,
     AbortS3Deletes,
+    /// What prepare's probe found each store does (JSON of `store::probe::Capabilities`).
+    Capabilities,
 }
 
 impl Meta {
@@ -57,6 +59,7 @@ impl Meta {
             Meta::AbortS3Plan => "abort_s3_plan",
             Meta::AbortS3Hidden => "abort_s3_hidden",
             Meta::AbortS3Deletes => "abort_s3_deletes",
+            Meta::Capabilities => "capabilities",
         }
     }
 }
@@ -117,6 +120,10 @@ pub struct Totals {
     pub setid: u64,
     #[serde(default)]
     pub devices: u64,
+    /// Names of files with more than one name in OLD (hard links), counted at prepare: what a
+    /// NEW without hard links could not hold as OLD has it.
+    #[serde(default)]
+    pub hardlinks: u64,
 }
 
 impl Totals {
@@ -126,6 +133,7 @@ impl Totals {
         self.bytes += o.bytes;
         self.setid += o.setid;
         self.devices += o.devices;
+        self.hardlinks += o.hardlinks;
     }
 }
 

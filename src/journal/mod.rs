@@ -257,6 +257,7 @@ const P_ERROR: u8 = b'e';
 const P_STALE: u8 = b's';
 const P_PUBLISHED: u8 = b'p';
 const P_PUB_ERROR: u8 = b'u';
+const P_TAKEN: u8 = b't';
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -276,6 +277,12 @@ fn hardlink_key(dev: u64, ino: u64) -> Vec<u8> {
 fn copy_of_key(dev: u64, ino: u64) -> Vec<u8> {
     let mut k = hardlink_key(dev, ino);
     k[0] = P_COPY_OF;
+    k
+}
+
+fn taken_key(dev: u64, ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(dev, ino);
+    k[0] = P_TAKEN;
     k
 }
 
@@ -421,6 +428,20 @@ impl Batch {
     pub fn copy(&mut self, new_dev: u64, new_ino: u64, rec: &CopyRecord) -> &mut Self {
         let v = serde_json::to_vec(rec).expect("copy record serializes");
         self.ops.push(KvOp::Put(copy_key(new_dev, new_ino), v));
+        self
+    }
+    /// NEW took OLD's entry `old` (its copy is named in NEW): written once the name exists,
+    /// kept while the migration lives. An OLD entry with this mark that NEW lacks is a copy NEW
+    /// lost behind ferryfs's back, never an entry still to copy.
+    pub fn taken(&mut self, old: &Fingerprint) -> &mut Self {
+        let mut v = old.ctime.0.to_le_bytes().to_vec();
+        v.extend_from_slice(&old.ctime.1.to_le_bytes());
+        self.ops.push(KvOp::Put(taken_key(old.dev, old.ino), v));
+        self
+    }
+    /// Forget that NEW took OLD's entry (dev, ino): it is to be copied again.
+    pub fn clear_taken(&mut self, dev: u64, ino: u64) -> &mut Self {
+        self.ops.push(KvOp::Delete(taken_key(dev, ino)));
         self
     }
     pub fn clear_copy(&mut self, new_dev: u64, new_ino: u64) -> &mut Self {
@@ -626,6 +647,16 @@ impl Records {
         Ok(self.kv.get(&copy_key(new_dev, new_ino))?.is_some())
     }
 
+    /// Whether NEW took OLD's entry as `old` is now (same inode, same ctime): see
+    /// [`Batch::taken`].
+    pub fn was_taken(&self, old: &Fingerprint) -> Result<bool> {
+        Ok(self.kv.get(&taken_key(old.dev, old.ino))?.is_some_and(|v| {
+            v.len() == 16
+                && v[..8] == old.ctime.0.to_le_bytes()
+                && v[8..] == old.ctime.1.to_le_bytes()
+        }))
+    }
+
     /// Every copy record: ((new_dev, new_ino), record).
     pub fn copies(&self) -> Result<Vec<((u64, u64), CopyRecord)>> {
         self.kv
@@ -718,7 +749,9 @@ impl Records {
     /// errors, intents): after commit or abort the view has one store only.
     pub fn clear_view_records(&self) -> Result<()> {
         let mut ops = Vec::new();
-        for p in [P_DENTRY, P_HARDLINK, P_COPY_OF, P_COPY, P_ERROR, P_INTENT] {
+        for p in [
+            P_DENTRY, P_HARDLINK, P_COPY_OF, P_COPY, P_ERROR, P_INTENT, P_TAKEN,
+        ] {
             for (k, _) in self.kv.scan(&[p])? {
                 ops.push(KvOp::Delete(k));
                 if ops.len() >= 10_000 {
@@ -843,5 +876,40 @@ mod tests {
         j.commit(b, false).unwrap();
         assert_eq!(j.list(1).unwrap().len(), 1);
         assert_eq!(j.list(2).unwrap()[0].0, b"b");
+    }
+
+    #[test]
+    fn an_entry_taken_is_known_by_its_old_inode_and_ctime_until_cleared() {
+        let j = Records::new(Arc::new(mem::MemJournal::default())).unwrap();
+        let fp = Fingerprint {
+            dev: 7,
+            ino: 42,
+            size: 3,
+            mtime: (10, 1),
+            ctime: (11, 2),
+        };
+        assert!(!j.was_taken(&fp).unwrap());
+        let mut b = Batch::new();
+        b.taken(&fp);
+        j.commit(b, false).unwrap();
+        assert!(j.was_taken(&fp).unwrap());
+        // The same inode number changed since (another file, or OLD changed it): not taken.
+        assert!(
+            !j.was_taken(&Fingerprint {
+                ctime: (11, 3),
+                ..fp
+            })
+            .unwrap()
+        );
+        assert!(!j.was_taken(&Fingerprint { ino: 43, ..fp }).unwrap());
+        let mut b = Batch::new();
+        b.clear_taken(7, 42);
+        j.commit(b, false).unwrap();
+        assert!(!j.was_taken(&fp).unwrap());
+        let mut b = Batch::new();
+        b.taken(&fp);
+        j.commit(b, false).unwrap();
+        j.clear_view_records().unwrap();
+        assert!(!j.was_taken(&fp).unwrap());
     }
 }

@@ -11,6 +11,7 @@ use super::{Config, StateError, io_at, layout, read_config, take_lock};
 use crate::journal::rocks::RocksJournal;
 use crate::journal::{Batch, Meta, Phase, Records, Totals};
 use crate::store::StoreSpec;
+use crate::store::probe::{self, Capabilities};
 
 fn check_dir(what: &str, spec: &StoreSpec) -> Result<(), StateError> {
     let path = match spec {
@@ -40,6 +41,12 @@ fn check_dir(what: &str, spec: &StoreSpec) -> Result<(), StateError> {
     if !md.is_dir() {
         return Err(StateError::Invalid(format!(
             "{what} store {} is not a directory",
+            path.display()
+        )));
+    }
+    if let Some(names) = crate::store::probe::juicefs_internals(path) {
+        return Err(StateError::Invalid(format!(
+            "{what} store {} is the root of a JuiceFS mount that lists JuiceFS's internal              files ({names}): they are not data (reading .accesslog never ends), so mount the              volume with --hide-internal, or use a directory inside it",
             path.display()
         )));
     }
@@ -164,7 +171,7 @@ pub fn prepare(
     new: StoreSpec,
     state: &Path,
     allow_nonempty_new: bool,
-) -> Result<Totals, StateError> {
+) -> Result<(Totals, Capabilities), StateError> {
     check_dir("OLD", &old)?;
     check_dir("NEW", &new)?;
     if let (StoreSpec::S3 { url: o }, StoreSpec::S3 { url: n }) = (&old, &new)
@@ -207,6 +214,10 @@ pub fn prepare(
     let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
     let totals = crate::copier::scan::scan_totals(&op).map_err(io_at(&op))?;
     root_meta_from_old(&op, &np)?;
+    let caps = Capabilities {
+        old: probe_old_at(&op)?,
+        new: probe_new_at(&np)?,
+    };
     let ost = rustix::fs::stat(&op).map_err(|e| io_at(&op)(e.into()))?;
     let config = Config {
         old: StoreSpec::Posix { path: op.clone() },
@@ -215,8 +226,23 @@ pub fn prepare(
             s3 => s3,
         },
     };
-    record_migration(&config, &totals, &ost, &np, state, new_was_empty)?;
-    Ok(totals)
+    record_migration(&config, &totals, &caps, &ost, &np, state, new_was_empty)?;
+    Ok((totals, caps))
+}
+
+/// [`probe::probe_old`] of the directory `op`.
+fn probe_old_at(op: &Path) -> Result<Vec<probe::Capability>, StateError> {
+    let o = crate::store::posix::PosixStore::open(op).map_err(io_at(op))?;
+    Ok(probe::probe_old(o.root()))
+}
+
+/// [`probe::probe_new`] of the directory `np` (a scratch directory in it, removed again).
+fn probe_new_at(np: &Path) -> Result<Vec<probe::Capability>, StateError> {
+    let n = crate::store::posix::PosixStore::open(np).map_err(io_at(np))?;
+    probe::probe_new(n.root()).map_err(|e| StateError::Io {
+        path: np.join(probe::PROBE_DIR),
+        source: e,
+    })
 }
 
 /// `prepare` of a migration out of an S3 bucket (OLD) into the POSIX directory `np`.
@@ -226,7 +252,7 @@ fn prepare_from_s3(
     new: StoreSpec,
     state: &Path,
     allow_nonempty_new: bool,
-) -> Result<Totals, StateError> {
+) -> Result<(Totals, Capabilities), StateError> {
     check_new_and_state(&np, state, allow_nonempty_new, &[&np])?;
     let _lock = take_lock(state)?;
     let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
@@ -254,8 +280,12 @@ fn prepare_from_s3(
             s3 => s3,
         },
     };
-    record_migration(&config, &totals, &ost, &np, state, new_was_empty)?;
-    Ok(totals)
+    let caps = Capabilities {
+        old: Vec::new(),
+        new: probe_new_at(&np)?,
+    };
+    record_migration(&config, &totals, &caps, &ost, &np, state, new_was_empty)?;
+    Ok((totals, caps))
 }
 
 /// The staging tree of an S3 NEW, made (empty) in a state dir that holds no migration yet.
@@ -324,6 +354,7 @@ fn check_new_and_state(
 fn record_migration(
     config: &Config,
     totals: &Totals,
+    caps: &Capabilities,
     ost: &rustix::fs::Stat,
     np: &Path,
     state: &Path,
@@ -340,6 +371,10 @@ fn record_migration(
         Meta::Totals,
         &serde_json::to_vec(totals).expect("totals serialize"),
     )
+    .meta(
+        Meta::Capabilities,
+        &serde_json::to_vec(caps).expect("capabilities serialize"),
+    )
     .meta(Meta::Phase, Phase::Prepared.as_str().as_bytes())
     .meta(Meta::NewWasEmpty, if new_was_empty { b"1" } else { b"0" });
     let n = fs::File::open(np).map_err(io_at(np))?;
@@ -350,8 +385,12 @@ fn record_migration(
         &crate::journal::CopyRecord {
             origin: Vec::new(),
             fp: crate::journal::Fingerprint::of(ost),
-            handle: crate::store::posix::file_handle(std::os::fd::AsFd::as_fd(&n))
-                .map_err(io_at(np))?,
+            // NEW's root by its handle where NEW's handles last (by st_dev/st_ino otherwise).
+            handle: if caps.new_handles() {
+                crate::store::posix::file_handle(std::os::fd::AsFd::as_fd(&n)).map_err(io_at(np))?
+            } else {
+                Vec::new()
+            },
             is_dir: true,
         },
     );

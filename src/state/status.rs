@@ -62,6 +62,9 @@ pub struct Status {
     /// under way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub published: Option<Published>,
+    /// What prepare's probe found each store does, with the fallback for each missing
+    /// capability.
+    pub capabilities: crate::store::probe::Capabilities,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -218,7 +221,12 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         Ok(f) => rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err(),
         Err(_) => false,
     };
+    let capabilities = journal
+        .meta(Meta::Capabilities)?
+        .and_then(|v| serde_json::from_slice(&v).ok())
+        .unwrap_or_default();
     Ok(Status {
+        capabilities,
         phase,
         old: config.old.to_string(),
         new: config.new.to_string(),

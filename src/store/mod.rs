@@ -7,6 +7,7 @@
 
 pub mod copy;
 pub mod posix;
+pub mod probe;
 pub mod s3;
 
 use std::fmt;

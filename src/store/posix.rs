@@ -245,6 +245,29 @@ pub fn anon_file(dir: BorrowedFd<'_>, mode: u32) -> io::Result<std::fs::File> {
     .map_err(io_err)
 }
 
+/// Rename `from` in `fd` to `to` in `td` unless `to` exists (EEXIST then). A file system
+/// without renameat2's flags (many FUSE file systems answer EINVAL) gets a look, then a
+/// plain rename: callers make sure nothing else names `to` meanwhile (the view's namespace
+/// lock; the view is NEW's only writer).
+pub fn rename_noreplace(
+    fd: BorrowedFd<'_>,
+    from: &OsStr,
+    td: BorrowedFd<'_>,
+    to: &OsStr,
+) -> rustix::io::Result<()> {
+    match rustix::fs::renameat_with(fd, from, td, to, rustix::fs::RenameFlags::NOREPLACE) {
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            match rustix::fs::statat(td, to, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(_) => return Err(rustix::io::Errno::EXIST),
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(e),
+            }
+            rustix::fs::renameat(fd, from, td, to)
+        }
+        r => r,
+    }
+}
+
 /// The `/proc/self/fd/N` path of an fd: lets path-only calls (xattrs on O_PATH fds, reopen)
 /// act on exactly the inode we hold, without resolving any name again.
 pub fn proc_path(fd: BorrowedFd<'_>) -> CString {

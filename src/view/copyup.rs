@@ -15,7 +15,8 @@ use std::sync::atomic::Ordering;
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::inode::{CopyState, Identity, Inode};
-use super::{Kind, View};
+use super::scratch::Scratch;
+use super::{Kind, View, keep_alive_name};
 use crate::journal::{Batch, CopyRecord, Fingerprint};
 use crate::store::copy::{
     Fetched, Tick, apply_meta, copy_data_of, copy_xattrs, copy_xattrs_fd, fetch_object,
@@ -45,18 +46,13 @@ fn old_side(inode: &Inode) -> Result<super::inode::OldRef> {
 }
 
 /// The copy record of a NEW entry (open as `fd`) copied from OLD's `origin`, whose stat was `old`.
-fn record_for(
-    origin: &[u8],
-    old: &rustix::fs::Stat,
-    fd: BorrowedFd<'_>,
-    is_dir: bool,
-) -> Result<CopyRecord> {
-    Ok(CopyRecord {
+fn record_for(origin: &[u8], old: &rustix::fs::Stat, handle: Vec<u8>, is_dir: bool) -> CopyRecord {
+    CopyRecord {
         origin: origin.to_vec(),
         fp: Fingerprint::of(old),
-        handle: posix::file_handle(fd).ctx("file handle of the copy")?,
+        handle,
         is_dir,
-    })
+    }
 }
 
 /// A file copy's hard-link group, as [`View::hardlink_group`] found it.
@@ -69,7 +65,7 @@ enum Group {
 
 /// A copy made in an anonymous file, ready to be named.
 struct Made<'a> {
-    tmp: File,
+    tmp: Scratch,
     /// OLD's stat, taken before the copy.
     st: rustix::fs::Stat,
     group: Option<crate::journal::HardLinkGroup>,
@@ -94,24 +90,6 @@ fn check_linked(dir: BorrowedFd<'_>, name: &OsStr, tst: &rustix::fs::Stat) -> Re
             libc::EIO,
         )),
         Err(e) => Err(e).ctx("stat the copy linked into NEW"),
-    }
-}
-
-/// Give the anonymous file `tmp` the name `name` in `dir`: by its fd where the kernel allows
-/// it (CAP_DAC_READ_SEARCH), else through its /proc path.
-fn link_anon(tmp: &File, dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<()> {
-    match rustix::fs::linkat(tmp, "", dir, name, AtFlags::EMPTY_PATH) {
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
-            let tp = posix::proc_path(tmp.as_fd());
-            rustix::fs::linkat(
-                rustix::fs::CWD,
-                tp.as_c_str(),
-                dir,
-                name,
-                AtFlags::SYMLINK_FOLLOW,
-            )
-        }
-        r => r,
     }
 }
 
@@ -157,7 +135,7 @@ impl View {
             b.copy(
                 nst.st_dev,
                 nst.st_ino,
-                &record_for(&old.path, &st, fd.as_fd(), true)?,
+                &record_for(&old.path, &st, self.new_identity(fd.as_fd())?, true),
             );
             if count {
                 let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
@@ -189,6 +167,10 @@ impl View {
             dress(pfd.as_fd(), &name, false)?
         };
         let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
+        // Named in NEW: NEW took it (not synced: lost in a crash, a loss of it goes unseen).
+        let mut b = Batch::new();
+        b.taken(&Fingerprint::of(&st));
+        self.journal.commit(b, false)?;
         {
             let mut n = dir.node();
             n.new = Some(Loc::Fd(fd.clone()));
@@ -309,7 +291,8 @@ impl View {
                             {
                                 set_owner_and_mode(&p.tmp, &p.st)?;
                             }
-                            record_for(&p.origin, &p.st, p.tmp.as_fd(), false).map(|r| (tst, r))
+                            let h = self.new_identity(p.tmp.as_fd())?;
+                            Ok((tst, record_for(&p.origin, &p.st, h, false)))
                         });
                     match rec {
                         Ok((tst, rec)) => {
@@ -343,7 +326,7 @@ impl View {
         while ready.peek().is_some() {
             let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
             let mut dirs: Vec<(Arc<OwnedFd>, rustix::fs::Stat)> = Vec::new();
-            for (p, tst) in ready.by_ref().take(LINKS_PER_LOCK) {
+            for (mut p, tst) in ready.by_ref().take(LINKS_PER_LOCK) {
                 let r = (|| -> Result<Copied> {
                     // The view took the entry over since the checks above: its copy wins. An
                     // inode the kernel forgot meanwhile may carry stale names: the next pass
@@ -361,7 +344,7 @@ impl View {
                         let before = posix::stat_fd(pfd.as_fd()).ctx("stat NEW dir")?;
                         dirs.push((pfd.clone(), before));
                     }
-                    match link_anon(&p.tmp, pfd.as_fd(), &name) {
+                    match p.tmp.link_into(pfd.as_fd(), &name) {
                         // NEW got an entry of that name meanwhile (through the view): it wins.
                         Err(rustix::io::Errno::EXIST) => {
                             orphans.clear_copy(tst.st_dev, tst.st_ino);
@@ -379,6 +362,7 @@ impl View {
                         n.copy = CopyState::Copy;
                     }
                     linked.push(p.st.st_size as u64);
+                    orphans.taken(&Fingerprint::of(&p.st));
                     self.inodes
                         .add_identity(&p.inode, Identity::New(tst.st_dev, tst.st_ino));
                     Ok(Copied::File {
@@ -443,8 +427,7 @@ impl View {
         // their final permission bits, and owner and mode are fixed then only if they differ.
         let deferred = defer.is_some() && group.is_none();
         let create_mode = if deferred { st.st_mode & 0o777 } else { 0o600 };
-        let tmp = posix::anon_file(pfd.as_fd(), create_mode)
-            .ctx("O_TMPFILE in NEW (the NEW file system must support it)")?;
+        let tmp = self.scratch_file(pfd.as_fd(), create_mode)?;
         let size = st.st_size as u64;
         let copy = |tick: Tick<'_>| -> Result<Fetched> {
             match (&src, &obj) {
@@ -486,7 +469,7 @@ impl View {
             // SAFETY: plain syscall on an fd we own; a failure only loses the head start.
             unsafe {
                 libc::sync_file_range(
-                    std::os::fd::AsRawFd::as_raw_fd(&tmp),
+                    std::os::fd::AsRawFd::as_raw_fd(&*tmp),
                     0,
                     0,
                     libc::SYNC_FILE_RANGE_WRITE,
@@ -596,7 +579,7 @@ impl View {
         data: bool,
     ) -> Result<Copied> {
         let Made {
-            tmp,
+            mut tmp,
             st,
             group,
             origin,
@@ -622,7 +605,10 @@ impl View {
         if let Some(mut g) = group {
             // Journal the group's copy before it is visible: every other OLD name of the
             // group will be linked to it, and st_nlink counts them.
-            g.copy = Some(posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?);
+            // (No handle where NEW's do not last: the copy then keeps a name in the work dir
+            // until every OLD name of the group is linked to it.)
+            g.copy = Some(self.new_identity(tmp.as_fd())?);
+            g.kept_alive = !self.caps.handles;
             b.hardlink(st.st_dev, st.st_ino, &g)
                 .copy_of(tst.st_dev, tst.st_ino, st.st_dev, st.st_ino);
             inode.node().old_group = Some((st.st_dev, st.st_ino));
@@ -631,17 +617,25 @@ impl View {
             b.copy(
                 tst.st_dev,
                 tst.st_ino,
-                &record_for(origin, &st, tmp.as_fd(), false)?,
+                &record_for(origin, &st, self.new_identity(tmp.as_fd())?, false),
             );
         }
         // Durable when it makes a hard-link group's copy known; a plain copy record need not
         // be: lost with its copy, the copier copies again; lost alone, the copy is the view's.
         self.journal.commit(b, durable)?;
+        if durable && !self.caps.handles {
+            let work = self.work_dir()?;
+            tmp.keep_link(
+                work.as_fd(),
+                OsStr::new(&keep_alive_name(st.st_dev, st.st_ino)),
+            )
+            .ctx("keep an OLD hard-link group's copy in the work dir")?;
+        }
         // The entry may have been renamed while we copied: place it where it is now.
         let (parent, name) = self.placement(inode)?;
         let pfd = self.ensure_new_dir_locked(&parent)?;
         let linked = keeping_dir_times(&pfd, || {
-            match link_anon(&tmp, pfd.as_fd(), &name) {
+            match tmp.link_into(pfd.as_fd(), &name) {
                 // NEW got an entry of that name in between (created through the view): it wins.
                 Err(rustix::io::Errno::EXIST) if background => Ok(false),
                 r => r.ctx("link copy into NEW").map(|()| true),
@@ -662,9 +656,10 @@ impl View {
             d.bytes += if data { st.st_size as u64 } else { 0 };
             *d
         };
-        // Counted once named; recorded for `status` (not synced: it is only news).
+        // Counted once named, and marked taken; recorded for `status` (not synced: it is only
+        // news, and without the mark a later loss of the copy is copied again, unseen).
         let mut b = Batch::new();
-        b.done(&done);
+        b.done(&done).taken(&Fingerprint::of(&st));
         let _ = self.journal.commit(b, false);
         if !background {
             fsync_dir(pfd.as_fd())?;
@@ -763,6 +758,7 @@ impl View {
             d.files += 1;
             b.done(&d);
         }
+        b.taken(&Fingerprint::of(&st));
         self.journal.commit(b, false)?;
         {
             let mut n = inode.node();
@@ -789,7 +785,7 @@ fn rename_into_place(
     name: &OsStr,
     exist_in_place: bool,
 ) -> Result<bool> {
-    match rustix::fs::renameat_with(work, tmp, pfd, name, rustix::fs::RenameFlags::NOREPLACE) {
+    match posix::rename_noreplace(work.as_fd(), tmp, pfd.as_fd(), name) {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::XDEV) => Ok(false),
         Err(rustix::io::Errno::EXIST) if exist_in_place => Ok(false),
@@ -817,7 +813,7 @@ pub struct Pending {
     /// OLD's file (kept open to check it did not change); `None` for an S3 object.
     src: Option<File>,
     st: rustix::fs::Stat,
-    tmp: File,
+    tmp: Scratch,
     origin: Vec<u8>,
 }
 

@@ -152,6 +152,51 @@ impl View {
         inode.node().new.is_some()
     }
 
+    /// A copy the view knew (`inode`'s NEW side) that is gone from NEW: the inode is shown
+    /// from OLD again, for the copier to copy anew (`execute --recopy-lost`).
+    pub fn drop_lost_new_side(&self, inode: &Inode) {
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let mut n = inode.node();
+        if n.copy != CopyState::Copy || n.old.is_none() {
+            return;
+        }
+        if let Some(loc) = &n.new
+            && loc
+                .stat()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT))
+        {
+            n.new = None;
+            n.copy = CopyState::Local;
+        }
+    }
+
+    /// Whether `inode`, shown from OLD only, is an entry NEW took from OLD and has lost since
+    /// (removed or lost in NEW behind ferryfs's back): the journal marks every OLD entry whose
+    /// copy took its name in NEW ([`Batch::taken`]). A further name of an OLD hard-link group
+    /// whose copy NEW still holds is not lost: the view links it to that copy.
+    pub fn lost_copy(&self, inode: &Inode) -> Result<bool> {
+        let Some(old) = inode.node().old.clone() else {
+            return Ok(false);
+        };
+        if self.is_single() || inode.node().new.is_some() {
+            return Ok(false);
+        }
+        let st = old.loc.stat().ctx("stat OLD entry")?;
+        let fp = Fingerprint::of(&st);
+        if !self.journal.was_taken(&fp)? {
+            return Ok(false);
+        }
+        if inode.kind != Kind::Dir && st.st_nlink > 1 {
+            let copy = self.journal.hardlink(fp.dev, fp.ino)?.and_then(|g| g.copy);
+            if let Some(h) = copy
+                && self.open_group_copy(fp.dev, fp.ino, &h).is_ok()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Make a batch of pending copies durable (one syncfs of NEW) and name them.
     pub fn finish_copies(
         &self,
@@ -433,7 +478,14 @@ impl View {
         if state == CopyState::Local {
             return Ok(None);
         }
-        let st = loc.stat().ctx("stat NEW entry")?;
+        let st = match loc.stat() {
+            Ok(st) => st,
+            // The copy is gone from NEW behind ferryfs's back (the view still knew it).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && state == CopyState::Copy => {
+                return Err(Error::lost());
+            }
+            Err(e) => return Err(e).ctx("stat NEW entry"),
+        };
         let rec = match self.journal.copy(st.st_dev, st.st_ino)? {
             Some(r) if r.handle.is_empty() || loc.handle().ok().as_ref() == Some(&r.handle) => r,
             Some(_) => {
@@ -473,7 +525,7 @@ impl View {
             // follows OLD's directory as it is now.
             rec.fp = Fingerprint::of(&ost);
             let mut b = Batch::new();
-            b.copy(nst.st_dev, nst.st_ino, &rec);
+            b.copy(nst.st_dev, nst.st_ino, &rec).taken(&rec.fp);
             self.journal.commit(b, false)?;
         }
         Ok(())
@@ -594,6 +646,8 @@ impl View {
                 is_dir: false,
             },
         );
+        // (NEW keeps the earlier copy under the name until the rename below.)
+        b.taken(&Fingerprint::of(&ost));
         self.journal.commit(b, false)?;
         copy::keeping_dir_times(&pfd, || {
             rustix::fs::renameat(&work, &tmp_name, pfd.as_fd(), &name)
@@ -626,7 +680,7 @@ impl View {
         loc.utimens(&copy::timestamps(ost)).ctx("utimens NEW dir")?;
         rec.fp = Fingerprint::of(ost);
         let mut b = Batch::new();
-        b.copy(nst.st_dev, nst.st_ino, &rec);
+        b.copy(nst.st_dev, nst.st_ino, &rec).taken(&rec.fp);
         self.journal.commit(b, false)?;
         Ok(true)
     }
@@ -650,7 +704,7 @@ impl View {
             Some(f) => posix::stat_fd(f.as_fd()).ctx("stat OLD file")?,
             None => *ost,
         };
-        let tmp = posix::anon_file(pfd.as_fd(), 0o600).ctx("O_TMPFILE in NEW")?;
+        let mut tmp = self.scratch_file(pfd.as_fd(), 0o600)?;
         let fetched = match (&src, &obj) {
             (Some(f), _) => copy_data(f, &tmp, st.st_size as u64, tick)?.into(),
             (None, Some(e)) => copy::fetch_object(e, &tmp, tick)?,
@@ -665,19 +719,10 @@ impl View {
         rustix::fs::fsync(&tmp).ctx("fsync copy")?;
         let ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let work = self.work_dir()?;
-        let _ = rustix::fs::unlinkat(&work, tmp_name, AtFlags::empty());
-        let tp = posix::proc_path(tmp.as_fd());
-        rustix::fs::linkat(
-            rustix::fs::CWD,
-            tp.as_c_str(),
-            &work,
-            tmp_name,
-            AtFlags::SYMLINK_FOLLOW,
-        )
-        .ctx("link recopy into the work dir")?;
+        tmp.name_in_work(work.as_fd(), tmp_name)?;
         apply_meta(work.as_fd(), tmp_name, &st)?;
         let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
-        let h = posix::file_handle(tmp.as_fd()).ctx("file handle of the copy")?;
+        let h = self.new_identity(tmp.as_fd())?;
         Ok(Some((
             ns,
             work,
@@ -741,7 +786,7 @@ impl View {
     ) -> Result<bool> {
         let src = old.open(OFlags::RDONLY).ctx("open OLD file")?;
         let st = posix::stat_fd(src.as_fd()).ctx("stat OLD file")?;
-        let tmp = posix::anon_file(pfd.as_fd(), 0o600).ctx("O_TMPFILE in NEW")?;
+        let tmp = self.scratch_file(pfd.as_fd(), 0o600)?;
         if !copy_data(&src, &tmp, st.st_size as u64, tick)? {
             return Ok(false);
         }
@@ -764,7 +809,7 @@ impl View {
         rustix::fs::fsync(&dst).ctx("fsync NEW copy")?;
         rec.fp = Fingerprint::of(&st);
         let mut b = Batch::new();
-        b.copy(nst.st_dev, nst.st_ino, &rec);
+        b.copy(nst.st_dev, nst.st_ino, &rec).taken(&rec.fp);
         self.journal.commit(b, false)?;
         Ok(true)
     }
@@ -836,6 +881,8 @@ impl View {
             if e.name.starts_with(RECOPY_PREFIX.as_bytes())
                 || e.name
                     .starts_with(super::copyup::NEW_SPECIAL_PREFIX.as_bytes())
+                || e.name
+                    .starts_with(super::scratch::NEW_FILE_PREFIX.as_bytes())
             {
                 rustix::fs::unlinkat(&work, OsStr::from_bytes(&e.name), AtFlags::empty())
                     .ctx("remove a recopy left by a crash")?;

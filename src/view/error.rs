@@ -27,12 +27,24 @@ pub enum Error {
     Lifecycle(String),
 }
 
+/// What [`Error::lost`] says.
+pub const LOST: &str = "copied into NEW earlier, now missing from NEW (lost or removed there \
+     behind ferryfs's back); `ferryfs execute --state DIR --recopy-lost` copies it again";
+
 /// Shorthand used throughout `fs/`.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn refused(errno: i32, why: &'static str) -> Self {
         Error::Refused(why, errno)
+    }
+
+    /// An entry NEW took from OLD is missing from NEW now: NEW lost it behind ferryfs's back.
+    pub fn lost() -> Self {
+        Error::Store {
+            op: LOST,
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        }
     }
 
     /// The errno the application gets.

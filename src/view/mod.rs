@@ -19,6 +19,7 @@ pub mod error;
 mod handles;
 pub mod inode;
 mod ops;
+mod scratch;
 mod takeover;
 
 use std::collections::HashSet;
@@ -146,6 +147,9 @@ pub struct View {
     invalidations_open: std::sync::Mutex<bool>,
     /// A takeover asks to hold notifications: none starts from now on.
     invalidations_held: std::sync::atomic::AtomicBool,
+    /// What NEW's file system can do (prepare's probe): where copies are made, how they are
+    /// known.
+    caps: scratch::NewCaps,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -242,6 +246,7 @@ impl View {
             ],
         };
         let done = journal.done()?;
+        let caps = scratch::NewCaps::from_journal(&journal)?;
         let (touched, touched_rx) = crossbeam_channel::bounded(4096);
         let (rechecks, rechecks_rx) = crossbeam_channel::bounded(4096);
         let view = View {
@@ -267,6 +272,7 @@ impl View {
             invalidator: std::sync::OnceLock::new(),
             invalidations_open: std::sync::Mutex::new(true),
             invalidations_held: std::sync::atomic::AtomicBool::new(false),
+            caps,
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -561,6 +567,32 @@ impl View {
             .map(|g| (st.st_dev, st.st_ino, g)))
     }
 
+    /// The NEW copy of OLD hard-link group (dev, ino), as `O_PATH`: by its file handle, or,
+    /// where NEW's handles do not last (`handle` empty), by its name in the work dir, checked
+    /// to be the group's copy. ENOENT or ESTALE once the copy is gone.
+    pub(crate) fn open_group_copy(
+        &self,
+        dev: u64,
+        ino: u64,
+        handle: &[u8],
+    ) -> std::io::Result<std::os::fd::OwnedFd> {
+        if !handle.is_empty() {
+            return posix::open_by_handle(self.new.root(), handle);
+        }
+        let work = posix::open_child(self.new.root(), OsStr::new(WORK_DIR))?;
+        let fd = rustix::fs::openat(
+            &work,
+            keep_alive_name(dev, ino).as_str(),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        let st = posix::stat_fd(fd.as_fd())?;
+        match self.journal.copy_of(st.st_dev, st.st_ino) {
+            Ok(Some(g)) if g == (dev, ino) => Ok(fd),
+            _ => Err(std::io::Error::from_raw_os_error(libc::ESTALE)),
+        }
+    }
+
     /// Link the NEW copy of OLD group (dev, ino) in as `name` in `parent`. `false` if the copy
     /// is gone from NEW (every NEW name of it was removed). Caller holds `ns` write.
     pub(crate) fn link_up_locked(
@@ -574,7 +606,7 @@ impl View {
         let Some(handle) = g.copy.clone() else {
             return Ok(false);
         };
-        let fd = match posix::open_by_handle(self.new.root(), &handle) {
+        let fd = match self.open_group_copy(dev, ino, &handle) {
             Ok(fd) => fd,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
                 return Ok(false);
@@ -587,22 +619,31 @@ impl View {
             }
         };
         let pfd = self.ensure_new_dir_locked(parent)?;
+        g.linked_up += 1;
+        // The last OLD name of a group whose copy is kept alive in the work dir takes that name
+        // over in one rename: no crash leaves both or neither, and the copy's link count never
+        // passes through one too many (a FUSE NEW would keep that count in its cache).
+        let last_kept = g.pending_old_names() == 0 && g.kept_alive;
+        let work = if last_kept {
+            posix::open_child(self.new.root(), OsStr::new(WORK_DIR)).ok()
+        } else {
+            None
+        };
         crate::store::copy::keeping_dir_times(&pfd, || {
+            if let Some(work) = &work {
+                let kept = OsString::from(keep_alive_name(dev, ino));
+                match posix::rename_noreplace(work.as_fd(), &kept, pfd.as_fd(), name) {
+                    Err(rustix::io::Errno::NOENT) => {}
+                    r => return r.ctx("rename an OLD hard link's kept-alive NEW copy into place"),
+                }
+            }
             rustix::fs::linkat(&fd, "", pfd.as_fd(), name, rustix::fs::AtFlags::EMPTY_PATH)
                 .ctx("link an OLD hard link to its NEW copy")
         })?;
-        g.linked_up += 1;
-        if g.pending_old_names() == 0 && g.kept_alive {
-            // Every OLD name is linked: the copy kept alive in the work dir is not needed.
-            if let Ok(work) = posix::open_child(self.new.root(), OsStr::new(WORK_DIR)) {
-                let _ = rustix::fs::unlinkat(
-                    &work,
-                    keep_alive_name(dev, ino).as_str(),
-                    rustix::fs::AtFlags::empty(),
-                );
-                // Removed only once empty: other groups may still keep copies there.
-                self.remove_work_dir_if_empty();
-            }
+        if last_kept {
+            // Every OLD name is linked: nothing of the group is left in the work dir, which
+            // goes once empty (other groups may still keep copies there).
+            self.remove_work_dir_if_empty();
             g.kept_alive = false;
         }
         let mut b = journal::Batch::new();

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub mod garage;
+pub mod stores;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferryfs");
 
@@ -96,6 +97,19 @@ impl Fixture {
             "--state".as_ref(),
             self.state.as_os_str(),
         ]));
+    }
+
+    /// `prepare` of this fixture's stores, as it went (it may fail).
+    pub fn cmd_prepare(&self) -> Output {
+        ferryfs(&[
+            "prepare".as_ref(),
+            "--old".as_ref(),
+            self.old.as_os_str(),
+            "--new".as_ref(),
+            self.new.as_os_str(),
+            "--state".as_ref(),
+            self.state.as_os_str(),
+        ])
     }
 
     /// Mount with the copier off: the view's rules alone.
