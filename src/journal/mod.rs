@@ -258,6 +258,9 @@ const P_STALE: u8 = b's';
 const P_PUBLISHED: u8 = b'p';
 const P_PUB_ERROR: u8 = b'u';
 const P_TAKEN: u8 = b't';
+/// NEW inode -> the view's number for it (an entry that came from OLD keeps OLD's number).
+/// Not cleared at commit: the view keeps its numbers while it serves NEW alone.
+const P_VIEW_INO: u8 = b'v';
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -283,6 +286,12 @@ fn copy_of_key(dev: u64, ino: u64) -> Vec<u8> {
 fn taken_key(dev: u64, ino: u64) -> Vec<u8> {
     let mut k = hardlink_key(dev, ino);
     k[0] = P_TAKEN;
+    k
+}
+
+fn view_ino_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(new_dev, new_ino);
+    k[0] = P_VIEW_INO;
     k
 }
 
@@ -437,6 +446,15 @@ impl Batch {
         let mut v = old.ctime.0.to_le_bytes().to_vec();
         v.extend_from_slice(&old.ctime.1.to_le_bytes());
         self.ops.push(KvOp::Put(taken_key(old.dev, old.ino), v));
+        self
+    }
+    /// The view numbers NEW's inode (new_dev, new_ino) `ino`: the number the entry had while
+    /// it was shown from OLD, kept once NEW holds it.
+    pub fn view_ino(&mut self, new_dev: u64, new_ino: u64, ino: u64) -> &mut Self {
+        self.ops.push(KvOp::Put(
+            view_ino_key(new_dev, new_ino),
+            ino.to_le_bytes().to_vec(),
+        ));
         self
     }
     /// Forget that NEW took OLD's entry (dev, ino): it is to be copied again.
@@ -645,6 +663,15 @@ impl Records {
     /// removed through the view were born there and have none).
     pub fn has_copy(&self, new_dev: u64, new_ino: u64) -> Result<bool> {
         Ok(self.kv.get(&copy_key(new_dev, new_ino))?.is_some())
+    }
+
+    /// The view's number for NEW's inode (new_dev, new_ino), if it came from OLD (see
+    /// [`Batch::view_ino`]).
+    pub fn view_ino(&self, new_dev: u64, new_ino: u64) -> Result<Option<u64>> {
+        Ok(self
+            .kv
+            .get(&view_ino_key(new_dev, new_ino))?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes)))
     }
 
     /// Whether NEW took OLD's entry as `old` is now (same inode, same ctime): see

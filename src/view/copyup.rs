@@ -170,14 +170,13 @@ impl View {
         // Named in NEW: NEW took it (not synced: lost in a crash, a loss of it goes unseen).
         let mut b = Batch::new();
         b.taken(&Fingerprint::of(&st));
+        self.keep_number(&mut b, dir, nst.st_dev, nst.st_ino);
         self.journal.commit(b, false)?;
         {
             let mut n = dir.node();
             n.new = Some(Loc::Fd(fd.clone()));
             n.copy = CopyState::Copy;
         }
-        self.inodes
-            .add_identity(dir, Identity::New(nst.st_dev, nst.st_ino));
         Ok(fd)
     }
 
@@ -363,8 +362,7 @@ impl View {
                     }
                     linked.push(p.st.st_size as u64);
                     orphans.taken(&Fingerprint::of(&p.st));
-                    self.inodes
-                        .add_identity(&p.inode, Identity::New(tst.st_dev, tst.st_ino));
+                    self.keep_number(&mut orphans, &p.inode, tst.st_dev, tst.st_ino);
                     Ok(Copied::File {
                         bytes: p.st.st_size as u64,
                     })
@@ -660,6 +658,7 @@ impl View {
         // news, and without the mark a later loss of the copy is copied again, unseen).
         let mut b = Batch::new();
         b.done(&done).taken(&Fingerprint::of(&st));
+        self.keep_number(&mut b, inode, tst.st_dev, tst.st_ino);
         let _ = self.journal.commit(b, false);
         if !background {
             fsync_dir(pfd.as_fd())?;
@@ -674,8 +673,6 @@ impl View {
                 CopyState::Local
             };
         }
-        self.inodes
-            .add_identity(inode, Identity::New(tst.st_dev, tst.st_ino));
         tracing::debug!(
             ino = inode.ino,
             bytes = if data { st.st_size } else { 0 },
@@ -759,6 +756,7 @@ impl View {
             b.done(&d);
         }
         b.taken(&Fingerprint::of(&st));
+        self.keep_number(&mut b, inode, nst.st_dev, nst.st_ino);
         self.journal.commit(b, false)?;
         {
             let mut n = inode.node();
@@ -769,8 +767,6 @@ impl View {
                 CopyState::Local
             };
         }
-        self.inodes
-            .add_identity(inode, Identity::New(nst.st_dev, nst.st_ino));
         Ok(())
     }
 }

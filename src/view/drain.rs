@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
-use super::inode::{CopyState, Identity, Inode, ROOT_INO};
+use super::inode::{CopyState, Inode, ROOT_INO};
 use super::{Kind, View, WORK_DIR};
 use crate::journal::{Batch, CopyRecord, Done, Fingerprint};
 use crate::store::copy::{self, Tick, apply_meta, copy_data, copy_xattrs};
@@ -653,7 +653,9 @@ impl View {
             rustix::fs::renameat(&work, &tmp_name, pfd.as_fd(), &name)
                 .ctx("rename recopy into place")
         })?;
-        self.inodes.add_identity(inode, Identity::New(tdev, tino));
+        let mut b = Batch::new();
+        self.keep_number(&mut b, inode, tdev, tino);
+        self.journal.commit(b, false)?;
         // The work dir goes when nothing else is in it (no litter left in NEW).
         self.remove_work_dir_if_empty();
         {

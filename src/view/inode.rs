@@ -143,9 +143,31 @@ impl Tables {
     }
 }
 
+/// The view's inode numbers (st_ino, and the kernel's node ids) outlive a mount: they are
+/// made from what backs the entry, so the same entry gets the same number after unmount,
+/// kill -9, takeover and commit. An entry that came from OLD has OLD's own st_ino (folded
+/// below 2^61), and keeps it once copied (the journal maps its NEW inode to it); an entry born
+/// in the view has 2^62 + NEW's st_ino. A number already taken by another live inode (two OLD
+/// file systems, a folded collision) falls back to one counted up from 2^61.
+const NUMBER_MASK: u64 = (1 << 61) - 1;
+const FALLBACK_BASE: u64 = 1 << 61;
+
+/// The number of an entry that came from OLD, whose OLD st_ino is `ino`.
+pub fn old_number(ino: u64) -> u64 {
+    ino & NUMBER_MASK
+}
+
+/// The number of an entry born in the view, whose NEW st_ino is `ino`.
+pub fn new_born_number(ino: u64) -> u64 {
+    (1 << 62) | (ino & NUMBER_MASK)
+}
+
 pub struct InodeTable {
     t: Mutex<Tables>,
+    /// The next fallback number (see [`old_number`]).
     next: AtomicU64,
+    /// A number the next new inode must take (a takeover replays the kernel's numbers); 0: none.
+    pinned: AtomicU64,
 }
 
 impl InodeTable {
@@ -169,7 +191,8 @@ impl InodeTable {
         );
         InodeTable {
             t: Mutex::new(t),
-            next: AtomicU64::new(ROOT_INO + 1),
+            next: AtomicU64::new(FALLBACK_BASE),
+            pinned: AtomicU64::new(0),
         }
     }
 
@@ -210,11 +233,13 @@ impl InodeTable {
     }
 
     /// Find the inode for an entry the kernel is about to learn of (counting one lookup), or
-    /// create it from `make`. `name` is added to the inode's names.
+    /// create it from `make`, numbered `want` unless that number is taken (see
+    /// [`old_number`]). `name` is added to the inode's names.
     pub fn lookup_or_insert(
         &self,
         id: Identity,
         kind: Kind,
+        want: u64,
         parent: u64,
         name: &std::ffi::OsStr,
         make: impl FnOnce() -> Node,
@@ -233,7 +258,20 @@ impl InodeTable {
             }
             return inode;
         }
-        let ino = self.next.fetch_add(1, Ordering::Relaxed);
+        let free = |n: u64| n > ROOT_INO && !t.by_ino.contains_key(&n);
+        let pinned = self.pinned.swap(0, Ordering::Relaxed);
+        let ino = if free(pinned) {
+            pinned
+        } else if free(want) {
+            want
+        } else {
+            loop {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                if free(n) {
+                    break n;
+                }
+            }
+        };
         let node = make();
         for i in &node.ids {
             t.by_id.insert(*i, ino);
@@ -323,8 +361,15 @@ impl InodeTable {
 
     /// The number the next new inode gets. A new daemon taking over sets it before each
     /// lookup it replays, so the entry gets the number the kernel already uses.
+    /// The next fallback number (a takeover carries it over).
     pub fn set_next(&self, ino: u64) {
-        self.next.store(ino, Ordering::Relaxed);
+        self.next.store(ino.max(FALLBACK_BASE), Ordering::Relaxed);
+    }
+
+    /// The next new inode takes number `ino` (a takeover gives each inode the kernel's number
+    /// again); 0 takes the pin back.
+    pub fn pin_next(&self, ino: u64) {
+        self.pinned.store(ino, Ordering::Relaxed);
     }
 
     pub fn next(&self) -> u64 {
@@ -387,21 +432,77 @@ mod tests {
         let t = InodeTable::new(Node::detached());
         let id = Identity::New(1, 42);
         let make = Node::detached;
-        let a = t.lookup_or_insert(id, Kind::File, ROOT_INO, std::ffi::OsStr::new("a"), make);
+        let a = t.lookup_or_insert(id, Kind::File, 0, ROOT_INO, std::ffi::OsStr::new("a"), make);
         // Pinned, the kernel's forget of its one lookup leaves it in the table: a new lookup
         // of the entry finds the same inode (one claim for both).
         assert!(t.pin(&a));
         t.forget(a.ino, 1);
         assert!(t.is_live(&a));
-        let again = t.lookup_or_insert(id, Kind::File, ROOT_INO, std::ffi::OsStr::new("a"), make);
+        let again =
+            t.lookup_or_insert(id, Kind::File, 0, ROOT_INO, std::ffi::OsStr::new("a"), make);
         assert!(Arc::ptr_eq(&a, &again));
         t.forget(a.ino, 1); // the second lookup
         t.forget(a.ino, 1); // the pin
         assert!(!t.is_live(&a));
         // Forgotten: no pin, and the entry's next lookup is another inode.
         assert!(!t.pin(&a));
-        let b = t.lookup_or_insert(id, Kind::File, ROOT_INO, std::ffi::OsStr::new("a"), make);
+        let b = t.lookup_or_insert(id, Kind::File, 0, ROOT_INO, std::ffi::OsStr::new("a"), make);
         assert!(!Arc::ptr_eq(&a, &b));
         assert!(!t.pin(&a) && t.pin(&b));
+    }
+
+    #[test]
+    fn numbers_come_from_the_backing_and_fall_back_when_taken() {
+        let t = InodeTable::new(Node::detached());
+        let name = std::ffi::OsStr::new("a");
+        let a = t.lookup_or_insert(
+            Identity::Old(1, 7),
+            Kind::File,
+            old_number(7),
+            ROOT_INO,
+            name,
+            Node::detached,
+        );
+        assert_eq!(a.ino, 7);
+        // Another entry wanting the same number (another file system's 7) gets a fallback.
+        let b = t.lookup_or_insert(
+            Identity::Old(2, 7),
+            Kind::File,
+            old_number(7),
+            ROOT_INO,
+            name,
+            Node::detached,
+        );
+        assert!(b.ino >= FALLBACK_BASE && b.ino < 1 << 62, "{}", b.ino);
+        let c = t.lookup_or_insert(
+            Identity::New(3, 7),
+            Kind::File,
+            new_born_number(7),
+            ROOT_INO,
+            name,
+            Node::detached,
+        );
+        assert_eq!(c.ino, (1 << 62) | 7);
+        // The root's number is never given; a pin wins over the wanted number.
+        let d = t.lookup_or_insert(
+            Identity::Old(1, 1),
+            Kind::File,
+            old_number(1),
+            ROOT_INO,
+            name,
+            Node::detached,
+        );
+        assert_ne!(d.ino, ROOT_INO);
+        t.pin_next(12345);
+        let e = t.lookup_or_insert(
+            Identity::Old(1, 99),
+            Kind::File,
+            old_number(99),
+            ROOT_INO,
+            name,
+            Node::detached,
+        );
+        assert_eq!(e.ino, 12345);
+        assert_eq!(old_number(u64::MAX), NUMBER_MASK);
     }
 }

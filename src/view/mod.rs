@@ -465,6 +465,7 @@ impl View {
             _ => None,
         };
         let old_group = self.old_group_of(&r)?;
+        let want = self.number_for(&r)?;
         let Resolved { kind, new, old, .. } = r;
         let new = new.map(|(loc, _)| loc);
         let old_ids = old
@@ -475,7 +476,7 @@ impl View {
         let fresh_new = new.clone();
         let inode = self
             .inodes
-            .lookup_or_insert(id, kind, parent, name, || Node {
+            .lookup_or_insert(id, kind, want, parent, name, || Node {
                 names: vec![(parent, name.to_owned())],
                 ids: old_ids,
                 new,
@@ -503,6 +504,36 @@ impl View {
         }
         let attr = self.attr_of(&inode, &st)?;
         Ok((inode, attr))
+    }
+
+    /// The number a resolved entry should have (see [`inode::old_number`]): OLD's when OLD shows
+    /// it, else the one the journal keeps for its NEW inode (it came from OLD), else the number
+    /// of an entry born in the view. A journal read only for entries NEW alone shows.
+    fn number_for(&self, r: &Resolved) -> Result<u64> {
+        if let Some((_, _, ost)) = &r.old {
+            return Ok(inode::old_number(ost.st_ino));
+        }
+        match &r.new {
+            Some((_, nst)) => self.new_number(nst.st_dev, nst.st_ino),
+            None => Ok(0),
+        }
+    }
+
+    /// The number of NEW's inode (dev, ino) shown without OLD (see [`Self::number_for`]).
+    fn new_number(&self, dev: u64, ino: u64) -> Result<u64> {
+        Ok(self
+            .journal
+            .view_ino(dev, ino)?
+            .unwrap_or_else(|| inode::new_born_number(ino)))
+    }
+
+    /// `inode` (its number made from OLD's) now lives in NEW as (dev, ino): it keeps its
+    /// number once OLD no longer shows it (a rename, commit), recorded in `b`.
+    pub(crate) fn keep_number(&self, b: &mut journal::Batch, entry: &Inode, dev: u64, ino: u64) {
+        self.inodes.add_identity(entry, Identity::New(dev, ino));
+        if entry.ino != ROOT_INO && entry.ino != inode::new_born_number(ino) {
+            b.view_ino(dev, ino, entry.ino);
+        }
     }
 
     /// The kernel looks `name` up: a copy it finds is queued for a check against OLD
@@ -889,16 +920,23 @@ impl View {
                     },
                 };
                 // d_ino: the number the kernel knows for the entry, when it knows it; else the
-                // store's number with the top bit set, which no allocated number can equal.
-                let id = if in_new {
-                    Identity::New(dev, ent.ino)
+                // number a lookup would give it.
+                let (id, number) = if in_new {
+                    (Identity::New(dev, ent.ino), None)
                 } else {
-                    Identity::Old(dev, ent.ino)
+                    (
+                        Identity::Old(dev, ent.ino),
+                        Some(inode::old_number(ent.ino)),
+                    )
+                };
+                let ino = match (self.inodes.ino_of(&id), number) {
+                    (Some(n), _) | (None, Some(n)) => n,
+                    (None, None) => self.new_number(dev, ent.ino)?,
                 };
                 out.push(DirEntry {
                     name: OsString::from_vec(ent.name.clone()),
                     kind,
-                    ino: self.inodes.ino_of(&id).unwrap_or(synthetic_ino(ent.ino)),
+                    ino,
                 });
                 seen.insert(ent.name);
             }
@@ -917,7 +955,7 @@ impl View {
                     ino: self
                         .inodes
                         .ino_of(&Identity::Old(dev, c.ino))
-                        .unwrap_or(synthetic_ino(c.ino)),
+                        .unwrap_or(inode::old_number(c.ino)),
                 });
                 seen.insert(name);
             }
@@ -959,7 +997,10 @@ impl View {
                 out.push(DirEntry {
                     name: OsString::from_vec(name.clone()),
                     kind,
-                    ino: self.inodes.ino_of(&id).unwrap_or(synthetic_ino(st.st_ino)),
+                    ino: self
+                        .inodes
+                        .ino_of(&id)
+                        .unwrap_or(inode::old_number(st.st_ino)),
                 });
             }
         }
@@ -1105,8 +1146,4 @@ fn locate(dir: &Arc<OwnedFd>, name: &OsStr) -> std::io::Result<Option<(Loc, rust
 /// Name, in [`WORK_DIR`], of the kept-alive NEW copy of OLD hard-link group (dev, ino).
 pub(crate) fn keep_alive_name(dev: u64, ino: u64) -> String {
     format!("hardlink-{dev}-{ino}")
-}
-
-fn synthetic_ino(store_ino: u64) -> u64 {
-    store_ino | (1 << 63)
 }

@@ -134,8 +134,10 @@ impl View {
                     let name = OsStr::from_bytes(name);
                     // A first name makes the inode (with the kernel's number); any other name
                     // of a hard link is added to it.
-                    self.inodes.set_next(k.ino);
-                    match self.lookup_entry(*parent, name) {
+                    self.inodes.pin_next(k.ino);
+                    let found = self.lookup_entry(*parent, name);
+                    self.inodes.pin_next(0);
+                    match found {
                         Ok((inode, _)) if inode.ino == k.ino && inode.kind == k.kind => {
                             attached = true
                         }
@@ -170,12 +172,7 @@ impl View {
             self.inodes.set_lookups(k.ino, k.lookups);
         }
         out.inodes = st.inodes.len() - out.detached;
-        self.inodes.set_next(
-            self.inodes
-                .next()
-                .max(st.next_ino)
-                .max(st.inodes.iter().map(|k| k.ino + 1).max().unwrap_or(0)),
-        );
+        self.inodes.set_next(self.inodes.next().max(st.next_ino));
         let by_ino: HashMap<u64, Kind> = st.inodes.iter().map(|k| (k.ino, k.kind)).collect();
         let mut files = files.into_iter();
         for f in &st.files {
