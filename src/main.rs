@@ -76,6 +76,7 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
         Cmd::Verify { state, checksum } => commands::verify(&state, checksum),
         Cmd::Commit { state } => commands::commit(&state),
         Cmd::Abort { state, keep_new } => commands::abort(&state, keep_new),
+        Cmd::Resolve { state, paths } => commands::resolve(&state, &paths),
         Cmd::Unmount { mountpoint } => commands::unmount(&mountpoint),
     }
 }

@@ -1125,3 +1125,101 @@ fn copies_new_loses_behind_the_view_fail_execute_verify_and_commit_until_copied_
         b"in a lost directory"
     );
 }
+
+/// Issue 23: OLD changed behind the view after the copy, completely. Names removed from OLD
+/// leave the view and NEW; renamed ones move; new ones are copied. An entry the view changed
+/// (or renamed) whose OLD origin OLD removed is a conflict: listed by status, refused by
+/// commit, until `ferryfs resolve` keeps it or a removal through the view follows OLD.
+#[test]
+fn removals_renames_and_new_names_in_old_after_the_copy_are_followed_and_conflicts_wait() {
+    let mut f = Fixture::new();
+    for (p, d) in [
+        ("d/a", "a"),
+        ("d/b", "b"),
+        ("d/c", "c"),
+        ("gone-dir/x", "x"),
+        ("gone-dir/sub/y", "y"),
+        ("keep/k", "k"),
+        ("changed/v", "v"),
+        ("moved-in-view/r", "r"),
+    ] {
+        write(&f.old.join(p), d.as_bytes());
+    }
+    f.prepare();
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    assert_ok(f.cmd("execute", &["--wait"]));
+    // Through the view: one copy changed, one renamed.
+    fs::write(f.v("changed/v"), b"the view's version").unwrap();
+    fs::rename(f.v("moved-in-view/r"), f.v("moved-in-view/r2")).unwrap();
+    // Behind the view, in OLD.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::remove_file(f.old.join("d/a")).unwrap();
+    fs::rename(f.old.join("d/b"), f.old.join("d/b-moved")).unwrap();
+    write(&f.old.join("d/new"), b"new in OLD");
+    fs::remove_dir_all(f.old.join("gone-dir")).unwrap();
+    fs::remove_file(f.old.join("changed/v")).unwrap();
+    fs::remove_file(f.old.join("moved-in-view/r")).unwrap();
+    // verify reports what OLD removed (a check changes nothing).
+    let o = f.cmd("verify", &[]);
+    let text = out_text(&o);
+    assert!(!o.status.success(), "{text}");
+    assert!(
+        text.contains("d/a: removed from OLD since it was copied"),
+        "{text}"
+    );
+    // The copier follows; the two conflicts stay, listed.
+    assert_ok(f.cmd("execute", &[]));
+    wait_for("two conflicts listed", 60, || {
+        let st = f.status_json();
+        let c: Vec<String> = st["conflicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap().to_string())
+            .collect();
+        c.contains(&"/changed/v".to_string()) && c.contains(&"/moved-in-view/r2".to_string())
+    });
+    let o = f.cmd("commit", &[]);
+    assert!(
+        !o.status.success(),
+        "commit accepted with conflicts: {}",
+        out_text(&o)
+    );
+    // Settled: one kept as the view has it, one removed through the view (OLD's way).
+    let out = assert_ok(f.cmd("resolve", &["/changed/v"]));
+    assert!(out.contains("resolved 1 entry"), "{out}");
+    fs::remove_file(f.v("moved-in-view/r2")).unwrap();
+    assert_ok(f.cmd("execute", &["--wait"]));
+    assert!(f.status_json()["conflicts"].as_array().unwrap().is_empty());
+    // A fresh mount (no kernel caches): the view is OLD's new tree plus the view's change.
+    f.unmount();
+    f.mount_with(&mnt, &[]);
+    let view = manifest(&f.mnt, false);
+    let names: Vec<String> = view
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "changed",
+            "changed/v",
+            "d",
+            "d/b-moved",
+            "d/c",
+            "d/new",
+            "keep",
+            "keep/k",
+            "moved-in-view"
+        ],
+        "the view after OLD's changes"
+    );
+    assert_eq!(fs::read(f.v("changed/v")).unwrap(), b"the view's version");
+    assert_eq!(fs::read(f.v("d/b-moved")).unwrap(), b"b");
+    assert_ok(f.cmd("verify", &["--checksum"]));
+    assert_ok(f.cmd("commit", &[]));
+    f.unmount();
+    let new = manifest(&f.new, false);
+    assert!(new == view, "NEW after commit: {}", diff(&view, &new));
+}

@@ -922,3 +922,76 @@ fn an_s3_new_written_for_rclone_gives_rclone_its_modes_back() {
         assert_eq!(md.mtime(), mtime, "{rel}");
     }
 }
+
+/// Issue 23: an S3 NEW on a service that refuses directory markers (a test double in front of
+/// Garage answering HTTP 500 to every PUT of a `key/` object, as several gateways do). prepare's
+/// probe finds it and names the fallback; the publisher sends no marker; an empty directory,
+/// which no bucket without markers can hold, is an error naming it (never dropped silently)
+/// until it is removed; after commit the bucket holds exactly the view.
+#[test]
+fn an_s3_new_that_refuses_directory_markers_holds_exactly_the_view_after_commit() {
+    let g = server();
+    let double = common::s3double::refuse_directory_markers(&g.endpoint);
+    let mut f = Fixture::new();
+    let nb = "nomarkers-new";
+    let old_arg = fill_old(&f, Side::Posix, "unused");
+    g.bucket(nb);
+    let new_arg = format!("s3://{nb}?endpoint={}", double.endpoint);
+    let out = ok(prepare_with(&f, &old_arg, &new_arg, &[]));
+    assert!(
+        out.lines().any(|l| l.contains("NEW s3_dir_markers")
+            && l.contains(" NO ")
+            && l.contains("500")
+            && l.contains("no directory markers")),
+        "prepare does not name the missing markers and the fallback: {out}"
+    );
+    let probe_refusals = double.refused.load(std::sync::atomic::Ordering::Relaxed);
+    // (The SDK retries a 500 a few times.)
+    assert!(probe_refusals >= 1, "the probe sent no marker");
+    assert!(
+        store(nb).is_empty().unwrap(),
+        "the probe left objects in NEW"
+    );
+    f.mount();
+    change_through_the_view(&f);
+    // `empty` (made by the changes above) cannot be held: execute says so and names it.
+    let o = f.cmd("execute", &["--wait"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "execute --wait succeeded: {text}");
+    assert!(
+        text.contains("empty") && text.contains("directory markers"),
+        "{text}"
+    );
+    let st = f.status_json();
+    assert!(
+        st["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "/empty" && e["error"].as_str().unwrap().contains("markers")),
+        "{st}"
+    );
+    assert!(!f.cmd("commit", &[]).status.success());
+    fs::remove_dir(f.v("empty")).unwrap();
+    ok(f.cmd("execute", &["--wait"]));
+    let out = ok(f.cmd("verify", &["--checksum"]));
+    assert!(out.contains("0 mismatches"), "{out}");
+    let want = expected_after_changes(&f);
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    // Read straight from Garage: the view's tree exactly, directories from the keys' paths.
+    assert_same(
+        "the bucket after commit",
+        &tree_of_bucket(&store(nb)),
+        &want,
+    );
+    assert_eq!(
+        double.refused.load(std::sync::atomic::Ordering::Relaxed),
+        probe_refusals,
+        "the publisher sent directory markers"
+    );
+}

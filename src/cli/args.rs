@@ -141,6 +141,16 @@ pub enum Cmd {
         #[arg(long)]
         keep_new: bool,
     },
+    /// Settle conflicts (entries changed through the view whose OLD origin was removed behind
+    /// it): keep each entry at PATH as the view shows it. To follow OLD instead, remove the
+    /// entry through the view.
+    Resolve {
+        #[arg(long)]
+        state: PathBuf,
+        /// View paths, as `status` lists them (e.g. /dir/file).
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
     /// Unmount a view and wait for its daemon to exit.
     Unmount { mountpoint: PathBuf },
 }

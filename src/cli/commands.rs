@@ -401,6 +401,18 @@ pub fn commit(state: &Path) -> Result<(), CliError> {
 /// An abort's progress words.
 const ABORT_WORDS: (&str, &str, &str) = ("writing", "of the view back into OLD", "written back");
 
+pub fn resolve(state: &Path, paths: &[String]) -> Result<(), CliError> {
+    let req = Request::Resolve {
+        paths: paths.to_vec(),
+    };
+    if let Some(r) = ask(state, &req)? {
+        return print_answer(r);
+    }
+    let o = Offline::open(state, Default::default())?;
+    println!("{}", lifecycle::resolve(&o.copier, paths)?);
+    Ok(())
+}
+
 pub fn abort(state: &Path, keep_new: bool) -> Result<(), CliError> {
     if ask(state, &Request::Status)?.is_some() {
         let st = state.to_path_buf();

@@ -121,6 +121,10 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
             Ok(()) => Response::ok("executing: the copier runs in the mounted daemon", ()),
             Err(e) => Response::err(e.to_string()),
         },
+        Request::Resolve { paths } => match crate::lifecycle::resolve(c, &paths) {
+            Ok(m) => Response::ok(m, ()),
+            Err(e) => Response::err(e.to_string()),
+        },
         Request::RecopyLost => {
             c.recopy_lost();
             Response::ok("the next pass copies again what NEW lost", ())

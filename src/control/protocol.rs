@@ -15,6 +15,10 @@ pub enum Request {
     Execute,
     /// The next pass copies again what NEW lost (`execute --recopy-lost`).
     RecopyLost,
+    /// Keep the view's entries at these view paths as they are (`ferryfs resolve`).
+    Resolve {
+        paths: Vec<String>,
+    },
     Pause,
     Resume,
     /// Change limits while running; absent fields stay as they are. Reply: `CopierState`.

@@ -716,7 +716,9 @@ impl Copier {
             self.view
                 .check_copy(inode, true, &mut tick)
                 .and_then(|chk| match chk {
-                    Check::Local | Check::Same | Check::Gone { .. } => Ok(Copied::Present),
+                    Check::Local | Check::Same => Ok(Copied::Present),
+                    // Removed from the view with OLD's entry (or, a directory, about to be).
+                    Check::Gone { .. } => Ok(Copied::GaveWay),
                     Check::Stale { recopied, .. } => {
                         let mut b = Batch::new();
                         b.stale(
@@ -842,6 +844,7 @@ impl Copier {
             errno: e.errno(),
             attempts,
             at: now_secs(),
+            conflict: matches!(e, Error::Conflict(_)),
         };
         let mut b = Batch::new();
         b.error(&path, &rec);
@@ -896,6 +899,9 @@ impl Copier {
                     (Check::Stale { .. }, _) => {
                         Ok(Some(format!("{path}: changed in OLD since it was copied")))
                     }
+                    (Check::Gone { .. }, _) => Ok(Some(format!(
+                        "{path}: removed from OLD since it was copied"
+                    ))),
                     (Check::Same, Some(how)) => self
                         .view
                         .compare_copy(inode, how)

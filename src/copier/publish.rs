@@ -214,10 +214,19 @@ pub struct Publisher {
     /// Failed uploads of the last pass, counted for the metrics and status.
     last: Mutex<PassReport>,
     passes: AtomicU64,
+    /// The bucket keeps `key/` directory markers (prepare's probe); without them only an empty
+    /// directory would need one, and it is an error instead.
+    markers: bool,
 }
 
 impl Publisher {
     pub fn new(store: Arc<S3Store>, stage: PathBuf, journal: Records, workers: usize) -> Publisher {
+        let markers = journal
+            .meta(Meta::Capabilities)
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice::<crate::store::probe::Capabilities>(&v).ok())
+            .is_none_or(|c| c.new_dir_markers());
         Publisher {
             store,
             stage,
@@ -226,6 +235,7 @@ impl Publisher {
             stop: AtomicBool::new(false),
             old: None,
             from_old_ok: AtomicBool::new(true),
+            markers,
             held: AtomicBool::new(false),
             running: Mutex::new(()),
             last: Mutex::new(PassReport::default()),
@@ -384,8 +394,11 @@ impl Publisher {
             root.root(),
             Path::new(""),
             "",
-            &mut bad,
-            &mut partial,
+            Walk {
+                bad: &mut bad,
+                partial: &mut partial,
+                markers: self.markers,
+            },
             &mut |w: Want| {
                 // The merge needs keys in order; a walk out of order would take wanted keys
                 // for gone ones (and delete them): refused, nothing concluded.
@@ -620,6 +633,7 @@ impl Publisher {
                     errno: libc::EIO,
                     attempts: known.get(k).map_or(0, |c| c.attempts) + 1,
                     at: now,
+                    conflict: false,
                 },
             );
         }
@@ -643,6 +657,13 @@ impl Publisher {
         // (The `pending` record of a key new to the bucket was written, durably, before the
         // pass's first request.)
         match w.kind {
+            // Only an empty directory is wanted without markers: the bucket cannot hold it.
+            Kind::Dir if !self.markers => Err(S3Error::new(
+                format!("directory {}", w.path.display()),
+                libc::ENOTSUP,
+                "the NEW bucket refuses directory markers (prepare's probe): an empty \
+                 directory cannot be kept in it; remove it, or put a file in it",
+            )),
             Kind::Dir | Kind::Other | Kind::Symlink => self.publish_object(root, w),
             Kind::File => self.publish_file(root, w, had, sources),
         }
@@ -1006,21 +1027,33 @@ fn user_xattr(f: &File) -> Option<String> {
         .map(|n| String::from_utf8_lossy(n).into_owned())
 }
 
+/// What a walk collects besides the wanted keys, and how it wants directories.
+struct Walk<'a> {
+    /// Names no key can hold.
+    bad: &'a mut Vec<(String, String)>,
+    /// Something vanished under the walk (a change through the view): the next pass.
+    partial: &'a mut bool,
+    /// The bucket keeps `key/` markers: every directory wants one. Without, only an empty
+    /// directory does (nothing else makes it exist), and the publisher reports it.
+    markers: bool,
+}
+
 /// Hand `want` every wanted key below the directory `dir` (at `rel` below the root, key path
 /// `key_dir`: "" for the root, else ending in '/'), in key order (byte order, as S3 lists
-/// keys), by fd, never following a symlink. Names no key can hold go to `bad`.
+/// keys), by fd, never following a symlink; returns how many. Names no key can hold go to
+/// `w.bad`.
 ///
 /// Key order is a walk taking each directory's entries sorted by their keys (a directory's
 /// is its name and '/'), the directory's own key before what is below it: every key below
-/// `a/` starts with it, so sorts after it and before any sibling that sorts after it.
+/// `a/` starts with it, so sorts after it and before any sibling that sorts after it. (An
+/// empty directory's key, wanted after its walk without markers, has nothing below it.)
 fn walk(
     dir: BorrowedFd<'_>,
     rel: &Path,
     key_dir: &str,
-    bad: &mut Vec<(String, String)>,
-    partial: &mut bool,
+    w: Walk<'_>,
     want: &mut dyn FnMut(Want) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     let gone = |e: &std::io::Error, partial: &mut bool| {
         let g = e.raw_os_error() == Some(libc::ENOENT);
         if g {
@@ -1031,7 +1064,7 @@ fn walk(
     let names = match read_dir_names(dir) {
         Ok(n) => n,
         // Removed since it was listed (through the view): the next pass.
-        Err(e) if gone(&e, partial) && !key_dir.is_empty() => return Ok(()),
+        Err(e) if gone(&e, &mut *w.partial) && !key_dir.is_empty() => return Ok(0),
         Err(e) => return Err(e),
     };
     let mut here = Vec::with_capacity(names.len());
@@ -1041,7 +1074,7 @@ fn walk(
             continue;
         }
         let Some(n) = name.to_str() else {
-            bad.push((
+            w.bad.push((
                 format!("{key_dir}{}", String::from_utf8_lossy(&ent.name)),
                 "the name is not UTF-8, which no S3 key can hold".into(),
             ));
@@ -1049,7 +1082,7 @@ fn walk(
         };
         let st = match stat_at(dir, name) {
             Ok(st) => st,
-            Err(e) if gone(&e, partial) => continue,
+            Err(e) if gone(&e, &mut *w.partial) => continue,
             Err(e) => return Err(e),
         };
         let (key, kind) = match st.st_mode & libc::S_IFMT {
@@ -1059,7 +1092,7 @@ fn walk(
             _ => (format!("{key_dir}{n}"), Kind::Other),
         };
         if key.len() > KEY_MAX {
-            bad.push((
+            w.bad.push((
                 key,
                 format!("longer than {KEY_MAX} bytes, S3's limit for a key"),
             ));
@@ -1078,28 +1111,51 @@ fn walk(
     here.sort_unstable_by(|a, b| a.key.cmp(&b.key));
     // A name listed twice (renamed away and back between two getdents calls): once.
     here.dedup_by(|a, b| a.key == b.key);
-    for w in here {
-        if w.kind != Kind::Dir {
-            want(w)?;
+    let mut wanted = 0;
+    for d in here {
+        if d.kind != Kind::Dir {
+            want(d)?;
+            wanted += 1;
             continue;
         }
-        let (path, key) = (w.path.clone(), w.key.clone());
-        want(w)?;
+        let (path, key) = (d.path.clone(), d.key.clone());
+        let mut marker = Some(d);
+        if w.markers {
+            want(marker.take().expect("the marker"))?;
+            wanted += 1;
+        }
         let Some(name) = path.file_name() else {
             continue;
         };
         let sub = match open_child(dir, name) {
             Ok(fd) => fd,
-            Err(e) if gone(&e, partial) => continue,
+            Err(e) if gone(&e, &mut *w.partial) => continue,
             Err(e) => return Err(e),
         };
         // Replaced by something else since the stat: the next pass sees what it is.
         if stat_fd(sub.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFDIR {
             continue;
         }
-        walk(sub.as_fd(), &path, &key, bad, partial, want)?;
+        let below = walk(
+            sub.as_fd(),
+            &path,
+            &key,
+            Walk {
+                bad: &mut *w.bad,
+                partial: &mut *w.partial,
+                markers: w.markers,
+            },
+            want,
+        )?;
+        wanted += below;
+        if below == 0
+            && let Some(m) = marker
+        {
+            want(m)?;
+            wanted += 1;
+        }
     }
-    Ok(())
+    Ok(wanted)
 }
 
 #[cfg(test)]
@@ -1108,14 +1164,21 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn keys_walked(root: &Path) -> Vec<String> {
+        keys_walked_with(root, true)
+    }
+
+    fn keys_walked_with(root: &Path, markers: bool) -> Vec<String> {
         let store = PosixStore::open(root).unwrap();
         let (mut bad, mut partial, mut keys) = (Vec::new(), false, Vec::new());
         walk(
             store.root(),
             Path::new(""),
             "",
-            &mut bad,
-            &mut partial,
+            Walk {
+                bad: &mut bad,
+                partial: &mut partial,
+                markers,
+            },
             &mut |w| {
                 keys.push(w.key);
                 Ok(())
@@ -1240,6 +1303,7 @@ mod tests {
                 errno: 5,
                 attempts: 1,
                 at: 0,
+                conflict: false,
             },
         );
         journal.commit(b, true).unwrap();
@@ -1250,5 +1314,27 @@ mod tests {
             got.push(k);
         }
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn without_markers_only_empty_directories_want_a_key_still_in_key_order() {
+        let d = tempfile::tempdir().unwrap();
+        for p in ["a/b/f", "a/c/", "a/c2/", "d/", "e"] {
+            let p = d.path().join(p);
+            if p.to_str().unwrap().ends_with('/') {
+                std::fs::create_dir_all(&p).unwrap();
+            } else {
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, b"x").unwrap();
+            }
+        }
+        assert_eq!(
+            keys_walked_with(d.path(), false),
+            ["a/b/f", "a/c/", "a/c2/", "d/", "e"]
+        );
+        assert_eq!(
+            keys_walked_with(d.path(), true),
+            ["a/", "a/b/", "a/b/f", "a/c/", "a/c2/", "d/", "e"]
+        );
     }
 }

@@ -136,6 +136,10 @@ pub struct CopyError {
     pub attempts: u32,
     /// Seconds since the epoch of the last attempt.
     pub at: u64,
+    /// A change through the view and one in OLD behind it that cannot both hold (`ferryfs
+    /// resolve`), not a failure to retry.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict: bool,
 }
 
 /// An entry OLD changed behind the view's back after it was copied, keyed by view path: kept
@@ -261,6 +265,9 @@ const P_TAKEN: u8 = b't';
 /// NEW inode -> the view's number for it (an entry that came from OLD keeps OLD's number).
 /// Not cleared at commit: the view keeps its numbers while it serves NEW alone.
 const P_VIEW_INO: u8 = b'v';
+/// NEW inode -> the OLD path an entry changed through the view came from (see
+/// [`Batch::origin`]).
+const P_ORIGIN: u8 = b'o';
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -286,6 +293,12 @@ fn copy_of_key(dev: u64, ino: u64) -> Vec<u8> {
 fn taken_key(dev: u64, ino: u64) -> Vec<u8> {
     let mut k = hardlink_key(dev, ino);
     k[0] = P_TAKEN;
+    k
+}
+
+fn origin_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(new_dev, new_ino);
+    k[0] = P_ORIGIN;
     k
 }
 
@@ -455,6 +468,17 @@ impl Batch {
             view_ino_key(new_dev, new_ino),
             ino.to_le_bytes().to_vec(),
         ));
+        self
+    }
+    /// NEW's entry (new_dev, new_ino), changed through the view, came from OLD's `origin`: if
+    /// OLD removes that entry behind the view, the two changes conflict.
+    pub fn origin(&mut self, new_dev: u64, new_ino: u64, origin: &[u8]) -> &mut Self {
+        self.ops
+            .push(KvOp::Put(origin_key(new_dev, new_ino), origin.to_vec()));
+        self
+    }
+    pub fn clear_origin(&mut self, new_dev: u64, new_ino: u64) -> &mut Self {
+        self.ops.push(KvOp::Delete(origin_key(new_dev, new_ino)));
         self
     }
     /// Forget that NEW took OLD's entry (dev, ino): it is to be copied again.
@@ -663,6 +687,11 @@ impl Records {
     /// removed through the view were born there and have none).
     pub fn has_copy(&self, new_dev: u64, new_ino: u64) -> Result<bool> {
         Ok(self.kv.get(&copy_key(new_dev, new_ino))?.is_some())
+    }
+
+    /// The OLD path NEW's entry (new_dev, new_ino), changed through the view, came from.
+    pub fn origin_of(&self, new_dev: u64, new_ino: u64) -> Result<Option<Vec<u8>>> {
+        self.kv.get(&origin_key(new_dev, new_ino))
     }
 
     /// The view's number for NEW's inode (new_dev, new_ino), if it came from OLD (see

@@ -41,6 +41,30 @@ pub fn verify(copier: &Copier, checksum: bool) -> Result<CheckReport> {
     Ok(r)
 }
 
+/// `resolve`: keep the view's entries at `paths` (view paths, as status lists them) as they
+/// are, settling each one's conflict with a removal in OLD behind the view.
+pub fn resolve(copier: &Copier, paths: &[String]) -> Result<String> {
+    for p in paths {
+        let rel = p.trim_start_matches('/');
+        copier
+            .view()
+            .keep_as_is(rel.as_bytes())
+            .map_err(|e| Error::Lifecycle(format!("{p}: {e}")))?;
+    }
+    copier.kick();
+    Ok(format!(
+        "resolved {} entr{}: the view keeps {} as {} (no longer following OLD)",
+        paths.len(),
+        if paths.len() == 1 { "y" } else { "ies" },
+        if paths.len() == 1 { "it" } else { "them" },
+        if paths.len() == 1 {
+            "it is"
+        } else {
+            "they are"
+        }
+    ))
+}
+
 /// `commit`: refuses unless executed and a final pass over OLD is clean; then NEW is made
 /// durable, the journal forgets OLD, and the view serves NEW only.
 pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> Result<String> {
@@ -76,6 +100,7 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
                         errno: libc::ESTALE,
                         attempts: 0,
                         at: now_secs(),
+                        conflict: false,
                     },
                 );
             }

@@ -184,6 +184,15 @@ pub fn prepare(
              bucket with nested prefixes"
         )));
     }
+    // An S3 NEW: probed by requests under a scratch prefix (deleted again).
+    let s3_caps = match &new {
+        StoreSpec::S3 { url } => {
+            let store = crate::store::s3::S3Store::connect(url)
+                .map_err(|e| StateError::Invalid(format!("NEW store {new}: {e}")))?;
+            probe::probe_s3_new(&store)
+        }
+        StoreSpec::Posix { .. } => Vec::new(),
+    };
     let np = match &new {
         StoreSpec::Posix { path } => fs::canonicalize(path).map_err(io_at(path))?,
         // An S3 NEW: the view's NEW is the staging tree in the state dir (crate::copier::publish).
@@ -196,7 +205,7 @@ pub fn prepare(
             url.defaults.dir_mtime = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            return prepare_from_s3(url, np, new, state, allow_nonempty_new);
+            return prepare_from_s3(url, np, new, state, allow_nonempty_new, s3_caps);
         }
         o => o,
     };
@@ -214,10 +223,11 @@ pub fn prepare(
     let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
     let totals = crate::copier::scan::scan_totals(&op).map_err(io_at(&op))?;
     root_meta_from_old(&op, &np)?;
-    let caps = Capabilities {
+    let mut caps = Capabilities {
         old: probe_old_at(&op)?,
         new: probe_new_at(&np)?,
     };
+    caps.new.extend(s3_caps);
     let ost = rustix::fs::stat(&op).map_err(|e| io_at(&op)(e.into()))?;
     let config = Config {
         old: StoreSpec::Posix { path: op.clone() },
@@ -252,6 +262,7 @@ fn prepare_from_s3(
     new: StoreSpec,
     state: &Path,
     allow_nonempty_new: bool,
+    s3_caps: Vec<probe::Capability>,
 ) -> Result<(Totals, Capabilities), StateError> {
     check_new_and_state(&np, state, allow_nonempty_new, &[&np])?;
     let _lock = take_lock(state)?;
@@ -280,10 +291,11 @@ fn prepare_from_s3(
             s3 => s3,
         },
     };
-    let caps = Capabilities {
+    let mut caps = Capabilities {
         old: Vec::new(),
         new: probe_new_at(&np)?,
     };
+    caps.new.extend(s3_caps);
     record_migration(&config, &totals, &caps, &ost, &np, state, new_was_empty)?;
     Ok((totals, caps))
 }

@@ -51,6 +51,10 @@ pub struct Status {
     pub tombstones: u64,
     pub redirects: u64,
     pub errors: Vec<ErrorEntry>,
+    /// Entries changed through the view whose OLD origin OLD removed behind the view (also
+    /// in `errors`): commit refuses until each is settled (`ferryfs resolve`, or a removal
+    /// through the view).
+    pub conflicts: Vec<ErrorEntry>,
     /// Entries OLD changed behind the view's back after they were copied (found by a pass
     /// or by commit's final check), and whether each was copied again.
     pub changed_in_old: Vec<StaleEntry>,
@@ -176,8 +180,18 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         0
     };
     let done = journal.done()?;
-    let mut errors: Vec<ErrorEntry> = journal
-        .errors()?
+    let recorded = journal.errors()?;
+    let conflicts: Vec<ErrorEntry> = recorded
+        .iter()
+        .filter(|(_, e)| e.conflict)
+        .map(|(p, e)| ErrorEntry {
+            path: crate::view::display_path(p),
+            error: e.error.clone(),
+            errno: e.errno,
+            attempts: e.attempts,
+        })
+        .collect();
+    let mut errors: Vec<ErrorEntry> = recorded
         .into_iter()
         .map(|(p, e)| ErrorEntry {
             path: crate::view::display_path(&p),
@@ -227,6 +241,7 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         .unwrap_or_default();
     Ok(Status {
         capabilities,
+        conflicts,
         phase,
         old: config.old.to_string(),
         new: config.new.to_string(),

@@ -474,6 +474,95 @@ pub fn probe_new(root: BorrowedFd<'_>) -> std::io::Result<Vec<Capability>> {
     ])
 }
 
+/// Probe an S3 NEW with real requests under a scratch prefix (deleted again): a directory
+/// marker (`key/`: several gateways refuse them), the POSIX metadata ferryfs writes read back,
+/// and a conditional GET (If-Match) refused for another version.
+pub fn probe_s3_new(store: &super::s3::S3Store) -> Vec<Capability> {
+    use super::s3::PosixMeta;
+    let base = format!(
+        ".ferryfs-probe-{}-{}/",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    );
+    let (file, marker) = (format!("{base}object"), format!("{base}dir/"));
+    let meta = PosixMeta {
+        mode: Some(0o100640),
+        uid: Some(1234),
+        gid: Some(5678),
+        mtime: Some((1_600_000_000, 123_456_789)),
+    };
+    let put = store.put(&file, b"ferryfs probe".to_vec(), &meta);
+    let metadata = match (&put, store.url.metadata) {
+        (Err(e), _) => Err(format!("PUT: {e}")),
+        (Ok(_), super::s3::MetaStyle::None) => Ok("not written (--s3-metadata none)".into()),
+        (Ok(_), style) => match store.head(&file) {
+            Ok(Some(info)) if info.meta.as_ref() == Some(&meta) => {
+                Ok(format!("mode, owner, mtime read back ({})", style.as_str()))
+            }
+            Ok(Some(info)) => Err(format!("wrote {meta:?}, read back {:?}", info.meta)),
+            Ok(None) => Err("HEAD after PUT found nothing".into()),
+            Err(e) => Err(format!("HEAD: {e}")),
+        },
+    };
+    let conditional = match &put {
+        Err(e) => Err(format!("PUT: {e}")),
+        Ok(_) => match store.get_range(&file, "\"ferryfs-not-this-version\"", 0, 1) {
+            Err(e) if e.errno == libc::ESTALE => Ok("If-Match refuses another version".into()),
+            Err(e) => Err(format!("GET If-Match: {e}")),
+            Ok(_) => Err("GET If-Match another version answered with data".into()),
+        },
+    };
+    let dir_meta = PosixMeta {
+        mode: Some(0o040755),
+        ..meta
+    };
+    let markers = match store.put(&marker, Vec::new(), &dir_meta) {
+        Ok(_) => match store.head(&marker) {
+            Ok(Some(_)) => Ok("a `key/` object kept".into()),
+            Ok(None) => Err("PUT of `key/` said yes, HEAD finds nothing".into()),
+            Err(e) => Err(format!("HEAD `key/`: {e}")),
+        },
+        Err(e) => Err(format!("PUT `key/`: {e}")),
+    };
+    for k in [&file, &marker] {
+        if let Err(e) = store.delete(k) {
+            tracing::warn!(key = %k, error = %e, "removing a probe object from NEW");
+        }
+    }
+    vec![
+        cap(
+            "s3_dir_markers",
+            markers,
+            "no directory markers: directories exist through their objects; an empty \
+             directory cannot be kept (an error naming it until it is removed or filled), \
+             directories' mode, owner and times are not kept",
+            true,
+        ),
+        cap(
+            "s3_metadata",
+            metadata,
+            "none: objects' mode, owner and mtime are not kept",
+            true,
+        ),
+        cap(
+            "s3_conditional_get",
+            conditional,
+            "none needed today: the view reads an S3 NEW through its staging tree, never \
+             from the bucket",
+            false,
+        ),
+    ]
+}
+
+impl Capabilities {
+    /// NEW (an S3 bucket) keeps `key/` directory markers.
+    pub fn new_dir_markers(&self) -> bool {
+        Self::has(&self.new, "s3_dir_markers")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

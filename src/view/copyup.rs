@@ -100,7 +100,7 @@ fn fsync_dir(dir: BorrowedFd<'_>) -> Result<()> {
 
 impl View {
     /// The view name to place `inode` at: any of its live names.
-    fn placement(&self, inode: &Inode) -> Result<(Arc<Inode>, std::ffi::OsString)> {
+    pub(crate) fn placement(&self, inode: &Inode) -> Result<(Arc<Inode>, std::ffi::OsString)> {
         let names = inode.node().names.clone();
         for (p, name) in names {
             if let Ok(parent) = self.inode(p) {
@@ -617,6 +617,9 @@ impl View {
                 tst.st_ino,
                 &record_for(origin, &st, self.new_identity(tmp.as_fd())?, false),
             );
+        } else {
+            // The view's own from the start: where it came from, for a removal in OLD later.
+            b.origin(tst.st_dev, tst.st_ino, origin);
         }
         // Durable when it makes a hard-link group's copy known; a plain copy record need not
         // be: lost with its copy, the copier copies again; lost alone, the copy is the view's.
@@ -736,6 +739,9 @@ impl View {
         }
         let nst = loc.stat().ctx("stat NEW entry")?;
         let mut b = Batch::new();
+        if !record {
+            b.origin(nst.st_dev, nst.st_ino, &old.path);
+        }
         if record {
             // Symlinks have no file handle of their own to open; the record's handle is
             // unused for them (verify finds them by walking the view).

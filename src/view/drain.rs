@@ -49,7 +49,8 @@ pub enum Check {
     Same,
     /// OLD changed since the copy; `recopied` when the copy was just taken again.
     Stale { origin: Vec<u8>, recopied: bool },
-    /// OLD's entry is gone since the copy: the copy is kept, as the view's own.
+    /// OLD's entry is gone since the copy: the copier's pass removed the copy from the view
+    /// and NEW (or will, once what is below a directory has gone).
     Gone { origin: Vec<u8> },
 }
 
@@ -427,12 +428,109 @@ impl View {
             return Ok(());
         };
         let st = loc.stat().ctx("stat NEW entry")?;
-        if self.journal.copy(st.st_dev, st.st_ino)?.is_some() {
+        if let Some(rec) = self.journal.copy(st.st_dev, st.st_ino)? {
+            // Where it came from stays known: OLD removing that entry behind the view later
+            // conflicts with this change (see `check_origin`).
             let mut b = Batch::new();
-            b.clear_copy(st.st_dev, st.st_ino);
+            b.clear_copy(st.st_dev, st.st_ino)
+                .origin(st.st_dev, st.st_ino, &rec.origin);
             self.journal.commit(b, true)?;
         }
         inode.node().copy = CopyState::Local;
+        Ok(())
+    }
+
+    /// An entry the view changed (no copy record) whose OLD origin OLD removed behind the
+    /// view: a conflict, which the operator settles (`ferryfs resolve` keeps the view's
+    /// entry; removing it through the view follows OLD).
+    /// `follow`: the copier's pass (a check changes nothing).
+    fn check_origin(&self, inode: &Inode, follow: bool) -> Result<()> {
+        let Some(loc) = inode.node().new.clone() else {
+            return Ok(());
+        };
+        let Ok(st) = loc.stat() else {
+            return Ok(());
+        };
+        let Some(origin) = self.journal.origin_of(st.st_dev, st.st_ino)? else {
+            return Ok(());
+        };
+        match self.old.locate_path(&origin, inode.kind == Kind::Dir) {
+            // A directory OLD removed whose entries the view changed: it goes once they have
+            // (a removal through the view, or OLD's removals followed); what the view made in
+            // it keeps it.
+            Err(e) if posix::vanished(&e) && inode.kind == Kind::Dir => match follow {
+                true => self.follow_removal(inode, &origin),
+                false => Ok(()),
+            },
+            Err(e) if posix::vanished(&e) => Err(Error::Conflict(format!(
+                "changed through the view, and OLD's {} it came from was removed behind the \
+                 view; `ferryfs resolve --state DIR PATH` keeps the view's entry, removing it \
+                 through the view follows OLD",
+                super::display_path(&origin)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A plain copy whose OLD origin OLD removed behind the view: it leaves the view and NEW
+    /// too (through the view's own unlink or rmdir, so nothing of it is left in the journal),
+    /// unless it moved through the view since (a conflict). A directory goes once the entries
+    /// below it have (a later pass).
+    fn follow_removal(&self, inode: &Inode, origin: &[u8]) -> Result<()> {
+        if self.view_path(inode) != origin {
+            return Err(Error::Conflict(format!(
+                "renamed through the view, and OLD's {} it came from was removed behind the \
+                 view; `ferryfs resolve --state DIR PATH` keeps the view's entry, removing it \
+                 through the view follows OLD",
+                super::display_path(origin)
+            )));
+        }
+        let (parent, name) = self.placement(inode)?;
+        let r = if inode.kind == Kind::Dir {
+            self.rmdir(parent.ino, &name)
+        } else {
+            self.unlink(parent.ino, &name)
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!(
+                    path = %String::from_utf8_lossy(origin),
+                    "removed from OLD behind the view after it was copied: removed from the view and NEW"
+                );
+                self.invalidate(parent.ino);
+                Ok(())
+            }
+            Err(e) if e.errno() == libc::ENOTEMPTY => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The entry at view path `path` (relative, as `view_path` gives it), looked up from the
+    /// root; the lookups it counts are given back.
+    pub fn entry_at(&self, path: &[u8]) -> Result<Arc<Inode>> {
+        let mut cur = self.root();
+        for name in path.split(|b| *b == b'/').filter(|n| !n.is_empty()) {
+            let (next, _) = self.lookup_entry(cur.ino, OsStr::from_bytes(name))?;
+            self.release_lookup(&next);
+            cur = next;
+        }
+        Ok(cur)
+    }
+
+    /// `ferryfs resolve`: keep the view's entry at `path` as it is, whatever OLD did to where
+    /// it came from: it no longer follows OLD (no origin, no copy record), and its conflict
+    /// is over.
+    pub fn keep_as_is(&self, path: &[u8]) -> Result<()> {
+        let inode = self.entry_at(path)?;
+        self.changing(&inode)?;
+        let loc = inode.node().new.clone().ok_or_else(|| {
+            crate::view::error::errno_err("the entry is not in NEW", libc::ENOENT)
+        })?;
+        let st = loc.stat().ctx("stat NEW entry")?;
+        let mut b = Batch::new();
+        b.clear_origin(st.st_dev, st.st_ino)
+            .clear_error(&self.view_path(&inode));
+        self.journal.commit(b, true)?;
         Ok(())
     }
 
@@ -459,6 +557,10 @@ impl View {
         {
             let mut b = Batch::new();
             b.clear_copy(st.st_dev, st.st_ino);
+            // Where it came from stays known (a removal in OLD later: `check_origin`).
+            if let Ok(Some(rec)) = self.journal.copy(st.st_dev, st.st_ino) {
+                b.origin(st.st_dev, st.st_ino, &rec.origin);
+            }
             if let Err(e) = self.journal.commit(b, false) {
                 tracing::warn!(error = %e, "clearing a directory's copy record");
                 return;
@@ -535,18 +637,18 @@ impl View {
     /// stale copy again (OLD changed behind the view's back).
     pub fn check_copy(&self, inode: &Inode, recopy: bool, tick: Tick<'_>) -> Result<Check> {
         let Some((_, _, rec)) = self.copy_record(inode)? else {
+            self.check_origin(inode, recopy)?;
             return Ok(Check::Local);
         };
         let origin = rec.origin.clone();
         let now = match self.old.locate_path(&origin, rec.is_dir) {
             Ok((_, st)) => st,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
-                // Removed from OLD behind the view: the copy stays, as the view's own.
-                tracing::warn!(
-                    path = %String::from_utf8_lossy(&origin),
-                    "entry removed from OLD after it was copied; NEW keeps the copy"
-                );
-                self.changing(inode)?;
+                // Removed from OLD behind the view: the view follows (the copier's pass; a
+                // check only reports it).
+                if recopy {
+                    self.follow_removal(inode, &origin)?;
+                }
                 return Ok(Check::Gone { origin });
             }
             Err(e) => {

@@ -25,6 +25,10 @@ pub enum Error {
     /// A lifecycle step refused, saying why (commit before executed, abort while mounted...).
     #[error("{0}")]
     Lifecycle(String),
+    /// An entry changed through the view whose OLD origin was removed behind the view: which
+    /// wins is the operator's call (`ferryfs resolve`).
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// What [`Error::lost`] says.
@@ -55,6 +59,7 @@ impl Error {
             Error::Journal(_) => libc::EIO,
             Error::Refused(_, e) => *e,
             Error::Lifecycle(_) => libc::EBUSY,
+            Error::Conflict(_) => libc::EEXIST,
         }
     }
 
@@ -80,6 +85,7 @@ impl Error {
                 _ => tracing::Level::WARN,
             },
             Error::Refused(..) => tracing::Level::DEBUG,
+            Error::Conflict(_) => tracing::Level::WARN,
         }
     }
 }

@@ -370,9 +370,11 @@ impl View {
                     // A copy's record is written before its name appears in NEW, so a read
                     // finds it here; a file born in the view has none, and its removal then
                     // costs no journal write.
-                    if self.journal.has_copy(st.st_dev, st.st_ino)? {
+                    let origin = self.journal.origin_of(st.st_dev, st.st_ino)?.is_some();
+                    if origin || self.journal.has_copy(st.st_dev, st.st_ino)? {
                         let mut b = Batch::new();
-                        b.clear_copy(st.st_dev, st.st_ino);
+                        b.clear_copy(st.st_dev, st.st_ino)
+                            .clear_origin(st.st_dev, st.st_ino);
                         self.journal.commit(b, false)?;
                     }
                     self.deleted_from_new(st);
