@@ -761,8 +761,16 @@ impl View {
         // The work dir goes when nothing else is in it (no litter left in NEW).
         self.remove_work_dir_if_empty();
         {
+            // The copy taken before was counted: only the change in size counts now (done
+            // never passes what the view holds).
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            d.bytes += bytes;
+            #[allow(clippy::unnecessary_cast)]
+            let before = if inode.kind == Kind::File {
+                cur.st_size as u64
+            } else {
+                0
+            };
+            d.bytes = (d.bytes + bytes).saturating_sub(before);
         }
         tracing::info!(
             path = %String::from_utf8_lossy(&rec.origin),

@@ -513,6 +513,7 @@ mod tests {
             name: name.into(),
             kind: super::super::Kind::File,
             ino: 7,
+            new_id: None,
         }
     }
 

@@ -73,7 +73,11 @@ impl From<journal::JournalError> for Error {
 pub struct DirEntry {
     pub name: OsString,
     pub kind: Kind,
+    /// The entry's number; 0 until `dir_snapshot` gives it (a NEW entry the kernel does not
+    /// know yet: its number may need a journal read, which only a listing for the kernel pays).
     pub ino: u64,
+    /// NEW's (st_dev, st_ino) of an entry not numbered yet.
+    pub(crate) new_id: Option<(u64, u64)>,
 }
 
 /// What the view shows at one name, before an inode is attached to it.
@@ -929,14 +933,15 @@ impl View {
                         Some(inode::old_number(ent.ino)),
                     )
                 };
-                let ino = match (self.inodes.ino_of(&id), number) {
-                    (Some(n), _) | (None, Some(n)) => n,
-                    (None, None) => self.new_number(dev, ent.ino)?,
+                let (ino, new_id) = match (self.inodes.ino_of(&id), number) {
+                    (Some(n), _) | (None, Some(n)) => (n, None),
+                    (None, None) => (0, Some((dev, ent.ino))),
                 };
                 out.push(DirEntry {
                     name: OsString::from_vec(ent.name.clone()),
                     kind,
                     ino,
+                    new_id,
                 });
                 seen.insert(ent.name);
             }
@@ -956,6 +961,7 @@ impl View {
                         .inodes
                         .ino_of(&Identity::Old(dev, c.ino))
                         .unwrap_or(inode::old_number(c.ino)),
+                    new_id: None,
                 });
                 seen.insert(name);
             }
@@ -1001,6 +1007,7 @@ impl View {
                         .inodes
                         .ino_of(&id)
                         .unwrap_or(inode::old_number(st.st_ino)),
+                    new_id: None,
                 });
             }
         }
@@ -1053,14 +1060,21 @@ impl View {
                 name: ".".into(),
                 kind: Kind::Dir,
                 ino,
+                new_id: None,
             },
             DirEntry {
                 name: "..".into(),
                 kind: Kind::Dir,
                 ino: parent,
+                new_id: None,
             },
         ];
-        entries.extend(self.list(&dir)?);
+        for mut e in self.list(&dir)? {
+            if let Some((dev, ino)) = e.new_id.take() {
+                e.ino = self.new_number(dev, ino)?;
+            }
+            entries.push(e);
+        }
         Ok(entries)
     }
 

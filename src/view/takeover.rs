@@ -225,6 +225,7 @@ impl View {
                     name: std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&name)),
                     kind,
                     ino,
+                    new_id: None,
                 })
                 .collect();
             // The offsets the kernel holds are the ones these names are placed at here too.
