@@ -63,24 +63,7 @@ fn build_dataset(old: &Path, small: usize) {
     symlink("tree/d01/e1/f1", old.join("rel-link")).unwrap();
     symlink("/etc/hostname", old.join("abs-link")).unwrap();
     symlink("nowhere", old.join("dangling")).unwrap();
-    write(&old.join("links/a"), b"linked data");
-    fs::hard_link(old.join("links/a"), old.join("links/b")).unwrap();
-    fs::hard_link(old.join("links/a"), old.join("tree/c-link")).unwrap();
-    // xattrs on a file and a directory; owners and modes.
-    rustix::fs::setxattr(
-        old.join("links/a"),
-        "user.colour",
-        b"blue",
-        rustix::fs::XattrFlags::empty(),
-    )
-    .unwrap();
-    rustix::fs::setxattr(
-        old.join("tree"),
-        "user.dir",
-        b"yes",
-        rustix::fs::XattrFlags::empty(),
-    )
-    .unwrap();
+    links_and_xattrs(old);
     write(&old.join("owned/secret"), b"s");
     std::os::unix::fs::chown(old.join("owned/secret"), Some(1234), Some(5678)).unwrap();
     fs::set_permissions(old.join("owned/secret"), fs::Permissions::from_mode(0o4750)).unwrap();

@@ -89,15 +89,7 @@ impl Fixture {
     }
 
     pub fn prepare(&self) {
-        ok(ferryfs(&[
-            "prepare".as_ref(),
-            "--old".as_ref(),
-            self.old.as_os_str(),
-            "--new".as_ref(),
-            self.new.as_os_str(),
-            "--state".as_ref(),
-            self.state.as_os_str(),
-        ]));
+        ok(self.cmd_prepare());
     }
 
     /// `prepare` of this fixture's stores, as it went (it may fail).
@@ -395,6 +387,17 @@ pub fn names(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// An OLD file with three names (`links/a`, `links/b`, `tree/c-link`; `tree` must exist) and
+/// xattrs on it and on the directory `tree`: what migrations get wrong.
+pub fn links_and_xattrs(old: &Path) {
+    write(&old.join("links/a"), b"linked data");
+    fs::hard_link(old.join("links/a"), old.join("links/b")).unwrap();
+    fs::hard_link(old.join("links/a"), old.join("tree/c-link")).unwrap();
+    let x = rustix::fs::XattrFlags::empty();
+    rustix::fs::setxattr(old.join("links/a"), "user.colour", b"blue", x).unwrap();
+    rustix::fs::setxattr(old.join("tree"), "user.dir", b"yes", x).unwrap();
 }
 
 pub fn write(p: &Path, data: &[u8]) {
