@@ -221,12 +221,7 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(store: Arc<S3Store>, stage: PathBuf, journal: Records, workers: usize) -> Publisher {
-        let markers = journal
-            .meta(Meta::Capabilities)
-            .ok()
-            .flatten()
-            .and_then(|v| serde_json::from_slice::<crate::store::probe::Capabilities>(&v).ok())
-            .is_none_or(|c| c.new_dir_markers());
+        let markers = journal.capabilities().map_or(true, |c| c.new_dir_markers());
         Publisher {
             store,
             stage,

@@ -162,6 +162,15 @@ impl Records {
             .unwrap_or_default())
     }
 
+    /// What prepare's probe found the stores do (everything, for a journal from before the
+    /// probe: stores are then taken at their word, as they were).
+    pub fn capabilities(&self) -> Result<crate::store::probe::Capabilities> {
+        Ok(self
+            .meta(Meta::Capabilities)?
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default())
+    }
+
     pub fn set_totals(&self, t: &Totals) -> Result<()> {
         let mut b = Batch::new();
         b.meta(

@@ -235,10 +235,7 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         Ok(f) => rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err(),
         Err(_) => false,
     };
-    let capabilities = journal
-        .meta(Meta::Capabilities)?
-        .and_then(|v| serde_json::from_slice(&v).ok())
-        .unwrap_or_default();
+    let capabilities = journal.capabilities()?;
     Ok(Status {
         capabilities,
         conflicts,

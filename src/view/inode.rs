@@ -454,55 +454,19 @@ mod tests {
     #[test]
     fn numbers_come_from_the_backing_and_fall_back_when_taken() {
         let t = InodeTable::new(Node::detached());
-        let name = std::ffi::OsStr::new("a");
-        let a = t.lookup_or_insert(
-            Identity::Old(1, 7),
-            Kind::File,
-            old_number(7),
-            ROOT_INO,
-            name,
-            Node::detached,
-        );
-        assert_eq!(a.ino, 7);
+        let insert = |id, want| {
+            t.lookup_or_insert(id, Kind::File, want, ROOT_INO, "a".as_ref(), Node::detached)
+        };
+        assert_eq!(insert(Identity::Old(1, 7), old_number(7)).ino, 7);
         // Another entry wanting the same number (another file system's 7) gets a fallback.
-        let b = t.lookup_or_insert(
-            Identity::Old(2, 7),
-            Kind::File,
-            old_number(7),
-            ROOT_INO,
-            name,
-            Node::detached,
-        );
+        let b = insert(Identity::Old(2, 7), old_number(7));
         assert!(b.ino >= FALLBACK_BASE && b.ino < 1 << 62, "{}", b.ino);
-        let c = t.lookup_or_insert(
-            Identity::New(3, 7),
-            Kind::File,
-            new_born_number(7),
-            ROOT_INO,
-            name,
-            Node::detached,
-        );
+        let c = insert(Identity::New(3, 7), new_born_number(7));
         assert_eq!(c.ino, (1 << 62) | 7);
         // The root's number is never given; a pin wins over the wanted number.
-        let d = t.lookup_or_insert(
-            Identity::Old(1, 1),
-            Kind::File,
-            old_number(1),
-            ROOT_INO,
-            name,
-            Node::detached,
-        );
-        assert_ne!(d.ino, ROOT_INO);
+        assert_ne!(insert(Identity::Old(1, 1), old_number(1)).ino, ROOT_INO);
         t.pin_next(12345);
-        let e = t.lookup_or_insert(
-            Identity::Old(1, 99),
-            Kind::File,
-            old_number(99),
-            ROOT_INO,
-            name,
-            Node::detached,
-        );
-        assert_eq!(e.ino, 12345);
+        assert_eq!(insert(Identity::Old(1, 99), old_number(99)).ino, 12345);
         assert_eq!(old_number(u64::MAX), NUMBER_MASK);
     }
 }

@@ -370,7 +370,13 @@ impl View {
                     // A copy's record is written before its name appears in NEW, so a read
                     // finds it here; a file born in the view has none, and its removal then
                     // costs no journal write.
-                    let origin = self.journal.origin_of(st.st_dev, st.st_ino)?.is_some();
+                    // Only an entry that came from OLD has an origin, and its number is OLD's:
+                    // one numbered as born in the view costs no read for it.
+                    #[allow(clippy::unnecessary_cast)]
+                    let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+                    let born = self.inodes.ino_of(&Identity::New(dev, ino))
+                        == Some(super::inode::new_born_number(ino));
+                    let origin = !born && self.journal.origin_of(dev, ino)?.is_some();
                     if origin || self.journal.has_copy(st.st_dev, st.st_ino)? {
                         let mut b = Batch::new();
                         b.clear_copy(st.st_dev, st.st_ino)

@@ -170,10 +170,7 @@ pub(crate) struct NewCaps {
 
 impl NewCaps {
     pub(crate) fn from_journal(j: &crate::journal::Records) -> crate::journal::Result<NewCaps> {
-        let caps: crate::store::probe::Capabilities = j
-            .meta(crate::journal::Meta::Capabilities)?
-            .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default();
+        let caps = j.capabilities()?;
         Ok(NewCaps {
             tmpfile: caps.new_tmpfile(),
             handles: caps.new_handles(),
