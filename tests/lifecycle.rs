@@ -1206,3 +1206,11 @@ fn removals_renames_and_new_names_in_old_after_the_copy_are_followed_and_conflic
     let new = manifest(&f.new, false);
     assert!(new == view, "NEW after commit: {}", diff(&view, &new));
 }
+
+/// OLD's hard links changed behind the view after the copy are followed (NEW a local dir).
+#[test]
+fn hard_links_changed_in_old_after_the_copy_are_followed() {
+    let mut f = Fixture::new();
+    let new = f.new.clone();
+    old_hard_link_changes_followed(&mut f, &new);
+}

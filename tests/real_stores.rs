@@ -197,6 +197,16 @@ fn old_and_new_on_a_fuse_fs_without_o_tmpfile_nor_lasting_handles_commit_exactly
     execute_verify_commit(&mut f, &mp, &view, &new_data);
 }
 
+/// OLD's hard links changed behind the view after the copy are followed where NEW keeps no
+/// file handles (the copy is found at its name).
+#[test]
+fn hard_link_changes_in_old_are_followed_into_a_new_without_lasting_handles() {
+    let mut f = Fixture::new();
+    let new_data = f.root.path().join("new-data");
+    let _nfs = stores::bindfs(&new_data, &f.new);
+    old_hard_link_changes_followed(&mut f, &new_data);
+}
+
 /// Some entries copied, some not (a slow copier for a moment), then abort without a daemon:
 /// OLD (read at `old_data`) equals what the view showed, and NEW (`new_data`) is empty again.
 fn copy_some_then_abort(

@@ -39,6 +39,9 @@ pub enum Meta {
     AbortS3Deletes,
     /// What prepare's probe found each store does (JSON of `store::probe::Capabilities`).
     Capabilities,
+    /// Whether the view changed the names in the dataset's root (`1`): from then on a name
+    /// there may be the view's own, never followed to OLD (see `View::follow_old_names`).
+    RootChanged,
 }
 
 impl Meta {
@@ -60,6 +63,7 @@ impl Meta {
             Meta::AbortS3Hidden => "abort_s3_hidden",
             Meta::AbortS3Deletes => "abort_s3_deletes",
             Meta::Capabilities => "capabilities",
+            Meta::RootChanged => "root_changed",
         }
     }
 }

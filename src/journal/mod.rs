@@ -454,10 +454,13 @@ impl Batch {
     }
     /// NEW took OLD's entry `old` (its copy is named in NEW): written once the name exists,
     /// kept while the migration lives. An OLD entry with this mark that NEW lacks is a copy NEW
-    /// lost behind ferryfs's back, never an entry still to copy.
-    pub fn taken(&mut self, old: &Fingerprint) -> &mut Self {
+    /// lost behind ferryfs's back, never an entry still to copy. The mark names NEW's copy
+    /// (new_dev, new_ino): a name OLD links to the same file later joins that copy.
+    pub fn taken(&mut self, old: &Fingerprint, new_dev: u64, new_ino: u64) -> &mut Self {
         let mut v = old.ctime.0.to_le_bytes().to_vec();
         v.extend_from_slice(&old.ctime.1.to_le_bytes());
+        v.extend_from_slice(&new_dev.to_le_bytes());
+        v.extend_from_slice(&new_ino.to_le_bytes());
         self.ops.push(KvOp::Put(taken_key(old.dev, old.ino), v));
         self
     }
@@ -707,9 +710,19 @@ impl Records {
     /// [`Batch::taken`].
     pub fn was_taken(&self, old: &Fingerprint) -> Result<bool> {
         Ok(self.kv.get(&taken_key(old.dev, old.ino))?.is_some_and(|v| {
-            v.len() == 16
+            v.len() >= 16
                 && v[..8] == old.ctime.0.to_le_bytes()
-                && v[8..] == old.ctime.1.to_le_bytes()
+                && v[8..16] == old.ctime.1.to_le_bytes()
+        }))
+    }
+
+    /// NEW's copy (new_dev, new_ino) of OLD's inode (dev, ino), whatever OLD did to the inode
+    /// since (a mark of an earlier version names none).
+    pub fn taken_copy(&self, dev: u64, ino: u64) -> Result<Option<(u64, u64)>> {
+        Ok(self.kv.get(&taken_key(dev, ino))?.and_then(|v| {
+            let v: [u8; 32] = v.try_into().ok()?;
+            let num = |i: usize| u64::from_le_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+            Some((num(16), num(24)))
         }))
     }
 
@@ -945,10 +958,12 @@ mod tests {
             ctime: (11, 2),
         };
         assert!(!j.was_taken(&fp).unwrap());
+        assert_eq!(j.taken_copy(7, 42).unwrap(), None);
         let mut b = Batch::new();
-        b.taken(&fp);
+        b.taken(&fp, 9, 99);
         j.commit(b, false).unwrap();
         assert!(j.was_taken(&fp).unwrap());
+        assert_eq!(j.taken_copy(7, 42).unwrap(), Some((9, 99)));
         // The same inode number changed since (another file, or OLD changed it): not taken.
         assert!(
             !j.was_taken(&Fingerprint {
@@ -963,7 +978,7 @@ mod tests {
         j.commit(b, false).unwrap();
         assert!(!j.was_taken(&fp).unwrap());
         let mut b = Batch::new();
-        b.taken(&fp);
+        b.taken(&fp, 9, 99);
         j.commit(b, false).unwrap();
         j.clear_view_records().unwrap();
         assert!(!j.was_taken(&fp).unwrap());

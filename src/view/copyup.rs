@@ -169,7 +169,7 @@ impl View {
         let nst = posix::stat_fd(fd.as_fd()).ctx("stat NEW dir")?;
         // Named in NEW: NEW took it (not synced: lost in a crash, a loss of it goes unseen).
         let mut b = Batch::new();
-        b.taken(&Fingerprint::of(&st));
+        b.taken(&Fingerprint::of(&st), nst.st_dev, nst.st_ino);
         self.keep_number(&mut b, dir, nst.st_dev, nst.st_ino);
         self.journal.commit(b, false)?;
         {
@@ -361,7 +361,7 @@ impl View {
                         n.copy = CopyState::Copy;
                     }
                     linked.push(p.st.st_size as u64);
-                    orphans.taken(&Fingerprint::of(&p.st));
+                    orphans.taken(&Fingerprint::of(&p.st), tst.st_dev, tst.st_ino);
                     self.keep_number(&mut orphans, &p.inode, tst.st_dev, tst.st_ino);
                     Ok(Copied::File {
                         bytes: p.st.st_size as u64,
@@ -660,7 +660,8 @@ impl View {
         // Counted once named, and marked taken; recorded for `status` (not synced: it is only
         // news, and without the mark a later loss of the copy is copied again, unseen).
         let mut b = Batch::new();
-        b.done(&done).taken(&Fingerprint::of(&st));
+        b.done(&done)
+            .taken(&Fingerprint::of(&st), tst.st_dev, tst.st_ino);
         self.keep_number(&mut b, inode, tst.st_dev, tst.st_ino);
         let _ = self.journal.commit(b, false);
         if !background {
@@ -761,7 +762,7 @@ impl View {
             d.files += 1;
             b.done(&d);
         }
-        b.taken(&Fingerprint::of(&st));
+        b.taken(&Fingerprint::of(&st), nst.st_dev, nst.st_ino);
         self.keep_number(&mut b, inode, nst.st_dev, nst.st_ino);
         self.journal.commit(b, false)?;
         {

@@ -487,9 +487,9 @@ impl View {
         }
         let (parent, name) = self.placement(inode)?;
         let r = if inode.kind == Kind::Dir {
-            self.rmdir(parent.ino, &name)
+            self.rmdir_as(parent.ino, &name, false)
         } else {
-            self.unlink(parent.ino, &name)
+            self.unlink_as(parent.ino, &name, false)
         };
         match r {
             Ok(()) => {
@@ -540,10 +540,24 @@ impl View {
         self.ns_changes.load(Ordering::Relaxed)
     }
 
+    /// A change of OLD's followed in the view (a name OLD removed): a namespace change, but
+    /// not the view's own (the directory stays a copy of OLD's).
+    pub(crate) fn note_old_followed(&self, dir: &Inode) {
+        self.ns_changes.fetch_add(1, Ordering::Relaxed);
+        dir.node().subdirs = None;
+    }
+
     /// The entries of `dir` changed through the view: its counted subdirectories are stale, and
     /// its times are the view's from now on (the copier no longer gives it OLD's).
     pub(crate) fn dir_changed(&self, dir: &Inode) {
         self.ns_changes.fetch_add(1, Ordering::Relaxed);
+        if dir.ino == ROOT_INO && !self.root_changed.swap(true, Ordering::AcqRel) {
+            let mut b = Batch::new();
+            b.meta(crate::journal::Meta::RootChanged, b"1");
+            if let Err(e) = self.journal.commit(b, true) {
+                tracing::warn!(error = %e, "recording a change of the root's names");
+            }
+        }
         let (state, loc) = {
             let mut n = dir.node();
             n.subdirs = None;
@@ -627,7 +641,8 @@ impl View {
             // follows OLD's directory as it is now.
             rec.fp = Fingerprint::of(&ost);
             let mut b = Batch::new();
-            b.copy(nst.st_dev, nst.st_ino, &rec).taken(&rec.fp);
+            b.copy(nst.st_dev, nst.st_ino, &rec)
+                .taken(&rec.fp, nst.st_dev, nst.st_ino);
             self.journal.commit(b, false)?;
         }
         Ok(())
@@ -636,14 +651,30 @@ impl View {
     /// Check a NEW entry that was copied from OLD against OLD now; with `recopy`, take a
     /// stale copy again (OLD changed behind the view's back).
     pub fn check_copy(&self, inode: &Inode, recopy: bool, tick: Tick<'_>) -> Result<Check> {
-        let Some((_, _, rec)) = self.copy_record(inode)? else {
+        let Some((_, nst, mut rec)) = self.copy_record(inode)? else {
             self.check_origin(inode, recopy)?;
             return Ok(Check::Local);
         };
+        let names_followed = recopy && inode.kind == Kind::File && nst.st_nlink > 1;
+        if names_followed && self.follow_old_names(inode, &mut rec, &nst)? {
+            // Names OLD removed went, and no name the view knows still names the file in
+            // OLD: its other names in NEW are checked as the walk meets them.
+            return Ok(Check::Gone { origin: rec.origin });
+        }
         let origin = rec.origin.clone();
         let now = match self.old.locate_path(&origin, rec.is_dir) {
             Ok((_, st)) => st,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                // A hard-linked copy whose other names went meanwhile (another worker's
+                // check): the names it has now tell where OLD has it.
+                if recopy && inode.kind == Kind::File && !names_followed {
+                    if self.follow_old_names(inode, &mut rec, &nst)? {
+                        return Ok(Check::Gone { origin });
+                    }
+                    if rec.origin != origin {
+                        return self.check_copy(inode, recopy, tick);
+                    }
+                }
                 // Removed from OLD behind the view: the view follows (the copier's pass; a
                 // check only reports it).
                 if recopy {
@@ -672,6 +703,121 @@ impl View {
             self.invalidate(inode.ino);
         }
         Ok(Check::Stale { origin, recopied })
+    }
+
+    /// A copy with several names in NEW (an OLD hard-link group's): each of its names in a
+    /// directory that is still a plain copy of OLD's must still name the same file in OLD. A
+    /// name OLD removed behind the view leaves the view and NEW; a name OLD gave to another
+    /// file leaves NEW, so that the view shows OLD's file there (the copier takes it). When the
+    /// record's origin no longer names the file in OLD, a name that still does becomes it.
+    /// `true` when names went and none of those the view knows still names the file in OLD.
+    fn follow_old_names(
+        &self,
+        inode: &Inode,
+        rec: &mut CopyRecord,
+        nst: &rustix::fs::Stat,
+    ) -> Result<bool> {
+        let names = inode.node().names.clone();
+        let same = |st: &rustix::fs::Stat| (st.st_dev, st.st_ino) == (rec.fp.dev, rec.fp.ino);
+        let mut kept = None;
+        let mut went = false;
+        for (p, name) in names {
+            let Ok(parent) = self.inode(p) else { continue };
+            if !self.plain_copy_dir(&parent)? {
+                continue;
+            }
+            let path = self.child_path(&parent, &name);
+            match self.old.locate_path(&path, false) {
+                Ok((_, st)) if same(&st) => {
+                    kept.get_or_insert(path);
+                }
+                Ok(_) => {
+                    went = true;
+                    self.drop_replaced_name(&parent, &name, nst)?;
+                    tracing::info!(
+                        path = %String::from_utf8_lossy(&path),
+                        "a hard link OLD gave to another file behind the view: the view shows OLD's file"
+                    );
+                }
+                Err(e) if posix::vanished(&e) => match self.unlink_as(parent.ino, &name, false) {
+                    Ok(()) => {
+                        went = true;
+                        tracing::info!(
+                            path = %String::from_utf8_lossy(&path),
+                            "removed from OLD behind the view after it was copied: removed from the view and NEW"
+                        );
+                        self.invalidate(parent.ino);
+                    }
+                    Err(e) if e.errno() == libc::ENOENT => {}
+                    Err(e) => return Err(e),
+                },
+                Err(e) => {
+                    return Err(Error::Store {
+                        op: "open OLD entry",
+                        source: e,
+                    });
+                }
+            }
+        }
+        let Some(kept) = kept else { return Ok(went) };
+        let origin_same = match self.old.locate_path(&rec.origin, false) {
+            Ok((_, st)) => same(&st),
+            Err(e) if posix::vanished(&e) => false,
+            Err(e) => {
+                return Err(Error::Store {
+                    op: "open OLD entry",
+                    source: e,
+                });
+            }
+        };
+        if !origin_same {
+            rec.origin = kept;
+            let mut b = Batch::new();
+            b.copy(nst.st_dev, nst.st_ino, rec);
+            self.journal.commit(b, false)?;
+        }
+        Ok(false)
+    }
+
+    /// Whether `dir`'s names are OLD's as copied: a directory still a plain copy of OLD's at
+    /// the same path, or the root while the view has not changed its names.
+    fn plain_copy_dir(&self, dir: &Inode) -> Result<bool> {
+        if dir.ino == ROOT_INO {
+            return Ok(!self.root_changed.load(Ordering::Acquire));
+        }
+        Ok(self
+            .copy_record(dir)?
+            .is_some_and(|(_, _, rec)| rec.origin == self.view_path(dir)))
+    }
+
+    /// NEW's name `name` in `parent`, a link of the copy `nst`, goes from NEW (not from the
+    /// view: OLD's entry there shows through), as OLD gave the name to another file.
+    fn drop_replaced_name(
+        &self,
+        parent: &Inode,
+        name: &OsStr,
+        nst: &rustix::fs::Stat,
+    ) -> Result<()> {
+        let _gate = self.changes();
+        let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = self.resolve(parent, name)? else {
+            return Ok(());
+        };
+        let Some((_, st)) = &r.new else {
+            return Ok(());
+        };
+        if (st.st_dev, st.st_ino) != (nst.st_dev, nst.st_ino) || st.st_nlink < 2 {
+            return Ok(());
+        }
+        let pfd = self.new_dir(parent).ok_or_else(|| {
+            crate::view::error::errno_err("NEW entry has a NEW parent", libc::EIO)
+        })?;
+        copy::keeping_dir_times(&pfd, || {
+            rustix::fs::unlinkat(pfd.as_fd(), name, AtFlags::empty()).ctx("unlink in NEW")
+        })?;
+        self.forget_name(&r, parent.ino, name);
+        self.invalidate(parent.ino);
+        Ok(())
     }
 
     /// Take a stale copy again from OLD. The new copy is built aside (an anonymous file, then a
@@ -749,7 +895,7 @@ impl View {
             },
         );
         // (NEW keeps the earlier copy under the name until the rename below.)
-        b.taken(&Fingerprint::of(&ost));
+        b.taken(&Fingerprint::of(&ost), tdev, tino);
         self.journal.commit(b, false)?;
         copy::keeping_dir_times(&pfd, || {
             rustix::fs::renameat(&work, &tmp_name, pfd.as_fd(), &name)
@@ -792,7 +938,8 @@ impl View {
         loc.utimens(&copy::timestamps(ost)).ctx("utimens NEW dir")?;
         rec.fp = Fingerprint::of(ost);
         let mut b = Batch::new();
-        b.copy(nst.st_dev, nst.st_ino, &rec).taken(&rec.fp);
+        b.copy(nst.st_dev, nst.st_ino, &rec)
+            .taken(&rec.fp, nst.st_dev, nst.st_ino);
         self.journal.commit(b, false)?;
         Ok(true)
     }
@@ -921,7 +1068,8 @@ impl View {
         rustix::fs::fsync(&dst).ctx("fsync NEW copy")?;
         rec.fp = Fingerprint::of(&st);
         let mut b = Batch::new();
-        b.copy(nst.st_dev, nst.st_ino, &rec).taken(&rec.fp);
+        b.copy(nst.st_dev, nst.st_ino, &rec)
+            .taken(&rec.fp, nst.st_dev, nst.st_ino);
         self.journal.commit(b, false)?;
         Ok(true)
     }

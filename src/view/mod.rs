@@ -154,6 +154,8 @@ pub struct View {
     /// What NEW's file system can do (prepare's probe): where copies are made, how they are
     /// known.
     caps: scratch::NewCaps,
+    /// The view changed the names in the dataset's root (`Meta::RootChanged`).
+    root_changed: std::sync::atomic::AtomicBool,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -251,6 +253,7 @@ impl View {
         };
         let done = journal.done()?;
         let caps = scratch::NewCaps::from_journal(&journal)?;
+        let root_changed = journal.meta(journal::Meta::RootChanged)?.is_some();
         let (touched, touched_rx) = crossbeam_channel::bounded(4096);
         let (rechecks, rechecks_rx) = crossbeam_channel::bounded(4096);
         let view = View {
@@ -277,6 +280,7 @@ impl View {
             invalidations_open: std::sync::Mutex::new(true),
             invalidations_held: std::sync::atomic::AtomicBool::new(false),
             caps,
+            root_changed: root_changed.into(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -554,7 +558,7 @@ impl View {
             let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
             let p = self.inode(parent)?;
             let r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
-            if self.pending_link_up(&r)?.is_none() {
+            if self.pending_link_up(&r)?.is_none() && self.adoptable(&r)?.is_none() {
                 return self.attach(parent, name, r);
             }
         }
@@ -563,6 +567,9 @@ impl View {
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
         let mut r = self.resolve(&p, name)?.ok_or_else(|| not_found("lookup"))?;
+        if let Some((st, copy)) = self.adoptable(&r)? {
+            self.adopt_taken_copy_locked(&st, copy)?;
+        }
         if let Some((dev, ino, g)) = self.pending_link_up(&r)?
             && self.link_up_locked(&p, name, dev, ino, g)?
         {
@@ -600,6 +607,107 @@ impl View {
             .hardlink(st.st_dev, st.st_ino)?
             .filter(|g| g.copy.is_some())
             .map(|g| (st.st_dev, st.st_ino, g)))
+    }
+
+    /// An OLD-only name of a file OLD gave further names after NEW took its copy (one name
+    /// then, so no group was recorded): the file's OLD stat and NEW's copy (new_dev, new_ino),
+    /// which the name must join rather than be copied apart.
+    fn adoptable(&self, r: &Resolved) -> Result<Option<(rustix::fs::Stat, (u64, u64))>> {
+        if r.new.is_some() || r.kind == Kind::Dir {
+            return Ok(None);
+        }
+        let Some((_, _, st)) = &r.old else {
+            return Ok(None);
+        };
+        if st.st_nlink <= 1 || self.is_single() {
+            return Ok(None);
+        }
+        if self
+            .journal
+            .hardlink(st.st_dev, st.st_ino)?
+            .is_some_and(|g| g.copy.is_some())
+        {
+            return Ok(None);
+        }
+        Ok(self
+            .journal
+            .taken_copy(st.st_dev, st.st_ino)?
+            .map(|copy| (*st, copy)))
+    }
+
+    /// Make NEW's copy `copy` of OLD file `st` its hard-link group's copy (see
+    /// [`Self::adoptable`]), found by its file handle or, where NEW's handles do not last, at
+    /// the name it was copied to; a copy found at neither (moved through the view on such a
+    /// NEW) is left alone and the name is copied apart, logged. Caller holds `ns` write.
+    fn adopt_taken_copy_locked(&self, st: &rustix::fs::Stat, copy: (u64, u64)) -> Result<()> {
+        let (ndev, nino) = copy;
+        let (handle, origin) = match self.journal.copy(ndev, nino)? {
+            Some(rec) if (rec.fp.dev, rec.fp.ino) == (st.st_dev, st.st_ino) => {
+                (rec.handle, Some(rec.origin))
+            }
+            Some(_) => return Ok(()),
+            None => (Vec::new(), self.journal.origin_of(ndev, nino)?),
+        };
+        let opened = if handle.is_empty() {
+            origin.and_then(|o| {
+                self.new
+                    .open_path(std::path::Path::new(OsStr::from_bytes(&o)))
+                    .ok()
+            })
+        } else {
+            posix::open_by_handle(self.new.root(), &handle).ok()
+        };
+        let fd = match opened {
+            Some(fd)
+                if posix::stat_fd(fd.as_fd()).is_ok_and(|n| {
+                    (n.st_dev, n.st_ino) == (ndev, nino) && Kind::from_mode(n.st_mode) == Kind::File
+                }) =>
+            {
+                fd
+            }
+            _ => {
+                tracing::info!(
+                    old_ino = st.st_ino,
+                    "a file OLD linked to another name after its copy: NEW's copy was not found \
+                     (moved through the view on a NEW without lasting file handles); the new \
+                     name is copied as a file of its own"
+                );
+                return Ok(());
+            }
+        };
+        let mut g =
+            self.journal
+                .hardlink(st.st_dev, st.st_ino)?
+                .unwrap_or(journal::HardLinkGroup {
+                    old_nlink: st.st_nlink as u32,
+                    ..Default::default()
+                });
+        g.copy = Some(self.new_identity(fd.as_fd())?);
+        g.kept_alive = !self.caps.handles;
+        let mut b = journal::Batch::new();
+        b.hardlink(st.st_dev, st.st_ino, &g)
+            .copy_of(ndev, nino, st.st_dev, st.st_ino);
+        self.journal.commit(b, true)?;
+        if g.kept_alive {
+            let work = self.work_dir()?;
+            match rustix::fs::linkat(
+                &fd,
+                "",
+                &work,
+                keep_alive_name(st.st_dev, st.st_ino).as_str(),
+                rustix::fs::AtFlags::EMPTY_PATH,
+            ) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => {
+                    return Err(e).ctx("keep an OLD hard-link group's copy in the work dir");
+                }
+            }
+        }
+        tracing::info!(
+            old_ino = st.st_ino,
+            "a file OLD linked to another name after its copy: the new name joins NEW's copy"
+        );
+        Ok(())
     }
 
     /// The NEW copy of OLD hard-link group (dev, ino), as `O_PATH`: by its file handle, or,

@@ -330,7 +330,7 @@ impl View {
 
     /// `name` in `parent` no longer names the resolved entry: drop it from the inode's names
     /// and move its NEW location to a name it still has.
-    fn forget_name(&self, r: &Resolved, parent: u64, name: &OsStr) {
+    pub(super) fn forget_name(&self, r: &Resolved, parent: u64, name: &OsStr) {
         if let Some(ino) = self.inodes.ino_of(&r.identity())
             && let Some(inode) = self.inodes.get(ino)
         {
@@ -343,6 +343,12 @@ impl View {
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.unlink_as(parent, name, true)
+    }
+
+    /// `unlink`, or (`by_view` false) OLD's removal of a copied name followed: the directory
+    /// stays a copy of OLD's.
+    pub(crate) fn unlink_as(&self, parent: u64, name: &OsStr, by_view: bool) -> Result<()> {
         let _gate = self.changes();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
@@ -388,7 +394,11 @@ impl View {
             }
         }
         self.forget_name(&r, parent, name);
-        self.dir_changed(&p);
+        if by_view {
+            self.dir_changed(&p);
+        } else {
+            self.note_old_followed(&p);
+        }
         Ok(())
     }
 
@@ -472,6 +482,11 @@ impl View {
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        self.rmdir_as(parent, name, true)
+    }
+
+    /// `rmdir`, or (`by_view` false) OLD's removal of a copied directory followed.
+    pub(crate) fn rmdir_as(&self, parent: u64, name: &OsStr, by_view: bool) -> Result<()> {
         let _gate = self.changes();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
@@ -507,7 +522,11 @@ impl View {
             }
         }
         self.forget_name(&r, parent, name);
-        self.dir_changed(&p);
+        if by_view {
+            self.dir_changed(&p);
+        } else {
+            self.note_old_followed(&p);
+        }
         Ok(())
     }
 

@@ -400,6 +400,73 @@ pub fn links_and_xattrs(old: &Path) {
     rustix::fs::setxattr(old.join("tree"), "user.dir", b"yes", x).unwrap();
 }
 
+/// OLD's hard links changed behind the view after the copy: a name OLD adds to a copied file
+/// joins NEW's copy (one file, not a second copy), a name OLD removes leaves, a name OLD gives
+/// to another file shows that file; after commit NEW (read at `new_data`) has OLD's links.
+pub fn old_hard_link_changes_followed(f: &mut Fixture, new_data: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    write(&f.old.join("one"), b"one");
+    write(&f.old.join("d/p"), b"pair");
+    fs::hard_link(f.old.join("d/p"), f.old.join("d/q")).unwrap();
+    write(&f.old.join("r"), b"split");
+    fs::hard_link(f.old.join("r"), f.old.join("d/s")).unwrap();
+    ok(f.cmd_prepare());
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    ok(f.cmd("execute", &["--wait"]));
+    assert_eq!(
+        fs::metadata(new_data.join("d/p")).unwrap().ino(),
+        fs::metadata(new_data.join("d/q")).unwrap().ino()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Behind the view, in OLD: two more names for `one`, one name of the pair removed, one
+    // name of `r` given to a file of its own.
+    fs::hard_link(f.old.join("one"), f.old.join("two")).unwrap();
+    fs::hard_link(f.old.join("one"), f.old.join("d/three")).unwrap();
+    fs::remove_file(f.old.join("d/q")).unwrap();
+    fs::remove_file(f.old.join("d/s")).unwrap();
+    write(&f.old.join("d/s"), b"a file of its own");
+    ok(f.cmd("execute", &["--wait"]));
+    let ino = |p: &str| fs::metadata(f.v(p)).unwrap().ino();
+    assert_eq!(
+        ino("one"),
+        ino("two"),
+        "the view: a name OLD added joins the file"
+    );
+    assert_eq!(ino("one"), ino("d/three"));
+    assert_eq!(fs::metadata(f.v("one")).unwrap().nlink(), 3);
+    assert!(
+        !f.v("d/q").exists(),
+        "the view still shows a name OLD removed"
+    );
+    assert_eq!(fs::read(f.v("d/s")).unwrap(), b"a file of its own");
+    assert_ne!(ino("r"), ino("d/s"));
+    ok(f.cmd("verify", &["--checksum"]));
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    let new = |p: &str| fs::metadata(new_data.join(p)).unwrap();
+    assert_eq!(
+        new("one").ino(),
+        new("two").ino(),
+        "NEW: one file, three names"
+    );
+    assert_eq!(new("one").ino(), new("d/three").ino());
+    assert_eq!(new("one").nlink(), 3);
+    assert_eq!(new("d/p").nlink(), 1);
+    assert!(!new_data.join("d/q").exists());
+    assert_eq!(
+        fs::read(new_data.join("d/s")).unwrap(),
+        b"a file of its own"
+    );
+    assert_eq!(fs::read(new_data.join("r")).unwrap(), b"split");
+    assert_eq!(new("r").nlink(), 1);
+    let names: Vec<String> = manifest(new_data, false)
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(names, ["d", "d/p", "d/s", "d/three", "one", "r", "two"]);
+}
+
 pub fn write(p: &Path, data: &[u8]) {
     if let Some(parent) = p.parent() {
         fs::create_dir_all(parent).unwrap();
