@@ -864,3 +864,45 @@ fn regression_a_rename_onto_the_sources_own_parent_is_the_kernels_to_refuse() {
     ])
     .unwrap();
 }
+
+/// Found by the model: a name the view links into a copied directory is the view's, so the
+/// copier's pass must not take it for one OLD removed (the directory stops being a plain copy).
+#[test]
+fn regression_a_hard_link_made_through_the_view_is_not_followed_to_old() {
+    run_case(&[
+        Op::CopyOne {
+            any: 781555245727611834,
+        },
+        Op::Link {
+            file: 859865057068223141,
+            dir: 2794305570032848987,
+            name: 0,
+        },
+        Op::CopyOne {
+            any: 6731757787213220335,
+        },
+    ])
+    .unwrap();
+    run_case(&[
+        Op::CopyOne {
+            any: 8989840343102357592,
+        },
+        Op::Unlink {
+            file: 1565455158220248697,
+        },
+        Op::Link {
+            file: 0,
+            dir: 6273347079983129515,
+            name: 0,
+        },
+        Op::Link {
+            file: 0,
+            dir: 3483766782679147115,
+            name: 1,
+        },
+        Op::CopyOne {
+            any: 17478524753818611819,
+        },
+    ])
+    .unwrap();
+}

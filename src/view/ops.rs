@@ -309,6 +309,9 @@ impl View {
         self.new_loc(&inode)?
             .link_to(pfd.as_fd(), newname)
             .ctx("link in NEW")?;
+        // A name the view made: the directory is the view's from now on (its names are no
+        // longer all OLD's, nor its times).
+        self.dir_changed(&np);
         let r = self
             .resolve(&np, newname)?
             .ok_or_else(|| errno_err("linked entry vanished", libc::EIO))?;
