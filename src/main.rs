@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use ferryfs::cli::commands;
 use ferryfs::cli::{self, Cli, CliError, Cmd};
 use ferryfs::control::Request;
@@ -13,7 +13,15 @@ use ferryfs::daemon::MountArgs;
 
 fn main() -> ExitCode {
     let raw: Vec<OsString> = std::env::args_os().skip(1).collect();
-    match run(Cli::parse(), &raw) {
+    let matches = Cli::command().get_matches();
+    let mut parsed = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Cmd::Prepare(p), Some(("prepare", m))) = (&mut parsed.cmd, matches.subcommand())
+        && let Err(e) = p.order_rules(m)
+    {
+        eprintln!("ferryfs: {e}");
+        return ExitCode::from(2);
+    }
+    match run(parsed, &raw) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferryfs: {e}");
@@ -74,7 +82,7 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
             commands::daemon_only(&state, req)
         }
         Cmd::Verify { state, checksum } => commands::verify(&state, checksum),
-        Cmd::Commit { state } => commands::commit(&state),
+        Cmd::Commit { state, yes } => commands::commit(&state, yes),
         Cmd::Abort { state, keep_new } => commands::abort(&state, keep_new),
         Cmd::Resolve { state, paths } => commands::resolve(&state, &paths),
         Cmd::Unmount { mountpoint } => commands::unmount(&mountpoint),

@@ -132,6 +132,10 @@ pub enum Cmd {
     Commit {
         #[arg(long)]
         state: PathBuf,
+        /// Go ahead although entries the filter excluded (prepare --exclude) will leave the
+        /// view (they stay in OLD): commit says how many, and refuses without this.
+        #[arg(long)]
+        yes: bool,
     },
     /// Return everything to OLD, including every change made through the view.
     Abort {
@@ -161,7 +165,9 @@ pub struct LimitArgs {
     /// [default: 16 for a POSIX OLD, 64 for an S3 OLD].
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Copier bandwidth limit in bytes/s (k, M, G suffixes: 50M); 0 is unlimited.
+    /// Copier bandwidth limit in bytes/s (k, M, G suffixes: 50M); 0 or off is unlimited. Or
+    /// a timetable, as rclone writes it: "08:00,20M 18:00,off" (every day), "Mon-08:00,20M
+    /// Sat-00:00,off" (by weekday), local time; `ferryfs limits` changes it while running.
     #[arg(long, default_value = "0")]
     pub bwlimit: String,
     /// Copier limit in entries/s; 0 is unlimited.
@@ -176,9 +182,11 @@ pub struct LimitArgs {
 impl LimitArgs {
     /// The copier's options these flags ask for.
     pub fn options(&self) -> Result<copier::Options, CliError> {
+        let bw = copier::limits::Timetable::parse(&self.bwlimit).map_err(CliError::Usage)?;
         Ok(copier::Options {
             workers: self.workers.map_or(0, |w| w.max(1)),
-            bwlimit: copier::parse_rate(&self.bwlimit).map_err(CliError::Usage)?,
+            bwlimit: bw.rate_now(),
+            bw_timetable: bw.varies().then_some(bw),
             ops_limit: self.ops_limit,
             recheck: (self.recheck_interval > 0)
                 .then(|| std::time::Duration::from_secs(self.recheck_interval)),
@@ -236,6 +244,53 @@ pub struct PrepareArgs {
     /// [default: s3fs]
     #[arg(long, value_name = "STYLE")]
     pub s3_metadata: Option<String>,
+    /// Leave entries matching PATTERN out of the migration (rsync's rules: `*`, `**`, `?`,
+    /// `[...]`; a leading `/` anchors at the root; a trailing `/` matches directories only;
+    /// first matching rule wins, in command-line order with --include and --filter-from).
+    /// Excluded entries are not copied; the view shows them from OLD until commit.
+    /// Repeatable; recorded with the migration.
+    #[arg(long, value_name = "PATTERN", value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub exclude: Vec<std::ffi::OsString>,
+    /// Keep entries matching PATTERN in the migration even if a later rule excludes them.
+    /// Repeatable.
+    #[arg(long, value_name = "PATTERN", value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub include: Vec<std::ffi::OsString>,
+    /// Read rules from FILE, one a line: `- PATTERN` (exclude) or `+ PATTERN` (include);
+    /// blank lines and lines starting with # or ; are skipped. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub filter_from: Vec<PathBuf>,
+    /// Walk OLD with the filter and print what would move (directories, files, bytes, what
+    /// the filter leaves out, set-id programs, device files, entries NEW could not hold);
+    /// change nothing anywhere (no state dir, nothing written to NEW).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The rules of --exclude, --include and --filter-from, in command-line order (filled
+    /// from the parsed command line by [`PrepareArgs::order_rules`]).
+    #[arg(skip)]
+    pub rules: Vec<crate::copier::filter::Rule>,
+}
+
+impl PrepareArgs {
+    /// Put the filter rules in the order they were given (clap keeps each option's values
+    /// apart; rsync's first-match rule needs them interleaved as written).
+    pub fn order_rules(&mut self, m: &clap::ArgMatches) -> Result<(), String> {
+        use crate::copier::filter::{read_filter_file, rule_arg};
+        let at =
+            |id: &str| -> Vec<usize> { m.indices_of(id).map(|i| i.collect()).unwrap_or_default() };
+        let mut ordered: Vec<(usize, Vec<crate::copier::filter::Rule>)> = Vec::new();
+        for (i, p) in at("exclude").into_iter().zip(&self.exclude) {
+            ordered.push((i, vec![rule_arg(false, p)]));
+        }
+        for (i, p) in at("include").into_iter().zip(&self.include) {
+            ordered.push((i, vec![rule_arg(true, p)]));
+        }
+        for (i, f) in at("filter_from").into_iter().zip(&self.filter_from) {
+            ordered.push((i, read_filter_file(f)?));
+        }
+        ordered.sort_by_key(|(i, _)| *i);
+        self.rules = ordered.into_iter().flat_map(|(_, r)| r).collect();
+        Ok(())
+    }
 }
 
 // `execute`'s arguments (the subcommand's help is the variant's doc).

@@ -34,6 +34,10 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
             .with_s3_profile(profile, "NEW", "--new-s3-profile")
             .map_err(CliError::Usage)?;
     }
+    let filter = crate::copier::filter::Filter::new(p.rules.clone()).map_err(CliError::Usage)?;
+    if p.dry_run {
+        return dry_run(&old, &new, &p.state, &filter);
+    }
     if p.if_absent
         && let Some(c) = state::already_prepared(&old, &new, &p.state)?
     {
@@ -55,7 +59,13 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
             human(t.bytes)
         ))
     });
-    let t = state::prepare(old.clone(), new.clone(), &p.state, p.allow_nonempty_new);
+    let t = state::prepare(
+        old.clone(),
+        new.clone(),
+        &p.state,
+        p.allow_nonempty_new,
+        &filter,
+    );
     drop(shower);
     let (t, caps) = t?;
     println!(
@@ -65,6 +75,17 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
         t.bytes,
         p.state.display()
     );
+    if !filter.is_empty() {
+        println!(
+            "filter: {}; it leaves out {} dirs, {} files, {} ({} bytes): shown from OLD until \
+             commit, never copied",
+            crate::copier::filter::rules_display(&filter),
+            t.excluded_dirs,
+            t.excluded_files,
+            human(t.excluded_bytes),
+            t.excluded_bytes
+        );
+    }
     print!("{}", caps.table());
     for w in capability_warnings(&caps, &t) {
         println!("warning: {w}");
@@ -157,27 +178,35 @@ pub fn limits_request(
     ops_limit: Option<u64>,
     workers: Option<usize>,
 ) -> Result<Request, CliError> {
+    let (bwlimit, bwlimit_timetable) = bw_request(bwlimit)?;
     Ok(Request::Limits {
-        bwlimit: bwlimit
-            .map(copier::parse_rate)
-            .transpose()
-            .map_err(CliError::Usage)?,
+        bwlimit,
+        bwlimit_timetable,
         ops_limit,
         workers,
     })
 }
 
+/// `--bwlimit` for a request: a fixed rate, or a timetable (sent as written, checked here).
+fn bw_request(bwlimit: Option<&str>) -> Result<(Option<u64>, Option<String>), CliError> {
+    let Some(s) = bwlimit else {
+        return Ok((None, None));
+    };
+    let t = copier::limits::Timetable::parse(s).map_err(CliError::Usage)?;
+    Ok(if t.varies() {
+        (None, Some(t.text))
+    } else {
+        (Some(t.rate_at(0)), None)
+    })
+}
+
 pub fn execute(e: &ExecuteArgs) -> Result<(), CliError> {
     let state = e.state.as_path();
-    let bwlimit = e
-        .bwlimit
-        .as_deref()
-        .map(copier::parse_rate)
-        .transpose()
-        .map_err(CliError::Usage)?;
-    if e.workers.is_some() || bwlimit.is_some() || e.ops_limit.is_some() {
+    let (bwlimit, bwlimit_timetable) = bw_request(e.bwlimit.as_deref())?;
+    if e.workers.is_some() || e.bwlimit.is_some() || e.ops_limit.is_some() {
         let limits = Request::Limits {
             bwlimit,
+            bwlimit_timetable: bwlimit_timetable.clone(),
             ops_limit: e.ops_limit,
             workers: e.workers,
         };
@@ -198,6 +227,9 @@ pub fn execute(e: &ExecuteArgs) -> Result<(), CliError> {
     let opts = copier::Options {
         workers: e.workers.map_or(0, |w| w.max(1)),
         bwlimit: bwlimit.unwrap_or(0),
+        bw_timetable: bwlimit_timetable
+            .map(|t| copier::limits::Timetable::parse(&t).map_err(CliError::Usage))
+            .transpose()?,
         ops_limit: e.ops_limit.unwrap_or(0),
         recheck: None,
     };
@@ -377,11 +409,106 @@ fn verify_here(state: &Path, checksum: bool, o: &Offline) -> Result<CheckReport,
     Ok(lifecycle::verify(&o.copier, checksum)?)
 }
 
-pub fn commit(state: &Path) -> Result<(), CliError> {
+/// `prepare --dry-run`: what would move; nothing changed.
+fn dry_run(
+    old: &StoreSpec,
+    new: &StoreSpec,
+    state: &Path,
+    filter: &crate::copier::filter::Filter,
+) -> Result<(), CliError> {
+    let shower = Reporter::start(1, || {
+        let t = crate::copier::scan::SCAN_PROGRESS.get();
+        Some(format!(
+            "dry run: scanning OLD: {} dirs, {} files, {} so far",
+            t.dirs,
+            t.files,
+            human(t.bytes)
+        ))
+    });
+    let d = state::dry_run(old, new, state, filter);
+    drop(shower);
+    let d = d?;
+    let t = &d.totals;
+    println!("dry run of OLD {old} -> NEW {new}: nothing was changed anywhere");
+    println!(
+        "would move: {} dirs, {} files, {} ({} bytes)",
+        t.dirs,
+        t.files,
+        human(t.bytes),
+        t.bytes
+    );
+    if filter.is_empty() {
+        println!("filter: none (everything moves)");
+    } else {
+        println!(
+            "filter: {}; left out: {} dirs, {} files, {} ({} bytes)",
+            crate::copier::filter::rules_display(filter),
+            t.excluded_dirs,
+            t.excluded_files,
+            human(t.excluded_bytes),
+            t.excluded_bytes
+        );
+    }
+    println!(
+        "set-id programs: {}; device files: {}; hard-linked names: {}",
+        t.setid, t.devices, t.hardlinks
+    );
+    let mut cannot = Vec::new();
+    if t.too_long > 0 {
+        cannot.push(if d.new_is_s3 {
+            format!(
+                "{} entries whose key would be longer than the {} bytes S3 allows below NEW's prefix",
+                t.too_long, d.limits.path
+            )
+        } else {
+            format!(
+                "{} entries whose name is longer than NEW's limit of {} bytes",
+                t.too_long, d.limits.name
+            )
+        });
+    }
+    if d.new_is_s3 && t.devices > 0 {
+        cannot.push(format!(
+            "{} device files (an S3 NEW holds files only)",
+            t.devices
+        ));
+    }
+    if d.new_is_s3 && t.hardlinks > 0 {
+        cannot.push(format!(
+            "{} hard-linked names as links (each becomes an object of its own)",
+            t.hardlinks
+        ));
+    }
+    if let Some(free) = d.new_free
+        && free < t.bytes
+    {
+        cannot.push(format!(
+            "{} of data in {} of free space",
+            human(t.bytes),
+            human(free)
+        ));
+    }
+    if cannot.is_empty() {
+        println!("NEW could not hold: nothing (as far as names, kinds and free space tell)");
+    } else {
+        for c in cannot {
+            println!("NEW could not hold: {c}");
+        }
+    }
+    if d.state_taken {
+        println!(
+            "note: state dir {} already holds a migration: prepare would refuse it",
+            state.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn commit(state: &Path, yes: bool) -> Result<(), CliError> {
     let o = match Target::find(state, Default::default())? {
         Target::Daemon => {
             let progress = Reporter::checking("commit", state, daemon_checked(state.into()));
-            let r = ask(state, &Request::Commit)?;
+            let r = ask(state, &Request::Commit { yes })?;
             drop(progress);
             match r {
                 Some(r) => return print_answer(r),
@@ -392,7 +519,7 @@ pub fn commit(state: &Path) -> Result<(), CliError> {
         Target::Offline(o) => *o,
     };
     let progress = Reporter::checking("commit", state, offline_checked(&o));
-    let msg = lifecycle::commit(&o.copier, &o.migration.journal, o.opened.new.root());
+    let msg = lifecycle::commit(&o.copier, &o.migration.journal, o.opened.new.root(), yes);
     drop(progress);
     println!("{}", msg?);
     Ok(())

@@ -195,11 +195,31 @@ pub fn print_status(s: &Status) {
         s.eta_seconds.map_or("unknown".into(), |e| format!("{e} s"))
     );
     println!(
+        "bwlimit:    {}{}",
+        match s.bwlimit.in_force {
+            0 => "none".to_string(),
+            r => format!("{}/s", human(r)),
+        },
+        s.bwlimit
+            .timetable
+            .as_ref()
+            .map_or(String::new(), |t| format!(" (timetable \"{t}\")"))
+    );
+    println!(
         "local:      {} entries in NEW born or changed through the view",
         s.local
     );
     println!("tombstones: {}", s.tombstones);
     println!("redirects:  {}", s.redirects);
+    if !s.filter.is_empty() {
+        println!("filter:     {}", s.filter.join(", "));
+        println!(
+            "excluded:   {} dirs, {} files, {} left out by the filter (shown from OLD until commit)",
+            s.excluded.dirs,
+            s.excluded.files,
+            human(s.excluded.bytes)
+        );
+    }
     for (store, list) in [("OLD", &s.capabilities.old), ("NEW", &s.capabilities.new)] {
         for c in list.iter().filter(|c| !c.ok && !c.fallback.is_empty()) {
             println!("fallback:   {store} lacks {}: {}", c.name, c.fallback);

@@ -139,11 +139,17 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
         }
         Request::Limits {
             bwlimit,
+            bwlimit_timetable,
             ops_limit,
             workers,
         } => {
-            if let Some(b) = bwlimit {
-                c.bw.set(b);
+            if let Some(t) = bwlimit_timetable {
+                match crate::copier::limits::Timetable::parse(&t) {
+                    Ok(t) => c.set_bwlimit(t),
+                    Err(e) => return Response::err(e),
+                }
+            } else if let Some(b) = bwlimit {
+                c.set_bwlimit(crate::copier::limits::Timetable::constant(b));
             }
             if let Some(o) = ops_limit {
                 c.ops.set(o);
@@ -164,9 +170,13 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
             ),
             Err(e) => Response::err(e.to_string()),
         },
-        Request::Commit => {
-            match crate::lifecycle::commit(c, &ctx.journal, std::os::fd::AsFd::as_fd(&ctx.new_root))
-            {
+        Request::Commit { yes } => {
+            match crate::lifecycle::commit(
+                c,
+                &ctx.journal,
+                std::os::fd::AsFd::as_fd(&ctx.new_root),
+                yes,
+            ) {
                 Ok(m) => Response::ok(m, ()),
                 Err(e) => Response::err(e.to_string()),
             }

@@ -24,6 +24,9 @@ pub enum Request {
     /// Change limits while running; absent fields stay as they are. Reply: `CopierState`.
     Limits {
         bwlimit: Option<u64>,
+        /// A bandwidth timetable (rclone's syntax) instead of a fixed `bwlimit`.
+        #[serde(default)]
+        bwlimit_timetable: Option<String>,
         ops_limit: Option<u64>,
         workers: Option<usize>,
     },
@@ -31,7 +34,11 @@ pub enum Request {
     Verify {
         checksum: bool,
     },
-    Commit,
+    /// `yes`: go ahead although entries the filter excluded will leave the view.
+    Commit {
+        #[serde(default)]
+        yes: bool,
+    },
     /// Reply: [`Aborted`].
     Abort {
         keep_new: bool,

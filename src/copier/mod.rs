@@ -19,6 +19,7 @@
 //! Pacing: a bytes/s and an operations/s token bucket (changeable while running), and a short
 //! sleep between chunks whenever applications did I/O through the view in the last few ms.
 
+pub mod filter;
 pub mod limits;
 pub mod publish;
 pub mod scan;
@@ -47,12 +48,14 @@ const YIELD_SLEEP: Duration = Duration::from_millis(5);
 pub const DEFAULT_WORKERS_POSIX: usize = 16;
 pub const DEFAULT_WORKERS_S3: usize = 64;
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// 0: the default for OLD's kind of store.
     pub workers: usize,
-    /// Bytes per second; 0: unlimited.
+    /// Bytes per second; 0: unlimited. A timetable (below) overrides it.
     pub bwlimit: u64,
+    /// `--bwlimit` as a timetable (rclone's syntax): the limit follows the local time.
+    pub bw_timetable: Option<limits::Timetable>,
     /// Entries per second; 0: unlimited.
     pub ops_limit: u64,
     /// Once executed, check every copy against OLD again this often (`None`: only when asked).
@@ -77,6 +80,9 @@ pub struct PassSummary {
     pub quiet: bool,
     /// Names (non-directories), directories and bytes the view holds in NEW after the pass.
     pub tally: (u64, u64, u64),
+    /// Entries the filter left out (shown from OLD, not copied; an excluded directory once).
+    #[serde(default)]
+    pub excluded: u64,
 }
 
 impl PassSummary {
@@ -138,6 +144,10 @@ pub struct CheckReport {
     pub mismatches: Vec<String>,
     pub checked: u64,
     pub errors: Vec<String>,
+    /// Entries the filter left out, still only in OLD (an excluded directory once): they
+    /// leave the view at commit.
+    #[serde(default)]
+    pub excluded: u64,
 }
 
 impl CheckReport {
@@ -154,6 +164,8 @@ impl CheckReport {
 struct DirGuard {
     view: Arc<View>,
     inode: Arc<Inode>,
+    /// The filter excludes this directory (and so everything below it).
+    excluded: bool,
     finish: bool,
     /// Whether the walk holds a lookup of it (all but the root).
     counted: bool,
@@ -182,6 +194,8 @@ type NamerBatch = (Vec<(Pending, bool)>, Vec<(Arc<Inode>, Arc<DirGuard>)>);
 struct Job {
     dir: Arc<DirGuard>,
     name: std::ffi::OsString,
+    /// The filter excludes the entry (or a directory above it).
+    excluded: bool,
 }
 
 #[derive(Default)]
@@ -195,6 +209,12 @@ struct Want {
 pub struct Copier {
     view: Arc<View>,
     journal: Records,
+    /// prepare's filter: entries it excludes are not copied (nor pending).
+    filter: filter::Filter,
+    /// The timetable `bw` follows, if any; when it was last looked at (seconds).
+    bw_table: Mutex<Option<limits::Timetable>>,
+    bw_checked: AtomicU64,
+
     workers: AtomicUsize,
     pub bw: Limiter,
     pub ops: Limiter,
@@ -223,7 +243,11 @@ pub struct CopierState {
     pub running: bool,
     pub paused: bool,
     pub workers: usize,
+    /// The bandwidth limit in force (bytes/s, 0: none).
     pub bwlimit: u64,
+    /// The timetable the limit follows, as given (`None`: a fixed limit).
+    #[serde(default)]
+    pub bwlimit_timetable: Option<String>,
     pub ops_limit: u64,
     pub last_pass: Option<PassSummary>,
     /// Background passes finished since the daemon started.
@@ -249,7 +273,13 @@ impl Copier {
             0 => DEFAULT_WORKERS_POSIX,
             n => n,
         };
-        Arc::new(Copier {
+        let filter = filter::load(&journal).unwrap_or_else(|e| {
+            // Checked at prepare: a record that no longer reads is a damaged journal. Nothing
+            // is left out then (a copy too many, never one too few), and it says so.
+            tracing::error!(error = %e, "the migration's filter does not read; nothing is excluded");
+            filter::Filter::default()
+        });
+        let c = Arc::new(Copier {
             view,
             journal,
             workers: AtomicUsize::new(workers),
@@ -268,7 +298,89 @@ impl Copier {
             running: AtomicBool::new(false),
             recheck: opts.recheck,
             publisher: std::sync::OnceLock::new(),
-        })
+            filter,
+            bw_table: Mutex::new(None),
+            bw_checked: AtomicU64::new(0),
+        });
+        c.set_bwlimit(
+            opts.bw_timetable
+                .unwrap_or(limits::Timetable::constant(opts.bwlimit)),
+        );
+        c
+    }
+
+    /// Set the bandwidth limit: a fixed rate, or a timetable the limit then follows (checked
+    /// every few seconds by the copier's pacing). Recorded for `status`.
+    pub fn set_bwlimit(&self, t: limits::Timetable) {
+        let rate = t.rate_now();
+        let text = t.varies().then(|| t.text.clone());
+        *self.bw_table.lock().unwrap_or_else(|p| p.into_inner()) = t.varies().then_some(t);
+        self.bw.set(rate);
+        self.record_limits(rate, text);
+    }
+
+    /// The timetable the bandwidth limit follows, if any.
+    pub fn bw_timetable(&self) -> Option<String> {
+        self.bw_table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|t| t.text.clone())
+    }
+
+    /// Follow the timetable: the limit in force now (looked at every 5 seconds at most).
+    fn follow_timetable(&self) {
+        let now = now_secs();
+        let last = self.bw_checked.load(Ordering::Relaxed);
+        if now < last + 5
+            || self
+                .bw_checked
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let table = self.bw_table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = table.as_ref() {
+            let rate = t.rate_now();
+            if rate != self.bw.get() {
+                tracing::info!(bwlimit = rate, timetable = %t.text, "bandwidth limit changed by its timetable");
+                self.bw.set(rate);
+                let text = Some(t.text.clone());
+                drop(table);
+                self.record_limits(rate, text);
+            }
+        }
+    }
+
+    /// The limit in force, for `status` (not synced: it is only news).
+    fn record_limits(&self, rate: u64, timetable: Option<String>) {
+        let mut b = Batch::new();
+        b.meta(
+            crate::journal::Meta::BwLimit,
+            &serde_json::to_vec(&crate::journal::BwLimit {
+                in_force: rate,
+                timetable,
+            })
+            .expect("limits serialize"),
+        );
+        if let Err(e) = self.journal.commit(b, false) {
+            tracing::warn!(error = %e, "recording the bandwidth limit");
+        }
+    }
+
+    /// What prepare's filter leaves out of the migration.
+    pub fn filter(&self) -> &filter::Filter {
+        &self.filter
+    }
+
+    /// Whether the filter leaves the view's entry out (or a directory above it).
+    fn excluded_entry(&self, inode: &Inode) -> bool {
+        !self.filter.is_empty()
+            && self.filter.excludes_path(
+                &self.view.view_path(inode),
+                inode.kind == crate::view::Kind::Dir,
+            )
     }
 
     /// The publisher of an S3 NEW, for commit, verify and abort.
@@ -296,6 +408,7 @@ impl Copier {
             paused: self.paused.load(Ordering::Relaxed),
             workers: self.workers.load(Ordering::Relaxed),
             bwlimit: self.bw.get(),
+            bwlimit_timetable: self.bw_timetable(),
             ops_limit: self.ops.get(),
             last_pass: *self.last.lock().unwrap_or_else(|p| p.into_inner()),
             passes: self.passes.load(Ordering::Relaxed),
@@ -608,12 +721,14 @@ impl Copier {
         let visit = |inode: &Arc<Inode>, counts: bool| self.copy_one(inode, &ctx, counts);
         let flush = |batch: Vec<(Pending, bool)>| self.flush(batch, &ctx);
         let fail = |path: Vec<u8>, e: &Error| self.record_error(&ctx, path, e);
+        let excluded = AtomicU64::new(0);
         let stopped = self.walk(
             true,
             &walk::Visitor {
                 visit: &visit,
                 flush: &flush,
                 fail: &fail,
+                excluded: &excluded,
             },
         );
         // Nothing changed the view's namespace during the pass: no entry can have moved out
@@ -659,6 +774,7 @@ impl Copier {
                 c.seen_dirs.into_inner(),
                 c.seen_bytes.into_inner(),
             ),
+            excluded: excluded.into_inner(),
         };
         tracing::info!(
             ?s,
@@ -681,6 +797,7 @@ impl Copier {
     /// copy itself.
     fn tick_for(&self, n: u64, hurry: Option<&AtomicBool>) -> bool {
         let hurried = || hurry.is_some_and(|h| h.load(Ordering::Acquire));
+        self.follow_timetable();
         self.bw.take_unless(n, &|| self.stopping() || hurried());
         while self.paused.load(Ordering::Relaxed) && !self.stopping() && !hurried() {
             std::thread::sleep(Duration::from_millis(50));
@@ -924,15 +1041,18 @@ impl Copier {
                 .errors
                 .push(format!("{}: {e}", String::from_utf8_lossy(&path)));
         };
+        let excluded = AtomicU64::new(0);
         self.walk(
             false,
             &walk::Visitor {
                 visit: &visit,
                 flush: &|_| {},
                 fail: &fail,
+                excluded: &excluded,
             },
         );
         let mut r = report.into_inner().unwrap_or_else(|p| p.into_inner());
+        r.excluded = excluded.into_inner();
         for (path, e) in self.journal.errors()? {
             r.errors.push(format!(
                 "{}: {} (copier, {} attempts)",

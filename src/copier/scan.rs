@@ -9,17 +9,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::os::unix::ffi::OsStrExt;
+
+use super::filter::Filter;
 use crate::journal::Totals;
 
 /// The totals of an S3 OLD: the root listed by directory, then each top-level directory
 /// listed recursively (1,000 keys a request), up to 16 at once. A directory is every distinct
 /// prefix of a key; a `name/` marker is a directory, not a file.
-pub fn scan_totals_s3(tree: &crate::store::s3::tree::S3Tree) -> io::Result<Totals> {
+pub fn scan_totals_s3(
+    tree: &crate::store::s3::tree::S3Tree,
+    filter: &Filter,
+) -> io::Result<Totals> {
     use crate::store::s3::Listed;
     let mut t = Totals::default();
     let mut tops = Vec::new();
     for l in tree.store.list_dir("")? {
         match l {
+            Listed::Object(o) if filter.excludes_path(o.rel.as_bytes(), false) => {
+                t.excluded_files += 1;
+                t.excluded_bytes += o.size;
+            }
             Listed::Object(o) => {
                 t.files += 1;
                 t.bytes += o.size;
@@ -39,8 +49,10 @@ pub fn scan_totals_s3(tree: &crate::store::s3::tree::S3Tree) -> io::Result<Total
                         let Some(top) = tops.get(i) else {
                             return Ok(t);
                         };
+                        // Directories are the keys' prefixes; each is judged by the filter
+                        // once, when first met.
                         let mut dirs = std::collections::HashSet::new();
-                        dirs.insert(top.clone());
+                        let mut xdirs = std::collections::HashSet::new();
                         tree.store
                             .list_all_below(&format!("{top}/"), &mut |rel, size| {
                                 let (parents, is_marker) = match rel.strip_suffix('/') {
@@ -48,17 +60,30 @@ pub fn scan_totals_s3(tree: &crate::store::s3::tree::S3Tree) -> io::Result<Total
                                     None => (rel.rsplit_once('/').map_or("", |(d, _)| d), false),
                                 };
                                 if !is_marker {
-                                    t.files += 1;
-                                    t.bytes += size;
-                                    SCAN_PROGRESS.files.fetch_add(1, Ordering::Relaxed);
-                                    SCAN_PROGRESS.bytes.fetch_add(size, Ordering::Relaxed);
+                                    if filter
+                                        .excludes_path(rel.trim_end_matches('/').as_bytes(), false)
+                                    {
+                                        t.excluded_files += 1;
+                                        t.excluded_bytes += size;
+                                    } else {
+                                        t.files += 1;
+                                        t.bytes += size;
+                                        SCAN_PROGRESS.files.fetch_add(1, Ordering::Relaxed);
+                                        SCAN_PROGRESS.bytes.fetch_add(size, Ordering::Relaxed);
+                                    }
                                 }
                                 let mut p = parents;
-                                while !p.is_empty() && dirs.insert(p.to_string()) {
+                                while !p.is_empty() && !dirs.contains(p) && !xdirs.contains(p) {
+                                    if filter.excludes_path(p.as_bytes(), true) {
+                                        xdirs.insert(p.to_string());
+                                    } else {
+                                        dirs.insert(p.to_string());
+                                    }
                                     p = p.rsplit_once('/').map_or("", |(d, _)| d);
                                 }
                             })?;
                         t.dirs += dirs.len() as u64;
+                        t.excluded_dirs += xdirs.len() as u64;
                         SCAN_PROGRESS
                             .dirs
                             .fetch_add(dirs.len() as u64, Ordering::Relaxed);
@@ -116,21 +141,71 @@ const SCAN_THREADS: usize = 16;
 
 /// Walk OLD once for the totals `status` reports, [`SCAN_THREADS`] directories at a time.
 /// The first error ends the scan.
-pub fn scan_totals(root: &Path) -> io::Result<Totals> {
-    let (tx, rx) = crossbeam_channel::unbounded::<PathBuf>();
+pub fn scan_totals(root: &Path, filter: &Filter) -> io::Result<Totals> {
+    scan_totals_within(root, filter, NameLimits::default())
+}
+
+/// The longest name and path (bytes, below the root) NEW can hold: names beyond them are
+/// counted in [`Totals::too_long`] (`prepare --dry-run`).
+#[derive(Debug, Clone, Copy)]
+pub struct NameLimits {
+    pub name: usize,
+    pub path: usize,
+}
+
+impl Default for NameLimits {
+    fn default() -> Self {
+        NameLimits {
+            name: usize::MAX,
+            path: usize::MAX,
+        }
+    }
+}
+
+/// [`scan_totals`], also counting the entries whose name or path is longer than `limits`.
+pub fn scan_totals_within(root: &Path, filter: &Filter, limits: NameLimits) -> io::Result<Totals> {
+    // Directories to read, and whether the filter excludes them (and so all below).
+    let (tx, rx) = crossbeam_channel::unbounded::<(PathBuf, bool)>();
     // Directories queued or being read: none left, and the scan is done.
     let pending = AtomicU64::new(1);
     let failed: Mutex<Option<io::Error>> = Mutex::new(None);
-    tx.send(root.to_path_buf()).expect("receiver alive");
-    let read_dir = |dir: &Path, t: &mut Totals| -> io::Result<()> {
+    tx.send((root.to_path_buf(), false))
+        .expect("receiver alive");
+    let read_dir = |dir: &Path, excluded_dir: bool, t: &mut Totals| -> io::Result<()> {
         let mut sub = Totals::default();
         for ent in fs::read_dir(dir)? {
             let ent = ent?;
             let ft = ent.file_type()?;
+            let excluded = excluded_dir
+                || (!filter.is_empty() && {
+                    let path = ent.path();
+                    let rel = path.strip_prefix(root).unwrap_or(&path);
+                    filter.excludes(rel.as_os_str().as_bytes(), ft.is_dir())
+                });
+            if excluded {
+                if ft.is_dir() {
+                    sub.excluded_dirs += 1;
+                    pending.fetch_add(1, Ordering::SeqCst);
+                    tx.send((ent.path(), true)).expect("receiver alive");
+                } else {
+                    sub.excluded_files += 1;
+                    if ft.is_file() {
+                        sub.excluded_bytes += ent.metadata()?.len();
+                    }
+                }
+                continue;
+            }
+            if limits.name != usize::MAX || limits.path != usize::MAX {
+                let path = ent.path();
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                if ent.file_name().len() > limits.name || rel.as_os_str().len() > limits.path {
+                    sub.too_long += 1;
+                }
+            }
             if ft.is_dir() {
                 sub.dirs += 1;
                 pending.fetch_add(1, Ordering::SeqCst);
-                tx.send(ent.path()).expect("receiver alive");
+                tx.send((ent.path(), false)).expect("receiver alive");
             } else {
                 sub.files += 1;
                 if ft.is_file() {
@@ -165,13 +240,15 @@ pub fn scan_totals(root: &Path) -> io::Result<Totals> {
                         {
                             return t;
                         }
-                        let Ok(dir) = rx.recv_timeout(std::time::Duration::from_millis(5)) else {
+                        let Ok((dir, excluded)) =
+                            rx.recv_timeout(std::time::Duration::from_millis(5))
+                        else {
                             continue;
                         };
                         // A panic is an error of this directory: the other threads would
                         // otherwise wait for ever on its count in `pending`.
                         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            read_dir(&dir, &mut t)
+                            read_dir(&dir, excluded, &mut t)
                         }))
                         .unwrap_or_else(|_| Err(io::Error::other("the scan thread panicked")));
                         if let Err(e) = read {
@@ -252,9 +329,9 @@ mod tests {
         .expect("mknod of a device file (the tests run as root)");
         want.files += 1;
         want.devices += 1;
-        assert_eq!(scan_totals(root.path()).unwrap(), want);
+        assert_eq!(scan_totals(root.path(), &Filter::default()).unwrap(), want);
         // An unreadable directory ends the scan with an error naming it.
-        let e = scan_totals(&root.path().join("missing")).unwrap_err();
+        let e = scan_totals(&root.path().join("missing"), &Filter::default()).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
     }
 }

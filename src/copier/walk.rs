@@ -23,6 +23,8 @@ pub(super) struct Visitor<'a> {
     pub flush: &'a (dyn Fn(Vec<(Pending, bool)>) + Sync),
     /// An entry that could not be looked up or listed, by its view path.
     pub fail: &'a (dyn Fn(Vec<u8>, &Error) + Sync),
+    /// Counts the entries the filter leaves out (still only in OLD; a directory once).
+    pub excluded: &'a std::sync::atomic::AtomicU64,
 }
 
 /// A worker's copies waiting to be named, and the lookups that keep their entries (and
@@ -123,6 +125,7 @@ impl Copier {
                     continue;
                 };
                 if !self.view.in_new(&t)
+                    && !self.excluded_entry(&t)
                     && let Some(p) = (v.visit)(&t, false)
                 {
                     batch.copies.push((p, false));
@@ -172,6 +175,12 @@ impl Copier {
                 return;
             }
         };
+        if job.excluded && !self.view.in_new(&inode) {
+            // Left out by the filter: shown from OLD until commit, never copied.
+            v.excluded.fetch_add(1, Ordering::Relaxed);
+            self.view.release_lookup(&inode);
+            return;
+        }
         match (v.visit)(&inode, true) {
             Some(p) => {
                 batch.since.get_or_insert_with(Instant::now);
@@ -189,6 +198,7 @@ impl Copier {
         let root = Arc::new(DirGuard {
             view: self.view.clone(),
             inode: self.view.root(),
+            excluded: false,
             finish: copying,
             counted: false,
             _parent: None,
@@ -219,10 +229,16 @@ impl Copier {
                 if self.stopping() {
                     return true;
                 }
+                let excluded = dir.excluded
+                    || (!self.filter().is_empty()
+                        && self
+                            .filter()
+                            .excludes(&self.view.child_path(&dir.inode, &name), kind == Kind::Dir));
                 if kind != Kind::Dir {
                     let job = Job {
                         dir: dir.clone(),
                         name,
+                        excluded,
                     };
                     if tx.send(job).is_err() {
                         break;
@@ -241,10 +257,22 @@ impl Copier {
                 if inode.kind != Kind::Dir {
                     // Became a non-directory since the listing: a worker's job after all.
                     self.view.release_lookup(&inode);
+                    let excluded = dir.excluded
+                        || (!self.filter().is_empty()
+                            && self
+                                .filter()
+                                .excludes(&self.view.child_path(&dir.inode, &name), false));
                     let _ = tx.send(Job {
                         dir: dir.clone(),
                         name,
+                        excluded,
                     });
+                    continue;
+                }
+                if excluded && !self.view.in_new(&inode) {
+                    // Left out by the filter, with everything below it.
+                    v.excluded.fetch_add(1, Ordering::Relaxed);
+                    self.view.release_lookup(&inode);
                     continue;
                 }
                 if let Some(p) = (v.visit)(&inode, true) {
@@ -253,6 +281,7 @@ impl Copier {
                 stack.push(Arc::new(DirGuard {
                     view: self.view.clone(),
                     inode,
+                    excluded,
                     finish: copying,
                     counted: true,
                     _parent: Some(dir.clone()),

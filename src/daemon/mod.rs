@@ -252,7 +252,7 @@ fn open_stores(args: &MountArgs, m: &Migration, state_abs: &Path) -> Result<Open
 /// The copier, with the publisher's loop (an S3 NEW) and the rate sampler; started copying
 /// unless `--no-copy`, or as the old daemon left it after a takeover (limits included).
 fn start_copier(s: &Serving<'_>) -> Result<Copying, String> {
-    let copier = s.opened.copier(&s.migration.journal, s.args.copier);
+    let copier = s.opened.copier(&s.migration.journal, s.args.copier.clone());
     let mut threads = Vec::new();
     if let Some(p) = &s.opened.publisher {
         threads.push(loops::spawn_publish_loop(p.clone(), copier.clone())?);
@@ -273,8 +273,14 @@ fn start_copier(s: &Serving<'_>) -> Result<Copying, String> {
     let finished = matches!(s.opened.phase, Phase::Committed | Phase::Aborted);
     let (execute, paused) = match &s.taken {
         Some(t) => {
-            let c = t.handed.copier;
-            copier.bw.set(c.bwlimit);
+            let c = t.handed.copier.clone();
+            let table = c
+                .bwlimit_timetable
+                .as_deref()
+                .and_then(|t| crate::copier::limits::Timetable::parse(t).ok());
+            copier.set_bwlimit(
+                table.unwrap_or(crate::copier::limits::Timetable::constant(c.bwlimit)),
+            );
             copier.ops.set(c.ops_limit);
             copier.set_workers(c.workers);
             (c.executing, c.paused)

@@ -69,12 +69,15 @@ pub struct Handed {
 }
 
 /// The copier's live settings, kept across the takeover.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CopierCarry {
     pub executing: bool,
     pub paused: bool,
     pub workers: usize,
     pub bwlimit: u64,
+    /// The timetable the limit follows (an older daemon hands none).
+    #[serde(default)]
+    pub bwlimit_timetable: Option<String>,
     pub ops_limit: u64,
 }
 
@@ -290,6 +293,7 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
         paused: c.paused,
         workers: c.workers,
         bwlimit: c.bwlimit,
+        bwlimit_timetable: c.bwlimit_timetable.clone(),
         ops_limit: c.ops_limit,
     };
     src.copier.pause();
@@ -313,7 +317,7 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
         fuse_fds: fuse.len(),
         has_old: src.old_root.is_some(),
         passthrough: src.parts.export_passthrough(),
-        copier: carry,
+        copier: carry.clone(),
         watchdog_usec: src.watchdog.map(|d| d.as_micros() as u64),
         view,
     };

@@ -39,9 +39,11 @@ pub enum Meta {
     AbortS3Deletes,
     /// What prepare's probe found each store does (JSON of `store::probe::Capabilities`).
     Capabilities,
-    /// Whether the view changed the names in the dataset's root (`1`): from then on a name
-    /// there may be the view's own, never followed to OLD (see `View::follow_old_names`).
-    RootChanged,
+    /// The copier's bandwidth limit in force and the timetable it follows ([`BwLimit`]; not
+    /// synced: it is only news).
+    BwLimit,
+    /// prepare's filter rules, in order (JSON of `[copier::filter::Rule]`); none: no filter.
+    Filter,
 }
 
 impl Meta {
@@ -63,8 +65,26 @@ impl Meta {
             Meta::AbortS3Hidden => "abort_s3_hidden",
             Meta::AbortS3Deletes => "abort_s3_deletes",
             Meta::Capabilities => "capabilities",
-            Meta::RootChanged => "root_changed",
+            Meta::Filter => "filter",
+            Meta::BwLimit => "bwlimit",
         }
+    }
+}
+
+/// The copier's bandwidth limit, as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BwLimit {
+    /// Bytes per second (0: none).
+    pub in_force: u64,
+    /// The timetable it follows, as given.
+    pub timetable: Option<String>,
+}
+
+impl Records {
+    pub fn bwlimit(&self) -> Result<Option<BwLimit>> {
+        Ok(self
+            .meta(Meta::BwLimit)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 }
 
@@ -128,6 +148,17 @@ pub struct Totals {
     /// NEW without hard links could not hold as OLD has it.
     #[serde(default)]
     pub hardlinks: u64,
+    /// What prepare's filter keeps out of the migration (not in the counts above): entries
+    /// below an excluded directory included.
+    #[serde(default)]
+    pub excluded_dirs: u64,
+    #[serde(default)]
+    pub excluded_files: u64,
+    #[serde(default)]
+    pub excluded_bytes: u64,
+    /// Entries whose name or path is longer than NEW holds (counted by `prepare --dry-run`).
+    #[serde(default)]
+    pub too_long: u64,
 }
 
 impl Totals {
@@ -138,6 +169,10 @@ impl Totals {
         self.setid += o.setid;
         self.devices += o.devices;
         self.hardlinks += o.hardlinks;
+        self.excluded_dirs += o.excluded_dirs;
+        self.excluded_files += o.excluded_files;
+        self.excluded_bytes += o.excluded_bytes;
+        self.too_long += o.too_long;
     }
 }
 

@@ -26,7 +26,7 @@ pub mod mem;
 pub mod meta;
 pub mod rocks;
 
-pub use meta::{Meta, Phase, Totals};
+pub use meta::{BwLimit, Meta, Phase, Totals};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -67,7 +67,12 @@ pub fn resolve(copier: &Copier, paths: &[String]) -> Result<String> {
 
 /// `commit`: refuses unless executed and a final pass over OLD is clean; then NEW is made
 /// durable, the journal forgets OLD, and the view serves NEW only.
-pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> Result<String> {
+pub fn commit(
+    copier: &Copier,
+    journal: &Records,
+    new_root: BorrowedFd<'_>,
+    yes: bool,
+) -> Result<String> {
     let phase = journal.phase()?;
     match phase {
         Phase::Executed => {}
@@ -118,6 +123,21 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
             first_lines(&report)
         )));
     }
+    // What the filter left out leaves the view now: said, and only with the operator's yes.
+    let totals = journal.totals()?;
+    if report.excluded > 0 && !yes {
+        return Err(refusal(format!(
+            "commit refused: the filter ({}) leaves {} entries out of the migration ({} dirs, {} \
+             files, {} bytes as prepare counted them, everything below an excluded directory \
+             included); they leave the view at commit (OLD keeps them): run commit again with \
+             --yes to go ahead",
+            crate::copier::filter::rules_display(copier.filter()),
+            report.excluded,
+            totals.excluded_dirs,
+            totals.excluded_files,
+            totals.excluded_bytes
+        )));
+    }
     // Every copy's data and name on stable storage before OLD stops being the fallback.
     copier.view().clean_work_dir()?;
     syncfs(new_root).ctx("syncfs NEW")?;
@@ -134,16 +154,24 @@ pub fn commit(copier: &Copier, journal: &Records, new_root: BorrowedFd<'_>) -> R
     journal.set_phase(Phase::Committed)?;
     journal.clear_view_records()?;
     copier.view().set_single();
+    let left_out = if report.excluded > 0 {
+        format!(
+            "; {} entries the filter left out are no longer in the view (OLD keeps them)",
+            report.excluded
+        )
+    } else {
+        String::new()
+    };
     Ok(match bucket {
         None => format!(
             "committed: {} entries checked against OLD; the view now serves NEW only, and NEW \
-             is a plain tree usable without ferryfs",
+             is a plain tree usable without ferryfs{left_out}",
             report.checked
         ),
         Some(objects) => format!(
             "committed: {} entries checked against OLD; the NEW bucket ({}) holds the view's {} \
              objects, checked by listing; the view now serves NEW only, and the bucket is usable \
-             without ferryfs",
+             without ferryfs{left_out}",
             report.checked,
             copier
                 .publisher()

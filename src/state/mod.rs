@@ -8,7 +8,7 @@ pub mod prepare;
 pub mod status;
 
 pub use open::{Opened, open_view, open_view_with};
-pub use prepare::{already_prepared, prepare};
+pub use prepare::{DryRun, already_prepared, dry_run, prepare};
 pub use status::{
     ErrorEntry, Progress, Published, StaleEntry, Status, progress, record_final_local,
     scanned_totals, status, status_of,

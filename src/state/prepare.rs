@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Config, StateError, io_at, layout, read_config, take_lock};
+use crate::copier::filter::Filter;
 use crate::journal::rocks::RocksJournal;
 use crate::journal::{Batch, Meta, Phase, Records, Totals};
 use crate::store::StoreSpec;
@@ -171,6 +172,7 @@ pub fn prepare(
     new: StoreSpec,
     state: &Path,
     allow_nonempty_new: bool,
+    filter: &Filter,
 ) -> Result<(Totals, Capabilities), StateError> {
     check_dir("OLD", &old)?;
     check_dir("NEW", &new)?;
@@ -205,7 +207,7 @@ pub fn prepare(
             url.defaults.dir_mtime = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            return prepare_from_s3(url, np, new, state, allow_nonempty_new, s3_caps);
+            return prepare_from_s3(url, np, new, state, allow_nonempty_new, s3_caps, filter);
         }
         o => o,
     };
@@ -221,7 +223,7 @@ pub fn prepare(
     check_new_and_state(&np, state, allow_nonempty_new, &[&op, &np])?;
     let _lock = take_lock(state)?;
     let new_was_empty = fs::read_dir(&np).map_err(io_at(&np))?.next().is_none();
-    let totals = crate::copier::scan::scan_totals(&op).map_err(io_at(&op))?;
+    let totals = crate::copier::scan::scan_totals(&op, filter).map_err(io_at(&op))?;
     root_meta_from_old(&op, &np)?;
     let mut caps = Capabilities {
         old: probe_old_at(&op)?,
@@ -236,7 +238,16 @@ pub fn prepare(
             s3 => s3,
         },
     };
-    record_migration(&config, &totals, &caps, &ost, &np, state, new_was_empty)?;
+    record_migration(
+        &config,
+        &totals,
+        &caps,
+        &ost,
+        &np,
+        state,
+        new_was_empty,
+        filter,
+    )?;
     Ok((totals, caps))
 }
 
@@ -263,6 +274,7 @@ fn prepare_from_s3(
     state: &Path,
     allow_nonempty_new: bool,
     s3_caps: Vec<probe::Capability>,
+    filter: &Filter,
 ) -> Result<(Totals, Capabilities), StateError> {
     check_new_and_state(&np, state, allow_nonempty_new, &[&np])?;
     let _lock = take_lock(state)?;
@@ -270,7 +282,7 @@ fn prepare_from_s3(
     let spec = StoreSpec::S3 { url: url.clone() };
     let tree = crate::store::s3::tree::S3Tree::open(&url)
         .map_err(|e| StateError::Invalid(format!("OLD store {spec}: {e}")))?;
-    let totals = crate::copier::scan::scan_totals_s3(&tree)
+    let totals = crate::copier::scan::scan_totals_s3(&tree, filter)
         .map_err(|e| StateError::Invalid(format!("listing OLD store {spec}: {e}")))?;
     // The view's root is NEW's root: it shows what OLD's root shows (the URL's defaults).
     let ost = tree.root().st;
@@ -296,7 +308,16 @@ fn prepare_from_s3(
         new: probe_new_at(&np)?,
     };
     caps.new.extend(s3_caps);
-    record_migration(&config, &totals, &caps, &ost, &np, state, new_was_empty)?;
+    record_migration(
+        &config,
+        &totals,
+        &caps,
+        &ost,
+        &np,
+        state,
+        new_was_empty,
+        filter,
+    )?;
     Ok((totals, caps))
 }
 
@@ -363,6 +384,7 @@ fn check_new_and_state(
 /// Create the journal of a prepared migration: its stores, OLD's totals, the phase, and the
 /// copy record of NEW's root (a copy of OLD's root `ost`, whose times the copier restores once
 /// it has filled the root, until the view changes the root itself).
+#[allow(clippy::too_many_arguments)]
 fn record_migration(
     config: &Config,
     totals: &Totals,
@@ -371,10 +393,12 @@ fn record_migration(
     np: &Path,
     state: &Path,
     new_was_empty: bool,
+    filter: &Filter,
 ) -> Result<(), StateError> {
     let kv = RocksJournal::open(&layout::journal_dir(state), true)?;
     let journal = Records::new(Arc::new(kv))?;
     let mut b = Batch::new();
+    crate::copier::filter::record(&mut b, filter);
     b.meta(
         Meta::Config,
         &serde_json::to_vec(config).expect("config serializes"),
@@ -425,4 +449,84 @@ mod tests {
         assert_ne!(k("http://127.0.0.1:3900"), k("http://127.0.0.1:3901"));
         assert_ne!(k("http://h:3900"), k("https://h:3900"));
     }
+}
+
+/// What `prepare --dry-run` found: what would move and what NEW could not hold. Nothing was
+/// written anywhere to find it.
+#[derive(Debug)]
+pub struct DryRun {
+    /// OLD's entries as the filter leaves them (excluded counts and names NEW could not
+    /// hold included).
+    pub totals: Totals,
+    /// NEW's longest name, and for an S3 NEW its longest key below the prefix.
+    pub limits: crate::copier::scan::NameLimits,
+    /// Free space in a POSIX NEW (bytes an unprivileged writer may use).
+    pub new_free: Option<u64>,
+    /// NEW is an S3 bucket: hard links become objects of their own, and special files are
+    /// not held.
+    pub new_is_s3: bool,
+    /// The state dir already holds a migration (prepare would refuse).
+    pub state_taken: bool,
+}
+
+/// `prepare --dry-run`: OLD walked with the filter, NEW and the state dir only looked at.
+pub fn dry_run(
+    old: &StoreSpec,
+    new: &StoreSpec,
+    state: &Path,
+    filter: &Filter,
+) -> Result<DryRun, StateError> {
+    use crate::copier::scan::NameLimits;
+    check_dir("OLD", old)?;
+    let (limits, new_free, new_is_s3) = match new {
+        StoreSpec::Posix { path } => {
+            let md = fs::metadata(path)
+                .map_err(|e| StateError::Invalid(format!("NEW store {}: {e}", path.display())))?;
+            if !md.is_dir() {
+                return Err(StateError::Invalid(format!(
+                    "NEW store {} is not a directory",
+                    path.display()
+                )));
+            }
+            let vfs = rustix::fs::statvfs(path).map_err(|e| io_at(path)(e.into()))?;
+            (
+                NameLimits {
+                    name: vfs.f_namemax as usize,
+                    path: usize::MAX,
+                },
+                Some(vfs.f_bavail.saturating_mul(vfs.f_frsize)),
+                false,
+            )
+        }
+        StoreSpec::S3 { url } => {
+            // S3 keys hold at most 1,024 bytes, the prefix included.
+            let room = 1024usize.saturating_sub(url.prefix.len());
+            (
+                NameLimits {
+                    name: room,
+                    path: room,
+                },
+                None,
+                true,
+            )
+        }
+    };
+    let totals = match old {
+        StoreSpec::Posix { path } => {
+            crate::copier::scan::scan_totals_within(path, filter, limits).map_err(io_at(path))?
+        }
+        StoreSpec::S3 { url } => {
+            let tree = crate::store::s3::tree::S3Tree::open(url)
+                .map_err(|e| StateError::Invalid(format!("OLD store {old}: {e}")))?;
+            crate::copier::scan::scan_totals_s3(&tree, filter)
+                .map_err(|e| StateError::Invalid(format!("listing OLD store {old}: {e}")))?
+        }
+    };
+    Ok(DryRun {
+        totals,
+        limits,
+        new_free,
+        new_is_s3,
+        state_taken: layout::journal_dir(state).exists(),
+    })
 }

@@ -69,6 +69,22 @@ pub struct Status {
     /// What prepare's probe found each store does, with the fallback for each missing
     /// capability.
     pub capabilities: crate::store::probe::Capabilities,
+    /// prepare's filter rules in order (`- PATTERN` excludes, `+ PATTERN` includes); empty:
+    /// everything moves. Fixed for the migration's life.
+    pub filter: Vec<String>,
+    /// What the filter leaves out, as prepare's scan counted it (everything below an excluded
+    /// directory included): shown from OLD until commit, never copied.
+    pub excluded: Excluded,
+    /// The copier's bandwidth limit in force (bytes/s, 0: none) and the timetable it follows,
+    /// as the copier last recorded it.
+    pub bwlimit: crate::journal::BwLimit,
+}
+
+#[derive(Debug, Serialize, Clone, Copy, Default)]
+pub struct Excluded {
+    pub dirs: u64,
+    pub files: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -236,8 +252,18 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         Err(_) => false,
     };
     let capabilities = journal.capabilities()?;
+    let filter = crate::copier::filter::load(&journal)
+        .map(|f| f.rules().iter().map(|r| r.to_string()).collect())
+        .unwrap_or_else(|e| vec![format!("(unreadable: {e})")]);
     Ok(Status {
+        bwlimit: journal.bwlimit()?.unwrap_or_default(),
         capabilities,
+        filter,
+        excluded: Excluded {
+            dirs: totals.excluded_dirs,
+            files: totals.excluded_files,
+            bytes: totals.excluded_bytes,
+        },
         conflicts,
         phase,
         old: config.old.to_string(),

@@ -551,13 +551,6 @@ impl View {
     /// its times are the view's from now on (the copier no longer gives it OLD's).
     pub(crate) fn dir_changed(&self, dir: &Inode) {
         self.ns_changes.fetch_add(1, Ordering::Relaxed);
-        if dir.ino == ROOT_INO && !self.root_changed.swap(true, Ordering::AcqRel) {
-            let mut b = Batch::new();
-            b.meta(crate::journal::Meta::RootChanged, b"1");
-            if let Err(e) = self.journal.commit(b, true) {
-                tracing::warn!(error = %e, "recording a change of the root's names");
-            }
-        }
         let (state, loc) = {
             let mut n = dir.node();
             n.subdirs = None;
@@ -780,11 +773,8 @@ impl View {
     }
 
     /// Whether `dir`'s names are OLD's as copied: a directory still a plain copy of OLD's at
-    /// the same path, or the root while the view has not changed its names.
+    /// the same path (prepare gives NEW's root a copy record too).
     fn plain_copy_dir(&self, dir: &Inode) -> Result<bool> {
-        if dir.ino == ROOT_INO {
-            return Ok(!self.root_changed.load(Ordering::Acquire));
-        }
         Ok(self
             .copy_record(dir)?
             .is_some_and(|(_, _, rec)| rec.origin == self.view_path(dir)))

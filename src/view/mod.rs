@@ -154,8 +154,6 @@ pub struct View {
     /// What NEW's file system can do (prepare's probe): where copies are made, how they are
     /// known.
     caps: scratch::NewCaps,
-    /// The view changed the names in the dataset's root (`Meta::RootChanged`).
-    root_changed: std::sync::atomic::AtomicBool,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -253,7 +251,6 @@ impl View {
         };
         let done = journal.done()?;
         let caps = scratch::NewCaps::from_journal(&journal)?;
-        let root_changed = journal.meta(journal::Meta::RootChanged)?.is_some();
         let (touched, touched_rx) = crossbeam_channel::bounded(4096);
         let (rechecks, rechecks_rx) = crossbeam_channel::bounded(4096);
         let view = View {
@@ -280,7 +277,6 @@ impl View {
             invalidations_open: std::sync::Mutex::new(true),
             invalidations_held: std::sync::atomic::AtomicBool::new(false),
             caps,
-            root_changed: root_changed.into(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;

@@ -94,7 +94,12 @@ impl Fixture {
 
     /// `prepare` of this fixture's stores, as it went (it may fail).
     pub fn cmd_prepare(&self) -> Output {
-        ferryfs(&[
+        self.cmd_prepare_with(&[])
+    }
+
+    /// `prepare` with extra arguments (bytes: patterns need not be UTF-8).
+    pub fn cmd_prepare_with(&self, extra: &[&OsStr]) -> Output {
+        let mut args: Vec<&OsStr> = vec![
             "prepare".as_ref(),
             "--old".as_ref(),
             self.old.as_os_str(),
@@ -102,7 +107,9 @@ impl Fixture {
             self.new.as_os_str(),
             "--state".as_ref(),
             self.state.as_os_str(),
-        ])
+        ];
+        args.extend_from_slice(extra);
+        ferryfs(&args)
     }
 
     /// Mount with the copier off: the view's rules alone.
