@@ -70,8 +70,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------------
-step "Set up the machine (scripts/setup.sh)"
-bash "$SCRIPT_DIR/setup.sh" || die "scripts/setup.sh failed"
+step "Set up the machine (scripts/setup.sh --demo: only what the demo needs)"
+bash "$SCRIPT_DIR/setup.sh" --demo || die "scripts/setup.sh --demo failed"
 
 step "Build the release binary (cargo build --release)"
 run cargo build --release || die "cargo build --release failed"

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # scripts/setup.sh — prepare a Debian 12 machine to build, test and demo ferryfs.
 #
+#   bash scripts/setup.sh          everything the test suite needs (scripts/test.sh runs this)
+#   bash scripts/setup.sh --demo   only what building ferryfs and scripts/demo.sh need
+#
 # Idempotent. Run as root. Assumes Rust (rustup, cargo) is already installed.
 # Installs the missing system packages with apt-get (one `apt-get update`, and only
-# when something is actually missing), makes sure rustfmt/clippy are present, and
-# makes sure /dev/fuse exists. A machine that is already set up makes no apt call.
+# when something is actually missing), makes sure rustfmt/clippy are present (tests), the
+# test tools (pjdfstest, fsx, Garage, JuiceFS), and that /dev/fuse exists. A machine that is
+# already set up makes no apt call.
 set -euo pipefail
+
+DEMO=0
+case "${1:-}" in
+    --demo) DEMO=1 ;;
+    "") ;;
+    *) printf '[setup] ERROR: unknown argument %s (expected --demo or nothing)\n' "$1" >&2; exit 2 ;;
+esac
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=scripts/env.sh
@@ -41,6 +52,11 @@ declare -A WHY=(
     [kubernetes-client]="kubectl kustomize, which renders packaging/container/kubernetes (tests/packaging.rs)"
 )
 PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync rclone python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client)
+# The demo: build ferryfs (RocksDB's C++ and bindgen), mount (fusermount3), xattrs (attr),
+# and python3 for its JSON check.
+if ((DEMO)); then
+    PKGS=(libclang-dev g++ fuse3 pkg-config attr python3)
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -79,9 +95,30 @@ else
 fi
 
 # Commands the scripts and tests rely on.
-for c in fusermount3 getfattr setfattr bindfs fio rsync pkg-config python3 systemd-analyze kubectl; do
+CMDS=(fusermount3 getfattr setfattr bindfs fio rsync pkg-config python3 systemd-analyze kubectl)
+((DEMO)) && CMDS=(fusermount3 getfattr setfattr pkg-config python3)
+for c in "${CMDS[@]}"; do
     command -v "$c" >/dev/null 2>&1 || die "command '$c' not found after setup"
 done
+
+# /dev/fuse
+check_fuse() {
+    if [[ ! -c /dev/fuse ]]; then
+        log "/dev/fuse missing; trying 'modprobe fuse'"
+        modprobe fuse 2>/dev/null || log "modprobe fuse failed (ignored; checking /dev/fuse again)"
+    fi
+    [[ -c /dev/fuse ]] || die "/dev/fuse is not available: load the fuse kernel module on the host, or run the container with --device /dev/fuse --cap-add SYS_ADMIN"
+    log "/dev/fuse: present"
+}
+
+if ((DEMO)); then
+    command -v cargo >/dev/null 2>&1 \
+        || die "cargo not found (install Rust with rustup first; looked in PATH and \$HOME/.cargo/bin)"
+    log "rust: $(cargo --version)"
+    check_fuse
+    log "done (demo: the test tools are installed by scripts/setup.sh without --demo)"
+    exit 0
+fi
 
 # Rust toolchain: we do not install Rust, but we do add rustfmt/clippy if missing.
 command -v cargo >/dev/null 2>&1 \
@@ -155,12 +192,6 @@ if ! getent passwd tests >/dev/null || ! getent passwd pjdfstest >/dev/null; the
 fi
 getent group nogroup >/dev/null || die "group nogroup missing (pjdfstest runs as nobody:nogroup)"
 
-# /dev/fuse
-if [[ ! -c /dev/fuse ]]; then
-    log "/dev/fuse missing; trying 'modprobe fuse'"
-    modprobe fuse 2>/dev/null || log "modprobe fuse failed (ignored; checking /dev/fuse again)"
-fi
-[[ -c /dev/fuse ]] || die "/dev/fuse is not available: load the fuse kernel module on the host, or run the container with --device /dev/fuse --cap-add SYS_ADMIN"
-log "/dev/fuse: present"
+check_fuse
 
 log "done"

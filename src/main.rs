@@ -83,6 +83,11 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
         }
         Cmd::Verify { state, checksum } => commands::verify(&state, checksum),
         Cmd::Commit { state, yes } => commands::commit(&state, yes),
+        Cmd::Report {
+            state,
+            format,
+            output,
+        } => commands::report(&state, format, output.as_deref()),
         Cmd::Abort { state, keep_new } => commands::abort(&state, keep_new),
         Cmd::Resolve { state, paths } => commands::resolve(&state, &paths),
         Cmd::Unmount { mountpoint } => commands::unmount(&mountpoint),

@@ -276,3 +276,140 @@ fn a_bandwidth_timetable_set_while_running_changes_the_copy_rate() {
     assert_eq!(f.status_json()["bwlimit"]["in_force"], 4 << 20);
     f.unmount();
 }
+
+/// The records of `ferryfs report --format jsonl`, by path.
+fn report_records(f: &Fixture) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let out = assert_ok(f.cmd("report", &[]));
+    out.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["path"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Rewrite NEW's file behind ferryfs's back with other bytes of the same size, its times
+/// kept (only a checksum sees it).
+fn corrupt_keeping_times(p: &Path, data: &[u8]) {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(p).unwrap();
+    fs::write(p, data).unwrap();
+    let ts = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: md.atime(),
+            tv_nsec: md.atime_nsec(),
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: md.mtime(),
+            tv_nsec: md.mtime_nsec(),
+        },
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, p, &ts, rustix::fs::AtFlags::empty()).unwrap();
+}
+
+#[test]
+fn the_report_gives_every_entry_its_origin_fingerprint_checksum_and_verdict() {
+    let mut f = Fixture::new();
+    for p in ["a", "b", "c", "d", "e", "x.tmp", "dir/f"] {
+        write(&f.old.join(p), format!("{p} from OLD").as_bytes());
+    }
+    write(&f.old.join(OsStr::from_bytes(b"caf\xe9")), b"bytes");
+    let out = assert_ok(f.cmd_prepare_with(&["--exclude".as_ref(), "*.tmp".as_ref()]));
+    assert!(out.contains("1 files"), "{out}");
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &[]);
+    assert_ok(f.cmd("execute", &["--wait"]));
+    // Through the view: a rename, a write, a removal, a new file.
+    fs::rename(f.v("b"), f.v("b2")).unwrap();
+    fs::write(f.v("c"), b"c written through the view").unwrap();
+    fs::remove_file(f.v("d")).unwrap();
+    fs::write(f.v("n"), b"born in the view").unwrap();
+    // Behind the view: OLD changes `e` (copied again); NEW's `a` loses its bytes.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(f.old.join("e"), b"e changed in OLD").unwrap();
+    assert_ok(f.cmd("execute", &["--wait"]));
+    corrupt_keeping_times(&f.new.join("a"), b"XXXXXXXXXX");
+    let o = f.cmd("verify", &["--checksum"]);
+    assert!(
+        !o.status.success(),
+        "verify missed a corrupted copy: {}",
+        out_text(&o)
+    );
+    let r = report_records(&f);
+    let get = |p: &str| {
+        r.get(p)
+            .unwrap_or_else(|| panic!("no record for {p}: {:?}", r.keys().collect::<Vec<_>>()))
+    };
+    let a = get("a");
+    assert_eq!(a["origin"], "copied");
+    assert_eq!(a["type"], "file");
+    assert_eq!(a["verdict"], "mismatch", "{a}");
+    assert!(
+        a["detail"].as_str().unwrap().contains("content differs"),
+        "{a}"
+    );
+    assert!(a["old_fingerprint"]["ino"].as_u64().unwrap() > 0, "{a}");
+    assert!(a.get("sha256").is_none(), "{a}");
+    let b2 = get("b2");
+    assert_eq!(
+        (&b2["origin"], &b2["from"]),
+        (&"renamed".into(), &"b".into()),
+        "{b2}"
+    );
+    assert_eq!(get("c")["origin"], "written");
+    let d = get("d");
+    assert_eq!(
+        (&d["origin"], &d["type"]),
+        (&"removed".into(), &"file".into()),
+        "{d}"
+    );
+    assert_eq!(get("e")["origin"], "copied_again");
+    assert_eq!(get("e")["size"], 16);
+    assert_eq!(get("x.tmp")["origin"], "excluded");
+    assert_eq!(get("n")["origin"], "born");
+    assert_eq!(get("dir")["type"], "dir");
+    let df = get("dir/f");
+    assert_eq!(df["origin"], "copied");
+    assert_eq!(df["verdict"], "ok");
+    assert_eq!(df["sha256"], sha256_hex(b"dir/f from OLD"), "{df}");
+    assert!(df["at"].as_u64().unwrap() > 0, "{df}");
+    let cafe = get("caf\\xe9");
+    assert_eq!(cafe["origin"], "copied", "{cafe}");
+    assert_eq!(r.len(), 11, "{:?}", r.keys().collect::<Vec<_>>());
+    // CSV: a header, then one row an entry.
+    let csv = assert_ok(f.cmd("report", &["--format", "csv"]));
+    let mut lines = csv.lines();
+    assert!(lines.next().unwrap().starts_with("path,type,size,origin"));
+    assert_eq!(lines.count(), 11, "{csv}");
+    // Into a file.
+    let file = f.root.path().join("report.jsonl");
+    assert_ok(f.cmd("report", &["--output", file.to_str().unwrap()]));
+    assert_eq!(fs::read_to_string(&file).unwrap().lines().count(), 11);
+    // Put `a` right (OLD's bytes, through the copier's own recopy of a lost copy is not
+    // needed: the bytes are OLD's again), verify, commit: the manifest holds the same records.
+    corrupt_keeping_times(&f.new.join("a"), b"a from OLD");
+    assert_ok(f.cmd("verify", &["--checksum"]));
+    let before = report_records(&f);
+    assert_eq!(before["a"]["verdict"], "ok");
+    assert_eq!(before["a"]["sha256"], sha256_hex(b"a from OLD"));
+    let out = assert_ok(f.cmd("commit", &["--yes"]));
+    assert!(
+        out.contains("manifest.jsonl"),
+        "commit names the manifest: {out}"
+    );
+    let after = report_records(&f);
+    assert_eq!(
+        before, after,
+        "the report after commit is the manifest commit wrote"
+    );
+    f.unmount();
+}

@@ -137,6 +137,21 @@ pub enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// One record per entry of the migration: its path, type, size, where it came from
+    /// (copied, copied_again, renamed, written, born, removed, excluded), OLD's fingerprint,
+    /// the SHA-256 `verify --checksum` read, and the verdict (ok, mismatch, error) with when.
+    /// Streamed (memory does not grow with the number of entries); safe while a daemon
+    /// serves. After commit it prints the manifest commit wrote.
+    Report {
+        #[arg(long)]
+        state: PathBuf,
+        /// jsonl: one JSON object a line; csv: a header line, then one row an entry.
+        #[arg(long, value_enum, default_value_t = crate::state::report::Format::Jsonl)]
+        format: crate::state::report::Format,
+        /// Write to FILE (made anew, then renamed into place) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Return everything to OLD, including every change made through the view.
     Abort {
         #[arg(long)]

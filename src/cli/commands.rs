@@ -519,9 +519,47 @@ pub fn commit(state: &Path, yes: bool) -> Result<(), CliError> {
         Target::Offline(o) => *o,
     };
     let progress = Reporter::checking("commit", state, offline_checked(&o));
-    let msg = lifecycle::commit(&o.copier, &o.migration.journal, o.opened.new.root(), yes);
+    let msg = lifecycle::commit(
+        &o.copier,
+        &o.migration.journal,
+        o.opened.new.root(),
+        state,
+        yes,
+    );
     drop(progress);
     println!("{}", msg?);
+    Ok(())
+}
+
+/// `ferryfs report`: the per-file report, to stdout or a file (made aside, then renamed).
+pub fn report(
+    state: &Path,
+    format: crate::state::report::Format,
+    output: Option<&Path>,
+) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut records = crate::state::report::open(state)?;
+    let io_err = |p: &Path, e: std::io::Error| CliError::Failed(format!("{}: {e}", p.display()));
+    match output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut w = std::io::BufWriter::new(stdout.lock());
+            crate::state::report::write_records(format, &mut w, &mut records)
+                .map_err(|e| io_err(Path::new("stdout"), e))?;
+            w.flush().map_err(|e| io_err(Path::new("stdout"), e))?;
+        }
+        Some(path) => {
+            let tmp = path.with_extension("partial");
+            let f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+            let mut w = std::io::BufWriter::new(f);
+            let n = crate::state::report::write_records(format, &mut w, &mut records)
+                .map_err(|e| io_err(&tmp, e))?;
+            let f = w.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
+            f.sync_all().map_err(|e| io_err(&tmp, e))?;
+            std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+            eprintln!("report: {n} records written to {}", path.display());
+        }
+    }
     Ok(())
 }
 

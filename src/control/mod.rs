@@ -51,6 +51,8 @@ pub struct Ctx {
     /// OLD when it is an S3 store (not committed).
     pub old_s3: Option<Arc<crate::store::s3::tree::S3Tree>>,
     pub mountpoint: PathBuf,
+    /// The state dir (commit writes the manifest there).
+    pub state: PathBuf,
     /// What a takeover by a new daemon needs.
     pub takeover: Option<Arc<dyn TakeoverSource>>,
 }
@@ -175,6 +177,7 @@ fn handle(req: Request, ctx: &Ctx) -> Response {
                 c,
                 &ctx.journal,
                 std::os::fd::AsFd::as_fd(&ctx.new_root),
+                &ctx.state,
                 yes,
             ) {
                 Ok(m) => Response::ok(m, ()),

@@ -111,9 +111,8 @@ impl Timetable {
     pub fn parse(s: &str) -> std::result::Result<Timetable, String> {
         let text = s.trim().to_string();
         if !text.contains(',') {
-            let rate = parse_limit(&text).map_err(|e| {
-                format!("{e}, nor a timetable such as \"08:00,20M 18:00,off\"")
-            })?;
+            let rate = parse_limit(&text)
+                .map_err(|e| format!("{e}, nor a timetable such as \"08:00,20M 18:00,off\""))?;
             return Ok(Timetable {
                 slots: vec![(0, rate)],
                 text,

@@ -986,13 +986,16 @@ impl Copier {
         self.checked.store(0, Ordering::Relaxed);
         self.checking.store(true, Ordering::Relaxed);
         let _checking = Checking(&self.checking);
+        // What this check finds replaces what the last one found.
+        self.journal.clear_mismatches()?;
         let report = Mutex::new(CheckReport::default());
         let visit = |inode: &Arc<Inode>, counts: bool| -> Option<Pending> {
             if !counts {
                 return None; // entries applications touched: the walk meets them anyway
             }
             self.checked.fetch_add(1, Ordering::Relaxed);
-            let path = String::from_utf8_lossy(&self.view.view_path(inode)).into_owned();
+            let vpath = self.view.view_path(inode);
+            let path = String::from_utf8_lossy(&vpath).into_owned();
             let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
             r.checked += 1;
             drop(r);
@@ -1009,6 +1012,7 @@ impl Copier {
                 }
                 return None;
             }
+            let mut digest = None;
             let res = self
                 .view
                 .check_copy(inode, false, &mut |_| !self.stopping())
@@ -1021,10 +1025,30 @@ impl Copier {
                     ))),
                     (Check::Same, Some(how)) => self
                         .view
-                        .compare_copy(inode, how)
+                        .compare_copy(inode, how, &mut digest)
                         .map(|d| d.map(|d| format!("{path}: {d}"))),
                     _ => Ok(None),
                 });
+            // For the per-file report: what a checksum read, what differs.
+            let mut b = Batch::new();
+            if let Some(d) = &digest {
+                b.digest(d.dev, d.ino, &d.digest);
+            }
+            if let Ok(Some(m)) = &res {
+                let detail = m.strip_prefix(&format!("{path}: ")).unwrap_or(m);
+                b.mismatch(
+                    &vpath,
+                    &crate::journal::Mismatch {
+                        detail: detail.to_string(),
+                        at: now_secs(),
+                    },
+                );
+            }
+            if !b.is_empty()
+                && let Err(e) = self.journal.commit(b, false)
+            {
+                tracing::warn!(error = %e, "recording what verify found");
+            }
             let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
             match res {
                 Ok(None) => {}

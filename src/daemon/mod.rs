@@ -365,6 +365,7 @@ fn answer_control(
             .and_then(|o| o.root().try_clone_to_owned().ok()),
         old_s3: s.opened.old_s3.clone(),
         mountpoint: s.args.mountpoint.clone(),
+        state: s.args.state.clone(),
     };
     crate::control::serve(&s.args.state, Arc::new(ctx))
         .map_err(|e| format!("control socket in {}: {e}", s.args.state.display()))

@@ -142,6 +142,24 @@ pub struct CopyError {
     pub conflict: bool,
 }
 
+/// The SHA-256 of a NEW file's content as `verify --checksum` read it (equal to OLD's then),
+/// valid while the file's ctime and size are still these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    pub sha256: String,
+    pub size: u64,
+    pub ctime: (i64, i64),
+    /// Seconds since the epoch.
+    pub at: u64,
+}
+
+/// What the last verify found different at a view path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub detail: String,
+    pub at: u64,
+}
+
 /// An entry OLD changed behind the view's back after it was copied, keyed by view path: kept
 /// (as history, for status) until the migration ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +286,10 @@ const P_VIEW_INO: u8 = b'v';
 /// NEW inode -> the OLD path an entry changed through the view came from (see
 /// [`Batch::origin`]).
 const P_ORIGIN: u8 = b'o';
+/// NEW inode -> the SHA-256 `verify --checksum` read of its content ([`Digest`]).
+const P_DIGEST: u8 = b'x';
+/// View path -> what the last verify found different ([`Mismatch`]); replaced by each verify.
+const P_MISMATCH: u8 = b'y';
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -462,6 +484,26 @@ impl Batch {
         v.extend_from_slice(&new_dev.to_le_bytes());
         v.extend_from_slice(&new_ino.to_le_bytes());
         self.ops.push(KvOp::Put(taken_key(old.dev, old.ino), v));
+        self
+    }
+    /// `verify --checksum` read NEW's file (new_dev, new_ino) as `d`.
+    pub fn digest(&mut self, new_dev: u64, new_ino: u64, d: &Digest) -> &mut Self {
+        let mut k = hardlink_key(new_dev, new_ino);
+        k[0] = P_DIGEST;
+        self.ops.push(KvOp::Put(
+            k,
+            serde_json::to_vec(d).expect("digest serializes"),
+        ));
+        self
+    }
+    /// The last verify found the entry at view path `path` different.
+    pub fn mismatch(&mut self, path: &[u8], m: &Mismatch) -> &mut Self {
+        let mut k = vec![P_MISMATCH];
+        k.extend_from_slice(path);
+        self.ops.push(KvOp::Put(
+            k,
+            serde_json::to_vec(m).expect("mismatch serializes"),
+        ));
         self
     }
     /// The view numbers NEW's inode (new_dev, new_ino) `ino`: the number the entry had while
@@ -761,6 +803,35 @@ impl Records {
             .collect()
     }
 
+    /// The digest `verify --checksum` recorded for NEW's file (new_dev, new_ino).
+    pub fn digest_of(&self, new_dev: u64, new_ino: u64) -> Result<Option<Digest>> {
+        let mut k = hardlink_key(new_dev, new_ino);
+        k[0] = P_DIGEST;
+        self.kv
+            .get(&k)?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("digest record: {e}")))
+            })
+            .transpose()
+    }
+
+    /// What the last verify found different: (view path, record).
+    pub fn mismatches(&self) -> Result<Vec<(Vec<u8>, Mismatch)>> {
+        self.scan_json(P_MISMATCH, "mismatch record")
+    }
+
+    /// Forget the last verify's differences (a new verify records its own).
+    pub fn clear_mismatches(&self) -> Result<()> {
+        let ops = self
+            .kv
+            .scan(&[P_MISMATCH])?
+            .into_iter()
+            .map(|(k, _)| KvOp::Delete(k))
+            .collect();
+        self.kv.write(ops, false)
+    }
+
     /// Every recorded copy error: (view path, error).
     pub fn errors(&self) -> Result<Vec<(Vec<u8>, CopyError)>> {
         self.scan_json(P_ERROR, "error record")
@@ -819,7 +890,8 @@ impl Records {
     pub fn clear_view_records(&self) -> Result<()> {
         let mut ops = Vec::new();
         for p in [
-            P_DENTRY, P_HARDLINK, P_COPY_OF, P_COPY, P_ERROR, P_INTENT, P_TAKEN,
+            P_DENTRY, P_HARDLINK, P_COPY_OF, P_COPY, P_ERROR, P_INTENT, P_TAKEN, P_DIGEST,
+            P_MISMATCH,
         ] {
             for (k, _) in self.kv.scan(&[p])? {
                 ops.push(KvOp::Delete(k));

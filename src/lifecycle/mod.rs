@@ -71,6 +71,7 @@ pub fn commit(
     copier: &Copier,
     journal: &Records,
     new_root: BorrowedFd<'_>,
+    state_dir: &std::path::Path,
     yes: bool,
 ) -> Result<String> {
     let phase = journal.phase()?;
@@ -151,6 +152,9 @@ pub fn commit(
         None => None,
     };
     state::record_final_local(journal, new_root)?;
+    // The per-file report, while the journal still knows where each entry came from.
+    let manifest = state::report::write_manifest(journal, state_dir)
+        .map_err(|e| refusal(format!("commit refused: writing the manifest: {e}")))?;
     journal.set_phase(Phase::Committed)?;
     journal.clear_view_records()?;
     copier.view().set_single();
@@ -165,14 +169,16 @@ pub fn commit(
     Ok(match bucket {
         None => format!(
             "committed: {} entries checked against OLD; the view now serves NEW only, and NEW \
-             is a plain tree usable without ferryfs{left_out}",
-            report.checked
+             is a plain tree usable without ferryfs{left_out}; manifest: {}",
+            report.checked,
+            manifest.display()
         ),
         Some(objects) => format!(
             "committed: {} entries checked against OLD; the NEW bucket ({}) holds the view's {} \
              objects, checked by listing; the view now serves NEW only, and the bucket is usable \
-             without ferryfs{left_out}",
+             without ferryfs{left_out}; manifest: {}",
             report.checked,
+            manifest.display(),
             copier
                 .publisher()
                 .map(|p| p.store.url.to_string())

@@ -7,6 +7,7 @@
 //!   control.sock    the serving daemon's control socket (owner-only)
 //!   ferryfs.log     a background daemon's log
 //!   stage/          an S3 NEW's staging tree (what the view wrote, until published)
+//!   manifest.jsonl  the per-file report commit writes (`ferryfs report` reads it after)
 //! ```
 //! Never holds credentials.
 
@@ -17,6 +18,7 @@ pub const LOCK: &str = "lock";
 pub const CONTROL_SOCKET: &str = "control.sock";
 pub const LOG: &str = "ferryfs.log";
 pub const STAGE: &str = "stage";
+pub const MANIFEST: &str = "manifest.jsonl";
 
 pub fn journal_dir(state: &Path) -> PathBuf {
     state.join(JOURNAL)
@@ -32,6 +34,11 @@ pub fn socket_path(state: &Path) -> PathBuf {
 
 pub fn log_path(state: &Path) -> PathBuf {
     state.join(LOG)
+}
+
+/// The migration's final per-file report, written by commit.
+pub fn manifest_path(state: &Path) -> PathBuf {
+    state.join(MANIFEST)
 }
 
 /// The staging tree of an S3 NEW.

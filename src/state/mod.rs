@@ -5,6 +5,7 @@
 pub mod layout;
 pub mod open;
 pub mod prepare;
+pub mod report;
 pub mod status;
 
 pub use open::{Opened, open_view, open_view_with};

@@ -1182,34 +1182,52 @@ fn xattr_map(loc: &Loc) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> 
 }
 
 /// Whether OLD's bytes (a file or an object) and NEW's file's are the same.
-fn same_bytes(a: &crate::store::Source, b: &std::fs::File) -> Result<bool> {
+/// Whether OLD's and NEW's files hold the same bytes; when they do, the SHA-256 of them.
+fn same_bytes(a: &crate::store::Source, b: &std::fs::File) -> Result<Option<[u8; 32]>> {
+    use sha2::Digest as _;
     use std::os::unix::fs::FileExt;
     let mut ba = vec![0u8; 1 << 20];
     let mut bb = vec![0u8; 1 << 20];
     let mut off = 0u64;
+    let mut hash = sha2::Sha256::new();
     loop {
         let n = a.read_at(&mut ba, off).ctx("read OLD")?;
         let mut m = 0;
         while m < n {
             let k = b.read_at(&mut bb[m..n], off + m as u64).ctx("read NEW")?;
             if k == 0 {
-                return Ok(false);
+                return Ok(None);
             }
             m += k;
         }
         if ba[..n] != bb[..n] {
-            return Ok(false);
+            return Ok(None);
         }
         if n == 0 {
-            return Ok(b.read_at(&mut bb[..1], off).ctx("read NEW")? == 0);
+            let end = b.read_at(&mut bb[..1], off).ctx("read NEW")? == 0;
+            return Ok(end.then(|| hash.finalize().into()));
         }
+        hash.update(&bb[..n]);
         off += n as u64;
     }
 }
 
+/// The digest a checksum comparison read of a NEW file, to record (see [`Batch::digest`]).
+pub struct ReadDigest {
+    pub dev: u64,
+    pub ino: u64,
+    pub digest: crate::journal::Digest,
+}
+
 impl View {
     /// How a copy differs from OLD's entry now, if it does (`None`: equal, or not a copy).
-    pub fn compare_copy(&self, inode: &Inode, how: Compare) -> Result<Option<String>> {
+    /// With [`Compare::Checksum`], an equal file's content digest is put in `digest`.
+    pub fn compare_copy(
+        &self,
+        inode: &Inode,
+        how: Compare,
+        digest: &mut Option<ReadDigest>,
+    ) -> Result<Option<String>> {
         let Some((loc, nst, rec)) = self.copy_record(inode)? else {
             return Ok(None);
         };
@@ -1269,9 +1287,23 @@ impl View {
         if how == Compare::Checksum && kind == Kind::File {
             let a = old.open_source(OFlags::RDONLY).ctx("open OLD file")?;
             let b = loc.open(OFlags::RDONLY).ctx("open NEW file")?;
-            if !same_bytes(&a, &b)? {
+            let Some(sum) = same_bytes(&a, &b)? else {
                 return Ok(Some("content differs".into()));
-            }
+            };
+            #[allow(clippy::unnecessary_cast)]
+            let ctime = (nst.st_ctime as i64, nst.st_ctime_nsec as i64);
+            *digest = Some(ReadDigest {
+                dev: nst.st_dev,
+                ino: nst.st_ino,
+                digest: crate::journal::Digest {
+                    sha256: sum.iter().map(|b| format!("{b:02x}")).collect(),
+                    size: nst.st_size as u64,
+                    ctime,
+                    at: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                },
+            });
         }
         Ok(None)
     }
