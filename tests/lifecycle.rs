@@ -26,14 +26,6 @@ fn ferryfs_mount_source(mp: &Path) -> Option<String> {
     })
 }
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// A dataset with everything rule 10 names and awkward names: nested dirs, `small` small
 /// files, large and sparse files, symlinks, hard links, xattrs, owners and modes.
 fn build_dataset(old: &Path, small: usize) {

@@ -9,14 +9,6 @@ use std::path::Path;
 
 use common::*;
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn assert_ok(o: std::process::Output) -> String {
     let t = out_text(&o);
     assert!(o.status.success(), "{t}");

@@ -16,14 +16,6 @@ use std::path::Path;
 use common::stores::{self, FuseMount};
 use common::*;
 
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn assert_ok(o: std::process::Output) -> String {
     assert!(o.status.success(), "command failed: {}", out_text(&o));
     out_text(&o)

@@ -748,6 +748,11 @@ impl Records {
             .and_then(|v| v.try_into().ok().map(u64::from_le_bytes)))
     }
 
+    /// Whether NEW took OLD's inode (dev, ino) at any time (whatever OLD did to it since).
+    pub fn has_taken(&self, dev: u64, ino: u64) -> Result<bool> {
+        Ok(self.kv.get(&taken_key(dev, ino))?.is_some())
+    }
+
     /// Whether NEW took OLD's entry as `old` is now (same inode, same ctime): see
     /// [`Batch::taken`].
     pub fn was_taken(&self, old: &Fingerprint) -> Result<bool> {

@@ -18,13 +18,11 @@ use std::io::{self, BufRead, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::{StateError, io_at, layout, read_config};
 use crate::copier::filter::Filter;
-use crate::journal::rocks::RocksJournal;
 use crate::journal::{Dentry, Fingerprint, Phase, ROOT_DIR, Records};
 use crate::store::StoreSpec;
 
@@ -228,15 +226,7 @@ enum Stage {
 
 /// Open the report of the migration in `state` (read-only: a daemon may be serving it).
 pub fn open(state: &Path) -> Result<Box<dyn Iterator<Item = io::Result<Record>>>, StateError> {
-    if !layout::journal_dir(state).exists() {
-        return Err(StateError::Invalid(format!(
-            "{} holds no migration",
-            state.display()
-        )));
-    }
-    let journal = Records::new(Arc::new(RocksJournal::open_read_only(
-        &layout::journal_dir(state),
-    )?))?;
+    let journal = super::status::read_journal(state)?;
     let phase = journal.phase()?;
     if matches!(phase, Phase::Committed) {
         let m = layout::manifest_path(state);

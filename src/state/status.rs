@@ -144,16 +144,20 @@ pub fn status(state: &Path) -> Result<Status, StateError> {
 }
 
 fn read_status(state: &Path, count_local: bool) -> Result<Status, StateError> {
+    status_of(&read_journal(state)?, state, count_local)
+}
+
+/// The journal of the migration in `state`, opened read-only (a daemon may be serving it).
+pub(crate) fn read_journal(state: &Path) -> Result<Records, StateError> {
     if !layout::journal_dir(state).exists() {
         return Err(StateError::Invalid(format!(
             "{} holds no migration",
             state.display()
         )));
     }
-    let journal = Records::new(Arc::new(RocksJournal::open_read_only(
+    Ok(Records::new(Arc::new(RocksJournal::open_read_only(
         &layout::journal_dir(state),
-    )?))?;
-    status_of(&journal, state, count_local)
+    )?))?)
 }
 
 /// Status for progress lines, without the walk of NEW that counts `local` (0 here): cheap

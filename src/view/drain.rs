@@ -182,6 +182,16 @@ impl View {
         if self.is_single() || inode.node().new.is_some() {
             return Ok(false);
         }
+        // Most entries were never taken: one journal read says so, without a stat of OLD.
+        let old_id = inode.node().ids.iter().find_map(|id| match id {
+            super::inode::Identity::Old(dev, ino) => Some((*dev, *ino)),
+            _ => None,
+        });
+        if let Some((dev, ino)) = old_id
+            && !self.journal.has_taken(dev, ino)?
+        {
+            return Ok(false);
+        }
         let st = old.loc.stat().ctx("stat OLD entry")?;
         let fp = Fingerprint::of(&st);
         if !self.journal.was_taken(&fp)? {

@@ -46,6 +46,15 @@ pub fn ferryfs(args: &[&OsStr]) -> Output {
     run(Command::new(BIN).args(args))
 }
 
+/// A command's stdout and stderr, as one text.
+pub fn out_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 pub fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
