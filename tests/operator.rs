@@ -253,6 +253,7 @@ fn a_bandwidth_timetable_set_while_running_changes_the_copy_rate() {
     assert_eq!(st["bwlimit"]["timetable"], "00:00,4M 12:00,4M", "{st}");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let fast = copy_rate(&f, 3.0);
+    eprintln!("copy rate at 1M: {slow:.0} B/s; under the 4M timetable: {fast:.0} B/s");
     assert!(
         slow > 0.5 * (1 << 20) as f64 && slow < 1.6 * (1 << 20) as f64,
         "at 1M the copier moved {slow:.0} B/s"
