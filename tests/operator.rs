@@ -316,8 +316,10 @@ fn the_report_gives_every_entry_its_origin_fingerprint_checksum_and_verdict() {
         write(&f.old.join(p), format!("{p} from OLD").as_bytes());
     }
     write(&f.old.join(OsStr::from_bytes(b"caf\xe9")), b"bytes");
+    write(&f.old.join("h1"), b"one file, two names");
+    fs::hard_link(f.old.join("h1"), f.old.join("h2")).unwrap();
     let out = assert_ok(f.cmd_prepare_with(&["--exclude".as_ref(), "*.tmp".as_ref()]));
-    assert!(out.contains("1 files"), "{out}");
+    assert!(out.contains("it leaves out 0 dirs, 1 files"), "{out}");
     let mnt = f.mnt.clone();
     f.mount_with(&mnt, &[]);
     assert_ok(f.cmd("execute", &["--wait"]));
@@ -377,16 +379,21 @@ fn the_report_gives_every_entry_its_origin_fingerprint_checksum_and_verdict() {
     assert!(df["at"].as_u64().unwrap() > 0, "{df}");
     let cafe = get("caf\\xe9");
     assert_eq!(cafe["origin"], "copied", "{cafe}");
-    assert_eq!(r.len(), 11, "{:?}", r.keys().collect::<Vec<_>>());
+    // OLD's hard links: one copy, both names copied (not renamed).
+    assert_eq!(
+        (&get("h1")["origin"], &get("h2")["origin"]),
+        (&"copied".into(), &"copied".into())
+    );
+    assert_eq!(r.len(), 13, "{:?}", r.keys().collect::<Vec<_>>());
     // CSV: a header, then one row an entry.
     let csv = assert_ok(f.cmd("report", &["--format", "csv"]));
     let mut lines = csv.lines();
     assert!(lines.next().unwrap().starts_with("path,type,size,origin"));
-    assert_eq!(lines.count(), 11, "{csv}");
+    assert_eq!(lines.count(), 13, "{csv}");
     // Into a file.
     let file = f.root.path().join("report.jsonl");
     assert_ok(f.cmd("report", &["--output", file.to_str().unwrap()]));
-    assert_eq!(fs::read_to_string(&file).unwrap().lines().count(), 11);
+    assert_eq!(fs::read_to_string(&file).unwrap().lines().count(), 13);
     // Put `a` right (OLD's bytes, through the copier's own recopy of a lost copy is not
     // needed: the bytes are OLD's again), verify, commit: the manifest holds the same records.
     corrupt_keeping_times(&f.new.join("a"), b"a from OLD");

@@ -341,7 +341,9 @@ impl Report {
         let (dev, ino) = (md.dev(), md.ino());
         if let Some(c) = self.journal.copy(dev, ino).map_err(err)? {
             r.old_fingerprint = Some(c.fp);
-            r.origin = if c.origin != path {
+            // A file with several names is one copy: its record names the first name copied,
+            // the others were linked to it (OLD's hard links), not renamed.
+            r.origin = if c.origin != path && md.nlink() <= 1 {
                 r.from = Some(escape(&c.origin));
                 "renamed".into()
             } else if self
