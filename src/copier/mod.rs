@@ -166,6 +166,8 @@ struct DirGuard {
     inode: Arc<Inode>,
     /// The filter excludes this directory (and so everything below it).
     excluded: bool,
+    /// Its view path, when there is a filter to match its entries against (else empty).
+    path: Vec<u8>,
     finish: bool,
     /// Whether the walk holds a lookup of it (all but the root).
     counted: bool,

@@ -199,6 +199,7 @@ impl Copier {
             view: self.view.clone(),
             inode: self.view.root(),
             excluded: false,
+            path: Vec::new(),
             finish: copying,
             counted: false,
             _parent: None,
@@ -229,11 +230,7 @@ impl Copier {
                 if self.stopping() {
                     return true;
                 }
-                let excluded = dir.excluded
-                    || (!self.filter().is_empty()
-                        && self
-                            .filter()
-                            .excludes(&self.view.child_path(&dir.inode, &name), kind == Kind::Dir));
+                let excluded = self.excluded_child(&dir, &name, kind == Kind::Dir);
                 if kind != Kind::Dir {
                     let job = Job {
                         dir: dir.clone(),
@@ -257,11 +254,7 @@ impl Copier {
                 if inode.kind != Kind::Dir {
                     // Became a non-directory since the listing: a worker's job after all.
                     self.view.release_lookup(&inode);
-                    let excluded = dir.excluded
-                        || (!self.filter().is_empty()
-                            && self
-                                .filter()
-                                .excludes(&self.view.child_path(&dir.inode, &name), false));
+                    let excluded = self.excluded_child(&dir, &name, false);
                     let _ = tx.send(Job {
                         dir: dir.clone(),
                         name,
@@ -278,10 +271,16 @@ impl Copier {
                 if let Some(p) = (v.visit)(&inode, true) {
                     (v.flush)(vec![(p, true)]);
                 }
+                let path = if self.filter().is_empty() {
+                    Vec::new()
+                } else {
+                    crate::view::join(&dir.path, &name)
+                };
                 stack.push(Arc::new(DirGuard {
                     view: self.view.clone(),
                     inode,
                     excluded,
+                    path,
                     finish: copying,
                     counted: true,
                     _parent: Some(dir.clone()),
@@ -289,5 +288,17 @@ impl Copier {
             }
         }
         false
+    }
+}
+
+impl Copier {
+    /// Whether the filter leaves out `name` in the walked directory `dir` (or `dir` itself
+    /// is left out). The directory's path was taken once, when the walk met it.
+    fn excluded_child(&self, dir: &DirGuard, name: &std::ffi::OsStr, is_dir: bool) -> bool {
+        dir.excluded
+            || (!self.filter().is_empty()
+                && self
+                    .filter()
+                    .excludes(&crate::view::join(&dir.path, name), is_dir))
     }
 }

@@ -318,6 +318,12 @@ fn taken_key(dev: u64, ino: u64) -> Vec<u8> {
     k
 }
 
+fn digest_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(new_dev, new_ino);
+    k[0] = P_DIGEST;
+    k
+}
+
 fn origin_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
     let mut k = hardlink_key(new_dev, new_ino);
     k[0] = P_ORIGIN;
@@ -488,10 +494,8 @@ impl Batch {
     }
     /// `verify --checksum` read NEW's file (new_dev, new_ino) as `d`.
     pub fn digest(&mut self, new_dev: u64, new_ino: u64, d: &Digest) -> &mut Self {
-        let mut k = hardlink_key(new_dev, new_ino);
-        k[0] = P_DIGEST;
         self.ops.push(KvOp::Put(
-            k,
+            digest_key(new_dev, new_ino),
             serde_json::to_vec(d).expect("digest serializes"),
         ));
         self
@@ -810,10 +814,8 @@ impl Records {
 
     /// The digest `verify --checksum` recorded for NEW's file (new_dev, new_ino).
     pub fn digest_of(&self, new_dev: u64, new_ino: u64) -> Result<Option<Digest>> {
-        let mut k = hardlink_key(new_dev, new_ino);
-        k[0] = P_DIGEST;
         self.kv
-            .get(&k)?
+            .get(&digest_key(new_dev, new_ino))?
             .map(|v| {
                 serde_json::from_slice(&v)
                     .map_err(|e| JournalError::Corrupt(format!("digest record: {e}")))

@@ -304,11 +304,7 @@ impl Report {
             {
                 continue;
             }
-            let mut path = dir.clone();
-            if !path.is_empty() {
-                path.push(b'/');
-            }
-            path.extend_from_slice(name.as_bytes());
+            let path = crate::view::join(dir, &name);
             let md = match ent.metadata() {
                 Ok(m) => m,
                 Err(e) => return Some(Err(e)),
@@ -386,11 +382,7 @@ impl Report {
                 Err(e) => return Some(Err(io::Error::other(e.to_string()))),
             };
             for (name, d) in list {
-                let mut path = dir.clone();
-                if !path.is_empty() {
-                    path.push(b'/');
-                }
-                path.extend_from_slice(&name);
+                let path = crate::view::join(&dir, std::ffi::OsStr::from_bytes(&name));
                 match d {
                     Dentry::Tombstone => {
                         // What OLD shows there still, when OLD is a directory tree.
@@ -436,11 +428,7 @@ impl Report {
                     continue;
                 }
             };
-            let mut path = dir.clone();
-            if !path.is_empty() {
-                path.push(b'/');
-            }
-            path.extend_from_slice(ent.file_name().as_bytes());
+            let path = crate::view::join(dir, &ent.file_name());
             let md = match ent.metadata() {
                 Ok(m) => m,
                 Err(e) => return Some(Err(e)),

@@ -723,6 +723,7 @@ impl View {
         let names = inode.node().names.clone();
         let same = |st: &rustix::fs::Stat| (st.st_dev, st.st_ino) == (rec.fp.dev, rec.fp.ino);
         let mut kept = None;
+        let mut origin_kept = false;
         let mut went = false;
         for (p, name) in names {
             let Ok(parent) = self.inode(p) else { continue };
@@ -732,6 +733,7 @@ impl View {
             let path = self.child_path(&parent, &name);
             match self.old.locate_path(&path, false) {
                 Ok((_, st)) if same(&st) => {
+                    origin_kept |= path == rec.origin;
                     kept.get_or_insert(path);
                 }
                 Ok(_) => {
@@ -763,6 +765,9 @@ impl View {
             }
         }
         let Some(kept) = kept else { return Ok(went) };
+        if origin_kept {
+            return Ok(false);
+        }
         let origin_same = match self.old.locate_path(&rec.origin, false) {
             Ok((_, st)) => same(&st),
             Err(e) if posix::vanished(&e) => false,

@@ -169,7 +169,8 @@ fn check_name(name: &OsStr) -> Result<()> {
     Ok(())
 }
 
-fn join(base: &[u8], name: &OsStr) -> Vec<u8> {
+/// The view path of `name` in the directory at view path `base` (empty: the root).
+pub fn join(base: &[u8], name: &OsStr) -> Vec<u8> {
     if base.is_empty() {
         return name.as_bytes().to_vec();
     }
