@@ -28,8 +28,8 @@ pub mod rocks;
 
 pub use meta::{BwLimit, Meta, Phase, Totals};
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -431,6 +431,8 @@ pub struct Batch {
     ops: Vec<KvOp>,
     max_id: Option<u64>,
     records_group: bool,
+    /// The view numbers this batch records: (new_dev, new_ino, number), for the cache.
+    numbers: Vec<(u64, u64, u64)>,
 }
 
 impl Batch {
@@ -517,6 +519,7 @@ impl Batch {
             view_ino_key(new_dev, new_ino),
             ino.to_le_bytes().to_vec(),
         ));
+        self.numbers.push((new_dev, new_ino, ino));
         self
     }
     /// NEW's entry (new_dev, new_ino), changed through the view, came from OLD's `origin`: if
@@ -607,6 +610,51 @@ pub struct Records {
     /// Whether any OLD hard-link group was ever recorded: until one is, lookups skip the
     /// group queries entirely (most datasets have no hard links).
     has_groups: Arc<std::sync::atomic::AtomicBool>,
+    /// The view numbers of NEW's inodes, read a block of neighbouring inodes at a time.
+    numbers: Arc<Mutex<NumberCache>>,
+}
+
+/// Inode numbers of NEW's inodes that neighbour each other in NEW (one block) share one
+/// cached read of the journal.
+const NUMBER_BLOCK_BITS: u32 = 8;
+/// Blocks kept: at most 2,048 x 256 numbers (8 MiB when every block is full).
+const NUMBER_BLOCKS: usize = 2048;
+
+/// The view's numbers for NEW's inodes (the `v` records), cached by block of 256 neighbouring
+/// NEW inode numbers. A lookup of an entry NEW holds needs its number; a cold walk of a tree
+/// the copier filled meets NEW's inodes roughly in the order NEW allocated them, so one read
+/// of a block's records (a single ordered scan) serves its neighbours' lookups too.
+///
+/// Coherence: every record is written through [`Records::commit`], which updates a cached
+/// block after the write; a block is read from the journal under the same lock, so a write
+/// lands either before the read (which sees it) or after it (and updates the block).
+struct NumberCache {
+    blocks: lru::LruCache<(u64, u64), Vec<(u8, u64)>>,
+}
+
+impl NumberCache {
+    fn new() -> NumberCache {
+        NumberCache {
+            blocks: lru::LruCache::new(
+                std::num::NonZeroUsize::new(NUMBER_BLOCKS).expect("non-zero"),
+            ),
+        }
+    }
+
+    fn block_of(dev: u64, ino: u64) -> ((u64, u64), u8) {
+        ((dev, ino >> NUMBER_BLOCK_BITS), ino as u8)
+    }
+
+    /// Record a number written to the journal, if its block is cached.
+    fn note(&mut self, dev: u64, ino: u64, number: u64) {
+        let (block, low) = Self::block_of(dev, ino);
+        if let Some(b) = self.blocks.peek_mut(&block) {
+            match b.binary_search_by_key(&low, |&(l, _)| l) {
+                Ok(i) => b[i].1 = number,
+                Err(i) => b.insert(i, (low, number)),
+            }
+        }
+    }
 }
 
 impl Records {
@@ -624,6 +672,7 @@ impl Records {
             kv,
             next_id: Arc::new(AtomicU64::new(next)),
             has_groups: Arc::new(std::sync::atomic::AtomicBool::new(has_groups)),
+            numbers: Arc::new(Mutex::new(NumberCache::new())),
         })
     }
 
@@ -665,6 +714,12 @@ impl Records {
         let t = std::time::Instant::now();
         self.kv.write(batch.ops, durable)?;
         crate::metrics::METRICS.journal_write(durable, t.elapsed());
+        if !batch.numbers.is_empty() {
+            let mut c = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
+            for (dev, ino, number) in batch.numbers {
+                c.note(dev, ino, number);
+            }
+        }
         if groups {
             self.has_groups.store(true, Ordering::Relaxed);
         }
@@ -746,10 +801,26 @@ impl Records {
     /// The view's number for NEW's inode (new_dev, new_ino), if it came from OLD (see
     /// [`Batch::view_ino`]).
     pub fn view_ino(&self, new_dev: u64, new_ino: u64) -> Result<Option<u64>> {
-        Ok(self
-            .kv
-            .get(&view_ino_key(new_dev, new_ino))?
-            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes)))
+        let (block, low) = NumberCache::block_of(new_dev, new_ino);
+        let mut c = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
+        if c.blocks.get(&block).is_none() {
+            // The block's records share the key's first 16 bytes (prefix, dev, ino's high
+            // bytes): one ordered scan, under the lock (see [`NumberCache`]).
+            let key = view_ino_key(new_dev, new_ino);
+            let prefix = &key[..key.len() - 1];
+            let mut read = Vec::new();
+            for (k, v) in self.kv.scan_after(prefix, None, 1 << NUMBER_BLOCK_BITS)? {
+                let (Some(&l), Ok(n)) = (k.last(), <[u8; 8]>::try_from(v.as_slice())) else {
+                    return Err(JournalError::Corrupt("view number record".into()));
+                };
+                read.push((l, u64::from_le_bytes(n)));
+            }
+            c.blocks.put(block, read);
+        }
+        let b = c.blocks.get(&block).expect("just cached");
+        Ok(b.binary_search_by_key(&low, |&(l, _)| l)
+            .ok()
+            .map(|i| b[i].1))
     }
 
     /// Whether NEW took OLD's inode (dev, ino) at any time (whatever OLD did to it since).
@@ -1024,6 +1095,38 @@ mod tests {
         j.commit(b, false).unwrap();
         assert_eq!(j.list(1).unwrap().len(), 1);
         assert_eq!(j.list(2).unwrap()[0].0, b"b");
+    }
+
+    #[test]
+    fn view_numbers_read_by_block_follow_every_later_write() {
+        let kv = Arc::new(mem::MemJournal::default());
+        let j = Records::new(kv.clone()).unwrap();
+        let mut b = Batch::new();
+        // Neighbours in one block, the blocks on each side, and another device.
+        b.view_ino(5, 0x1ff, 1)
+            .view_ino(5, 0x200, 2)
+            .view_ino(5, 0x2ff, 3)
+            .view_ino(5, 0x300, 4)
+            .view_ino(6, 0x200, 5);
+        j.commit(b, false).unwrap();
+        assert_eq!(j.view_ino(5, 0x200).unwrap(), Some(2));
+        assert_eq!(j.view_ino(5, 0x201).unwrap(), None);
+        assert_eq!(j.view_ino(5, 0x2ff).unwrap(), Some(3));
+        assert_eq!(j.view_ino(5, 0x1ff).unwrap(), Some(1));
+        assert_eq!(j.view_ino(5, 0x300).unwrap(), Some(4));
+        assert_eq!(j.view_ino(6, 0x200).unwrap(), Some(5));
+        assert_eq!(j.view_ino(6, 0x2ff).unwrap(), None);
+        // Written after its block was read: the cached block follows.
+        let mut b = Batch::new();
+        b.view_ino(5, 0x201, 7).view_ino(5, 0x200, 8);
+        j.commit(b, false).unwrap();
+        assert_eq!(j.view_ino(5, 0x201).unwrap(), Some(7));
+        assert_eq!(j.view_ino(5, 0x200).unwrap(), Some(8));
+        // What the cache answers is what the journal holds (a fresh reader agrees).
+        let fresh = Records::new(kv).unwrap();
+        for ino in [0x1ff, 0x200, 0x201, 0x202, 0x2ff, 0x300] {
+            assert_eq!(fresh.view_ino(5, ino).unwrap(), j.view_ino(5, ino).unwrap());
+        }
     }
 
     #[test]
