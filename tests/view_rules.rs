@@ -96,20 +96,33 @@ fn rule03_first_change_copies_up_and_the_change_lands_in_new() {
         .set_len(4)
         .unwrap();
     assert_eq!(fs::read(f.new.join("d/t")).unwrap(), b"0123");
-    // chmod (metadata only): data comes along
+    // chmod (metadata only): recorded, shown at once, no data copied (tests/metacopy.rs
+    // follows such a change through the copy, commit and abort)
     fs::set_permissions(f.v("d/m"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(f.v("d/m")).unwrap().mode() & 0o7777, 0o600);
+    assert!(
+        !f.new.join("d/m").exists(),
+        "a chmod copied the file into NEW"
+    );
+    assert_eq!(fs::read(f.v("d/m")).unwrap(), b"0123456789");
+    // xattr: the same
+    rustix::fs::setxattr(f.v("d/x"), "user.k", b"v", rustix::fs::XattrFlags::empty()).unwrap();
+    assert_eq!(xattrs(&f.v("d/x")).get(b"user.k".as_slice()).unwrap(), b"v");
+    assert!(
+        !f.new.join("d/x").exists(),
+        "a setxattr copied the file into NEW"
+    );
+    // ... until the data changes: the copy-up carries the change.
+    OpenOptions::new()
+        .append(true)
+        .open(f.v("d/m"))
+        .unwrap()
+        .write_all(b"!")
+        .unwrap();
+    assert_eq!(fs::read(f.new.join("d/m")).unwrap(), b"0123456789!");
     assert_eq!(
         fs::metadata(f.new.join("d/m")).unwrap().mode() & 0o7777,
         0o600
-    );
-    assert_eq!(fs::read(f.v("d/m")).unwrap(), b"0123456789");
-    // xattr
-    rustix::fs::setxattr(f.v("d/x"), "user.k", b"v", rustix::fs::XattrFlags::empty()).unwrap();
-    assert_eq!(
-        xattrs(&f.new.join("d/x"))
-            .get(b"user.k".as_slice())
-            .unwrap(),
-        b"v"
     );
     // link
     fs::hard_link(f.v("d/l"), f.v("d/l2")).unwrap();
@@ -516,7 +529,8 @@ fn rule10_file_capabilities_survive_copy_up_and_the_copier() {
     let want = got(&f.old.join("cap-up"));
     f.prepare();
     f.mount_with(&f.mnt.clone(), &["--no-copy"]);
-    fs::set_permissions(f.v("cap-up"), fs::Permissions::from_mode(0o750)).unwrap();
+    // A write open copies the file up (a chmod alone would copy nothing).
+    OpenOptions::new().append(true).open(f.v("cap-up")).unwrap();
     assert_eq!(got(&f.new.join("cap-up")), want, "lost by copy-up");
     assert_eq!(fs::metadata(f.new.join("cap-up")).unwrap().uid(), 1234);
     f.unmount();

@@ -209,6 +209,12 @@ pub fn print_status(s: &Status) {
         "local:      {} entries in NEW born or changed through the view",
         s.local
     );
+    if s.metadata_only > 0 {
+        println!(
+            "metadata:   {} files in OLD with metadata changed through the view (no data copied yet)",
+            s.metadata_only
+        );
+    }
     println!("tombstones: {}", s.tombstones);
     println!("redirects:  {}", s.redirects);
     if !s.filter.is_empty() {

@@ -116,6 +116,55 @@ impl Fingerprint {
 /// NEW's (st_dev, st_ino), so renames through the view leave it valid. Written before the copy
 /// gets its name in NEW; removed (durably) before the view first changes the entry. An entry in
 /// NEW without one is the view's own ("local"): abort replays it into OLD, verify skips it.
+/// Metadata changed through the view on a file whose data is still only in OLD (chmod, chown,
+/// utimens, setxattr, removexattr): kept here, keyed by OLD's inode, instead of a copy of the
+/// data. The view shows it on top of OLD's attributes; the copy the copier (or a write) makes
+/// later carries it, and abort writes it into OLD. Each field is what the view set, `None`
+/// where it set nothing (OLD's shows through).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaChange {
+    /// Permission bits (07777).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// (seconds, nanoseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atime: Option<(i64, i64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<(i64, i64)>,
+    /// When the view last changed it (every change sets the change time).
+    pub ctime: (i64, i64),
+    /// Extended attributes set (`Some`) or removed (`None`) through the view.
+    #[serde(
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        with = "xattr_pairs"
+    )]
+    pub xattrs: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+/// Attribute names are bytes, not strings: kept as a list of (name, value) pairs.
+mod xattr_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    type Map = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+    pub fn serialize<S: Serializer>(m: &Map, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Map, D::Error> {
+        Ok(Vec::<(Vec<u8>, Option<Vec<u8>>)>::deserialize(d)?
+            .into_iter()
+            .collect())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyRecord {
     /// Path below OLD's root the copy was taken from.
@@ -290,6 +339,8 @@ const P_ORIGIN: u8 = b'o';
 const P_DIGEST: u8 = b'x';
 /// View path -> what the last verify found different ([`Mismatch`]); replaced by each verify.
 const P_MISMATCH: u8 = b'y';
+/// OLD inode -> metadata the view changed on a file not copied yet ([`MetaChange`]).
+const P_META_CHANGE: u8 = b'a';
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -327,6 +378,12 @@ fn digest_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
 fn origin_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
     let mut k = hardlink_key(new_dev, new_ino);
     k[0] = P_ORIGIN;
+    k
+}
+
+fn meta_change_key(dev: u64, ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(dev, ino);
+    k[0] = P_META_CHANGE;
     k
 }
 
@@ -431,6 +488,7 @@ pub struct Batch {
     ops: Vec<KvOp>,
     max_id: Option<u64>,
     records_group: bool,
+    records_meta: bool,
     /// The view numbers this batch records: (new_dev, new_ino, number), for the cache.
     numbers: Vec<(u64, u64, u64)>,
 }
@@ -538,6 +596,20 @@ impl Batch {
         self.ops.push(KvOp::Delete(taken_key(dev, ino)));
         self
     }
+    /// The view changed metadata of OLD's file (dev, ino), whose data NEW does not hold yet.
+    pub fn meta_change(&mut self, dev: u64, ino: u64, m: &MetaChange) -> &mut Self {
+        self.ops.push(KvOp::Put(
+            meta_change_key(dev, ino),
+            serde_json::to_vec(m).expect("metadata change serializes"),
+        ));
+        self.records_meta = true;
+        self
+    }
+    /// The change is in NEW's copy now (or OLD's file is gone).
+    pub fn clear_meta_change(&mut self, dev: u64, ino: u64) -> &mut Self {
+        self.ops.push(KvOp::Delete(meta_change_key(dev, ino)));
+        self
+    }
     pub fn clear_copy(&mut self, new_dev: u64, new_ino: u64) -> &mut Self {
         self.ops.push(KvOp::Delete(copy_key(new_dev, new_ino)));
         self
@@ -610,6 +682,9 @@ pub struct Records {
     /// Whether any OLD hard-link group was ever recorded: until one is, lookups skip the
     /// group queries entirely (most datasets have no hard links).
     has_groups: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether any [`MetaChange`] was ever recorded: until one is, lookups of OLD's files read
+    /// nothing for them.
+    has_meta_changes: Arc<std::sync::atomic::AtomicBool>,
     /// The view numbers of NEW's inodes, read a block of neighbouring inodes at a time.
     numbers: Arc<Mutex<NumberCache>>,
 }
@@ -668,10 +743,12 @@ impl Records {
             None => ROOT_DIR + 1,
         };
         let has_groups = !kv.scan(&[P_HARDLINK])?.is_empty();
+        let has_meta_changes = !kv.scan_after(&[P_META_CHANGE], None, 1)?.is_empty();
         Ok(Records {
             kv,
             next_id: Arc::new(AtomicU64::new(next)),
             has_groups: Arc::new(std::sync::atomic::AtomicBool::new(has_groups)),
+            has_meta_changes: Arc::new(std::sync::atomic::AtomicBool::new(has_meta_changes)),
             numbers: Arc::new(Mutex::new(NumberCache::new())),
         })
     }
@@ -711,6 +788,10 @@ impl Records {
             return Ok(());
         }
         let groups = batch.records_group;
+        if batch.records_meta {
+            // Before the write: a reader that sees the record must not have skipped it.
+            self.has_meta_changes.store(true, Ordering::SeqCst);
+        }
         let t = std::time::Instant::now();
         self.kv.write(batch.ops, durable)?;
         crate::metrics::METRICS.journal_write(durable, t.elapsed());
@@ -791,6 +872,28 @@ impl Records {
     /// removed through the view were born there and have none).
     pub fn has_copy(&self, new_dev: u64, new_ino: u64) -> Result<bool> {
         Ok(self.kv.get(&copy_key(new_dev, new_ino))?.is_some())
+    }
+
+    /// Metadata the view changed on OLD's file (dev, ino) before NEW took its data.
+    pub fn meta_change(&self, dev: u64, ino: u64) -> Result<Option<MetaChange>> {
+        if !self.has_meta_changes.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        self.kv
+            .get(&meta_change_key(dev, ino))?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("metadata change: {e}")))
+            })
+            .transpose()
+    }
+
+    /// How many OLD files carry metadata changed through the view, their data not copied yet.
+    pub fn meta_changes(&self) -> Result<u64> {
+        if !self.has_meta_changes.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
+        Ok(self.kv.scan(&[P_META_CHANGE])?.len() as u64)
     }
 
     /// The OLD path NEW's entry (new_dev, new_ino), changed through the view, came from.
@@ -968,8 +1071,16 @@ impl Records {
     pub fn clear_view_records(&self) -> Result<()> {
         let mut ops = Vec::new();
         for p in [
-            P_DENTRY, P_HARDLINK, P_COPY_OF, P_COPY, P_ERROR, P_INTENT, P_TAKEN, P_DIGEST,
+            P_DENTRY,
+            P_HARDLINK,
+            P_COPY_OF,
+            P_COPY,
+            P_ERROR,
+            P_INTENT,
+            P_TAKEN,
+            P_DIGEST,
             P_MISMATCH,
+            P_META_CHANGE,
         ] {
             for (k, _) in self.kv.scan(&[p])? {
                 ops.push(KvOp::Delete(k));
@@ -980,6 +1091,7 @@ impl Records {
         }
         self.kv.write(ops, true)?;
         self.has_groups.store(false, Ordering::Relaxed);
+        self.has_meta_changes.store(false, Ordering::SeqCst);
         Ok(())
     }
 

@@ -128,9 +128,10 @@ pub fn abort(
              stopped at its {step} step; this run finished it); {new_note}"
         ),
         None => format!(
-            "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD, \
-             {} files copied back from NEW); {new_note}",
-            stats.dirs, stats.linked, stats.copied
+            "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD \
+             ({} of them with metadata changed through the view), {} files copied back from \
+             NEW); {new_note}",
+            stats.dirs, stats.linked, stats.meta, stats.copied
         ),
     })
 }
@@ -210,6 +211,8 @@ pub(super) struct AbortStats {
     pub(super) dirs: u64,
     pub(super) linked: u64,
     pub(super) copied: u64,
+    /// Files linked from OLD that took metadata changed through the view.
+    pub(super) meta: u64,
 }
 
 fn dup_loc(fd: BorrowedFd<'_>) -> Result<Loc> {
@@ -282,6 +285,12 @@ fn stage_entry(
         match old.link_to(out.as_fd(), name) {
             Ok(()) => {
                 stats.linked += 1;
+                // Metadata changed through the view while the data stayed OLD's: written
+                // into OLD's file (no data moves).
+                if let Some(m) = view.meta_change_of(inode) {
+                    crate::view::apply_meta_change(&Loc::At(out.clone(), name.to_owned()), &m)?;
+                    stats.meta += 1;
+                }
                 return Ok(());
             }
             Err(e)
@@ -338,6 +347,10 @@ fn stage_entry(
         }
     }
     copy_meta(&src, &dst)?;
+    if let Some(m) = view.meta_change_of(inode) {
+        crate::view::apply_meta_change(&dst, &m)?;
+        stats.meta += 1;
+    }
     stats.copied += 1;
     if st.st_nlink > 1 {
         links.insert(key, (out.clone(), name.to_owned()));

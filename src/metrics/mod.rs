@@ -172,6 +172,7 @@ pub struct Metrics {
     /// Copy-ups (first change through the view to an OLD-only entry), and how many of them
     /// copied no data (O_TRUNC, directories, metadata of special files).
     copy_ups: AtomicU64,
+    meta_changes: AtomicU64,
     /// Opens by data path: passthrough to NEW, passthrough to OLD, through the daemon.
     opens: [AtomicU64; 3],
     /// Journal batches written, by durability: [not synced, synced].
@@ -196,6 +197,7 @@ impl Metrics {
             fallthrough_reads: AtomicU64::new(0),
             fallthrough_bytes: AtomicU64::new(0),
             copy_ups: AtomicU64::new(0),
+            meta_changes: AtomicU64::new(0),
             opens: [const { AtomicU64::new(0) }; 3],
             journal_writes: [const { Histogram::new() }; 2],
             copy_rate: AtomicU64::new(0),
@@ -222,6 +224,11 @@ impl Metrics {
 
     pub fn copy_up(&self) {
         self.copy_ups.fetch_add(1, Relaxed);
+    }
+
+    /// A metadata change of an OLD-only file recorded without copying its data.
+    pub fn meta_change(&self) {
+        self.meta_changes.fetch_add(1, Relaxed);
     }
 
     pub fn opened(&self, path: OpenPath) {
@@ -301,6 +308,13 @@ impl Metrics {
             "ferryfs_copy_ups_total",
             "Entries copied up to NEW by their first change through the view.",
             self.copy_ups.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_meta_changes_total",
+            "Metadata changes (chmod, chown, utimens, xattrs) of OLD-only files recorded \
+             without copying their data.",
+            self.meta_changes.load(Relaxed),
         );
         let _ = writeln!(
             out,

@@ -48,6 +48,9 @@ pub struct Status {
     pub bytes: Progress,
     /// Entries born or changed through the view (entries in NEW that are not plain copies).
     pub local: u64,
+    /// OLD-only files whose metadata the view changed without copying their data (chmod,
+    /// chown, utimens, xattrs): NEW takes each, with its change, when it copies it.
+    pub metadata_only: u64,
     pub tombstones: u64,
     pub redirects: u64,
     pub errors: Vec<ErrorEntry>,
@@ -286,6 +289,7 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
             done: done.bytes,
         },
         local,
+        metadata_only: journal.meta_changes()?,
         tombstones: counts.tombstones,
         redirects: counts.redirects,
         errors,

@@ -70,6 +70,8 @@ struct Made<'a> {
     st: rustix::fs::Stat,
     group: Option<crate::journal::HardLinkGroup>,
     origin: &'a [u8],
+    /// The metadata change made through the view that the copy carries.
+    change: Option<crate::journal::MetaChange>,
 }
 
 /// The copy just linked as `name` in `dir` must be there, as the inode it is (`tst`): a file
@@ -331,7 +333,10 @@ impl View {
                     // inode the kernel forgot meanwhile may carry stale names: the next pass
                     // copies the entry again, through its live inode.
                     if p.inode.cancel.load(Ordering::Acquire)
-                        || p.inode.node().new.is_some()
+                        || {
+                            let n = p.inode.node();
+                            n.new.is_some() || n.meta.is_some()
+                        }
                         || !self.inodes.is_live(&p.inode)
                     {
                         orphans.clear_copy(tst.st_dev, tst.st_ino);
@@ -421,9 +426,11 @@ impl View {
             }
             Group::Copy(g) => g,
         };
+        // Metadata the view changed while the data was OLD's only: the copy carries it.
+        let change = self.meta_change_of(inode);
         // The copier's plain files are named later, with their batch: they are created with
         // their final permission bits, and owner and mode are fixed then only if they differ.
-        let deferred = defer.is_some() && group.is_none();
+        let deferred = defer.is_some() && group.is_none() && change.is_none();
         let create_mode = if deferred { st.st_mode & 0o777 } else { 0o600 };
         let tmp = self.scratch_file(pfd.as_fd(), create_mode)?;
         let size = st.st_size as u64;
@@ -459,8 +466,12 @@ impl View {
             set_owner_and_mode(&tmp, &st)?;
         }
         rustix::fs::futimens(&tmp, &timestamps(&st)).ctx("futimens copy")?;
+        if let Some(m) = &change {
+            let fd = tmp.as_fd().try_clone_to_owned().ctx("dup copy")?;
+            super::metachange::apply(&Loc::Fd(Arc::new(fd)), m)?;
+        }
         if let Some((arc, slot)) = defer
-            && group.is_none()
+            && deferred
         {
             // Start writing the copy back now, without waiting: the batch's syncfs then finds
             // little left to write, and the disk works while the next files are copied.
@@ -500,6 +511,7 @@ impl View {
                 st,
                 group,
                 origin: &old.path,
+                change,
             },
             background,
             data,
@@ -581,6 +593,7 @@ impl View {
             st,
             group,
             origin,
+            change,
         } = m;
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         if !background && inode.node().new.is_some() {
@@ -590,7 +603,12 @@ impl View {
         }
         if background
             && (inode.cancel.load(Ordering::Acquire)
-                || inode.node().new.is_some()
+                || {
+                    // (One guard: a second lock of the node in this condition would wait for
+                    // the first, which lives until the condition's end.)
+                    let n = inode.node();
+                    n.new.is_some() || n.meta.as_deref() != change.as_ref()
+                }
                 || !self
                     .inode(inode.ino)
                     .is_ok_and(|i| std::ptr::eq(&*i, inode)))
@@ -611,7 +629,9 @@ impl View {
                 .copy_of(tst.st_dev, tst.st_ino, st.st_dev, st.st_ino);
             inode.node().old_group = Some((st.st_dev, st.st_ino));
         }
-        if background {
+        // A copy carrying a change made through the view is the view's own, as a copy-up is.
+        let plain = background && change.is_none();
+        if plain {
             b.copy(
                 tst.st_dev,
                 tst.st_ino,
@@ -663,15 +683,20 @@ impl View {
         b.done(&done)
             .taken(&Fingerprint::of(&st), tst.st_dev, tst.st_ino);
         self.keep_number(&mut b, inode, tst.st_dev, tst.st_ino);
-        let _ = self.journal.commit(b, false);
-        if !background {
+        if !plain {
+            // Durably named before the change's record goes: the change is never in neither.
             fsync_dir(pfd.as_fd())?;
         }
+        if change.is_some() {
+            b.clear_meta_change(st.st_dev, st.st_ino);
+        }
+        let _ = self.journal.commit(b, false);
         let loc = Loc::At(pfd.clone(), name.clone());
         {
             let mut n = inode.node();
             n.new = Some(loc);
-            n.copy = if background {
+            n.meta = None;
+            n.copy = if plain {
                 CopyState::Copy
             } else {
                 CopyState::Local

@@ -60,6 +60,9 @@ pub struct Node {
     pub copy: CopyState,
     /// When a kernel lookup last queued this entry's copy for a check against OLD.
     pub rechecked: Option<std::time::Instant>,
+    /// An OLD-only file's metadata changed through the view (as the journal has it), shown
+    /// over OLD's attributes until NEW takes the file.
+    pub meta: Option<Box<crate::journal::MetaChange>>,
 }
 
 impl Node {
@@ -78,6 +81,7 @@ impl Node {
             listed_at: None,
             copy: CopyState::Local,
             rechecked: None,
+            meta: None,
         }
     }
 }

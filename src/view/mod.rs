@@ -18,6 +18,8 @@ mod drain;
 pub mod error;
 mod handles;
 pub mod inode;
+mod metachange;
+pub(crate) use metachange::apply as apply_meta_change;
 mod ops;
 mod scratch;
 mod takeover;
@@ -245,6 +247,7 @@ impl View {
             listed_at: None,
             copy: Default::default(),
             rechecked: None,
+            meta: None,
             ids: vec![
                 Identity::New(nst.st_dev, nst.st_ino),
                 Identity::Old(ost.st_dev, ost.st_ino),
@@ -493,6 +496,7 @@ impl View {
                 listed_at: None,
                 copy: Default::default(),
                 rechecked: None,
+                meta: None,
             });
         {
             // An inode found again by identity: the name just resolved is a current NEW
@@ -506,6 +510,9 @@ impl View {
             if n.old_group.is_none() {
                 n.old_group = old_group;
             }
+        }
+        if kind == Kind::File && !self.in_new(&inode) {
+            self.load_meta_change(&inode, &st)?;
         }
         let attr = self.attr_of(&inode, &st)?;
         Ok((inode, attr))
@@ -916,6 +923,9 @@ impl View {
         let mut a = Attr::from_stat(inode.ino, st);
         let (group, in_new) = {
             let n = inode.node();
+            if let (None, Some(m)) = (&n.new, &n.meta) {
+                metachange::show(&mut a, m);
+            }
             (n.old_group, n.new.is_some())
         };
         if let Some((dev, ino)) = group
@@ -981,6 +991,7 @@ impl View {
             listed_at: None,
             copy: Default::default(),
             rechecked: None,
+            meta: None,
         };
         drop(n);
         self.list_node(&sides)

@@ -37,6 +37,19 @@ pub struct SetAttr {
     pub fh: Option<u64>,
 }
 
+/// `value` into `buf` as a getxattr/listxattr system call answers: the size for an empty
+/// buffer, ERANGE for one too small.
+fn copy_out(value: &[u8], buf: &mut [u8]) -> std::io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(value.len());
+    }
+    let Some(dst) = buf.get_mut(..value.len()) else {
+        return Err(std::io::Error::from_raw_os_error(libc::ERANGE));
+    };
+    dst.copy_from_slice(value);
+    Ok(value.len())
+}
+
 fn timespec(t: Option<SetTime>) -> Timespec {
     match t {
         None => Timespec {
@@ -364,6 +377,14 @@ impl View {
             let mut b = Batch::new();
             b.put(pid, name.as_bytes(), &Dentry::Tombstone);
             self.count_removed_old_link(&r, &mut b)?;
+            // An OLD-only file's last name: a metadata change waiting for its copy goes too.
+            if let (None, Some((_, _, st))) = (&r.new, &r.old)
+                && st.st_nlink == 1
+                && r.kind == Kind::File
+                && self.journal.meta_change(st.st_dev, st.st_ino)?.is_some()
+            {
+                b.clear_meta_change(st.st_dev, st.st_ino);
+            }
             self.journal.commit(b, true)?;
         }
         if r.new.is_none() {
@@ -480,6 +501,7 @@ impl View {
             listed_at: None,
             copy: Default::default(),
             rechecked: None,
+            meta: None,
         };
         Ok(self.list_node(&probe)?.is_empty())
     }
@@ -813,6 +835,27 @@ impl View {
     pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
         let _gate = self.changes();
         let inode = self.inode(ino)?;
+        let at = |t: Option<SetTime>| {
+            t.map(|t| match t {
+                SetTime::At(t) => Some(t),
+                SetTime::Now => None,
+            })
+        };
+        // Metadata only, of a file still in OLD: recorded; no data copied.
+        if s.size.is_none()
+            && self.change_attrs_only(
+                &inode,
+                &super::metachange::AttrChange {
+                    mode: s.mode,
+                    uid: s.uid,
+                    gid: s.gid,
+                    atime: at(s.atime),
+                    mtime: at(s.mtime),
+                },
+            )?
+        {
+            return self.getattr(ino, s.fh);
+        }
         let only_truncating_to_zero = s.size == Some(0);
         self.copy_up(&inode, !only_truncating_to_zero)?;
         self.changing(&inode)?;
@@ -918,12 +961,21 @@ impl View {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<XattrReply> {
-        let loc = self.backing_loc(&*self.inode(ino)?)?;
+        let inode = self.inode(ino)?;
+        if let Some(changed) = self.changed_xattr(&inode, name) {
+            let value = changed.ok_or_else(|| Error::refused(libc::ENODATA, "getxattr"))?;
+            return Self::xattr_reply(size, |buf| copy_out(&value, buf));
+        }
+        let loc = self.backing_loc(&inode)?;
         Self::xattr_reply(size, |buf| loc.getxattr(name, buf))
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
-        let loc = self.backing_loc(&*self.inode(ino)?)?;
+        let inode = self.inode(ino)?;
+        let loc = self.backing_loc(&inode)?;
+        if let Some(names) = self.changed_xattr_names(&inode, &loc)? {
+            return Self::xattr_reply(size, |buf| copy_out(&names, buf));
+        }
         Self::xattr_reply(size, |buf| loc.listxattr(buf))
     }
 
@@ -931,6 +983,10 @@ impl View {
         let _gate = self.changes();
         self.check_s3_new(S3Refusal::Xattr)?;
         let inode = self.inode(ino)?;
+        let change = super::metachange::XattrChange::Set { value, flags };
+        if self.change_xattr_only(&inode, name, change)? {
+            return Ok(());
+        }
         self.copy_up(&inode, true)?;
         self.changing(&inode)?;
         self.new_loc(&inode)?
@@ -945,6 +1001,9 @@ impl View {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<()> {
         let _gate = self.changes();
         let inode = self.inode(ino)?;
+        if self.change_xattr_only(&inode, name, super::metachange::XattrChange::Remove)? {
+            return Ok(());
+        }
         self.copy_up(&inode, true)?;
         self.changing(&inode)?;
         self.new_loc(&inode)?.removexattr(name).ctx("removexattr")
