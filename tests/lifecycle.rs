@@ -364,7 +364,9 @@ fn kill_9_while_copying_resumes_without_copying_finished_files_again() {
     assert_eq!(st["files"]["done"].as_u64().unwrap(), total_files, "{st}");
     // The copy counter (every copy made, across the kills) against what NEW holds: the
     // difference is files copied twice, which may only be files in flight at a kill (at most
-    // one batch per worker: 16 workers by default, 64 files per batch).
+    // one batch per worker: 16 workers by default, 64 files per batch), or copies named just
+    // before a kill whose count (journaled after the batch's links, unsynced: it is only
+    // news) the kill took with it, again at most a batch per worker.
     let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
     let line = log[log_from..]
         .lines()
@@ -382,11 +384,11 @@ fn kill_9_while_copying_resumes_without_copying_finished_files_again() {
     let (counted, held) = (num("counted_files"), num("view_files"));
     eprintln!(
         "copies made over 3 kills and a resume: {counted}; names in NEW: {held}; \
-         copied twice: {}",
-        counted - held
+         difference: {}",
+        counted as i64 - held as i64
     );
     assert_eq!(held, total_files);
-    assert!(counted >= held && counted - held <= 3 * 16 * 64, "{line}");
+    assert!(counted.abs_diff(held) <= 3 * 16 * 64, "{line}");
     f.unmount();
     // Without a daemon: the check runs in the command, with the same progress lines.
     let out = assert_ok(f.cmd("verify", &["--checksum"]));

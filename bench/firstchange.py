@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The first change to a big OLD-only file: how long the application waits.
+
+    python3 bench/firstchange.py [--sizes 64M,1G,8G] [--reps R] [--scratch DIR]
+                                 [--bins NAME=PATH,...]
+
+For each size, a file of real data (no holes) is made in OLD; then, through a freshly mounted
+view (`--no-copy`: nothing copies the file meanwhile), each of these is timed from the system
+call to its return, page cache dropped before each:
+  - `write`: open(O_WRONLY) plus one 4 KiB pwrite in the middle of the file (what a database
+    or a VM image does first); today the open copies the whole file into NEW before it returns;
+  - `chmod`: chmod 0600 of the file (a metadata change: recorded, no data copied, since issue
+    25's metacopy).
+The same calls on the plain directory are the floor. Several ferryfs builds can be compared
+in one run (`--bins before=/path,after=/path`, default: FERRYFS_BIN or the release build);
+rounds are interleaved build by build. Prints a Markdown table of medians (ms) and writes it
+to bench/results/firstchange-latest.md.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 1 << 20
+
+
+def default_bin():
+    b = os.environ.get("FERRYFS_BIN")
+    if b:
+        return b
+    target = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/ferryfs/target")
+    return os.path.join(target, "release", "ferryfs")
+
+
+def run(*cmd):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def size_of(s):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1].upper()] if s[-1].upper() in units else int(s)
+
+
+def make_file(path, size):
+    """Real data: a random MiB, each copy stamped with its index (no two MiB alike)."""
+    block = bytearray(os.urandom(MIB))
+    with open(path, "wb") as f:
+        for i in range(size // MIB):
+            block[:8] = i.to_bytes(8, "little")
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def timed_write(path, size):
+    drop_caches()
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"w" * 4096, size // 2)
+    dt = time.perf_counter() - t
+    os.close(fd)
+    return dt
+
+
+def timed_chmod(path):
+    drop_caches()
+    t = time.perf_counter()
+    os.chmod(path, 0o600)
+    return time.perf_counter() - t
+
+
+def one_round(binary, old, scratch, size):
+    """Fresh migration over `old`: (write, chmod) seconds through the view."""
+    new = os.path.join(scratch, "new")
+    state = os.path.join(scratch, "state")
+    mnt = os.path.join(scratch, "mnt")
+    for d in (new, state):
+        shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(new)
+    os.makedirs(mnt, exist_ok=True)
+    run(binary, "prepare", "--old", old, "--new", new, "--state", state)
+    run(binary, "mount", "--state", state, mnt, "--no-copy")
+    try:
+        w = timed_write(os.path.join(mnt, "w.bin"), size)
+        c = timed_chmod(os.path.join(mnt, "c.bin"))
+    finally:
+        run(binary, "unmount", mnt)
+    return w, c
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="64M,1G,8G")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--scratch", default="/var/tmp")
+    ap.add_argument("--bins", default="")
+    a = ap.parse_args()
+    bins = [b.split("=", 1) for b in a.bins.split(",") if b] or [["ferryfs", default_bin()]]
+    for name, b in bins:
+        if not os.access(b, os.X_OK):
+            sys.exit(f"firstchange: no ferryfs binary for {name} at {b} (build it: cargo build --release)")
+    rows = []
+    for s in a.sizes.split(","):
+        size = size_of(s)
+        scratch = tempfile.mkdtemp(prefix="ferryfs-firstchange-", dir=a.scratch)
+        try:
+            old = os.path.join(scratch, "old")
+            os.makedirs(old)
+            for n in ("w.bin", "c.bin"):
+                make_file(os.path.join(old, n), size)
+            plain = {"write": [], "chmod": []}
+            got = {name: {"write": [], "chmod": []} for name, _ in bins}
+            for r in range(a.reps):
+                # The plain directory: a scratch copy would cost as much as a copy-up, so the
+                # calls run on OLD's own files (the chmod is undone after).
+                plain["write"].append(timed_write(os.path.join(old, "w.bin"), size))
+                plain["chmod"].append(timed_chmod(os.path.join(old, "c.bin")))
+                os.chmod(os.path.join(old, "c.bin"), 0o644)
+                for name, b in bins:
+                    w, c = one_round(b, old, os.path.join(scratch, "run"), size)
+                    got[name]["write"].append(w)
+                    got[name]["chmod"].append(c)
+                    print(f"[firstchange] {s} round {r + 1} {name}: write {w * 1e3:.2f} ms, chmod {c * 1e3:.2f} ms",
+                          file=sys.stderr)
+            med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+            row = [s, f"{med(plain['write']):.2f}", f"{med(plain['chmod']):.2f}"]
+            for name, _ in bins:
+                row += [f"{med(got[name]['write']):.2f}", f"{med(got[name]['chmod']):.2f}"]
+            rows.append(row)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    head = ["size", "plain write", "plain chmod"]
+    for name, _ in bins:
+        head += [f"{name} write", f"{name} chmod"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    text = (
+        f"First change to an OLD-only file, ms to the call's return (median of {a.reps}, "
+        "page cache dropped before each; write = open O_WRONLY + 4 KiB pwrite in the middle)\n\n"
+        + "\n".join(out) + "\n"
+    )
+    print(text)
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "firstchange-latest.md"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
