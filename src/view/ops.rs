@@ -835,6 +835,17 @@ impl View {
     pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
         let _gate = self.changes();
         let inode = self.inode(ino)?;
+        let nothing = s.size.is_none()
+            && s.mode.is_none()
+            && s.uid.is_none()
+            && s.gid.is_none()
+            && s.atime.is_none()
+            && s.mtime.is_none();
+        if nothing {
+            // Nothing to change (the kernel asks with only a file handle or a ctime): nothing
+            // is copied or recorded.
+            return self.getattr(ino, s.fh);
+        }
         let at = |t: Option<SetTime>| {
             t.map(|t| match t {
                 SetTime::At(t) => Some(t),
