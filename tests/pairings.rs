@@ -262,6 +262,9 @@ fn change_through_the_view(f: &Fixture) {
     h.write_all(b" and more").unwrap();
     drop(h);
     fs::set_permissions(f.v("a/one.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    // A metadata change of a file still only in OLD (recorded, no data copied, where OLD is
+    // POSIX), which then moves with its directory: the copy carries it.
+    fs::set_permissions(f.v("b/y.txt"), fs::Permissions::from_mode(0o640)).unwrap();
     fs::rename(f.v("a/two.txt"), f.v("a/two-renamed.txt")).unwrap();
     fs::rename(f.v("b"), f.v("b2")).unwrap();
     fs::remove_file(f.v("c.txt")).unwrap();
@@ -282,6 +285,19 @@ fn change_again(f: &Fixture) {
 fn expected_after_changes(f: &Fixture) -> BTreeMap<String, Entry> {
     let seen = tree_of_dir(&f.mnt);
     assert!(seen.contains_key("born/new.txt") && !seen.contains_key("c.txt"));
+    // (b renamed to b2, and to b3 by `change_again`)
+    let x = seen
+        .iter()
+        .find(|(k, _)| k.starts_with("b") && k.ends_with("/y.txt"))
+        .map(|(_, e)| e);
+    assert!(
+        matches!(x, Some(Entry::File { perm: 0o640, .. })),
+        "the chmod through the view: {:?}",
+        x.map(|e| match e {
+            Entry::File { perm, .. } => format!("mode {perm:o}"),
+            e => format!("{e:?}"),
+        })
+    );
     seen
 }
 
