@@ -812,13 +812,7 @@ impl Records {
         if !self.has_groups.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        self.kv
-            .get(&hardlink_key(dev, ino))?
-            .map(|v| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| JournalError::Corrupt(format!("hard-link group: {e}")))
-            })
-            .transpose()
+        self.get_json(&hardlink_key(dev, ino), "hard-link group")
     }
 
     /// The OLD hard-link group whose NEW copy is (new_dev, new_ino), if it is one.
@@ -859,13 +853,7 @@ impl Records {
 
     /// The copy record of NEW's entry (new_dev, new_ino), if it is an unchanged copy of OLD.
     pub fn copy(&self, new_dev: u64, new_ino: u64) -> Result<Option<CopyRecord>> {
-        self.kv
-            .get(&copy_key(new_dev, new_ino))?
-            .map(|v| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| JournalError::Corrupt(format!("copy record: {e}")))
-            })
-            .transpose()
+        self.get_json(&copy_key(new_dev, new_ino), "copy record")
     }
 
     /// Whether NEW's entry (new_dev, new_ino) has a copy record (a read, no write: most entries
@@ -879,13 +867,7 @@ impl Records {
         if !self.has_meta_changes.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        self.kv
-            .get(&meta_change_key(dev, ino))?
-            .map(|v| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| JournalError::Corrupt(format!("metadata change: {e}")))
-            })
-            .transpose()
+        self.get_json(&meta_change_key(dev, ino), "metadata change")
     }
 
     /// How many OLD files carry metadata changed through the view, their data not copied yet.
@@ -970,6 +952,21 @@ impl Records {
     }
 
     /// Every JSON record under a one-byte prefix: (key without the prefix, record).
+    /// The record at `key`, decoded (`what` names it in a corruption error).
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        what: &str,
+    ) -> Result<Option<T>> {
+        self.kv
+            .get(key)?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| JournalError::Corrupt(format!("{what}: {e}")))
+            })
+            .transpose()
+    }
+
     fn scan_json<T: serde::de::DeserializeOwned>(
         &self,
         prefix: u8,
@@ -988,13 +985,7 @@ impl Records {
 
     /// The digest `verify --checksum` recorded for NEW's file (new_dev, new_ino).
     pub fn digest_of(&self, new_dev: u64, new_ino: u64) -> Result<Option<Digest>> {
-        self.kv
-            .get(&digest_key(new_dev, new_ino))?
-            .map(|v| {
-                serde_json::from_slice(&v)
-                    .map_err(|e| JournalError::Corrupt(format!("digest record: {e}")))
-            })
-            .transpose()
+        self.get_json(&digest_key(new_dev, new_ino), "digest record")
     }
 
     /// What the last verify found different: (view path, record).
