@@ -488,7 +488,8 @@ pub struct Batch {
     ops: Vec<KvOp>,
     max_id: Option<u64>,
     records_group: bool,
-    records_meta: bool,
+    /// OLD inodes whose metadata change this batch records (`true`) or drops (`false`).
+    meta_keys: Vec<((u64, u64), bool)>,
     /// The view numbers this batch records: (new_dev, new_ino, number), for the cache.
     numbers: Vec<(u64, u64, u64)>,
 }
@@ -602,12 +603,13 @@ impl Batch {
             meta_change_key(dev, ino),
             serde_json::to_vec(m).expect("metadata change serializes"),
         ));
-        self.records_meta = true;
+        self.meta_keys.push(((dev, ino), true));
         self
     }
     /// The change is in NEW's copy now (or OLD's file is gone).
     pub fn clear_meta_change(&mut self, dev: u64, ino: u64) -> &mut Self {
         self.ops.push(KvOp::Delete(meta_change_key(dev, ino)));
+        self.meta_keys.push(((dev, ino), false));
         self
     }
     pub fn clear_copy(&mut self, new_dev: u64, new_ino: u64) -> &mut Self {
@@ -682,9 +684,9 @@ pub struct Records {
     /// Whether any OLD hard-link group was ever recorded: until one is, lookups skip the
     /// group queries entirely (most datasets have no hard links).
     has_groups: Arc<std::sync::atomic::AtomicBool>,
-    /// Whether any [`MetaChange`] was ever recorded: until one is, lookups of OLD's files read
-    /// nothing for them.
-    has_meta_changes: Arc<std::sync::atomic::AtomicBool>,
+    /// The OLD inodes that have a [`MetaChange`] (read at open, kept by `commit`): a lookup
+    /// of any other OLD file reads nothing for it. A few dozen bytes per changed file.
+    meta_keys: Arc<Mutex<rustc_hash::FxHashSet<(u64, u64)>>>,
     /// The view numbers of NEW's inodes, read a block of neighbouring inodes at a time.
     numbers: Arc<Mutex<NumberCache>>,
 }
@@ -743,12 +745,20 @@ impl Records {
             None => ROOT_DIR + 1,
         };
         let has_groups = !kv.scan(&[P_HARDLINK])?.is_empty();
-        let has_meta_changes = !kv.scan_after(&[P_META_CHANGE], None, 1)?.is_empty();
+        let meta_keys = kv
+            .scan(&[P_META_CHANGE])?
+            .into_iter()
+            .filter_map(|(k, _)| {
+                let dev = u64::from_be_bytes(k.get(1..9)?.try_into().ok()?);
+                let ino = u64::from_be_bytes(k.get(9..17)?.try_into().ok()?);
+                Some((dev, ino))
+            })
+            .collect();
         Ok(Records {
             kv,
             next_id: Arc::new(AtomicU64::new(next)),
             has_groups: Arc::new(std::sync::atomic::AtomicBool::new(has_groups)),
-            has_meta_changes: Arc::new(std::sync::atomic::AtomicBool::new(has_meta_changes)),
+            meta_keys: Arc::new(Mutex::new(meta_keys)),
             numbers: Arc::new(Mutex::new(NumberCache::new())),
         })
     }
@@ -788,13 +798,32 @@ impl Records {
             return Ok(());
         }
         let groups = batch.records_group;
-        if batch.records_meta {
-            // Before the write: a reader that sees the record must not have skipped it.
-            self.has_meta_changes.store(true, Ordering::SeqCst);
+        // Known before the write (a reader never skips a record that is there) and forgotten
+        // after it.
+        // (The last op on a key is what the batch leaves.)
+        let meta_keys: Vec<((u64, u64), bool)> = std::mem::take(&mut batch.meta_keys)
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        if meta_keys.iter().any(|(_, put)| *put) {
+            let mut k = self.meta_keys.lock().unwrap_or_else(|p| p.into_inner());
+            k.extend(
+                meta_keys
+                    .iter()
+                    .filter(|(_, put)| *put)
+                    .map(|(key, _)| *key),
+            );
         }
         let t = std::time::Instant::now();
         self.kv.write(batch.ops, durable)?;
         crate::metrics::METRICS.journal_write(durable, t.elapsed());
+        if meta_keys.iter().any(|(_, put)| !*put) {
+            let mut k = self.meta_keys.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, _) in meta_keys.iter().filter(|(_, put)| !*put) {
+                k.remove(key);
+            }
+        }
         if !batch.numbers.is_empty() {
             let mut c = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
             for (dev, ino, number) in batch.numbers {
@@ -864,7 +893,12 @@ impl Records {
 
     /// Metadata the view changed on OLD's file (dev, ino) before NEW took its data.
     pub fn meta_change(&self, dev: u64, ino: u64) -> Result<Option<MetaChange>> {
-        if !self.has_meta_changes.load(Ordering::SeqCst) {
+        let known = self
+            .meta_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(dev, ino));
+        if !known {
             return Ok(None);
         }
         self.get_json(&meta_change_key(dev, ino), "metadata change")
@@ -872,10 +906,11 @@ impl Records {
 
     /// How many OLD files carry metadata changed through the view, their data not copied yet.
     pub fn meta_changes(&self) -> Result<u64> {
-        if !self.has_meta_changes.load(Ordering::SeqCst) {
-            return Ok(0);
-        }
-        Ok(self.kv.scan(&[P_META_CHANGE])?.len() as u64)
+        Ok(self
+            .meta_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64)
     }
 
     /// The OLD path NEW's entry (new_dev, new_ino), changed through the view, came from.
@@ -1082,7 +1117,10 @@ impl Records {
         }
         self.kv.write(ops, true)?;
         self.has_groups.store(false, Ordering::Relaxed);
-        self.has_meta_changes.store(false, Ordering::SeqCst);
+        self.meta_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Ok(())
     }
 
@@ -1198,6 +1236,40 @@ mod tests {
         j.commit(b, false).unwrap();
         assert_eq!(j.list(1).unwrap().len(), 1);
         assert_eq!(j.list(2).unwrap()[0].0, b"b");
+    }
+
+    #[test]
+    fn metadata_changes_are_known_by_old_inode_across_a_reopen_until_cleared() {
+        let kv = Arc::new(mem::MemJournal::default());
+        let j = Records::new(kv.clone()).unwrap();
+        assert_eq!(j.meta_change(3, 4).unwrap(), None);
+        let m = MetaChange {
+            mode: Some(0o600),
+            ctime: (5, 6),
+            xattrs: [
+                (b"user.a".to_vec(), None),
+                (b"user.b".to_vec(), Some(b"v".to_vec())),
+            ]
+            .into(),
+            ..MetaChange::default()
+        };
+        let mut b = Batch::new();
+        b.meta_change(3, 4, &m).meta_change(3, 5, &m);
+        j.commit(b, true).unwrap();
+        assert_eq!(j.meta_change(3, 4).unwrap(), Some(m.clone()));
+        assert_eq!(j.meta_changes().unwrap(), 2);
+        // A reader opened later knows them from the journal alone.
+        let again = Records::new(kv.clone()).unwrap();
+        assert_eq!(again.meta_change(3, 5).unwrap(), Some(m.clone()));
+        assert_eq!(again.meta_changes().unwrap(), 2);
+        let mut b = Batch::new();
+        b.clear_meta_change(3, 4);
+        j.commit(b, false).unwrap();
+        assert_eq!(j.meta_change(3, 4).unwrap(), None);
+        assert_eq!(j.meta_changes().unwrap(), 1);
+        j.clear_view_records().unwrap();
+        assert_eq!(j.meta_change(3, 5).unwrap(), None);
+        assert_eq!(Records::new(kv).unwrap().meta_changes().unwrap(), 0);
     }
 
     #[test]
