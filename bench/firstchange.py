@@ -11,12 +11,16 @@ call to its return, page cache dropped before each:
     or a VM image does first); today the open copies the whole file into NEW before it returns;
   - `chmod`: chmod 0600 of the file (a metadata change: recorded, no data copied, since issue
     25's metacopy).
-The same calls on the plain directory are the floor. Several ferryfs builds can be compared
+The same calls on the plain directory are the floor. With `--fio SIZE` (issue 25's job: 2G),
+also an fio job on an OLD-only file of SIZE through a fresh view: 4 KiB random writes, QD1,
+`--fio-secs` (30) seconds, its IOPS and p99 completion latency against the plain directory
+(fio opens the file before its clock starts: the copy-up an open makes is not in these rows). Several ferryfs builds can be compared
 in one run (`--bins before=/path,after=/path`, default: FERRYFS_BIN or the release build);
 rounds are interleaved build by build. Prints a Markdown table of medians (ms) and writes it
 to bench/results/firstchange-latest.md.
 """
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -99,19 +103,60 @@ def one_round(binary, old, scratch, size):
     return w, c
 
 
+def fio_job(path, secs):
+    """fio 4 KiB random writes at QD1 on `path`: (IOPS, p99 latency in ms)."""
+    out = run("fio", "--name=randwrite", f"--filename={path}", "--rw=randwrite", "--bs=4k",
+              "--iodepth=1", "--ioengine=psync", f"--runtime={secs}", "--time_based",
+              "--output-format=json").stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    p99 = job["clat_ns"]["percentile"]["99.000000"] / 1e6
+    return job["iops"], p99
+
+
+def fio_rows(bins, size_arg, secs, scratch_root):
+    size = size_of(size_arg)
+    scratch = tempfile.mkdtemp(prefix="ferryfs-firstchange-fio-", dir=scratch_root)
+    try:
+        old = os.path.join(scratch, "old")
+        os.makedirs(old)
+        make_file(os.path.join(old, "f.bin"), size)
+        rows = [("plain",) + fio_job(os.path.join(old, "f.bin"), secs)]
+        for name, b in bins:
+            work = os.path.join(scratch, "run")
+            new, state, mnt = (os.path.join(work, d) for d in ("new", "state", "mnt"))
+            shutil.rmtree(work, ignore_errors=True)
+            os.makedirs(new)
+            os.makedirs(mnt)
+            run(b, "prepare", "--old", old, "--new", new, "--state", state)
+            run(b, "mount", "--state", state, mnt, "--no-copy")
+            try:
+                rows.append((name,) + fio_job(os.path.join(mnt, "f.bin"), secs))
+            finally:
+                run(b, "unmount", mnt)
+        text = (f"\nfio on an OLD-only file of {size_arg}: 4 KiB random writes, QD1 (psync), "
+                f"{secs} s\n\n| | IOPS | p99 (ms) |\n|---|---:|---:|\n")
+        text += "".join(f"| {n} | {iops:.0f} | {p99:.3f} |\n" for n, iops, p99 in rows)
+        return text
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="64M,1G,8G")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--scratch", default="/var/tmp")
     ap.add_argument("--bins", default="")
+    ap.add_argument("--fio", default="", help="also the fio job on a file of this size (2G)")
+    ap.add_argument("--fio-secs", type=int, default=30)
+    ap.add_argument("--no-latency", action="store_true", help="only the fio job")
     a = ap.parse_args()
     bins = [b.split("=", 1) for b in a.bins.split(",") if b] or [["ferryfs", default_bin()]]
     for name, b in bins:
         if not os.access(b, os.X_OK):
             sys.exit(f"firstchange: no ferryfs binary for {name} at {b} (build it: cargo build --release)")
     rows = []
-    for s in a.sizes.split(","):
+    for s in ([] if a.no_latency else a.sizes.split(",")):
         size = size_of(s)
         scratch = tempfile.mkdtemp(prefix="ferryfs-firstchange-", dir=a.scratch)
         try:
@@ -145,11 +190,13 @@ def main():
         head += [f"{name} write", f"{name} chmod"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
-    text = (
+    text = "" if not rows else (
         f"First change to an OLD-only file, ms to the call's return (median of {a.reps}, "
         "page cache dropped before each; write = open O_WRONLY + 4 KiB pwrite in the middle)\n\n"
         + "\n".join(out) + "\n"
     )
+    if a.fio:
+        text += fio_rows(bins, a.fio, a.fio_secs, a.scratch)
     print(text)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "firstchange-latest.md"), "w") as f:
