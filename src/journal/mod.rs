@@ -893,15 +893,18 @@ impl Records {
 
     /// Metadata the view changed on OLD's file (dev, ino) before NEW took its data.
     pub fn meta_change(&self, dev: u64, ino: u64) -> Result<Option<MetaChange>> {
-        let known = self
-            .meta_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&(dev, ino));
-        if !known {
+        if !self.has_meta_change(dev, ino) {
             return Ok(None);
         }
         self.get_json(&meta_change_key(dev, ino), "metadata change")
+    }
+
+    /// Whether OLD's file (dev, ino) has a metadata change (no journal read).
+    pub fn has_meta_change(&self, dev: u64, ino: u64) -> bool {
+        self.meta_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(dev, ino))
     }
 
     /// How many OLD files carry metadata changed through the view, their data not copied yet.

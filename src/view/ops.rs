@@ -381,7 +381,7 @@ impl View {
             if let (None, Some((_, _, st))) = (&r.new, &r.old)
                 && st.st_nlink == 1
                 && r.kind == Kind::File
-                && self.journal.meta_change(st.st_dev, st.st_ino)?.is_some()
+                && self.journal.has_meta_change(st.st_dev, st.st_ino)
             {
                 b.clear_meta_change(st.st_dev, st.st_ino);
             }
