@@ -866,7 +866,17 @@ impl View {
         let cur = posix::stat_at(pfd.as_fd(), &name).ctx("stat NEW copy")?;
         // The view waiting for the claim (to change the entry) wants this done now.
         let mut tick = |n| inode.cancel.load(Ordering::Acquire) || tick(n);
-        if inode.kind == Kind::File && cur.st_nlink > 1 && old.loc.object().is_none() {
+        // Several names share NEW's copy, or will: a rename over one name would split them. NEW's
+        // link count alone can be stale (a FUSE NEW's attributes are cached), and a name OLD
+        // added may be joined to the copy after this check: OLD's own count and the journal's
+        // hard-link group say so too.
+        let shared = cur.st_nlink > 1
+            || ost.st_nlink > 1
+            || self
+                .journal
+                .hardlink(ost.st_dev, ost.st_ino)?
+                .is_some_and(|g| g.copy.is_some());
+        if inode.kind == Kind::File && shared && old.loc.object().is_none() {
             return self.recopy_in_place(inode, &old.loc, &cur, &pfd, &name, &mut tick);
         }
         let tmp_name = OsString::from(format!("{RECOPY_PREFIX}{}", inode.ino));
