@@ -165,7 +165,8 @@ fn pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree() {
 fn pjdfstest_passes_mid_migration_with_the_copier_running() {
     let mut f = Fixture::new();
     large_old_tree(&f.old, 40, 500);
-    f.prepare();
+    // The smallest chunk size: pjdfstest's files must behave the same with it.
+    ok(f.cmd_prepare_with(&["--chunk-size".as_ref(), "4k".as_ref()]));
     let mp = f.mnt.clone();
     // Throttled so that it is still copying when the suite ends.
     f.mount_with(&mp, &["--ops-limit", "100"]);
@@ -247,7 +248,9 @@ fn fsx_full_profile_on_old_only_files_while_the_copier_runs() {
         write(&f.old.join(format!("fsx/file{seed}")), &data);
     }
     large_old_tree(&f.old, 4, 100);
-    f.prepare();
+    // 4 KiB chunks: fsx's first writes copy-before-write chunk by chunk, its file crosses
+    // hundreds of chunks, and the copier hydrates them meanwhile.
+    ok(f.cmd_prepare_with(&["--chunk-size".as_ref(), "4k".as_ref()]));
     let mp = f.mnt.clone();
     f.mount_with(&mp, &["--bwlimit", "2M"]);
     let art = f.root.path().join("fsx-artifacts");

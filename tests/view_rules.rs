@@ -578,9 +578,12 @@ fn rule10_copy_up_preserves_links_holes_xattrs_mode_owner_and_ns_times() {
     write(&f.old.join("d/x"), b"x");
     let old_meta = entry_info(&f.old.join("meta"), true);
     f.start();
-    // Copy up by opening for write without writing: data, metadata and holes must survive.
+    // Copy up by opening for write without writing: data, metadata and holes must survive
+    // (the sparse file, bigger than a chunk, is copied by chunk: the copier fills it in).
     OpenOptions::new().write(true).open(f.v("sparse")).unwrap();
     OpenOptions::new().write(true).open(f.v("meta")).unwrap();
+    assert_eq!(f.status_json()["partial"]["files"], 1);
+    ok(f.cmd("execute", &["--wait"]));
     let new_sparse = fs::metadata(f.new.join("sparse")).unwrap();
     assert_eq!(
         fs::read(f.new.join("sparse")).unwrap(),

@@ -279,6 +279,12 @@ pub struct PrepareArgs {
     /// change nothing anywhere (no state dir, nothing written to NEW).
     #[arg(long)]
     pub dry_run: bool,
+    /// The unit of copy-before-write: the first write into a big file still in OLD copies
+    /// only the chunks it touches into NEW, and the copier fills in the rest. A power of two
+    /// from 4k to 1G (k, M, G as for --bwlimit), or 0: every first write copies its whole
+    /// file first. Recorded with the migration. [default: 1M]
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
+    pub chunk_size: Option<u64>,
     /// The rules of --exclude, --include and --filter-from, in command-line order (filled
     /// from the parsed command line by [`PrepareArgs::order_rules`]).
     #[arg(skip)]
@@ -331,4 +337,15 @@ pub struct ExecuteArgs {
     /// behind ferryfs's back); until then each is an error, and the migration is not executed.
     #[arg(long)]
     pub recopy_lost: bool,
+}
+
+/// `--chunk-size`: 0, or a power of two from 4 KiB to 1 GiB.
+fn parse_chunk_size(s: &str) -> Result<u64, String> {
+    let v = crate::copier::limits::parse_rate(s).map_err(|e| e.replace("rate", "size"))?;
+    if v != 0 && (!v.is_power_of_two() || !(4096..=1 << 30).contains(&v)) {
+        return Err(format!(
+            "bad chunk size {s:?}: a power of two from 4k to 1G, or 0 (whole files only)"
+        ));
+    }
+    Ok(v)
 }

@@ -65,6 +65,7 @@ pub fn prepare(p: &PrepareArgs) -> Result<(), CliError> {
         &p.state,
         p.allow_nonempty_new,
         &filter,
+        p.chunk_size.unwrap_or(crate::journal::DEFAULT_CHUNK_SIZE),
     );
     drop(shower);
     let (t, caps) = t?;

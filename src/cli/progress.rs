@@ -215,6 +215,16 @@ pub fn print_status(s: &Status) {
             s.metadata_only
         );
     }
+    if s.partial.files > 0 {
+        println!(
+            "partial:    {} files partly copied by writes through the view ({} of {} chunks of \
+             {} in NEW; the copier fills in the rest)",
+            s.partial.files,
+            s.partial.chunks_present,
+            s.partial.chunks_total,
+            human(s.partial.chunk_size)
+        );
+    }
     println!("tombstones: {}", s.tombstones);
     println!("redirects:  {}", s.redirects);
     if !s.filter.is_empty() {

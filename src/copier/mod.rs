@@ -720,6 +720,13 @@ impl Copier {
             seen: Mutex::new(std::collections::HashSet::new()),
             failed: Mutex::new(Default::default()),
         };
+        // Files partly copied by writes through the view first, the latest written first.
+        for inode in self.view.partial_inodes() {
+            if self.stopping() {
+                break;
+            }
+            self.copy_one(&inode, &ctx, false);
+        }
         let visit = |inode: &Arc<Inode>, counts: bool| self.copy_one(inode, &ctx, counts);
         let flush = |batch: Vec<(Pending, bool)>| self.flush(batch, &ctx);
         let fail = |path: Vec<u8>, e: &Error| self.record_error(&ctx, path, e);
@@ -823,6 +830,26 @@ impl Copier {
                 Ok(false) => {}
                 Ok(true) => {
                     self.account(inode, Err(crate::view::error::Error::lost()), p, counts);
+                    return None;
+                }
+                Err(e) => {
+                    self.account(inode, Err(e), p, counts);
+                    return None;
+                }
+            }
+        }
+        if self.view.in_new(inode) {
+            // A file partly copied by a write through the view: its missing chunks.
+            match self.view.hydrate(inode, &mut tick) {
+                Ok(None) => {}
+                Ok(Some((bytes, whole))) => {
+                    p.c.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    let r = Ok(if whole {
+                        Copied::Present
+                    } else {
+                        Copied::GaveWay
+                    });
+                    self.account(inode, r, p, counts);
                     return None;
                 }
                 Err(e) => {
@@ -1012,6 +1039,17 @@ impl Copier {
                         .push(format!("{path}: {}", crate::view::error::LOST)),
                     Err(e) => r.errors.push(format!("{path}: {e}")),
                 }
+                return None;
+            }
+            if let Some(pr) = self.view.partial_progress(inode) {
+                report
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pending
+                    .push(format!(
+                        "{path}: partly copied ({} of {} chunks in NEW)",
+                        pr.0, pr.1
+                    ));
                 return None;
             }
             let mut digest = None;

@@ -44,7 +44,13 @@ pub enum Meta {
     BwLimit,
     /// prepare's filter rules, in order (JSON of `[copier::filter::Rule]`); none: no filter.
     Filter,
+    /// The chunk size of copy-before-write (`prepare --chunk-size`; 8 bytes LE; 0: whole
+    /// files only). Absent: [`DEFAULT_CHUNK_SIZE`].
+    ChunkSize,
 }
+
+/// The chunk size when prepare was given none: 1 MiB (see docs/CONFIGURATION.md).
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 
 impl Meta {
     /// The stored key. Never change one (see the module doc).
@@ -66,6 +72,7 @@ impl Meta {
             Meta::AbortS3Deletes => "abort_s3_deletes",
             Meta::Capabilities => "capabilities",
             Meta::Filter => "filter",
+            Meta::ChunkSize => "chunk_size",
             Meta::BwLimit => "bwlimit",
         }
     }

@@ -26,7 +26,7 @@ pub mod mem;
 pub mod meta;
 pub mod rocks;
 
-pub use meta::{BwLimit, Meta, Phase, Totals};
+pub use meta::{BwLimit, DEFAULT_CHUNK_SIZE, Meta, Phase, Totals};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,6 +121,28 @@ impl Fingerprint {
 /// data. The view shows it on top of OLD's attributes; the copy the copier (or a write) makes
 /// later carries it, and abort writes it into OLD. Each field is what the view set, `None`
 /// where it set nothing (OLD's shows through).
+/// A NEW file whose data is partly still OLD's (copy-before-write by chunk), keyed by NEW's
+/// (st_dev, st_ino). A write touched some chunks: those were copied into NEW first and are
+/// marked present in the chunk map (`K` records, [`CHUNKS_PER_SEGMENT`] chunks a record); every
+/// other chunk below `extent` is read from OLD's file until the copier hydrates it. NEW's file
+/// has the view's size; its absent chunks are holes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialFile {
+    /// OLD's path (below OLD's root) the data comes from.
+    pub origin: Vec<u8>,
+    /// OLD's file when the partial copy was made: its bytes are the absent chunks' bytes.
+    pub old: Fingerprint,
+    /// Chunk size in bytes (a power of two).
+    pub chunk: u64,
+    /// Bytes from offset 0 that may still be OLD's: OLD's size, lowered by every truncate
+    /// below it. Chunks at or past it hold NEW's bytes only.
+    pub extent: u64,
+}
+
+/// Chunks one chunk-map record covers (a 512-byte bitmap): a 10 TiB file in 1 MiB chunks is
+/// 2,560 records, 1.3 MiB of journal.
+pub const CHUNKS_PER_SEGMENT: u64 = 4096;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaChange {
     /// Permission bits (07777).
@@ -341,6 +363,10 @@ const P_DIGEST: u8 = b'x';
 const P_MISMATCH: u8 = b'y';
 /// OLD inode -> metadata the view changed on a file not copied yet ([`MetaChange`]).
 const P_META_CHANGE: u8 = b'a';
+/// NEW inode -> a file whose data is partly OLD's ([`PartialFile`]).
+const P_PARTIAL: u8 = b'k';
+/// NEW inode + segment -> that file's chunk map, [`CHUNKS_PER_SEGMENT`] bits a record.
+const P_CHUNKS: u8 = b'K';
 
 fn dentry_key(dir: u64, name: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(9 + name.len());
@@ -384,6 +410,19 @@ fn origin_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
 fn meta_change_key(dev: u64, ino: u64) -> Vec<u8> {
     let mut k = hardlink_key(dev, ino);
     k[0] = P_META_CHANGE;
+    k
+}
+
+fn partial_key(new_dev: u64, new_ino: u64) -> Vec<u8> {
+    let mut k = hardlink_key(new_dev, new_ino);
+    k[0] = P_PARTIAL;
+    k
+}
+
+fn chunks_key(new_dev: u64, new_ino: u64, segment: u64) -> Vec<u8> {
+    let mut k = hardlink_key(new_dev, new_ino);
+    k[0] = P_CHUNKS;
+    k.extend_from_slice(&segment.to_be_bytes());
     k
 }
 
@@ -490,6 +529,8 @@ pub struct Batch {
     records_group: bool,
     /// OLD inodes whose metadata change this batch records (`true`) or drops (`false`).
     meta_keys: Vec<((u64, u64), bool)>,
+    /// NEW inodes whose partial-file record this batch writes (`true`) or drops (`false`).
+    partial_keys: Vec<((u64, u64), bool)>,
     /// The view numbers this batch records: (new_dev, new_ino, number), for the cache.
     numbers: Vec<(u64, u64, u64)>,
 }
@@ -606,6 +647,35 @@ impl Batch {
         self.meta_keys.push(((dev, ino), true));
         self
     }
+    /// NEW's file (new_dev, new_ino) is partly OLD's (see [`PartialFile`]).
+    pub fn partial(&mut self, new_dev: u64, new_ino: u64, p: &PartialFile) -> &mut Self {
+        self.ops.push(KvOp::Put(
+            partial_key(new_dev, new_ino),
+            serde_json::to_vec(p).expect("partial file serializes"),
+        ));
+        self.partial_keys.push(((new_dev, new_ino), true));
+        self
+    }
+    /// One record of a partial file's chunk map: bit i of `bits` is chunk
+    /// `segment * CHUNKS_PER_SEGMENT + i`, set when NEW holds it.
+    pub fn chunks(&mut self, new_dev: u64, new_ino: u64, segment: u64, bits: &[u8]) -> &mut Self {
+        self.ops.push(KvOp::Put(
+            chunks_key(new_dev, new_ino, segment),
+            bits.to_vec(),
+        ));
+        self
+    }
+    /// NEW's file is whole (or gone): its partial record and every chunk-map record
+    /// (`segments` of them at most) go.
+    pub fn clear_partial(&mut self, new_dev: u64, new_ino: u64, segments: u64) -> &mut Self {
+        self.ops.push(KvOp::Delete(partial_key(new_dev, new_ino)));
+        for seg in 0..segments {
+            self.ops
+                .push(KvOp::Delete(chunks_key(new_dev, new_ino, seg)));
+        }
+        self.partial_keys.push(((new_dev, new_ino), false));
+        self
+    }
     /// The change is in NEW's copy now (or OLD's file is gone).
     pub fn clear_meta_change(&mut self, dev: u64, ino: u64) -> &mut Self {
         self.ops.push(KvOp::Delete(meta_change_key(dev, ino)));
@@ -687,8 +757,39 @@ pub struct Records {
     /// The OLD inodes that have a [`MetaChange`] (read at open, kept by `commit`): a lookup
     /// of any other OLD file reads nothing for it. A few dozen bytes per changed file.
     meta_keys: Arc<Mutex<rustc_hash::FxHashSet<(u64, u64)>>>,
+    /// The NEW inodes that have a [`PartialFile`] record (read at open, kept by `commit`).
+    partial_keys: Arc<Mutex<rustc_hash::FxHashSet<(u64, u64)>>>,
     /// The view numbers of NEW's inodes, read a block of neighbouring inodes at a time.
     numbers: Arc<Mutex<NumberCache>>,
+}
+
+/// In-memory sets of journal keys ([`Records::meta_keys`], [`Records::partial_keys`]) kept
+/// in step with a batch: a key is known before the write that adds it (a reader never skips a
+/// record that is there) and forgotten after the write that drops it.
+struct KeySet;
+
+impl KeySet {
+    /// What the batch leaves for each key (its last op on the key).
+    fn last_of(ops: Vec<((u64, u64), bool)>) -> Vec<((u64, u64), bool)> {
+        ops.into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .collect()
+    }
+    fn add(set: &Mutex<rustc_hash::FxHashSet<(u64, u64)>>, ops: &[((u64, u64), bool)]) {
+        if ops.iter().any(|(_, put)| *put) {
+            let mut k = set.lock().unwrap_or_else(|p| p.into_inner());
+            k.extend(ops.iter().filter(|(_, put)| *put).map(|(key, _)| *key));
+        }
+    }
+    fn remove(set: &Mutex<rustc_hash::FxHashSet<(u64, u64)>>, ops: &[((u64, u64), bool)]) {
+        if ops.iter().any(|(_, put)| !*put) {
+            let mut k = set.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, _) in ops.iter().filter(|(_, put)| !*put) {
+                k.remove(key);
+            }
+        }
+    }
 }
 
 /// Inode numbers of NEW's inodes that neighbour each other in NEW (one block) share one
@@ -745,20 +846,25 @@ impl Records {
             None => ROOT_DIR + 1,
         };
         let has_groups = !kv.scan(&[P_HARDLINK])?.is_empty();
-        let meta_keys = kv
-            .scan(&[P_META_CHANGE])?
-            .into_iter()
-            .filter_map(|(k, _)| {
-                let dev = u64::from_be_bytes(k.get(1..9)?.try_into().ok()?);
-                let ino = u64::from_be_bytes(k.get(9..17)?.try_into().ok()?);
-                Some((dev, ino))
-            })
-            .collect();
+        let keys_of = |prefix: u8| -> Result<rustc_hash::FxHashSet<(u64, u64)>> {
+            Ok(kv
+                .scan(&[prefix])?
+                .into_iter()
+                .filter_map(|(k, _)| {
+                    let dev = u64::from_be_bytes(k.get(1..9)?.try_into().ok()?);
+                    let ino = u64::from_be_bytes(k.get(9..17)?.try_into().ok()?);
+                    Some((dev, ino))
+                })
+                .collect())
+        };
+        let meta_keys = keys_of(P_META_CHANGE)?;
+        let partial_keys = keys_of(P_PARTIAL)?;
         Ok(Records {
             kv,
             next_id: Arc::new(AtomicU64::new(next)),
             has_groups: Arc::new(std::sync::atomic::AtomicBool::new(has_groups)),
             meta_keys: Arc::new(Mutex::new(meta_keys)),
+            partial_keys: Arc::new(Mutex::new(partial_keys)),
             numbers: Arc::new(Mutex::new(NumberCache::new())),
         })
     }
@@ -801,29 +907,15 @@ impl Records {
         // Known before the write (a reader never skips a record that is there) and forgotten
         // after it.
         // (The last op on a key is what the batch leaves.)
-        let meta_keys: Vec<((u64, u64), bool)> = std::mem::take(&mut batch.meta_keys)
-            .into_iter()
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .into_iter()
-            .collect();
-        if meta_keys.iter().any(|(_, put)| *put) {
-            let mut k = self.meta_keys.lock().unwrap_or_else(|p| p.into_inner());
-            k.extend(
-                meta_keys
-                    .iter()
-                    .filter(|(_, put)| *put)
-                    .map(|(key, _)| *key),
-            );
-        }
+        let meta_keys = KeySet::last_of(std::mem::take(&mut batch.meta_keys));
+        let partial_keys = KeySet::last_of(std::mem::take(&mut batch.partial_keys));
+        KeySet::add(&self.meta_keys, &meta_keys);
+        KeySet::add(&self.partial_keys, &partial_keys);
         let t = std::time::Instant::now();
         self.kv.write(batch.ops, durable)?;
         crate::metrics::METRICS.journal_write(durable, t.elapsed());
-        if meta_keys.iter().any(|(_, put)| !*put) {
-            let mut k = self.meta_keys.lock().unwrap_or_else(|p| p.into_inner());
-            for (key, _) in meta_keys.iter().filter(|(_, put)| !*put) {
-                k.remove(key);
-            }
-        }
+        KeySet::remove(&self.meta_keys, &meta_keys);
+        KeySet::remove(&self.partial_keys, &partial_keys);
         if !batch.numbers.is_empty() {
             let mut c = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
             for (dev, ino, number) in batch.numbers {
@@ -914,6 +1006,92 @@ impl Records {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len() as u64)
+    }
+
+    /// NEW's file (new_dev, new_ino) if its data is partly OLD's, with its chunk map (bit i of
+    /// byte j: chunk 8j + i), as long as the highest segment recorded needs.
+    pub fn partial(&self, new_dev: u64, new_ino: u64) -> Result<Option<(PartialFile, Vec<u8>)>> {
+        if !self.has_partial(new_dev, new_ino) {
+            return Ok(None);
+        }
+        let Some(p) =
+            self.get_json::<PartialFile>(&partial_key(new_dev, new_ino), "partial file")?
+        else {
+            return Ok(None);
+        };
+        let seg_bytes = (CHUNKS_PER_SEGMENT / 8) as usize;
+        let mut bits = Vec::new();
+        let prefix = partial_key(new_dev, new_ino);
+        let mut prefix = prefix;
+        prefix[0] = P_CHUNKS;
+        for (k, v) in self.kv.scan(&prefix)? {
+            let seg = k
+                .get(17..25)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| JournalError::Corrupt("chunk map key".into()))?;
+            let at = seg as usize * seg_bytes;
+            if bits.len() < at + seg_bytes {
+                bits.resize(at + seg_bytes, 0);
+            }
+            let n = v.len().min(seg_bytes);
+            bits[at..at + n].copy_from_slice(&v[..n]);
+        }
+        Ok(Some((p, bits)))
+    }
+
+    /// Whether NEW's file (new_dev, new_ino) is partly OLD's (no journal read).
+    pub fn has_partial(&self, new_dev: u64, new_ino: u64) -> bool {
+        self.partial_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(new_dev, new_ino))
+    }
+
+    /// Every file whose data is partly OLD's: (NEW dev, NEW ino, record).
+    pub fn partials(&self) -> Result<Vec<(u64, u64, PartialFile)>> {
+        let mut out = Vec::new();
+        for (k, v) in self.kv.scan(&[P_PARTIAL])? {
+            let (Some(dev), Some(ino)) = (
+                k.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+                k.get(9..17).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+            ) else {
+                return Err(JournalError::Corrupt("partial file key".into()));
+            };
+            let p: PartialFile = serde_json::from_slice(&v)
+                .map_err(|e| JournalError::Corrupt(format!("partial file: {e}")))?;
+            out.push((u64::from_be_bytes(dev), u64::from_be_bytes(ino), p));
+        }
+        Ok(out)
+    }
+
+    /// Files partly OLD's and their chunks: (files, chunks NEW holds, chunks of OLD's data).
+    pub fn partial_progress(&self) -> Result<(u64, u64, u64)> {
+        let (mut files, mut present, mut total) = (0, 0, 0);
+        for (dev, ino, _) in self.partials()? {
+            let Some((p, bits)) = self.partial(dev, ino)? else {
+                continue;
+            };
+            let n = p.extent.div_ceil(p.chunk.max(1));
+            let held = (0..n)
+                .filter(|c| {
+                    bits.get((c / 8) as usize)
+                        .is_some_and(|b| b & (1 << (c % 8)) != 0)
+                })
+                .count() as u64;
+            files += 1;
+            present += held;
+            total += n;
+        }
+        Ok((files, present, total))
+    }
+
+    /// How many files are partly OLD's (no journal read).
+    pub fn partial_count(&self) -> u64 {
+        self.partial_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64
     }
 
     /// The OLD path NEW's entry (new_dev, new_ino), changed through the view, came from.
@@ -1110,6 +1288,8 @@ impl Records {
             P_DIGEST,
             P_MISMATCH,
             P_META_CHANGE,
+            P_PARTIAL,
+            P_CHUNKS,
         ] {
             for (k, _) in self.kv.scan(&[p])? {
                 ops.push(KvOp::Delete(k));
@@ -1121,6 +1301,10 @@ impl Records {
         self.kv.write(ops, true)?;
         self.has_groups.store(false, Ordering::Relaxed);
         self.meta_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.partial_keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();

@@ -129,9 +129,10 @@ pub fn abort(
         ),
         None => format!(
             "aborted: OLD now holds the view as it was ({} dirs, {} files linked from OLD \
-             ({} of them with metadata changed through the view), {} files copied back from \
-             NEW); {new_note}",
-            stats.dirs, stats.linked, stats.meta, stats.copied
+             ({} of them with metadata changed through the view), {} files partly copied \
+             that took back only their changed chunks ({} bytes written into OLD), {} files \
+             copied back from NEW); {new_note}",
+            stats.dirs, stats.linked, stats.meta, stats.partial, stats.partial_bytes, stats.copied
         ),
     })
 }
@@ -213,6 +214,10 @@ pub(super) struct AbortStats {
     pub(super) copied: u64,
     /// Files linked from OLD that took metadata changed through the view.
     pub(super) meta: u64,
+    /// Files partly copied into NEW whose changed chunks were written into OLD's file.
+    pub(super) partial: u64,
+    /// The bytes written into them.
+    pub(super) partial_bytes: u64,
 }
 
 fn dup_loc(fd: BorrowedFd<'_>) -> Result<Loc> {
@@ -278,6 +283,18 @@ fn stage_entry(
         let sub = posix::open_child(out.as_fd(), name).ctx("open staged dir")?;
         stats.dirs += 1;
         return stage_dir(view, inode, &sub, links, stats);
+    }
+    // A file partly copied into NEW: OLD's own file takes only what the view changed.
+    if inode.kind == Kind::File
+        && let Some(bytes) = view.abort_partial(inode, out.as_fd(), name)?
+    {
+        let dst = Loc::At(out.clone(), name.to_owned());
+        if let Some(src) = view.backing(inode) {
+            copy_meta(&src, &dst)?;
+        }
+        stats.partial += 1;
+        stats.partial_bytes += bytes;
+        return Ok(());
     }
     // Data still in OLD, or a copy NEW took that OLD still matches: OLD's own entry is linked
     // (no data moves; OLD's hard links stay links).

@@ -139,6 +139,17 @@ pub fn commit(
             totals.excluded_bytes
         )));
     }
+    // A file partly copied and not met by the pass (every one the view holds is): never
+    // committed with chunks only OLD holds.
+    let partial = journal.partial_count();
+    if partial > 0 {
+        copier.kick();
+        return Err(refusal(format!(
+            "commit refused: {partial} files are only partly copied into NEW (chunks written \
+             through the view are in NEW, the rest still in OLD); the copier fills them in: run \
+             `ferryfs execute --state DIR --wait` and commit again"
+        )));
+    }
     // Every copy's data and name on stable storage before OLD stops being the fallback.
     copier.view().clean_work_dir()?;
     syncfs(new_root).ctx("syncfs NEW")?;

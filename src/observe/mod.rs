@@ -408,6 +408,25 @@ impl Observed {
             "Entries found changed in OLD behind the view after they were copied.",
             stale as u64,
         );
+        let cp = self.copier.view().chunk_progress();
+        gauge(
+            &mut out,
+            "ferryfs_partial_files",
+            "Files a write through the view copied only in part (copy-before-write by chunk).",
+            cp.files,
+        );
+        gauge(
+            &mut out,
+            "ferryfs_partial_chunks_present",
+            "Chunks NEW holds of the partly copied files the daemon has open or looked up.",
+            cp.present,
+        );
+        gauge(
+            &mut out,
+            "ferryfs_partial_chunks_total",
+            "Chunks of OLD's data of those files.",
+            cp.total,
+        );
         let cs = self.copier.state();
         gauge(
             &mut out,

@@ -173,6 +173,7 @@ pub fn prepare(
     state: &Path,
     allow_nonempty_new: bool,
     filter: &Filter,
+    chunk_size: u64,
 ) -> Result<(Totals, Capabilities), StateError> {
     check_dir("OLD", &old)?;
     check_dir("NEW", &new)?;
@@ -207,7 +208,16 @@ pub fn prepare(
             url.defaults.dir_mtime = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            return prepare_from_s3(url, np, new, state, allow_nonempty_new, s3_caps, filter);
+            return prepare_from_s3(
+                url,
+                np,
+                new,
+                state,
+                allow_nonempty_new,
+                s3_caps,
+                filter,
+                chunk_size,
+            );
         }
         o => o,
     };
@@ -247,6 +257,7 @@ pub fn prepare(
         state,
         new_was_empty,
         filter,
+        chunk_size,
     )?;
     Ok((totals, caps))
 }
@@ -267,6 +278,7 @@ fn probe_new_at(np: &Path) -> Result<Vec<probe::Capability>, StateError> {
 }
 
 /// `prepare` of a migration out of an S3 bucket (OLD) into the POSIX directory `np`.
+#[allow(clippy::too_many_arguments)]
 fn prepare_from_s3(
     url: crate::store::s3::S3Url,
     np: PathBuf,
@@ -275,6 +287,7 @@ fn prepare_from_s3(
     allow_nonempty_new: bool,
     s3_caps: Vec<probe::Capability>,
     filter: &Filter,
+    chunk_size: u64,
 ) -> Result<(Totals, Capabilities), StateError> {
     check_new_and_state(&np, state, allow_nonempty_new, &[&np])?;
     let _lock = take_lock(state)?;
@@ -317,6 +330,7 @@ fn prepare_from_s3(
         state,
         new_was_empty,
         filter,
+        chunk_size,
     )?;
     Ok((totals, caps))
 }
@@ -394,11 +408,13 @@ fn record_migration(
     state: &Path,
     new_was_empty: bool,
     filter: &Filter,
+    chunk_size: u64,
 ) -> Result<(), StateError> {
     let kv = RocksJournal::open(&layout::journal_dir(state), true)?;
     let journal = Records::new(Arc::new(kv))?;
     let mut b = Batch::new();
     crate::copier::filter::record(&mut b, filter);
+    b.meta(Meta::ChunkSize, &chunk_size.to_le_bytes());
     b.meta(
         Meta::Config,
         &serde_json::to_vec(config).expect("config serializes"),

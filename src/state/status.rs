@@ -37,6 +37,16 @@ pub fn record_final_local(
 }
 
 /// What `status` reports.
+/// See [`Status::partial`].
+#[derive(Debug, Default, Serialize)]
+pub struct PartialStatus {
+    pub files: u64,
+    pub chunks_present: u64,
+    pub chunks_total: u64,
+    /// The migration's chunk size in bytes (0: whole files only).
+    pub chunk_size: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub phase: String,
@@ -51,6 +61,9 @@ pub struct Status {
     /// OLD-only files whose metadata the view changed without copying their data (chmod,
     /// chown, utimens, xattrs): NEW takes each, with its change, when it copies it.
     pub metadata_only: u64,
+    /// Big files a write through the view copied only in part (copy-before-write by chunk):
+    /// how many, and their chunks in NEW out of all their chunks of OLD's data.
+    pub partial: PartialStatus,
     pub tombstones: u64,
     pub redirects: u64,
     pub errors: Vec<ErrorEntry>,
@@ -290,6 +303,18 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         },
         local,
         metadata_only: journal.meta_changes()?,
+        partial: {
+            let (files, chunks_present, chunks_total) = journal.partial_progress()?;
+            PartialStatus {
+                files,
+                chunks_present,
+                chunks_total,
+                chunk_size: journal
+                    .meta(Meta::ChunkSize)?
+                    .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+                    .unwrap_or(crate::journal::DEFAULT_CHUNK_SIZE),
+            }
+        },
         tombstones: counts.tombstones,
         redirects: counts.redirects,
         errors,

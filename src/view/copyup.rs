@@ -72,6 +72,8 @@ struct Made<'a> {
     origin: &'a [u8],
     /// The metadata change made through the view that the copy carries.
     change: Option<crate::journal::MetaChange>,
+    /// A partial copy (no data yet: copy-before-write by chunk): its record, and OLD's file.
+    partial: Option<(crate::journal::PartialFile, File)>,
 }
 
 /// The copy just linked as `name` in `dir` must be there, as the inode it is (`tst`): a file
@@ -428,6 +430,11 @@ impl View {
         };
         // Metadata the view changed while the data was OLD's only: the copy carries it.
         let change = self.meta_change_of(inode);
+        // A change of a big file's data through the view: no data now, chunk by chunk later.
+        let partial = !background && data && group.is_none() && {
+            let posix_old = src.is_some();
+            self.partial_eligible(&st, posix_old)
+        };
         // The copier's plain files are named later, with their batch: they are created with
         // their final permission bits, and owner and mode are fixed then only if they differ.
         let deferred = defer.is_some() && group.is_none() && change.is_none();
@@ -443,6 +450,11 @@ impl View {
         };
         let fetched = match tick.as_mut() {
             Some(t) => copy(&mut |n| !inode.cancel.load(Ordering::Acquire) && t(n))?,
+            None if partial => {
+                // OLD's size, no bytes: the chunks come from OLD until copied (a sparse file).
+                rustix::fs::ftruncate(&tmp, size).ctx("size the partial copy")?;
+                Fetched::Done
+            }
             None if data => copy(&mut |_| true)?,
             None => Fetched::Done,
         };
@@ -504,6 +516,18 @@ impl View {
             }
         }
 
+        let partial = match (partial, src) {
+            (true, Some(src)) => Some((
+                crate::journal::PartialFile {
+                    origin: old.path.clone(),
+                    old: Fingerprint::of(&st),
+                    chunk: self.chunk_size(),
+                    extent: size,
+                },
+                src,
+            )),
+            _ => None,
+        };
         self.name_copy(
             inode,
             Made {
@@ -512,6 +536,7 @@ impl View {
                 group,
                 origin: &old.path,
                 change,
+                partial,
             },
             background,
             data,
@@ -594,7 +619,10 @@ impl View {
             group,
             origin,
             change,
+            partial,
         } = m;
+        // A partial copy holds no data yet: its bytes are counted as its chunks are copied.
+        let data = data && partial.is_none();
         let _ns = self.ns.write().unwrap_or_else(|p| p.into_inner());
         if !background && inode.node().new.is_some() {
             // The copier named its copy (made before the view claimed the entry) meanwhile:
@@ -617,7 +645,12 @@ impl View {
         }
         let tst = posix::stat_fd(tmp.as_fd()).ctx("stat copy")?;
         let mut b = Batch::new();
-        let durable = group.is_some();
+        // A partial copy's record is on stable storage before its name is: a NEW file of
+        // OLD's size with no data must never be taken for the file.
+        let durable = group.is_some() || partial.is_some();
+        if let Some((rec, _)) = &partial {
+            b.partial(tst.st_dev, tst.st_ino, rec);
+        }
         if let Some(mut g) = group {
             // Journal the group's copy before it is visible: every other OLD name of the
             // group will be linked to it, and st_nlink counts them.
@@ -662,14 +695,20 @@ impl View {
                 r => r.ctx("link copy into NEW").map(|()| true),
             }
         })?;
-        if !linked {
-            return Ok(Copied::GaveWay);
-        }
-        if let Err(e) = check_linked(pfd.as_fd(), &name, &tst) {
+        let checked = if linked {
+            check_linked(pfd.as_fd(), &name, &tst)
+        } else {
+            Ok(())
+        };
+        if !linked || checked.is_err() {
             let mut b = Batch::new();
             b.clear_copy(tst.st_dev, tst.st_ino);
+            if partial.is_some() {
+                b.clear_partial(tst.st_dev, tst.st_ino, 1);
+            }
             let _ = self.journal.commit(b, false);
-            return Err(e);
+            checked?;
+            return Ok(Copied::GaveWay);
         }
         let done = {
             let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
@@ -701,6 +740,19 @@ impl View {
             } else {
                 CopyState::Local
             };
+        }
+        if let Some((rec, src)) = partial {
+            let new = File::from(
+                tmp.as_fd()
+                    .try_clone_to_owned()
+                    .ctx("dup the partial copy")?,
+            );
+            let p = self.partial_made((tst.st_dev, tst.st_ino), rec, src, new);
+            self.hold_partial(inode, p);
+            // The copier fills it in first.
+            if let Ok(arc) = self.inode(inode.ino) {
+                self.note_touched(&arc);
+            }
         }
         tracing::debug!(
             ino = inode.ino,

@@ -311,10 +311,21 @@ impl View {
                     "open OLD file"
                 })?,
         };
+        let partial = if on_new {
+            self.partial_of(&inode)
+        } else {
+            None
+        };
         let st = match src.file() {
             Some(file) => {
                 if flags & libc::O_TRUNC != 0 && on_new {
-                    file.set_len(0).ctx("truncate on open")?;
+                    match &partial {
+                        Some(p) => {
+                            p.truncate(&self.journal, 0)?;
+                            self.after_partial_change(&inode, p)?;
+                        }
+                        None => file.set_len(0).ctx("truncate on open")?,
+                    }
                 }
                 posix::stat_fd(file.as_fd()).ctx("fstat open file")?
             }
@@ -333,7 +344,13 @@ impl View {
             n.cache_stamp = Some(stamp);
             same
         };
-        let file = src.file().cloned();
+        // A partly copied file's bytes are NEW's and OLD's: the daemon serves them (no
+        // passthrough to NEW's file, which has holes where OLD's chunks are).
+        let file = if self.partial_of(&inode).is_some() {
+            None
+        } else {
+            src.file().cloned()
+        };
         let fh = self.handles.insert(Handle::File(FileHandle {
             inode,
             file: RwLock::new((src, on_new)),
@@ -400,10 +417,13 @@ impl View {
     /// caller that keeps it pays no allocation or zeroing per request); returns the length.
     pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize> {
         self.note_io();
-        self.with_source(fh, |file, _, on_new| {
+        self.with_source(fh, |file, h, on_new| {
             let size = size as usize;
             if buf.len() < size {
                 buf.resize(size, 0);
+            }
+            if on_new && let Some(p) = self.partial_of(&h.inode) {
+                return p.read(offset, &mut buf[..size]);
             }
             let mut done = 0;
             while done < size {
@@ -425,7 +445,12 @@ impl View {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let _gate = self.changes();
         self.note_io();
-        self.with_file(fh, |file, h, _| {
+        self.with_file(fh, |file, h, on_new| {
+            if on_new && let Some(p) = self.partial_of(&h.inode) {
+                p.write(&self.journal, offset, data, h.flags & libc::O_APPEND != 0)?;
+                self.after_partial_change(&h.inode, &p)?;
+                return Ok(data.len() as u32);
+            }
             if h.flags & libc::O_APPEND != 0 {
                 // The backing file is O_APPEND too: the kernel's offset is advisory.
                 use std::io::Write;
@@ -439,22 +464,35 @@ impl View {
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         self.note_edit();
-        self.with_source(fh, |src, _, _| {
+        self.with_source(fh, |src, h, on_new| {
             // Nothing was written to an S3 object open read-only.
             let Some(file) = src.file() else {
                 return Ok(());
             };
             if datasync {
-                file.sync_data().ctx("fdatasync")
+                file.sync_data().ctx("fdatasync")?;
             } else {
-                file.sync_all().ctx("fsync")
+                file.sync_all().ctx("fsync")?;
             }
+            if on_new && let Some(p) = self.partial_of(&h.inode) {
+                p.sync_marks(&self.journal)?;
+            }
+            Ok(())
         })
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let _gate = self.changes();
-        self.with_file(fh, |file, _, _| {
+        self.with_file(fh, |file, h, on_new| {
+            if on_new && let Some(p) = self.partial_of(&h.inode) {
+                if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+                    // Bytes move: the whole file first, then the change as on any NEW file.
+                    self.hydrate_now(&h.inode, &p)?;
+                } else {
+                    p.fallocate(&self.journal, offset, len, mode)?;
+                    return self.after_partial_change(&h.inode, &p);
+                }
+            }
             rustix::fs::fallocate(
                 file,
                 rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
@@ -466,8 +504,23 @@ impl View {
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        self.with_source(fh, |src, _, _| {
+        self.with_source(fh, |src, h, on_new| {
             let file = match src {
+                // A partly copied file: all data, no holes (its holes in NEW are OLD's chunks).
+                Source::File(f)
+                    if on_new
+                        && matches!(whence, libc::SEEK_DATA | libc::SEEK_HOLE)
+                        && self.partial_of(&h.inode).is_some() =>
+                {
+                    let size = posix::stat_fd(f.as_fd()).ctx("fstat")?.st_size;
+                    return match whence {
+                        _ if offset >= size => {
+                            Err(Error::refused(libc::ENXIO, "lseek past the end"))
+                        }
+                        libc::SEEK_DATA => Ok(offset),
+                        _ => Ok(size),
+                    };
+                }
                 Source::File(f) => f,
                 // An object is all data, no holes.
                 Source::Object(o) => {

@@ -63,6 +63,9 @@ pub struct Node {
     /// An OLD-only file's metadata changed through the view (as the journal has it), shown
     /// over OLD's attributes until NEW takes the file.
     pub meta: Option<Box<crate::journal::MetaChange>>,
+    /// A file whose data is partly still OLD's (copy-before-write by chunk): NEW's file
+    /// holds the chunks its map marks, OLD's the rest.
+    pub(crate) partial: Option<Arc<super::partial::Partial>>,
 }
 
 impl Node {
@@ -82,6 +85,7 @@ impl Node {
             copy: CopyState::Local,
             rechecked: None,
             meta: None,
+            partial: None,
         }
     }
 }

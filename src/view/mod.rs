@@ -21,6 +21,8 @@ pub mod inode;
 mod metachange;
 pub(crate) use metachange::apply as apply_meta_change;
 mod ops;
+mod partial;
+pub use partial::ChunkProgress;
 mod scratch;
 mod takeover;
 
@@ -156,6 +158,11 @@ pub struct View {
     /// What NEW's file system can do (prepare's probe): where copies are made, how they are
     /// known.
     caps: scratch::NewCaps,
+    /// The chunk size of copy-before-write (`prepare --chunk-size`; 0: whole files only).
+    chunk: u64,
+    /// The inode numbers of partly copied files the view holds, by NEW's (dev, ino): for
+    /// the copier (latest written first) and status.
+    partials: std::sync::Mutex<rustc_hash::FxHashMap<(u64, u64), u64>>,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -248,6 +255,7 @@ impl View {
             copy: Default::default(),
             rechecked: None,
             meta: None,
+            partial: None,
             ids: vec![
                 Identity::New(nst.st_dev, nst.st_ino),
                 Identity::Old(ost.st_dev, ost.st_ino),
@@ -255,6 +263,14 @@ impl View {
         };
         let done = journal.done()?;
         let caps = scratch::NewCaps::from_journal(&journal)?;
+        let chunk = match journal.meta(journal::Meta::ChunkSize)? {
+            Some(v) => u64::from_le_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Journal("the chunk size record is not 8 bytes".into()))?,
+            ),
+            None => journal::DEFAULT_CHUNK_SIZE,
+        };
         let (touched, touched_rx) = crossbeam_channel::bounded(4096);
         let (rechecks, rechecks_rx) = crossbeam_channel::bounded(4096);
         let view = View {
@@ -281,6 +297,8 @@ impl View {
             invalidations_open: std::sync::Mutex::new(true),
             invalidations_held: std::sync::atomic::AtomicBool::new(false),
             caps,
+            chunk,
+            partials: Default::default(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -497,6 +515,7 @@ impl View {
                 copy: Default::default(),
                 rechecked: None,
                 meta: None,
+                partial: None,
             });
         {
             // An inode found again by identity: the name just resolved is a current NEW
@@ -513,6 +532,19 @@ impl View {
         }
         if kind == Kind::File && !self.in_new(&inode) {
             self.load_meta_change(&inode, &st)?;
+        }
+        // A NEW file whose data is partly OLD's: its chunk map, once per inode.
+        if kind == Kind::File
+            && let Identity::New(dev, ino) = id
+            && self.journal.has_partial(dev, ino)
+            && inode.node().partial.is_none()
+        {
+            let loc = inode.node().new.clone();
+            if let Some(loc) = loc
+                && let Some(p) = self.load_partial(dev, ino, &loc)?
+            {
+                self.hold_partial(&inode, p);
+            }
         }
         let attr = self.attr_of(&inode, &st)?;
         Ok((inode, attr))
@@ -992,6 +1024,7 @@ impl View {
             copy: Default::default(),
             rechecked: None,
             meta: None,
+            partial: None,
         };
         drop(n);
         self.list_node(&sides)

@@ -334,8 +334,14 @@ impl View {
     /// NEW's entry `st` was deleted: its (st_dev, st_ino) may now be given to a new entry.
     fn deleted_from_new(&self, st: &rustix::fs::Stat) {
         #[allow(clippy::unnecessary_cast)]
-        self.inodes
-            .unmap(Identity::New(st.st_dev as u64, st.st_ino as u64));
+        let id = Identity::New(st.st_dev as u64, st.st_ino as u64);
+        #[allow(clippy::unnecessary_cast)]
+        if self.journal.has_partial(st.st_dev as u64, st.st_ino as u64) {
+            let inode = self.inodes.ino_of(&id).and_then(|i| self.inodes.get(i));
+            #[allow(clippy::unnecessary_cast)]
+            self.partial_deleted(st.st_dev as u64, st.st_ino as u64, inode.as_deref());
+        }
+        self.inodes.unmap(id);
     }
 
     /// Whether removing/renaming away this resolved entry must leave a tombstone: OLD shows (or
@@ -502,6 +508,7 @@ impl View {
             copy: Default::default(),
             rechecked: None,
             meta: None,
+            partial: None,
         };
         Ok(self.list_node(&probe)?.is_empty())
     }
@@ -875,13 +882,18 @@ impl View {
             if inode.kind != Kind::File {
                 return Err(Error::refused(libc::EINVAL, "truncate of a non-file"));
             }
-            match s.fh.and_then(|fh| self.handles.open_file(fh)) {
-                Some(f) => f.set_len(size).ctx("ftruncate")?,
-                None => loc
-                    .open(OFlags::WRONLY)
-                    .ctx("open for truncate")?
-                    .set_len(size)
-                    .ctx("truncate")?,
+            if let Some(p) = self.partial_of(&inode) {
+                p.truncate(&self.journal, size)?;
+                self.after_partial_change(&inode, &p)?;
+            } else {
+                match s.fh.and_then(|fh| self.handles.open_file(fh)) {
+                    Some(f) => f.set_len(size).ctx("ftruncate")?,
+                    None => loc
+                        .open(OFlags::WRONLY)
+                        .ctx("open for truncate")?
+                        .set_len(size)
+                        .ctx("truncate")?,
+                }
             }
         }
         if s.uid.is_some() || s.gid.is_some() {
