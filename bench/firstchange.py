@@ -8,7 +8,9 @@ For each size, a file of real data (no holes) is made in OLD; then, through a fr
 view (`--no-copy`: nothing copies the file meanwhile), each of these is timed from the system
 call to its return, page cache dropped before each:
   - `write`: open(O_WRONLY) plus one 4 KiB pwrite in the middle of the file (what a database
-    or a VM image does first); today the open copies the whole file into NEW before it returns;
+    or a VM image does first); since issue 25 the open makes a partial NEW file (no data) and
+    the write copies the chunk it touches (`prepare --chunk-size`, 1 MiB by default; a build
+    before that copied the whole file at the open);
   - `chmod`: chmod 0600 of the file (a metadata change: recorded, no data copied, since issue
     25's metacopy).
 The same calls on the plain directory are the floor. With `--fio SIZE` (issue 25's job: 2G),

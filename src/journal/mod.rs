@@ -137,6 +137,9 @@ pub struct PartialFile {
     /// Bytes from offset 0 that may still be OLD's: OLD's size, lowered by every truncate
     /// below it. Chunks at or past it hold NEW's bytes only.
     pub extent: u64,
+    /// NEW's file handle of the file: the record is that file's, never another file's that
+    /// NEW gave the same inode number after a crash lost this one before its name.
+    pub handle: Vec<u8>,
 }
 
 /// Chunks one chunk-map record covers (a 512-byte bitmap): a 10 TiB file in 1 MiB chunks is

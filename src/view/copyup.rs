@@ -523,6 +523,7 @@ impl View {
                     old: Fingerprint::of(&st),
                     chunk: self.chunk_size(),
                     extent: size,
+                    handle: self.new_identity(tmp.as_fd())?,
                 },
                 src,
             )),

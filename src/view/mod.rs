@@ -302,6 +302,7 @@ impl View {
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
+        view.drop_stale_partials()?;
         Ok(view)
     }
 

@@ -29,7 +29,7 @@ use super::inode::Inode;
 use crate::journal::{Batch, CHUNKS_PER_SEGMENT, Fingerprint, PartialFile, Records};
 use crate::store::copy::Tick;
 use crate::store::posix;
-use crate::view::error::{Context, Result, errno_err};
+use crate::view::error::{Context, Error, Result, errno_err};
 
 /// Chunks hydrated between two fdatasyncs of NEW's file (and one journal write of their marks).
 const HYDRATE_BATCH_BYTES: u64 = 64 << 20;
@@ -619,8 +619,10 @@ impl View {
     /// Whether the first data change of OLD file `st` (open as `src`) makes a partial copy:
     /// a file bigger than one chunk, OLD and NEW both POSIX, not one of several OLD names.
     pub(crate) fn partial_eligible(&self, st: &rustix::fs::Stat, posix_old: bool) -> bool {
+        // (NEW's file handles bind the record to its file: see `PartialFile::handle`.)
         self.chunk > 0
             && posix_old
+            && self.caps.handles
             && !self.s3_new.load(Ordering::Acquire)
             && st.st_nlink == 1
             && st.st_size as u64 > self.chunk
@@ -664,7 +666,7 @@ impl View {
             .open(rustix::fs::OFlags::RDWR)
             .ctx("open a partly copied NEW file")?;
         let nst = posix::stat_fd(new.as_fd()).ctx("fstat NEW file")?;
-        if (nst.st_dev, nst.st_ino) != (dev, ino) {
+        if (nst.st_dev, nst.st_ino) != (dev, ino) || !self.partial_record_is_its_file(&rec)? {
             return Ok(None);
         }
         let new_size = nst.st_size as u64;
@@ -697,6 +699,49 @@ impl View {
             tracing::error!(error = %e, "a partly copied file");
         }
         Ok(Some(p))
+    }
+
+    /// Whether NEW's file the record names by handle still exists (a record a crash left
+    /// for a copy that never got its name does not: its inode was freed, and a file NEW
+    /// numbers alike later has another generation, so its handle is stale).
+    fn partial_record_is_its_file(&self, rec: &PartialFile) -> Result<bool> {
+        match posix::open_by_handle(self.new.root(), &rec.handle) {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ESTALE | libc::ENOENT | libc::EINVAL)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(Error::Store {
+                op: "open a partly copied NEW file by handle",
+                source: e,
+            }),
+        }
+    }
+
+    /// At mount: drop the records of partial copies that never got their name in NEW (a
+    /// crash between the record and the name), so they neither hold commit back nor ever
+    /// apply to another file.
+    pub(crate) fn drop_stale_partials(&self) -> Result<()> {
+        for (dev, ino, rec) in self.journal.partials()? {
+            if !self.partial_record_is_its_file(&rec)? {
+                tracing::info!(
+                    path = %String::from_utf8_lossy(&rec.origin),
+                    "a partial copy a crash left without a name in NEW: its record is dropped \
+                     (the file is still OLD's)"
+                );
+                let segs = self.journal.partial(dev, ino)?.map_or(1, |(_, bits)| {
+                    bits.len().div_ceil((CHUNKS_PER_SEGMENT / 8) as usize) as u64
+                });
+                let mut b = Batch::new();
+                b.clear_partial(dev, ino, segs.max(1));
+                self.journal.commit(b, true)?;
+            }
+        }
+        Ok(())
     }
 
     /// A partial file with no chunk absent is an ordinary NEW file again: its record goes and
