@@ -1381,6 +1381,51 @@ mod tests {
     }
 
     #[test]
+    fn partial_files_and_their_chunk_maps_survive_reopen_and_go_whole() {
+        let kv: Arc<dyn Journal> = Arc::new(mem::MemJournal::default());
+        let j = Records::new(kv.clone()).unwrap();
+        let rec = PartialFile {
+            origin: b"big.bin".to_vec(),
+            old: Fingerprint::default(),
+            chunk: 4096,
+            extent: 4096 * 5000 + 1,
+            handle: vec![1, 2, 3],
+        };
+        assert!(!j.has_partial(9, 10));
+        let mut b = Batch::new();
+        b.partial(9, 10, &rec);
+        j.commit(b, true).unwrap();
+        // Chunk 3 and chunk 4097 (the second segment).
+        let mut seg0 = vec![0u8; 512];
+        seg0[0] = 1 << 3;
+        let mut seg1 = vec![0u8; 512];
+        seg1[0] = 1 << 1;
+        let mut b = Batch::new();
+        b.chunks(9, 10, 0, &seg0).chunks(9, 10, 1, &seg1);
+        j.commit(b, false).unwrap();
+        // Another file's records stay apart.
+        let mut b = Batch::new();
+        b.partial(9, 11, &rec);
+        j.commit(b, false).unwrap();
+        let again = Records::new(kv.clone()).unwrap();
+        assert!(again.has_partial(9, 10) && again.has_partial(9, 11));
+        assert_eq!(again.partial_count(), 2);
+        let (got, bits) = again.partial(9, 10).unwrap().unwrap();
+        assert_eq!(got, rec);
+        assert_eq!(bits.len(), 1024);
+        assert_eq!((bits[0], bits[512]), (1 << 3, 1 << 1));
+        assert_eq!(again.partial_progress().unwrap(), (2, 2, 2 * 5001));
+        let mut b = Batch::new();
+        b.clear_partial(9, 10, 2);
+        again.commit(b, false).unwrap();
+        assert!(!again.has_partial(9, 10));
+        assert!(again.partial(9, 10).unwrap().is_none());
+        let last = Records::new(kv).unwrap();
+        assert_eq!(last.partials().unwrap().len(), 1);
+        assert_eq!(last.partial_progress().unwrap(), (1, 0, 5001));
+    }
+
+    #[test]
     fn base64_roundtrip() {
         for len in 0..40 {
             let v: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
