@@ -13,7 +13,11 @@ call to its return, page cache dropped before each:
     before that copied the whole file at the open);
   - `chmod`: chmod 0600 of the file (a metadata change: recorded, no data copied, since issue
     25's metacopy).
-The same calls on the plain directory are the floor. With `--fio SIZE` (issue 25's job: 2G),
+The same calls on the plain directory are the baseline. `cbw floor` is the least any durable
+copy-before-write of a 1 MiB chunk must do on this machine, without FUSE or a journal: the
+open makes a sparse file of OLD's size (O_TMPFILE, ftruncate, fsync, linkat, fsync of the
+directory), the write reads the chunk from OLD, writes and fdatasyncs it, then writes the
+4 KiB (same page-cache drop before it). With `--fio SIZE` (issue 25's job: 2G),
 also an fio job on an OLD-only file of SIZE through a fresh view: 4 KiB random writes, QD1,
 `--fio-secs` (30) seconds, its IOPS and p99 completion latency against the plain directory
 (fio opens the file before its clock starts: the copy-up an open makes is not in these rows). Several ferryfs builds can be compared
@@ -84,6 +88,36 @@ def timed_chmod(path):
     t = time.perf_counter()
     os.chmod(path, 0o600)
     return time.perf_counter() - t
+
+
+def timed_floor(old_file, scratch, size):
+    """The copy-before-write floor (see the module doc): seconds for the open and the write."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    d = os.path.join(scratch, "floor")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    drop_caches()
+    t = time.perf_counter()
+    o = os.open(old_file, os.O_RDONLY)
+    fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o600)
+    os.ftruncate(fd, size)
+    os.fsync(fd)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    if libc.linkat(fd, b"", dfd, b"w.bin", 0x1000) != 0:  # AT_EMPTY_PATH
+        raise OSError(ctypes.get_errno(), "linkat")
+    os.fsync(dfd)
+    os.close(dfd)
+    off = size // 2 // MIB * MIB
+    chunk = os.pread(o, MIB, off)
+    os.pwrite(fd, chunk, off)
+    os.fdatasync(fd)
+    os.pwrite(fd, b"x" * 4096, size // 2)
+    el = time.perf_counter() - t
+    os.close(fd)
+    os.close(o)
+    shutil.rmtree(d, ignore_errors=True)
+    return el
 
 
 def one_round(binary, old, scratch, size):
@@ -166,7 +200,7 @@ def main():
             os.makedirs(old)
             for n in ("w.bin", "c.bin"):
                 make_file(os.path.join(old, n), size)
-            plain = {"write": [], "chmod": []}
+            plain = {"write": [], "chmod": [], "floor": []}
             got = {name: {"write": [], "chmod": []} for name, _ in bins}
             for r in range(a.reps):
                 # The plain directory: a scratch copy would cost as much as a copy-up, so the
@@ -174,6 +208,7 @@ def main():
                 plain["write"].append(timed_write(os.path.join(old, "w.bin"), size))
                 plain["chmod"].append(timed_chmod(os.path.join(old, "c.bin")))
                 os.chmod(os.path.join(old, "c.bin"), 0o644)
+                plain["floor"].append(timed_floor(os.path.join(old, "w.bin"), scratch, size))
                 for name, b in bins:
                     w, c = one_round(b, old, os.path.join(scratch, "run"), size)
                     got[name]["write"].append(w)
@@ -181,13 +216,14 @@ def main():
                     print(f"[firstchange] {s} round {r + 1} {name}: write {w * 1e3:.2f} ms, chmod {c * 1e3:.2f} ms",
                           file=sys.stderr)
             med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
-            row = [s, f"{med(plain['write']):.2f}", f"{med(plain['chmod']):.2f}"]
+            row = [s, f"{med(plain['write']):.2f}", f"{med(plain['chmod']):.2f}",
+                   f"{med(plain['floor']):.2f}"]
             for name, _ in bins:
                 row += [f"{med(got[name]['write']):.2f}", f"{med(got[name]['chmod']):.2f}"]
             rows.append(row)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    head = ["size", "plain write", "plain chmod"]
+    head = ["size", "plain write", "plain chmod", "cbw floor write"]
     for name, _ in bins:
         head += [f"{name} write", f"{name} chmod"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
