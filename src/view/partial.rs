@@ -209,16 +209,7 @@ impl Partial {
             };
             let len = (hole - at) as usize;
             buf.resize(len, 0);
-            self.old
-                .read_exact_at(&mut buf[..len], at)
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        std::io::Error::from_raw_os_error(libc::EIO)
-                    } else {
-                        e
-                    }
-                })
-                .ctx("read OLD chunk")?;
+            self.read_old(&mut buf[..len], at)?;
             self.new
                 .write_all_at(&buf[..len], at)
                 .ctx("write chunk into NEW")?;
@@ -255,6 +246,21 @@ impl Partial {
         }
     }
 
+    /// OLD's bytes at `at`, exactly: OLD's file shorter than the record says (changed behind
+    /// the view) is EIO, never a short read taken for the file's end.
+    fn read_old(&self, out: &mut [u8], at: u64) -> Result<()> {
+        self.old
+            .read_exact_at(out, at)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::from_raw_os_error(libc::EIO)
+                } else {
+                    e
+                }
+            })
+            .ctx("read OLD chunk")
+    }
+
     /// Journal the chunk-map records covering chunks `cs` (already set in `m`).
     fn journal_marks(&self, journal: &Records, m: &Map, cs: &[u64]) -> Result<()> {
         if self.detached.load(Ordering::Acquire) || cs.is_empty() {
@@ -284,23 +290,16 @@ impl Partial {
         }
         let m = self.map();
         let mut at = offset;
+        let mut from_old = false;
         while at < end {
             let c = at / self.chunk;
             let piece_end = ((c + 1) * self.chunk).min(end);
             let out = &mut buf[(at - offset) as usize..(piece_end - offset) as usize];
             if m.absent(c, self.chunk) && at < m.extent {
+                from_old = true;
                 let old_end = piece_end.min(m.extent);
                 let n = (old_end - at) as usize;
-                self.old
-                    .read_exact_at(&mut out[..n], at)
-                    .map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            std::io::Error::from_raw_os_error(libc::EIO)
-                        } else {
-                            e
-                        }
-                    })
-                    .ctx("read OLD chunk")?;
+                self.read_old(&mut out[..n], at)?;
                 if n < out.len() {
                     read_full_at(&self.new, &mut out[n..], old_end)?;
                 }
@@ -310,8 +309,10 @@ impl Partial {
             at = piece_end;
         }
         drop(m);
-        // A change of OLD's file shows here rather than as a mix of two versions.
-        self.check_old()?;
+        if from_old {
+            // A change of OLD's file shows here rather than as a mix of two versions.
+            self.check_old()?;
+        }
         Ok((end - offset) as usize)
     }
 
@@ -379,6 +380,20 @@ impl Partial {
     ) -> Result<()> {
         self.last_write
             .store(WRITES.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        if !append {
+            // Every chunk the write touches is NEW's already: no copy, no mark, and no need
+            // to keep reads of other chunks (or hydration of absent ones) waiting.
+            let m = self.map();
+            let len = data.len() as u64;
+            let touches_old = len > 0
+                && offset < m.extent
+                && (offset / self.chunk..=(offset + len - 1) / self.chunk)
+                    .any(|c| m.absent(c, self.chunk));
+            if !touches_old {
+                self.new.write_all_at(data, offset).ctx("write")?;
+                return Ok(());
+            }
+        }
         let mut m = self.map_mut();
         let offset = if append {
             posix::stat_fd(self.new.as_fd())
@@ -594,6 +609,11 @@ impl Partial {
     }
 }
 
+/// Chunk-map records a map of `bytes` bytes spans.
+fn segments(bytes: usize) -> u64 {
+    bytes.div_ceil((CHUNKS_PER_SEGMENT / 8) as usize) as u64
+}
+
 /// Read exactly `out.len()` bytes at `at`; bytes past the end of the file read as zeros.
 fn read_full_at(f: &File, out: &mut [u8], at: u64) -> Result<()> {
     let mut done = 0;
@@ -733,9 +753,10 @@ impl View {
                     "a partial copy a crash left without a name in NEW: its record is dropped \
                      (the file is still OLD's)"
                 );
-                let segs = self.journal.partial(dev, ino)?.map_or(1, |(_, bits)| {
-                    bits.len().div_ceil((CHUNKS_PER_SEGMENT / 8) as usize) as u64
-                });
+                let segs = self
+                    .journal
+                    .partial(dev, ino)?
+                    .map_or(1, |(_, bits)| segments(bits.len()));
                 let mut b = Batch::new();
                 b.clear_partial(dev, ino, segs.max(1));
                 self.journal.commit(b, true)?;
@@ -760,11 +781,7 @@ impl View {
         if p.detached.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let segs = p
-            .map()
-            .bits
-            .len()
-            .div_ceil((CHUNKS_PER_SEGMENT / 8) as usize) as u64;
+        let segs = segments(p.map().bits.len());
         let mut b = Batch::new();
         b.clear_partial(p.key.0, p.key.1, segs.max(1));
         self.journal.commit(b, false)?;
@@ -781,19 +798,14 @@ impl View {
         let segs = match inode.and_then(|i| i.node().partial.clone()) {
             Some(p) => {
                 p.detached.store(true, Ordering::Release);
-                p.map()
-                    .bits
-                    .len()
-                    .div_ceil((CHUNKS_PER_SEGMENT / 8) as usize) as u64
+                segments(p.map().bits.len())
             }
             None => self
                 .journal
                 .partial(dev, ino)
                 .ok()
                 .flatten()
-                .map_or(1, |(_, bits)| {
-                    bits.len().div_ceil((CHUNKS_PER_SEGMENT / 8) as usize) as u64
-                }),
+                .map_or(1, |(_, bits)| segments(bits.len())),
         };
         self.partials
             .lock()
