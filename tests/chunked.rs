@@ -354,3 +354,58 @@ fn abort_writes_back_only_the_changed_chunks_of_a_partly_copied_file() {
         "abort's report: {out}"
     );
 }
+
+/// OLD's file changed behind the view while the file is partly copied: the chunks still in
+/// OLD are no longer the file's. Reads of them fail with EIO (never a mix of two versions),
+/// the chunks NEW holds still read, the copier lists the file with its cause, and commit
+/// refuses; nothing is lost silently.
+#[test]
+fn old_changed_behind_a_partly_copied_file_fails_loudly_and_commit_refuses() {
+    let mut f = Fixture::new();
+    let model = data_file(&f.old.join("big.bin"), 1 << 20, 9);
+    prepare_chunked(&f, "64k");
+    f.mount();
+    let patch = Rng(5).bytes(100);
+    {
+        let w = fs::OpenOptions::new()
+            .write(true)
+            .open(f.v("big.bin"))
+            .unwrap();
+        w.write_all_at(&patch, 10).unwrap();
+    }
+    assert_eq!(f.status_json()["partial"]["files"], 1);
+    // Behind the view: OLD's file rewritten in place (a new mtime).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    {
+        let o = fs::OpenOptions::new()
+            .write(true)
+            .open(f.old.join("big.bin"))
+            .unwrap();
+        o.write_all_at(b"changed in OLD", 500_000).unwrap();
+    }
+    let r = fs::File::open(f.v("big.bin")).unwrap();
+    // The chunk NEW holds still reads, with the view's change.
+    let mut head = vec![0u8; 110];
+    r.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head[..10], &model[..10]);
+    assert_eq!(&head[10..110], &patch[..]);
+    // A chunk still in OLD does not.
+    let mut buf = vec![0u8; 4096];
+    let err = r.read_exact_at(&mut buf, 600_000).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(r);
+    let out = f.cmd("execute", &["--wait"]);
+    assert!(!out.status.success(), "execute --wait succeeded");
+    let st = f.status_json();
+    let errors = st["errors"].as_array().expect("errors list");
+    assert!(
+        errors.iter().any(|e| e["path"]
+            .as_str()
+            .is_some_and(|p| p.trim_start_matches('/') == "big.bin")
+            && e["error"].as_str().is_some_and(|m| m.contains("changed behind the view"))),
+        "status does not name big.bin and the cause: {st}"
+    );
+    assert_eq!(st["partial"]["files"], 1, "{st}");
+    let commit = f.cmd("commit", &[]);
+    assert!(!commit.status.success(), "commit went ahead");
+}
