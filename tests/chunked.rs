@@ -49,6 +49,11 @@ fn data_file(p: &Path, len: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+fn drop_caches() {
+    rustix::fs::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
 fn prepare_chunked(f: &Fixture, chunk: &str) {
     ok(f.cmd_prepare_with(&["--chunk-size".as_ref(), chunk.as_ref()]));
 }
@@ -105,6 +110,16 @@ fn a_write_into_a_big_old_file_copies_only_the_chunks_it_touches() {
     assert_eq!(hole, 8 << 20, "a partial file shows no holes");
     r.seek(SeekFrom::Start(0)).unwrap();
     drop(r);
+    // Served by the daemon while partial (its bytes are NEW's and OLD's).
+    let (r0, _) = daemon_io(&f);
+    drop_caches();
+    assert_same(&f.v("big.bin"), &model, "the view, read cold");
+    let (r1, _) = daemon_io(&f);
+    assert!(
+        r1 - r0 >= 4 << 20,
+        "a partial file's read did not go through the daemon ({} bytes)",
+        r1 - r0
+    );
     // Not committed while chunks are only in OLD.
     let out = f.cmd("commit", &[]);
     assert!(!out.status.success(), "commit of a partial file succeeded");
@@ -113,7 +128,16 @@ fn a_write_into_a_big_old_file_copies_only_the_chunks_it_touches() {
     let st = f.status_json();
     assert_eq!(st["partial"]["files"], 0, "status after execute: {st}");
     assert_same(&f.new.join("big.bin"), &model, "NEW after hydration");
+    // Whole again: an ordinary NEW file, which the kernel reads itself (passthrough).
+    drop_caches();
+    let (r0, _) = daemon_io(&f);
     assert_same(&f.v("big.bin"), &model, "the view after hydration");
+    let (r1, _) = daemon_io(&f);
+    assert!(
+        r1 - r0 < 1 << 20,
+        "a hydrated file's read went through the daemon ({} bytes): no passthrough",
+        r1 - r0
+    );
     ok(f.cmd("verify", &["--checksum"]));
     f.unmount();
     ok(f.cmd("commit", &[]));
@@ -402,7 +426,9 @@ fn old_changed_behind_a_partly_copied_file_fails_loudly_and_commit_refuses() {
         errors.iter().any(|e| e["path"]
             .as_str()
             .is_some_and(|p| p.trim_start_matches('/') == "big.bin")
-            && e["error"].as_str().is_some_and(|m| m.contains("changed behind the view"))),
+            && e["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("changed behind the view"))),
         "status does not name big.bin and the cause: {st}"
     );
     assert_eq!(st["partial"]["files"], 1, "{st}");

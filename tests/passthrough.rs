@@ -12,19 +12,6 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-/// Bytes the daemon has read and written through system calls so far.
-fn daemon_io(f: &Fixture) -> (u64, u64) {
-    let pid = f.daemon_pid().expect("daemon running");
-    let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-    let field = |k: &str| -> u64 {
-        io.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {k} in /proc/{pid}/io"))
-    };
-    (field("rchar:"), field("wchar:"))
-}
-
 /// Write 32 MiB to a new file and read it back through the view; what the daemon moved.
 fn write_and_read_back(f: &Fixture, name: &str) -> (u64, u64) {
     let data: Vec<u8> = (0..32 * MIB).map(|i| (i % 251) as u8).collect();

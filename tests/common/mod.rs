@@ -665,3 +665,16 @@ pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     }
     out
 }
+
+/// Bytes the daemon serving `f` has read and written (/proc/PID/io).
+pub fn daemon_io(f: &Fixture) -> (u64, u64) {
+    let pid = f.daemon_pid().expect("daemon running");
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let field = |k: &str| -> u64 {
+        io.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in /proc/{pid}/io"))
+    };
+    (field("rchar:"), field("wchar:"))
+}
