@@ -778,3 +778,83 @@ fn a_bucket_server_that_goes_away_mid_read_fails_reads_with_eio_and_the_daemon_s
     ok(f.cmd("status", &[]));
     ok(ferryfs(&["unmount".as_ref(), f.mnt.as_os_str()]));
 }
+
+/// Copy-before-write by chunk out of a bucket (issue 25): a write into a big object copies
+/// only the chunks it touches (ranged GETs), reads of the rest are ranged GETs too, the copier
+/// fills the file in, commit leaves NEW exactly the view; an object replaced behind the view
+/// while the file is partly copied fails its OLD chunks' reads (ETag-conditional GETs), and
+/// abort into the bucket writes the view's bytes.
+#[test]
+fn a_write_into_a_big_object_copies_only_the_chunks_it_touches() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let g = server();
+    g.bucket("s3-old-chunks");
+    let s = store("s3-old-chunks");
+    let mut model = pattern(3 << 20, 7);
+    s.put("big", model.clone(), &PosixMeta::default()).unwrap();
+    s.put("other", pattern(2 << 20, 3), &PosixMeta::default())
+        .unwrap();
+    let mut f = Fixture::new();
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        "s3://s3-old-chunks".as_ref(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        "--chunk-size".as_ref(),
+        "256k".as_ref(),
+    ]));
+    f.mount();
+    let w = fs::OpenOptions::new().write(true).open(f.v("big")).unwrap();
+    w.write_all_at(b"written through the view", 1_000_000)
+        .unwrap();
+    drop(w);
+    model[1_000_000..1_000_024].copy_from_slice(b"written through the view");
+    let n = fs::metadata(f.new.join("big")).unwrap();
+    assert_eq!(n.len(), 3 << 20);
+    assert!(
+        n.blocks() * 512 <= 2 * (256 << 10),
+        "NEW holds {} bytes for one small write",
+        n.blocks() * 512
+    );
+    assert!(fs::read(f.v("big")).unwrap() == model, "the view's bytes");
+    assert_eq!(f.status_json()["partial"]["files"], 1);
+    // `other`: partly copied, then replaced in the bucket behind the view.
+    let w = fs::OpenOptions::new()
+        .write(true)
+        .open(f.v("other"))
+        .unwrap();
+    w.write_all_at(b"x", 0).unwrap();
+    drop(w);
+    s.put("other", pattern(2 << 20, 99), &PosixMeta::default())
+        .unwrap();
+    // Its chunks still in OLD read as the version the copy began at (what the reader
+    // fetched at that ETag), or fail: never the new object's bytes.
+    let r = fs::File::open(f.v("other")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    match r.read_exact_at(&mut buf, 1 << 20) {
+        Ok(()) => assert!(
+            buf[..] == pattern(2 << 20, 3)[1 << 20..(1 << 20) + 4096],
+            "a replaced object's chunk read showed other bytes"
+        ),
+        Err(e) => assert!(
+            matches!(e.raw_os_error(), Some(libc::ESTALE | libc::EIO)),
+            "a replaced object's chunk read: {e}"
+        ),
+    }
+    drop(r);
+    // (Its chunks still in OLD are lost: removing it through the view settles it.)
+    fs::remove_file(f.v("other")).unwrap();
+    assert_eq!(f.status_json()["partial"]["files"], 1);
+    f.unmount();
+    // Abort into the bucket: `big` is the view's bytes there.
+    let out = ok(f.cmd("abort", &["--keep-new"]));
+    println!("{out}");
+    let o = s.head("big").unwrap().unwrap();
+    let got = ferryfs::store::s3::ObjectReader::new(s.clone(), o, 1 << 20)
+        .read_at(0, 4 << 20)
+        .unwrap();
+    assert!(got == model, "the bucket's `big` after abort");
+}

@@ -140,6 +140,9 @@ pub struct PartialFile {
     /// NEW's file handle of the file: the record is that file's, never another file's that
     /// NEW gave the same inode number after a crash lost this one before its name.
     pub handle: Vec<u8>,
+    /// An S3 OLD's object: the ETag the chunks are read at (every GET is conditional on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// Chunks one chunk-map record covers (a 512-byte bitmap): a 10 TiB file in 1 MiB chunks is
@@ -1390,6 +1393,7 @@ mod tests {
             chunk: 4096,
             extent: 4096 * 5000 + 1,
             handle: vec![1, 2, 3],
+            etag: None,
         };
         assert!(!j.has_partial(9, 10));
         let mut b = Batch::new();

@@ -477,6 +477,9 @@ fn view_entry(view: &View, path: &str) -> Result<Option<Arc<Inode>>> {
 }
 
 fn put_from_new(view: &View, tree: &Arc<S3Tree>, inode: &Arc<Inode>, path: &str) -> Result<()> {
+    // A file partly copied into NEW: its chunks still in OLD first (an object is written
+    // whole).
+    view.hydrate_partial(inode)?;
     let src = view
         .backing(inode)
         .ok_or_else(|| crate::view::error::errno_err("entry has no backing", libc::ENOENT))?;

@@ -72,8 +72,9 @@ struct Made<'a> {
     origin: &'a [u8],
     /// The metadata change made through the view that the copy carries.
     change: Option<crate::journal::MetaChange>,
-    /// A partial copy (no data yet: copy-before-write by chunk): its record, and OLD's file.
-    partial: Option<(crate::journal::PartialFile, File)>,
+    /// A partial copy (no data yet: copy-before-write by chunk): its record, and OLD's file
+    /// or object.
+    partial: Option<(crate::journal::PartialFile, crate::store::Source)>,
 }
 
 /// The copy just linked as `name` in `dir` must be there, as the inode it is (`tst`): a file
@@ -431,10 +432,7 @@ impl View {
         // Metadata the view changed while the data was OLD's only: the copy carries it.
         let change = self.meta_change_of(inode);
         // A change of a big file's data through the view: no data now, chunk by chunk later.
-        let partial = !background && data && group.is_none() && {
-            let posix_old = src.is_some();
-            self.partial_eligible(&st, posix_old)
-        };
+        let partial = !background && data && group.is_none() && self.partial_eligible(&st);
         // The copier's plain files are named later, with their batch: they are created with
         // their final permission bits, and owner and mode are fixed then only if they differ.
         let deferred = defer.is_some() && group.is_none() && change.is_none();
@@ -516,18 +514,28 @@ impl View {
             }
         }
 
-        let partial = match (partial, src) {
-            (true, Some(src)) => Some((
+        let partial = if partial {
+            let source = match src {
+                Some(f) => crate::store::Source::File(Arc::new(f)),
+                // The object at the ETag its stat was made from: ranged GETs conditional on it.
+                None => old.loc.open_source(OFlags::RDONLY).ctx("open OLD object")?,
+            };
+            Some((
                 crate::journal::PartialFile {
                     origin: old.path.clone(),
                     old: Fingerprint::of(&st),
                     chunk: self.chunk_size(),
                     extent: size,
                     handle: self.new_identity(tmp.as_fd())?,
+                    etag: obj
+                        .as_ref()
+                        .and_then(|e| e.object.as_ref())
+                        .map(|o| o.etag.clone()),
                 },
-                src,
-            )),
-            _ => None,
+                source,
+            ))
+        } else {
+            None
         };
         self.name_copy(
             inode,

@@ -28,7 +28,7 @@ use super::View;
 use super::inode::Inode;
 use crate::journal::{Batch, CHUNKS_PER_SEGMENT, Fingerprint, PartialFile, Records};
 use crate::store::copy::Tick;
-use crate::store::posix;
+use crate::store::{Source, posix};
 use crate::view::error::{Context, Error, Result, errno_err};
 
 /// Chunks hydrated between two fdatasyncs of NEW's file (and one journal write of their marks).
@@ -44,8 +44,9 @@ pub(crate) struct Partial {
     pub(crate) chunk: u64,
     /// What the journal records (its extent follows `map`).
     rec: PartialFile,
-    /// OLD's file, open read-only: the absent chunks' bytes.
-    old: File,
+    /// OLD's file, open read-only, or an S3 OLD's object (read by ranged GETs conditional on
+    /// the ETag it was opened at): the absent chunks' bytes.
+    old: Source,
     /// NEW's file, open read-write (never O_APPEND): every read and write of the file's
     /// bytes goes through it, under the map's lock.
     new: File,
@@ -122,7 +123,7 @@ pub struct ChunkProgress {
 
 impl Partial {
     /// The partial file of journal record `rec`, with OLD's file `old` and chunk map `bits`.
-    fn new(key: (u64, u64), rec: PartialFile, old: File, new: File, bits: Vec<u8>) -> Partial {
+    fn new(key: (u64, u64), rec: PartialFile, old: Source, new: File, bits: Vec<u8>) -> Partial {
         let mut map = Map {
             extent: rec.extent,
             bits,
@@ -166,7 +167,11 @@ impl Partial {
     /// OLD's file must still be the one the record names, with the same data: chunks read
     /// from it are the file's bytes only then.
     fn check_old(&self) -> Result<()> {
-        let st = posix::stat_fd(self.old.as_fd()).ctx("stat OLD file")?;
+        let Source::File(old) = &self.old else {
+            // An object is read at its ETag: one replaced fails its reads with ESTALE.
+            return Ok(());
+        };
+        let st = posix::stat_fd(old.as_fd()).ctx("stat OLD file")?;
         let now = Fingerprint::of(&st);
         let was = *self.old_fp.lock().unwrap_or_else(|p| p.into_inner());
         if (now.dev, now.ino, now.size, now.mtime) != (was.dev, was.ino, was.size, was.mtime) {
@@ -192,20 +197,27 @@ impl Partial {
         let mut at = start;
         let mut copied = 0;
         while at < end {
-            let data = match rustix::fs::seek(&self.old, rustix::fs::SeekFrom::Data(at)) {
-                Ok(d) => d.min(end),
-                Err(rustix::io::Errno::NXIO) => end,
-                // (A file system without SEEK_DATA: all data.)
-                Err(_) => at,
+            let data = match &self.old {
+                Source::File(old) => match rustix::fs::seek(old, rustix::fs::SeekFrom::Data(at)) {
+                    Ok(d) => d.min(end),
+                    Err(rustix::io::Errno::NXIO) => end,
+                    // (A file system without SEEK_DATA: all data.)
+                    Err(_) => at,
+                },
+                // An object is all data.
+                Source::Object(_) => at,
             };
             if data > at {
                 self.zero_range(at, data - at, buf)?;
                 at = data;
                 continue;
             }
-            let hole = match rustix::fs::seek(&self.old, rustix::fs::SeekFrom::Hole(at)) {
-                Ok(h) => h.clamp(at + 1, end),
-                Err(_) => end,
+            let hole = match &self.old {
+                Source::File(old) => match rustix::fs::seek(old, rustix::fs::SeekFrom::Hole(at)) {
+                    Ok(h) => h.clamp(at + 1, end),
+                    Err(_) => end,
+                },
+                Source::Object(_) => end,
             };
             let len = (hole - at) as usize;
             buf.resize(len, 0);
@@ -249,16 +261,21 @@ impl Partial {
     /// OLD's bytes at `at`, exactly: OLD's file shorter than the record says (changed behind
     /// the view) is EIO, never a short read taken for the file's end.
     fn read_old(&self, out: &mut [u8], at: u64) -> Result<()> {
-        self.old
-            .read_exact_at(out, at)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    std::io::Error::from_raw_os_error(libc::EIO)
-                } else {
-                    e
-                }
-            })
-            .ctx("read OLD chunk")
+        let mut done = 0;
+        while done < out.len() {
+            let n = self
+                .old
+                .read_at(&mut out[done..], at + done as u64)
+                .ctx("read OLD chunk")?;
+            if n == 0 {
+                return Err(errno_err(
+                    "OLD's file is shorter than when its copy began (changed behind the view)",
+                    libc::EIO,
+                ));
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// Journal the chunk-map records covering chunks `cs` (already set in `m`).
@@ -638,10 +655,9 @@ impl View {
 
     /// Whether the first data change of OLD file `st` (open as `src`) makes a partial copy:
     /// a file bigger than one chunk, OLD and NEW both POSIX, not one of several OLD names.
-    pub(crate) fn partial_eligible(&self, st: &rustix::fs::Stat, posix_old: bool) -> bool {
+    pub(crate) fn partial_eligible(&self, st: &rustix::fs::Stat) -> bool {
         // (NEW's file handles bind the record to its file: see `PartialFile::handle`.)
         self.chunk > 0
-            && posix_old
             && self.caps.handles
             && !self.s3_new.load(Ordering::Acquire)
             && st.st_nlink == 1
@@ -663,7 +679,7 @@ impl View {
         &self,
         key: (u64, u64),
         rec: PartialFile,
-        old: File,
+        old: Source,
         new: File,
     ) -> Arc<Partial> {
         Arc::new(Partial::new(key, rec, old, new, Vec::new()))
@@ -700,7 +716,15 @@ impl View {
         let old = self
             .old
             .locate_path(&rec.origin, false)
-            .and_then(|(loc, _)| loc.open(rustix::fs::OFlags::RDONLY));
+            .and_then(|(loc, _)| {
+                // An object replaced since (another ETag) is no longer the file's data.
+                if let Some(e) = loc.object()
+                    && e.object.as_ref().map(|o| &o.etag) != rec.etag.as_ref()
+                {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+                }
+                loc.open_source(rustix::fs::OFlags::RDONLY)
+            });
         let old = match old {
             Ok(f) => f,
             Err(e) => {
@@ -711,7 +735,7 @@ impl View {
                      yet cannot be read"
                 );
                 // A stand-in that fails every check: /dev/null is no OLD file.
-                File::open("/dev/null").ctx("open /dev/null")?
+                Source::File(Arc::new(File::open("/dev/null").ctx("open /dev/null")?))
             }
         };
         let p = Arc::new(Partial::new((dev, ino), rec, old, new, bits));
@@ -888,6 +912,15 @@ impl View {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, inode.ino);
+    }
+
+    /// Copy every chunk of `inode` still OLD's now, if it is partly copied (abort into an S3
+    /// OLD, which writes objects whole).
+    pub fn hydrate_partial(&self, inode: &Inode) -> Result<()> {
+        match self.partial_of(inode) {
+            Some(p) => self.hydrate_now(inode, &p),
+            None => Ok(()),
+        }
     }
 
     /// Copy every chunk still OLD's now, unpaced (before a change that moves bytes).
