@@ -1011,3 +1011,48 @@ fn an_s3_new_that_refuses_directory_markers_holds_exactly_the_view_after_commit(
         "the publisher sent directory markers"
     );
 }
+
+/// Copy-before-write by chunk into an S3 NEW (issue 25): a write into a big OLD file copies
+/// only the chunks it touches into the staging tree; the publisher never uploads the file
+/// with holes for data (it waits while the file is partly copied), and once the copier has
+/// filled it in the bucket holds the view's bytes.
+#[test]
+fn an_s3_new_publishes_a_partly_copied_file_only_once_filled_in() {
+    use std::os::unix::fs::FileExt;
+    let bucket = "pairing-chunks";
+    let mut f = Fixture::new();
+    let mut model = pattern(4 << 20, 5);
+    fs::write(f.old.join("big"), &model).unwrap();
+    let new = new_arg(&f, Side::S3, bucket);
+    ok(prepare_with(
+        &f,
+        f.old.to_str().unwrap(),
+        &new,
+        &["--chunk-size", "256k"],
+    ));
+    f.mount();
+    let w = fs::OpenOptions::new().write(true).open(f.v("big")).unwrap();
+    w.write_all_at(b"through the view", 3_000_000).unwrap();
+    drop(w);
+    model[3_000_000..3_000_016].copy_from_slice(b"through the view");
+    assert_eq!(f.status_json()["partial"]["files"], 1);
+    // A pass of the publisher ran (it uploaded `small`): `big` is not in the bucket.
+    fs::write(f.v("small"), b"small").unwrap();
+    let s = store(bucket);
+    common::wait_for("the publisher to upload small", 30, || {
+        s.head("small").unwrap().is_some()
+    });
+    assert!(
+        s.head("big").unwrap().is_none(),
+        "a partly copied file was published"
+    );
+    ok(f.cmd("execute", &["--wait"]));
+    assert_eq!(f.status_json()["partial"]["files"], 0);
+    f.unmount();
+    ok(f.cmd("commit", &[]));
+    let t = tree_of_bucket(&s);
+    match t.get("big") {
+        Some(Entry::File { data, .. }) => assert!(*data == model, "the bucket's big"),
+        other => panic!("big in the bucket: {other:?}"),
+    }
+}

@@ -68,6 +68,9 @@ pub struct PassReport {
     pub errors: Vec<(String, String)>,
     /// The pass did not run to its end (abort, a takeover): nothing can be concluded.
     pub interrupted: bool,
+    /// Files partly copied into the staging tree, not published until the copier has filled
+    /// them in.
+    pub waiting: u64,
     /// How long the pass took to find what differs (its walk of the staging tree and the
     /// records), what every pass costs however little changed.
     #[serde(skip)]
@@ -77,7 +80,14 @@ pub struct PassReport {
 impl PassReport {
     /// The bucket held what the staging tree held: the pass had nothing to do.
     pub fn clean(&self) -> bool {
-        self.uploaded + self.copied + self.from_old + self.deleted + self.held + self.changed == 0
+        self.uploaded
+            + self.copied
+            + self.from_old
+            + self.deleted
+            + self.held
+            + self.changed
+            + self.waiting
+            == 0
             && self.errors.is_empty()
             && !self.interrupted
     }
@@ -414,6 +424,10 @@ impl Publisher {
                     return Ok(());
                 }
                 d.objects += 1;
+                // A file partly copied (its chunks still in OLD are holes here): published
+                // once the copier has filled it in, never with holes for data.
+                let partial_file =
+                    w.kind == Kind::File && self.journal.has_partial(w.dev, w.rec.ino);
                 while let Some((k, _)) = cursor.peek()? {
                     if *k >= w.key {
                         break;
@@ -436,7 +450,9 @@ impl Publisher {
                         add_source(&mut d.sources, &w.key, r);
                     }
                 }
-                if differs {
+                if partial_file {
+                    d.waiting += 1;
+                } else if differs {
                     d.todo.push((w, had));
                 }
                 Ok(())
@@ -475,9 +491,11 @@ impl Publisher {
             sources,
             objects,
             partial,
+            waiting,
         } = self.diff()?;
         report.walk = walk_began.elapsed();
         report.objects = objects;
+        report.waiting = waiting;
         // Keys new to the bucket are recorded `pending` first, in one durable batch: after a
         // crash (power loss included) no object can be there that the journal does not know.
         let mut b = Batch::new();
@@ -984,6 +1002,8 @@ struct Diff {
     objects: u64,
     /// The walk met an entry that vanished while it looked (renamed or removed meanwhile).
     partial: bool,
+    /// Files partly copied (copy-before-write by chunk): published once filled in.
+    waiting: u64,
 }
 
 impl Diff {

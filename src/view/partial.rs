@@ -657,11 +657,7 @@ impl View {
     /// a file bigger than one chunk, OLD and NEW both POSIX, not one of several OLD names.
     pub(crate) fn partial_eligible(&self, st: &rustix::fs::Stat) -> bool {
         // (NEW's file handles bind the record to its file: see `PartialFile::handle`.)
-        self.chunk > 0
-            && self.caps.handles
-            && !self.s3_new.load(Ordering::Acquire)
-            && st.st_nlink == 1
-            && st.st_size as u64 > self.chunk
+        self.chunk > 0 && self.caps.handles && st.st_nlink == 1 && st.st_size as u64 > self.chunk
     }
 
     /// (present, total) chunks of `inode`'s data, if it is partly copied.
@@ -809,6 +805,8 @@ impl View {
         let mut b = Batch::new();
         b.clear_partial(p.key.0, p.key.1, segs.max(1));
         self.journal.commit(b, false)?;
+        // An S3 NEW's publisher uploads it now.
+        self.note_edit();
         tracing::debug!(ino = inode.ino, "a partly copied file is whole in NEW");
         Ok(())
     }
