@@ -77,7 +77,10 @@ fn a_write_into_a_big_old_file_copies_only_the_chunks_it_touches() {
     let mut model = data_file(&f.old.join("big.bin"), 8 << 20, 7);
     fs::set_permissions(f.old.join("big.bin"), fs::Permissions::from_mode(0o640)).unwrap();
     prepare_chunked(&f, "64k");
-    f.mount();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy", "--metrics-addr", &addr]);
     // 4 KiB across the boundary of chunks 40 and 41.
     let at = 41 * 65536 - 2048;
     let patch = Rng(99).bytes(4096);
@@ -104,6 +107,16 @@ fn a_write_into_a_big_old_file_copies_only_the_chunks_it_touches() {
     assert_eq!(st["partial"]["chunks_present"], 2, "status: {st}");
     assert_eq!(st["partial"]["chunks_total"], 128, "status: {st}");
     assert_eq!(st["partial"]["chunk_size"], 65536, "status: {st}");
+    let (code, text) = http_get(port, "/metrics").expect("/metrics answers");
+    assert_eq!(code, 200);
+    let m = parse_metrics(&text);
+    for (series, want) in [
+        ("ferryfs_partial_files", 1.0),
+        ("ferryfs_partial_chunks_present", 2.0),
+        ("ferryfs_partial_chunks_total", 128.0),
+    ] {
+        assert_eq!(m.get(series), Some(&want), "/metrics {series}");
+    }
     // SEEK_HOLE sees no hole (NEW's holes are OLD's chunks).
     let mut r = fs::File::open(f.v("big.bin")).unwrap();
     let hole = rustix::fs::seek(&r, rustix::fs::SeekFrom::Hole(0)).unwrap();
@@ -127,6 +140,9 @@ fn a_write_into_a_big_old_file_copies_only_the_chunks_it_touches() {
     ok(f.cmd("execute", &["--wait"]));
     let st = f.status_json();
     assert_eq!(st["partial"]["files"], 0, "status after execute: {st}");
+    let m = parse_metrics(&http_get(port, "/metrics").expect("/metrics answers").1);
+    assert_eq!(m.get("ferryfs_partial_files"), Some(&0.0));
+    assert_eq!(m.get("ferryfs_partial_chunks_total"), Some(&0.0));
     assert_same(&f.new.join("big.bin"), &model, "NEW after hydration");
     // Whole again: an ordinary NEW file, which the kernel reads itself (passthrough).
     drop_caches();
