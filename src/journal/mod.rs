@@ -1092,6 +1092,17 @@ impl Records {
         Ok((files, present, total))
     }
 
+    /// The migration's chunk size of copy-before-write (`prepare --chunk-size`; 0: whole
+    /// files only), [`DEFAULT_CHUNK_SIZE`] when prepare recorded none.
+    pub fn chunk_size(&self) -> Result<u64> {
+        match self.kv.get(&meta_key(Meta::ChunkSize))? {
+            Some(v) => Ok(u64::from_le_bytes(v.as_slice().try_into().map_err(
+                |_| JournalError::Corrupt("the chunk size record is not 8 bytes".into()),
+            )?)),
+            None => Ok(DEFAULT_CHUNK_SIZE),
+        }
+    }
+
     /// How many files are partly OLD's (no journal read).
     pub fn partial_count(&self) -> u64 {
         self.partial_keys

@@ -309,10 +309,7 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
                 files,
                 chunks_present,
                 chunks_total,
-                chunk_size: journal
-                    .meta(Meta::ChunkSize)?
-                    .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
-                    .unwrap_or(crate::journal::DEFAULT_CHUNK_SIZE),
+                chunk_size: journal.chunk_size()?,
             }
         },
         tombstones: counts.tombstones,

@@ -311,7 +311,7 @@ impl View {
                     "open OLD file"
                 })?,
         };
-        let partial = if on_new {
+        let mut partial = if on_new {
             self.partial_of(&inode)
         } else {
             None
@@ -323,6 +323,8 @@ impl View {
                         Some(p) => {
                             p.truncate(&self.journal, 0)?;
                             self.after_partial_change(&inode, p)?;
+                            // (Cut to nothing, the file is whole: an ordinary NEW file.)
+                            partial = None;
                         }
                         None => file.set_len(0).ctx("truncate on open")?,
                     }
@@ -346,7 +348,7 @@ impl View {
         };
         // A partly copied file's bytes are NEW's and OLD's: the daemon serves them (no
         // passthrough to NEW's file, which has holes where OLD's chunks are).
-        let file = if self.partial_of(&inode).is_some() {
+        let file = if partial.is_some() {
             None
         } else {
             src.file().cloned()
@@ -513,29 +515,11 @@ impl View {
                         && self.partial_of(&h.inode).is_some() =>
                 {
                     let size = posix::stat_fd(f.as_fd()).ctx("fstat")?.st_size;
-                    return match whence {
-                        _ if offset >= size => {
-                            Err(Error::refused(libc::ENXIO, "lseek past the end"))
-                        }
-                        libc::SEEK_DATA => Ok(offset),
-                        _ => Ok(size),
-                    };
+                    return seek_without_holes(size, offset, whence);
                 }
                 Source::File(f) => f,
                 // An object is all data, no holes.
-                Source::Object(o) => {
-                    let size = o.info.size as i64;
-                    return match whence {
-                        libc::SEEK_DATA if offset < size => Ok(offset),
-                        libc::SEEK_HOLE if offset < size => Ok(size),
-                        libc::SEEK_DATA | libc::SEEK_HOLE => {
-                            Err(Error::refused(libc::ENXIO, "lseek past the end"))
-                        }
-                        libc::SEEK_SET => Ok(offset),
-                        libc::SEEK_END => Ok(size + offset),
-                        _ => Err(Error::refused(libc::EINVAL, "lseek whence")),
-                    };
-                }
+                Source::Object(o) => return seek_without_holes(o.info.size as i64, offset, whence),
             };
             let pos = match whence {
                 libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
@@ -554,6 +538,18 @@ impl View {
         if self.handles.remove(fh) {
             self.note_edit();
         }
+    }
+}
+
+/// lseek in a file of `size` bytes that is all data (an S3 object, a partly copied file).
+fn seek_without_holes(size: i64, offset: i64, whence: i32) -> Result<i64> {
+    match whence {
+        libc::SEEK_DATA if offset < size => Ok(offset),
+        libc::SEEK_HOLE if offset < size => Ok(size),
+        libc::SEEK_DATA | libc::SEEK_HOLE => Err(Error::refused(libc::ENXIO, "lseek past the end")),
+        libc::SEEK_SET => Ok(offset),
+        libc::SEEK_END => Ok(size + offset),
+        _ => Err(Error::refused(libc::EINVAL, "lseek whence")),
     }
 }
 

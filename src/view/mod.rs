@@ -263,14 +263,7 @@ impl View {
         };
         let done = journal.done()?;
         let caps = scratch::NewCaps::from_journal(&journal)?;
-        let chunk = match journal.meta(journal::Meta::ChunkSize)? {
-            Some(v) => u64::from_le_bytes(
-                v.as_slice()
-                    .try_into()
-                    .map_err(|_| Error::Journal("the chunk size record is not 8 bytes".into()))?,
-            ),
-            None => journal::DEFAULT_CHUNK_SIZE,
-        };
+        let chunk = journal.chunk_size()?;
         let (touched, touched_rx) = crossbeam_channel::bounded(4096);
         let (rechecks, rechecks_rx) = crossbeam_channel::bounded(4096);
         let view = View {

@@ -334,12 +334,11 @@ impl View {
     /// NEW's entry `st` was deleted: its (st_dev, st_ino) may now be given to a new entry.
     fn deleted_from_new(&self, st: &rustix::fs::Stat) {
         #[allow(clippy::unnecessary_cast)]
-        let id = Identity::New(st.st_dev as u64, st.st_ino as u64);
-        #[allow(clippy::unnecessary_cast)]
-        if self.journal.has_partial(st.st_dev as u64, st.st_ino as u64) {
+        let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+        let id = Identity::New(dev, ino);
+        if self.journal.has_partial(dev, ino) {
             let inode = self.inodes.ino_of(&id).and_then(|i| self.inodes.get(i));
-            #[allow(clippy::unnecessary_cast)]
-            self.partial_deleted(st.st_dev as u64, st.st_ino as u64, inode.as_deref());
+            self.partial_deleted(dev, ino, inode.as_deref());
         }
         self.inodes.unmap(id);
     }
