@@ -563,8 +563,38 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
             .args(["cat", &format!("g:{nb}/big-renamed.bin")]),
     );
     assert!(out.stdout == big, "the multipart object read back differs");
-    // Another client overwrites an uploaded object (same size, other bytes): verify reports it
-    // by its ETag, and the next pass puts the view's bytes back.
+    // Another client overwrites an uploaded object (same size, other bytes) of a file open
+    // through the view (so still staged): verify reports it by its ETag, and the next pass
+    // puts the view's bytes back.
+    let mut held = fs::File::create(f.v("held.txt")).unwrap();
+    held.write_all(b"view's").unwrap();
+    held.sync_all().unwrap();
+    ok(f.cmd("verify", &[]));
+    store(nb)
+        .put("held.txt", b"XXXXXX".to_vec(), &PosixMeta::default())
+        .unwrap();
+    let out = f.cmd("verify", &[]);
+    assert!(
+        !out.status.success(),
+        "verify passed with held.txt overwritten"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("held.txt: another version"), "{text}");
+    ok(f.cmd("verify", &[]));
+    drop(held);
+    let out = common::run(server().rclone().args(["cat", &format!("g:{nb}/held.txt")]));
+    assert_eq!(out.stdout, b"view's");
+    // An evicted file's object (the only copy of its bytes) overwritten by another client:
+    // reported, its reads fail rather than show other bytes, and it stays an error until the
+    // file is removed through the view (or the version restored).
+    let evicted = f.status_json()["published"]["evicted"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        evicted > 0,
+        "nothing evicted: {}",
+        f.status_json()["published"]
+    );
     store(nb)
         .put("top.txt", b"XXXXX".to_vec(), &PosixMeta::default())
         .unwrap();
@@ -575,6 +605,15 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("top.txt: another version"), "{text}");
+    let out = f.cmd("verify", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains("replaced"),
+        "verify after an evicted file's object was replaced: {text}"
+    );
+    let e = fs::read(f.v("top.txt")).expect_err("read the bytes of a replaced object");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    fs::remove_file(f.v("top.txt")).unwrap();
     ok(f.cmd("verify", &[]));
     let mut keys = Vec::new();
     store(nb)

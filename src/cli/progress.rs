@@ -246,6 +246,11 @@ pub fn print_status(s: &Status) {
             "bucket:     {} objects uploaded into NEW, {} uploads under way",
             p.objects, p.pending
         );
+        println!(
+            "staging:    {} held in the state dir, {} files evicted (read from the bucket)",
+            human(p.staged_bytes),
+            p.evicted
+        );
     }
     println!(
         "changed in OLD since copied: {} ({} copied again)",

@@ -71,6 +71,13 @@ pub struct PassReport {
     /// Files partly copied into the staging tree, not published until the copier has filled
     /// them in.
     pub waiting: u64,
+    /// Bytes the staging tree held when the pass walked it.
+    pub staged_bytes: u64,
+    /// Files whose bytes this pass removed from the staging tree (uploaded, closed).
+    pub evicted: u64,
+    /// Files uploaded but kept in the staging tree as they changed less than a second before
+    /// (a pass a second later evicts them).
+    pub evict_later: u64,
     /// How long the pass took to find what differs (its walk of the staging tree and the
     /// records), what every pass costs however little changed.
     #[serde(skip)]
@@ -111,6 +118,8 @@ struct Want {
     kind: Kind,
     /// st_nlink: a file with other names may have its bytes under another key already.
     links: u64,
+    /// Bytes it takes in the staging tree (st_blocks).
+    staged: u64,
     rec: Published,
 }
 
@@ -227,6 +236,15 @@ pub struct Publisher {
     /// The bucket keeps `key/` directory markers (prepare's probe); without them only an empty
     /// directory would need one, and it is an error instead.
     markers: bool,
+    /// The view over the staging tree: uploaded files are evicted through it, and evicted
+    /// files read through it (none: nothing is evicted).
+    view: Option<Arc<crate::view::View>>,
+    /// Keys being published now.
+    in_flight: AtomicU64,
+    /// Files evicted since start.
+    evictions: AtomicU64,
+    /// Files this pass uploaded but kept staged, as they changed too recently.
+    evict_later: AtomicU64,
 }
 
 impl Publisher {
@@ -245,7 +263,19 @@ impl Publisher {
             running: Mutex::new(()),
             last: Mutex::new(PassReport::default()),
             passes: AtomicU64::new(0),
+            view: None,
+            in_flight: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            evict_later: AtomicU64::new(0),
         }
+    }
+
+    /// Evict what is uploaded from the staging tree, through `view` (whose NEW the staging
+    /// tree is), which reads evicted files from this bucket from then on.
+    pub fn with_view(mut self, view: Arc<crate::view::View>) -> Publisher {
+        view.set_new_bucket(self.store.clone());
+        self.view = Some(view);
+        self
     }
 
     /// Connect to the NEW bucket of `url` for the staging tree `stage`.
@@ -323,6 +353,16 @@ impl Publisher {
 
     pub fn last(&self) -> PassReport {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Keys being uploaded or copied now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Files evicted from the staging tree since the daemon started.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 
     pub fn passes(&self) -> u64 {
@@ -424,10 +464,13 @@ impl Publisher {
                     return Ok(());
                 }
                 d.objects += 1;
+                d.staged_bytes += w.staged;
                 // A file partly copied (its chunks still in OLD are holes here): published
-                // once the copier has filled it in, never with holes for data.
-                let partial_file =
-                    w.kind == Kind::File && self.journal.has_partial(w.dev, w.rec.ino);
+                // once the copier has filled it in, never with holes for data. (An evicted
+                // file's absent chunks are the bucket's: published as any file.)
+                let partial_file = w.kind == Kind::File
+                    && self.journal.has_partial(w.dev, w.rec.ino)
+                    && !self.journal.is_stub(w.dev, w.rec.ino);
                 while let Some((k, _)) = cursor.peek()? {
                     if *k >= w.key {
                         break;
@@ -492,10 +535,12 @@ impl Publisher {
             objects,
             partial,
             waiting,
+            staged_bytes,
         } = self.diff()?;
         report.walk = walk_began.elapsed();
         report.objects = objects;
         report.waiting = waiting;
+        report.staged_bytes = staged_bytes;
         // Keys new to the bucket are recorded `pending` first, in one durable batch: after a
         // crash (power loss included) no object can be there that the journal does not know.
         let mut b = Batch::new();
@@ -526,12 +571,33 @@ impl Publisher {
                         }
                         let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                         let Some((w, had)) = todo.get(i) else { return };
+                        self.in_flight.fetch_add(1, Ordering::Relaxed);
                         let r = self.publish(&root, w, had.as_ref(), &sources);
+                        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        if matches!(r, Ok(Done::Evicted(..))) {
+                            self.evictions.fetch_add(1, Ordering::Relaxed);
+                        }
                         let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                         match r {
                             Ok(Done::Uploaded(n)) => {
                                 o.uploaded += 1;
                                 o.uploaded_bytes += n;
+                            }
+                            Ok(Done::Evicted(inner, n)) => {
+                                o.evicted += 1;
+                                o.staged_bytes = o.staged_bytes.saturating_sub(n);
+                                match *inner {
+                                    Done::Uploaded(n) => {
+                                        o.uploaded += 1;
+                                        o.uploaded_bytes += n;
+                                    }
+                                    Done::Copied => o.copied += 1,
+                                    Done::FromOld(n) => {
+                                        o.from_old += 1;
+                                        o.from_old_bytes += n;
+                                    }
+                                    _ => {}
+                                }
                             }
                             Ok(Done::Copied) => o.copied += 1,
                             Ok(Done::FromOld(n)) => {
@@ -564,9 +630,13 @@ impl Publisher {
             .into_iter()
             .map(|i| (todo[i].0.rec.ino, todo[i].0.rec.size))
             .collect();
-        let (held, gone): (Vec<_>, Vec<_>) = gone
-            .into_iter()
-            .partition(|(_, r)| partial || unsure.contains(&(r.ino, r.size)));
+        // A key an evicted file still reads its bytes from (renamed, and not pointed at its
+        // new key yet) stays until it is.
+        #[allow(clippy::unnecessary_cast)]
+        let stage_dev = stat_fd(root.root()).map(|st| st.st_dev as u64)?;
+        let (held, gone): (Vec<_>, Vec<_>) = gone.into_iter().partition(|(k, r)| {
+            partial || unsure.contains(&(r.ino, r.size)) || self.stub_reads(stage_dev, r.ino, k)
+        });
         report.held = held.len() as u64;
         for (key, why) in bad {
             report.errors.push((key, why));
@@ -587,12 +657,14 @@ impl Publisher {
             }
         }
         report.interrupted = self.halted();
+        report.evict_later = self.evict_later.swap(0, Ordering::Relaxed);
         self.record_errors(&report)?;
         let mut b = Batch::new();
         b.meta(
             Meta::PublishSettled,
             if report.clean() { b"1" } else { b"0" },
         );
+        b.meta(Meta::StagedBytes, &report.staged_bytes.to_le_bytes());
         self.journal
             .commit(b, false)
             .map_err(std::io::Error::other)?;
@@ -619,6 +691,17 @@ impl Publisher {
             );
         }
         Ok(report)
+    }
+
+    /// Whether the staged file (`dev`, `ino`) is an evicted file whose bytes are read from
+    /// `key`.
+    fn stub_reads(&self, dev: u64, ino: u64, key: &str) -> bool {
+        self.journal.is_stub(dev, ino)
+            && match self.journal.partial(dev, ino) {
+                Ok(Some((rec, _))) => rec.bucket && rec.origin == key.as_bytes(),
+                // (Unreadable: kept, to be sure.)
+                _ => true,
+            }
     }
 
     /// The pass's errors replace the recorded ones (a key that published is no error now).
@@ -757,6 +840,18 @@ impl Publisher {
             ));
         }
         let started = wall_clock();
+        // An evicted file: the bucket's object, and what was written through the view since.
+        if let Some(view) = &self.view
+            && self.journal.is_stub(w.dev, now.ino)
+        {
+            let rw = reopen(fd.as_fd(), OFlags::RDONLY).map_err(|e| io("open", e))?;
+            if let Some(stub) = view
+                .stub_upload(rw)
+                .map_err(|e| io("read", std::io::Error::from_raw_os_error(e.errno())))?
+            {
+                return self.publish_stub(w, had, &f, &now, &stub);
+            }
+        }
         // Recorded as it is now; a write in the same timestamp tick as this look
         // cannot be told from none by stat, so a record this recent is checked by MD5
         // at the next pass (`racy`).
@@ -783,7 +878,7 @@ impl Publisher {
                 ..now.clone()
             };
             self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
-            Ok(done)
+            self.evict_after(w, &f, &rec, done)
         };
         if let Some((etag, md5, done)) = self.reuse_bytes(w, had, sources, &f, &now)? {
             return keep(etag, md5, done);
@@ -791,12 +886,203 @@ impl Publisher {
         if let Some((etag, md5, done)) = self.copy_from_old(w, &f, &now) {
             return keep(etag, md5, done);
         }
-        let (o, md5) = self.store.put_file_md5(&w.key, &f, &meta_of(&now))?;
+        let (o, md5) = match self.store.put_file_md5(&w.key, &f, &meta_of(&now)) {
+            Ok(r) => r,
+            // Written while it was read (the server refuses a body other than its MD5): the
+            // next pass takes it as it is then.
+            Err(_) if !same_stat(&fstat(&f)?, &now) => return Ok(Done::Changed),
+            Err(e) => return Err(e),
+        };
         keep(
             o.etag,
             crate::store::s3::md5_etag(&md5),
             Done::Uploaded(o.size),
         )
+    }
+
+    /// The staged file `f`, just recorded as `rec` for `w`'s key, leaves the staging tree when
+    /// nobody has it open through the view and nothing can have written it unseen (its
+    /// record is not racy: its last change was a second or more before the upload looked at
+    /// it, so any later write shows in its mtime). Its record is stamped again (the punch
+    /// changed its ctime).
+    fn evict_after(
+        &self,
+        w: &Want,
+        f: &File,
+        rec: &Published,
+        done: Done,
+    ) -> Result<Done, S3Error> {
+        if self.view.is_none() || rec.size == 0 || w.links > 1 || rec.etag.is_empty() {
+            return Ok(done);
+        }
+        if rec.racy {
+            // (A later pass, once its last change is a second old.)
+            self.evict_later.fetch_add(1, Ordering::Relaxed);
+            return Ok(done);
+        }
+        let staged = rustix::fs::fstat(f).map_or(0, |st| st.st_blocks as u64 * 512);
+        // (Its writes do not go through a state of the view that counts them: the mtime,
+        // past the racy second, tells.)
+        let unchanged = crate::view::Unchanged {
+            size_mtime: (rec.size, rec.mtime),
+            mark: u64::MAX,
+        };
+        match self.point_stub(w, f, rec.size, &rec.etag, Some(unchanged))? {
+            crate::view::Eviction::Evicted => {}
+            _ => return Ok(done),
+        }
+        let io = |what: &str, e| io_err(w, what, e);
+        let after = rustix::fs::fstat(f).map_err(|e| io("stat", e.into()))?;
+        self.record(
+            &w.key,
+            &Published {
+                etag: rec.etag.clone(),
+                md5: rec.md5.clone(),
+                racy: false,
+                ..stamp(&after)
+            },
+        )
+        .map_err(|e| io("journal", e))?;
+        Ok(Done::Evicted(Box::new(done), staged))
+    }
+
+    /// The view's [`evict`](crate::view::View::evict) of the staged file `f`, uploaded to
+    /// `w`'s key as `etag` (`size` bytes).
+    fn point_stub(
+        &self,
+        w: &Want,
+        f: &File,
+        size: u64,
+        etag: &str,
+        expect: Option<crate::view::Unchanged>,
+    ) -> Result<crate::view::Eviction, S3Error> {
+        let Some(view) = &self.view else {
+            return Ok(crate::view::Eviction::Left);
+        };
+        let rw = match reopen(f.as_fd(), OFlags::RDWR) {
+            Ok(rw) => rw,
+            Err(e) => {
+                tracing::debug!(key = %w.key, error = %e, "not evicted: cannot open it for writing");
+                return Ok(crate::view::Eviction::Left);
+            }
+        };
+        view.evict(rw, &w.key, etag, size, expect)
+            .map_err(|e| io_err(w, "evict", std::io::Error::from_raw_os_error(e.errno())))
+    }
+
+    /// An evicted file (its absent chunks are the bucket object `stub.source()`): copied by
+    /// the server when no chunk was written since (a rename, a metadata change), else
+    /// uploaded with its unchanged ranges copied by the server and the rest read from the
+    /// staging tree; then pointed at the new object and evicted again. A file changed in the
+    /// last second waits for a later pass (a write in the same timestamp tick as this look
+    /// would not show in its mtime).
+    fn publish_stub(
+        &self,
+        w: &Want,
+        had: Option<&Published>,
+        f: &File,
+        now: &Published,
+        stub: &crate::view::StubUpload,
+    ) -> Result<Done, S3Error> {
+        let io = |what: &str, e| io_err(w, what, e);
+        let (src, src_etag) = stub.source();
+        let meta = meta_of(now);
+        let (etag, md5, done) = if stub.clean(now.size) {
+            let in_place = src == w.key
+                && had.is_some_and(|h| !h.pending && same_meta(h, now) && h.etag == src_etag);
+            if in_place {
+                let md5 = had.map(|h| h.md5.clone()).unwrap_or_default();
+                (src_etag.clone(), md5, Done::Recorded)
+            } else {
+                let o = match self.store.copy(&src, &w.key, &src_etag, now.size, &meta) {
+                    Ok(o) => o,
+                    Err(e) if e.errno == libc::ESTALE || e.errno == libc::ENOENT => {
+                        return Err(S3Error::new(
+                            w.key.clone(),
+                            libc::EIO,
+                            format!(
+                                "the NEW bucket's object {src} that held this evicted file's \
+                                 bytes was replaced or deleted by another client after the \
+                                 upload (the staging tree keeps no copy): reads of it fail; \
+                                 restore that version ({src_etag}) or remove the file through \
+                                 the view"
+                            ),
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                };
+                (o.etag, String::new(), Done::Copied)
+            }
+        } else if now.size <= crate::store::s3::MULTIPART_THRESHOLD {
+            let mut data = vec![0u8; now.size as usize];
+            stub.read_exact(0, &mut data).map_err(|e| io("read", e))?;
+            let o = self.store.put(&w.key, data, &meta)?;
+            (o.etag, String::new(), Done::Uploaded(now.size))
+        } else {
+            let o = self.store.put_patched(
+                &w.key,
+                now.size,
+                &meta,
+                &src,
+                &src_etag,
+                &|off, len| stub.from_source(off, len),
+                &mut |off, buf| stub.read_exact(off, buf),
+            )?;
+            (o.etag, String::new(), Done::Uploaded(now.size))
+        };
+        let after = rustix::fs::fstat(f)
+            .map(|st| stamp(&st))
+            .map_err(|e| io("stat", e.into()))?;
+        // (Every write of an evicted file goes through the view's state of it, which counts
+        // it: one in the same timestamp tick as the look shows there.)
+        let unchanged =
+            same_stat(&after, now) && !self.view.as_ref().is_some_and(|v| v.stub_written(stub));
+        // The object holds the file's absent chunks at their offsets whatever changed since:
+        // they are read from it from now on (the one read before may be gone: replaced at
+        // this key, or deleted at its old one once this pass is done). Evicted too if
+        // unchanged since.
+        let expect = unchanged.then(|| stub.unchanged((now.size, now.mtime)));
+        let staged = rustix::fs::fstat(f).map_or(0, |st| st.st_blocks as u64 * 512);
+        let pointed = if matches!(done, Done::Recorded) {
+            crate::view::Eviction::Repointed
+        } else {
+            self.point_stub(w, f, now.size, &etag, expect)?
+        };
+        if pointed == crate::view::Eviction::Left {
+            // (Not an evicted file any more, or no longer named so: the next pass.)
+            return Ok(Done::Changed);
+        }
+        if !unchanged {
+            if let Some(h) = had.filter(|_| !matches!(done, Done::Recorded)) {
+                let rec = Published {
+                    pending: true,
+                    ..h.clone()
+                };
+                self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
+            }
+            return Ok(Done::Changed);
+        }
+        let stamped = if pointed == crate::view::Eviction::Evicted {
+            rustix::fs::fstat(f)
+                .map(|st| stamp(&st))
+                .map_err(|e| io("stat", e.into()))?
+        } else {
+            now.clone()
+        };
+        self.record(
+            &w.key,
+            &Published {
+                etag,
+                racy: false,
+                md5,
+                ..stamped
+            },
+        )
+        .map_err(|e| io("journal", e))?;
+        Ok(match pointed {
+            crate::view::Eviction::Evicted => Done::Evicted(Box::new(done), staged),
+            _ => done,
+        })
     }
 
     /// The bytes may be in the bucket already: at this key (a metadata change, or a record
@@ -1004,6 +1290,8 @@ struct Diff {
     partial: bool,
     /// Files partly copied (copy-before-write by chunk): published once filled in.
     waiting: u64,
+    /// Bytes the staging tree holds (st_blocks of what the walk met).
+    staged_bytes: u64,
 }
 
 impl Diff {
@@ -1021,6 +1309,8 @@ enum Done {
     Copied,
     Recorded,
     Changed,
+    /// What was done, and then the file's bytes left the staging tree (this many).
+    Evicted(Box<Done>, u64),
 }
 
 /// A local failure while publishing `w`, as an S3 error naming its staged path.
@@ -1120,6 +1410,7 @@ fn walk(
             dev: st.st_dev as u64,
             kind,
             links: st.st_nlink as u64,
+            staged: st.st_blocks as u64 * 512,
             rec: stamp(&st),
         });
     }

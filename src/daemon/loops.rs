@@ -91,6 +91,9 @@ pub fn spawn_publish_loop(
                     if let Ok(r) = &r {
                         rest_until = Instant::now() + r.walk * 3;
                     }
+                    // Files uploaded but too recently changed to evict: a pass once they
+                    // are a second old (they would wait for the next change else).
+                    let evict_later = r.as_ref().is_ok_and(|r| r.evict_later > 0);
                     match r {
                         // Cut short (a takeover that was then cancelled): run it again.
                         Ok(r) if r.interrupted => seen = None,
@@ -105,6 +108,10 @@ pub fn spawn_publish_loop(
                             tracing::error!(error = %e, "publish pass failed");
                             retry_at = Some(Instant::now() + Duration::from_secs(30));
                         }
+                    }
+                    if evict_later {
+                        let soon = Instant::now() + Duration::from_millis(1100);
+                        retry_at = Some(retry_at.map_or(soon, |t| t.min(soon)));
                     }
                 }
                 if stopping {

@@ -29,6 +29,8 @@ pub enum Meta {
     NextId,
     /// Whether the last publish pass found the bucket holding all of the staging tree.
     PublishSettled,
+    /// Bytes the S3 NEW's staging tree held at the last publish pass's walk (u64 LE).
+    StagedBytes,
     /// When the mount was last taken over (seconds since the epoch).
     LastTakeover,
     /// How far an abort has come (`AbortStep` names; `done` at the end).
@@ -65,6 +67,7 @@ impl Meta {
             Meta::Done => "done",
             Meta::NextId => "next_id",
             Meta::PublishSettled => "publish_settled",
+            Meta::StagedBytes => "staged_bytes",
             Meta::LastTakeover => "last_handover",
             Meta::AbortStep => "abort_step",
             Meta::AbortS3Plan => "abort_s3_plan",

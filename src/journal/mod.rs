@@ -143,6 +143,12 @@ pub struct PartialFile {
     /// An S3 OLD's object: the ETag the chunks are read at (every GET is conditional on it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
+    /// An S3 NEW's evicted file: the absent chunks are the NEW bucket's object `origin` (a
+    /// key below NEW's prefix) at `etag`, not OLD's. The staging tree holds only the chunks
+    /// written through the view since the last upload; nothing hydrates it, and it outlives
+    /// commit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bucket: bool,
 }
 
 /// Chunks one chunk-map record covers (a 512-byte bitmap): a 10 TiB file in 1 MiB chunks is
@@ -537,6 +543,8 @@ pub struct Batch {
     meta_keys: Vec<((u64, u64), bool)>,
     /// NEW inodes whose partial-file record this batch writes (`true`) or drops (`false`).
     partial_keys: Vec<((u64, u64), bool)>,
+    /// The same, for the records that are an S3 NEW's evicted files ([`PartialFile::bucket`]).
+    stub_keys: Vec<((u64, u64), bool)>,
     /// The view numbers this batch records: (new_dev, new_ino, number), for the cache.
     numbers: Vec<(u64, u64, u64)>,
 }
@@ -660,6 +668,7 @@ impl Batch {
             serde_json::to_vec(p).expect("partial file serializes"),
         ));
         self.partial_keys.push(((new_dev, new_ino), true));
+        self.stub_keys.push(((new_dev, new_ino), p.bucket));
         self
     }
     /// One record of a partial file's chunk map: bit i of `bits` is chunk
@@ -680,6 +689,7 @@ impl Batch {
                 .push(KvOp::Delete(chunks_key(new_dev, new_ino, seg)));
         }
         self.partial_keys.push(((new_dev, new_ino), false));
+        self.stub_keys.push(((new_dev, new_ino), false));
         self
     }
     /// The change is in NEW's copy now (or OLD's file is gone).
@@ -765,6 +775,8 @@ pub struct Records {
     meta_keys: Arc<Mutex<rustc_hash::FxHashSet<(u64, u64)>>>,
     /// The NEW inodes that have a [`PartialFile`] record (read at open, kept by `commit`).
     partial_keys: Arc<Mutex<rustc_hash::FxHashSet<(u64, u64)>>>,
+    /// Those of them that are an S3 NEW's evicted files ([`PartialFile::bucket`]).
+    stub_keys: Arc<Mutex<rustc_hash::FxHashSet<(u64, u64)>>>,
     /// The view numbers of NEW's inodes, read a block of neighbouring inodes at a time.
     numbers: Arc<Mutex<NumberCache>>,
 }
@@ -865,12 +877,26 @@ impl Records {
         };
         let meta_keys = keys_of(P_META_CHANGE)?;
         let partial_keys = keys_of(P_PARTIAL)?;
+        let mut stub_keys = rustc_hash::FxHashSet::default();
+        for (k, v) in kv.scan(&[P_PARTIAL])? {
+            let p: PartialFile = serde_json::from_slice(&v)
+                .map_err(|e| JournalError::Corrupt(format!("partial file: {e}")))?;
+            if p.bucket
+                && let (Some(dev), Some(ino)) = (
+                    k.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+                    k.get(9..17).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+                )
+            {
+                stub_keys.insert((u64::from_be_bytes(dev), u64::from_be_bytes(ino)));
+            }
+        }
         Ok(Records {
             kv,
             next_id: Arc::new(AtomicU64::new(next)),
             has_groups: Arc::new(std::sync::atomic::AtomicBool::new(has_groups)),
             meta_keys: Arc::new(Mutex::new(meta_keys)),
             partial_keys: Arc::new(Mutex::new(partial_keys)),
+            stub_keys: Arc::new(Mutex::new(stub_keys)),
             numbers: Arc::new(Mutex::new(NumberCache::new())),
         })
     }
@@ -915,13 +941,16 @@ impl Records {
         // (The last op on a key is what the batch leaves.)
         let meta_keys = KeySet::last_of(std::mem::take(&mut batch.meta_keys));
         let partial_keys = KeySet::last_of(std::mem::take(&mut batch.partial_keys));
+        let stub_keys = KeySet::last_of(std::mem::take(&mut batch.stub_keys));
         KeySet::add(&self.meta_keys, &meta_keys);
         KeySet::add(&self.partial_keys, &partial_keys);
+        KeySet::add(&self.stub_keys, &stub_keys);
         let t = std::time::Instant::now();
         self.kv.write(batch.ops, durable)?;
         crate::metrics::METRICS.journal_write(durable, t.elapsed());
         KeySet::remove(&self.meta_keys, &meta_keys);
         KeySet::remove(&self.partial_keys, &partial_keys);
+        KeySet::remove(&self.stub_keys, &stub_keys);
         if !batch.numbers.is_empty() {
             let mut c = self.numbers.lock().unwrap_or_else(|p| p.into_inner());
             for (dev, ino, number) in batch.numbers {
@@ -1078,6 +1107,9 @@ impl Records {
             let Some((p, bits)) = self.partial(dev, ino)? else {
                 continue;
             };
+            if p.bucket {
+                continue;
+            }
             let n = p.extent.div_ceil(p.chunk.max(1));
             let held = (0..n)
                 .filter(|c| {
@@ -1103,12 +1135,30 @@ impl Records {
         }
     }
 
-    /// How many files are partly OLD's (no journal read).
+    /// How many files are partly OLD's (no journal read; an S3 NEW's evicted files are not).
     pub fn partial_count(&self) -> u64 {
-        self.partial_keys
+        let all = self
+            .partial_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64;
+        all.saturating_sub(self.stub_count())
+    }
+
+    /// How many of an S3 NEW's files are evicted from the staging tree (no journal read).
+    pub fn stub_count(&self) -> u64 {
+        self.stub_keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len() as u64
+    }
+
+    /// Whether NEW's file (new_dev, new_ino) is an S3 NEW's evicted file (no journal read).
+    pub fn is_stub(&self, new_dev: u64, new_ino: u64) -> bool {
+        self.stub_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(new_dev, new_ino))
     }
 
     /// The OLD path NEW's entry (new_dev, new_ino), changed through the view, came from.
@@ -1309,6 +1359,17 @@ impl Records {
             P_CHUNKS,
         ] {
             for (k, _) in self.kv.scan(&[p])? {
+                // An S3 NEW's evicted files are NEW's own, read from its bucket after commit
+                // too.
+                if matches!(p, P_PARTIAL | P_CHUNKS)
+                    && let (Some(dev), Some(ino)) = (
+                        k.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+                        k.get(9..17).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+                    )
+                    && self.is_stub(u64::from_be_bytes(dev), u64::from_be_bytes(ino))
+                {
+                    continue;
+                }
                 ops.push(KvOp::Delete(k));
                 if ops.len() >= 10_000 {
                     self.kv.write(std::mem::take(&mut ops), false)?;
@@ -1321,10 +1382,13 @@ impl Records {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.partial_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        {
+            let stubs = self.stub_keys.lock().unwrap_or_else(|p| p.into_inner());
+            self.partial_keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|k| stubs.contains(k));
+        }
         Ok(())
     }
 
@@ -1405,6 +1469,7 @@ mod tests {
             extent: 4096 * 5000 + 1,
             handle: vec![1, 2, 3],
             etag: None,
+            bucket: false,
         };
         assert!(!j.has_partial(9, 10));
         let mut b = Batch::new();
@@ -1438,6 +1503,46 @@ mod tests {
         let last = Records::new(kv).unwrap();
         assert_eq!(last.partials().unwrap().len(), 1);
         assert_eq!(last.partial_progress().unwrap(), (1, 0, 5001));
+    }
+
+    #[test]
+    fn evicted_files_are_not_partial_copies_and_outlive_commit() {
+        let kv: Arc<dyn Journal> = Arc::new(mem::MemJournal::default());
+        let j = Records::new(kv.clone()).unwrap();
+        let rec = |bucket| PartialFile {
+            origin: b"k".to_vec(),
+            old: Fingerprint::default(),
+            chunk: 4096,
+            extent: 10_000,
+            handle: vec![1],
+            etag: Some("e".into()),
+            bucket,
+        };
+        let mut b = Batch::new();
+        b.partial(1, 1, &rec(false)).partial(1, 2, &rec(true));
+        b.chunks(1, 2, 0, &[1]);
+        j.commit(b, true).unwrap();
+        assert_eq!((j.partial_count(), j.stub_count()), (1, 1));
+        assert!(j.is_stub(1, 2) && !j.is_stub(1, 1));
+        // Counted again from the records by the next open.
+        let again = Records::new(kv.clone()).unwrap();
+        assert_eq!((again.partial_count(), again.stub_count()), (1, 1));
+        assert_eq!(again.partial_progress().unwrap().0, 1);
+        again.clear_view_records().unwrap();
+        assert_eq!((again.partial_count(), again.stub_count()), (0, 1));
+        let (kept, bits) = again
+            .partial(1, 2)
+            .unwrap()
+            .expect("the evicted file's record");
+        assert!(kept.bucket && bits.first() == Some(&1));
+        assert!(again.partial(1, 1).unwrap().is_none());
+        let last = Records::new(kv).unwrap();
+        assert_eq!((last.partial_count(), last.stub_count()), (0, 1));
+        // Dropped (the file made whole, or removed): neither count keeps it.
+        let mut b = Batch::new();
+        b.clear_partial(1, 2, 1);
+        last.commit(b, true).unwrap();
+        assert_eq!((last.partial_count(), last.stub_count()), (0, 0));
     }
 
     #[test]

@@ -345,7 +345,10 @@ fn stage_entry(
                 )
                 .ctx("create staged file")?,
             );
-            crate::store::copy::copy_data(&from, &to, st.st_size as u64, &mut |_| true)?;
+            // An S3 NEW's evicted file: its bytes from the bucket (the staged file has none).
+            if !view.copy_stub_into(inode, &to)? {
+                crate::store::copy::copy_data(&from, &to, st.st_size as u64, &mut |_| true)?;
+            }
             rustix::fs::fsync(&to).ctx("fsync staged file")?;
         }
         Kind::Symlink => {

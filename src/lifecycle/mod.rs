@@ -31,9 +31,15 @@ pub fn verify(copier: &Copier, checksum: bool) -> Result<CheckReport> {
     if let Some(p) = copier.publisher() {
         // An S3 NEW: the bucket must hold the staging tree, as recorded and as listed. What
         // is still on its way is uploaded first (verify waits for it, as commit does).
-        p.settle(5).ctx("upload into NEW")?;
+        let last = p.settle(5).ctx("upload into NEW")?;
         let plan = p.plan().ctx("compare NEW with the bucket")?;
         r.mismatches.extend(plan);
+        // Why what is not there yet could not be put there.
+        r.mismatches.extend(
+            last.errors
+                .iter()
+                .map(|(k, e)| format!("{k}: could not be uploaded: {e}")),
+        );
         let (problems, _) = p.check_bucket().ctx("list NEW")?;
         r.mismatches.extend(problems);
         r.mismatches.sort();

@@ -427,6 +427,33 @@ impl Observed {
             "Chunks of OLD's data of those files.",
             cp.total,
         );
+        if let Some(p) = self.copier.publisher() {
+            gauge(
+                &mut out,
+                "ferryfs_staged_bytes",
+                "Bytes an S3 NEW's staging tree held at the last publish pass.",
+                p.last().staged_bytes,
+            );
+            gauge(
+                &mut out,
+                "ferryfs_uploads_in_flight",
+                "Files and objects the publisher is uploading or copying into the NEW bucket now.",
+                p.in_flight(),
+            );
+            gauge(
+                &mut out,
+                "ferryfs_evicted_files",
+                "An S3 NEW's files evicted from the staging tree (read from the bucket).",
+                self.copier.view().evicted_files(),
+            );
+            let _ = writeln!(
+                out,
+                "# HELP ferryfs_evictions_total Files whose bytes the publisher removed from the \
+                 staging tree after their upload.\n# TYPE ferryfs_evictions_total counter\n\
+                 ferryfs_evictions_total {}",
+                p.evictions()
+            );
+        }
         let cs = self.copier.state();
         gauge(
             &mut out,

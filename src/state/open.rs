@@ -108,8 +108,9 @@ pub fn open_view_with(
             ),
         },
     };
-    let view =
-        View::new(vold, vnew, m.journal.clone()).map_err(|e| format!("opening the view: {e}"))?;
+    let view = Arc::new(
+        View::new(vold, vnew, m.journal.clone()).map_err(|e| format!("opening the view: {e}"))?,
+    );
     if matches!(phase, Phase::Committed | Phase::Aborted) {
         view.set_single();
     }
@@ -125,6 +126,9 @@ pub fn open_view_with(
                 publish::DEFAULT_WORKERS,
             )
             .map_err(|e| format!("NEW store {}: {e}", m.config.new))?;
+            // (Evicted files are read from the bucket, so the view needs it, committed or
+            // not.)
+            let p = p.with_view(view.clone());
             Some(Arc::new(match &s3 {
                 Some(t) => p.with_old(t.store.clone()),
                 None => p,
@@ -133,7 +137,7 @@ pub fn open_view_with(
         _ => None,
     };
     Ok(Opened {
-        view: Arc::new(view),
+        view,
         phase,
         old,
         old_s3: s3,

@@ -109,6 +109,11 @@ pub struct Published {
     pub pending: u64,
     /// The last publish pass found nothing to do: the bucket held the staging tree.
     pub settled: bool,
+    /// Bytes the staging tree held at the last publish pass (what is not uploaded yet, or
+    /// still open through the view).
+    pub staged_bytes: u64,
+    /// Files uploaded and evicted from the staging tree (read from the bucket).
+    pub evicted: u64,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -250,6 +255,11 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
                 objects: recs.iter().filter(|(_, r)| !r.pending).count() as u64,
                 pending: recs.iter().filter(|(_, r)| r.pending).count() as u64,
                 settled: journal.meta(Meta::PublishSettled)?.as_deref() == Some(b"1"),
+                staged_bytes: journal
+                    .meta(Meta::StagedBytes)?
+                    .and_then(|v| v.as_slice().try_into().ok())
+                    .map_or(0, u64::from_le_bytes),
+                evicted: journal.stub_count(),
             })
         }
         StoreSpec::Posix { .. } => None,

@@ -531,6 +531,7 @@ impl View {
                         .as_ref()
                         .and_then(|e| e.object.as_ref())
                         .map(|o| o.etag.clone()),
+                    bucket: false,
                 },
                 source,
             ))

@@ -919,6 +919,8 @@ impl View {
         let mut b = Batch::new();
         self.keep_number(&mut b, inode, tdev, tino);
         self.journal.commit(b, false)?;
+        #[allow(clippy::unnecessary_cast)]
+        self.unstub(inode, cur.st_dev as u64, cur.st_ino as u64);
         // The work dir goes when nothing else is in it (no litter left in NEW).
         self.remove_work_dir_if_empty();
         {
@@ -1086,6 +1088,9 @@ impl View {
         b.copy(nst.st_dev, nst.st_ino, &rec)
             .taken(&rec.fp, nst.st_dev, nst.st_ino);
         self.journal.commit(b, false)?;
+        // (Every byte is NEW's file's now.)
+        #[allow(clippy::unnecessary_cast)]
+        self.unstub(inode, nst.st_dev as u64, nst.st_ino as u64);
         Ok(true)
     }
 
@@ -1208,9 +1213,11 @@ fn xattr_map(loc: &Loc) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>> 
 
 /// Whether OLD's bytes (a file or an object) and NEW's file's are the same.
 /// Whether OLD's and NEW's files hold the same bytes; when they do, the SHA-256 of them.
-fn same_bytes(a: &crate::store::Source, b: &std::fs::File) -> Result<Option<[u8; 32]>> {
+/// Reads into a buffer at an offset, giving the length read (short only at the end).
+type ReadAt = dyn Fn(&mut [u8], u64) -> Result<usize>;
+
+fn same_bytes(a: &crate::store::Source, b: &ReadAt) -> Result<Option<[u8; 32]>> {
     use sha2::Digest as _;
-    use std::os::unix::fs::FileExt;
     let mut ba = vec![0u8; 1 << 20];
     let mut bb = vec![0u8; 1 << 20];
     let mut off = 0u64;
@@ -1219,7 +1226,7 @@ fn same_bytes(a: &crate::store::Source, b: &std::fs::File) -> Result<Option<[u8;
         let n = a.read_at(&mut ba, off).ctx("read OLD")?;
         let mut m = 0;
         while m < n {
-            let k = b.read_at(&mut bb[m..n], off + m as u64).ctx("read NEW")?;
+            let k = b(&mut bb[m..n], off + m as u64)?;
             if k == 0 {
                 return Ok(None);
             }
@@ -1229,7 +1236,7 @@ fn same_bytes(a: &crate::store::Source, b: &std::fs::File) -> Result<Option<[u8;
             return Ok(None);
         }
         if n == 0 {
-            let end = b.read_at(&mut bb[..1], off).ctx("read NEW")? == 0;
+            let end = b(&mut bb[..1], off)? == 0;
             return Ok(end.then(|| hash.finalize().into()));
         }
         hash.update(&bb[..n]);
@@ -1311,8 +1318,18 @@ impl View {
         }
         if how == Compare::Checksum && kind == Kind::File {
             let a = old.open_source(OFlags::RDONLY).ctx("open OLD file")?;
-            let b = loc.open(OFlags::RDONLY).ctx("open NEW file")?;
-            let Some(sum) = same_bytes(&a, &b)? else {
+            // An S3 NEW's evicted file: its bytes as the view reads them (the bucket's).
+            let b: Box<ReadAt> = match self.stub_of(inode) {
+                Some(p) => Box::new(move |buf, off| p.read(off, buf)),
+                None => {
+                    let f = loc.open(OFlags::RDONLY).ctx("open NEW file")?;
+                    Box::new(move |buf, off| {
+                        use std::os::unix::fs::FileExt;
+                        f.read_at(buf, off).ctx("read NEW")
+                    })
+                }
+            };
+            let Some(sum) = same_bytes(&a, &*b)? else {
                 return Ok(Some("content differs".into()));
             };
             #[allow(clippy::unnecessary_cast)]

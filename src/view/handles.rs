@@ -117,6 +117,10 @@ impl HandleTable {
     }
     /// Put back a handle the kernel holds under `fh` (a takeover from the previous daemon).
     pub(crate) fn insert_at(&self, fh: u64, h: Handle) {
+        if let Handle::File(f) = &h {
+            let _n = f.inode.node();
+            f.inode.opens.fetch_add(1, Ordering::AcqRel);
+        }
         self.map.lock().unwrap().insert(fh, Arc::new(h));
         self.next.fetch_max(fh, Ordering::Relaxed);
     }
@@ -145,7 +149,10 @@ impl HandleTable {
     /// Forget handle `fh`; whether it was a file open for writing.
     pub fn remove(&self, fh: u64) -> bool {
         match self.map.lock().unwrap().remove(&fh).as_deref() {
-            Some(Handle::File(f)) => wants_write(f.flags),
+            Some(Handle::File(f)) => {
+                f.inode.opens.fetch_sub(1, Ordering::AcqRel);
+                wants_write(f.flags)
+            }
             _ => false,
         }
     }
@@ -201,6 +208,16 @@ impl HandleTable {
             Handle::File(_) => Ok(h),
             Handle::Dir(_) => Err(Error::refused(libc::EISDIR, "directory handle")),
         }
+    }
+}
+
+/// An open under way, counted in [`Inode::opens`]: uncounted again if it fails (the handle
+/// made takes the count over).
+struct Opening<'a>(&'a Inode);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.opens.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -295,12 +312,18 @@ impl View {
     ) -> Result<OpenFile> {
         let (loc, on_new) = {
             let n = inode.node();
-            match (&n.new, &n.old) {
+            let found = match (&n.new, &n.old) {
                 (Some(l), _) => (l.clone(), true),
                 (None, Some(o)) => (o.loc.clone(), false),
                 (None, None) => return Err(crate::view::error::errno_err("open", libc::ENOENT)),
-            }
+            };
+            // Counted before NEW's file is opened, under the node's lock: an eviction (which
+            // takes it) either finished before, and this open finds the file evicted, or
+            // finds this open and leaves the file.
+            inode.opens.fetch_add(1, Ordering::AcqRel);
+            found
         };
+        let counted = Opening(&inode);
         let src = match file {
             Some(f) if on_new => crate::store::Source::File(Arc::new(f)),
             _ => loc
@@ -353,6 +376,7 @@ impl View {
         } else {
             src.file().cloned()
         };
+        std::mem::forget(counted);
         let fh = self.handles.insert(Handle::File(FileHandle {
             inode,
             file: RwLock::new((src, on_new)),

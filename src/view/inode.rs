@@ -128,6 +128,10 @@ pub struct Inode {
     /// Held around a chmod through the view and around clearing set-id bits (the mode read,
     /// then written back): the two never interleave.
     pub mode_lock: Mutex<()>,
+    /// File handles open on it (counted under the node's lock): an S3 NEW's publisher evicts
+    /// only a file nobody has open (a handle may hold NEW's file itself, or the kernel may
+    /// pass it through).
+    pub(crate) opens: AtomicU64,
 }
 
 impl Inode {
@@ -195,6 +199,7 @@ impl InodeTable {
                 claim: Mutex::new(()),
                 cancel: Default::default(),
                 mode_lock: Mutex::new(()),
+                opens: AtomicU64::new(0),
             }),
         );
         InodeTable {
@@ -302,6 +307,7 @@ impl InodeTable {
             claim: Mutex::new(()),
             cancel: Default::default(),
             mode_lock: Mutex::new(()),
+            opens: AtomicU64::new(0),
         });
         t.by_ino.insert(ino, inode.clone());
         inode
@@ -405,6 +411,7 @@ impl InodeTable {
             claim: Mutex::new(()),
             cancel: Default::default(),
             mode_lock: Mutex::new(()),
+            opens: AtomicU64::new(0),
         });
         self.tables().by_ino.insert(ino, inode.clone());
         inode

@@ -16,13 +16,16 @@ pub mod attr;
 mod copyup;
 mod drain;
 pub mod error;
+mod evict;
 mod handles;
 pub mod inode;
 mod metachange;
 pub(crate) use metachange::apply as apply_meta_change;
 mod ops;
 mod partial;
+pub use evict::{Eviction, StubUpload};
 pub use partial::ChunkProgress;
+pub use partial::Unchanged;
 mod scratch;
 mod takeover;
 
@@ -163,6 +166,14 @@ pub struct View {
     /// The inode numbers of partly copied files the view holds, by NEW's (dev, ino): for
     /// the copier (latest written first) and status.
     partials: std::sync::Mutex<rustc_hash::FxHashMap<(u64, u64), u64>>,
+    /// An S3 NEW's bucket: evicted files' chunks are read from it.
+    bucket: std::sync::OnceLock<Arc<crate::store::s3::S3Store>>,
+    /// NEW's files (dev, ino) being evicted now: a lookup finding one waits for its record
+    /// (see [`View::evict`]).
+    evicting: std::sync::Mutex<rustc_hash::FxHashSet<(u64, u64)>>,
+    evicted: std::sync::Condvar,
+    /// How many are in `evicting` (a lookup reads this, not the set, when it is 0).
+    evictions: std::sync::atomic::AtomicU64,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -292,6 +303,10 @@ impl View {
             caps,
             chunk,
             partials: Default::default(),
+            bucket: std::sync::OnceLock::new(),
+            evicting: Default::default(),
+            evicted: std::sync::Condvar::new(),
+            evictions: Default::default(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;
@@ -527,9 +542,11 @@ impl View {
         if kind == Kind::File && !self.in_new(&inode) {
             self.load_meta_change(&inode, &st)?;
         }
-        // A NEW file whose data is partly OLD's: its chunk map, once per inode.
+        // A NEW file whose data is partly OLD's (or an S3 NEW's bucket's): its chunk map, once
+        // per inode.
         if kind == Kind::File
             && let Identity::New(dev, ino) = id
+            && self.eviction_done(dev, ino)
             && self.journal.has_partial(dev, ino)
             && inode.node().partial.is_none()
         {
@@ -951,6 +968,11 @@ impl View {
             let n = inode.node();
             if let (None, Some(m)) = (&n.new, &n.meta) {
                 metachange::show(&mut a, m);
+            }
+            // A partly copied or evicted file: NEW's file holds few blocks, the file is whole
+            // (`du` counts it as data, as OLD's or the bucket's copy is).
+            if n.partial.is_some() {
+                a.blocks = a.blocks.max(a.size.div_ceil(512));
             }
             (n.old_group, n.new.is_some())
         };

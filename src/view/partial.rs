@@ -37,16 +37,24 @@ const HYDRATE_BATCH_BYTES: u64 = 64 << 20;
 /// Order of the last write to each partial file: the copier hydrates the latest first.
 static WRITES: AtomicU64 = AtomicU64::new(1);
 
+/// A mark in the order of writes: a partial file whose [`Partial::written_after`] this is
+/// false for was not written (through the view) since it was taken.
+pub(crate) fn write_mark() -> u64 {
+    WRITES.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A file whose data is partly still OLD's, as the view holds it while the file is in use.
 pub(crate) struct Partial {
     /// NEW's (st_dev, st_ino): the journal's key.
     pub(crate) key: (u64, u64),
     pub(crate) chunk: u64,
-    /// What the journal records (its extent follows `map`).
-    rec: PartialFile,
-    /// OLD's file, open read-only, or an S3 OLD's object (read by ranged GETs conditional on
-    /// the ETag it was opened at): the absent chunks' bytes.
-    old: Source,
+    /// What the journal records (its extent follows `map`; an S3 NEW's evicted file's origin
+    /// and ETag follow its uploads, see [`Self::repoint`]).
+    rec: std::sync::Mutex<PartialFile>,
+    /// OLD's file, open read-only, or an S3 object (read by ranged GETs conditional on the
+    /// ETag it was opened at): the absent chunks' bytes. Replaced only under the map's write
+    /// lock, by [`Self::repoint`].
+    old: RwLock<Source>,
     /// NEW's file, open read-write (never O_APPEND): every read and write of the file's
     /// bytes goes through it, under the map's lock.
     new: File,
@@ -113,6 +121,15 @@ impl Map {
     }
 }
 
+/// What an upload read of a file, for an eviction after it: the file is evicted only if it
+/// still has this size and mtime, and was not written through the view after `mark` (a write
+/// in the same timestamp tick as the upload's look would not show in the mtime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unchanged {
+    pub size_mtime: (u64, (i64, u32)),
+    pub mark: u64,
+}
+
 /// A partial file's chunk progress, for status: (chunks NEW holds, chunks of OLD's data).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ChunkProgress {
@@ -123,7 +140,13 @@ pub struct ChunkProgress {
 
 impl Partial {
     /// The partial file of journal record `rec`, with OLD's file `old` and chunk map `bits`.
-    fn new(key: (u64, u64), rec: PartialFile, old: Source, new: File, bits: Vec<u8>) -> Partial {
+    pub(crate) fn new(
+        key: (u64, u64),
+        rec: PartialFile,
+        old: Source,
+        new: File,
+        bits: Vec<u8>,
+    ) -> Partial {
         let mut map = Map {
             extent: rec.extent,
             bits,
@@ -134,8 +157,8 @@ impl Partial {
         Partial {
             key,
             chunk: rec.chunk,
-            rec,
-            old,
+            rec: std::sync::Mutex::new(rec),
+            old: RwLock::new(old),
             new,
             old_fp: std::sync::Mutex::new(fp),
             map: RwLock::new(map),
@@ -150,6 +173,94 @@ impl Partial {
     }
     fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, Map> {
         self.map.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn source(&self) -> Source {
+        self.old.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn record(&self) -> PartialFile {
+        self.rec.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the file was written (or cut, or had a range punched) through the view since
+    /// `mark` ([`write_mark`]) was taken.
+    pub(crate) fn written_after(&self, mark: u64) -> bool {
+        self.last_write.load(Ordering::Relaxed) > mark
+    }
+
+    /// An S3 NEW's evicted file: its absent chunks are in NEW's bucket, never hydrated.
+    pub(crate) fn is_stub(&self) -> bool {
+        self.rec.lock().unwrap_or_else(|p| p.into_inner()).bucket
+    }
+
+    /// Whether every chunk [off, off + len) touches is absent and below the extent.
+    pub(crate) fn all_absent(&self, off: u64, len: u64) -> bool {
+        let m = self.map();
+        len > 0
+            && off + len <= m.extent
+            && (off / self.chunk..=(off + len - 1) / self.chunk).all(|c| m.absent(c, self.chunk))
+    }
+
+    /// The chunk map and record: (extent, chunk-map bytes, record).
+    pub(crate) fn snapshot(&self) -> (u64, Vec<u8>, PartialFile) {
+        let m = self.map();
+        (m.extent, m.bits.clone(), self.record())
+    }
+
+    /// An S3 NEW's evicted file whose bytes the bucket now holds at `key` (version `etag`,
+    /// `size` bytes, `object` open on it), as an upload read them: its absent chunks are read
+    /// from there from now on. They are the same bytes at the same offsets whatever changed
+    /// since (a chunk written meanwhile is present, a cut lowers the extent), so this holds
+    /// even for a file changed during the upload. With `evict` = what the upload read, and the
+    /// file still so ([`Unchanged`]), the chunks the staging tree holds go too (holes punched)
+    /// and every chunk is read from the bucket (`Ok(true)`). The record first, durably: a
+    /// crash before the holes leaves chunks read from the bucket that the staging tree
+    /// still holds (the next eviction frees them), never a hole taken for data.
+    pub(crate) fn repoint(
+        &self,
+        journal: &Records,
+        key: &str,
+        etag: &str,
+        size: u64,
+        object: Source,
+        evict: Option<Unchanged>,
+    ) -> Result<bool> {
+        let mut m = self.map_mut();
+        if self.detached.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let st = posix::stat_fd(self.new.as_fd()).ctx("fstat NEW file")?;
+        #[allow(clippy::unnecessary_cast)]
+        let now = (
+            st.st_size as u64,
+            (st.st_mtime as i64, st.st_mtime_nsec as u32),
+        );
+        let punch = evict.is_some_and(|u| u.size_mtime == now && !self.written_after(u.mark));
+        let segs = segments(m.bits.len());
+        let mut rec = self.record();
+        rec.origin = key.as_bytes().to_vec();
+        rec.etag = Some(etag.to_string());
+        rec.old = Fingerprint {
+            size,
+            ..Default::default()
+        };
+        rec.bucket = true;
+        let mut b = Batch::new();
+        if punch {
+            m.extent = now.0;
+            m.bits.clear();
+            m.recount(self.chunk);
+            // (Every chunk-map record goes with the old record; the new one has none.)
+            b.clear_partial(self.key.0, self.key.1, segs.max(1));
+        }
+        rec.extent = m.extent;
+        b.partial(self.key.0, self.key.1, &rec);
+        journal.commit(b, true)?;
+        *self.rec.lock().unwrap_or_else(|p| p.into_inner()) = rec;
+        *self.old.write().unwrap_or_else(|p| p.into_inner()) = object;
+        if punch {
+            punch_keeping_mtime(&self.new, &st)?;
+        }
+        Ok(punch)
     }
 
     /// Chunks still OLD's.
@@ -167,7 +278,7 @@ impl Partial {
     /// OLD's file must still be the one the record names, with the same data: chunks read
     /// from it are the file's bytes only then.
     fn check_old(&self) -> Result<()> {
-        let Source::File(old) = &self.old else {
+        let Source::File(old) = self.source() else {
             // An object is read at its ETag: one replaced fails its reads with ESTALE.
             return Ok(());
         };
@@ -196,8 +307,9 @@ impl Partial {
         // NEW (whatever NEW's bytes there were, they read as zeros after).
         let mut at = start;
         let mut copied = 0;
+        let old = self.source();
         while at < end {
-            let data = match &self.old {
+            let data = match &old {
                 Source::File(old) => match rustix::fs::seek(old, rustix::fs::SeekFrom::Data(at)) {
                     Ok(d) => d.min(end),
                     Err(rustix::io::Errno::NXIO) => end,
@@ -212,7 +324,7 @@ impl Partial {
                 at = data;
                 continue;
             }
-            let hole = match &self.old {
+            let hole = match &old {
                 Source::File(old) => match rustix::fs::seek(old, rustix::fs::SeekFrom::Hole(at)) {
                     Ok(h) => h.clamp(at + 1, end),
                     Err(_) => end,
@@ -263,10 +375,19 @@ impl Partial {
     fn read_old(&self, out: &mut [u8], at: u64) -> Result<()> {
         let mut done = 0;
         while done < out.len() {
-            let n = self
-                .old
-                .read_at(&mut out[done..], at + done as u64)
-                .ctx("read OLD chunk")?;
+            let n = match self.source().read_at(&mut out[done..], at + done as u64) {
+                Ok(n) => n,
+                // The object replaced or removed since (another client): its bytes are not
+                // the file's any more.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
+                    return Err(errno_err(
+                        "the object holding this file's chunks was replaced or removed behind \
+                         the view",
+                        libc::EIO,
+                    ));
+                }
+                Err(e) => return Err(e).ctx("read a chunk"),
+            };
             if n == 0 {
                 return Err(errno_err(
                     "OLD's file is shorter than when its copy began (changed behind the view)",
@@ -474,7 +595,7 @@ impl Partial {
             &PartialFile {
                 extent,
                 old: *self.old_fp.lock().unwrap_or_else(|p| p.into_inner()),
-                ..self.rec.clone()
+                ..self.record()
             },
         );
         if !durable {
@@ -493,6 +614,8 @@ impl Partial {
         len: u64,
         mode: i32,
     ) -> Result<()> {
+        self.last_write
+            .store(WRITES.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
         let mut m = self.map_mut();
         let changes = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
         let whole = if changes {
@@ -550,7 +673,11 @@ impl Partial {
                 // most for one chunk's copy, and never meets a chunk copied half.
                 let m = self.map_mut();
                 if m.absent(c, self.chunk) {
+                    // Filling in changes no byte the file shows: its times stay (a write
+                    // through the view waits for this lock, so none is undone).
+                    let st = posix::stat_fd(self.new.as_fd()).ctx("fstat NEW file")?;
                     let n = self.copy_chunk(&m, c, &mut buf)?;
+                    keep_times(&self.new, &st)?;
                     bytes += n;
                     pending_bytes += n;
                     pending.push(c);
@@ -626,6 +753,41 @@ impl Partial {
     }
 }
 
+/// Every byte of `f` (whose stat is `st`) punched out, its size and mtime kept (an evicted
+/// file's bytes are in the bucket; the punch would stamp the mtime).
+pub(crate) fn punch_keeping_mtime(f: &File, st: &rustix::fs::Stat) -> Result<()> {
+    // (To the end of the last block: a partial block at the end is only zeroed, not freed.)
+    #[allow(clippy::unnecessary_cast)]
+    let size = (st.st_size as u64).next_multiple_of((st.st_blksize as u64).max(4096));
+    if size > 0 {
+        rustix::fs::fallocate(
+            f,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            0,
+            size,
+        )
+        .ctx("punch an evicted file's bytes out of the staging tree")?;
+    }
+    keep_times(f, st)
+}
+
+/// `f`'s access and modification times set back to those of `st`.
+fn keep_times(f: &File, st: &rustix::fs::Stat) -> Result<()> {
+    #[allow(clippy::unnecessary_cast)]
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: st.st_atime as i64,
+            tv_nsec: st.st_atime_nsec as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: st.st_mtime as i64,
+            tv_nsec: st.st_mtime_nsec as _,
+        },
+    };
+    rustix::fs::futimens(f, &times).ctx("keep a file's times")?;
+    Ok(())
+}
+
 /// Chunk-map records a map of `bytes` bytes spans.
 fn segments(bytes: usize) -> u64 {
     bytes.div_ceil((CHUNKS_PER_SEGMENT / 8) as usize) as u64
@@ -662,7 +824,10 @@ impl View {
 
     /// (present, total) chunks of `inode`'s data, if it is partly copied.
     pub fn partial_progress(&self, inode: &Inode) -> Option<(u64, u64)> {
-        self.partial_of(inode).map(|p| p.progress())
+        // (An S3 NEW's evicted file is NEW's whole: its chunks are in NEW's bucket.)
+        self.partial_of(inode)
+            .filter(|p| !p.is_stub())
+            .map(|p| p.progress())
     }
 
     /// The partial file behind `inode`, if its data is partly OLD's.
@@ -708,6 +873,18 @@ impl View {
             let mut b = Batch::new();
             b.partial(dev, ino, &rec);
             self.journal.commit(b, false)?;
+        }
+        if rec.bucket {
+            let key = String::from_utf8_lossy(&rec.origin).into_owned();
+            let etag = rec.etag.clone().unwrap_or_default();
+            let src = self.bucket_source(&key, &etag, rec.old.size)?;
+            return Ok(Some(Arc::new(Partial::new(
+                (dev, ino),
+                rec,
+                src,
+                new,
+                bits,
+            ))));
         }
         let old = self
             .old
@@ -843,7 +1020,7 @@ impl View {
     /// The copier's hydration of a partial file: its absent chunks copied into NEW, under the
     /// entry's claim. `Ok(None)`: not a partial file; `Ok(Some((bytes, whole)))` else.
     pub(crate) fn hydrate(&self, inode: &Inode, tick: Tick<'_>) -> Result<Option<(u64, bool)>> {
-        let Some(p) = self.partial_of(inode) else {
+        let Some(p) = self.partial_of(inode).filter(|p| !p.is_stub()) else {
             return Ok(None);
         };
         let Ok(_claim) = inode.claim.try_lock() else {
@@ -904,7 +1081,12 @@ impl View {
             if n.partial.is_some() {
                 return;
             }
+            let stub = p.is_stub();
             n.partial = Some(p);
+            // (An S3 NEW's evicted file is never hydrated: not the copier's.)
+            if stub {
+                return;
+            }
         }
         self.partials
             .lock()
@@ -941,22 +1123,24 @@ impl View {
         out: std::os::fd::BorrowedFd<'_>,
         name: &std::ffi::OsStr,
     ) -> Result<Option<u64>> {
-        let Some(p) = self.partial_of(inode) else {
+        // (An S3 NEW's evicted file is NEW's data: copied back whole, read from the bucket.)
+        let Some(p) = self.partial_of(inode).filter(|p| !p.is_stub()) else {
             return Ok(None);
         };
         let linked = self
             .old
-            .locate_path(&p.rec.origin, false)
+            .locate_path(&p.record().origin, false)
             .and_then(|(loc, _)| {
                 let st = loc.stat()?;
-                if (st.st_dev, st.st_ino) != (p.rec.old.dev, p.rec.old.ino) {
+                let was = p.record().old;
+                if (st.st_dev, st.st_ino) != (was.dev, was.ino) {
                     return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
                 }
                 loc.link_to(out, name)
             });
         if let Err(e) = linked {
             tracing::info!(
-                path = %String::from_utf8_lossy(&p.rec.origin),
+                path = %String::from_utf8_lossy(&p.record().origin),
                 error = %e,
                 "abort: a partly copied file's OLD file cannot take the view's chunks in place; \
                  copied whole instead"
@@ -986,7 +1170,7 @@ impl View {
                 &PartialFile {
                     old: Fingerprint::of(&st),
                     extent: p.map().extent,
-                    ..p.rec.clone()
+                    ..p.record()
                 },
             );
             self.journal.commit(b, true)?;

@@ -131,6 +131,17 @@ pub struct ObjectInfo {
 }
 
 impl ObjectInfo {
+    /// The object `rel` at version `etag`, `size` bytes (what a reader needs of it).
+    pub fn at(rel: &str, size: u64, etag: &str) -> ObjectInfo {
+        ObjectInfo {
+            rel: rel.to_string(),
+            size,
+            etag: etag.to_string(),
+            last_modified: (0, 0),
+            meta: None,
+        }
+    }
+
     /// An object this store just wrote (PUT, a copy, a completed upload) with `meta`.
     fn written(rel: &str, size: u64, etag: String, meta: &PosixMeta) -> ObjectInfo {
         ObjectInfo {

@@ -98,6 +98,142 @@ impl S3Store {
         Ok(ObjectInfo::written(to, size, etag, meta))
     }
 
+    /// An upload of `size` bytes to `rel` whose bytes are, where `from_source(offset, len)`
+    /// says so, the same bytes at the same offsets of this store's object `src_rel` (version
+    /// `src_etag`), and elsewhere what `read(offset, buf)` gives. Those ranges are copied by
+    /// the server (UploadPartCopy, conditional on the ETag), the rest is sent, each part with
+    /// its Content-MD5; at most [`MULTIPART_IN_FLIGHT`] parts are held and in flight at once,
+    /// so memory is bounded whatever the size. Reads run on the caller's thread, between the
+    /// groups of requests. Completed with every part, or aborted on any failure.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_patched(
+        &self,
+        rel: &str,
+        size: u64,
+        meta: &PosixMeta,
+        src_rel: &str,
+        src_etag: &str,
+        from_source: &dyn Fn(u64, u64) -> bool,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<ObjectInfo> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let what = self.at(format!("multipart PUT {key} (unchanged ranges copied)"));
+        let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
+        let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part).max(1))
+            .map(|i| (i * part, part.min(size - (i * part).min(size))))
+            .collect();
+        let created = self
+            .block(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&what, e))?;
+        let id = created.upload_id().unwrap_or_default().to_string();
+        let source = copy_source(self, src_rel);
+        let io = |e: std::io::Error| {
+            S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+        };
+        let mut sent: Result<Vec<CompletedPart>> = Ok(Vec::with_capacity(ranges.len()));
+        for (g, group) in ranges.chunks(MULTIPART_IN_FLIGHT).enumerate() {
+            // What each part of the group is: a range to copy, or bytes read now.
+            let mut bodies: Vec<(i32, u64, u64, Option<Vec<u8>>)> = Vec::new();
+            for (i, &(off, len)) in group.iter().enumerate() {
+                let number = (g * MULTIPART_IN_FLIGHT + i + 1) as i32;
+                if len > 0 && from_source(off, len) {
+                    bodies.push((number, off, len, None));
+                } else {
+                    let mut buf = vec![0u8; len as usize];
+                    if let Err(e) = read(off, &mut buf) {
+                        sent = Err(io(e));
+                        break;
+                    }
+                    bodies.push((number, off, len, Some(buf)));
+                }
+            }
+            if sent.is_err() {
+                break;
+            }
+            let got = self.block(async {
+                let mut set = tokio::task::JoinSet::new();
+                for (number, off, len, body) in bodies {
+                    let what = what.clone();
+                    match body {
+                        None => {
+                            let req = self
+                                .client
+                                .upload_part_copy()
+                                .bucket(&self.url.bucket)
+                                .key(&key)
+                                .upload_id(&id)
+                                .part_number(number)
+                                .copy_source(&source)
+                                .copy_source_range(format!("bytes={off}-{}", off + len - 1))
+                                .set_copy_source_if_match(
+                                    (!src_etag.is_empty()).then(|| src_etag.to_string()),
+                                );
+                            set.spawn(async move {
+                                let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+                                Ok::<_, S3Error>((
+                                    number,
+                                    o.copy_part_result()
+                                        .and_then(|p| p.e_tag())
+                                        .map(str::to_string),
+                                ))
+                            });
+                        }
+                        Some(data) => {
+                            let md5 = {
+                                use md5::Digest;
+                                let d: [u8; 16] = md5::Md5::digest(&data).into();
+                                d
+                            };
+                            let req = self
+                                .client
+                                .upload_part()
+                                .bucket(&self.url.bucket)
+                                .key(&key)
+                                .upload_id(&id)
+                                .part_number(number)
+                                .content_md5(base64_md5(&md5))
+                                .body(ByteStream::from(data));
+                            set.spawn(async move {
+                                let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+                                Ok::<_, S3Error>((number, o.e_tag().map(str::to_string)))
+                            });
+                        }
+                    }
+                }
+                let mut done = Vec::new();
+                while let Some(r) = set.join_next().await {
+                    let (number, etag) =
+                        r.map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))??;
+                    done.push(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(etag)
+                            .build(),
+                    );
+                }
+                Ok::<_, S3Error>(done)
+            });
+            match (&mut sent, got) {
+                (Ok(all), Ok(done)) => all.extend(done),
+                (_, Err(e)) => {
+                    sent = Err(e);
+                    break;
+                }
+                (Err(_), _) => break,
+            }
+        }
+        let etag = self.finish_multipart(&key, &id, &what, sent)?;
+        Ok(ObjectInfo::written(rel, size, etag, meta))
+    }
+
     /// A multipart upload of `key` with `count` parts, part `number` (from 1) sent by the
     /// future `part(upload id, number)` gives, which answers the part's ETag;
     /// [`MULTIPART_IN_FLIGHT`] parts at a time. Completed with every part, or aborted on any

@@ -1,0 +1,210 @@
+//! An S3 NEW of any size (issue 24): the staging tree in the state dir keeps only what is not
+//! in the bucket yet. A file uploaded and closed is evicted (its bytes punched out of the
+//! staging tree, its record pointing at the bucket's object), read from the bucket after, and
+//! staged again only by the chunks a later write touches; the next upload copies the
+//! unchanged ranges by the server. Against a real Garage and a real FUSE mount.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{Fixture, ferryfs, ok, wait_for};
+use ferryfs::store::s3::{ObjectReader, S3Store, S3Url};
+
+fn store(bucket: &str) -> Arc<S3Store> {
+    Arc::new(S3Store::connect(&S3Url::parse(&format!("s3://{bucket}")).unwrap()).unwrap())
+}
+
+fn pattern(n: usize, seed: usize) -> Vec<u8> {
+    (0..n).map(|i| ((i * 31 + seed) % 251) as u8).collect()
+}
+
+/// Bytes the files below `dir` take on disk (their blocks, as `du` counts them).
+fn used(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let st = rustix::fs::lstat(e.path()).unwrap();
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            total += used(&e.path());
+        } else {
+            total += st.st_blocks as u64 * 512;
+        }
+    }
+    total
+}
+
+/// The object `key` of `s`, whole.
+fn object(s: &Arc<S3Store>, key: &str) -> Vec<u8> {
+    let info = s
+        .head(key)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{key} not in the bucket"));
+    let r = ObjectReader::new(s.clone(), info.clone(), 16 << 20);
+    r.read_at(0, info.size as usize).unwrap()
+}
+
+/// A fixture whose NEW is the (emptied) bucket `bucket`, prepared with `extra`, mounted with
+/// the copier on.
+fn start(bucket: &str, fill: impl FnOnce(&Path), extra: &[&str]) -> Fixture {
+    let mut f = Fixture::new();
+    fill(&f.old);
+    common::garage::shared().bucket(bucket);
+    let new = format!("s3://{bucket}");
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        f.old.as_os_str(),
+        "--new".as_ref(),
+        new.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    ok(ferryfs(&args));
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &[]);
+    f
+}
+
+fn published(f: &Fixture, what: &str) -> u64 {
+    f.status_json()["published"][what]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status has no published.{what}"))
+}
+
+fn write_synced(p: &Path, data: &[u8]) {
+    let h = fs::File::create(p).unwrap();
+    h.write_all_at(data, 0).unwrap();
+    h.sync_all().unwrap();
+}
+
+fn pwrite_synced(p: &Path, at: u64, data: &[u8]) {
+    let h = fs::OpenOptions::new().write(true).open(p).unwrap();
+    h.write_all_at(data, at).unwrap();
+    h.sync_all().unwrap();
+}
+
+#[test]
+fn uploaded_files_leave_the_staging_tree_and_are_read_from_the_bucket() {
+    let bucket = "stage-evict";
+    let mut f = start(
+        bucket,
+        |old| fs::write(old.join("old.txt"), b"from OLD").unwrap(),
+        &[],
+    );
+    let stage = f.state.join("stage");
+    // Written through the view: a file over the multipart threshold and small ones.
+    let mut big = pattern((72 << 20) + 4321, 1);
+    write_synced(&f.v("big.bin"), &big);
+    for i in 0..20 {
+        write_synced(&f.v(&format!("small-{i}.txt")), &pattern(5000 + i, i));
+    }
+    ok(f.cmd("execute", &["--wait"]));
+    wait_for("every file evicted from the staging tree", 30, || {
+        published(&f, "evicted") >= 22
+    });
+    let staged = used(&stage);
+    println!("staging tree after upload: {staged} bytes (72 MiB and 20 small files written)");
+    assert!(
+        staged < 64 << 10,
+        "the staging tree still holds {staged} bytes"
+    );
+    ok(f.cmd("verify", &["--checksum"]));
+    // Read back with no page cache and nothing staged: from the bucket.
+    f.unmount();
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &[]);
+    assert!(
+        fs::read(f.v("big.bin")).unwrap() == big,
+        "big.bin read back"
+    );
+    for i in 0..20 {
+        assert_eq!(
+            fs::read(f.v(&format!("small-{i}.txt"))).unwrap(),
+            pattern(5000 + i, i)
+        );
+    }
+    assert_eq!(fs::read(f.v("old.txt")).unwrap(), b"from OLD");
+    // A 4 KiB write into the middle of the evicted file stages the chunk it touches (1 MiB,
+    // the default chunk), not the file.
+    let at = (30 << 20) + 100;
+    pwrite_synced(&f.v("big.bin"), at, &[7u8; 4096]);
+    big[at as usize..at as usize + 4096].fill(7);
+    let staged = used(&stage);
+    println!("staging tree after a 4 KiB write into the evicted 72 MiB file: {staged} bytes");
+    assert!(staged <= 2 << 20, "{staged} bytes staged for a 4 KiB write");
+    assert!(fs::read(f.v("big.bin")).unwrap() == big);
+    // Published (the unchanged ranges copied by the server), and evicted again.
+    ok(f.cmd("execute", &["--wait"]));
+    let s = store(bucket);
+    assert!(object(&s, "big.bin") == big, "the bucket's big.bin");
+    wait_for("big.bin evicted again", 30, || used(&stage) < 64 << 10);
+    // Acknowledged (fsync) and the daemon killed before any pass: there after mount, and then
+    // in the bucket.
+    pwrite_synced(&f.v("big.bin"), 5, b"acknowledged");
+    big[5..17].copy_from_slice(b"acknowledged");
+    write_synced(&f.v("small-3.txt"), b"rewritten");
+    f.kill9();
+    f.mount_with(&mp, &[]);
+    assert!(
+        fs::read(f.v("big.bin")).unwrap() == big,
+        "big.bin after kill -9"
+    );
+    assert_eq!(fs::read(f.v("small-3.txt")).unwrap(), b"rewritten");
+    ok(f.cmd("execute", &["--wait"]));
+    assert!(object(&s, "big.bin") == big);
+    assert_eq!(object(&s, "small-3.txt"), b"rewritten");
+    // A rename of an evicted file: copied by the server from its old key, which then goes.
+    fs::rename(f.v("small-4.txt"), f.v("renamed.txt")).unwrap();
+    ok(f.cmd("execute", &["--wait"]));
+    assert_eq!(object(&s, "renamed.txt"), pattern(5004, 4));
+    assert!(
+        s.head("small-4.txt").unwrap().is_none(),
+        "the old key stayed"
+    );
+    assert_eq!(fs::read(f.v("renamed.txt")).unwrap(), pattern(5004, 4));
+    // /metrics and status say so.
+    let st = f.status_json();
+    assert!(st["published"]["staged_bytes"].as_u64().is_some(), "{st}");
+    // Commit: the bucket holds the view, and evicted files are still read from it.
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    f.mount_with(&mp, &[]);
+    assert!(
+        fs::read(f.v("big.bin")).unwrap() == big,
+        "big.bin after commit"
+    );
+    assert_eq!(fs::read(f.v("renamed.txt")).unwrap(), pattern(5004, 4));
+    f.unmount();
+}
+
+#[test]
+fn abort_writes_evicted_files_back_into_old_from_the_bucket() {
+    let bucket = "stage-abort";
+    let f = start(
+        bucket,
+        |old| fs::write(old.join("kept.txt"), pattern(3 << 20, 2)).unwrap(),
+        &[],
+    );
+    let mut born = pattern(9 << 20, 3);
+    write_synced(&f.v("born.bin"), &born);
+    ok(f.cmd("execute", &["--wait"]));
+    wait_for("born.bin evicted", 30, || published(&f, "evicted") >= 2);
+    pwrite_synced(&f.v("born.bin"), 4 << 20, b"after eviction");
+    born[4 << 20..(4 << 20) + 14].copy_from_slice(b"after eviction");
+    ok(f.cmd("abort", &[]));
+    assert!(
+        fs::read(f.old.join("born.bin")).unwrap() == born,
+        "born.bin in OLD"
+    );
+    assert!(fs::read(f.old.join("kept.txt")).unwrap() == pattern(3 << 20, 2));
+    let mut keys = Vec::new();
+    store(bucket)
+        .list_all(&mut |k, _| keys.push(k.to_string()))
+        .unwrap();
+    assert!(keys.is_empty(), "left in the bucket after abort: {keys:?}");
+}
