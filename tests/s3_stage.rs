@@ -208,3 +208,123 @@ fn abort_writes_evicted_files_back_into_old_from_the_bucket() {
         .unwrap();
     assert!(keys.is_empty(), "left in the bucket after abort: {keys:?}");
 }
+
+/// Bytes used on the file system holding `p` (statvfs).
+fn fs_used(p: &Path) -> u64 {
+    let s = rustix::fs::statvfs(p).unwrap();
+    (s.f_blocks - s.f_bfree) * s.f_frsize
+}
+
+/// A tmpfs of `size` at `dir`, unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        fs::create_dir_all(dir).unwrap();
+        let out = common::run(std::process::Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            dir.to_str().unwrap(),
+        ]));
+        assert!(out.status.success(), "mount a {size} tmpfs: {out:?}");
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Issue 24, POSIX to S3: a dataset of more than 1 GiB (an object over 300 MiB, three of
+/// 230 MiB, 2,000 small files) through a state dir on a 128 MiB file system: the copier sends
+/// OLD's files straight into the bucket, so the state dir never holds their bytes. After
+/// commit another client (rclone, reading every byte back) finds OLD plus the view's changes.
+#[test]
+fn posix_to_s3_through_a_128_mib_state_dir() {
+    let bucket = "stage-posix-1g";
+    let mut f = Fixture::new();
+    let _statefs = SmallFs::mount(&f.state, "128m");
+    let mut sizes = vec![(330u64 << 20) + 7, 230 << 20, 230 << 20, (230 << 20) + 1];
+    for (i, size) in sizes.iter().enumerate() {
+        common::write(
+            &f.old.join(format!("big-{i}.bin")),
+            &pattern(*size as usize, i),
+        );
+    }
+    for i in 0..2000 {
+        let p = f.old.join(format!("small/d{}/f{i:04}", i % 20));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, pattern(8 << 10, i)).unwrap();
+    }
+    sizes.push(2000 * (8 << 10));
+    let total: u64 = sizes.iter().sum();
+    assert!(total > 1 << 30);
+    common::garage::shared().bucket(bucket);
+    let new = format!("s3://{bucket}");
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        f.old.as_os_str(),
+        "--new".as_ref(),
+        new.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+    // The state dir's file system, sampled while the migration runs.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (done, peak, state) = (done.clone(), peak.clone(), f.state.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(fs_used(&state), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    };
+    let began = std::time::Instant::now();
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &[]);
+    // Changes through the view meanwhile.
+    write_synced(&f.v("written.txt"), b"through the view");
+    fs::write(f.v("small/d3/f0003"), b"changed through the view").unwrap();
+    ok(f.cmd("execute", &["--wait"]));
+    ok(f.cmd("verify", &[]));
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "posix to s3: {total} bytes in {:.1} s, peak bytes used under the state dir: {peak} \
+         ({:.1} MiB of a 128 MiB file system)",
+        began.elapsed().as_secs_f64(),
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(
+        peak < 64 << 20,
+        "the state dir held {peak} bytes at its peak"
+    );
+    // OLD plus the view's changes, read back by another client.
+    fs::write(f.old.join("written.txt"), b"through the view").unwrap();
+    fs::write(f.old.join("small/d3/f0003"), b"changed through the view").unwrap();
+    let out = common::run(common::garage::shared().rclone().args([
+        "check",
+        "--download",
+        f.old.to_str().unwrap(),
+        &format!("g:{bucket}"),
+    ]));
+    assert!(
+        out.status.success(),
+        "rclone check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -785,9 +785,14 @@ impl Copier {
             ),
             excluded: excluded.into_inner(),
         };
+        // (An S3 NEW: copies sent straight into the bucket so far, by this host and by the
+        // server.)
+        let (bucket_sent, bucket_server_copied) = crate::metrics::METRICS.bucket_copies();
         tracing::info!(
             ?s,
             secs = started.elapsed().as_secs_f64(),
+            bucket_sent,
+            bucket_server_copied,
             "copier pass done"
         );
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);

@@ -638,11 +638,40 @@ impl Publisher {
             partial || unsure.contains(&(r.ino, r.size)) || self.stub_reads(stage_dev, r.ino, k)
         });
         report.held = held.len() as u64;
+        if !held.is_empty() {
+            tracing::debug!(keys = ?held.iter().take(5).map(|(k, _)| k).collect::<Vec<_>>(), "deletions held for a later pass");
+        }
         for (key, why) in bad {
             report.errors.push((key, why));
         }
         if !self.halted() {
-            for (key, _) in &gone {
+            for (key, seen) in &gone {
+                // Deleted only as the walk saw it: not while the copier sends a copy to the
+                // key (held), nor once it recorded one there since (another record).
+                let _hold = match &self.view {
+                    Some(v) => match v.hold_key(key) {
+                        Some(h) => Some(h),
+                        None => {
+                            tracing::debug!(key, "not deleted: a copy is being sent to it");
+                            report.held += 1;
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
+                let now = self
+                    .journal
+                    .published_one(key)
+                    .map_err(std::io::Error::other)?;
+                if now.as_ref() != Some(seen) || self.stub_reads(stage_dev, seen.ino, key) {
+                    tracing::debug!(
+                        key,
+                        recorded_again = now.as_ref() != Some(seen),
+                        "not deleted: recorded again, or an evicted file reads it"
+                    );
+                    report.held += 1;
+                    continue;
+                }
                 match self.store.delete(key) {
                     Ok(()) => {
                         let mut b = Batch::new();
@@ -685,6 +714,8 @@ impl Publisher {
                 copied = report.copied,
                 from_old = report.from_old,
                 deleted = report.deleted,
+                held = report.held,
+                waiting = report.waiting,
                 changed = report.changed,
                 errors = report.errors.len(),
                 "publish pass"
@@ -988,8 +1019,21 @@ impl Publisher {
         let (src, src_etag) = stub.source();
         let meta = meta_of(now);
         let (etag, md5, done) = if stub.clean(now.size) {
+            // (The copier sends its copies to their key before it names them: a pending
+            // record of this very object.)
+            let sent_here = || {
+                self.store
+                    .head(&w.key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|o| o.etag == src_etag)
+            };
             let in_place = src == w.key
-                && had.is_some_and(|h| !h.pending && same_meta(h, now) && h.etag == src_etag);
+                && had.is_some_and(|h| {
+                    same_meta(h, now)
+                        && (h.etag == src_etag || h.pending)
+                        && (!h.pending || sent_here())
+                });
             if in_place {
                 let md5 = had.map(|h| h.md5.clone()).unwrap_or_default();
                 (src_etag.clone(), md5, Done::Recorded)

@@ -1308,6 +1308,13 @@ impl Records {
 
     /// At most `limit` publisher records whose keys sort after `after` ("" for the first),
     /// in key order (byte order, as S3 lists keys).
+    /// The publisher's record of `key`, if any.
+    pub fn published_one(&self, key: &str) -> Result<Option<Published>> {
+        let mut k = vec![P_PUBLISHED];
+        k.extend_from_slice(key.as_bytes());
+        self.get_json::<Published>(&k, "published record")
+    }
+
     pub fn published_after(&self, after: &str, limit: usize) -> Result<Vec<(String, Published)>> {
         let mut from = vec![P_PUBLISHED];
         from.extend_from_slice(after.as_bytes());

@@ -172,6 +172,12 @@ pub struct Metrics {
     /// Copy-ups (first change through the view to an OLD-only entry), and how many of them
     /// copied no data (O_TRUNC, directories, metadata of special files).
     copy_ups: AtomicU64,
+    /// The copier's copies sent straight into an S3 NEW's bucket: by this host, and by the
+    /// server (copies of an S3 OLD's objects on the same service), each with its bytes.
+    bucket_sent: AtomicU64,
+    bucket_sent_bytes: AtomicU64,
+    bucket_server_copied: AtomicU64,
+    bucket_server_copied_bytes: AtomicU64,
     meta_changes: AtomicU64,
     /// Opens by data path: passthrough to NEW, passthrough to OLD, through the daemon.
     opens: [AtomicU64; 3],
@@ -197,6 +203,10 @@ impl Metrics {
             fallthrough_reads: AtomicU64::new(0),
             fallthrough_bytes: AtomicU64::new(0),
             copy_ups: AtomicU64::new(0),
+            bucket_sent: AtomicU64::new(0),
+            bucket_sent_bytes: AtomicU64::new(0),
+            bucket_server_copied: AtomicU64::new(0),
+            bucket_server_copied_bytes: AtomicU64::new(0),
             meta_changes: AtomicU64::new(0),
             opens: [const { AtomicU64::new(0) }; 3],
             journal_writes: [const { Histogram::new() }; 2],
@@ -224,6 +234,26 @@ impl Metrics {
 
     pub fn copy_up(&self) {
         self.copy_ups.fetch_add(1, Relaxed);
+    }
+
+    /// A copy of `bytes` sent straight into an S3 NEW's bucket; `by_server`: copied there by
+    /// the server from an S3 OLD's bucket (no byte through this host).
+    pub fn bucket_copy(&self, bytes: u64, by_server: bool) {
+        let (n, b) = if by_server {
+            (&self.bucket_server_copied, &self.bucket_server_copied_bytes)
+        } else {
+            (&self.bucket_sent, &self.bucket_sent_bytes)
+        };
+        n.fetch_add(1, Relaxed);
+        b.fetch_add(bytes, Relaxed);
+    }
+
+    /// (copies sent, copies made by the server) into an S3 NEW's bucket so far.
+    pub fn bucket_copies(&self) -> (u64, u64) {
+        (
+            self.bucket_sent.load(Relaxed),
+            self.bucket_server_copied.load(Relaxed),
+        )
     }
 
     /// A metadata change of an OLD-only file recorded without copying its data.
@@ -302,6 +332,30 @@ impl Metrics {
             "ferryfs_fallthrough_read_bytes_total",
             "Bytes the daemon read from OLD for applications.",
             self.fallthrough_bytes.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_bucket_sent_total",
+            "The copier's copies sent straight into an S3 NEW's bucket by this host.",
+            self.bucket_sent.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_bucket_sent_bytes_total",
+            "Bytes of those copies.",
+            self.bucket_sent_bytes.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_bucket_server_copied_total",
+            "The copier's copies made in an S3 NEW's bucket by the server (from an S3 OLD on the same service).",
+            self.bucket_server_copied.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_bucket_server_copied_bytes_total",
+            "Bytes of those copies.",
+            self.bucket_server_copied_bytes.load(Relaxed),
         );
         counter(
             out,

@@ -266,6 +266,7 @@ impl View {
         let mut out = Vec::with_capacity(batch.len());
         let mut ready = Vec::new();
         let mut b = Batch::new();
+        let mut durable = false;
         for p in batch {
             let check = (|| -> Result<Option<Copied>> {
                 if p.inode.cancel.load(Ordering::Acquire) || p.inode.node().new.is_some() {
@@ -301,6 +302,12 @@ impl View {
                     match rec {
                         Ok((tst, rec)) => {
                             b.copy(tst.st_dev, tst.st_ino, &rec);
+                            // An evicted file (its bytes in the bucket): its record is durable
+                            // before its name, which would else show a file of holes.
+                            if let Some((stub, _)) = p.stream.as_deref() {
+                                b.partial(tst.st_dev, tst.st_ino, stub);
+                                durable = true;
+                            }
                             ready.push((p, tst));
                         }
                         Err(e) => out.push((p.inode, Err(e))),
@@ -308,7 +315,7 @@ impl View {
                 }
             }
         }
-        if let Err(e) = self.journal.commit(b, false) {
+        if let Err(e) = self.journal.commit(b, durable) {
             let msg = e.to_string();
             for (p, _) in ready {
                 out.push((
@@ -363,6 +370,19 @@ impl View {
                         orphans.clear_copy(tst.st_dev, tst.st_ino);
                         return Err(e);
                     }
+                    // An evicted file from its first moment: the view reads it from the bucket.
+                    if let Some((rec, _)) = p.stream.as_deref() {
+                        self.hold_streamed(&p.inode, (tst.st_dev, tst.st_ino), rec, &p.tmp)?;
+                    }
+                    // Sent to the key it now has: the publisher's record says the bucket
+                    // holds it (else the publisher copies it to its key).
+                    if let Some((_, sent)) = p.stream.as_deref() {
+                        let key = super::join(&self.new_path(&parent)?, &name);
+                        if key.strip_prefix(b"/").unwrap_or(&key) == sent.key.as_bytes() {
+                            let now = posix::stat_fd(p.tmp.as_fd()).ctx("stat evicted copy")?;
+                            orphans.published(&sent.key, &View::streamed_published(sent, &now));
+                        }
+                    }
                     {
                         let mut n = p.inode.node();
                         n.new = Some(Loc::At(pfd, name));
@@ -375,6 +395,11 @@ impl View {
                         bytes: p.st.st_size as u64,
                     })
                 })();
+                // An evicted file that did not get its name: its record goes (its key in the
+                // bucket is deleted by the next publish pass).
+                if p.stream.is_some() && !matches!(r, Ok(Copied::File { .. })) {
+                    orphans.clear_partial(tst.st_dev, tst.st_ino, 1);
+                }
                 out.push((p.inode, r));
             }
             for (d, before) in dirs {
@@ -439,6 +464,14 @@ impl View {
         let create_mode = if deferred { st.st_mode & 0o777 } else { 0o600 };
         let tmp = self.scratch_file(pfd.as_fd(), create_mode)?;
         let size = st.st_size as u64;
+        // An S3 NEW: the copier's copy goes straight into the bucket, and the staging tree
+        // gets an evicted file for it (no byte of it staged).
+        let stream_key = if deferred && size > 0 {
+            self.stream_key(inode, src.as_ref())?
+        } else {
+            None
+        };
+        let mut streamed = None;
         let copy = |tick: Tick<'_>| -> Result<Fetched> {
             match (&src, &obj) {
                 (Some(f), _) => Ok(copy_data_of(f, &tmp, size, Some(&st), tick)?.into()),
@@ -447,6 +480,22 @@ impl View {
             }
         };
         let fetched = match tick.as_mut() {
+            Some(t) if let Some(key) = &stream_key => {
+                rustix::fs::ftruncate(&tmp, size).ctx("size the evicted copy")?;
+                match self.stream_copy(key, &tmp, src.as_ref(), obj.as_deref(), &st)? {
+                    super::stream::Stream::Changed => Fetched::Changed,
+                    super::stream::Stream::Busy => Fetched::Stopped,
+                    // (Paced after the fact: an upload is not cut short.)
+                    super::stream::Stream::Sent(s)
+                        if !inode.cancel.load(Ordering::Acquire) && t(size) =>
+                    {
+                        streamed = Some(s);
+                        Fetched::Done
+                    }
+                    // (The key sent is deleted by the next publish pass.)
+                    super::stream::Stream::Sent(_) => Fetched::Stopped,
+                }
+            }
             Some(t) => copy(&mut |n| !inode.cancel.load(Ordering::Acquire) && t(n))?,
             None if partial => {
                 // OLD's size, no bytes: the chunks come from OLD until copied (a sparse file).
@@ -495,12 +544,17 @@ impl View {
                 );
             }
             // The copier's plain file: named later, with its batch (see finish_pending).
+            let stream = match streamed {
+                Some(sent) => Some(Box::new((self.streamed_record(&sent, &tmp, &st)?, sent))),
+                None => None,
+            };
             *slot = Some(Pending {
                 inode: arc.clone(),
                 src,
                 st,
                 tmp,
                 origin: old.path.clone(),
+                stream,
             });
             return Ok(Copied::GaveWay);
         }
@@ -905,6 +959,8 @@ pub struct Pending {
     st: rustix::fs::Stat,
     tmp: Scratch,
     origin: Vec<u8>,
+    /// Sent straight into an S3 NEW's bucket: the evicted file's record, and what was sent.
+    stream: Option<Box<(crate::journal::PartialFile, super::stream::Streamed)>>,
 }
 
 impl Pending {

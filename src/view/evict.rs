@@ -238,7 +238,7 @@ impl View {
 
     /// The chunk of evicted files: the migration's copy-before-write chunk, or 1 MiB when
     /// that is 0 (whole files only: an evicted file is still written back by chunk).
-    fn stub_chunk(&self) -> u64 {
+    pub(crate) fn stub_chunk(&self) -> u64 {
         match self.chunk_size() {
             0 => crate::journal::DEFAULT_CHUNK_SIZE,
             c => c,

@@ -20,6 +20,7 @@ mod evict;
 mod handles;
 pub mod inode;
 mod metachange;
+mod stream;
 pub(crate) use metachange::apply as apply_meta_change;
 mod ops;
 mod partial;
@@ -174,6 +175,11 @@ pub struct View {
     evicted: std::sync::Condvar,
     /// How many are in `evicting` (a lookup reads this, not the set, when it is 0).
     evictions: std::sync::atomic::AtomicU64,
+    /// Keys of the bucket the copier is sending copies to, or whose evicted file waits for its
+    /// name: the publisher deletes none of them.
+    streaming: Arc<std::sync::Mutex<rustc_hash::FxHashSet<String>>>,
+    /// An S3 OLD on NEW's service lets NEW's credentials copy its objects (until refused).
+    server_copy_ok: std::sync::atomic::AtomicBool,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -307,6 +313,8 @@ impl View {
             evicting: Default::default(),
             evicted: std::sync::Condvar::new(),
             evictions: Default::default(),
+            streaming: Default::default(),
+            server_copy_ok: std::sync::atomic::AtomicBool::new(true),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;

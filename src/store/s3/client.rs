@@ -238,6 +238,21 @@ impl S3Store {
         file: &std::fs::File,
         meta: &PosixMeta,
     ) -> Result<(ObjectInfo, [u8; 16])> {
+        self.put_file_md5_if(rel, file, meta, &|| true)
+    }
+
+    /// [`put_file_md5`](Self::put_file_md5) of a file another process may be writing (OLD's):
+    /// `still()` is asked once the MD5s are read, before anything is sent, and again before
+    /// a multipart upload is completed; `false` fails the upload with ESTALE and leaves
+    /// nothing under `rel` (the bytes hashed were read while the file changed; a change after
+    /// that makes the server refuse the body, whose Content-MD5 then differs).
+    pub fn put_file_md5_if(
+        &self,
+        rel: &str,
+        file: &std::fs::File,
+        meta: &PosixMeta,
+        still: &dyn Fn() -> bool,
+    ) -> Result<(ObjectInfo, [u8; 16])> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = self.at(format!("PUT {key}"));
@@ -249,10 +264,17 @@ impl S3Store {
         // retried (one made from an open file is not).
         let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
         if size > MULTIPART_THRESHOLD {
-            return self.put_multipart(rel, file, &path, size, meta);
+            return self.put_multipart(rel, file, &path, size, meta, still);
         }
         // Content-MD5: the server refuses a body that arrives other than it was read.
         let md5 = file_md5(file).map_err(io)?;
+        if !still() {
+            return Err(S3Error::new(
+                &what,
+                libc::ESTALE,
+                "changed while it was read",
+            ));
+        }
         let o = self.block(async {
             let body = ByteStream::read_from()
                 .path(&path)

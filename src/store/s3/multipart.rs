@@ -21,6 +21,7 @@ impl S3Store {
         path: &str,
         size: u64,
         meta: &PosixMeta,
+        still: &dyn Fn() -> bool,
     ) -> Result<(ObjectInfo, [u8; 16])> {
         let key = self.url.key(rel);
         let what = self.at(format!("multipart PUT {key}"));
@@ -28,7 +29,14 @@ impl S3Store {
         let (parts, whole) = part_md5s(file, size, part).map_err(|e| {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
         })?;
-        let etag = self.multipart(&key, &what, meta, parts.len(), |id, number| {
+        if !still() {
+            return Err(S3Error::new(
+                &what,
+                libc::ESTALE,
+                "changed while it was read",
+            ));
+        }
+        let etag = self.multipart_if(&key, &what, meta, parts.len(), still, |id, number| {
             let (off, len, md5) = parts[number as usize - 1];
             let req = self
                 .client
@@ -141,10 +149,23 @@ impl S3Store {
         let mut sent: Result<Vec<CompletedPart>> = Ok(Vec::with_capacity(ranges.len()));
         for (g, group) in ranges.chunks(MULTIPART_IN_FLIGHT).enumerate() {
             // What each part of the group is: a range to copy, or bytes read now.
+            let copied: Vec<bool> = group
+                .iter()
+                .map(|&(off, len)| len > 0 && from_source(off, len))
+                .collect();
+            // The bytes this group holds, counted against every upload's (see `BUFFERS`), all
+            // at once (a taker never waits holding a share), given back once it is sent.
+            let need = group
+                .iter()
+                .zip(&copied)
+                .filter(|(_, c)| !**c)
+                .map(|(r, _)| r.1)
+                .sum();
+            let _held = BUFFERS.take(need);
             let mut bodies: Vec<(i32, u64, u64, Option<Vec<u8>>)> = Vec::new();
             for (i, &(off, len)) in group.iter().enumerate() {
                 let number = (g * MULTIPART_IN_FLIGHT + i + 1) as i32;
-                if len > 0 && from_source(off, len) {
+                if copied[i] {
                     bodies.push((number, off, len, None));
                 } else {
                     let mut buf = vec![0u8; len as usize];
@@ -250,6 +271,24 @@ impl S3Store {
         F: Fn(&str, i32) -> Fut,
         Fut: Future<Output = Result<Option<String>>> + Send + 'static,
     {
+        self.multipart_if(key, what, meta, count, &|| true, part)
+    }
+
+    /// [`Self::multipart`], completed only if `still()` says so once every part is sent
+    /// (else aborted: ESTALE).
+    fn multipart_if<F, Fut>(
+        &self,
+        key: &str,
+        what: &str,
+        meta: &PosixMeta,
+        count: usize,
+        still: &dyn Fn() -> bool,
+        part: F,
+    ) -> Result<String>
+    where
+        F: Fn(&str, i32) -> Fut,
+        Fut: Future<Output = Result<Option<String>>> + Send + 'static,
+    {
         let created = self
             .block(
                 self.client
@@ -282,6 +321,17 @@ impl S3Store {
                 }
             }
             Ok(done)
+        });
+        let sent = sent.and_then(|parts| {
+            if still() {
+                Ok(parts)
+            } else {
+                Err(S3Error::new(
+                    what,
+                    libc::ESTALE,
+                    "changed while it was sent",
+                ))
+            }
         });
         self.finish_multipart(key, &id, what, sent)
     }
@@ -326,6 +376,57 @@ impl S3Store {
                 Err(e)
             }
         }
+    }
+}
+
+/// Bytes read into memory for uploads (the parts of [`S3Store::put_patched`], the bodies of
+/// streamed single PUTs), across the process: at most [`BUFFER_BUDGET`] at once, whatever the
+/// number of workers and the object sizes. A taker waits for room.
+pub static BUFFERS: Budget = Budget::new(BUFFER_BUDGET);
+
+/// See [`BUFFERS`]: 512 MiB, room for 32 parts of 16 MiB (four uploads' worth of parts in
+/// flight, or hundreds of small objects).
+pub const BUFFER_BUDGET: u64 = 512 << 20;
+
+/// A count of bytes held, bounded: [`Budget::take`] waits until its share fits.
+pub struct Budget {
+    held: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+    max: u64,
+}
+
+impl Budget {
+    pub const fn new(max: u64) -> Budget {
+        Budget {
+            held: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            max,
+        }
+    }
+
+    /// Hold `n` bytes (at most the whole budget) until the share is dropped.
+    pub fn take(&self, n: u64) -> Share<'_> {
+        let n = n.min(self.max);
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        while *h + n > self.max {
+            h = self.freed.wait(h).unwrap_or_else(|p| p.into_inner());
+        }
+        *h += n;
+        Share { budget: self, n }
+    }
+}
+
+/// Bytes held of a [`Budget`], given back when dropped.
+pub struct Share<'a> {
+    budget: &'a Budget,
+    n: u64,
+}
+
+impl Drop for Share<'_> {
+    fn drop(&mut self) {
+        let mut h = self.budget.held.lock().unwrap_or_else(|p| p.into_inner());
+        *h -= self.n;
+        self.budget.freed.notify_all();
     }
 }
 
