@@ -330,6 +330,19 @@ impl Publisher {
             .then_some((rel, info.etag))
     }
 
+    /// At mount, before any request of this daemon: abort every multipart upload below the
+    /// prefix that was begun and never completed (by a daemon killed, or handed over, in the
+    /// middle of one). Only ferryfs writes below the prefix (prepare found it empty), and no
+    /// upload of this daemon has begun yet. Gives how many were aborted.
+    pub fn abort_unfinished_uploads(&self) -> Result<usize, S3Error> {
+        let left = self.store.unfinished_uploads()?;
+        for (key, id) in &left {
+            tracing::info!(key = %key, "aborting a multipart upload a previous daemon left unfinished");
+            self.store.abort_upload(key, id)?;
+        }
+        Ok(left.len())
+    }
+
     /// Stop the pass under way at its next entry (abort, shutdown), and every later one.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);

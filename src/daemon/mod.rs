@@ -252,6 +252,20 @@ fn open_stores(args: &MountArgs, m: &Migration, state_abs: &Path) -> Result<Open
 /// The copier, with the publisher's loop (an S3 NEW) and the rate sampler; started copying
 /// unless `--no-copy`, or as the old daemon left it after a takeover (limits included).
 fn start_copier(s: &Serving<'_>) -> Result<Copying, String> {
+    // Multipart uploads a killed (or handed-over) daemon left unfinished go before this one
+    // begins any: none is left behind in the bucket.
+    if let Some(p) = &s.opened.publisher {
+        match p.abort_unfinished_uploads() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                n,
+                "aborted multipart uploads a previous daemon left unfinished"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing unfinished multipart uploads in NEW (they stay until a later mount or the bucket's lifecycle rule)")
+            }
+        }
+    }
     let copier = s.opened.copier(&s.migration.journal, s.args.copier.clone());
     let mut threads = Vec::new();
     if let Some(p) = &s.opened.publisher {

@@ -255,6 +255,71 @@ impl S3Store {
         Ok(ObjectInfo::written(rel, size, etag, meta))
     }
 
+    /// The multipart uploads begun and neither completed nor aborted below the store's
+    /// prefix: (key below the prefix, upload id), in key order.
+    pub fn unfinished_uploads(&self) -> Result<Vec<(String, String)>> {
+        let what = self.at(format!("ListMultipartUploads {}", self.url.key("")));
+        let root = self.url.prefix.clone();
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let r = self
+                .block(
+                    self.client
+                        .list_multipart_uploads()
+                        .bucket(&self.url.bucket)
+                        .prefix(&root)
+                        .set_key_marker(key_marker.take())
+                        .set_upload_id_marker(id_marker.take())
+                        .send(),
+                )
+                .map_err(|e| sdk_err(&what, e))?;
+            for u in r.uploads() {
+                if let (Some(k), Some(id)) = (u.key(), u.upload_id())
+                    && let Some(rel) = k.strip_prefix(&root)
+                {
+                    out.push((rel.to_string(), id.to_string()));
+                }
+            }
+            match (
+                r.is_truncated(),
+                r.next_key_marker(),
+                r.next_upload_id_marker(),
+            ) {
+                (Some(true), Some(k), id) => {
+                    key_marker = Some(k.to_string());
+                    id_marker = id.map(str::to_string);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Abort the multipart upload `id` of `rel` (its parts are freed; nothing was visible).
+    pub fn abort_upload(&self, rel: &str, id: &str) -> Result<()> {
+        let key = self.url.key(rel);
+        let what = self.at(format!("AbortMultipartUpload {key}"));
+        match self.block(
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.url.bucket)
+                .key(&key)
+                .upload_id(id)
+                .send(),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = sdk_err(&what, e);
+                // Gone already (completed or aborted meanwhile).
+                if e.errno == libc::ENOENT {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// A multipart upload of `key` with `count` parts, part `number` (from 1) sent by the
     /// future `part(upload id, number)` gives, which answers the part's ETag;
     /// [`MULTIPART_IN_FLIGHT`] parts at a time. Completed with every part, or aborted on any
