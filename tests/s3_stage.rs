@@ -372,3 +372,185 @@ fn kill_9_in_the_middle_of_a_streamed_upload_leaves_no_multipart_upload() {
     assert!(object(&s, "big.bin") == big, "the bucket's big.bin");
     assert!(s.unfinished_uploads().unwrap().is_empty());
 }
+
+/// Issue 24, S3 to S3 between two separate services (two Garage servers, other ports, other
+/// keys, each store reached with a profile of its own): more than 1 GiB (an object over
+/// 300 MiB, three of 230 MiB, 2,000 small ones) through a state dir on a 128 MiB file system.
+/// The copier reads OLD's objects by ranged GETs and sends them in parts: nothing is staged.
+/// After commit rclone, reading every byte of both buckets, finds NEW equal to OLD plus the
+/// view's changes.
+#[test]
+fn s3_to_s3_across_two_services_through_a_128_mib_state_dir() {
+    use std::ffi::OsStr;
+    let a = common::garage::shared();
+    let b = common::garage::Garage::start();
+    let (ob, nb) = ("stage-s3s3-old", "stage-s3s3-new");
+    a.bucket(ob);
+    b.bucket(nb);
+    let o = store(ob);
+    let meta = ferryfs::store::s3::PosixMeta {
+        mode: Some(0o100644),
+        uid: Some(0),
+        gid: Some(0),
+        mtime: Some((1_500_000_000, 0)),
+    };
+    let mut total = 0u64;
+    for (i, size) in [(330usize << 20) + 7, 230 << 20, 230 << 20, (230 << 20) + 1]
+        .into_iter()
+        .enumerate()
+    {
+        o.put_patched(
+            &format!("big-{i}.bin"),
+            size as u64,
+            &meta,
+            "",
+            "",
+            &|_, _| false,
+            &mut |off, buf| {
+                for (j, b) in buf.iter_mut().enumerate() {
+                    *b = (((off as usize + j) * 31 + i) % 251) as u8;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        total += size as u64;
+    }
+    for i in 0..2000 {
+        o.put(
+            &format!("small/d{}/f{i:04}", i % 20),
+            pattern(8 << 10, i),
+            &meta,
+        )
+        .unwrap();
+        total += 8 << 10;
+    }
+    assert!(total > 1 << 30);
+    let f = Fixture::new();
+    let _statefs = SmallFs::mount(&f.state, "128m");
+    let aws = f.root.path().join("aws");
+    fs::create_dir(&aws).unwrap();
+    fs::write(
+        aws.join("credentials"),
+        format!(
+            "[old]\naws_access_key_id = {}\naws_secret_access_key = {}\n\
+             [new]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            a.key_id, a.secret, b.key_id, b.secret
+        ),
+    )
+    .unwrap();
+    fs::write(
+        aws.join("config"),
+        format!(
+            "[profile old]\nregion = garage\nendpoint_url = {}\n\
+             [profile new]\nregion = garage\nendpoint_url = {}\n",
+            a.endpoint, b.endpoint
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&OsStr]| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(args);
+        for k in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT_URL",
+            "AWS_REGION",
+            "AWS_PROFILE",
+        ] {
+            c.env_remove(k);
+        }
+        c.env("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"))
+            .env("AWS_CONFIG_FILE", aws.join("config"));
+        ok(common::run(&mut c))
+    };
+    let st = f.state.clone();
+    let (old_url, new_url) = (format!("s3://{ob}"), format!("s3://{nb}"));
+    cli(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old_url.as_ref(),
+        "--new".as_ref(),
+        new_url.as_ref(),
+        "--state".as_ref(),
+        st.as_os_str(),
+        "--old-s3-profile".as_ref(),
+        "old".as_ref(),
+        "--new-s3-profile".as_ref(),
+        "new".as_ref(),
+    ]);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (done, peak, state) = (done.clone(), peak.clone(), f.state.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(fs_used(&state), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    };
+    let began = std::time::Instant::now();
+    cli(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        st.as_os_str(),
+        f.mnt.as_os_str(),
+        "-o".as_ref(),
+        "allow_other".as_ref(),
+    ]);
+    write_synced(&f.v("written.txt"), b"through the view");
+    fs::write(f.v("small/d3/f0003"), b"changed through the view").unwrap();
+    cli(&[
+        "execute".as_ref(),
+        "--state".as_ref(),
+        st.as_os_str(),
+        "--wait".as_ref(),
+    ]);
+    cli(&["verify".as_ref(), "--state".as_ref(), st.as_os_str()]);
+    cli(&["commit".as_ref(), "--state".as_ref(), st.as_os_str()]);
+    ok(ferryfs(&["unmount".as_ref(), f.mnt.as_os_str()]));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "s3 to s3 across two services: {total} bytes in {:.1} s, peak bytes used under the \
+         state dir: {peak} ({:.1} MiB of a 128 MiB file system)",
+        began.elapsed().as_secs_f64(),
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(
+        peak < 64 << 20,
+        "the state dir held {peak} bytes at its peak"
+    );
+    // OLD plus the view's changes, then both buckets read back whole by rclone.
+    o.put("written.txt", b"through the view".to_vec(), &meta)
+        .unwrap();
+    o.put(
+        "small/d3/f0003",
+        b"changed through the view".to_vec(),
+        &meta,
+    )
+    .unwrap();
+    let mut c = a.rclone();
+    c.env("RCLONE_CONFIG_H_TYPE", "s3")
+        .env("RCLONE_CONFIG_H_PROVIDER", "Other")
+        .env("RCLONE_CONFIG_H_ENDPOINT", &b.endpoint)
+        .env("RCLONE_CONFIG_H_ACCESS_KEY_ID", &b.key_id)
+        .env("RCLONE_CONFIG_H_SECRET_ACCESS_KEY", &b.secret)
+        .env("RCLONE_CONFIG_H_REGION", "garage")
+        .env("RCLONE_CONFIG_H_FORCE_PATH_STYLE", "true")
+        .args([
+            "check",
+            "--download",
+            &format!("g:{ob}"),
+            &format!("h:{nb}"),
+        ]);
+    let out = common::run(&mut c);
+    assert!(
+        out.status.success(),
+        "rclone check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
