@@ -781,24 +781,9 @@ fn old_and_new_on_two_servers_each_reached_with_a_profile_of_its_own() {
     let f = Fixture::new();
     let aws = f.root.path().join("aws");
     fs::create_dir(&aws).unwrap();
-    fs::write(
-        aws.join("credentials"),
-        format!(
-            "[old]\naws_access_key_id = {}\naws_secret_access_key = {}\n\
-             [new]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-            a.key_id, a.secret, b.key_id, b.secret
-        ),
-    )
-    .unwrap();
-    fs::write(
-        aws.join("config"),
-        format!(
-            "[profile old]\nregion = garage\nendpoint_url = {}\n\
-             [profile new]\nregion = garage\nendpoint_url = {}\n",
-            a.endpoint, b.endpoint
-        ),
-    )
-    .unwrap();
+    let (po, pn) = (a.profile("old"), b.profile("new"));
+    fs::write(aws.join("credentials"), format!("{}{}", po.0, pn.0)).unwrap();
+    fs::write(aws.join("config"), format!("{}{}", po.1, pn.1)).unwrap();
     // Every ferryfs command (and so the daemon) gets the profiles and none of AWS's key or
     // endpoint variables.
     let cli = |args: &[&OsStr]| {

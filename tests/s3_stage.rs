@@ -428,43 +428,8 @@ fn s3_to_s3_across_two_services_through_a_128_mib_state_dir() {
     assert!(total > 1 << 30);
     let f = Fixture::new();
     let _statefs = SmallFs::mount(&f.state, "128m");
-    let aws = f.root.path().join("aws");
-    fs::create_dir(&aws).unwrap();
-    fs::write(
-        aws.join("credentials"),
-        format!(
-            "[old]\naws_access_key_id = {}\naws_secret_access_key = {}\n\
-             [new]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-            a.key_id, a.secret, b.key_id, b.secret
-        ),
-    )
-    .unwrap();
-    fs::write(
-        aws.join("config"),
-        format!(
-            "[profile old]\nregion = garage\nendpoint_url = {}\n\
-             [profile new]\nregion = garage\nendpoint_url = {}\n",
-            a.endpoint, b.endpoint
-        ),
-    )
-    .unwrap();
-    let cli = |args: &[&OsStr]| {
-        let mut c = std::process::Command::new(common::BIN);
-        c.args(args);
-        for k in [
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_ENDPOINT_URL",
-            "AWS_REGION",
-            "AWS_PROFILE",
-        ] {
-            c.env_remove(k);
-        }
-        c.env("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"))
-            .env("AWS_CONFIG_FILE", aws.join("config"));
-        ok(common::run(&mut c))
-    };
+    let profiles = [a.profile("old"), b.profile("new")];
+    let cli = |args: &[&OsStr]| cli_with(&f, &profiles, args);
     let st = f.state.clone();
     let (old_url, new_url) = (format!("s3://{ob}"), format!("s3://{nb}"));
     cli(&[
@@ -682,17 +647,7 @@ fn an_s3_new_on_moto_streams_evicts_and_commits_exactly() {
     o.put("top", b"top level".to_vec(), &meta).unwrap();
     o.put("dir/big", pattern((40 << 20) + 5, 9), &meta).unwrap();
     let g = Fixture::new();
-    let old_profile = (
-        format!(
-            "[old]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-            a.key_id, a.secret
-        ),
-        format!(
-            "[profile old]\nregion = garage\nendpoint_url = {}\n",
-            a.endpoint
-        ),
-    );
-    let profiles = [old_profile, new_profile.clone()];
+    let profiles = [a.profile("old"), new_profile.clone()];
     let st = g.state.as_os_str();
     let run = |args: &[&OsStr]| cli_with(&g, &profiles, args);
     run(&[

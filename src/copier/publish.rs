@@ -902,18 +902,7 @@ impl Publisher {
         // The object now holds the file as `now` saw it, unless the file changed since.
         let keep = |etag: String, md5: String, done: Done| -> Result<Done, S3Error> {
             if !same_stat(&fstat(&f)?, &now) {
-                // The key holds what was sent, not what its record says, if anything
-                // was sent: the record becomes pending (never taken for what the
-                // bucket holds), so that a file changed back to the recorded bytes is
-                // sent again rather than recorded as there.
-                if let Some(h) = had.filter(|_| !matches!(done, Done::Recorded)) {
-                    let rec = Published {
-                        pending: true,
-                        ..h.clone()
-                    };
-                    self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
-                }
-                return Ok(Done::Changed);
+                return self.changed_while_sent(w, had, &done);
             }
             let rec = Published {
                 etag,
@@ -942,6 +931,27 @@ impl Publisher {
             crate::store::s3::md5_etag(&md5),
             Done::Uploaded(o.size),
         )
+    }
+
+    /// `w`'s file changed while it was sent: the key holds what was sent, not what its record
+    /// says, if anything was sent (`done`): the record becomes pending (never taken for what
+    /// the bucket holds), so that a file changed back to the recorded bytes is sent again
+    /// rather than recorded as there. The next pass takes the file as it is then.
+    fn changed_while_sent(
+        &self,
+        w: &Want,
+        had: Option<&Published>,
+        done: &Done,
+    ) -> Result<Done, S3Error> {
+        if let Some(h) = had.filter(|_| !matches!(done, Done::Recorded)) {
+            let rec = Published {
+                pending: true,
+                ..h.clone()
+            };
+            self.record(&w.key, &rec)
+                .map_err(|e| io_err(w, "journal", e))?;
+        }
+        Ok(Done::Changed)
     }
 
     /// The staged file `f`, just recorded as `rec` for `w`'s key, leaves the staging tree when
@@ -1110,14 +1120,7 @@ impl Publisher {
             return Ok(Done::Changed);
         }
         if !unchanged {
-            if let Some(h) = had.filter(|_| !matches!(done, Done::Recorded)) {
-                let rec = Published {
-                    pending: true,
-                    ..h.clone()
-                };
-                self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
-            }
-            return Ok(Done::Changed);
+            return self.changed_while_sent(w, had, &done);
         }
         let stamped = if pointed == crate::view::Eviction::Evicted {
             rustix::fs::fstat(f)

@@ -773,18 +773,7 @@ pub(crate) fn punch_keeping_mtime(f: &File, st: &rustix::fs::Stat) -> Result<()>
 
 /// `f`'s access and modification times set back to those of `st`.
 fn keep_times(f: &File, st: &rustix::fs::Stat) -> Result<()> {
-    #[allow(clippy::unnecessary_cast)]
-    let times = rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec {
-            tv_sec: st.st_atime as i64,
-            tv_nsec: st.st_atime_nsec as _,
-        },
-        last_modification: rustix::fs::Timespec {
-            tv_sec: st.st_mtime as i64,
-            tv_nsec: st.st_mtime_nsec as _,
-        },
-    };
-    rustix::fs::futimens(f, &times).ctx("keep a file's times")?;
+    rustix::fs::futimens(f, &crate::store::copy::timestamps(st)).ctx("keep a file's times")?;
     Ok(())
 }
 

@@ -201,6 +201,21 @@ impl Garage {
         ]);
     }
 
+    /// An AWS profile reaching this server: (its block in the credentials file, its block in
+    /// the config file), for `--old-s3-profile NAME` / `--new-s3-profile NAME`.
+    pub fn profile(&self, name: &str) -> (String, String) {
+        (
+            format!(
+                "[{name}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                self.key_id, self.secret
+            ),
+            format!(
+                "[profile {name}]\nregion = garage\nendpoint_url = {}\n",
+                self.endpoint
+            ),
+        )
+    }
+
     /// AWS's standard variables for this server: with only these set, `s3://bucket` works.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
