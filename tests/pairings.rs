@@ -779,29 +779,11 @@ fn old_and_new_on_two_servers_each_reached_with_a_profile_of_its_own() {
     o.put("top", b"top level".to_vec(), &meta).unwrap();
     o.put("d/inner", vec![5u8; 70_000], &meta).unwrap();
     let f = Fixture::new();
-    let aws = f.root.path().join("aws");
-    fs::create_dir(&aws).unwrap();
-    let (po, pn) = (a.profile("old"), b.profile("new"));
-    fs::write(aws.join("credentials"), format!("{}{}", po.0, pn.0)).unwrap();
-    fs::write(aws.join("config"), format!("{}{}", po.1, pn.1)).unwrap();
+    let profiles = [a.profile("old"), b.profile("new")];
     // Every ferryfs command (and so the daemon) gets the profiles and none of AWS's key or
     // endpoint variables.
     let cli = |args: &[&OsStr]| {
-        let mut c = std::process::Command::new(common::BIN);
-        c.args(args);
-        for k in [
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_ENDPOINT_URL",
-            "AWS_REGION",
-            "AWS_PROFILE",
-        ] {
-            c.env_remove(k);
-        }
-        c.env("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"))
-            .env("AWS_CONFIG_FILE", aws.join("config"));
-        common::run(&mut c)
+        common::run(common::ferryfs_with_profiles(f.root.path(), &profiles).args(args))
     };
     // The same bucket name on both servers, each server named by its profile alone.
     let old_url = "s3://prof-both".to_string();

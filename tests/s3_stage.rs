@@ -520,30 +520,12 @@ fn s3_to_s3_across_two_services_through_a_128_mib_state_dir() {
     );
 }
 
-/// `ferryfs` run with `profiles` ((name, credentials block, config block) for the files AWS's
-/// SDK reads) and none of AWS's key or endpoint variables; its output, or a failure.
+/// `ferryfs` run with `profiles` (see `common::ferryfs_with_profiles`); its output, or a
+/// failure.
 fn cli_with(f: &Fixture, profiles: &[(String, String)], args: &[&std::ffi::OsStr]) -> String {
-    let aws = f.root.path().join("aws-profiles");
-    fs::create_dir_all(&aws).unwrap();
-    let creds: String = profiles.iter().map(|(c, _)| c.as_str()).collect();
-    let config: String = profiles.iter().map(|(_, c)| c.as_str()).collect();
-    fs::write(aws.join("credentials"), creds).unwrap();
-    fs::write(aws.join("config"), config).unwrap();
-    let mut c = std::process::Command::new(common::BIN);
-    c.args(args);
-    for k in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_ENDPOINT_URL",
-        "AWS_REGION",
-        "AWS_PROFILE",
-    ] {
-        c.env_remove(k);
-    }
-    c.env("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"))
-        .env("AWS_CONFIG_FILE", aws.join("config"));
-    ok(common::run(&mut c))
+    ok(common::run(
+        common::ferryfs_with_profiles(f.root.path(), profiles).args(args),
+    ))
 }
 
 /// Issue 24 against a second S3 implementation, moto's S3 server, so that no single server's

@@ -679,3 +679,29 @@ pub fn daemon_io(f: &Fixture) -> (u64, u64) {
     };
     (field("rchar:"), field("wchar:"))
 }
+
+/// A ferryfs command that reaches S3 through AWS profiles alone: `profiles` ((credentials
+/// block, config block) each, as `Garage::profile` and `Moto::profile` give) written into
+/// files under `dir`, and none of AWS's key or endpoint variables in its environment.
+pub fn ferryfs_with_profiles(dir: &Path, profiles: &[(String, String)]) -> Command {
+    let aws = dir.join("aws-profiles");
+    fs::create_dir_all(&aws).unwrap();
+    let creds: String = profiles.iter().map(|(c, _)| c.as_str()).collect();
+    let config: String = profiles.iter().map(|(_, c)| c.as_str()).collect();
+    fs::write(aws.join("credentials"), creds).unwrap();
+    fs::write(aws.join("config"), config).unwrap();
+    let mut c = Command::new(BIN);
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "AWS_PROFILE",
+    ] {
+        c.env_remove(k);
+    }
+    c.env("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"))
+        .env("AWS_CONFIG_FILE", aws.join("config"));
+    c
+}
