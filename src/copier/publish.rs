@@ -85,6 +85,28 @@ pub struct PassReport {
 }
 
 impl PassReport {
+    /// One key brought up to date (anything but [`Done::Changed`], which the pass counts
+    /// with the keys it holds back).
+    fn count(&mut self, done: Done) {
+        match done {
+            Done::Uploaded(n) => {
+                self.uploaded += 1;
+                self.uploaded_bytes += n;
+            }
+            Done::Copied => self.copied += 1,
+            Done::FromOld(n) => {
+                self.from_old += 1;
+                self.from_old_bytes += n;
+            }
+            Done::Evicted(inner, n) => {
+                self.evicted += 1;
+                self.staged_bytes = self.staged_bytes.saturating_sub(n);
+                self.count(*inner);
+            }
+            Done::Recorded | Done::Changed => {}
+        }
+    }
+
     /// The bucket held what the staging tree held: the pass had nothing to do.
     pub fn clean(&self) -> bool {
         self.uploaded
@@ -592,36 +614,11 @@ impl Publisher {
                         }
                         let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                         match r {
-                            Ok(Done::Uploaded(n)) => {
-                                o.uploaded += 1;
-                                o.uploaded_bytes += n;
-                            }
-                            Ok(Done::Evicted(inner, n)) => {
-                                o.evicted += 1;
-                                o.staged_bytes = o.staged_bytes.saturating_sub(n);
-                                match *inner {
-                                    Done::Uploaded(n) => {
-                                        o.uploaded += 1;
-                                        o.uploaded_bytes += n;
-                                    }
-                                    Done::Copied => o.copied += 1,
-                                    Done::FromOld(n) => {
-                                        o.from_old += 1;
-                                        o.from_old_bytes += n;
-                                    }
-                                    _ => {}
-                                }
-                            }
-                            Ok(Done::Copied) => o.copied += 1,
-                            Ok(Done::FromOld(n)) => {
-                                o.from_old += 1;
-                                o.from_old_bytes += n;
-                            }
-                            Ok(Done::Recorded) => {}
                             Ok(Done::Changed) => {
                                 o.changed += 1;
                                 unsure.lock().unwrap_or_else(|p| p.into_inner()).push(i);
                             }
+                            Ok(done) => o.count(done),
                             Err(e) => {
                                 o.errors.push((w.key.clone(), e.to_string()));
                                 unsure.lock().unwrap_or_else(|p| p.into_inner()).push(i);
@@ -643,13 +640,11 @@ impl Publisher {
             .into_iter()
             .map(|i| (todo[i].0.rec.ino, todo[i].0.rec.size))
             .collect();
-        // A key an evicted file still reads its bytes from (renamed, and not pointed at its
-        // new key yet) stays until it is.
         #[allow(clippy::unnecessary_cast)]
         let stage_dev = stat_fd(root.root()).map(|st| st.st_dev as u64)?;
-        let (held, gone): (Vec<_>, Vec<_>) = gone.into_iter().partition(|(k, r)| {
-            partial || unsure.contains(&(r.ino, r.size)) || self.stub_reads(stage_dev, r.ino, k)
-        });
+        let (held, gone): (Vec<_>, Vec<_>) = gone
+            .into_iter()
+            .partition(|(_, r)| partial || unsure.contains(&(r.ino, r.size)));
         report.held = held.len() as u64;
         if !held.is_empty() {
             tracing::debug!(keys = ?held.iter().take(5).map(|(k, _)| k).collect::<Vec<_>>(), "deletions held for a later pass");
@@ -660,7 +655,9 @@ impl Publisher {
         if !self.halted() {
             for (key, seen) in &gone {
                 // Deleted only as the walk saw it: not while the copier sends a copy to the
-                // key (held), nor once it recorded one there since (another record).
+                // key (held), nor once it recorded one there since (another record), nor
+                // while an evicted file still reads its bytes from it (renamed, and not
+                // pointed at its new key yet).
                 let _hold = match &self.view {
                     Some(v) => match v.hold_key(key) {
                         Some(h) => Some(h),
@@ -873,7 +870,7 @@ impl Publisher {
         if now.ino != w.rec.ino {
             return Ok(Done::Changed);
         }
-        if let Some(x) = user_xattr(&f) {
+        if let Some(x) = crate::store::posix::first_user_xattr(&f) {
             return Err(S3Error::new(
                 w.path.display().to_string(),
                 libc::EOPNOTSUPP,
@@ -1380,16 +1377,6 @@ fn io_err(w: &Want, what: &str, e: std::io::Error) -> S3Error {
         e.raw_os_error().unwrap_or(libc::EIO),
         e.to_string(),
     )
-}
-
-/// The first `user.` extended attribute of `f`, if it has one.
-fn user_xattr(f: &File) -> Option<String> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = rustix::fs::flistxattr(f, &mut buf).ok()?;
-    buf[..n]
-        .split(|b| *b == 0)
-        .find(|n| n.starts_with(b"user."))
-        .map(|n| String::from_utf8_lossy(n).into_owned())
 }
 
 /// What a walk collects besides the wanted keys, and how it wants directories.

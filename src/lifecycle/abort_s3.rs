@@ -355,7 +355,7 @@ fn plan_s3_dir(
     let children = view.children(dir)?;
     if children.is_empty() && !rel.is_empty() {
         let meta = match view.backing(dir) {
-            Some(l) => meta_of(&l.stat().ctx("stat view dir")?),
+            Some(l) => PosixMeta::of_stat(&l.stat().ctx("stat view dir")?),
             None => PosixMeta::default(),
         };
         plan.push(Planned::Marker {
@@ -407,7 +407,7 @@ fn plan_s3_entry(
     let info = o.object.as_ref().ok_or_else(|| {
         crate::view::error::errno_err("an S3 directory where a file was", libc::EISDIR)
     })?;
-    let meta = meta_of(&o.st);
+    let meta = PosixMeta::of_stat(&o.st);
     tree.store
         .copy(&info.rel, &staged_key(&path), &info.etag, info.size, &meta)
         .map_err(s3_err("copy a renamed object aside in OLD"))?;
@@ -417,16 +417,6 @@ fn plan_s3_entry(
         meta,
     });
     Ok(())
-}
-
-#[allow(clippy::unnecessary_cast)]
-fn meta_of(st: &rustix::fs::Stat) -> PosixMeta {
-    PosixMeta {
-        mode: Some(st.st_mode),
-        uid: Some(st.st_uid),
-        gid: Some(st.st_gid),
-        mtime: Some((st.st_mtime as i64, st.st_mtime_nsec as u32)),
-    }
 }
 
 /// Placing: one planned write.
@@ -484,7 +474,7 @@ fn put_from_new(view: &View, tree: &Arc<S3Tree>, inode: &Arc<Inode>, path: &str)
         .backing(inode)
         .ok_or_else(|| crate::view::error::errno_err("entry has no backing", libc::ENOENT))?;
     let st = src.stat().ctx("stat view entry")?;
-    let meta = meta_of(&st);
+    let meta = PosixMeta::of_stat(&st);
     match Kind::from_mode(st.st_mode) {
         Kind::File => {
             let f = src.open(OFlags::RDONLY).ctx("open view file")?;

@@ -16,6 +16,16 @@ use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
+/// The first `user.` extended attribute of `f`, if it has one (what no S3 object can hold).
+pub fn first_user_xattr(f: &std::fs::File) -> Option<String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = rustix::fs::flistxattr(f, &mut buf).ok()?;
+    buf[..n]
+        .split(|b| *b == 0)
+        .find(|n| n.starts_with(b"user."))
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+}
+
 /// An open store root. The fd is taken before the view is mounted, so the view may be mounted
 /// over the store's own path ("mount in place", rule 11).
 #[derive(Debug)]

@@ -373,9 +373,12 @@ impl Partial {
     /// OLD's bytes at `at`, exactly: OLD's file shorter than the record says (changed behind
     /// the view) is EIO, never a short read taken for the file's end.
     fn read_old(&self, out: &mut [u8], at: u64) -> Result<()> {
+        // (Borrowed, not cloned: every read of an absent chunk comes here. The map's lock,
+        // which callers hold, orders this before any repoint.)
+        let src = self.old.read().unwrap_or_else(|p| p.into_inner());
         let mut done = 0;
         while done < out.len() {
-            let n = match self.source().read_at(&mut out[done..], at + done as u64) {
+            let n = match src.read_at(&mut out[done..], at + done as u64) {
                 Ok(n) => n,
                 // The object replaced or removed since (another client): its bytes are not
                 // the file's any more.

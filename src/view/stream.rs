@@ -63,27 +63,6 @@ impl Drop for KeyHold {
     }
 }
 
-/// The POSIX metadata of an object holding a file of stat `st`.
-pub(crate) fn meta_of(st: &rustix::fs::Stat) -> PosixMeta {
-    #[allow(clippy::unnecessary_cast)]
-    PosixMeta {
-        mode: Some(st.st_mode as u32),
-        uid: Some(st.st_uid),
-        gid: Some(st.st_gid),
-        mtime: Some((st.st_mtime as i64, st.st_mtime_nsec as u32)),
-    }
-}
-
-/// Whether `f` has a `user.` extended attribute.
-fn has_user_xattr(f: &File) -> bool {
-    let mut buf = vec![0u8; 64 * 1024];
-    rustix::fs::flistxattr(f, &mut buf).is_ok_and(|n| {
-        buf[..n]
-            .split(|b| *b == 0)
-            .any(|name| name.starts_with(b"user."))
-    })
-}
-
 fn s3_err(op: &'static str) -> impl Fn(S3Error) -> Error {
     move |e| Error::Store {
         op,
@@ -104,7 +83,7 @@ impl View {
         let Some(bucket) = self.bucket.get() else {
             return Ok(None);
         };
-        if src.is_some_and(has_user_xattr) {
+        if src.is_some_and(|f| posix::first_user_xattr(f).is_some()) {
             return Ok(None);
         }
         let path = self.new_path(inode)?;
@@ -187,7 +166,7 @@ impl View {
         obj: Option<&crate::store::s3::tree::Entry>,
         st: &rustix::fs::Stat,
     ) -> Result<Option<(String, String)>> {
-        let meta = meta_of(st);
+        let meta = PosixMeta::of_stat(st);
         #[allow(clippy::unnecessary_cast)]
         let size = st.st_size as u64;
         let stale = |e: &S3Error| e.errno == libc::ESTALE || e.errno == libc::ENOENT;

@@ -49,6 +49,20 @@ pub struct PosixMeta {
     pub mtime: Option<(i64, u32)>,
 }
 
+impl PosixMeta {
+    /// The attributes an object holding an entry of stat `st` carries: its mode (type
+    /// included), owner and mtime.
+    pub fn of_stat(st: &rustix::fs::Stat) -> PosixMeta {
+        #[allow(clippy::unnecessary_cast)]
+        PosixMeta {
+            mode: Some(st.st_mode as u32),
+            uid: Some(st.st_uid),
+            gid: Some(st.st_gid),
+            mtime: Some((st.st_mtime as i64, st.st_mtime_nsec as u32)),
+        }
+    }
+}
+
 /// Parse "1700000000", "1700000000.123456789" or "1700000000.5" into (secs, nanos), exactly;
 /// also an RFC 3339 time ("2014-05-13T16:53:20.000000005Z", "...+02:00"), as rclone's
 /// metadata API writes it.

@@ -131,17 +131,7 @@ impl S3Store {
         let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part).max(1))
             .map(|i| (i * part, part.min(size - (i * part).min(size))))
             .collect();
-        let created = self
-            .block(
-                self.client
-                    .create_multipart_upload()
-                    .bucket(&self.url.bucket)
-                    .key(&key)
-                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
-                    .send(),
-            )
-            .map_err(|e| sdk_err(&what, e))?;
-        let id = created.upload_id().unwrap_or_default().to_string();
+        let id = self.begin_upload(&key, &what, meta)?;
         let source = copy_source(self, src_rel);
         let io = |e: std::io::Error| {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
@@ -354,17 +344,7 @@ impl S3Store {
         F: Fn(&str, i32) -> Fut,
         Fut: Future<Output = Result<Option<String>>> + Send + 'static,
     {
-        let created = self
-            .block(
-                self.client
-                    .create_multipart_upload()
-                    .bucket(&self.url.bucket)
-                    .key(key)
-                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
-                    .send(),
-            )
-            .map_err(|e| sdk_err(what, e))?;
-        let id = created.upload_id().unwrap_or_default().to_string();
+        let id = self.begin_upload(key, what, meta)?;
         let sent = self.block(async {
             let mut done: Vec<CompletedPart> = Vec::with_capacity(count);
             for first in (0..count).step_by(MULTIPART_IN_FLIGHT) {
@@ -399,6 +379,21 @@ impl S3Store {
             }
         });
         self.finish_multipart(key, &id, what, sent)
+    }
+
+    /// CreateMultipartUpload of `key` with POSIX metadata: the upload's id.
+    fn begin_upload(&self, key: &str, what: &str, meta: &PosixMeta) -> Result<String> {
+        let created = self
+            .block(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.url.bucket)
+                    .key(key)
+                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(what, e))?;
+        Ok(created.upload_id().unwrap_or_default().to_string())
     }
 
     /// The last step of a multipart upload `id` of `key`: completed with the parts `sent`
