@@ -52,8 +52,10 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
             metrics_addr,
             takeover,
             readdirplus,
+            stage_max,
         } => {
             let args = MountArgs {
+                stage_max,
                 metrics_addr,
                 takeover,
                 readdirplus,

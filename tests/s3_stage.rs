@@ -684,3 +684,165 @@ fn an_s3_new_on_moto_streams_evicts_and_commits_exactly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Byte `i` of the test file with `seed` (the same as `pattern`).
+fn byte_at(i: u64, seed: usize) -> u8 {
+    ((i as usize * 31 + seed) % 251) as u8
+}
+
+/// Bytes [off, off + len) of the test file with `seed`.
+fn piece(off: u64, len: usize, seed: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| byte_at(off + i, seed)).collect()
+}
+
+/// `size` bytes written to the view's `p` in 1 MiB writes, an fsync every 64 MiB and at the
+/// end; every write must succeed.
+fn write_through(p: &Path, size: u64, seed: usize) {
+    let h = fs::File::create(p).unwrap();
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(1 << 20) as usize;
+        h.write_all_at(&piece(off, n, seed), off)
+            .unwrap_or_else(|e| panic!("write of {} at {off}: {e}", p.display()));
+        off += n as u64;
+        if off % (64 << 20) == 0 {
+            h.sync_all()
+                .unwrap_or_else(|e| panic!("fsync of {} at {off}: {e}", p.display()));
+        }
+    }
+    h.sync_all().unwrap();
+}
+
+/// Whether the bucket's `key` is the test file of `size` bytes with `seed`, read in pieces.
+fn object_is(s: &Arc<S3Store>, key: &str, size: u64, seed: usize) -> bool {
+    let Some(info) = s.head(key).unwrap() else {
+        return false;
+    };
+    if info.size != size {
+        return false;
+    }
+    let r = ObjectReader::new(s.clone(), info, 16 << 20);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(16 << 20) as usize;
+        if r.read_at(off, n).unwrap() != piece(off, n, seed) {
+            return false;
+        }
+        off += n as u64;
+    }
+    true
+}
+
+/// Issue 24: more than 1 GiB written through the view into an S3 NEW (a file of 600 MiB and
+/// four of 110 MiB, written at once from two threads, fsynced as they go) through a state dir
+/// on a 128 MiB file system, at the default --stage-max: writes wait for uploads when the
+/// staging tree is full (a file still open is uploaded as it is and evicted), none fails, and
+/// after commit the bucket holds every byte.
+#[test]
+fn a_gib_written_through_the_view_fits_a_128_mib_state_dir() {
+    let bucket = "stage-writes-1g";
+    let mut f = Fixture::new();
+    let _statefs = SmallFs::mount(&f.state, "128m");
+    fs::write(f.old.join("old.txt"), b"from OLD").unwrap();
+    common::garage::shared().bucket(bucket);
+    let new = format!("s3://{bucket}");
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        f.old.as_os_str(),
+        "--new".as_ref(),
+        new.as_ref(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+    ]));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (done, peak, state) = (done.clone(), peak.clone(), f.state.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(fs_used(&state), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        })
+    };
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &[]);
+    let files: Vec<(String, u64, usize)> = std::iter::once(("big.bin".to_string(), 600 << 20, 1))
+        .chain((0..4).map(|i| (format!("w/part-{i}.bin"), (110 << 20) + i as u64, 10 + i)))
+        .collect();
+    let total: u64 = files.iter().map(|(_, n, _)| n).sum();
+    assert!(total > 1 << 30);
+    fs::create_dir(f.v("w")).unwrap();
+    let began = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let (big, rest) = files.split_first().unwrap();
+        let view = |name: &str| f.v(name);
+        let p = view(&big.0);
+        s.spawn(move || write_through(&p, big.1, big.2));
+        let rest: Vec<_> = rest.iter().map(|(n, sz, sd)| (view(n), *sz, *sd)).collect();
+        s.spawn(move || {
+            for (p, size, seed) in rest {
+                write_through(&p, size, seed);
+            }
+        });
+    });
+    let wrote = began.elapsed();
+    let st = f.status_json();
+    println!(
+        "stage: {}",
+        serde_json::to_string(&st["published"]).unwrap()
+    );
+    ok(f.cmd("execute", &["--wait"]));
+    ok(f.cmd("verify", &[]));
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{total} bytes written through the view in {:.1} s; peak bytes used under the state \
+         dir: {peak} ({:.1} MiB of a 128 MiB file system)",
+        wrote.as_secs_f64(),
+        peak as f64 / (1 << 20) as f64
+    );
+    let s = store(bucket);
+    for (name, size, seed) in &files {
+        assert!(object_is(&s, name, *size, *seed), "the bucket's {name}");
+    }
+    let mut keys = Vec::new();
+    s.list_all(&mut |k, _| keys.push(k.to_string())).unwrap();
+    keys.sort();
+    let mut want: Vec<String> = files.iter().map(|(n, _, _)| n.clone()).collect();
+    want.extend(["old.txt".to_string(), "w/".to_string()]);
+    want.sort();
+    assert_eq!(keys, want, "the bucket after commit");
+    assert!(s.unfinished_uploads().unwrap().is_empty());
+}
+
+/// Issue 24: a single allocation larger than the whole staging bound cannot wait for room:
+/// it fails with ENOSPC and the log names the flag. Writes under it go on.
+#[test]
+fn an_allocation_larger_than_the_stage_bound_fails_with_enospc() {
+    let mut f = start("stage-max-enospc", |_| {}, &[]);
+    f.unmount();
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &["--stage-max", "8M"]);
+    let h = fs::File::create(f.v("prealloc.bin")).unwrap();
+    let err = rustix::fs::fallocate(&h, rustix::fs::FallocateFlags::empty(), 0, 16 << 20)
+        .expect_err("a 16 MiB allocation under an 8 MiB bound");
+    assert_eq!(err, rustix::io::Errno::NOSPC);
+    drop(h);
+    write_synced(&f.v("small.bin"), &pattern(4 << 20, 3));
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    assert!(
+        log.contains("--stage-max"),
+        "the log names the flag:\n{log}"
+    );
+    let st = f.status_json();
+    assert_eq!(st["published"]["stage_max"].as_u64(), Some(8 << 20));
+    ok(f.cmd("execute", &["--wait"]));
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    assert!(object(&store("stage-max-enospc"), "small.bin") == pattern(4 << 20, 3));
+}

@@ -84,6 +84,14 @@ pub enum Cmd {
         /// keeps the first daemon's choice (it is negotiated at mount).
         #[arg(long, value_enum, default_value_t = crate::fuse::ReaddirPlus::Always)]
         readdirplus: crate::fuse::ReaddirPlus,
+        /// An S3 NEW: the most bytes its staging tree (in the state dir) holds of what
+        /// applications write through the view before it is uploaded (k, M, G, T suffixes).
+        /// Writes that would go past it wait for uploads to make room (a file still open is
+        /// uploaded as it is and evicted too); a single write larger than it fails with
+        /// ENOSPC. [default: half of the space free for it on the state dir's file system at
+        /// mount]
+        #[arg(long, value_name = "SIZE", value_parser = parse_stage_max)]
+        stage_max: Option<u64>,
     },
     /// Show the migration's phase and progress.
     Status {
@@ -337,6 +345,17 @@ pub struct ExecuteArgs {
     /// behind ferryfs's back); until then each is an error, and the migration is not executed.
     #[arg(long)]
     pub recopy_lost: bool,
+}
+
+/// `--stage-max`: a size of at least 1 MiB.
+fn parse_stage_max(s: &str) -> Result<u64, String> {
+    let v = crate::copier::limits::parse_rate(s).map_err(|e| e.replace("rate", "size"))?;
+    if v < 1 << 20 {
+        return Err(format!(
+            "bad staging bound {s:?}: at least 1M (a write through the view is up to 1 MiB)"
+        ));
+    }
+    Ok(v)
 }
 
 /// `--chunk-size`: 0, or a power of two from 4 KiB to 1 GiB.

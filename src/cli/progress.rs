@@ -246,8 +246,13 @@ pub fn print_status(s: &Status) {
             "bucket:     {} objects uploaded into NEW, {} uploads under way",
             p.objects, p.pending
         );
+        let bound = if p.stage_max > 0 {
+            format!(" (bound {}, mount --stage-max)", human(p.stage_max))
+        } else {
+            String::new()
+        };
         println!(
-            "staging:    {} held in the state dir, {} files evicted (read from the bucket)",
+            "staging:    {} held in the state dir{bound}, {} files evicted (read from the bucket)",
             human(p.staged_bytes),
             p.evicted
         );

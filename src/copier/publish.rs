@@ -368,6 +368,14 @@ impl Publisher {
     /// Stop the pass under way at its next entry (abort, shutdown), and every later one.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+        self.stop_draining();
+    }
+
+    /// Writes waiting for staging room no longer wait: no pass makes room now.
+    fn stop_draining(&self) {
+        if let Some(v) = &self.view {
+            v.set_stage_draining(false);
+        }
     }
 
     /// No new request until [`release`](Self::release): a takeover under way. Requests in
@@ -376,10 +384,16 @@ impl Publisher {
     /// daemon redo them.
     pub fn hold(&self) {
         self.held.store(true, Ordering::Release);
+        self.stop_draining();
     }
 
     pub fn release(&self) {
         self.held.store(false, Ordering::Release);
+    }
+
+    /// Held by a takeover (see [`hold`](Self::hold)).
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
     }
 
     fn halted(&self) -> bool {
@@ -561,6 +575,9 @@ impl Publisher {
             .commit(b, false)
             .map_err(std::io::Error::other)?;
         let mut report = PassReport::default();
+        // (Writes through the view from here on may or may not show in the walk's measure:
+        // counted on top of it, an estimate that errs high.)
+        let stage_mark = self.view.as_ref().map_or(0, |v| v.stage_mark());
         let walk_began = std::time::Instant::now();
         let Diff {
             todo,
@@ -609,8 +626,11 @@ impl Publisher {
                         self.in_flight.fetch_add(1, Ordering::Relaxed);
                         let r = self.publish(&root, w, had.as_ref(), &sources);
                         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        if matches!(r, Ok(Done::Evicted(..))) {
+                        if let Ok(Done::Evicted(_, staged)) = &r {
                             self.evictions.fetch_add(1, Ordering::Relaxed);
+                            if let Some(v) = &self.view {
+                                v.stage_freed(*staged);
+                            }
                         }
                         let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                         match r {
@@ -707,6 +727,9 @@ impl Publisher {
         self.journal
             .commit(b, false)
             .map_err(std::io::Error::other)?;
+        if let Some(v) = &self.view {
+            v.stage_measured(report.staged_bytes, stage_mark);
+        }
         self.passes.fetch_add(1, Ordering::Relaxed);
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
         // What the pass held (its changes: every entry on a first pass) is freed now; give

@@ -83,6 +83,10 @@ pub fn spawn_publish_loop(
                 let g = copier.view().generation();
                 let retry = retry_at.is_some_and(|t| Instant::now() >= t);
                 let idle = copier.state().paused;
+                // Writes over the staging bound wait only while passes can make room.
+                copier
+                    .view()
+                    .set_stage_draining(!idle && !stopping && !p.held());
                 let rested = Instant::now() >= rest_until;
                 if !idle && ((rested && (seen != Some(g) || retry)) || stopping) {
                     seen = Some(g);
@@ -117,7 +121,13 @@ pub fn spawn_publish_loop(
                 if stopping {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(500));
+                // (Sooner while writes wait for room.)
+                let nap = if copier.view().stage_waiting() {
+                    20
+                } else {
+                    500
+                };
+                std::thread::sleep(Duration::from_millis(nap));
             }
         })
         .map_err(|e| e.to_string())

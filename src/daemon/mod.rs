@@ -51,6 +51,8 @@ pub struct MountArgs {
     pub takeover: bool,
     /// Whether listings carry attributes.
     pub readdirplus: crate::fuse::ReaddirPlus,
+    /// An S3 NEW: the bound on its staging tree (`None`: the default).
+    pub stage_max: Option<u64>,
 }
 
 /// What [`serve`] has built so far, handed from step to step.
@@ -181,6 +183,9 @@ fn open(args: &MountArgs) -> Result<Serving<'_>, String> {
             "took over the kernel's inodes and open files"
         );
     }
+    if opened.publisher.is_some() {
+        bound_staging(args, &migration, &opened.view);
+    }
     Ok(Serving {
         args,
         state_abs,
@@ -189,6 +194,37 @@ fn open(args: &MountArgs) -> Result<Serving<'_>, String> {
         taken,
         notifier: Arc::new(notifier),
     })
+}
+
+/// An S3 NEW's staging tree bounded: `--stage-max`, or half of the room for it on the state
+/// dir's file system (see [`crate::view::default_stage_max`]); recorded for `status`.
+fn bound_staging(args: &MountArgs, m: &Migration, view: &crate::view::View) {
+    use crate::journal::Meta;
+    let staged = m
+        .journal
+        .meta(Meta::StagedBytes)
+        .ok()
+        .flatten()
+        .and_then(|v| v.as_slice().try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    let limit = args.stage_max.unwrap_or_else(|| {
+        let stage = crate::state::layout::stage_dir(&args.state);
+        let free = rustix::fs::statvfs(&stage)
+            .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+            .unwrap_or(0);
+        crate::view::default_stage_max(free, staged)
+    });
+    view.set_stage_max(limit);
+    let mut b = crate::journal::Batch::new();
+    b.meta(Meta::StageMax, &limit.to_le_bytes());
+    if let Err(e) = m.journal.commit(b, false) {
+        tracing::warn!(error = %e, "recording the staging bound for status");
+    }
+    tracing::info!(
+        stage_max = limit,
+        given = args.stage_max.is_some(),
+        "staging tree bounded (mount --stage-max)"
+    );
 }
 
 /// An abort that went past its staging has begun to rewrite OLD: the view's records no

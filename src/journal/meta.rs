@@ -31,6 +31,9 @@ pub enum Meta {
     PublishSettled,
     /// Bytes the S3 NEW's staging tree held at the last publish pass's walk (u64 LE).
     StagedBytes,
+    /// The bound on the S3 NEW's staging tree the daemon serves with (`mount --stage-max`;
+    /// u64 LE).
+    StageMax,
     /// When the mount was last taken over (seconds since the epoch).
     LastTakeover,
     /// How far an abort has come (`AbortStep` names; `done` at the end).
@@ -68,6 +71,7 @@ impl Meta {
             Meta::NextId => "next_id",
             Meta::PublishSettled => "publish_settled",
             Meta::StagedBytes => "staged_bytes",
+            Meta::StageMax => "stage_max",
             Meta::LastTakeover => "last_handover",
             Meta::AbortStep => "abort_step",
             Meta::AbortS3Plan => "abort_s3_plan",

@@ -453,6 +453,26 @@ impl Observed {
                  ferryfs_evictions_total {}",
                 p.evictions()
             );
+            let stage = self.copier.view().stage_use();
+            gauge(
+                &mut out,
+                "ferryfs_stage_max_bytes",
+                "The bound on an S3 NEW's staging tree (mount --stage-max).",
+                stage.limit,
+            );
+            gauge(
+                &mut out,
+                "ferryfs_stage_writes_waiting",
+                "Writes through the view waiting for the staging tree to drain below its bound.",
+                stage.waiting,
+            );
+            let _ = writeln!(
+                out,
+                "# HELP ferryfs_stage_waits_total Writes through the view that waited for \
+                 staging room (back-pressure).\n# TYPE ferryfs_stage_waits_total counter\n\
+                 ferryfs_stage_waits_total {}",
+                stage.waits
+            );
         }
         let cs = self.copier.state();
         gauge(

@@ -114,6 +114,9 @@ pub struct Published {
     pub staged_bytes: u64,
     /// Files uploaded and evicted from the staging tree (read from the bucket).
     pub evicted: u64,
+    /// The bound on the staging tree the daemon last mounted with (`mount --stage-max`; 0:
+    /// never mounted).
+    pub stage_max: u64,
 }
 
 #[derive(Debug, Serialize, Clone, Copy)]
@@ -260,6 +263,10 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
                     .and_then(|v| v.as_slice().try_into().ok())
                     .map_or(0, u64::from_le_bytes),
                 evicted: journal.stub_count(),
+                stage_max: journal
+                    .meta(Meta::StageMax)?
+                    .and_then(|v| v.as_slice().try_into().ok())
+                    .map_or(0, u64::from_le_bytes),
             })
         }
         StoreSpec::Posix { .. } => None,

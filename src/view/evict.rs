@@ -175,10 +175,16 @@ impl View {
         };
         match &inode {
             // Held by the kernel: under its node's lock, and only while no handle is open
-            // (an open counts itself under that lock before it opens the file).
+            // (an open counts itself under that lock before it opens the file), or, when the
+            // staging tree is near its bound, with its data lock too: a file open through
+            // the view is written through the daemon (an S3 NEW passes nothing through), by
+            // changes that hold that lock shared; the first after this finds the evicted file.
             Some(inode) => {
+                let _data = inode.data.write().unwrap_or_else(|p| p.into_inner());
                 let mut n = inode.node();
-                if inode.opens.load(Ordering::Acquire) > 0 || n.partial.is_some() {
+                let open = inode.opens.load(Ordering::Acquire) > 0;
+                if n.partial.is_some() || (open && !(self.stage_bounded() && self.stage_pressed()))
+                {
                     return Ok(Eviction::Left);
                 }
                 let Some(p) = self.make_stub(file, dev, ino, rec, object, expect.size_mtime)?

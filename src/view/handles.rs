@@ -341,6 +341,7 @@ impl View {
         };
         let st = match src.file() {
             Some(file) => {
+                let _data = inode.data.read().unwrap_or_else(|p| p.into_inner());
                 if flags & libc::O_TRUNC != 0 && on_new {
                     match &partial {
                         Some(p) => {
@@ -370,8 +371,10 @@ impl View {
             same
         };
         // A partly copied file's bytes are NEW's and OLD's: the daemon serves them (no
-        // passthrough to NEW's file, which has holes where OLD's chunks are).
-        let file = if partial.is_some() {
+        // passthrough to NEW's file, which has holes where OLD's chunks are). So it does every
+        // file of an S3 NEW: it bounds the staging tree by the writes it sees, and may evict a
+        // file still open (its bytes then in the bucket, holes in the staging tree).
+        let file = if partial.is_some() || (on_new && self.stage_bounded()) {
             None
         } else {
             src.file().cloned()
@@ -469,9 +472,12 @@ impl View {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        // (Before the gate: a write waiting for staging room holds nothing of the view.)
+        self.stage_room(data.len() as u64)?;
         let _gate = self.changes();
         self.note_io();
         self.with_file(fh, |file, h, on_new| {
+            let _data = h.inode.data.read().unwrap_or_else(|p| p.into_inner());
             if on_new && let Some(p) = self.partial_of(&h.inode) {
                 p.write(&self.journal, offset, data, h.flags & libc::O_APPEND != 0)?;
                 self.after_partial_change(&h.inode, &p)?;
@@ -508,8 +514,12 @@ impl View {
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        if mode == 0 {
+            self.stage_room(len)?;
+        }
         let _gate = self.changes();
         self.with_file(fh, |file, h, on_new| {
+            let _data = h.inode.data.read().unwrap_or_else(|p| p.into_inner());
             if on_new && let Some(p) = self.partial_of(&h.inode) {
                 if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
                     // Bytes move: the whole file first, then the change as on any NEW file.

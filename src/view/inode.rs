@@ -132,6 +132,12 @@ pub struct Inode {
     /// only a file nobody has open (a handle may hold NEW's file itself, or the kernel may
     /// pass it through).
     pub(crate) opens: AtomicU64,
+    /// Held shared around every change of NEW's file's data through the view that does not go
+    /// through its partial state (a write, a truncate, an fallocate), and exclusively by an
+    /// S3 NEW's eviction of a file still open: a change either ends before the file turns
+    /// into an evicted file (and its mtime tells the eviction), or starts after and goes
+    /// through the evicted file's state.
+    pub(crate) data: std::sync::RwLock<()>,
 }
 
 impl Inode {
@@ -200,6 +206,7 @@ impl InodeTable {
                 cancel: Default::default(),
                 mode_lock: Mutex::new(()),
                 opens: AtomicU64::new(0),
+                data: Default::default(),
             }),
         );
         InodeTable {
@@ -308,6 +315,7 @@ impl InodeTable {
             cancel: Default::default(),
             mode_lock: Mutex::new(()),
             opens: AtomicU64::new(0),
+            data: Default::default(),
         });
         t.by_ino.insert(ino, inode.clone());
         inode
@@ -412,6 +420,7 @@ impl InodeTable {
             cancel: Default::default(),
             mode_lock: Mutex::new(()),
             opens: AtomicU64::new(0),
+            data: Default::default(),
         });
         self.tables().by_ino.insert(ino, inode.clone());
         inode

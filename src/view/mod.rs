@@ -27,7 +27,9 @@ mod partial;
 pub use evict::{Eviction, StubUpload};
 pub use partial::ChunkProgress;
 pub use partial::Unchanged;
+pub use stage::{StageUse, default_stage_max};
 mod scratch;
+mod stage;
 mod takeover;
 
 use std::collections::HashSet;
@@ -180,6 +182,8 @@ pub struct View {
     streaming: Arc<std::sync::Mutex<rustc_hash::FxHashSet<String>>>,
     /// An S3 OLD on NEW's service lets NEW's credentials copy its objects (until refused).
     server_copy_ok: std::sync::atomic::AtomicBool,
+    /// An S3 NEW's bound on its staging tree (`mount --stage-max`).
+    stage: stage::StageRoom,
 }
 
 fn check_name(name: &OsStr) -> Result<()> {
@@ -315,6 +319,7 @@ impl View {
             evictions: Default::default(),
             streaming: Default::default(),
             server_copy_ok: std::sync::atomic::AtomicBool::new(true),
+            stage: Default::default(),
         };
         view.replay_intents()?;
         view.clean_work_dir()?;

@@ -881,6 +881,7 @@ impl View {
             if inode.kind != Kind::File {
                 return Err(Error::refused(libc::EINVAL, "truncate of a non-file"));
             }
+            let _data = inode.data.read().unwrap_or_else(|p| p.into_inner());
             if let Some(p) = self.partial_of(&inode) {
                 p.truncate(&self.journal, size)?;
                 self.after_partial_change(&inode, &p)?;
