@@ -846,3 +846,116 @@ fn an_allocation_larger_than_the_stage_bound_fails_with_enospc() {
     f.unmount();
     assert!(object(&store("stage-max-enospc"), "small.bin") == pattern(4 << 20, 3));
 }
+
+/// The view's `p` written in 1 MiB pieces of the test file with `seed`, an fsync every 4 MiB,
+/// until a write or an fsync fails (the daemon killed) or `size` is written; `acked` holds the
+/// bytes the last successful fsync covered.
+fn write_until_failure(p: &Path, size: u64, seed: usize, acked: &std::sync::atomic::AtomicU64) {
+    let h = fs::File::create(p).unwrap();
+    let mut off = 0;
+    while off < size {
+        if h.write_all_at(&piece(off, 1 << 20, seed), off).is_err() {
+            return;
+        }
+        off += 1 << 20;
+        if off % (4 << 20) == 0 {
+            if h.sync_all().is_err() {
+                return;
+            }
+            acked.store(off, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// Issue 24, crash safety: kill -9 of the daemon while writes wait for staging room (a 16 MiB
+/// bound, a file written far past it, so it is being uploaded and evicted while still open).
+/// After mount again every fsynced byte is in the view, the migration completes, and the bucket
+/// holds the view exactly, with no multipart upload left unfinished.
+#[test]
+fn kill_9_in_the_middle_of_back_pressure_loses_no_acknowledged_write() {
+    let bucket = "stage-kill9-pressure";
+    let mut f = start(
+        bucket,
+        |old| fs::write(old.join("old.txt"), b"from OLD").unwrap(),
+        &[],
+    );
+    f.unmount();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &["--stage-max", "16M", "--metrics-addr", &addr]);
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (p, acked) = (f.v("big.bin"), acked.clone());
+        std::thread::spawn(move || write_until_failure(&p, 1 << 30, 5, &acked))
+    };
+    let metric = |name: &str| {
+        common::http_get(port, "/metrics")
+            .map(|(_, body)| common::parse_metrics(&body))
+            .and_then(|m| m.get(name).copied())
+            .unwrap_or(0.0)
+    };
+    wait_for(
+        "writes to wait for staging room, well past the bound",
+        300,
+        || {
+            acked.load(std::sync::atomic::Ordering::Acquire) >= 64 << 20
+                && metric("ferryfs_stage_waits_total") >= 2.0
+        },
+    );
+    assert!(
+        metric("ferryfs_evictions_total") >= 1.0,
+        "the premise: the open file was uploaded and evicted while written"
+    );
+    f.kill9();
+    writer.join().unwrap();
+    let acked = acked.load(std::sync::atomic::Ordering::Acquire);
+    assert!(
+        acked < 1 << 30,
+        "the premise: the writer was cut off by kill -9"
+    );
+    f.mount_with(&mp, &[]);
+    let s = store(bucket);
+    assert!(
+        s.unfinished_uploads().unwrap().is_empty(),
+        "a multipart upload left unfinished after mount"
+    );
+    {
+        let h = fs::File::open(f.v("big.bin")).unwrap();
+        let size = h.metadata().unwrap().len();
+        assert!(
+            size >= acked,
+            "big.bin has {size} bytes, {acked} were fsynced"
+        );
+        let mut off = 0;
+        while off < acked {
+            let n = (acked - off).min(16 << 20) as usize;
+            let mut buf = vec![0u8; n];
+            h.read_exact_at(&mut buf, off).unwrap();
+            assert!(buf == piece(off, n, 5), "fsynced bytes at {off} lost");
+            off += n as u64;
+        }
+    }
+    let size = fs::metadata(f.v("big.bin")).unwrap().len();
+    ok(f.cmd("execute", &["--wait"]));
+    ok(f.cmd("verify", &[]));
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    let mut keys = Vec::new();
+    s.list_all(&mut |k, _| keys.push(k.to_string())).unwrap();
+    keys.sort();
+    assert_eq!(keys, ["big.bin", "old.txt"], "the bucket after commit");
+    let info = s.head("big.bin").unwrap().unwrap();
+    assert_eq!(info.size, size, "the bucket's big.bin has the view's size");
+    let r = ObjectReader::new(s.clone(), info, 16 << 20);
+    let mut off = 0;
+    while off < acked {
+        let n = (acked - off).min(16 << 20) as usize;
+        assert!(
+            r.read_at(off, n).unwrap() == piece(off, n, 5),
+            "the bucket's big.bin at {off}"
+        );
+        off += n as u64;
+    }
+    assert!(s.unfinished_uploads().unwrap().is_empty());
+}

@@ -889,6 +889,8 @@ impl Publisher {
                 .map(|st| stamp(&st))
                 .map_err(|e| io("stat", e.into()))
         };
+        // (Before the look: a change through the view after it counts past this.)
+        let mark = crate::view::write_mark();
         let now = fstat(&f)?;
         if now.ino != w.rec.ino {
             return Ok(Done::Changed);
@@ -931,7 +933,7 @@ impl Publisher {
                 ..now.clone()
             };
             self.record(&w.key, &rec).map_err(|e| io("journal", e))?;
-            self.evict_after(w, &f, &rec, done)
+            self.evict_after(w, &f, &rec, done, mark)
         };
         if let Some((etag, md5, done)) = self.reuse_bytes(w, had, sources, &f, &now)? {
             return keep(etag, md5, done);
@@ -975,34 +977,42 @@ impl Publisher {
     }
 
     /// The staged file `f`, just recorded as `rec` for `w`'s key, leaves the staging tree when
-    /// nobody has it open through the view and nothing can have written it unseen (its
-    /// record is not racy: its last change was a second or more before the upload looked at
-    /// it, so any later write shows in its mtime). Its record is stamped again (the punch
-    /// changed its ctime).
+    /// nobody has it open through the view (or the staging tree is near its bound) and
+    /// nothing can have written it unseen: its record is not racy (its last change was a
+    /// second or more before the upload looked at it, so any later write shows in its mtime),
+    /// or, near the bound, the view counted no change of it since `mark` (taken before the
+    /// look). Its record is stamped again (the punch changed its ctime).
     fn evict_after(
         &self,
         w: &Want,
         f: &File,
         rec: &Published,
         done: Done,
+        mark: u64,
     ) -> Result<Done, S3Error> {
-        if self.view.is_none() || rec.size == 0 || w.links > 1 || rec.etag.is_empty() {
+        let Some(view) = &self.view else {
+            return Ok(done);
+        };
+        if rec.size == 0 || w.links > 1 || rec.etag.is_empty() {
             return Ok(done);
         }
-        if rec.racy {
+        let later = |done| {
             // (A later pass, once its last change is a second old.)
             self.evict_later.fetch_add(1, Ordering::Relaxed);
-            return Ok(done);
+            Ok(done)
+        };
+        let by_mark = rec.racy && view.stage_pressed();
+        if rec.racy && !by_mark {
+            return later(done);
         }
         let staged = rustix::fs::fstat(f).map_or(0, |st| st.st_blocks as u64 * 512);
-        // (Its writes do not go through a state of the view that counts them: the mtime,
-        // past the racy second, tells.)
         let unchanged = crate::view::Unchanged {
             size_mtime: (rec.size, rec.mtime),
-            mark: u64::MAX,
+            mark: if by_mark { mark } else { u64::MAX },
         };
         match self.point_stub(w, f, rec.size, &rec.etag, Some(unchanged))? {
             crate::view::Eviction::Evicted => {}
+            _ if rec.racy => return later(done),
             _ => return Ok(done),
         }
         let io = |what: &str, e| io_err(w, what, e);

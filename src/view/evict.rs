@@ -183,7 +183,12 @@ impl View {
                 let _data = inode.data.write().unwrap_or_else(|p| p.into_inner());
                 let mut n = inode.node();
                 let open = inode.opens.load(Ordering::Acquire) > 0;
-                if n.partial.is_some() || (open && !(self.stage_bounded() && self.stage_pressed()))
+                // (A mark given: changed since by the view's count, not only by the mtime.)
+                let written = expect.mark != u64::MAX
+                    && inode.last_write.load(Ordering::Acquire) > expect.mark;
+                if n.partial.is_some()
+                    || written
+                    || (open && !(self.stage_bounded() && self.stage_pressed()))
                 {
                     return Ok(Eviction::Left);
                 }
@@ -197,7 +202,9 @@ impl View {
                 // (st_blocks) are not.
                 self.invalidate(inode.ino);
             }
-            // Unknown to the kernel, so open nowhere; a lookup of it waits for this to end.
+            // Unknown to the kernel, so open nowhere; a lookup of it waits for this to end. (Not
+            // on a mark: what the view counted of it went with its inode.)
+            None if expect.mark != u64::MAX => return Ok(Eviction::Left),
             None => {
                 if self
                     .make_stub(file, dev, ino, rec, object, expect.size_mtime)?

@@ -350,7 +350,10 @@ impl View {
                             // (Cut to nothing, the file is whole: an ordinary NEW file.)
                             partial = None;
                         }
-                        None => file.set_len(0).ctx("truncate on open")?,
+                        None => {
+                            file.set_len(0).ctx("truncate on open")?;
+                            inode.wrote();
+                        }
                     }
                 }
                 posix::stat_fd(file.as_fd()).ctx("fstat open file")?
@@ -490,6 +493,7 @@ impl View {
             } else {
                 file.write_all_at(data, offset).ctx("write")?;
             }
+            h.inode.wrote();
             Ok(data.len() as u32)
         })
     }
@@ -535,7 +539,9 @@ impl View {
                 offset,
                 len,
             )
-            .ctx("fallocate")
+            .ctx("fallocate")?;
+            h.inode.wrote();
+            Ok(())
         })
     }
 

@@ -138,9 +138,20 @@ pub struct Inode {
     /// into an evicted file (and its mtime tells the eviction), or starts after and goes
     /// through the evicted file's state.
     pub(crate) data: std::sync::RwLock<()>,
+    /// [`crate::view::write_mark`] at the end of the last such change (0: none since the
+    /// inode was made): an eviction knows a file unchanged since a mark by it, not only by
+    /// its mtime (which cannot tell a change in the same timestamp tick).
+    pub(crate) last_write: AtomicU64,
 }
 
 impl Inode {
+    /// A change of NEW's file's data just ended (see [`Inode::last_write`]; called under
+    /// [`Inode::data`]).
+    pub(crate) fn wrote(&self) {
+        self.last_write
+            .store(crate::view::write_mark(), Ordering::Release);
+    }
+
     pub fn node(&self) -> MutexGuard<'_, Node> {
         self.node.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -207,6 +218,7 @@ impl InodeTable {
                 mode_lock: Mutex::new(()),
                 opens: AtomicU64::new(0),
                 data: Default::default(),
+                last_write: AtomicU64::new(0),
             }),
         );
         InodeTable {
@@ -316,6 +328,7 @@ impl InodeTable {
             mode_lock: Mutex::new(()),
             opens: AtomicU64::new(0),
             data: Default::default(),
+            last_write: AtomicU64::new(0),
         });
         t.by_ino.insert(ino, inode.clone());
         inode
@@ -421,6 +434,7 @@ impl InodeTable {
             mode_lock: Mutex::new(()),
             opens: AtomicU64::new(0),
             data: Default::default(),
+            last_write: AtomicU64::new(0),
         });
         self.tables().by_ino.insert(ino, inode.clone());
         inode

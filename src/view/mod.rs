@@ -26,7 +26,7 @@ mod ops;
 mod partial;
 pub use evict::{Eviction, StubUpload};
 pub use partial::ChunkProgress;
-pub use partial::Unchanged;
+pub use partial::{Unchanged, write_mark};
 pub use stage::{StageUse, default_stage_max};
 mod scratch;
 mod stage;

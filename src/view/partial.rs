@@ -39,7 +39,7 @@ static WRITES: AtomicU64 = AtomicU64::new(1);
 
 /// A mark in the order of writes: a partial file whose [`Partial::written_after`] this is
 /// false for was not written (through the view) since it was taken.
-pub(crate) fn write_mark() -> u64 {
+pub fn write_mark() -> u64 {
     WRITES.fetch_add(1, Ordering::Relaxed)
 }
 
