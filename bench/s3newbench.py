@@ -189,6 +189,7 @@ def main():
                                 [ferryfs, "execute", "--workers", n_tr, "--state", state], fenv)
                             peak = sampler.stop()
                             t, rss = t1 + t2, max(r1, r2)
+                            print(f"    (prepare {t1:.2f} s, execute {t2:.2f} s)", flush=True)
                             shutil.rmtree(state)
                         check(r_src, f"g2:new/{prefix}", renv)
                         subprocess.run(["rclone", "purge", f"g2:new/{prefix}"], env=renv,

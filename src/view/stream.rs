@@ -214,14 +214,20 @@ impl View {
         }
         let sent = if size <= STREAM_PUT_MAX {
             let _held = crate::store::s3::BUFFERS.take(size);
-            old.get_range(&info.rel, &info.etag, 0, size)
-                .and_then(|data| {
-                    use md5::Digest;
-                    let md5: [u8; 16] = md5::Md5::digest(&data).into();
-                    bucket
-                        .put(key, data, &meta)
-                        .map(|o| (o.etag, crate::store::s3::md5_etag(&md5)))
-                })
+            // Fetched whole by the copier's prefetch, this very version: no second request.
+            let got = match e.tree.take_prefetched(&info.rel, &info.etag) {
+                Some(d) if d.len() as u64 == size => {
+                    Ok(Arc::try_unwrap(d).unwrap_or_else(|d| (*d).clone()))
+                }
+                _ => old.get_range(&info.rel, &info.etag, 0, size),
+            };
+            got.and_then(|data| {
+                use md5::Digest;
+                let md5: [u8; 16] = md5::Md5::digest(&data).into();
+                bucket
+                    .put(key, data, &meta)
+                    .map(|o| (o.etag, crate::store::s3::md5_etag(&md5)))
+            })
         } else {
             bucket
                 .put_patched(key, size, &meta, "", "", &|_, _| false, &mut |off, buf| {

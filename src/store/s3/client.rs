@@ -264,7 +264,10 @@ impl S3Store {
         // retried (one made from an open file is not).
         let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
         if size > MULTIPART_THRESHOLD {
-            return self.put_multipart(rel, file, &path, size, meta, still);
+            return self.put_multipart(rel, file, size, meta, still);
+        }
+        if size <= SMALL_BODY {
+            return self.put_small(rel, file, size, meta, still);
         }
         // Content-MD5: the server refuses a body that arrives other than it was read.
         let md5 = file_md5(file).map_err(io)?;
@@ -293,6 +296,64 @@ impl S3Store {
                 .await
                 .map_err(|e| sdk_err(&what, e))
         })?;
+        Ok((
+            ObjectInfo::written(rel, size, o.e_tag().unwrap_or_default().to_string(), meta),
+            md5,
+        ))
+    }
+
+    /// [`put_file_md5_if`](Self::put_file_md5_if) of a file of `size` bytes, at most
+    /// [`SMALL_BODY`]: read once into memory (its MD5 taken from the same bytes), and sent
+    /// from there, a retry included.
+    fn put_small(
+        &self,
+        rel: &str,
+        file: &std::fs::File,
+        size: u64,
+        meta: &PosixMeta,
+        still: &dyn Fn() -> bool,
+    ) -> Result<(ObjectInfo, [u8; 16])> {
+        use md5::Digest;
+        use std::os::unix::fs::FileExt;
+        let key = self.url.key(rel);
+        let what = self.at(format!("PUT {key}"));
+        // (By offset: the file's position is left alone.)
+        let mut data = vec![0u8; size as usize];
+        let mut off = 0;
+        while off < data.len() {
+            match file.read_at(&mut data[off..], off as u64) {
+                Ok(0) => break,
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(S3Error::new(
+                        &what,
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        if off != data.len() || !still() {
+            return Err(S3Error::new(
+                &what,
+                libc::ESTALE,
+                "changed while it was read",
+            ));
+        }
+        let md5: [u8; 16] = md5::Md5::digest(&data).into();
+        let o = self
+            .block(
+                self.client
+                    .put_object()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .body(ByteStream::from(data))
+                    .content_md5(base64_md5(&md5))
+                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&what, e))?;
         Ok((
             ObjectInfo::written(rel, size, o.e_tag().unwrap_or_default().to_string(), meta),
             md5,

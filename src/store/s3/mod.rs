@@ -361,6 +361,8 @@ pub const PARALLEL_GET_STREAMS: usize = 4;
 pub const PARALLEL_GET_EXTRA: usize = 4;
 /// Files above this size are uploaded in parts.
 pub const MULTIPART_THRESHOLD: u64 = 64 << 20;
+/// A file up to this size is uploaded from memory, read once (its MD5 from the same bytes).
+pub const SMALL_BODY: u64 = 1 << 20;
 /// The smallest part of a multipart upload (S3's own minimum is 5 MiB).
 pub const MULTIPART_PART: u64 = 16 << 20;
 /// S3's limit for one CopyObject; bigger objects are copied in parts.

@@ -18,48 +18,35 @@ impl S3Store {
         &self,
         rel: &str,
         file: &std::fs::File,
-        path: &str,
         size: u64,
         meta: &PosixMeta,
         still: &dyn Fn() -> bool,
     ) -> Result<(ObjectInfo, [u8; 16])> {
-        let key = self.url.key(rel);
-        let what = self.at(format!("multipart PUT {key}"));
-        let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
-        let (parts, whole) = part_md5s(file, size, part).map_err(|e| {
-            S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
-        })?;
-        if !still() {
-            return Err(S3Error::new(
-                &what,
-                libc::ESTALE,
-                "changed while it was read",
-            ));
-        }
-        let etag = self.multipart_if(&key, &what, meta, parts.len(), still, |id, number| {
-            let (off, len, md5) = parts[number as usize - 1];
-            let req = self
-                .client
-                .upload_part()
-                .bucket(&self.url.bucket)
-                .key(&key)
-                .upload_id(id)
-                .part_number(number)
-                .content_md5(base64_md5(&md5));
-            let (path, what) = (path.to_string(), what.clone());
-            async move {
-                let body = ByteStream::read_from()
-                    .path(&path)
-                    .offset(off)
-                    .length(aws_sdk_s3::primitives::Length::Exact(len))
-                    .build()
-                    .await
-                    .map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
-                let o = req.body(body).send().await.map_err(|e| sdk_err(&what, e))?;
-                Ok(o.e_tag().map(str::to_string))
-            }
-        })?;
-        Ok((ObjectInfo::written(rel, size, etag, meta), whole))
+        use md5::Digest;
+        use std::os::unix::fs::FileExt;
+        // The parts are read in order, once: the whole file's MD5 on the way.
+        let mut whole = md5::Md5::new();
+        let o = self.put_parts(
+            rel,
+            size,
+            meta,
+            ("", ""),
+            &|_, _| false,
+            &mut |off, buf| {
+                file.read_exact_at(buf, off).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        // Cut short since it was looked at.
+                        std::io::Error::from_raw_os_error(libc::ESTALE)
+                    } else {
+                        e
+                    }
+                })?;
+                whole.update(&*buf);
+                Ok(())
+            },
+            still,
+        )?;
+        Ok((o, whole.finalize().into()))
     }
 
     /// Server-side copy of `src`'s `rel` (version `etag`; any version when empty) to `to`
@@ -124,6 +111,32 @@ impl S3Store {
         from_source: &dyn Fn(u64, u64) -> bool,
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
     ) -> Result<ObjectInfo> {
+        self.put_parts(
+            rel,
+            size,
+            meta,
+            (src_rel, src_etag),
+            from_source,
+            read,
+            &|| true,
+        )
+    }
+
+    /// [`Self::put_patched`], completed only if `still()` says so once every part is sent
+    /// (else aborted: ESTALE). The parts are a sliding window: the next part is read (on the
+    /// caller's thread) as soon as one of the [`MULTIPART_IN_FLIGHT`] in flight is done, so
+    /// reading and sending overlap; each part's MD5 is taken where it is sent.
+    #[allow(clippy::too_many_arguments)]
+    fn put_parts(
+        &self,
+        rel: &str,
+        size: u64,
+        meta: &PosixMeta,
+        (src_rel, src_etag): (&str, &str),
+        from_source: &dyn Fn(u64, u64) -> bool,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+        still: &dyn Fn() -> bool,
+    ) -> Result<ObjectInfo> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = self.at(format!("multipart PUT {key} (unchanged ranges copied)"));
@@ -131,116 +144,114 @@ impl S3Store {
         let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part).max(1))
             .map(|i| (i * part, part.min(size - (i * part).min(size))))
             .collect();
+        let window = MULTIPART_IN_FLIGHT.min(ranges.len());
+        // The bytes the window may hold, counted against every upload's (see `BUFFERS`), all
+        // at once (a taker never waits holding a share), given back at the end.
+        let _held = BUFFERS.take((window as u64 * part).min(size));
         let id = self.begin_upload(&key, &what, meta)?;
         let source = copy_source(self, src_rel);
         let io = |e: std::io::Error| {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
         };
-        let mut sent: Result<Vec<CompletedPart>> = Ok(Vec::with_capacity(ranges.len()));
-        for (g, group) in ranges.chunks(MULTIPART_IN_FLIGHT).enumerate() {
-            // What each part of the group is: a range to copy, or bytes read now.
-            let copied: Vec<bool> = group
-                .iter()
-                .map(|&(off, len)| len > 0 && from_source(off, len))
-                .collect();
-            // The bytes this group holds, counted against every upload's (see `BUFFERS`), all
-            // at once (a taker never waits holding a share), given back once it is sent.
-            let need = group
-                .iter()
-                .zip(&copied)
-                .filter(|(_, c)| !**c)
-                .map(|(r, _)| r.1)
-                .sum();
-            let _held = BUFFERS.take(need);
-            let mut bodies: Vec<(i32, u64, u64, Option<Vec<u8>>)> = Vec::new();
-            for (i, &(off, len)) in group.iter().enumerate() {
-                let number = (g * MULTIPART_IN_FLIGHT + i + 1) as i32;
-                if copied[i] {
-                    bodies.push((number, off, len, None));
-                } else {
-                    let mut buf = vec![0u8; len as usize];
-                    if let Err(e) = read(off, &mut buf) {
-                        sent = Err(io(e));
+        type Sent = std::result::Result<(i32, Option<String>), S3Error>;
+        let joined =
+            |r: std::result::Result<Sent, tokio::task::JoinError>| -> Result<CompletedPart> {
+                let (number, etag) =
+                    r.map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))??;
+                Ok(CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(etag)
+                    .build())
+            };
+        let mut set: tokio::task::JoinSet<Sent> = tokio::task::JoinSet::new();
+        let mut done = Vec::with_capacity(ranges.len());
+        let mut failed: Option<S3Error> = None;
+        for (i, &(off, len)) in ranges.iter().enumerate() {
+            if set.len() >= window {
+                match self.block(set.join_next()).map(joined) {
+                    Some(Ok(p)) => done.push(p),
+                    Some(Err(e)) => {
+                        failed = Some(e);
                         break;
                     }
-                    bodies.push((number, off, len, Some(buf)));
+                    None => {}
                 }
             }
-            if sent.is_err() {
-                break;
-            }
-            let got = self.block(async {
-                let mut set = tokio::task::JoinSet::new();
-                for (number, off, len, body) in bodies {
-                    let what = what.clone();
-                    match body {
-                        None => {
-                            let req = self
-                                .client
-                                .upload_part_copy()
-                                .bucket(&self.url.bucket)
-                                .key(&key)
-                                .upload_id(&id)
-                                .part_number(number)
-                                .copy_source(&source)
-                                .copy_source_range(format!("bytes={off}-{}", off + len - 1))
-                                .set_copy_source_if_match(
-                                    (!src_etag.is_empty()).then(|| src_etag.to_string()),
-                                );
-                            set.spawn(async move {
-                                let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
-                                Ok::<_, S3Error>((
-                                    number,
-                                    o.copy_part_result()
-                                        .and_then(|p| p.e_tag())
-                                        .map(str::to_string),
-                                ))
-                            });
-                        }
-                        Some(data) => {
-                            let md5 = {
-                                use md5::Digest;
-                                let d: [u8; 16] = md5::Md5::digest(&data).into();
-                                d
-                            };
-                            let req = self
-                                .client
-                                .upload_part()
-                                .bucket(&self.url.bucket)
-                                .key(&key)
-                                .upload_id(&id)
-                                .part_number(number)
-                                .content_md5(base64_md5(&md5))
-                                .body(ByteStream::from(data));
-                            set.spawn(async move {
-                                let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
-                                Ok::<_, S3Error>((number, o.e_tag().map(str::to_string)))
-                            });
-                        }
-                    }
-                }
-                let mut done = Vec::new();
-                while let Some(r) = set.join_next().await {
-                    let (number, etag) =
-                        r.map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))??;
-                    done.push(
-                        CompletedPart::builder()
-                            .part_number(number)
-                            .set_e_tag(etag)
-                            .build(),
-                    );
-                }
-                Ok::<_, S3Error>(done)
-            });
-            match (&mut sent, got) {
-                (Ok(all), Ok(done)) => all.extend(done),
-                (_, Err(e)) => {
-                    sent = Err(e);
+            let number = i as i32 + 1;
+            let what = what.clone();
+            if len > 0 && from_source(off, len) {
+                let req = self
+                    .client
+                    .upload_part_copy()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .upload_id(&id)
+                    .part_number(number)
+                    .copy_source(&source)
+                    .copy_source_range(format!("bytes={off}-{}", off + len - 1))
+                    .set_copy_source_if_match((!src_etag.is_empty()).then(|| src_etag.to_string()));
+                let _rt = self.rt.enter();
+                set.spawn(async move {
+                    let o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+                    Ok((
+                        number,
+                        o.copy_part_result()
+                            .and_then(|p| p.e_tag())
+                            .map(str::to_string),
+                    ))
+                });
+            } else {
+                let mut data = vec![0u8; len as usize];
+                if let Err(e) = read(off, &mut data) {
+                    failed = Some(io(e));
                     break;
                 }
-                (Err(_), _) => break,
+                let req = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .upload_id(&id)
+                    .part_number(number);
+                let _rt = self.rt.enter();
+                set.spawn(async move {
+                    let md5: [u8; 16] = {
+                        use md5::Digest;
+                        md5::Md5::digest(&data).into()
+                    };
+                    let o = req
+                        .content_md5(base64_md5(&md5))
+                        .body(ByteStream::from(data))
+                        .send()
+                        .await
+                        .map_err(|e| sdk_err(&what, e))?;
+                    Ok((number, o.e_tag().map(str::to_string)))
+                });
             }
         }
+        if failed.is_some() {
+            set.abort_all();
+        }
+        while let Some(r) = self.block(set.join_next()) {
+            if failed.is_some() {
+                continue;
+            }
+            match joined(r) {
+                Ok(p) => done.push(p),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if failed.is_none() && !still() {
+            failed = Some(S3Error::new(
+                &what,
+                libc::ESTALE,
+                "changed while it was sent",
+            ));
+        }
+        let sent = match failed {
+            Some(e) => Err(e),
+            None => Ok(done),
+        };
         let etag = self.finish_multipart(&key, &id, &what, sent)?;
         Ok(ObjectInfo::written(rel, size, etag, meta))
     }
@@ -488,37 +499,4 @@ impl Drop for Share<'_> {
         *h -= self.n;
         self.budget.freed.notify_all();
     }
-}
-
-/// One part of an upload: its offset, its length and the MD5 its Content-MD5 carries.
-type Part = (u64, u64, [u8; 16]);
-
-/// Each part of `part` bytes (the last shorter), and the whole file's MD5, in one read of the
-/// file.
-fn part_md5s(file: &std::fs::File, size: u64, part: u64) -> std::io::Result<(Vec<Part>, [u8; 16])> {
-    use md5::Digest;
-    use std::os::unix::fs::FileExt;
-    let mut whole = md5::Md5::new();
-    let mut parts = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        let len = part.min(size - off);
-        let mut h = md5::Md5::new();
-        let mut done = 0u64;
-        while done < len {
-            let want = (len - done).min(buf.len() as u64) as usize;
-            let n = file.read_at(&mut buf[..want], off + done)?;
-            if n == 0 {
-                // The file shrank under the upload.
-                return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
-            }
-            h.update(&buf[..n]);
-            whole.update(&buf[..n]);
-            done += n as u64;
-        }
-        parts.push((off, len, h.finalize().into()));
-        off += len;
-    }
-    Ok((parts, whole.finalize().into()))
 }
