@@ -231,14 +231,8 @@ impl View {
         } else {
             bucket
                 .put_patched(key, size, &meta, "", "", &|_, _| false, &mut |off, buf| {
-                    let got = old
-                        .get_range(&info.rel, &info.etag, off, buf.len() as u64)
-                        .map_err(std::io::Error::from)?;
-                    if got.len() != buf.len() {
-                        return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
-                    }
-                    buf.copy_from_slice(&got);
-                    Ok(())
+                    old.get_range_into(&info.rel, &info.etag, off, buf)
+                        .map_err(std::io::Error::from)
                 })
                 .map(|o| (o.etag, String::new()))
         };

@@ -37,6 +37,49 @@ impl S3Store {
         }
     }
 
+    /// Exactly `buf.len()` bytes of `rel` from `off` into `buf`, straight from the response
+    /// body (no copy held besides), as long as its ETag is still `etag` (ESTALE if the object
+    /// was replaced meanwhile, or is shorter than that).
+    pub fn get_range_into(&self, rel: &str, etag: &str, off: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.counters.gets.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let len = buf.len() as u64;
+        let what = self.at(format!("GET {key} bytes {off}+{len}"));
+        let req = self.get_req(&key, etag, Some((off, len)));
+        let got = self.block(async {
+            let mut o = req.send().await.map_err(|e| sdk_err(&what, e))?;
+            let mut at = 0usize;
+            while let Some(chunk) = o.body.next().await {
+                let chunk = chunk.map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))?;
+                let end = at + chunk.len();
+                if end > buf.len() {
+                    return Err(S3Error::new(&what, libc::EIO, "more bytes than asked for"));
+                }
+                buf[at..end].copy_from_slice(&chunk);
+                at = end;
+            }
+            Ok(at)
+        });
+        match got {
+            Ok(n) if n == buf.len() => {
+                self.counters.get_bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(n) => Err(S3Error::new(
+                &what,
+                libc::ESTALE,
+                format!("{n} bytes where {len} were asked for: the object is shorter"),
+            )),
+            Err(e) if e.errno == libc::ERANGE => {
+                Err(S3Error::new(&what, libc::ESTALE, "the object is shorter"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// GET the whole of `rel` into `out` (from offset 0), as long as its ETag is still `etag`
     /// (ESTALE otherwise): the object as it was listed or headed, never a newer one. `tick` is
     /// told the length of each piece written; `false` stops the copy (`Ok(None)`). Returns the

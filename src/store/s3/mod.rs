@@ -369,8 +369,10 @@ pub const MULTIPART_PART: u64 = 16 << 20;
 pub const COPY_LIMIT: u64 = 5 << 30;
 /// The part of a server-side multipart copy.
 pub const COPY_PART: u64 = 512 << 20;
-/// Parts of one upload in flight at once.
-pub const MULTIPART_IN_FLIGHT: usize = 8;
+/// Parts of one upload in flight at once (each held in memory: 64 MiB an upload).
+pub const MULTIPART_IN_FLIGHT: usize = 4;
+/// Parts of one server-side copy in flight at once (nothing held here).
+pub const COPY_IN_FLIGHT: usize = 8;
 
 /// A key as CopyObject's `x-amz-copy-source` wants it: percent-encoded, '/' kept.
 fn percent_encode_key(key: &str) -> String {

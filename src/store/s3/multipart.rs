@@ -11,9 +11,10 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use super::*;
 
 impl S3Store {
-    /// A multipart upload of `file` (`path` its /proc path), parts of [`MULTIPART_PART`] or
-    /// more (S3 takes at most 10,000), [`MULTIPART_IN_FLIGHT`] at a time, each with its
-    /// Content-MD5. Gives the object and the MD5 of the whole file.
+    /// A multipart upload of `file` (`size` bytes), parts of [`MULTIPART_PART`] or more (S3
+    /// takes at most 10,000), each read once, [`MULTIPART_IN_FLIGHT`] at a time, each with
+    /// its Content-MD5; completed only if `still()` says so once every part is sent. Gives
+    /// the object and the MD5 of the whole file.
     pub(super) fn put_multipart(
         &self,
         rel: &str,
@@ -51,7 +52,7 @@ impl S3Store {
 
     /// Server-side copy of `src`'s `rel` (version `etag`; any version when empty) to `to`
     /// here as a multipart upload of `part`-byte parts, each copied by the server
-    /// (UploadPartCopy), [`MULTIPART_IN_FLIGHT`] at a time.
+    /// (UploadPartCopy), [`COPY_IN_FLIGHT`] at a time.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_parts(
         &self,
@@ -321,9 +322,9 @@ impl S3Store {
         }
     }
 
-    /// A multipart upload of `key` with `count` parts, part `number` (from 1) sent by the
-    /// future `part(upload id, number)` gives, which answers the part's ETag;
-    /// [`MULTIPART_IN_FLIGHT`] parts at a time. Completed with every part, or aborted on any
+    /// A multipart upload of `key` with `count` parts (server-side copies), part `number`
+    /// (from 1) sent by the future `part(upload id, number)` gives, which answers the part's
+    /// ETag; [`COPY_IN_FLIGHT`] parts at a time. Completed with every part, or aborted on any
     /// failure. Gives the object's ETag.
     fn multipart<F, Fut>(
         &self,
@@ -358,9 +359,9 @@ impl S3Store {
         let id = self.begin_upload(key, what, meta)?;
         let sent = self.block(async {
             let mut done: Vec<CompletedPart> = Vec::with_capacity(count);
-            for first in (0..count).step_by(MULTIPART_IN_FLIGHT) {
+            for first in (0..count).step_by(COPY_IN_FLIGHT) {
                 let mut set = tokio::task::JoinSet::new();
-                for i in first..(first + MULTIPART_IN_FLIGHT).min(count) {
+                for i in first..(first + COPY_IN_FLIGHT).min(count) {
                     let number = (i + 1) as i32;
                     let send = part(&id, number);
                     set.spawn(async move { (number, send.await) });
