@@ -52,6 +52,14 @@ fn object(s: &Arc<S3Store>, key: &str) -> Vec<u8> {
 fn start(bucket: &str, fill: impl FnOnce(&Path), extra: &[&str]) -> Fixture {
     let mut f = Fixture::new();
     fill(&f.old);
+    prepare_into(&f, bucket, extra);
+    let mp = f.mnt.clone();
+    f.mount_with(&mp, &[]);
+    f
+}
+
+/// `prepare` of `f`'s OLD into the (emptied) bucket `bucket`, with `extra`.
+fn prepare_into(f: &Fixture, bucket: &str, extra: &[&str]) {
     common::garage::shared().bucket(bucket);
     let new = format!("s3://{bucket}");
     let mut args: Vec<&std::ffi::OsStr> = vec![
@@ -65,9 +73,6 @@ fn start(bucket: &str, fill: impl FnOnce(&Path), extra: &[&str]) -> Fixture {
     ];
     args.extend(extra.iter().map(std::ffi::OsStr::new));
     ok(ferryfs(&args));
-    let mp = f.mnt.clone();
-    f.mount_with(&mp, &[]);
-    f
 }
 
 fn published(f: &Fixture, what: &str) -> u64 {
@@ -243,6 +248,37 @@ impl Drop for SmallFs {
     }
 }
 
+/// The most bytes used on the file system of a directory, sampled every 20 ms from
+/// [`PeakUse::start`] to [`PeakUse::stop`].
+struct PeakUse {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    peak: Arc<std::sync::atomic::AtomicU64>,
+    t: std::thread::JoinHandle<()>,
+}
+
+impl PeakUse {
+    fn start(dir: &Path) -> PeakUse {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t = {
+            let (done, peak, dir) = (done.clone(), peak.clone(), dir.to_path_buf());
+            std::thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak.fetch_max(fs_used(&dir), std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            })
+        };
+        PeakUse { done, peak, t }
+    }
+
+    fn stop(self) -> u64 {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.t.join().unwrap();
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Issue 24, POSIX to S3: a dataset of more than 1 GiB (an object over 300 MiB, three of
 /// 230 MiB, 2,000 small files) through a state dir on a 128 MiB file system: the copier sends
 /// OLD's files straight into the bucket, so the state dir never holds their bytes. After
@@ -267,29 +303,9 @@ fn posix_to_s3_through_a_128_mib_state_dir() {
     sizes.push(2000 * (8 << 10));
     let total: u64 = sizes.iter().sum();
     assert!(total > 1 << 30);
-    common::garage::shared().bucket(bucket);
-    let new = format!("s3://{bucket}");
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        f.old.as_os_str(),
-        "--new".as_ref(),
-        new.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]));
+    prepare_into(&f, bucket, &[]);
     // The state dir's file system, sampled while the migration runs.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
-        let (done, peak, state) = (done.clone(), peak.clone(), f.state.clone());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak.fetch_max(fs_used(&state), std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        })
-    };
+    let sampler = PeakUse::start(&f.state);
     let began = std::time::Instant::now();
     let mp = f.mnt.clone();
     f.mount_with(&mp, &[]);
@@ -300,9 +316,7 @@ fn posix_to_s3_through_a_128_mib_state_dir() {
     ok(f.cmd("verify", &[]));
     ok(f.cmd("commit", &[]));
     f.unmount();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    sampler.join().unwrap();
-    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.stop();
     println!(
         "posix to s3: {total} bytes in {:.1} s, peak bytes used under the state dir: {peak} \
          ({:.1} MiB of a 128 MiB file system)",
@@ -445,17 +459,7 @@ fn s3_to_s3_across_two_services_through_a_128_mib_state_dir() {
         "--new-s3-profile".as_ref(),
         "new".as_ref(),
     ]);
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
-        let (done, peak, state) = (done.clone(), peak.clone(), f.state.clone());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak.fetch_max(fs_used(&state), std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        })
-    };
+    let sampler = PeakUse::start(&f.state);
     let began = std::time::Instant::now();
     cli(&[
         "mount".as_ref(),
@@ -476,9 +480,7 @@ fn s3_to_s3_across_two_services_through_a_128_mib_state_dir() {
     cli(&["verify".as_ref(), "--state".as_ref(), st.as_os_str()]);
     cli(&["commit".as_ref(), "--state".as_ref(), st.as_os_str()]);
     ok(ferryfs(&["unmount".as_ref(), f.mnt.as_os_str()]));
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    sampler.join().unwrap();
-    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.stop();
     println!(
         "s3 to s3 across two services: {total} bytes in {:.1} s, peak bytes used under the \
          state dir: {peak} ({:.1} MiB of a 128 MiB file system)",
@@ -744,28 +746,8 @@ fn a_gib_written_through_the_view_fits_a_128_mib_state_dir() {
     let mut f = Fixture::new();
     let _statefs = SmallFs::mount(&f.state, "128m");
     fs::write(f.old.join("old.txt"), b"from OLD").unwrap();
-    common::garage::shared().bucket(bucket);
-    let new = format!("s3://{bucket}");
-    ok(ferryfs(&[
-        "prepare".as_ref(),
-        "--old".as_ref(),
-        f.old.as_os_str(),
-        "--new".as_ref(),
-        new.as_ref(),
-        "--state".as_ref(),
-        f.state.as_os_str(),
-    ]));
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
-        let (done, peak, state) = (done.clone(), peak.clone(), f.state.clone());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak.fetch_max(fs_used(&state), std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        })
-    };
+    prepare_into(&f, bucket, &[]);
+    let sampler = PeakUse::start(&f.state);
     let mp = f.mnt.clone();
     f.mount_with(&mp, &[]);
     let files: Vec<(String, u64, usize)> = std::iter::once(("big.bin".to_string(), 600 << 20, 1))
@@ -797,9 +779,7 @@ fn a_gib_written_through_the_view_fits_a_128_mib_state_dir() {
     ok(f.cmd("verify", &[]));
     ok(f.cmd("commit", &[]));
     f.unmount();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    sampler.join().unwrap();
-    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.stop();
     println!(
         "{total} bytes written through the view in {:.1} s; peak bytes used under the state \
          dir: {peak} ({:.1} MiB of a 128 MiB file system)",

@@ -173,6 +173,13 @@ fn open(args: &MountArgs) -> Result<Serving<'_>, String> {
         let st = std::mem::take(&mut t.handed.view);
         let files = std::mem::take(&mut t.files);
         let got = opened.view.import_state(st, files);
+        // Open files the previous daemon let the kernel pass through to NEW's files stay so
+        // until closed: never evicted while open (the kernel would read the holes).
+        for o in &t.handed.passthrough.inodes {
+            if matches!(o.backing, Some((_, true))) {
+                opened.view.passes_through(o.ino);
+            }
+        }
         tracing::info!(
             inodes = got.inodes,
             detached = got.detached,

@@ -186,10 +186,7 @@ impl View {
                 // (A mark given: changed since by the view's count, not only by the mtime.)
                 let written = expect.mark != u64::MAX
                     && inode.last_write.load(Ordering::Acquire) > expect.mark;
-                if n.partial.is_some()
-                    || written
-                    || (open && !(self.stage_bounded() && self.stage_pressed()))
-                {
+                if n.partial.is_some() || written || (open && !self.evict_open(inode.ino)) {
                     return Ok(Eviction::Left);
                 }
                 let Some(p) = self.make_stub(file, dev, ino, rec, object, expect.size_mtime)?

@@ -41,6 +41,9 @@ pub(crate) struct StageRoom {
     waits: AtomicU64,
     /// The publisher runs passes (not paused, held or stopping).
     draining: AtomicBool,
+    /// Inodes whose open files the kernel passes through to NEW's file (handed over by a
+    /// daemon that did so): not evicted while open.
+    direct: Mutex<std::collections::HashSet<u64>>,
     lock: Mutex<()>,
     freed: Condvar,
 }
@@ -68,6 +71,29 @@ impl View {
     pub fn set_stage_max(&self, limit: u64) {
         self.stage.limit.store(limit, Ordering::Release);
         self.stage.freed.notify_all();
+    }
+
+    /// The kernel passes inode `ino`'s open files through to NEW's file (a takeover from a
+    /// daemon that did so): while it is open, it is not evicted.
+    pub fn passes_through(&self, ino: u64) {
+        self.stage
+            .direct
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino);
+    }
+
+    /// Whether a file open through the view may be evicted now: the staging tree is near its
+    /// bound, and the kernel does not pass its open files through.
+    pub(crate) fn evict_open(&self, ino: u64) -> bool {
+        self.stage_bounded()
+            && self.stage_pressed()
+            && !self
+                .stage
+                .direct
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&ino)
     }
 
     /// Whether NEW's staging tree has a bound (an S3 NEW).

@@ -197,6 +197,18 @@ impl S3Store {
 
     /// PUT `rel` with `data` and POSIX metadata, in one request.
     pub fn put(&self, rel: &str, data: Vec<u8>, meta: &PosixMeta) -> Result<ObjectInfo> {
+        self.put_md5(rel, data, meta, None)
+    }
+
+    /// [`put`](Self::put), with the Content-MD5 `md5` of `data` when given (the server then
+    /// refuses a body that arrives other than it was read).
+    fn put_md5(
+        &self,
+        rel: &str,
+        data: Vec<u8>,
+        meta: &PosixMeta,
+        md5: Option<&[u8; 16]>,
+    ) -> Result<ObjectInfo> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let size = data.len() as u64;
@@ -207,6 +219,7 @@ impl S3Store {
                     .bucket(&self.url.bucket)
                     .key(&key)
                     .body(ByteStream::from(data))
+                    .set_content_md5(md5.map(|m| base64_md5(m)))
                     .set_metadata(Some(meta.to_metadata(self.url.metadata)))
                     .send(),
             )
@@ -253,7 +266,6 @@ impl S3Store {
         meta: &PosixMeta,
         still: &dyn Fn() -> bool,
     ) -> Result<(ObjectInfo, [u8; 16])> {
-        self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
         let what = self.at(format!("PUT {key}"));
         let io = |e: std::io::Error| {
@@ -269,6 +281,7 @@ impl S3Store {
         if size <= SMALL_BODY {
             return self.put_small(rel, file, size, meta, still);
         }
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
         // Content-MD5: the server refuses a body that arrives other than it was read.
         let md5 = file_md5(file).map_err(io)?;
         if !still() {
@@ -342,22 +355,7 @@ impl S3Store {
             ));
         }
         let md5: [u8; 16] = md5::Md5::digest(&data).into();
-        let o = self
-            .block(
-                self.client
-                    .put_object()
-                    .bucket(&self.url.bucket)
-                    .key(&key)
-                    .body(ByteStream::from(data))
-                    .content_md5(base64_md5(&md5))
-                    .set_metadata(Some(meta.to_metadata(self.url.metadata)))
-                    .send(),
-            )
-            .map_err(|e| sdk_err(&what, e))?;
-        Ok((
-            ObjectInfo::written(rel, size, o.e_tag().unwrap_or_default().to_string(), meta),
-            md5,
-        ))
+        Ok((self.put_md5(rel, data, meta, Some(&md5))?, md5))
     }
 
     /// Server-side copy of another store's object (`src`'s `rel`, exactly the version with
