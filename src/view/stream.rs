@@ -225,7 +225,7 @@ impl View {
                 use md5::Digest;
                 let md5: [u8; 16] = md5::Md5::digest(&data).into();
                 bucket
-                    .put(key, data, &meta)
+                    .put_md5(key, data, &meta, Some(&md5))
                     .map(|o| (o.etag, crate::store::s3::md5_etag(&md5)))
             })
         } else {

@@ -202,7 +202,7 @@ impl S3Store {
 
     /// [`put`](Self::put), with the Content-MD5 `md5` of `data` when given (the server then
     /// refuses a body that arrives other than it was read).
-    fn put_md5(
+    pub fn put_md5(
         &self,
         rel: &str,
         data: Vec<u8>,
