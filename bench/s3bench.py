@@ -137,6 +137,19 @@ class Garage:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def tools_or_exit(name):
+    """The ferryfs release binary to bench (FERRYFS_BIN, else the target dir's), with rclone
+    present; exits naming `name` and what is missing otherwise."""
+    ferryfs = os.environ.get("FERRYFS_BIN") or os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", "/root/.cache/ferryfs/target"), "release/ferryfs"
+    )
+    if not os.access(ferryfs, os.X_OK):
+        sys.exit(f"{name}: no ferryfs binary at {ferryfs} (cargo build --release, or FERRYFS_BIN)")
+    if not shutil.which("rclone"):
+        sys.exit(f"{name}: rclone is missing: run scripts/setup.sh")
+    return ferryfs
+
+
 def check_copy(src, dst):
     r = subprocess.run(["diff", "-r", "-q", src, dst], capture_output=True, text=True)
     if r.returncode != 0:
@@ -151,13 +164,7 @@ def main():
     ap.add_argument("--scratch", default="/var/tmp")
     a = ap.parse_args()
     reps = a.reps or (1 if a.quick else 3)
-    ferryfs = os.environ.get("FERRYFS_BIN") or os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", "/root/.cache/ferryfs/target"), "release/ferryfs"
-    )
-    if not os.access(ferryfs, os.X_OK):
-        sys.exit(f"s3bench: no ferryfs binary at {ferryfs} (cargo build --release, or FERRYFS_BIN)")
-    if not shutil.which("rclone"):
-        sys.exit("s3bench: rclone is missing: run scripts/setup.sh")
+    ferryfs = tools_or_exit("s3bench")
     work = tempfile.mkdtemp(prefix="ferryfs-s3bench-", dir=a.scratch)
     g = Garage(work)
     try:

@@ -37,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from copybench import drop_caches, make_large, make_small, run_measured  # noqa: E402
-from s3bench import Garage  # noqa: E402
+from s3bench import Garage, tools_or_exit  # noqa: E402
 
 
 def tree_bytes(path):
@@ -125,13 +125,7 @@ def main():
     a = ap.parse_args()
     reps = a.reps or (1 if a.quick else 3)
     n_tr = str(a.transfers)
-    ferryfs = os.environ.get("FERRYFS_BIN") or os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", "/root/.cache/ferryfs/target"), "release/ferryfs"
-    )
-    if not os.access(ferryfs, os.X_OK):
-        sys.exit(f"s3newbench: no ferryfs binary at {ferryfs} (cargo build --release, or FERRYFS_BIN)")
-    if not shutil.which("rclone"):
-        sys.exit("s3newbench: rclone is missing: run scripts/setup.sh")
+    ferryfs = tools_or_exit("s3newbench")
     work = tempfile.mkdtemp(prefix="ferryfs-s3newbench-", dir=a.scratch)
     old = Garage(work)
     new = Garage(work)

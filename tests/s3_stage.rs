@@ -522,6 +522,37 @@ fn s3_to_s3_across_two_services_through_a_128_mib_state_dir() {
     );
 }
 
+/// `mount` of the state dir `st` at `mnt` through `run` (a [`cli_with`]).
+fn cli_mount(run: &dyn Fn(&[&std::ffi::OsStr]) -> String, st: &std::ffi::OsStr, mnt: &Path) {
+    run(&[
+        "mount".as_ref(),
+        "--state".as_ref(),
+        st,
+        mnt.as_os_str(),
+        "-o".as_ref(),
+        "allow_other".as_ref(),
+    ]);
+}
+
+/// `execute --wait`, `verify --checksum` (no mismatch) and `commit` of the state dir `st`
+/// through `run` (a [`cli_with`]).
+fn cli_finish(run: &dyn Fn(&[&std::ffi::OsStr]) -> String, st: &std::ffi::OsStr) {
+    run(&[
+        "execute".as_ref(),
+        "--state".as_ref(),
+        st,
+        "--wait".as_ref(),
+    ]);
+    let out = run(&[
+        "verify".as_ref(),
+        "--state".as_ref(),
+        st,
+        "--checksum".as_ref(),
+    ]);
+    assert!(out.contains("0 mismatches"), "{out}");
+    run(&["commit".as_ref(), "--state".as_ref(), st]);
+}
+
 /// `ferryfs` run with `profiles` (see `common::ferryfs_with_profiles`); its output, or a
 /// failure.
 fn cli_with(f: &Fixture, profiles: &[(String, String)], args: &[&std::ffi::OsStr]) -> String {
@@ -562,14 +593,7 @@ fn an_s3_new_on_moto_streams_evicts_and_commits_exactly() {
         "--new-s3-profile".as_ref(),
         "new".as_ref(),
     ]);
-    run(&[
-        "mount".as_ref(),
-        "--state".as_ref(),
-        st,
-        f.mnt.as_os_str(),
-        "-o".as_ref(),
-        "allow_other".as_ref(),
-    ]);
+    cli_mount(&run, st, &f.mnt);
     write_synced(&f.v("born.txt"), b"born in the view");
     run(&[
         "execute".as_ref(),
@@ -583,20 +607,7 @@ fn an_s3_new_on_moto_streams_evicts_and_commits_exactly() {
     pwrite_synced(&f.v("big.bin"), 40 << 20, b"changed in the middle");
     big[40 << 20..(40 << 20) + 21].copy_from_slice(b"changed in the middle");
     fs::rename(f.v("d1/f01"), f.v("d1/renamed")).unwrap();
-    run(&[
-        "execute".as_ref(),
-        "--state".as_ref(),
-        st,
-        "--wait".as_ref(),
-    ]);
-    let out = run(&[
-        "verify".as_ref(),
-        "--state".as_ref(),
-        st,
-        "--checksum".as_ref(),
-    ]);
-    assert!(out.contains("0 mismatches"), "{out}");
-    run(&["commit".as_ref(), "--state".as_ref(), st]);
+    cli_finish(&run, st);
     assert!(
         fs::read(f.v("big.bin")).unwrap() == big,
         "big.bin through the view"
@@ -647,29 +658,9 @@ fn an_s3_new_on_moto_streams_evicts_and_commits_exactly() {
         "--new-s3-profile".as_ref(),
         "new".as_ref(),
     ]);
-    run(&[
-        "mount".as_ref(),
-        "--state".as_ref(),
-        st,
-        g.mnt.as_os_str(),
-        "-o".as_ref(),
-        "allow_other".as_ref(),
-    ]);
+    cli_mount(&run, st, &g.mnt);
     fs::write(g.mnt.join("made"), b"through the view").unwrap();
-    run(&[
-        "execute".as_ref(),
-        "--state".as_ref(),
-        st,
-        "--wait".as_ref(),
-    ]);
-    let out = run(&[
-        "verify".as_ref(),
-        "--state".as_ref(),
-        st,
-        "--checksum".as_ref(),
-    ]);
-    assert!(out.contains("0 mismatches"), "{out}");
-    run(&["commit".as_ref(), "--state".as_ref(), st]);
+    cli_finish(&run, st);
     ok(ferryfs(&["unmount".as_ref(), g.mnt.as_os_str()]));
     o.put("made", b"through the view".to_vec(), &meta).unwrap();
     let mut c = a.rclone();

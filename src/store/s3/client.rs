@@ -272,9 +272,6 @@ impl S3Store {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
         };
         let size = file.metadata().map_err(io)?.len();
-        // By the fd's /proc path: a body made from a path is read again if the request is
-        // retried (one made from an open file is not).
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
         if size > MULTIPART_THRESHOLD {
             return self.put_multipart(rel, file, size, meta, still);
         }
@@ -282,6 +279,9 @@ impl S3Store {
             return self.put_small(rel, file, size, meta, still);
         }
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        // By the fd's /proc path: a body made from a path is read again if the request is
+        // retried (one made from an open file is not).
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
         // Content-MD5: the server refuses a body that arrives other than it was read.
         let md5 = file_md5(file).map_err(io)?;
         if !still() {

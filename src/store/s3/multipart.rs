@@ -140,7 +140,11 @@ impl S3Store {
     ) -> Result<ObjectInfo> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let what = self.at(format!("multipart PUT {key} (unchanged ranges copied)"));
+        let what = if src_rel.is_empty() {
+            self.at(format!("multipart PUT {key}"))
+        } else {
+            self.at(format!("multipart PUT {key} (unchanged ranges copied)"))
+        };
         let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
         let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part).max(1))
             .map(|i| (i * part, part.min(size - (i * part).min(size))))
