@@ -352,7 +352,7 @@ impl View {
                         }
                         None => {
                             file.set_len(0).ctx("truncate on open")?;
-                            inode.wrote();
+                            self.wrote(&inode);
                         }
                     }
                 }
@@ -493,7 +493,7 @@ impl View {
             } else {
                 file.write_all_at(data, offset).ctx("write")?;
             }
-            h.inode.wrote();
+            self.wrote(&h.inode);
             Ok(data.len() as u32)
         })
     }
@@ -540,7 +540,7 @@ impl View {
                 len,
             )
             .ctx("fallocate")?;
-            h.inode.wrote();
+            self.wrote(&h.inode);
             Ok(())
         })
     }

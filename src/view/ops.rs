@@ -894,7 +894,7 @@ impl View {
                         .set_len(size)
                         .ctx("truncate")?,
                 }
-                inode.wrote();
+                self.wrote(&inode);
             }
         }
         if s.uid.is_some() || s.gid.is_some() {

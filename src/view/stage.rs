@@ -96,6 +96,14 @@ impl View {
                 .contains(&ino)
     }
 
+    /// A change of `inode`'s NEW file's data just ended (under its data lock): marked for an
+    /// eviction to see (an S3 NEW's only; no shared counter touched per write otherwise).
+    pub(crate) fn wrote(&self, inode: &super::inode::Inode) {
+        if self.stage_bounded() {
+            inode.wrote();
+        }
+    }
+
     /// Whether NEW's staging tree has a bound (an S3 NEW).
     pub(crate) fn stage_bounded(&self) -> bool {
         self.stage.limit.load(Ordering::Acquire) > 0
