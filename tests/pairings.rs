@@ -1020,12 +1020,31 @@ fn an_s3_new_that_refuses_directory_markers_holds_exactly_the_view_after_commit(
     );
 }
 
+/// The daemon's /metrics, parsed.
+fn metrics(port: u16) -> BTreeMap<String, f64> {
+    common::parse_metrics(
+        &common::http_get(port, "/metrics")
+            .expect("/metrics answers")
+            .1,
+    )
+}
+
+/// The object `key` of `s`, whole.
+fn object(s: &Arc<S3Store>, key: &str) -> Vec<u8> {
+    let o = s.head(key).unwrap().unwrap_or_else(|| panic!("no {key}"));
+    let size = o.size as usize;
+    ObjectReader::new(s.clone(), o, 8 << 20)
+        .read_at(0, size)
+        .unwrap()
+}
+
 /// Copy-before-write by chunk into an S3 NEW (issue 25): a write into a big OLD file copies
-/// only the chunks it touches into the staging tree; the publisher never uploads the file
-/// with holes for data (it waits while the file is partly copied), and once the copier has
-/// filled it in the bucket holds the view's bytes.
+/// only the chunks it touches into the staging tree, and the publisher sends the file into
+/// the bucket from there and from OLD, with no copier running: never with holes for data,
+/// never filled in on local disk first. It is then an evicted file of NEW (read from the
+/// bucket); a later write stages one chunk again; commit leaves the bucket the view's bytes.
 #[test]
-fn an_s3_new_publishes_a_partly_copied_file_only_once_filled_in() {
+fn an_s3_new_publishes_a_partly_copied_file_without_filling_it_in() {
     use std::os::unix::fs::FileExt;
     let bucket = "pairing-chunks";
     let mut f = Fixture::new();
@@ -1038,24 +1057,45 @@ fn an_s3_new_publishes_a_partly_copied_file_only_once_filled_in() {
         &new,
         &["--chunk-size", "256k"],
     ));
-    f.mount();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy", "--metrics-addr", &addr]);
     let w = fs::OpenOptions::new().write(true).open(f.v("big")).unwrap();
     w.write_all_at(b"through the view", 3_000_000).unwrap();
     drop(w);
     model[3_000_000..3_000_016].copy_from_slice(b"through the view");
     assert_eq!(f.status_json()["partial"]["files"], 1);
-    // A pass of the publisher ran (it uploaded `small`): `big` is not in the bucket.
-    fs::write(f.v("small"), b"small").unwrap();
+    let staged = f.state.join("stage").join("big");
     let s = store(bucket);
-    common::wait_for("the publisher to upload small", 30, || {
-        s.head("small").unwrap().is_some()
+    let mut peak = 0;
+    common::wait_for("the publisher to send big and evict it", 60, || {
+        peak = peak.max(fs::metadata(&staged).map_or(0, |m| m.blocks() * 512));
+        f.status_json()["published"]["evicted"] == 1
     });
     assert!(
-        s.head("big").unwrap().is_none(),
-        "a partly copied file was published"
+        peak <= 512 << 10,
+        "the staging tree held {peak} bytes of big: filled in before its upload"
     );
+    assert!(object(&s, "big") == model, "the bucket's big");
+    let st = f.status_json();
+    assert_eq!(st["partial"]["files"], 0, "{st}");
+    let m = metrics(port);
+    assert_eq!(m.get("ferryfs_partial_published_total"), Some(&1.0));
+    assert_eq!(
+        m.get("ferryfs_partial_published_sent_bytes_total"),
+        Some(&((4u64 << 20) as f64))
+    );
+    // Read from the bucket now; a write stages one chunk and is published in turn.
+    assert!(fs::read(f.v("big")).unwrap() == model, "the view's big");
+    let w = fs::OpenOptions::new().write(true).open(f.v("big")).unwrap();
+    w.write_all_at(b"again", 100).unwrap();
+    drop(w);
+    model[100..105].copy_from_slice(b"again");
+    common::wait_for("the second write in the bucket", 60, || {
+        object(&s, "big") == model && f.status_json()["published"]["settled"] == true
+    });
     ok(f.cmd("execute", &["--wait"]));
-    assert_eq!(f.status_json()["partial"]["files"], 0);
     f.unmount();
     ok(f.cmd("commit", &[]));
     let t = tree_of_bucket(&s);
@@ -1063,4 +1103,61 @@ fn an_s3_new_publishes_a_partly_copied_file_only_once_filled_in() {
         Some(Entry::File { data, .. }) => assert!(*data == model, "the bucket's big"),
         other => panic!("big in the bucket: {other:?}"),
     }
+}
+
+/// The same out of an S3 OLD on NEW's service: the ranges of the file no write touched are
+/// copied by the server from OLD's object (UploadPartCopy), only the part holding the write
+/// is sent by this host.
+#[test]
+fn a_partly_copied_object_is_published_with_its_unchanged_ranges_copied_by_the_server() {
+    use std::os::unix::fs::FileExt;
+    let (ob, nb) = ("pairing-chunks-old", "pairing-chunks-new");
+    server().bucket(ob);
+    let old = store(ob);
+    // Five parts of 16 MiB: the write lands in the third.
+    let mut model = pattern(80 << 20, 11);
+    old.put("big", model.clone(), &PosixMeta::default())
+        .unwrap();
+    let mut f = Fixture::new();
+    let new = new_arg(&f, Side::S3, nb);
+    ok(prepare_with(
+        &f,
+        &format!("s3://{ob}"),
+        &new,
+        &["--chunk-size", "1M"],
+    ));
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy", "--metrics-addr", &addr]);
+    let at = (40 << 20) + 12_345;
+    let w = fs::OpenOptions::new().write(true).open(f.v("big")).unwrap();
+    w.write_all_at(&[7u8; 4096], at as u64).unwrap();
+    drop(w);
+    model[at..at + 4096].fill(7);
+    common::wait_for("the publisher to send big", 120, || {
+        f.status_json()["published"]["evicted"] == 1
+    });
+    let s = store(nb);
+    assert!(object(&s, "big") == model, "the NEW bucket's big");
+    let m = metrics(port);
+    assert_eq!(m.get("ferryfs_partial_published_total"), Some(&1.0));
+    assert_eq!(
+        m.get("ferryfs_partial_published_server_copied_bytes_total"),
+        Some(&((64u64 << 20) as f64)),
+        "{m:?}"
+    );
+    assert_eq!(
+        m.get("ferryfs_partial_published_sent_bytes_total"),
+        Some(&((16u64 << 20) as f64)),
+        "{m:?}"
+    );
+    assert!(fs::read(f.v("big")).unwrap() == model, "the view's big");
+    ok(f.cmd("execute", &["--wait"]));
+    f.unmount();
+    ok(f.cmd("commit", &[]));
+    assert!(
+        object(&s, "big") == model,
+        "the NEW bucket's big after commit"
+    );
 }

@@ -858,3 +858,114 @@ fn a_write_into_a_big_object_copies_only_the_chunks_it_touches() {
         .unwrap();
     assert!(got == model, "the bucket's `big` after abort");
 }
+
+/// The bytes of `s`'s object `key`, whole.
+fn object_bytes(s: &Arc<S3Store>, key: &str) -> Vec<u8> {
+    let o = s.head(key).unwrap().unwrap_or_else(|| panic!("no {key}"));
+    let size = o.size as usize;
+    ferryfs::store::s3::ObjectReader::new(s.clone(), o, 8 << 20)
+        .read_at(0, size)
+        .unwrap()
+}
+
+/// A bucket with an 80 MiB object `big` (five 16 MiB parts) and a 40 MiB `moved`, prepared
+/// into the fixture with 1 MiB chunks and mounted; `big` written in parts 1 and 3, `moved`
+/// written and renamed. Gives (OLD's store, `big`'s model, `moved`'s model).
+fn partly_written_bucket(f: &mut Fixture, bucket: &str) -> (Arc<S3Store>, Vec<u8>, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    server().bucket(bucket);
+    let s = store(bucket);
+    let mut big = pattern(80 << 20, 13);
+    s.put("big", big.clone(), &PosixMeta::default()).unwrap();
+    let mut moved = pattern(40 << 20, 17);
+    s.put("moved", moved.clone(), &PosixMeta::default())
+        .unwrap();
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        format!("s3://{bucket}").as_ref(),
+        "--new".as_ref(),
+        f.new.as_os_str(),
+        "--state".as_ref(),
+        f.state.as_os_str(),
+        "--chunk-size".as_ref(),
+        "1M".as_ref(),
+    ]));
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy"]);
+    let w = fs::OpenOptions::new().write(true).open(f.v("big")).unwrap();
+    for at in [1_000_000usize, 40 << 20, (40 << 20) + 3_000_000] {
+        w.write_all_at(&[9u8; 4096], at as u64).unwrap();
+        big[at..at + 4096].fill(9);
+    }
+    drop(w);
+    let w = fs::OpenOptions::new()
+        .write(true)
+        .open(f.v("moved"))
+        .unwrap();
+    w.write_all_at(b"moved", 5).unwrap();
+    moved[5..10].copy_from_slice(b"moved");
+    drop(w);
+    fs::rename(f.v("moved"), f.v("renamed")).unwrap();
+    assert_eq!(f.status_json()["partial"]["files"], 2);
+    f.unmount();
+    (s, big, moved)
+}
+
+/// Abort into an S3 OLD after scattered writes into a big object (issue 25): OLD's object is
+/// rewritten in place by an upload whose unchanged parts the server copies from the object
+/// itself, so only the parts holding the writes are sent (two of five here), and abort says
+/// how many bytes it sent; a partly copied object renamed through the view is written whole
+/// at its new key.
+#[test]
+fn abort_into_a_bucket_sends_only_the_changed_parts_of_a_partly_copied_object() {
+    let mut f = Fixture::new();
+    let (s, big, moved) = partly_written_bucket(&mut f, "s3-old-abort-parts");
+    let out = ok(f.cmd("abort", &["--keep-new"]));
+    assert!(
+        out.contains("1 of them files partly copied")
+            && out.contains(&format!("({} bytes sent into OLD", 32u64 << 20)),
+        "{out}"
+    );
+    assert!(object_bytes(&s, "big") == big, "OLD's big after abort");
+    assert!(
+        object_bytes(&s, "renamed") == moved,
+        "OLD's renamed after abort"
+    );
+    assert!(s.head("moved").unwrap().is_none(), "moved's old key stayed");
+    assert!(s.unfinished_uploads().unwrap().is_empty());
+}
+
+/// An abort stopped right after its upload replaced OLD's object, before the journal said
+/// so (the record still names the version the chunks were read at, marked as being
+/// rewritten): the rerun takes the object for the view's and finishes, and one whose object
+/// another client replaced meanwhile is refused, saying so, with nothing lost.
+#[test]
+fn an_abort_rerun_after_a_crash_at_the_end_of_an_upload_into_the_bucket_finishes() {
+    let mut f = Fixture::new();
+    let (s, big, _) = partly_written_bucket(&mut f, "s3-old-abort-crash");
+    // The state a crash leaves between CompleteMultipartUpload and the journal's record.
+    let mark = |on: bool| {
+        let m = ferryfs::state::Migration::open(&f.state).unwrap();
+        let mut b = ferryfs::journal::Batch::new();
+        for (dev, ino, mut rec) in m.journal.partials().unwrap() {
+            if rec.origin == b"big" {
+                rec.abort_put = on;
+                b.partial(dev, ino, &rec);
+            }
+        }
+        m.journal.commit(b, true).unwrap();
+    };
+    mark(true);
+    // Another client's bytes of another size: refused, OLD's object untouched.
+    s.put("big", b"someone else".to_vec(), &PosixMeta::default())
+        .unwrap();
+    let err = refused(f.cmd("abort", &["--keep-new"]));
+    assert!(err.contains("changed behind the migration"), "{err}");
+    assert_eq!(object_bytes(&s, "big"), b"someone else");
+    // The upload's own result: taken as written.
+    s.put("big", big.clone(), &PosixMeta::default()).unwrap();
+    let out = ok(f.cmd("abort", &["--keep-new"]));
+    assert!(out.contains("1 of them files partly copied"), "{out}");
+    assert!(object_bytes(&s, "big") == big, "OLD's big after the rerun");
+}

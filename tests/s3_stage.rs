@@ -417,8 +417,7 @@ fn s3_to_s3_across_two_services_through_a_128_mib_state_dir() {
             &format!("big-{i}.bin"),
             size as u64,
             &meta,
-            "",
-            "",
+            None,
             &|_, _| false,
             &mut |off, buf| {
                 for (j, b) in buf.iter_mut().enumerate() {

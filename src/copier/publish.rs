@@ -514,12 +514,15 @@ impl Publisher {
                 }
                 d.objects += 1;
                 d.staged_bytes += w.staged;
-                // A file partly copied (its chunks still in OLD are holes here): published
-                // once the copier has filled it in, never with holes for data. (An evicted
-                // file's absent chunks are the bucket's: published as any file.)
+                // A file partly copied (its chunks still in OLD are holes here) is published
+                // with those chunks read from OLD through the view (or copied by the server
+                // from an S3 OLD's object), never with holes for data; one with several names
+                // waits for the copier to fill it in. (An evicted file's absent chunks are the
+                // bucket's: published as any file.)
                 let partial_file = w.kind == Kind::File
                     && self.journal.has_partial(w.dev, w.rec.ino)
-                    && !self.journal.is_stub(w.dev, w.rec.ino);
+                    && !self.journal.is_stub(w.dev, w.rec.ino)
+                    && (w.links > 1 || self.view.is_none());
                 while let Some((k, _)) = cursor.peek()? {
                     if *k >= w.key {
                         break;
@@ -906,9 +909,10 @@ impl Publisher {
             ));
         }
         let started = wall_clock();
-        // An evicted file: the bucket's object, and what was written through the view since.
+        // An evicted file (the bucket's object, and what was written through the view since)
+        // or a file partly copied from OLD (OLD's file, and what was written).
         if let Some(view) = &self.view
-            && self.journal.is_stub(w.dev, now.ino)
+            && self.journal.has_partial(w.dev, now.ino)
         {
             let rw = reopen(fd.as_fd(), OFlags::RDONLY).map_err(|e| io("open", e))?;
             if let Some(stub) = view
@@ -1054,12 +1058,13 @@ impl Publisher {
             .map_err(|e| io_err(w, "evict", std::io::Error::from_raw_os_error(e.errno())))
     }
 
-    /// An evicted file (its absent chunks are the bucket object `stub.source()`): copied by
-    /// the server when no chunk was written since (a rename, a metadata change), else
-    /// uploaded with its unchanged ranges copied by the server and the rest read from the
-    /// staging tree; then pointed at the new object and evicted again. A file changed in the
-    /// last second waits for a later pass (a write in the same timestamp tick as this look
-    /// would not show in its mtime).
+    /// An evicted file (its absent chunks are the bucket object `stub.source()`), or a file
+    /// partly copied from OLD (its absent chunks OLD's): copied by the server when no chunk
+    /// was written since and the server can (a rename, a metadata change), else uploaded with
+    /// its unchanged ranges copied by the server where it can and the rest read through the
+    /// view (staged chunks, and OLD's or the bucket's); then pointed at the new object and
+    /// evicted (again). A file changed in the last second waits for a later pass (a write in
+    /// the same timestamp tick as this look would not show in its mtime).
     fn publish_stub(
         &self,
         w: &Want,
@@ -1069,9 +1074,41 @@ impl Publisher {
         stub: &crate::view::StubUpload,
     ) -> Result<Done, S3Error> {
         let io = |what: &str, e| io_err(w, what, e);
-        let (src, src_etag) = stub.source();
         let meta = meta_of(now);
-        let (etag, md5, done) = if stub.clean(now.size) {
+        // The object the absent chunks are, when the server can copy from it: the bucket's
+        // own, or an S3 OLD's on the same service.
+        let source = stub.source().filter(|(s, _, _)| {
+            stub.in_bucket()
+                || (self.store.same_service(s)
+                    && self.view.as_ref().is_some_and(|v| v.server_copy_allowed()))
+        });
+        let lost = |e: S3Error, src: &str, src_etag: &str| {
+            if e.errno != libc::ESTALE && e.errno != libc::ENOENT {
+                return e;
+            }
+            let what = if stub.in_bucket() {
+                format!(
+                    "the NEW bucket's object {src} that held this evicted file's bytes was \
+                     replaced or deleted by another client after the upload (the staging tree \
+                     keeps no copy): reads of it fail"
+                )
+            } else {
+                format!(
+                    "OLD's object {src}, whose bytes this partly copied file's chunks not \
+                     copied yet are, was replaced or deleted behind the view: reads of them fail"
+                )
+            };
+            S3Error::new(
+                w.key.clone(),
+                libc::EIO,
+                format!(
+                    "{what}; restore that version ({src_etag}) or remove the file through the \
+                     view"
+                ),
+            )
+        };
+        let clean = source.as_ref().filter(|_| stub.clean(now.size));
+        let (etag, md5, done) = if let Some((store, src, src_etag)) = clean {
             // (The copier sends its copies to their key before it names them: a pending
             // record of this very object.)
             let sent_here = || {
@@ -1079,52 +1116,77 @@ impl Publisher {
                     .head(&w.key)
                     .ok()
                     .flatten()
-                    .is_some_and(|o| o.etag == src_etag)
+                    .is_some_and(|o| o.etag == *src_etag)
             };
-            let in_place = src == w.key
+            let in_place = stub.in_bucket()
+                && *src == w.key
                 && had.is_some_and(|h| {
                     same_meta(h, now)
-                        && (h.etag == src_etag || h.pending)
+                        && (h.etag == *src_etag || h.pending)
                         && (!h.pending || sent_here())
                 });
             if in_place {
                 let md5 = had.map(|h| h.md5.clone()).unwrap_or_default();
                 (src_etag.clone(), md5, Done::Recorded)
             } else {
-                let o = match self.store.copy(&src, &w.key, &src_etag, now.size, &meta) {
+                let o = match self
+                    .store
+                    .copy_from(store, src, src_etag, now.size, &w.key, &meta)
+                {
                     Ok(o) => o,
-                    Err(e) if e.errno == libc::ESTALE || e.errno == libc::ENOENT => {
-                        return Err(S3Error::new(
-                            w.key.clone(),
-                            libc::EIO,
-                            format!(
-                                "the NEW bucket's object {src} that held this evicted file's \
-                                 bytes was replaced or deleted by another client after the \
-                                 upload (the staging tree keeps no copy): reads of it fail; \
-                                 restore that version ({src_etag}) or remove the file through \
-                                 the view"
-                            ),
-                        ));
+                    // NEW's credentials may not read OLD's bucket: sent by the next pass.
+                    Err(e)
+                        if !stub.in_bucket() && matches!(e.errno, libc::EACCES | libc::EPERM) =>
+                    {
+                        if let Some(v) = &self.view {
+                            v.server_copy_refused(&e);
+                        }
+                        return Ok(Done::Changed);
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(lost(e, src, src_etag)),
                 };
+                if !stub.in_bucket() {
+                    crate::metrics::METRICS.partial_published(0, now.size);
+                }
                 (o.etag, String::new(), Done::Copied)
             }
         } else if now.size <= crate::store::s3::MULTIPART_THRESHOLD {
             let mut data = vec![0u8; now.size as usize];
             stub.read_exact(0, &mut data).map_err(|e| io("read", e))?;
             let o = self.store.put(&w.key, data, &meta)?;
+            if !stub.in_bucket() {
+                crate::metrics::METRICS.partial_published(now.size, 0);
+            }
             (o.etag, String::new(), Done::Uploaded(now.size))
         } else {
-            let o = self.store.put_patched(
-                &w.key,
-                now.size,
-                &meta,
-                &src,
-                &src_etag,
-                &|off, len| stub.from_source(off, len),
-                &mut |off, buf| stub.read_exact(off, buf),
-            )?;
+            let patched = |source: Option<&(Arc<S3Store>, String, String)>| {
+                self.store.put_patched(
+                    &w.key,
+                    now.size,
+                    &meta,
+                    source.map(|(s, k, e)| (&**s, k.as_str(), e.as_str())),
+                    &|off, len| stub.from_source(off, len),
+                    &mut |off, buf| stub.read_exact(off, buf),
+                )
+            };
+            let (o, copied) = match patched(source.as_ref()) {
+                // NEW's credentials may not read OLD's bucket: every byte through this host.
+                Err(e)
+                    if !stub.in_bucket()
+                        && source.is_some()
+                        && matches!(e.errno, libc::EACCES | libc::EPERM) =>
+                {
+                    if let Some(v) = &self.view {
+                        v.server_copy_refused(&e);
+                    }
+                    patched(None)?
+                }
+                Err(e) => return Err(e),
+                Ok(r) => r,
+            };
+            if !stub.in_bucket() {
+                crate::metrics::METRICS.partial_published(now.size - copied, copied);
+            }
             (o.etag, String::new(), Done::Uploaded(now.size))
         };
         let after = rustix::fs::fstat(f)

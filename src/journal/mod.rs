@@ -149,6 +149,10 @@ pub struct PartialFile {
     /// commit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bucket: bool,
+    /// An abort into an S3 OLD began rewriting OLD's object `origin` as the view's bytes: the
+    /// object may be that upload's (see `View::abort_partial_s3`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abort_put: bool,
 }
 
 /// Chunks one chunk-map record covers (a 512-byte bitmap): a 10 TiB file in 1 MiB chunks is
@@ -1477,6 +1481,7 @@ mod tests {
             handle: vec![1, 2, 3],
             etag: None,
             bucket: false,
+            abort_put: false,
         };
         assert!(!j.has_partial(9, 10));
         let mut b = Batch::new();
@@ -1524,6 +1529,7 @@ mod tests {
             handle: vec![1],
             etag: Some("e".into()),
             bucket,
+            abort_put: false,
         };
         let mut b = Batch::new();
         b.partial(1, 1, &rec(false)).partial(1, 2, &rec(true));

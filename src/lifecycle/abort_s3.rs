@@ -152,10 +152,14 @@ pub(super) fn abort_s3(
     };
     Ok(format!(
         "aborted: OLD ({}) now holds the view as it was ({} objects written by this run, {} \
-         of them renamed through the view, {} deleted{resumed}); {new_note}",
+         of them renamed through the view, {} of them files partly copied that took back only \
+         their changed parts ({} bytes sent into OLD, the rest copied by the server), {} \
+         deleted{resumed}); {new_note}",
         tree.store.url,
         stats.copied,
         stats.linked,
+        stats.partial,
+        stats.partial_bytes,
         extra.len()
     ))
 }
@@ -399,6 +403,15 @@ fn plan_s3_entry(
         .backing(inode)
         .ok_or_else(|| crate::view::error::errno_err("entry has no backing", libc::ENOENT))?;
     let Some(o) = src.object() else {
+        // A file partly copied into NEW under another name than its OLD key: its chunks
+        // still in OLD are copied into NEW now, before any key of OLD is written (placing
+        // may write that key). One still at its key is written in place (`put_from_new`).
+        if view
+            .partial_origin(inode)
+            .is_some_and(|o| o != path.as_bytes())
+        {
+            view.hydrate_partial(inode)?;
+        }
         plan.push(Planned::New { path });
         return Ok(());
     };
@@ -437,7 +450,7 @@ fn place(view: &View, tree: &Arc<S3Tree>, p: &Planned, stats: &mut AbortStats) -
             let inode = view_entry(view, path)?.ok_or_else(|| {
                 crate::view::error::errno_err("a planned entry left the view", libc::ENOENT)
             })?;
-            let r = put_from_new(view, tree, &inode, path);
+            let r = put_from_new(view, tree, &inode, path, stats);
             view.release_lookup(&inode);
             r?;
         }
@@ -466,15 +479,32 @@ fn view_entry(view: &View, path: &str) -> Result<Option<Arc<Inode>>> {
     Ok(looked_up.then_some(cur))
 }
 
-fn put_from_new(view: &View, tree: &Arc<S3Tree>, inode: &Arc<Inode>, path: &str) -> Result<()> {
-    // A file partly copied into NEW: its chunks still in OLD first (an object is written
-    // whole).
-    view.hydrate_partial(inode)?;
+fn put_from_new(
+    view: &View,
+    tree: &Arc<S3Tree>,
+    inode: &Arc<Inode>,
+    path: &str,
+    stats: &mut AbortStats,
+) -> Result<()> {
     let src = view
         .backing(inode)
         .ok_or_else(|| crate::view::error::errno_err("entry has no backing", libc::ENOENT))?;
     let st = src.stat().ctx("stat view entry")?;
     let meta = PosixMeta::of_stat(&st);
+    // A file partly copied into NEW, still at its OLD key: only its changed parts are sent.
+    #[allow(clippy::unnecessary_cast)]
+    if Kind::from_mode(st.st_mode) == Kind::File
+        && let Some(sent) =
+            view.abort_partial_s3(inode, &tree.store, path, st.st_size as u64, &meta)?
+    {
+        stats.partial += 1;
+        stats.partial_bytes += sent;
+        return Ok(());
+    }
+    // Another one (renamed through the view): its chunks still in OLD first (an object is
+    // written whole). (Filled in when planned, before any key of OLD was written; again
+    // here for a run that resumed placing.)
+    view.hydrate_partial(inode)?;
     match Kind::from_mode(st.st_mode) {
         Kind::File => {
             let f = src.open(OFlags::RDONLY).ctx("open view file")?;

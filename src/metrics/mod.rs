@@ -178,6 +178,9 @@ pub struct Metrics {
     bucket_sent_bytes: AtomicU64,
     bucket_server_copied: AtomicU64,
     bucket_server_copied_bytes: AtomicU64,
+    partial_published: AtomicU64,
+    partial_published_sent: AtomicU64,
+    partial_published_copied: AtomicU64,
     meta_changes: AtomicU64,
     /// Opens by data path: passthrough to NEW, passthrough to OLD, through the daemon.
     opens: [AtomicU64; 3],
@@ -207,6 +210,9 @@ impl Metrics {
             bucket_sent_bytes: AtomicU64::new(0),
             bucket_server_copied: AtomicU64::new(0),
             bucket_server_copied_bytes: AtomicU64::new(0),
+            partial_published: AtomicU64::new(0),
+            partial_published_sent: AtomicU64::new(0),
+            partial_published_copied: AtomicU64::new(0),
             meta_changes: AtomicU64::new(0),
             opens: [const { AtomicU64::new(0) }; 3],
             journal_writes: [const { Histogram::new() }; 2],
@@ -246,6 +252,14 @@ impl Metrics {
         };
         n.fetch_add(1, Relaxed);
         b.fetch_add(bytes, Relaxed);
+    }
+
+    /// A file partly copied from OLD published into an S3 NEW's bucket: `sent` bytes sent
+    /// by this host, `copied` copied by the server from an S3 OLD's object.
+    pub fn partial_published(&self, sent: u64, copied: u64) {
+        self.partial_published.fetch_add(1, Relaxed);
+        self.partial_published_sent.fetch_add(sent, Relaxed);
+        self.partial_published_copied.fetch_add(copied, Relaxed);
     }
 
     /// (copies sent, copies made by the server) into an S3 NEW's bucket so far.
@@ -356,6 +370,24 @@ impl Metrics {
             "ferryfs_bucket_server_copied_bytes_total",
             "Bytes of those copies.",
             self.bucket_server_copied_bytes.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_partial_published_total",
+            "Files partly copied from OLD (copy-before-write) published into an S3 NEW's bucket without being filled in first.",
+            self.partial_published.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_partial_published_sent_bytes_total",
+            "Bytes of those uploads sent by this host (written chunks, and OLD's chunks read through it).",
+            self.partial_published_sent.load(Relaxed),
+        );
+        counter(
+            out,
+            "ferryfs_partial_published_server_copied_bytes_total",
+            "Bytes of those uploads copied by the server from an S3 OLD's object on the same service.",
+            self.partial_published_copied.load(Relaxed),
         );
         counter(
             out,

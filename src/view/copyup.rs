@@ -586,6 +586,7 @@ impl View {
                         .and_then(|e| e.object.as_ref())
                         .map(|o| o.etag.clone()),
                     bucket: false,
+                    abort_put: false,
                 },
                 source,
             ))

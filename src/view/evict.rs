@@ -70,9 +70,10 @@ impl View {
     /// held that still when the upload ended. An evicted file reads its absent chunks from
     /// that object from now on (whatever changed since); a file unchanged since (`expect`
     /// given and still so) and open nowhere in the view becomes, or stays, an evicted file
-    /// with no chunk staged: its record written, its bytes punched out (`Evicted`). Left as
-    /// it is: a file open through the view, changed since the upload, with several names, or
-    /// partly OLD's (copy-before-write).
+    /// with no chunk staged: its record written, its bytes punched out (`Evicted`). A file
+    /// partly copied from OLD (copy-before-write) becomes an evicted file the same way: its
+    /// chunks still OLD's are the object's too. Left as it is: a file open through the view,
+    /// changed since the upload, or with several names.
     pub fn evict(
         &self,
         file: File,
@@ -132,12 +133,11 @@ impl View {
             .inodes
             .ino_of(&Identity::New(dev, ino))
             .and_then(|i| self.inodes.get(i));
+        // An evicted file, or a file partly copied from OLD (its absent chunks are the same
+        // bytes in the object just uploaded): it reads them from the object from now on.
         if let Some(inode) = &inode {
             let live = inode.node().partial.clone();
             if let Some(p) = live {
-                if !p.is_stub() {
-                    return Ok(Eviction::Left);
-                }
                 let punched = p.repoint(&self.journal, key, etag, size, object, expect)?;
                 if punched {
                     self.invalidate(inode.ino);
@@ -150,9 +150,6 @@ impl View {
             let Some((rec, bits)) = self.journal.partial(dev, ino)? else {
                 return Ok(Eviction::Left);
             };
-            if !rec.bucket {
-                return Ok(Eviction::Left);
-            }
             // (A lookup meanwhile waits for this; the next one loads the new record.)
             let p = Partial::new((dev, ino), rec, object.clone(), file, bits);
             let punched = p.repoint(&self.journal, key, etag, size, object, expect)?;
@@ -172,6 +169,7 @@ impl View {
             handle: self.new_identity(file.as_fd())?,
             etag: Some(etag.to_string()),
             bucket: true,
+            abort_put: false,
         };
         match &inode {
             // Held by the kernel: under its node's lock, and only while no handle is open
@@ -270,13 +268,15 @@ impl View {
         self.partial_of(inode).filter(|p| p.is_stub())
     }
 
-    /// The staged file `file` as its publisher must read it, when it is an evicted file
-    /// (`None` else): the view's own state of it when the kernel holds it, else its record.
+    /// The staged file `file` as its publisher must read it, when its bytes are partly
+    /// elsewhere (`None` else): an evicted file (the rest in the bucket), or a file partly
+    /// copied from OLD (the rest in OLD). The view's own state of it when the kernel holds
+    /// it, else its record.
     pub fn stub_upload(&self, file: File) -> Result<Option<StubUpload>> {
         let st = posix::stat_fd(file.as_fd()).ctx("fstat staged file")?;
         #[allow(clippy::unnecessary_cast)]
         let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
-        if !self.journal.is_stub(dev, ino) {
+        if !self.journal.has_partial(dev, ino) {
             return Ok(None);
         }
         // Before anything is read: a write after this shows (see `stub_written`).
@@ -287,18 +287,17 @@ impl View {
             .and_then(|i| self.inodes.get(i))
             .and_then(|i| i.node().partial.clone());
         let p = match live {
-            Some(p) if p.is_stub() => p,
-            Some(_) => return Ok(None),
+            Some(p) => p,
             None => {
                 let Some((rec, bits)) = self.journal.partial(dev, ino)? else {
                     return Ok(None);
                 };
-                if !rec.bucket {
-                    return Ok(None);
-                }
-                let key = String::from_utf8_lossy(&rec.origin).into_owned();
-                let src =
-                    self.bucket_source(&key, rec.etag.as_deref().unwrap_or(""), rec.old.size)?;
+                let src = if rec.bucket {
+                    let key = String::from_utf8_lossy(&rec.origin).into_owned();
+                    self.bucket_source(&key, rec.etag.as_deref().unwrap_or(""), rec.old.size)?
+                } else {
+                    self.partial_old_source(&rec)?
+                };
                 Arc::new(Partial::new((dev, ino), rec, src, file, bits))
             }
         };
@@ -375,13 +374,16 @@ impl StubUpload {
         }
     }
 
-    /// The bucket's object its absent chunks are: (key, ETag).
-    pub fn source(&self) -> (String, String) {
-        let (_, _, rec) = self.p.snapshot();
-        (
-            String::from_utf8_lossy(&rec.origin).into_owned(),
-            rec.etag.unwrap_or_default(),
-        )
+    /// Whether its absent chunks are NEW's bucket's (an evicted file), not OLD's.
+    pub fn in_bucket(&self) -> bool {
+        self.p.is_stub()
+    }
+
+    /// The object its absent chunks are (its store, key below that store's prefix, ETag):
+    /// NEW's bucket's for an evicted file, an S3 OLD's for a file partly copied from it;
+    /// `None` for a POSIX OLD's file.
+    pub fn source(&self) -> Option<(Arc<crate::store::s3::S3Store>, String, String)> {
+        self.p.object_source()
     }
 
     /// No chunk staged and the size the object has: the bucket's object is the file.

@@ -263,6 +263,45 @@ impl Partial {
         Ok(punch)
     }
 
+    /// The S3 object the absent chunks are read from (store, key, ETag), if they are one's.
+    pub(crate) fn object_source(&self) -> Option<(Arc<crate::store::s3::S3Store>, String, String)> {
+        match self.source() {
+            Source::Object(o) => Some((o.store().clone(), o.info.rel.clone(), o.info.etag.clone())),
+            Source::File(_) => None,
+        }
+    }
+
+    /// NEW's file's link count.
+    pub(crate) fn links(&self) -> u64 {
+        #[allow(clippy::unnecessary_cast)]
+        posix::stat_fd(self.new.as_fd()).map_or(0, |st| st.st_nlink as u64)
+    }
+
+    /// The record changed by `change`, durably, and the absent chunks read from `old` from
+    /// then on when given (nothing for a file that left NEW).
+    fn rerecord(
+        &self,
+        journal: &Records,
+        change: impl FnOnce(&mut PartialFile),
+        old: Option<Source>,
+    ) -> Result<()> {
+        let m = self.map_mut();
+        if self.detached.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut rec = self.record();
+        change(&mut rec);
+        rec.extent = m.extent;
+        let mut b = Batch::new();
+        b.partial(self.key.0, self.key.1, &rec);
+        journal.commit(b, true)?;
+        *self.rec.lock().unwrap_or_else(|p| p.into_inner()) = rec;
+        if let Some(old) = old {
+            *self.old.write().unwrap_or_else(|p| p.into_inner()) = old;
+        }
+        Ok(())
+    }
+
     /// Chunks still OLD's.
     pub(crate) fn missing(&self) -> u64 {
         self.map().missing
@@ -878,6 +917,17 @@ impl View {
                 bits,
             ))));
         }
+        let old = self.partial_old_source(&rec)?;
+        let p = Arc::new(Partial::new((dev, ino), rec, old, new, bits));
+        if let Err(e) = p.check_old() {
+            tracing::error!(error = %e, "a partly copied file");
+        }
+        Ok(Some(p))
+    }
+
+    /// OLD's file (or object) a partial record's absent chunks are read from, opened again
+    /// by its path. One gone or replaced gives a stand-in whose every read and check fails.
+    pub(crate) fn partial_old_source(&self, rec: &PartialFile) -> Result<Source> {
         let old = self
             .old
             .locate_path(&rec.origin, false)
@@ -890,7 +940,7 @@ impl View {
                 }
                 loc.open_source(rustix::fs::OFlags::RDONLY)
             });
-        let old = match old {
+        Ok(match old {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(
@@ -902,12 +952,7 @@ impl View {
                 // A stand-in that fails every check: /dev/null is no OLD file.
                 Source::File(Arc::new(File::open("/dev/null").ctx("open /dev/null")?))
             }
-        };
-        let p = Arc::new(Partial::new((dev, ino), rec, old, new, bits));
-        if let Err(e) = p.check_old() {
-            tracing::error!(error = %e, "a partly copied file");
-        }
-        Ok(Some(p))
+        })
     }
 
     /// Whether NEW's file the record names by handle still exists (a record a crash left
@@ -1015,6 +1060,13 @@ impl View {
         let Some(p) = self.partial_of(inode).filter(|p| !p.is_stub()) else {
             return Ok(None);
         };
+        // An S3 NEW's publisher sends it whole into the bucket (its absent chunks from OLD,
+        // copied by the server where it can) and it becomes an evicted file: filling it in
+        // here first would stage the whole file. (One with several names is filled in: an
+        // evicted file has one.)
+        if self.bucket.get().is_some() && p.links() == 1 {
+            return Ok(Some((0, false)));
+        }
         let Ok(_claim) = inode.claim.try_lock() else {
             return Ok(Some((0, false)));
         };
@@ -1051,8 +1103,11 @@ impl View {
                 let Some(i) = self.inodes.get(*ino) else {
                     return false;
                 };
+                // (One an S3 NEW's publisher made an evicted file is no longer OLD's.)
                 let last = match i.node().partial.as_ref() {
-                    Some(p) if p.key == *key => p.last_write.load(Ordering::Relaxed),
+                    Some(p) if p.key == *key && !p.is_stub() => {
+                        p.last_write.load(Ordering::Relaxed)
+                    }
                     _ => return false,
                 };
                 out.push((last, i));
@@ -1084,6 +1139,13 @@ impl View {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, inode.ino);
+    }
+
+    /// The OLD path `inode`'s chunks not copied yet are read from, if it is partly copied.
+    pub fn partial_origin(&self, inode: &Inode) -> Option<Vec<u8>> {
+        self.partial_of(inode)
+            .filter(|p| !p.is_stub())
+            .map(|p| p.record().origin)
     }
 
     /// Copy every chunk of `inode` still OLD's now, if it is partly copied (abort into an S3
@@ -1168,6 +1230,137 @@ impl View {
             self.journal.commit(b, true)?;
         }
         Ok(Some(written))
+    }
+
+    /// Abort into an S3 OLD of a partly copied file still at its OLD path (`path` is the key
+    /// its chunks are read from; `size` and `meta`: the view's): OLD's object there is
+    /// rewritten as the view's bytes by one multipart upload whose parts no change touched
+    /// are copied by the server from the object itself (at the version the chunks are read
+    /// at), so only the parts holding changes are sent (a file up to
+    /// [`crate::store::s3::MULTIPART_THRESHOLD`] is one PUT). `Ok(None)`: not such a file
+    /// (filled in and written whole, as any other). `Some(bytes sent)` else.
+    ///
+    /// Crash safety: the record says, durably, that the upload began before its first
+    /// request; afterwards it names the new object. A rerun that finds the mark and the key
+    /// holding another version, with no upload of it still open, takes that version for this
+    /// upload's (OLD is the migration's while it runs: nothing else writes it).
+    pub fn abort_partial_s3(
+        &self,
+        inode: &Inode,
+        store: &Arc<crate::store::s3::S3Store>,
+        path: &str,
+        size: u64,
+        meta: &crate::store::s3::PosixMeta,
+    ) -> Result<Option<u64>> {
+        let Some(p) = self.partial_of(inode).filter(|p| !p.is_stub()) else {
+            return Ok(None);
+        };
+        let rec = p.record();
+        if rec.origin != path.as_bytes() {
+            return Ok(None);
+        }
+        let s3 = super::stream::s3_err;
+        let etag = rec.etag.clone().unwrap_or_default();
+        let open_uploads = || -> Result<Vec<String>> {
+            Ok(store
+                .unfinished_uploads()
+                .map_err(s3("list OLD's open uploads"))?
+                .into_iter()
+                .filter(|(k, _)| k == path)
+                .map(|(_, id)| id)
+                .collect())
+        };
+        let to_object = |info: crate::store::s3::ObjectInfo| {
+            Source::Object(Arc::new(crate::store::s3::ObjectReader::new(
+                store.clone(),
+                info,
+                4 << 20,
+            )))
+        };
+        let rebase = |info: crate::store::s3::ObjectInfo| {
+            let (etag, size) = (info.etag.clone(), info.size);
+            p.rerecord(
+                &self.journal,
+                |r| {
+                    r.etag = Some(etag);
+                    r.old.size = size;
+                    r.abort_put = false;
+                },
+                Some(to_object(info)),
+            )
+        };
+        if rec.abort_put {
+            let now = store.head(path).map_err(s3("look at OLD's object"))?;
+            match now {
+                Some(o) if o.etag == etag => {
+                    // Not completed: what it left open goes.
+                    for id in open_uploads()? {
+                        store
+                            .abort_upload(path, &id)
+                            .map_err(s3("abort an upload into OLD"))?;
+                    }
+                }
+                Some(o) if o.size == size && open_uploads()?.is_empty() => {
+                    tracing::info!(
+                        path,
+                        "abort: OLD's object was rewritten as the view's by the run a crash \
+                         stopped"
+                    );
+                    rebase(o)?;
+                    return Ok(Some(0));
+                }
+                _ => {
+                    return Err(errno_err(
+                        "abort: OLD's object of a partly copied file changed behind the \
+                         migration while an earlier abort rewrote it; its chunks not copied \
+                         into NEW are lost (restore the object's version the migration \
+                         began with, then abort again)",
+                        libc::EIO,
+                    ));
+                }
+            }
+        }
+        let Some((src, rel, src_etag)) = p.object_source() else {
+            // (OLD's object is gone or replaced: its reads fail, saying so.)
+            p.check_old()?;
+            return Ok(None);
+        };
+        p.rerecord(&self.journal, |r| r.abort_put = true, None)?;
+        let mut read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
+            let mut done = 0;
+            while done < buf.len() {
+                let n = p
+                    .read(off + done as u64, &mut buf[done..])
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                if n == 0 {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+                }
+                done += n;
+            }
+            Ok(())
+        };
+        let (info, sent) = if size <= crate::store::s3::MULTIPART_THRESHOLD {
+            let mut data = vec![0u8; size as usize];
+            read(0, &mut data).ctx("read the view's file")?;
+            let o = store.put(path, data, meta).map_err(s3("write into OLD"))?;
+            (o, size)
+        } else {
+            let (o, copied) = store
+                .put_patched(
+                    path,
+                    size,
+                    meta,
+                    Some((&*src, &rel, &src_etag)),
+                    &|off, len| p.all_absent(off, len),
+                    &mut read,
+                )
+                .map_err(s3("write into OLD"))?;
+            (o, size - copied)
+        };
+        // OLD's object now holds the view's bytes: a view served again before the abort
+        // ends reads its chunks there.
+        rebase(info)?;
+        Ok(Some(sent))
     }
 
     /// After a change of a partial file: a file whose every chunk NEW now holds is whole.

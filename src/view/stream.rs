@@ -63,7 +63,7 @@ impl Drop for KeyHold {
     }
 }
 
-fn s3_err(op: &'static str) -> impl Fn(S3Error) -> Error {
+pub(crate) fn s3_err(op: &'static str) -> impl Fn(S3Error) -> Error {
     move |e| Error::Store {
         op,
         source: e.into(),
@@ -106,6 +106,19 @@ impl View {
             set: self.streaming.clone(),
             key: key.to_string(),
         })
+    }
+
+    /// Whether NEW's credentials may copy an S3 OLD's objects by the server (until refused
+    /// once: from then on every byte is streamed through this host).
+    pub fn server_copy_allowed(&self) -> bool {
+        self.server_copy_ok.load(Ordering::Relaxed)
+    }
+
+    /// NEW's service refused to copy an S3 OLD's object (`e`): stream from now on.
+    pub fn server_copy_refused(&self, e: &S3Error) {
+        if self.server_copy_ok.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "server-side copy from OLD refused; streaming the bytes through this host from now on");
+        }
     }
 
     /// Send OLD's file (`src`, a POSIX file, or `obj`, an S3 object) of stat `st` into the
@@ -206,8 +219,7 @@ impl View {
                 }
                 Err(e) if stale(&e) => return Ok(None),
                 Err(e) if e.errno == libc::EACCES || e.errno == libc::EPERM => {
-                    tracing::warn!(error = %e, "server-side copy from OLD refused; streaming the bytes through this host from now on");
-                    self.server_copy_ok.store(false, Ordering::Relaxed);
+                    self.server_copy_refused(&e);
                 }
                 Err(e) => return Err(s3_err("server-side copy into NEW")(e)),
             }
@@ -230,11 +242,11 @@ impl View {
             })
         } else {
             bucket
-                .put_patched(key, size, &meta, "", "", &|_, _| false, &mut |off, buf| {
+                .put_patched(key, size, &meta, None, &|_, _| false, &mut |off, buf| {
                     old.get_range_into(&info.rel, &info.etag, off, buf)
                         .map_err(std::io::Error::from)
                 })
-                .map(|o| (o.etag, String::new()))
+                .map(|(o, _)| (o.etag, String::new()))
         };
         match sent {
             Ok(r) => {
@@ -267,6 +279,7 @@ impl View {
             handle: self.new_identity(std::os::fd::AsFd::as_fd(tmp))?,
             etag: Some(s.etag.clone()),
             bucket: true,
+            abort_put: false,
         })
     }
 

@@ -27,11 +27,11 @@ impl S3Store {
         use std::os::unix::fs::FileExt;
         // The parts are read in order, once: the whole file's MD5 on the way.
         let mut whole = md5::Md5::new();
-        let o = self.put_parts(
+        let (o, _) = self.put_parts(
             rel,
             size,
             meta,
-            ("", ""),
+            None,
             &|_, _| false,
             &mut |off, buf| {
                 file.read_exact_at(buf, off).map_err(|e| {
@@ -95,32 +95,24 @@ impl S3Store {
     }
 
     /// An upload of `size` bytes to `rel` whose bytes are, where `from_source(offset, len)`
-    /// says so, the same bytes at the same offsets of this store's object `src_rel` (version
-    /// `src_etag`), and elsewhere what `read(offset, buf)` gives. Those ranges are copied by
-    /// the server (UploadPartCopy, conditional on the ETag), the rest is sent, each part with
-    /// its Content-MD5; at most [`MULTIPART_IN_FLIGHT`] parts are held and in flight at once,
-    /// so memory is bounded whatever the size. Reads run on the caller's thread, between the
-    /// groups of requests. Completed with every part, or aborted on any failure.
-    #[allow(clippy::too_many_arguments)]
+    /// says so, the same bytes at the same offsets of the object `source` names (a store of
+    /// the same service, a key below its prefix, an ETag), and elsewhere what `read(offset,
+    /// buf)` gives. Those ranges are copied by the server (UploadPartCopy, conditional on the
+    /// ETag), the rest is sent, each part with its Content-MD5; at most
+    /// [`MULTIPART_IN_FLIGHT`] parts are held and in flight at once, so memory is bounded
+    /// whatever the size. Reads run on the caller's thread, between the groups of requests.
+    /// Completed with every part, or aborted on any failure. Gives the object and the bytes
+    /// the server copied.
     pub fn put_patched(
         &self,
         rel: &str,
         size: u64,
         meta: &PosixMeta,
-        src_rel: &str,
-        src_etag: &str,
+        source: Option<(&S3Store, &str, &str)>,
         from_source: &dyn Fn(u64, u64) -> bool,
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-    ) -> Result<ObjectInfo> {
-        self.put_parts(
-            rel,
-            size,
-            meta,
-            (src_rel, src_etag),
-            from_source,
-            read,
-            &|| true,
-        )
+    ) -> Result<(ObjectInfo, u64)> {
+        self.put_parts(rel, size, meta, source, from_source, read, &|| true)
     }
 
     /// [`Self::put_patched`], completed only if `still()` says so once every part is sent
@@ -133,17 +125,23 @@ impl S3Store {
         rel: &str,
         size: u64,
         meta: &PosixMeta,
-        (src_rel, src_etag): (&str, &str),
+        source: Option<(&S3Store, &str, &str)>,
         from_source: &dyn Fn(u64, u64) -> bool,
         read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
         still: &dyn Fn() -> bool,
-    ) -> Result<ObjectInfo> {
+    ) -> Result<(ObjectInfo, u64)> {
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         let key = self.url.key(rel);
-        let what = if src_rel.is_empty() {
-            self.at(format!("multipart PUT {key}"))
-        } else {
-            self.at(format!("multipart PUT {key} (unchanged ranges copied)"))
+        let what = match source {
+            None => self.at(format!("multipart PUT {key}")),
+            Some((src, rel, _)) => self.at(format!(
+                "multipart PUT {key} (unchanged ranges copied from {})",
+                copy_source(src, rel)
+            )),
+        };
+        let (source, src_etag) = match source {
+            Some((src, rel, etag)) => (copy_source(src, rel), etag),
+            None => (String::new(), ""),
         };
         let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
         let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part).max(1))
@@ -154,7 +152,6 @@ impl S3Store {
         // at once (a taker never waits holding a share), given back at the end.
         let _held = BUFFERS.take((window as u64 * part).min(size));
         let id = self.begin_upload(&key, &what, meta)?;
-        let source = copy_source(self, src_rel);
         let io = |e: std::io::Error| {
             S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
         };
@@ -171,6 +168,7 @@ impl S3Store {
         let mut set: tokio::task::JoinSet<Sent> = tokio::task::JoinSet::new();
         let mut done = Vec::with_capacity(ranges.len());
         let mut failed: Option<S3Error> = None;
+        let mut copied = 0;
         for (i, &(off, len)) in ranges.iter().enumerate() {
             if set.len() >= window {
                 match self.block(set.join_next()).map(joined) {
@@ -184,7 +182,8 @@ impl S3Store {
             }
             let number = i as i32 + 1;
             let what = what.clone();
-            if len > 0 && from_source(off, len) {
+            if len > 0 && !source.is_empty() && from_source(off, len) {
+                copied += len;
                 let req = self
                     .client
                     .upload_part_copy()
@@ -258,7 +257,7 @@ impl S3Store {
             None => Ok(done),
         };
         let etag = self.finish_multipart(&key, &id, &what, sent)?;
-        Ok(ObjectInfo::written(rel, size, etag, meta))
+        Ok((ObjectInfo::written(rel, size, etag, meta), copied))
     }
 
     /// The multipart uploads begun and neither completed nor aborted below the store's

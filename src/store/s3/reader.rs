@@ -37,6 +37,11 @@ impl ObjectReader {
         }
     }
 
+    /// The store the object is read from.
+    pub fn store(&self) -> &Arc<S3Store> {
+        &self.store
+    }
+
     fn spawn_fetch(&self, off: u64) -> tokio::task::JoinHandle<Result<Vec<u8>>> {
         let store = self.store.clone();
         let (rel, etag) = (self.info.rel.clone(), self.info.etag.clone());
