@@ -969,3 +969,32 @@ fn an_abort_rerun_after_a_crash_at_the_end_of_an_upload_into_the_bucket_finishes
     assert!(out.contains("1 of them files partly copied"), "{out}");
     assert!(object_bytes(&s, "big") == big, "OLD's big after the rerun");
 }
+
+/// A chmod of a big object still only in the bucket copies no data (issue 25): NEW gets a
+/// partly copied file with no chunk in it, the mode shows at once and its bytes keep coming
+/// from the bucket; the copier fills it in and commit keeps the mode.
+#[test]
+fn a_chmod_of_a_big_object_copies_no_data() {
+    use std::os::unix::fs::MetadataExt;
+    let g = server();
+    g.bucket("s3-old-chmod");
+    let s = store("s3-old-chmod");
+    let model = pattern(24 << 20, 21);
+    s.put("big", model.clone(), &PosixMeta::default()).unwrap();
+    let mut f = Fixture::new();
+    prepare(&f, "s3://s3-old-chmod");
+    let mnt = f.mnt.clone();
+    f.mount_with(&mnt, &["--no-copy"]);
+    fs::set_permissions(f.v("big"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(f.v("big")).unwrap().mode() & 0o7777, 0o600);
+    let n = fs::metadata(f.new.join("big")).unwrap();
+    assert_eq!(n.blocks(), 0, "a chmod copied {} bytes", n.blocks() * 512);
+    assert_eq!(n.mode() & 0o7777, 0o600, "NEW's file has the mode");
+    assert!(fs::read(f.v("big")).unwrap() == model, "the view's bytes");
+    ok(f.cmd("execute", &["--wait"]));
+    f.unmount();
+    ok(f.cmd("commit", &[]));
+    let n = fs::metadata(f.new.join("big")).unwrap();
+    assert_eq!(n.mode() & 0o7777, 0o600);
+    assert!(fs::read(f.new.join("big")).unwrap() == model, "NEW's bytes after commit");
+}
