@@ -19,3 +19,4 @@ pub mod observe;
 pub mod state;
 pub mod store;
 pub mod view;
+pub mod workers;

@@ -35,6 +35,7 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
     match &cli.cmd {
         Cmd::Mount { .. } => {}
         Cmd::Status { .. } => cli::quiet_on_closed_stdout(),
+        Cmd::Worker(_) => cli::init_logging("info", log_format),
         _ => cli::init_logging("warn", log_format),
     }
     match cli.cmd {
@@ -53,9 +54,12 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
             takeover,
             readdirplus,
             stage_max,
+            workers_listen,
+            workers_token_file,
         } => {
             let args = MountArgs {
                 stage_max,
+                workers: workers_listen.zip(workers_token_file),
                 metrics_addr,
                 takeover,
                 readdirplus,
@@ -93,5 +97,7 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
         Cmd::Abort { state, keep_new } => commands::abort(&state, keep_new),
         Cmd::Resolve { state, paths } => commands::resolve(&state, &paths),
         Cmd::Unmount { mountpoint } => commands::unmount(&mountpoint),
+        Cmd::Worker(w) => commands::worker(&w),
+        Cmd::WorkersToken => commands::workers_token(),
     }
 }

@@ -996,5 +996,8 @@ fn a_chmod_of_a_big_object_copies_no_data() {
     ok(f.cmd("commit", &[]));
     let n = fs::metadata(f.new.join("big")).unwrap();
     assert_eq!(n.mode() & 0o7777, 0o600);
-    assert!(fs::read(f.new.join("big")).unwrap() == model, "NEW's bytes after commit");
+    assert!(
+        fs::read(f.new.join("big")).unwrap() == model,
+        "NEW's bytes after commit"
+    );
 }

@@ -92,7 +92,21 @@ pub enum Cmd {
         /// mount]
         #[arg(long, value_name = "SIZE", value_parser = parse_stage_max)]
         stage_max: Option<u64>,
+        /// Hand the copier's file copies to remote workers (`ferryfs worker`) that connect to
+        /// this address (IP:PORT; port 0: any), while any is connected; the daemon names
+        /// their copies. Needs --workers-token-file.
+        #[arg(long, value_name = "IP:PORT", requires = "workers_token_file")]
+        workers_listen: Option<std::net::SocketAddr>,
+        /// The file holding the token every worker request must carry (one line, at least
+        /// 128 random bits: `ferryfs workers-token > FILE`).
+        #[arg(long, value_name = "FILE", requires = "workers_listen")]
+        workers_token_file: Option<PathBuf>,
     },
+    /// Copy files a coordinator hands out (a daemon mounted with --workers-listen), from OLD
+    /// to NEW, until the copy is done. Each worker reaches both stores itself.
+    Worker(WorkerArgs),
+    /// Print a new random token for --workers-token-file and --token-file (256 bits).
+    WorkersToken,
     /// Show the migration's phase and progress.
     Status {
         #[arg(long)]
@@ -345,6 +359,34 @@ pub struct ExecuteArgs {
     /// behind ferryfs's back); until then each is an error, and the migration is not executed.
     #[arg(long)]
     pub recopy_lost: bool,
+}
+
+// `worker`'s arguments.
+#[derive(clap::Args, Clone)]
+pub struct WorkerArgs {
+    /// The coordinator: http://IP:PORT, the mount's --workers-listen address.
+    #[arg(long)]
+    pub coordinator: String,
+    /// The file holding the coordinator's token (its --workers-token-file's content).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// This worker's name in status [default: index-$JOB_COMPLETION_INDEX under a Kubernetes
+    /// Indexed Job, else HOST-PID].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Where this host sees OLD, when not at the path the coordinator's migration names.
+    #[arg(long, value_name = "PATH")]
+    pub old: Option<PathBuf>,
+    /// Where this host sees NEW, when not at the path the coordinator's migration names.
+    #[arg(long, value_name = "PATH")]
+    pub new: Option<PathBuf>,
+    /// Files copied at once.
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// This worker's own bandwidth limit in bytes/s (k, M, G suffixes; 0: none). The
+    /// coordinator's --bwlimit and --ops-limit bound all workers together.
+    #[arg(long, default_value = "0")]
+    pub bwlimit: String,
 }
 
 /// `--stage-max`: a size of at least 1 MiB.

@@ -627,6 +627,34 @@ pub fn abort(state: &Path, keep_new: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `ferryfs worker`: copy what the coordinator hands out until it says the copy is done.
+pub fn worker(w: &super::args::WorkerArgs) -> Result<(), CliError> {
+    use crate::workers::worker;
+    let token = crate::workers::coordinator::read_token(&w.token_file).map_err(CliError::Usage)?;
+    let bwlimit = copier::limits::parse_rate(&w.bwlimit).map_err(CliError::Usage)?;
+    let o = worker::Options {
+        coordinator: w.coordinator.clone(),
+        token: String::from_utf8_lossy(&token).into_owned(),
+        id: w.id.clone().unwrap_or_else(worker::default_id),
+        old: w.old.clone(),
+        new: w.new.clone(),
+        threads: w.threads,
+        bwlimit,
+    };
+    worker::run(&o).map_err(|e| match e {
+        worker::Stop::Refused(s) => CliError::Failed(format!("refused: {s}")),
+        worker::Stop::Failed(s) => CliError::Failed(s),
+    })
+}
+
+/// `ferryfs workers-token`: a new token on stdout.
+pub fn workers_token() -> Result<(), CliError> {
+    let t = crate::workers::coordinator::new_token()
+        .map_err(|e| CliError::Failed(format!("reading /dev/urandom: {e}")))?;
+    println!("{t}");
+    Ok(())
+}
+
 pub fn unmount(mp: &Path) -> Result<(), CliError> {
     daemon::unmount(mp).map_err(CliError::Daemon)
 }

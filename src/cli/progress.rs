@@ -241,6 +241,21 @@ pub fn print_status(s: &Status) {
             println!("fallback:   {store} lacks {}: {}", c.name, c.fallback);
         }
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for w in &s.workers {
+        println!(
+            "worker:     {} copied {} files, {} in {} leases ({}/s), {} refused, last seen {}s ago",
+            w.id,
+            w.files,
+            human(w.bytes),
+            w.batches,
+            human(w.rate),
+            w.refused,
+            now.saturating_sub(w.last_seen)
+        );
+    }
     if let Some(p) = &s.published {
         println!(
             "bucket:     {} objects uploaded into NEW, {} uploads under way",

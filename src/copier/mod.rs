@@ -237,6 +237,8 @@ pub struct Copier {
     recheck: Option<Duration>,
     /// An S3 NEW's publisher (crate::copier::publish): commit, verify and abort reach it here.
     publisher: std::sync::OnceLock<Arc<crate::copier::publish::Publisher>>,
+    /// Remote workers' coordinator (`mount --workers-listen`): files go to them.
+    remote: std::sync::OnceLock<Arc<crate::workers::coordinator::Coordinator>>,
 }
 
 /// A snapshot for progress displays and the control socket.
@@ -300,6 +302,7 @@ impl Copier {
             running: AtomicBool::new(false),
             recheck: opts.recheck,
             publisher: std::sync::OnceLock::new(),
+            remote: std::sync::OnceLock::new(),
             filter,
             bw_table: Mutex::new(None),
             bw_checked: AtomicU64::new(0),
@@ -390,6 +393,16 @@ impl Copier {
         if let Some(p) = p {
             let _ = self.publisher.set(p);
         }
+    }
+
+    /// Hand files to remote workers through `c` (while any is heard from).
+    pub fn set_remote(&self, c: Arc<crate::workers::coordinator::Coordinator>) {
+        let _ = self.remote.set(c);
+    }
+
+    /// The remote workers' coordinator, if the daemon serves one.
+    pub fn remote(&self) -> Option<&Arc<crate::workers::coordinator::Coordinator>> {
+        self.remote.get()
     }
 
     pub fn publisher(&self) -> Option<&Arc<crate::copier::publish::Publisher>> {
@@ -740,6 +753,10 @@ impl Copier {
                 excluded: &excluded,
             },
         );
+        // What the walk handed to remote workers is copied (or refused) before the pass ends.
+        if let Some(c) = self.remote.get() {
+            c.drain(&|| self.stopping());
+        }
         // Nothing changed the view's namespace during the pass: no entry can have moved out
         // of the walk's way, so a pass that only copied is complete (no confirming pass).
         let quiet = self.view.ns_changes() == ns_at_start;
@@ -889,6 +906,14 @@ impl Copier {
                     }
                 })
         } else {
+            // A remote worker's (the pass waits for it at its end): not copied yet.
+            if inode.kind == Kind::File
+                && let Some(c) = self.remote.get()
+                && c.offer(inode)
+            {
+                self.account(inode, Ok(Copied::GaveWay), p, counts);
+                return None;
+            }
             self.ops.take(1, &self.stop);
             if !self.tick(0) {
                 return None;

@@ -53,6 +53,8 @@ pub struct MountArgs {
     pub readdirplus: crate::fuse::ReaddirPlus,
     /// An S3 NEW: the bound on its staging tree (`None`: the default).
     pub stage_max: Option<u64>,
+    /// Serve remote copy workers at this address, with the token in this file.
+    pub workers: Option<(std::net::SocketAddr, PathBuf)>,
 }
 
 /// What [`serve`] has built so far, handed from step to step.
@@ -111,6 +113,12 @@ pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
             .map_err(|e| ready.fail(format!("--metrics-addr {addr}: {e}")))?;
         tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
     }
+    let coordinator = match &args.workers {
+        Some((addr, token)) => {
+            Some(serve_workers(&s, &copying.copier, *addr, token).map_err(|e| ready.fail(e))?)
+        }
+        None => None,
+    };
     let session = mount_view(&mut s, fs, &plan).map_err(|e| ready.fail(e))?;
     let view = s.opened.view.clone();
     if let Some(dev) = mount::mount_dev(&args.mountpoint, &s.state_abs) {
@@ -137,6 +145,9 @@ pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
     let res = session.run();
     observed.set_stopping();
     s.notifier.notify("STOPPING=1\nSTATUS=view stopped");
+    if let Some(c) = &coordinator {
+        c.shutdown();
+    }
     copying.copier.shutdown();
     for t in copying.threads {
         let _ = t.join();
@@ -294,6 +305,42 @@ fn open_stores(args: &MountArgs, m: &Migration, state_abs: &Path) -> Result<Open
 
 /// The copier, with the publisher's loop (an S3 NEW) and the rate sampler; started copying
 /// unless `--no-copy`, or as the old daemon left it after a takeover (limits included).
+/// The coordinator of remote workers (`--workers-listen`), serving at `addr`.
+fn serve_workers(
+    s: &Serving<'_>,
+    copier: &Arc<Copier>,
+    addr: std::net::SocketAddr,
+    token_file: &std::path::Path,
+) -> Result<Arc<crate::workers::coordinator::Coordinator>, String> {
+    use crate::workers::protocol::Store;
+    let token = crate::workers::coordinator::read_token(token_file)?;
+    if !s.opened.view.takes_remote_copies() {
+        return Err(
+            "--workers-listen: remote workers copy between a POSIX OLD and a POSIX NEW; this \
+             migration has an S3 store (its copier copies in the daemon)"
+                .into(),
+        );
+    }
+    let store = |spec: &crate::store::StoreSpec| match spec {
+        crate::store::StoreSpec::Posix { path } => Store::Posix(path.display().to_string()),
+        crate::store::StoreSpec::S3 { url } => Store::S3(url.to_string()),
+    };
+    let c = crate::workers::coordinator::Coordinator::new(
+        s.opened.view.clone(),
+        s.migration.journal.clone(),
+        copier,
+        token,
+        store(&s.migration.config.old),
+        store(&s.migration.config.new),
+    );
+    let bound = c
+        .serve(addr)
+        .map_err(|e| format!("--workers-listen {addr}: {e}"))?;
+    copier.set_remote(c.clone());
+    tracing::info!(addr = %bound, "serving remote copy workers");
+    Ok(c)
+}
+
 fn start_copier(s: &Serving<'_>) -> Result<Copying, String> {
     // Multipart uploads a killed (or handed-over) daemon left unfinished go before this one
     // begins any: none is left behind in the bucket.

@@ -34,6 +34,8 @@ pub enum Meta {
     /// The bound on the S3 NEW's staging tree the daemon serves with (`mount --stage-max`;
     /// u64 LE).
     StageMax,
+    /// The remote copy workers the coordinator knows (JSON list of `WorkerStatus`).
+    Workers,
     /// When the mount was last taken over (seconds since the epoch).
     LastTakeover,
     /// How far an abort has come (`AbortStep` names; `done` at the end).
@@ -72,6 +74,7 @@ impl Meta {
             Meta::PublishSettled => "publish_settled",
             Meta::StagedBytes => "staged_bytes",
             Meta::StageMax => "stage_max",
+            Meta::Workers => "workers",
             Meta::LastTakeover => "last_handover",
             Meta::AbortStep => "abort_step",
             Meta::AbortS3Plan => "abort_s3_plan",

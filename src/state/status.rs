@@ -94,6 +94,9 @@ pub struct Status {
     /// The copier's bandwidth limit in force (bytes/s, 0: none) and the timetable it follows,
     /// as the copier last recorded it.
     pub bwlimit: crate::journal::BwLimit,
+    /// Remote copy workers the coordinator (`mount --workers-listen`) has known: what each
+    /// copied, its pace, when it was last heard from.
+    pub workers: Vec<crate::workers::coordinator::WorkerStatus>,
 }
 
 #[derive(Debug, Serialize, Clone, Copy, Default)]
@@ -343,5 +346,6 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         rate_bytes_per_sec: rate,
         eta_seconds,
         published,
+        workers: crate::workers::coordinator::recorded_workers(&journal),
     })
 }

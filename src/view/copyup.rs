@@ -965,6 +965,24 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// A remote worker's copy `tmp` of OLD's file `src` (stat `st`, path `origin`).
+    pub(crate) fn remote(
+        inode: Arc<Inode>,
+        src: File,
+        st: rustix::fs::Stat,
+        tmp: Scratch,
+        origin: Vec<u8>,
+    ) -> Pending {
+        Pending {
+            inode,
+            src: Some(src),
+            st,
+            tmp,
+            origin,
+            stream: None,
+        }
+    }
+
     pub fn bytes(&self) -> u64 {
         self.st.st_size as u64
     }

@@ -1163,6 +1163,8 @@ impl View {
                     .starts_with(super::copyup::NEW_SPECIAL_PREFIX.as_bytes())
                 || e.name
                     .starts_with(super::scratch::NEW_FILE_PREFIX.as_bytes())
+                || e.name
+                    .starts_with(super::remote::REMOTE_FILE_PREFIX.as_bytes())
             {
                 rustix::fs::unlinkat(&work, OsStr::from_bytes(&e.name), AtFlags::empty())
                     .ctx("remove a recopy left by a crash")?;

@@ -55,6 +55,14 @@ impl Drop for Scratch {
 }
 
 impl Scratch {
+    /// The file `file`, made under `name` in the work dir `work` (by a remote worker).
+    pub(crate) fn named(file: File, work: Arc<OwnedFd>, name: OsString) -> Scratch {
+        Scratch {
+            file,
+            named: Some(Box::new((work, name))),
+        }
+    }
+
     /// Give the file the name `name` in `dir`; fails with EEXIST when `dir` holds that name.
     /// Caller holds `ns` write (no change through the view interleaves).
     pub(crate) fn link_into(

@@ -1,0 +1,467 @@
+//! The copier across many machines (issue 26): a mount daemon coordinating remote workers
+//! (`mount --workers-listen`), four `ferryfs worker` processes started as a Kubernetes
+//! Indexed Job starts them (`JOB_COMPLETION_INDEX`), against real FUSE mounts and a real
+//! journal: exact results, kill -9 of a worker and of the coordinator, the view's writes
+//! winning over a worker's copy, and refusals of bad requests.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// OLD's dataset: `small` files over 30 directories, a few of some MiB, xattrs and owners.
+fn dataset(old: &Path, small: usize) {
+    for i in 0..small {
+        let d = old.join(format!("d{:02}/e{}", i % 30, i % 4));
+        fs::create_dir_all(&d).unwrap();
+        let len = 1 + (i * 7919) % 5000;
+        let data: Vec<u8> = (0..len).map(|j| (i + j * 31) as u8).collect();
+        fs::write(d.join(format!("f{i}")), data).unwrap();
+    }
+    for (i, mib) in [3usize, 5, 9].into_iter().enumerate() {
+        let data: Vec<u8> = (0..mib << 20).map(|j| (j * 13 + i) as u8).collect();
+        write(&old.join(format!("big/b{i}.bin")), &data);
+    }
+    let owned = old.join("owned.txt");
+    fs::write(&owned, b"owned").unwrap();
+    std::os::unix::fs::chown(&owned, Some(1234), Some(5678)).unwrap();
+    rustix::fs::setxattr(
+        &owned,
+        "user.note",
+        b"kept",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+}
+
+/// A token file in the fixture.
+fn token(f: &Fixture) -> PathBuf {
+    let p = f.root.path().join("token");
+    let t = ok(ferryfs(&["workers-token".as_ref()]));
+    assert!(t.trim().len() >= 43, "a 256-bit token: {t:?}");
+    fs::write(&p, t).unwrap();
+    p
+}
+
+/// Mount with the coordinator at `port`, the copier off until `execute`.
+fn mount_coordinator(f: &mut Fixture, port: u16, token: &Path, extra: &[&str]) {
+    let addr = format!("127.0.0.1:{port}");
+    let mnt = f.mnt.clone();
+    let mut args = vec![
+        "--no-copy",
+        "--workers-listen",
+        &addr,
+        "--workers-token-file",
+        token.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    f.mount_with(&mnt, &args);
+}
+
+/// A worker process, as an Indexed Job's pod `index` runs it; its log in the fixture.
+fn worker(f: &Fixture, port: u16, token: &Path, index: u32, extra: &[&str]) -> Child {
+    let log = fs::File::create(f.root.path().join(format!("worker-{index}.log"))).unwrap();
+    Command::new(BIN)
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+        .args(extra)
+        .env("JOB_COMPLETION_INDEX", index.to_string())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn worker_log(f: &Fixture, index: u32) -> String {
+    fs::read_to_string(f.root.path().join(format!("worker-{index}.log"))).unwrap_or_default()
+}
+
+/// Wait for a worker to exit by itself; its exit status.
+fn wait_exit(f: &Fixture, c: &mut Child, index: u32, secs: u64) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            let _ = c.kill();
+            panic!("worker {index} did not exit: {}", worker_log(f, index));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The workers' entries in `status --json`, by id: (files, batches, refused).
+fn workers_status(f: &Fixture) -> Vec<(String, u64, u64, u64)> {
+    let st = f.status_json();
+    st["workers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no workers in status: {st}"))
+        .iter()
+        .map(|w| {
+            (
+                w["id"].as_str().unwrap().to_string(),
+                w["files"].as_u64().unwrap(),
+                w["batches"].as_u64().unwrap(),
+                w["refused"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn files_in(root: &Path) -> u64 {
+    manifest(root, false)
+        .values()
+        .filter(|e| e.kind == "file")
+        .count() as u64
+}
+
+/// Four workers copy the whole dataset; the result is exact after commit, every file was
+/// copied by a worker exactly once, and the workers exit 0 once the copy is done.
+#[test]
+fn four_workers_copy_a_posix_migration_exactly() {
+    let mut f = Fixture::new();
+    dataset(&f.old, 3000);
+    let old_before = full_manifest(&f.old);
+    let files = files_in(&f.old);
+    f.prepare();
+    let port = free_port();
+    let t = token(&f);
+    mount_coordinator(&mut f, port, &t, &[]);
+    let mut ws: Vec<Child> = (0..4).map(|i| worker(&f, port, &t, i, &[])).collect();
+    wait_for("four workers to say hello", 30, || {
+        workers_status(&f).len() == 4
+    });
+    ok(f.cmd("execute", &["--wait"]));
+    for (i, w) in ws.iter_mut().enumerate() {
+        let st = wait_exit(&f, w, i as u32, 60);
+        assert!(
+            st.success(),
+            "worker {i}: {st}: {}",
+            worker_log(&f, i as u32)
+        );
+    }
+    let ws = workers_status(&f);
+    println!("workers: {ws:?}");
+    let copied: u64 = ws.iter().map(|w| w.1).sum();
+    assert_eq!(copied, files, "files copied by workers, once each: {ws:?}");
+    assert!(
+        ws.iter().filter(|w| w.1 > 0).count() >= 2,
+        "the work was spread: {ws:?}"
+    );
+    assert!(ws.iter().any(|w| w.0 == "index-3"), "{ws:?}");
+    let view = full_manifest(&f.mnt);
+    assert!(view == old_before, "{}", diff(&old_before, &view));
+    let out = ok(f.cmd("verify", &["--checksum"]));
+    assert!(out.contains("0 mismatches"), "{out}");
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    let new = full_manifest(&f.new);
+    assert!(new == old_before, "{}", diff(&old_before, &new));
+    assert!(
+        !f.new.join(".ferryfs-work").exists(),
+        "NEW keeps ferryfs's work dir"
+    );
+}
+
+/// kill -9 of a worker in the middle of its lease: the lease expires, its files go to
+/// another worker, its copies are removed; kill -9 of the coordinator and `mount` again:
+/// the workers carry on (retrying meanwhile), and no finished copy is made again.
+#[test]
+fn killed_workers_and_a_killed_coordinator_lose_nothing_and_copy_nothing_twice() {
+    let mut f = Fixture::new();
+    dataset(&f.old, 1500);
+    let old_before = full_manifest(&f.old);
+    let files = files_in(&f.old);
+    f.prepare();
+    let port = free_port();
+    let t = token(&f);
+    // Leases of 3 s (a killed worker's files wait that long), workers paced at 2 MiB/s so
+    // that the kills land in the middle of the copy.
+    let env = [("FERRYFS_LEASE_SECS", "3")];
+    let addr = format!("127.0.0.1:{port}");
+    let mount_args = [
+        "--no-copy",
+        "--workers-listen",
+        addr.as_str(),
+        "--workers-token-file",
+        t.to_str().unwrap(),
+    ];
+    let mnt = f.mnt.clone();
+    ok(f.try_mount_env(&mnt, &mount_args, &env));
+    let slow = ["--bwlimit", "1M"];
+    // The doomed one so slow that it dies with its first lease in hand.
+    let mut doomed = worker(&f, port, &t, 0, &["--bwlimit", "4k"]);
+    let mut ws: Vec<Child> = (1..3).map(|i| worker(&f, port, &t, i, &slow)).collect();
+    wait_for("three workers", 30, || workers_status(&f).len() == 3);
+    ok(f.cmd("execute", &[]));
+    // The doomed worker holds a lease: it has made copies in NEW's work dir.
+    wait_for("worker 0 to have a lease", 30, || {
+        workers_status(&f)
+            .iter()
+            .any(|w| w.0 == "index-0" && w.2 > 0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    // Its lease expires (its files go to the others), then the coordinator dies.
+    wait_for("the killed worker's lease to expire", 60, || {
+        fs::read_to_string(f.state.join("ferryfs.log")).is_ok_and(|l| l.contains("lease expired"))
+    });
+    f.kill9();
+    let before_restart: u64 = workers_status(&f).iter().map(|w| w.1).sum();
+    assert!(
+        before_restart < files,
+        "the coordinator died after the copy was done"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    ok(f.try_mount_env(&mnt, &mount_args, &env));
+    // The workers come back by themselves (they retried meanwhile).
+    wait_for("the workers to reach the new coordinator", 60, || {
+        let st = f.status_json();
+        st["workers"].as_array().is_some_and(|a| {
+            a.iter()
+                .filter(|w| w["last_seen"].as_u64().unwrap() >= restarted)
+                .count()
+                == 2
+        })
+    });
+    ok(f.cmd("execute", &["--wait"]));
+    for (i, w) in ws.iter_mut().enumerate() {
+        let st = wait_exit(&f, w, i as u32 + 1, 60);
+        assert!(st.success(), "worker {}: {st}", i + 1);
+    }
+    let log = worker_log(&f, 1) + &worker_log(&f, 2);
+    assert!(log.contains("unreachable"), "the workers retried: {log}");
+    let ws = workers_status(&f);
+    println!("before the restart: {before_restart} files; workers: {ws:?}");
+    let dead = ws.iter().find(|w| w.0 == "index-0").unwrap();
+    assert_eq!((dead.1, dead.2), (0, 1), "the killed worker: {ws:?}");
+    let copied: u64 = ws.iter().map(|w| w.1).sum();
+    // Every file named once, by a worker: none of those named before the restart again.
+    assert_eq!(copied, files, "files named by workers: {ws:?}");
+    assert!(copied > before_restart);
+    let view = full_manifest(&f.mnt);
+    assert!(view == old_before, "{}", diff(&old_before, &view));
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    let new = full_manifest(&f.new);
+    assert!(new == old_before, "{}", diff(&old_before, &new));
+}
+
+/// A write through the view to a file a worker is copying wins: the worker's copy is
+/// refused, NEW holds what the application wrote.
+#[test]
+fn a_write_through_the_view_wins_over_a_workers_copy() {
+    let mut f = Fixture::new();
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i * 7) as u8).collect();
+    write(&f.old.join("big.bin"), &big);
+    f.cmd_prepare_with(&["--chunk-size".as_ref(), "0".as_ref()]);
+    let port = free_port();
+    let t = token(&f);
+    mount_coordinator(&mut f, port, &t, &[]);
+    // 16 MiB at 2 MiB/s: eight seconds in flight.
+    let mut w = worker(&f, port, &t, 0, &["--bwlimit", "2M"]);
+    wait_for("the worker", 30, || workers_status(&f).len() == 1);
+    ok(f.cmd("execute", &[]));
+    wait_for("the worker's copy under way", 30, || {
+        fs::read_dir(f.new.join(".ferryfs-work")).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("remote-"))
+        })
+    });
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(f.v("big.bin"))
+        .unwrap();
+    file.write_all_at(b"the application's", 1000).unwrap();
+    drop(file);
+    let mut want = big.clone();
+    want[1000..1017].copy_from_slice(b"the application's");
+    ok(f.cmd("execute", &["--wait"]));
+    let st = wait_exit(&f, &mut w, 0, 60);
+    assert!(st.success(), "{}", worker_log(&f, 0));
+    let ws = workers_status(&f);
+    assert_eq!(ws[0].1, 0, "the worker's copy took the name: {ws:?}");
+    assert_eq!(ws[0].3, 1, "the worker's copy was not refused: {ws:?}");
+    assert!(
+        fs::read(f.v("big.bin")).unwrap() == want,
+        "the view's bytes"
+    );
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    assert!(
+        fs::read(f.new.join("big.bin")).unwrap() == want,
+        "NEW's bytes"
+    );
+}
+
+/// One raw request; (status, body).
+fn raw(port: u16, request: &[u8]) -> (u16, String) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = c.write_all(request);
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+fn post(port: u16, token: &str, path: &str, body: &str) -> (u16, String) {
+    raw(
+        port,
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+/// A wrong or missing token, a path with `..`, a malformed or oversized request: refused
+/// with the right status, nothing changed; a worker with a wrong token exits at once,
+/// non-zero, saying so. A token file too short is refused at mount.
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let mut f = Fixture::new();
+    dataset(&f.old, 20);
+    f.prepare();
+    let port = free_port();
+    let t = token(&f);
+    // A short token: the mount says why.
+    let short = f.root.path().join("short");
+    fs::write(&short, "abc").unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let out = f.try_mount(
+        &f.mnt.clone(),
+        &[
+            "--workers-listen",
+            &addr,
+            "--workers-token-file",
+            short.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("128 random bits"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mount_coordinator(&mut f, port, &t, &[]);
+    let good = fs::read_to_string(&t).unwrap().trim().to_string();
+    // Missing and wrong tokens.
+    let (s, body) = raw(
+        port,
+        b"POST /v1/hello HTTP/1.1\r\nContent-Length: 14\r\n\r\n{\"worker\":\"x\"}",
+    );
+    assert_eq!(s, 401, "{body}");
+    assert!(!body.contains(&good), "the token was echoed");
+    let (s, _) = post(
+        port,
+        "not-the-token-at-all-00000000",
+        "/v1/hello",
+        r#"{"worker":"x"}"#,
+    );
+    assert_eq!(s, 401);
+    // A lease, then a report naming `..` and another path than handed out.
+    let (s, _) = post(port, &good, "/v1/hello", r#"{"worker":"probe"}"#);
+    assert_eq!(s, 200);
+    ok(f.cmd("execute", &[]));
+    let mut lease = serde_json::Value::Null;
+    wait_for("a lease", 30, || {
+        let (s, body) = post(port, &good, "/v1/lease", r#"{"worker":"probe"}"#);
+        assert_eq!(s, 200, "{body}");
+        let b = body.split("\r\n\r\n").nth(1).unwrap_or("");
+        lease = serde_json::from_str(b).unwrap();
+        lease.get("lease").is_some()
+    });
+    let id = lease["lease"]["id"].as_u64().unwrap();
+    let new_before = manifest(&f.new, true);
+    let item = &lease["lease"]["items"][0];
+    let tmp = item["tmp"].as_str().unwrap();
+    for (path, tmp) in [
+        ("../../etc/passwd", tmp.to_string()),
+        ("/etc/passwd", tmp.to_string()),
+        ("d00/../../x", tmp.to_string()),
+        ("d00/e0/not-this-one", tmp.to_string()),
+        (item["path"].as_str().unwrap(), "../escape".to_string()),
+    ] {
+        let report = serde_json::json!({
+            "worker": "probe", "lease": id,
+            "outcomes": [{"n": 0, "path": path, "tmp": tmp, "size": 1, "mtime": [0, 0]}],
+        });
+        let (s, body) = post(port, &good, "/v1/report", &report.to_string());
+        assert_eq!(s, 400, "{path:?}: {body}");
+    }
+    // Malformed, oversized, unknown.
+    let (s, _) = post(port, &good, "/v1/report", "{not json");
+    assert_eq!(s, 400);
+    let (s, _) = raw(
+        port,
+        format!(
+            "POST /v1/report HTTP/1.1\r\nAuthorization: Bearer {good}\r\nContent-Length: {}\r\n\r\n",
+            8 << 20
+        )
+        .as_bytes(),
+    );
+    assert_eq!(s, 413);
+    let (s, _) = post(port, &good, "/v1/../../admin", "{}");
+    assert_eq!(s, 404);
+    // A report about another worker's lease, and a renewal of it.
+    let (s, _) = post(
+        port,
+        &good,
+        "/v1/renew",
+        &format!(r#"{{"worker":"other","lease":{id}}}"#),
+    );
+    assert_eq!(s, 409);
+    assert_eq!(
+        manifest(&f.new, true),
+        new_before,
+        "a refused request changed NEW"
+    );
+    // A worker with a wrong token: out at once, non-zero, saying why.
+    let wrong = f.root.path().join("wrong");
+    fs::write(&wrong, "0123456789abcdef0123456789abcdef").unwrap();
+    let t0 = std::time::Instant::now();
+    let out = Command::new(BIN)
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+            "--token-file",
+            wrong.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the worker retried a wrong token"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused") && err.contains("token"), "{err}");
+    assert!(!err.contains(&good));
+    f.unmount();
+}
