@@ -23,6 +23,10 @@ fn main() -> ExitCode {
     }
     match run(parsed, &raw) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ CliError::Refused(_)) => {
+            eprintln!("ferryfs: {e}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("ferryfs: {e}");
             ExitCode::FAILURE

@@ -608,3 +608,396 @@ impl Drop for EndViewOnPanic {
         }
     }
 }
+
+/// The copier across machines, as packaged (issue 26): the Indexed Job of workers, the
+/// coordinator's Service and token Secret, the sidecar turned coordinator, and the systemd
+/// unit of a worker on a plain host. Their structure is checked, then the containers' and the
+/// unit's own command lines are run here: the sidecar coordinates, one worker runs as the
+/// Job's pod 0 runs it and one as the unit runs it, and the migration gets executed by them.
+#[test]
+fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinator() {
+    let dir = repo().join("packaging/container/kubernetes/copier-workers");
+    let docs = kustomize(&dir);
+    let job = find(&docs, "Job", "shop-copier");
+    let js = &job["spec"];
+    assert_eq!(js["completionMode"].as_str(), Some("Indexed"));
+    assert!(js["parallelism"].as_i64().unwrap() >= 2);
+    assert_eq!(js["parallelism"], js["completions"]);
+    assert!(js["backoffLimitPerIndex"].as_i64().unwrap() >= 1);
+    let rules = js["podFailurePolicy"]["rules"].as_vec().unwrap();
+    let fail_job = rules
+        .iter()
+        .find(|r| r["action"].as_str() == Some("FailJob"))
+        .expect("a rule failing the Job");
+    assert_eq!(
+        fail_job["onExitCodes"]["containerName"].as_str(),
+        Some("worker")
+    );
+    assert_eq!(
+        fail_job["onExitCodes"]["values"][0].as_i64(),
+        Some(3),
+        "the refused-token exit status"
+    );
+    assert!(rules.iter().any(|r| r["action"].as_str() == Some("Ignore")
+        && r["onPodConditions"][0]["type"].as_str() == Some("DisruptionTarget")));
+    let pod = &js["template"]["spec"];
+    assert_eq!(pod["restartPolicy"].as_str(), Some("Never"));
+    let anti = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        [0]["podAffinityTerm"];
+    assert_eq!(anti["topologyKey"].as_str(), Some("kubernetes.io/hostname"));
+    assert_eq!(
+        anti["labelSelector"]["matchLabels"]["app"], js["template"]["metadata"]["labels"]["app"],
+        "the anti-affinity is not on the workers' own label"
+    );
+    let worker = by_name(&pod["containers"], "worker");
+    let wargs = strings(&worker["args"]);
+    assert_eq!(wargs[0], "worker");
+    let coord = &wargs[wargs.iter().position(|a| a == "--coordinator").unwrap() + 1];
+    let token_at = &wargs[wargs.iter().position(|a| a == "--token-file").unwrap() + 1];
+    let svc = find(&docs, "Service", "ferryfs-coordinator");
+    let svc_port = svc["spec"]["ports"][0]["port"].as_i64().unwrap();
+    assert_eq!(*coord, format!("http://ferryfs-coordinator:{svc_port}"));
+    assert_eq!(
+        by_name(&pod["volumes"], "token")["secret"]["secretName"].as_str(),
+        Some("ferryfs-workers-token")
+    );
+    assert!(
+        token_at.starts_with(
+            by_name(&worker["volumeMounts"], "token")["mountPath"]
+                .as_str()
+                .unwrap()
+        )
+    );
+    for pvc in ["shop-data", "shop-data-new"] {
+        let c = find(&docs, "PersistentVolumeClaim", pvc);
+        assert_eq!(
+            c["spec"]["accessModes"][0].as_str(),
+            Some("ReadWriteMany"),
+            "{pvc}"
+        );
+    }
+    // The sidecar coordinates, with the token from the Secret, on the Service's target port.
+    let app = find(&docs, "Deployment", "shop");
+    let spec = &app["spec"]["template"]["spec"];
+    let init = &spec["initContainers"];
+    let side = by_name(init, "ferryfs");
+    let args = strings(&side["args"]);
+    let listen = &args[args.iter().position(|a| a == "--workers-listen").unwrap() + 1];
+    let side_token = &args[args
+        .iter()
+        .position(|a| a == "--workers-token-file")
+        .unwrap()
+        + 1];
+    let port = by_name(&side["ports"], "workers")["containerPort"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(listen.rsplit(':').next().unwrap(), port.to_string());
+    assert_eq!(svc["spec"]["selector"]["app"].as_str(), Some("shop"));
+    assert_eq!(
+        by_name(&spec["volumes"], "ferryfs-workers-token")["secret"]["secretName"].as_str(),
+        Some("ferryfs-workers-token")
+    );
+    // The workers mount OLD and NEW where the coordinator's migration names them.
+    let prep = strings(&by_name(init, "ferryfs-prepare")["args"]);
+    let at = |flag: &str| prep[prep.iter().position(|a| a == flag).unwrap() + 1].clone();
+    assert_eq!(
+        by_name(&worker["volumeMounts"], "old")["mountPath"].as_str(),
+        Some(at("--old").as_str())
+    );
+    assert_eq!(
+        by_name(&worker["volumeMounts"], "new")["mountPath"].as_str(),
+        Some(at("--new").as_str())
+    );
+    let unit =
+        fs::read_to_string(repo().join("packaging/systemd/ferryfs-worker@.service")).unwrap();
+    assert_eq!(
+        unit_value(&unit, "Service", "RestartPreventExitStatus"),
+        "3"
+    );
+    assert_eq!(unit_value(&unit, "Service", "Restart"), "on-failure");
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("ferryfs-worker@demo.service");
+        fs::write(&path, unit.replace("/usr/local/bin/ferryfs", BIN)).unwrap();
+        let out = run(Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && !said.contains("ferryfs-worker@demo.service"),
+            "{said}"
+        );
+    } else {
+        need(
+            "systemd-analyze",
+            "the worker unit is checked by systemd's own verifier",
+        );
+    }
+
+    // Run them: volumes as local directories, the Secret as a file holding a real token.
+    require_fuse();
+    let t = tempfile::Builder::new()
+        .prefix("ferryfs-k8s-workers-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let token = t.path().join("token");
+    fs::write(&token, ok(ferryfs(&["workers-token".as_ref()]))).unwrap();
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for c in [by_name(init, "ferryfs-prepare"), side] {
+        for m in c["volumeMounts"].as_vec().unwrap() {
+            let (name, at) = (
+                m["name"].as_str().unwrap(),
+                m["mountPath"].as_str().unwrap(),
+            );
+            if name == "dev-fuse" || name == "ferryfs-workers-token" {
+                continue;
+            }
+            let local = t.path().join(name);
+            fs::create_dir_all(&local).unwrap();
+            mounts.push((at.to_string(), local));
+        }
+    }
+    let old = t.path().join("data");
+    for i in 0..300 {
+        write(
+            &old.join(format!("orders/{}/o{i}", i % 7)),
+            format!("order {i}\n").as_bytes(),
+        );
+    }
+    let (metrics_port, workers_port) = (free_port(), free_port());
+    let metrics_addr = args[args.iter().position(|a| a == "--metrics-addr").unwrap() + 1].clone();
+    let remap = |args: Vec<String>| -> Vec<String> {
+        args.into_iter()
+            .map(|a| {
+                if a == metrics_addr {
+                    return format!("127.0.0.1:{metrics_port}");
+                }
+                if a == *listen {
+                    return format!("127.0.0.1:{workers_port}");
+                }
+                if a == *side_token || a == *token_at {
+                    return token.display().to_string();
+                }
+                if a == *coord {
+                    return format!("http://127.0.0.1:{workers_port}");
+                }
+                let mut a = a;
+                for (at, local) in &mounts {
+                    if let Some(rest) = a.strip_prefix(at.as_str()) {
+                        a = format!("{}{rest}", local.display());
+                        break;
+                    }
+                }
+                a
+            })
+            .collect()
+    };
+    ok(run(Command::new(BIN).args(remap(prep.clone()))));
+    // The sidecar, but with the copier held back until both workers are there.
+    let mut side_args = remap(args.clone());
+    side_args.insert(1, "--no-copy".into());
+    let mut sidecar = Command::new(BIN)
+        .args(&side_args)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(t.path().join("sidecar.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !matches!(http_get(metrics_port, "/readyz"), Some((200, _))) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30) && sidecar.try_wait().unwrap().is_none(),
+            "the coordinator never became ready: {}",
+            fs::read_to_string(t.path().join("sidecar.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Pod 0 of the Job, as the kubelet starts it.
+    let mut pod0 = Command::new(BIN)
+        .args(remap(wargs.clone()))
+        .env("JOB_COMPLETION_INDEX", "0")
+        .stderr(fs::File::create(t.path().join("pod0.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // The unit's ExecStart with the example settings, pointed at this coordinator.
+    let conf = env_file(
+        &fs::read_to_string(repo().join("packaging/systemd/ferryfs-worker.conf.example")).unwrap(),
+    );
+    let mut env = conf.clone();
+    env.insert(
+        "FERRYFS_COORDINATOR".into(),
+        format!("http://127.0.0.1:{workers_port}"),
+    );
+    let exec = unit_value(&unit, "Service", "ExecStart")
+        .replace("/etc/ferryfs/%i.token", &token.display().to_string())
+        .replace("/usr/local/bin/ferryfs", BIN);
+    let line = systemd_expand(&exec, &env);
+    let mut host = Command::new(&line[0])
+        .args(&line[1..])
+        .stderr(fs::File::create(t.path().join("unit.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let state = &prep[prep.iter().position(|a| a == "--state").unwrap() + 1];
+    let state = remap(vec![state.clone()]).remove(0);
+    let workers = || {
+        let out = ok(run(
+            Command::new(BIN).args(["status", "--json", "--state", &state])
+        ));
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        st["workers"].as_array().cloned().unwrap_or_default()
+    };
+    let t0 = Instant::now();
+    while workers().len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the workers never reached the coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(run(
+        Command::new(BIN).args(["execute", "--wait", "--state", &state])
+    ));
+    for (name, c) in [("pod0", &mut pod0), ("unit", &mut host)] {
+        let t0 = Instant::now();
+        let st = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{name} did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            st.success(),
+            "{name}: {st}: {}",
+            fs::read_to_string(t.path().join(format!("{name}.log"))).unwrap_or_default()
+        );
+    }
+    let ws = workers();
+    let copied: u64 = ws.iter().map(|w| w["files"].as_u64().unwrap()).sum();
+    assert_eq!(copied, 300, "{ws:?}");
+    assert!(
+        ws.iter().any(|w| w["id"].as_str() == Some("index-0")),
+        "{ws:?}"
+    );
+    assert_eq!(
+        fs::read(t.path().join("ferryfs-new/orders/3/o3")).unwrap(),
+        b"order 3\n"
+    );
+    let status = terminate(&mut sidecar, || {});
+    assert!(
+        status.success(),
+        "the coordinator exited {status} on SIGTERM"
+    );
+}
+
+/// ferryfs in JuiceFS CSI Driver's mount pods (issue 26): the ConfigMap's mount pod patch is
+/// what the driver reads (image, env, volumes, the hooks on `${MOUNT_POINT}`), and the hooks'
+/// own command lines, run here over a FUSE mount standing in for JuiceFS's, mount the view
+/// over it (OLD's data there, writes going to NEW) and unmount it cleanly.
+#[test]
+fn the_juicefs_mount_pod_patch_mounts_the_view_over_the_drivers_mount() {
+    let dir = repo().join("packaging/container/kubernetes/juicefs-mount-pod");
+    let docs = kustomize(&dir);
+    let cm = find(&docs, "ConfigMap", "juicefs-csi-driver-config");
+    assert_eq!(cm["metadata"]["namespace"].as_str(), Some("kube-system"));
+    let cfg = YamlLoader::load_from_str(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let patch = &cfg[0]["mountPodPatch"][0];
+    assert!(
+        !patch["pvcSelector"]["matchLabels"].is_badvalue(),
+        "a patch for every PVC"
+    );
+    assert!(patch["ceMountImage"].as_str().unwrap().contains("ferryfs"));
+    let hook = |which: &str| strings(&patch["lifecycle"][which]["exec"]["command"]);
+    let start = hook("postStart");
+    let stop = hook("preStop");
+    assert_eq!(
+        start[1..],
+        ["start".to_string(), "${MOUNT_POINT}".to_string()]
+    );
+    assert_eq!(
+        stop[1..],
+        ["stop".to_string(), "${MOUNT_POINT}".to_string()]
+    );
+    let env: BTreeMap<String, String> = patch["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for m in patch["volumeMounts"].as_vec().unwrap() {
+        assert!(!by_name(&patch["volumes"], m["name"].as_str().unwrap()).is_badvalue());
+    }
+    let mounted = |p: &str| {
+        patch["volumeMounts"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .any(|m| p.starts_with(m["mountPath"].as_str().unwrap()))
+    };
+    assert!(mounted(&env["FERRYFS_NEW"]) && mounted(&env["FERRYFS_STATE"]));
+    let docker =
+        fs::read_to_string(repo().join("packaging/container/Dockerfile.juicefs-mount")).unwrap();
+    assert!(docker.contains("COPY ferryfs-mount-pod /usr/local/bin/ferryfs-mount-pod"));
+    assert_eq!(start[0], "/usr/local/bin/ferryfs-mount-pod");
+
+    // The hooks here: a bindfs mount stands in for JuiceFS's at MOUNT_POINT.
+    require_fuse();
+    let t = tempfile::Builder::new()
+        .prefix("ferryfs-mountpod-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (src, mp, new, state) = (
+        t.path().join("volume"),
+        t.path().join("jfs"),
+        t.path().join("new"),
+        t.path().join("state"),
+    );
+    for d in [&src, &mp, &new] {
+        fs::create_dir_all(d).unwrap();
+    }
+    write(&src.join("orders.db"), b"order 1\n");
+    let _jfs = common::stores::bindfs(&src, &mp);
+    let script = repo().join("packaging/container/ferryfs-mount-pod");
+    let hook_run = |args: &[String]| {
+        let mp = mp.display().to_string();
+        let args: Vec<String> = args[1..]
+            .iter()
+            .map(|a| a.replace("${MOUNT_POINT}", &mp))
+            .collect();
+        run(Command::new(&script)
+            .args(&args)
+            .env("FERRYFS_BIN", BIN)
+            .env("FERRYFS_NEW", &new)
+            .env("FERRYFS_STATE", state.join("pvc-1"))
+            .env("FERRYFS_WAIT", "10"))
+    };
+    ok(hook_run(&start));
+    assert_eq!(fs::read(mp.join("orders.db")).unwrap(), b"order 1\n");
+    write(&mp.join("order-2"), b"order 2\n");
+    assert!(
+        new.join("order-2").exists(),
+        "a write through the view did not land in NEW"
+    );
+    assert!(!src.join("order-2").exists());
+    ok(hook_run(&stop));
+    assert!(!mp.join("order-2").exists(), "the view is still mounted");
+    // A mount pod restart: start again finds the migration and serves it.
+    ok(hook_run(&start));
+    assert_eq!(fs::read(mp.join("order-2")).unwrap(), b"order 2\n");
+    ok(hook_run(&stop));
+}

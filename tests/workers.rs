@@ -455,7 +455,7 @@ fn bad_requests_are_refused_and_change_nothing() {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "a refused worker's exit status");
     assert!(
         t0.elapsed() < Duration::from_secs(10),
         "the worker retried a wrong token"

@@ -642,7 +642,7 @@ pub fn worker(w: &super::args::WorkerArgs) -> Result<(), CliError> {
         bwlimit,
     };
     worker::run(&o).map_err(|e| match e {
-        worker::Stop::Refused(s) => CliError::Failed(format!("refused: {s}")),
+        worker::Stop::Refused(s) => CliError::Refused(format!("refused: {s}")),
         worker::Stop::Failed(s) => CliError::Failed(s),
     })
 }

@@ -25,6 +25,9 @@ pub enum CliError {
     /// control.
     #[error("{0}")]
     Failed(String),
+    /// A worker whose token the coordinator refused (exit status 3: not worth a retry).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<crate::journal::JournalError> for CliError {
