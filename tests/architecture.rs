@@ -19,6 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["control", "observe"],
     &["fuse", "lifecycle"],
     &["state"],
+    &["workers"],
     &["copier"],
     &["view"],
     &["journal"],

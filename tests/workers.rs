@@ -139,7 +139,9 @@ fn four_workers_copy_a_posix_migration_exactly() {
     f.prepare();
     let port = free_port();
     let t = token(&f);
-    mount_coordinator(&mut f, port, &t, &[]);
+    let metrics = free_port();
+    let addr = format!("127.0.0.1:{metrics}");
+    mount_coordinator(&mut f, port, &t, &["--metrics-addr", &addr]);
     let mut ws: Vec<Child> = (0..4).map(|i| worker(&f, port, &t, i, &[])).collect();
     wait_for("four workers to say hello", 30, || {
         workers_status(&f).len() == 4
@@ -162,6 +164,14 @@ fn four_workers_copy_a_posix_migration_exactly() {
         "the work was spread: {ws:?}"
     );
     assert!(ws.iter().any(|w| w.0 == "index-3"), "{ws:?}");
+    // /metrics: each worker's counts, labelled by its id; the coordinator's totals.
+    let m = parse_metrics(&http_get(metrics, "/metrics").expect("/metrics answers").1);
+    let by_worker: f64 = (0..4)
+        .map(|i| m[&format!("ferryfs_worker_files_total{{worker=\"index-{i}\"}}")])
+        .sum();
+    assert_eq!(by_worker as u64, files, "{m:?}");
+    assert!(m["ferryfs_workers_handed_out_total"] as u64 >= files);
+    assert_eq!(m["ferryfs_workers_leased_files"], 0.0);
     let view = full_manifest(&f.mnt);
     assert!(view == old_before, "{}", diff(&old_before, &view));
     let out = ok(f.cmd("verify", &["--checksum"]));

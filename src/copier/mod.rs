@@ -238,7 +238,19 @@ pub struct Copier {
     /// An S3 NEW's publisher (crate::copier::publish): commit, verify and abort reach it here.
     publisher: std::sync::OnceLock<Arc<crate::copier::publish::Publisher>>,
     /// Remote workers' coordinator (`mount --workers-listen`): files go to them.
-    remote: std::sync::OnceLock<Arc<crate::workers::coordinator::Coordinator>>,
+    remote: std::sync::OnceLock<Arc<dyn Remote>>,
+}
+
+/// Remote copy workers the walk hands files to (the coordinator of `crate::workers`, which
+/// names their copies through the view).
+pub trait Remote: Send + Sync {
+    /// The walk offers `inode` (a file only in OLD): `true` when a worker will copy it (the
+    /// pass waits for it at its end), `false` when the copier must copy it itself.
+    fn offer(&self, inode: &Arc<Inode>) -> bool;
+    /// Wait until everything offered is settled (copied, refused or failed), or `stopping()`.
+    fn drain(&self, stopping: &dyn Fn() -> bool);
+    /// The coordinator's series for /metrics.
+    fn render_metrics(&self, out: &mut String);
 }
 
 /// A snapshot for progress displays and the control socket.
@@ -396,12 +408,12 @@ impl Copier {
     }
 
     /// Hand files to remote workers through `c` (while any is heard from).
-    pub fn set_remote(&self, c: Arc<crate::workers::coordinator::Coordinator>) {
+    pub fn set_remote(&self, c: Arc<dyn Remote>) {
         let _ = self.remote.set(c);
     }
 
     /// The remote workers' coordinator, if the daemon serves one.
-    pub fn remote(&self) -> Option<&Arc<crate::workers::coordinator::Coordinator>> {
+    pub fn remote(&self) -> Option<&Arc<dyn Remote>> {
         self.remote.get()
     }
 

@@ -493,6 +493,9 @@ impl Observed {
             "The copier's bandwidth limit (0: none).",
             cs.bwlimit,
         );
+        if let Some(c) = self.copier.remote() {
+            c.render_metrics(&mut out);
+        }
         gauge(
             &mut out,
             "ferryfs_inodes",

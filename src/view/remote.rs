@@ -109,7 +109,8 @@ impl View {
         let file = match rustix::fs::openat(
             &work,
             tmp,
-            OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            // (Never a symlink, and never a FIFO to block on: checked as a plain file next.)
+            OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
             rustix::fs::Mode::empty(),
         ) {
             Ok(fd) => std::fs::File::from(fd),

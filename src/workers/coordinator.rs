@@ -387,7 +387,7 @@ impl Coordinator {
     /// The copier's walk offers `inode` (a file in OLD only): `true` when it is queued for a
     /// worker (or leased already), `false` when the copier must copy it itself. Waits while
     /// the queue is full.
-    pub fn offer(&self, inode: &Arc<Inode>) -> bool {
+    fn offer_file(&self, inode: &Arc<Inode>) -> bool {
         if self.stop.load(Ordering::Acquire) || !self.has_workers() {
             return false;
         }
@@ -416,7 +416,7 @@ impl Coordinator {
 
     /// Wait until every file offered is settled (copied, refused or failed) or the workers
     /// went away, or `stopping()`.
-    pub fn drain(&self, stopping: &dyn Fn() -> bool) {
+    fn drain_offered(&self, stopping: &dyn Fn() -> bool) {
         let mut s = self.lock();
         while !s.taken.is_empty() && !stopping() && !self.stop.load(Ordering::Acquire) {
             if s.leases.is_empty() && !self.has_workers_locked(&s) {
@@ -477,10 +477,16 @@ impl Coordinator {
             } else {
                 LEASE_BYTES.0
             };
-            (
-                files.clamp(LEASE_FILES.0, LEASE_FILES.1),
-                bytes.clamp(LEASE_BYTES.0, LEASE_BYTES.1),
-            )
+            // (Under an overall bandwidth limit, a lease is what it lets through in the same
+            // ten seconds: it is paid for when handed out.)
+            let limit = copier.as_ref().map_or(0, |c| c.bw.get());
+            let bytes = bytes.clamp(LEASE_BYTES.0, LEASE_BYTES.1);
+            let bytes = if limit > 0 {
+                bytes.min((limit as f64 * secs) as u64).max(1)
+            } else {
+                bytes
+            };
+            (files.clamp(LEASE_FILES.0, LEASE_FILES.1), bytes)
         };
         // NEW's work dir, where the copies are made (made now if it is not there).
         if let Err(e) = self.view.ensure_work_dir() {
@@ -778,6 +784,106 @@ impl Coordinator {
             .collect()
     }
 
+    /// The coordinator's series for /metrics: leases, the queue, and each worker's counts
+    /// (labelled by its id).
+    fn metrics_into(&self, out: &mut String) {
+        use std::fmt::Write;
+        let (queued, leased, leases) = {
+            let s = self.lock();
+            (
+                s.queue.len(),
+                s.leases.values().map(|l| l.items.len()).sum::<usize>(),
+                s.leases.len(),
+            )
+        };
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        one(
+            "ferryfs_workers_queued_files",
+            "gauge",
+            "Files the copier offered to remote workers, not handed out yet.",
+            queued as u64,
+        );
+        one(
+            "ferryfs_workers_leased_files",
+            "gauge",
+            "Files in remote workers' current leases.",
+            leased as u64,
+        );
+        one(
+            "ferryfs_workers_leases",
+            "gauge",
+            "Remote workers' current leases.",
+            leases as u64,
+        );
+        one(
+            "ferryfs_workers_handed_out_total",
+            "counter",
+            "Files handed out to remote workers (again after an expiry).",
+            self.handed.load(Ordering::Relaxed),
+        );
+        one(
+            "ferryfs_workers_settled_total",
+            "counter",
+            "Files remote workers reported on (copied, refused or failed).",
+            self.settled.load(Ordering::Relaxed),
+        );
+        let all = self.workers();
+        let now = now_secs();
+        for (name, help, kind, get) in [
+            (
+                "ferryfs_worker_files_total",
+                "Files each remote worker copied (their copies named).",
+                "counter",
+                (|w: &WorkerStatus, _| w.files) as fn(&WorkerStatus, u64) -> u64,
+            ),
+            (
+                "ferryfs_worker_bytes_total",
+                "Bytes of those files.",
+                "counter",
+                |w, _| w.bytes,
+            ),
+            (
+                "ferryfs_worker_leases_total",
+                "Leases each remote worker was handed.",
+                "counter",
+                |w, _| w.batches,
+            ),
+            (
+                "ferryfs_worker_refused_total",
+                "Copies of each remote worker refused (changed meanwhile, failed, late).",
+                "counter",
+                |w, _| w.refused,
+            ),
+            (
+                "ferryfs_worker_rate_bytes_per_second",
+                "Each remote worker's pace over its last lease.",
+                "gauge",
+                |w, _| w.rate,
+            ),
+            (
+                "ferryfs_worker_last_seen_seconds",
+                "Seconds since each remote worker was last heard from.",
+                "gauge",
+                |w, now| now.saturating_sub(w.last_seen),
+            ),
+        ] {
+            if all.is_empty() {
+                break;
+            }
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for w in &all {
+                // (Ids are printable ASCII, checked at hello; quotes and backslashes escaped.)
+                let id = w.id.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{worker=\"{id}\"}} {}", get(w, now));
+            }
+        }
+    }
+
     /// The workers' status into the journal, for `ferryfs status`.
     fn record_workers(&self) {
         let all = self.workers();
@@ -789,6 +895,18 @@ impl Coordinator {
         if let Err(e) = self.journal.commit(b, false) {
             tracing::warn!(error = %e, "recording the workers' status");
         }
+    }
+}
+
+impl crate::copier::Remote for Coordinator {
+    fn offer(&self, inode: &Arc<Inode>) -> bool {
+        self.offer_file(inode)
+    }
+    fn drain(&self, stopping: &dyn Fn() -> bool) {
+        self.drain_offered(stopping)
+    }
+    fn render_metrics(&self, out: &mut String) {
+        self.metrics_into(out)
     }
 }
 

@@ -348,9 +348,11 @@ fn copy_one(
         out.error = Some(format!("{what}: {e}"));
         out
     };
+    // (Beneath OLD's root, no symlink followed; never blocking on a FIFO put in its place.)
     let src = match old.open_path(Path::new(&item.path)).and_then(|fd| {
-        posix::reopen(fd.as_fd(), OFlags::RDONLY | OFlags::NOATIME)
-            .or_else(|_| posix::reopen(fd.as_fd(), OFlags::RDONLY))
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK;
+        posix::reopen(fd.as_fd(), flags | OFlags::NOATIME)
+            .or_else(|_| posix::reopen(fd.as_fd(), flags))
     }) {
         Ok(f) => f,
         Err(e) => return fail(out, "open OLD's file", e),
@@ -368,6 +370,11 @@ fn copy_one(
         )
     };
     (out.size, out.mtime) = seen(&st);
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        out.errno = libc::EINVAL;
+        out.error = Some("OLD's entry is no longer a plain file".into());
+        return out;
+    }
     if (out.size, out.mtime) != (item.size, item.mtime) {
         // Changed since it was handed out: nothing copied; the coordinator refuses it.
         return out;

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""The copier across machines (issue 26): the coordinator's pace, and copies by 1, 2 and 4
+workers against the daemon's own copier, on this machine.
+
+    python3 bench/workersbench.py [--files N] [--scratch DIR] [--data-files N]
+                                  [--data-size SIZE] [--reps R] [--bin PATH]
+
+1. `leases`: OLD holds N empty files (`--files`, 20000) in 100 directories, on tmpfs (so that
+   no fsync costs anything), and 4 `ferryfs worker` processes copy them (an empty file's copy
+   is a create, a chown/chmod, a futimens and an fsync: what is left is the protocol and the
+   naming). Timed from `execute` to `execute --wait`'s return: files
+   handed out and acknowledged (named) per second by the coordinator, the issue's aim being
+   20,000 files/s. The same dataset copied by the daemon's own copier (no workers) is the
+   yardstick.
+2. `throughput`: OLD holds `--data-files` files of `--data-size` (2000 of 256 KiB) on
+   `--scratch` (a real disk, /var/tmp by default; page cache dropped before each run), copied
+   by the daemon's copier alone, then by 1, 2 and 4 workers (each `--threads 8`).
+
+Each row is the median of `--reps` runs (fresh migration each). Prints a Markdown table and
+writes it to bench/results/workers-latest.md.
+"""
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_bin():
+    b = os.environ.get("FERRYFS_BIN")
+    if b:
+        return b
+    target = os.environ.get("CARGO_TARGET_DIR", "/root/.cache/ferryfs/target")
+    return os.path.join(target, "release", "ferryfs")
+
+
+def size_of(s):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(s[:-1]) * units[s[-1].upper()] if s[-1].upper() in units else int(s)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def fill(old, files, size):
+    data = os.urandom(size) if size else b""
+    for i in range(files):
+        d = os.path.join(old, f"d{i % 100:03d}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i}"), "wb") as f:
+            f.write(data)
+
+
+def one_run(binary, base, files, size, workers, threads=8):
+    """A fresh migration of `files` files of `size` bytes under `base`, copied by `workers`
+    workers (0: the daemon's copier). Seconds from execute to executed."""
+    root = tempfile.mkdtemp(prefix="ferryfs-wbench-", dir=base)
+    old, new, state, mnt = (os.path.join(root, d) for d in ("old", "new", "state", "mnt"))
+    for d in (old, new, mnt):
+        os.makedirs(d)
+    fill(old, files, size)
+    token = os.path.join(root, "token")
+    with open(token, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    subprocess.run([binary, "prepare", "--old", old, "--new", new, "--state", state],
+                   check=True, capture_output=True)
+    port = free_port()
+    mount = [binary, "mount", "--state", state, mnt, "--no-copy"]
+    if workers:
+        mount += ["--workers-listen", f"127.0.0.1:{port}", "--workers-token-file", token]
+    subprocess.run(mount, check=True, capture_output=True)
+    procs = []
+    try:
+        for i in range(workers):
+            procs.append(subprocess.Popen(
+                [binary, "worker", "--coordinator", f"http://127.0.0.1:{port}",
+                 "--token-file", token, "--threads", str(threads)],
+                env=dict(os.environ, JOB_COMPLETION_INDEX=str(i), FERRYFS_LOG="warn"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if workers:
+            # Every worker has said hello before the copy starts.
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                st = subprocess.run([binary, "status", "--json", "--state", state],
+                                    check=True, capture_output=True, text=True).stdout
+                if len(json.loads(st).get("workers", [])) == workers:
+                    break
+                time.sleep(0.1)
+        if size:
+            drop_caches()
+        t0 = time.monotonic()
+        subprocess.run([binary, "execute", "--state", state, "--wait"], check=True,
+                       capture_output=True)
+        secs = time.monotonic() - t0
+        st = subprocess.run([binary, "status", "--json", "--state", state], check=True,
+                            capture_output=True, text=True).stdout
+        named = sum(w["files"] for w in json.loads(st).get("workers", []))
+        if workers and named != files:
+            print(f"  (workers named {named} of {files} files; the daemon the rest)",
+                  file=sys.stderr)
+        for p in procs:
+            p.wait(timeout=60)
+        return secs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        subprocess.run([binary, "unmount", mnt], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--data-files", type=int, default=2000)
+    ap.add_argument("--data-size", default="256K")
+    ap.add_argument("--scratch", default="/var/tmp")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--bin", default=default_bin())
+    a = ap.parse_args()
+    if not os.path.exists(a.bin):
+        sys.exit(f"no ferryfs binary at {a.bin}: build with `cargo build --release` or set FERRYFS_BIN")
+    rows = []
+    shm = "/dev/shm"
+    for label, workers in (("daemon's copier", 0), ("4 workers", 4)):
+        t = [one_run(a.bin, shm, a.files, 0, workers) for _ in range(a.reps)]
+        m = statistics.median(t)
+        rows.append((f"{a.files} empty files, tmpfs", label, m, a.files / m, None))
+        print(f"leases: {label}: {m:.2f} s, {a.files / m:,.0f} files/s", file=sys.stderr)
+    size = size_of(a.data_size)
+    base = None
+    for label, workers in (("daemon's copier", 0), ("1 worker", 1), ("2 workers", 2),
+                           ("4 workers", 4)):
+        t = [one_run(a.bin, a.scratch, a.data_files, size, workers) for _ in range(a.reps)]
+        m = statistics.median(t)
+        base = base or m
+        mib = a.data_files * size / (1 << 20)
+        rows.append((f"{a.data_files} x {a.data_size}, {a.scratch}", label, m, mib / m, base / m))
+        print(f"throughput: {label}: {m:.2f} s, {mib / m:.0f} MiB/s", file=sys.stderr)
+    out = ["| dataset | copied by | seconds | rate | vs the daemon's copier |",
+           "|---|---|---:|---:|---:|"]
+    for ds, label, secs, rate, ratio in rows:
+        unit = "files/s" if ratio is None else "MiB/s"
+        r = "" if ratio is None else f"{ratio:.2f}x"
+        out.append(f"| {ds} | {label} | {secs:.2f} | {rate:,.0f} {unit} | {r} |")
+    text = "\n".join(out) + "\n"
+    print(text)
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "workers-latest.md"), "w") as f:
+        f.write(f"`python3 bench/workersbench.py --reps {a.reps}` ({time.strftime('%Y-%m-%d')})\n\n")
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
