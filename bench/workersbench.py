@@ -12,11 +12,14 @@ workers against the daemon's own copier, on this machine.
    handed out and acknowledged (named) per second by the coordinator, the issue's aim being
    20,000 files/s. The same dataset copied by the daemon's own copier (no workers) is the
    yardstick.
+(Each is timed from `execute` to the phase `executed`, polled every 20 ms.)
 2. `throughput`: OLD holds `--data-files` files of `--data-size` (2000 of 256 KiB) on
    `--scratch` (a real disk, /var/tmp by default; page cache dropped before each run), copied
    by the daemon's copier alone, then by 1, 2 and 4 workers (each `--threads 8`).
 
-Each row is the median of `--reps` runs (fresh migration each). Prints a Markdown table and
+Each row is the median of `--reps` runs (fresh migration each), with the daemon's CPU seconds
+during the copy: with workers, files per daemon CPU second is what one coordinator could name
+with a core to itself, the workers' own CPU being elsewhere on real machines. Prints a Markdown table and
 writes it to bench/results/workers-latest.md.
 """
 import argparse
@@ -59,6 +62,19 @@ def drop_caches():
         f.write("3\n")
 
 
+def cpu_secs(pid):
+    """User plus system CPU seconds of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pid(state):
+    out = subprocess.run(["pgrep", "-f", f"mount --state {state} "], capture_output=True,
+                         text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
 def fill(old, files, size):
     data = os.urandom(size) if size else b""
     for i in range(files):
@@ -70,7 +86,8 @@ def fill(old, files, size):
 
 def one_run(binary, base, files, size, workers, threads=8):
     """A fresh migration of `files` files of `size` bytes under `base`, copied by `workers`
-    workers (0: the daemon's copier). Seconds from execute to executed."""
+    workers (0: the daemon's copier). (Seconds from execute to executed, the daemon's CPU
+    seconds meanwhile.)"""
     root = tempfile.mkdtemp(prefix="ferryfs-wbench-", dir=base)
     old, new, state, mnt = (os.path.join(root, d) for d in ("old", "new", "state", "mnt"))
     for d in (old, new, mnt):
@@ -105,10 +122,21 @@ def one_run(binary, base, files, size, workers, threads=8):
                 time.sleep(0.1)
         if size:
             drop_caches()
+        # (`execute --wait` looks once a second: the phase is polled here every 20 ms.)
+        pid = daemon_pid(state)
+        cpu0 = cpu_secs(pid)
         t0 = time.monotonic()
-        subprocess.run([binary, "execute", "--state", state, "--wait"], check=True,
-                       capture_output=True)
+        subprocess.run([binary, "execute", "--state", state], check=True, capture_output=True)
+        while True:
+            st = json.loads(subprocess.run([binary, "status", "--json", "--state", state],
+                                           check=True, capture_output=True, text=True).stdout)
+            if st["phase"] == "executed":
+                break
+            if time.monotonic() - t0 > 600:
+                sys.exit(f"not executed after 600 s: {st}")
+            time.sleep(0.02)
         secs = time.monotonic() - t0
+        cpu = cpu_secs(pid) - cpu0
         st = subprocess.run([binary, "status", "--json", "--state", state], check=True,
                             capture_output=True, text=True).stdout
         named = sum(w["files"] for w in json.loads(st).get("workers", []))
@@ -117,7 +145,7 @@ def one_run(binary, base, files, size, workers, threads=8):
                   file=sys.stderr)
         for p in procs:
             p.wait(timeout=60)
-        return secs
+        return secs, cpu
     finally:
         for p in procs:
             if p.poll() is None:
@@ -140,26 +168,33 @@ def main():
     rows = []
     shm = "/dev/shm"
     for label, workers in (("daemon's copier", 0), ("4 workers", 4)):
-        t = [one_run(a.bin, shm, a.files, 0, workers) for _ in range(a.reps)]
-        m = statistics.median(t)
-        rows.append((f"{a.files} empty files, tmpfs", label, m, a.files / m, None))
-        print(f"leases: {label}: {m:.2f} s, {a.files / m:,.0f} files/s", file=sys.stderr)
+        runs = [one_run(a.bin, shm, a.files, 0, workers) for _ in range(a.reps)]
+        m = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        rows.append((f"{a.files} empty files, tmpfs", label, m, a.files / m, None, cpu,
+                     a.files / cpu))
+        print(f"leases: {label}: {m:.2f} s, {a.files / m:,.0f} files/s; daemon CPU {cpu:.2f} s",
+              file=sys.stderr)
     size = size_of(a.data_size)
     base = None
     for label, workers in (("daemon's copier", 0), ("1 worker", 1), ("2 workers", 2),
                            ("4 workers", 4)):
-        t = [one_run(a.bin, a.scratch, a.data_files, size, workers) for _ in range(a.reps)]
-        m = statistics.median(t)
+        runs = [one_run(a.bin, a.scratch, a.data_files, size, workers) for _ in range(a.reps)]
+        m = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
         base = base or m
         mib = a.data_files * size / (1 << 20)
-        rows.append((f"{a.data_files} x {a.data_size}, {a.scratch}", label, m, mib / m, base / m))
+        rows.append((f"{a.data_files} x {a.data_size}, {a.scratch}", label, m, mib / m,
+                     base / m, cpu, a.data_files / cpu))
         print(f"throughput: {label}: {m:.2f} s, {mib / m:.0f} MiB/s", file=sys.stderr)
-    out = ["| dataset | copied by | seconds | rate | vs the daemon's copier |",
-           "|---|---|---:|---:|---:|"]
-    for ds, label, secs, rate, ratio in rows:
+    out = ["| dataset | copied by | seconds | rate | vs the daemon's copier | daemon CPU s | "
+           "files per daemon CPU s |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for ds, label, secs, rate, ratio, cpu, per_cpu in rows:
         unit = "files/s" if ratio is None else "MiB/s"
         r = "" if ratio is None else f"{ratio:.2f}x"
-        out.append(f"| {ds} | {label} | {secs:.2f} | {rate:,.0f} {unit} | {r} |")
+        out.append(f"| {ds} | {label} | {secs:.2f} | {rate:,.0f} {unit} | {r} | {cpu:.2f} | "
+                   f"{per_cpu:,.0f} |")
     text = "\n".join(out) + "\n"
     print(text)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)

@@ -248,7 +248,9 @@ pub trait Remote: Send + Sync {
     /// pass waits for it at its end), `false` when the copier must copy it itself.
     fn offer(&self, inode: &Arc<Inode>) -> bool;
     /// Wait until everything offered is settled (copied, refused or failed), or `stopping()`.
-    fn drain(&self, stopping: &dyn Fn() -> bool);
+    /// Gives what was settled since the last drain: (files named in NEW, their bytes, files
+    /// not named: refused, failed, or taken back).
+    fn drain(&self, stopping: &dyn Fn() -> bool) -> (u64, u64, u64);
     /// The coordinator's series for /metrics.
     fn render_metrics(&self, out: &mut String);
 }
@@ -765,9 +767,17 @@ impl Copier {
                 excluded: &excluded,
             },
         );
-        // What the walk handed to remote workers is copied (or refused) before the pass ends.
-        if let Some(c) = self.remote.get() {
-            c.drain(&|| self.stopping());
+        // What the walk handed to remote workers is copied (or refused) before the pass ends,
+        // and counts as this pass's copies (a refused one as a copy to do again).
+        if let Some(r) = self.remote.get() {
+            let (named, bytes, other) = r.drain(&|| self.stopping());
+            c.files.fetch_add(named, Ordering::Relaxed);
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
+            c.seen_files.fetch_add(named, Ordering::Relaxed);
+            c.seen_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if !self.stopping() {
+                c.redo.fetch_add(other, Ordering::Relaxed);
+            }
         }
         // Nothing changed the view's namespace during the pass: no entry can have moved out
         // of the walk's way, so a pass that only copied is complete (no confirming pass).
@@ -923,7 +933,7 @@ impl Copier {
                 && let Some(c) = self.remote.get()
                 && c.offer(inode)
             {
-                self.account(inode, Ok(Copied::GaveWay), p, counts);
+                // (Counted when the pass drains what it offered.)
                 return None;
             }
             self.ops.take(1, &self.stop);

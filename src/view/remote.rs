@@ -77,9 +77,10 @@ impl View {
         &self,
         inode: &Arc<Inode>,
         leased: &Fingerprint,
+        work: &Arc<std::os::fd::OwnedFd>,
         tmp: &str,
     ) -> Result<std::result::Result<Pending, String>> {
-        let work = Arc::new(self.work_dir()?);
+        let work = work.clone();
         let gone = |why: String| {
             let _ = rustix::fs::unlinkat(&work, tmp, AtFlags::empty());
             Ok(Err(why))
@@ -167,6 +168,11 @@ impl View {
         for i in held {
             self.release_lookup(&i);
         }
+    }
+
+    /// NEW's work dir, open (made if it is not there).
+    pub fn open_work_dir(&self) -> Result<Arc<std::os::fd::OwnedFd>> {
+        self.work_dir().map(Arc::new)
     }
 
     /// Make NEW's work dir if it is not there (remote workers make their copies in it).

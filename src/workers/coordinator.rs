@@ -106,6 +106,10 @@ pub struct Coordinator {
     stop: AtomicBool,
     /// When the workers' status was last written into the journal.
     recorded: Mutex<Instant>,
+    /// Settled since the last drain: files named, their bytes, files not named.
+    pass_named: std::sync::atomic::AtomicU64,
+    pass_bytes: std::sync::atomic::AtomicU64,
+    pass_other: std::sync::atomic::AtomicU64,
     /// Handed out and acknowledged (named, refused or failed) since the start: the bench's.
     pub handed: std::sync::atomic::AtomicU64,
     pub settled: std::sync::atomic::AtomicU64,
@@ -197,6 +201,9 @@ impl Coordinator {
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             recorded: Mutex::new(Instant::now()),
+            pass_named: Default::default(),
+            pass_bytes: Default::default(),
+            pass_other: Default::default(),
             handed: Default::default(),
             settled: Default::default(),
         })
@@ -416,12 +423,14 @@ impl Coordinator {
 
     /// Wait until every file offered is settled (copied, refused or failed) or the workers
     /// went away, or `stopping()`.
-    fn drain_offered(&self, stopping: &dyn Fn() -> bool) {
+    fn drain_offered(&self, stopping: &dyn Fn() -> bool) -> (u64, u64, u64) {
         let mut s = self.lock();
         while !s.taken.is_empty() && !stopping() && !self.stop.load(Ordering::Acquire) {
             if s.leases.is_empty() && !self.has_workers_locked(&s) {
                 // Nobody left to take them: the copier's next pass copies them itself.
                 let dropped: Vec<Arc<Inode>> = s.queue.drain(..).collect();
+                self.pass_other
+                    .fetch_add(dropped.len() as u64, Ordering::Relaxed);
                 for i in dropped {
                     self.settle(&mut s, i.ino);
                 }
@@ -429,10 +438,15 @@ impl Coordinator {
             }
             s = self
                 .changed
-                .wait_timeout(s, Duration::from_millis(200))
+                .wait_timeout(s, Duration::from_millis(50))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        (
+            self.pass_named.swap(0, Ordering::Relaxed),
+            self.pass_bytes.swap(0, Ordering::Relaxed),
+            self.pass_other.swap(0, Ordering::Relaxed),
+        )
     }
 
     fn has_workers_locked(&self, s: &State) -> bool {
@@ -510,6 +524,7 @@ impl Coordinator {
                 // The view or the copier took it meanwhile, or it is not a worker's.
                 Ok(None) | Err(_) => {
                     self.settle(&mut self.lock(), inode.ino);
+                    self.pass_other.fetch_add(1, Ordering::Relaxed);
                     self.changed.notify_all();
                     continue;
                 }
@@ -534,7 +549,11 @@ impl Coordinator {
         }
         self.changed.notify_all();
         if items.is_empty() {
-            return Grant::Wait { ms: 500 };
+            // (Soon while a pass may still offer files; the walk fills the queue fast.)
+            let running = copier.as_ref().is_some_and(|c| c.state().running);
+            return Grant::Wait {
+                ms: if running { 50 } else { 500 },
+            };
         }
         // The copier's overall limits (`--bwlimit`, `--ops-limit`): paid for when handed out.
         if let Some(c) = &copier {
@@ -618,6 +637,11 @@ impl Coordinator {
                 }
             }
         }
+        // (Where the copies are; not there: nothing changes, the worker reports again.)
+        let work = self
+            .view
+            .open_work_dir()
+            .map_err(|e| (503, format!("NEW's work dir: {e}")))?;
         let Some(lease) = self.lock().leases.remove(&r.lease) else {
             return Err((409, format!("lease {} is not current", r.lease)));
         };
@@ -664,7 +688,10 @@ impl Coordinator {
                     .push((o.n, "OLD's file changed while it was copied".into()));
                 continue;
             }
-            match self.view.remote_pending(&l.inode, &l.fp, &l.item.tmp) {
+            match self
+                .view
+                .remote_pending(&l.inode, &l.fp, &work, &l.item.tmp)
+            {
                 Ok(Ok(p)) => {
                     sizes.insert(l.inode.ino, (o.n, l.item.size));
                     pendings.push(p);
@@ -697,6 +724,12 @@ impl Coordinator {
             tracing::error!(error = %e, "recording a worker's copy errors");
         }
         let elapsed = lease.granted.elapsed().as_secs_f64().max(0.001);
+        self.pass_named.fetch_add(named.0, Ordering::Relaxed);
+        self.pass_bytes.fetch_add(named.1, Ordering::Relaxed);
+        self.pass_other.fetch_add(
+            (lease.items.len() - back.len()) as u64 - named.0,
+            Ordering::Relaxed,
+        );
         let mut s = self.lock();
         let back_inos: HashSet<u64> = back.iter().map(|i| i.ino).collect();
         for l in &lease.items {
@@ -902,7 +935,7 @@ impl crate::copier::Remote for Coordinator {
     fn offer(&self, inode: &Arc<Inode>) -> bool {
         self.offer_file(inode)
     }
-    fn drain(&self, stopping: &dyn Fn() -> bool) {
+    fn drain(&self, stopping: &dyn Fn() -> bool) -> (u64, u64, u64) {
         self.drain_offered(stopping)
     }
     fn render_metrics(&self, out: &mut String) {
