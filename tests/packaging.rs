@@ -91,6 +91,29 @@ fn systemd_expand(line: &str, env: &BTreeMap<String, String>) -> Vec<String> {
     out
 }
 
+/// A container's argument list as run here: each argument equal to a `subs` key replaced by
+/// its value, each path below a volume's mount path moved below the local directory standing
+/// for that volume.
+fn remap_args(
+    args: Vec<String>,
+    subs: &[(String, String)],
+    mounts: &[(String, PathBuf)],
+) -> Vec<String> {
+    args.into_iter()
+        .map(|a| {
+            if let Some((_, to)) = subs.iter().find(|(from, _)| *from == a) {
+                return to.clone();
+            }
+            for (at, local) in mounts {
+                if let Some(rest) = a.strip_prefix(at.as_str()) {
+                    return format!("{}{rest}", local.display());
+                }
+            }
+            a
+        })
+        .collect()
+}
+
 /// SIGTERM `child` (what systemd's stop and the kubelet send), run `meanwhile`, and wait up to
 /// 30 s for it to exit.
 fn terminate(
@@ -483,23 +506,8 @@ fn the_kubernetes_example_adds_a_sidecar_and_leaves_the_app_unchanged() {
     let old = t.path().join("data");
     write(&old.join("orders.db"), b"order 1\n");
     let local_port = free_port();
-    let remap = |args: Vec<String>| -> Vec<String> {
-        args.into_iter()
-            .map(|a| {
-                if a == *addr {
-                    return format!("127.0.0.1:{local_port}");
-                }
-                let mut a = a;
-                for (at, local) in &mounts {
-                    if let Some(rest) = a.strip_prefix(at.as_str()) {
-                        a = format!("{}{rest}", local.display());
-                        break;
-                    }
-                }
-                a
-            })
-            .collect()
-    };
+    let subs = [(addr.clone(), format!("127.0.0.1:{local_port}"))];
+    let remap = |args: Vec<String>| remap_args(args, &subs, &mounts);
     let prepare = remap(strings(&by_name(init, "ferryfs-prepare")["args"]));
     ok(run(Command::new(BIN).args(&prepare)));
     // A pod restart runs the init container again: it must pass.
@@ -774,32 +782,14 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
     }
     let (metrics_port, workers_port) = (free_port(), free_port());
     let metrics_addr = args[args.iter().position(|a| a == "--metrics-addr").unwrap() + 1].clone();
-    let remap = |args: Vec<String>| -> Vec<String> {
-        args.into_iter()
-            .map(|a| {
-                if a == metrics_addr {
-                    return format!("127.0.0.1:{metrics_port}");
-                }
-                if a == *listen {
-                    return format!("127.0.0.1:{workers_port}");
-                }
-                if a == *side_token || a == *token_at {
-                    return token.display().to_string();
-                }
-                if a == *coord {
-                    return format!("http://127.0.0.1:{workers_port}");
-                }
-                let mut a = a;
-                for (at, local) in &mounts {
-                    if let Some(rest) = a.strip_prefix(at.as_str()) {
-                        a = format!("{}{rest}", local.display());
-                        break;
-                    }
-                }
-                a
-            })
-            .collect()
-    };
+    let subs = [
+        (metrics_addr, format!("127.0.0.1:{metrics_port}")),
+        (listen.clone(), format!("127.0.0.1:{workers_port}")),
+        (side_token.clone(), token.display().to_string()),
+        (token_at.clone(), token.display().to_string()),
+        (coord.clone(), format!("http://127.0.0.1:{workers_port}")),
+    ];
+    let remap = |args: Vec<String>| remap_args(args, &subs, &mounts);
     ok(run(Command::new(BIN).args(remap(prep.clone()))));
     // The sidecar, but with the copier held back until both workers are there.
     let mut side_args = remap(args.clone());

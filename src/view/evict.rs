@@ -400,18 +400,7 @@ impl StubUpload {
 
     /// The file's bytes at `off`, exactly `buf.len()` of them.
     pub fn read_exact(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self
-                .p
-                .read(off + done as u64, &mut buf[done..])
-                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-            if n == 0 {
-                return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
-            }
-            done += n;
-        }
-        Ok(())
+        self.p.read_exact(off, buf)
     }
 }
 

@@ -263,6 +263,21 @@ impl Partial {
         Ok(punch)
     }
 
+    /// The file's bytes at `off`, exactly `buf.len()` of them (ESTALE: it is shorter now).
+    pub(crate) fn read_exact(&self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .read(off + done as u64, &mut buf[done..])
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     /// The S3 object the absent chunks are read from (store, key, ETag), if they are one's.
     pub(crate) fn object_source(&self) -> Option<(Arc<crate::store::s3::S3Store>, String, String)> {
         match self.source() {
@@ -1326,19 +1341,7 @@ impl View {
             return Ok(None);
         };
         p.rerecord(&self.journal, |r| r.abort_put = true, None)?;
-        let mut read = |off: u64, buf: &mut [u8]| -> std::io::Result<()> {
-            let mut done = 0;
-            while done < buf.len() {
-                let n = p
-                    .read(off + done as u64, &mut buf[done..])
-                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-                if n == 0 {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESTALE));
-                }
-                done += n;
-            }
-            Ok(())
-        };
+        let mut read = |off: u64, buf: &mut [u8]| p.read_exact(off, buf);
         let (info, sent) = if size <= crate::store::s3::MULTIPART_THRESHOLD {
             let mut data = vec![0u8; size as usize];
             read(0, &mut data).ctx("read the view's file")?;

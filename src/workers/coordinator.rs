@@ -257,7 +257,8 @@ impl Coordinator {
         Ok(bound)
     }
 
-    /// Stop handing out work: workers are told the copy is done; the walk stops waiting.
+    /// Stop handing out work (the daemon stops): workers are told to wait (the next daemon
+    /// serves them); the walk stops waiting.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
         self.changed.notify_all();
@@ -457,8 +458,9 @@ impl Coordinator {
     /// A lease for `worker`: files from the queue, as many as its pace says.
     fn lease(&self, worker: &str) -> Grant {
         self.seen(worker, true);
+        // (A daemon going away is not the copy being done: workers wait for the next one.)
         if self.stop.load(Ordering::Acquire) {
-            return Grant::Done;
+            return Grant::Wait { ms: 1000 };
         }
         let copier = self.copier.upgrade();
         if copier.as_ref().is_none_or(|c| c.state().paused) {

@@ -72,7 +72,7 @@ pub enum Grant {
     },
     /// Nothing to hand out now (paused, or every file is leased): ask again after `ms`.
     Wait { ms: u64 },
-    /// The copy is finished (or the coordinator stops): the worker may exit.
+    /// The migration is executed (or ended): the worker may exit.
     Done,
 }
 
