@@ -400,14 +400,7 @@ impl Coordinator {
             return false;
         }
         let mut s = self.lock();
-        if s.taken.contains_key(&inode.ino) {
-            return true;
-        }
-        // Known to the view until it is settled (the walk lets go of it).
-        let Some(held) = self.view.hold(inode) else {
-            return false;
-        };
-        while s.queue.len() >= QUEUE_MAX {
+        while s.queue.len() >= QUEUE_MAX && !s.taken.contains_key(&inode.ino) {
             if self.stop.load(Ordering::Acquire) {
                 return false;
             }
@@ -417,6 +410,13 @@ impl Coordinator {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        if s.taken.contains_key(&inode.ino) {
+            return true;
+        }
+        // Known to the view until it is settled (the walk, which holds it now, lets go).
+        let Some(held) = self.view.hold(inode) else {
+            return false;
+        };
         s.taken.insert(inode.ino, held);
         s.queue.push_back(inode.clone());
         true
@@ -662,6 +662,8 @@ impl Coordinator {
                 continue;
             };
             if let Some(e) = &o.error {
+                // (A worker's words: kept short in the log and the journal.)
+                let e: String = e.chars().take(500).collect();
                 self.view.remove_remote_copy(&l.item.tmp);
                 let path = self.view.view_path(&l.inode);
                 tracing::warn!(
