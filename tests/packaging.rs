@@ -126,17 +126,7 @@ fn terminate(
     )
     .unwrap();
     meanwhile();
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "still running 30 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_child(child, 30).expect("still running 30 s after SIGTERM")
 }
 
 #[test]
@@ -839,17 +829,7 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
         Command::new(BIN).args(["execute", "--wait", "--state", &state])
     ));
     for (name, c) in [("pod0", &mut pod0), ("unit", &mut host)] {
-        let t0 = Instant::now();
-        let st = loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{name} did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let st = wait_child(c, 60).unwrap_or_else(|| panic!("{name} did not exit"));
         assert!(
             st.success(),
             "{name}: {st}: {}",

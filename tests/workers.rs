@@ -90,17 +90,10 @@ fn worker_log(f: &Fixture, index: u32) -> String {
 
 /// Wait for a worker to exit by itself; its exit status.
 fn wait_exit(f: &Fixture, c: &mut Child, index: u32, secs: u64) -> std::process::ExitStatus {
-    let t = std::time::Instant::now();
-    loop {
-        if let Some(st) = c.try_wait().unwrap() {
-            return st;
-        }
-        if t.elapsed() > Duration::from_secs(secs) {
-            let _ = c.kill();
-            panic!("worker {index} did not exit: {}", worker_log(f, index));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_child(c, secs).unwrap_or_else(|| {
+        let _ = c.kill();
+        panic!("worker {index} did not exit: {}", worker_log(f, index))
+    })
 }
 
 /// The workers' entries in `status --json`, by id: (files, batches, refused).

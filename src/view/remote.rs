@@ -170,15 +170,11 @@ impl View {
         }
     }
 
-    /// NEW's work dir, open (made if it is not there).
+    /// NEW's work dir, where remote workers make their copies, open (made if it is not
+    /// there; under `ns`, as every maker and remover of it).
     pub fn open_work_dir(&self) -> Result<Arc<std::os::fd::OwnedFd>> {
-        self.work_dir().map(Arc::new)
-    }
-
-    /// Make NEW's work dir if it is not there (remote workers make their copies in it).
-    pub fn ensure_work_dir(&self) -> Result<()> {
         let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
-        self.work_dir().map(drop)
+        self.work_dir().map(Arc::new)
     }
 
     /// Remove a remote worker's copy `tmp` from NEW's work dir (a lease that expired or a

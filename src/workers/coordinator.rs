@@ -309,7 +309,7 @@ impl Coordinator {
                 return (400, failure(&e));
             }
             self.seen(&h.worker, true);
-            Ok(json(&self.welcome_for()))
+            Ok(json(&self.welcome))
         } else if path == format!("/{v}/lease") {
             let l = parse!(protocol::LeaseRequest);
             if let Err(e) = check_worker(&l.worker) {
@@ -333,10 +333,6 @@ impl Coordinator {
             Ok(body) => (200, body),
             Err((status, why)) => (status, failure(&why)),
         }
-    }
-
-    fn welcome_for(&self) -> protocol::Welcome {
-        self.welcome.clone()
     }
 
     /// `worker` was heard from: known from now on when `joins` (hello, lease), else only
@@ -383,23 +379,17 @@ impl Coordinator {
         }
     }
 
-    /// Whether a worker was heard from lately (else the copier copies files itself).
-    pub fn has_workers(&self) -> bool {
-        let recent = Duration::from_secs(2 * self.welcome.lease_secs);
-        self.lock()
-            .workers
-            .values()
-            .any(|w| w.seen.elapsed() < recent)
-    }
-
     /// The copier's walk offers `inode` (a file in OLD only): `true` when it is queued for a
     /// worker (or leased already), `false` when the copier must copy it itself. Waits while
     /// the queue is full.
     fn offer_file(&self, inode: &Arc<Inode>) -> bool {
-        if self.stop.load(Ordering::Acquire) || !self.has_workers() {
+        if self.stop.load(Ordering::Acquire) {
             return false;
         }
         let mut s = self.lock();
+        if !self.has_workers_locked(&s) {
+            return false;
+        }
         while s.queue.len() >= QUEUE_MAX && !s.taken.contains_key(&inode.ino) {
             if self.stop.load(Ordering::Acquire) {
                 return false;
@@ -450,6 +440,7 @@ impl Coordinator {
         )
     }
 
+    /// Whether a worker was heard from lately (else the copier copies files itself).
     fn has_workers_locked(&self, s: &State) -> bool {
         let recent = Duration::from_secs(2 * self.welcome.lease_secs);
         s.workers.values().any(|w| w.seen.elapsed() < recent)
@@ -505,7 +496,7 @@ impl Coordinator {
             (files.clamp(LEASE_FILES.0, LEASE_FILES.1), bytes)
         };
         // NEW's work dir, where the copies are made (made now if it is not there).
-        if let Err(e) = self.view.ensure_work_dir() {
+        if let Err(e) = self.view.open_work_dir() {
             tracing::warn!(error = %e, "NEW's work dir for remote workers");
             return Grant::Wait { ms: 1000 };
         }

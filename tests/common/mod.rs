@@ -563,6 +563,21 @@ pub fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
     out.chars().take(4000).collect()
 }
 
+/// Wait up to `secs` seconds for `child` to exit by itself: its status, or `None` (still
+/// running).
+pub fn wait_child(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Poll until `cond` holds, or panic naming `what` after `secs` seconds.
 pub fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let t = Instant::now();
