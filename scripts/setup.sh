@@ -50,8 +50,9 @@ declare -A WHY=(
     [unionfs-fuse]="benchmark peer (bench/run.sh)"
     [systemd]="systemd-analyze, which checks packaging/systemd's unit (tests/packaging.rs)"
     [kubernetes-client]="kubectl kustomize, which renders packaging/container/kubernetes (tests/packaging.rs)"
+    [openssl]="a certificate for the remote workers' TLS test (tests/workers.rs)"
 )
-PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync rclone python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client)
+PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync rclone python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client openssl)
 # The demo: build ferryfs (RocksDB's C++ and bindgen), mount (fusermount3), xattrs (attr),
 # and python3 for its JSON check.
 if ((DEMO)); then

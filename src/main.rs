@@ -60,10 +60,18 @@ fn run(cli: Cli, raw: &[OsString]) -> Result<(), CliError> {
             stage_max,
             workers_listen,
             workers_token_file,
+            workers_tls_cert,
+            workers_tls_key,
         } => {
             let args = MountArgs {
                 stage_max,
-                workers: workers_listen.zip(workers_token_file),
+                workers: workers_listen
+                    .zip(workers_token_file)
+                    .map(|(listen, token_file)| ferryfs::daemon::WorkersArgs {
+                        listen,
+                        token_file,
+                        tls: workers_tls_cert.zip(workers_tls_key),
+                    }),
                 metrics_addr,
                 takeover,
                 readdirplus,

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use ferryfs::store::s3::{PosixMeta, S3Store, S3Url};
 
 /// OLD's dataset: `small` files over 30 directories, a few of some MiB, xattrs and owners.
 fn dataset(old: &Path, small: usize) {
@@ -52,6 +53,17 @@ fn token(f: &Fixture) -> PathBuf {
 
 /// Mount with the coordinator at `port`, the copier off until `execute`.
 fn mount_coordinator(f: &mut Fixture, port: u16, token: &Path, extra: &[&str]) {
+    mount_coordinator_env(f, port, token, extra, &[]);
+}
+
+/// [`mount_coordinator`] with environment variables for the daemon.
+fn mount_coordinator_env(
+    f: &mut Fixture,
+    port: u16,
+    token: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) {
     let addr = format!("127.0.0.1:{port}");
     let mnt = f.mnt.clone();
     let mut args = vec![
@@ -62,7 +74,7 @@ fn mount_coordinator(f: &mut Fixture, port: u16, token: &Path, extra: &[&str]) {
         token.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    f.mount_with(&mnt, &args);
+    f.mount_env(&mnt, &args, env);
 }
 
 /// A worker process, as an Indexed Job's pod `index` runs it; its log in the fixture.
@@ -121,8 +133,9 @@ fn files_in(root: &Path) -> u64 {
         .count() as u64
 }
 
-/// Four workers copy the whole dataset; the result is exact after commit, every file was
-/// copied by a worker exactly once, and the workers exit 0 once the copy is done.
+/// Four workers copy the whole dataset, its big files by ranges (several workers each); the
+/// result is exact after commit, every file was copied by a worker exactly once, and the
+/// workers exit 0 once the copy is done.
 #[test]
 fn four_workers_copy_a_posix_migration_exactly() {
     let mut f = Fixture::new();
@@ -134,7 +147,14 @@ fn four_workers_copy_a_posix_migration_exactly() {
     let t = token(&f);
     let metrics = free_port();
     let addr = format!("127.0.0.1:{metrics}");
-    mount_coordinator(&mut f, port, &t, &["--metrics-addr", &addr]);
+    // (Ranges of 1 MiB: the dataset's big files, of 3 to 9 MiB, are copied by ranges.)
+    mount_coordinator_env(
+        &mut f,
+        port,
+        &t,
+        &["--metrics-addr", &addr],
+        &[("FERRYFS_RANGE_BYTES", "1048576")],
+    );
     let mut ws: Vec<Child> = (0..4).map(|i| worker(&f, port, &t, i, &[])).collect();
     wait_for("four workers to say hello", 30, || {
         workers_status(&f).len() == 4
@@ -157,6 +177,13 @@ fn four_workers_copy_a_posix_migration_exactly() {
         "the work was spread: {ws:?}"
     );
     assert!(ws.iter().any(|w| w.0 == "index-3"), "{ws:?}");
+    // The big files went by ranges, to several workers.
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    assert_eq!(
+        log.matches("a big file copied by ranges").count(),
+        3,
+        "{log}"
+    );
     // /metrics: each worker's counts, labelled by its id; the coordinator's totals.
     let m = parse_metrics(&http_get(metrics, "/metrics").expect("/metrics answers").1);
     let by_worker: f64 = (0..4)
@@ -492,4 +519,308 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert!(err.contains("refused") && err.contains("token"), "{err}");
     assert!(!err.contains(&good));
     f.unmount();
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Posix,
+    S3,
+}
+
+fn bucket_store(bucket: &str) -> std::sync::Arc<S3Store> {
+    std::sync::Arc::new(
+        S3Store::connect(&S3Url::parse(&format!("s3://{bucket}")).unwrap()).unwrap(),
+    )
+}
+
+/// OLD's dataset for the S3 pairings, made in `dir`: `small` files of up to 12 KiB over 12
+/// directories with their own modes and mtimes, and two of 40 and 9 MiB (copied by ranges of
+/// 4 MiB into a POSIX NEW, of one 16 MiB part into a bucket; the second not into a bucket).
+fn plain_dataset(dir: &Path, small: usize) {
+    for i in 0..small {
+        let d = dir.join(format!("d{:02}", i % 12));
+        fs::create_dir_all(&d).unwrap();
+        let len = 1 + (i * 7919) % 12_000;
+        let data: Vec<u8> = (0..len).map(|j| (i + j * 31) as u8).collect();
+        let p = d.join(format!("f{i}"));
+        fs::write(&p, data).unwrap();
+        fs::set_permissions(
+            &p,
+            std::os::unix::fs::PermissionsExt::from_mode([0o644, 0o600, 0o640][i % 3]),
+        )
+        .unwrap();
+        set_mtime(&p, 1_600_000_000 + i as i64);
+    }
+    for (i, mib) in [40usize, 9].into_iter().enumerate() {
+        let data: Vec<u8> = (0..mib << 20).map(|j| (j * 13 + i) as u8).collect();
+        let p = dir.join(format!("big/b{i}.bin"));
+        write(&p, &data);
+        set_mtime(&p, 1_650_000_000 + i as i64);
+    }
+}
+
+fn set_mtime(p: &Path, secs: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
+}
+
+/// Every file below `dir` put into `bucket` as an object carrying its mode and mtime
+/// (s3fs's metadata), as another client would have filled an S3 OLD.
+fn upload_tree(dir: &Path, s: &S3Store) {
+    let tree = trees::tree_of_dir(dir);
+    for (rel, e) in tree {
+        if let trees::Entry::File { data, perm, mtime } = e {
+            let meta = PosixMeta {
+                mode: Some(0o100000 | perm),
+                uid: Some(0),
+                gid: Some(0),
+                mtime: Some((mtime, 0)),
+            };
+            s.put(&rel, data, &meta).unwrap();
+        }
+    }
+}
+
+/// Workers copy a migration with an S3 store: the result exact after commit, every file
+/// copied by a worker, no upload left unfinished in NEW's bucket (a worker's copy into a
+/// bucket is an upload only the coordinator completes). With `doomed`, a worker dies (kill
+/// -9) with uploads begun: its lease expires, the coordinator aborts them, another worker
+/// copies its files.
+fn workers_across(old: Side, new: Side, name: &str, workers: u32, doomed: bool) {
+    let g = common::garage::shared();
+    let mut f = Fixture::new();
+    let (ob, nb) = (format!("{name}-old"), format!("{name}-new"));
+    let src = f.root.path().join("src");
+    plain_dataset(&src, 600);
+    let want = trees::tree_of_dir(&src);
+    let files = want
+        .values()
+        .filter(|e| matches!(e, trees::Entry::File { .. }))
+        .count() as u64;
+    let old_arg = match old {
+        Side::S3 => {
+            g.bucket(&ob);
+            upload_tree(&src, &bucket_store(&ob));
+            format!("s3://{ob}")
+        }
+        Side::Posix => {
+            fs::remove_dir(&f.old).unwrap();
+            fs::rename(&src, &f.old).unwrap();
+            f.old.to_str().unwrap().to_string()
+        }
+    };
+    let new_arg = match new {
+        Side::S3 => {
+            g.bucket(&nb);
+            format!("s3://{nb}")
+        }
+        Side::Posix => f.new.to_str().unwrap().to_string(),
+    };
+    let state = f.state.to_str().unwrap().to_string();
+    ok(ferryfs(&[
+        "prepare".as_ref(),
+        "--old".as_ref(),
+        old_arg.as_ref(),
+        "--new".as_ref(),
+        new_arg.as_ref(),
+        "--state".as_ref(),
+        state.as_ref(),
+    ]));
+    let port = free_port();
+    let t = token(&f);
+    let addr = format!("127.0.0.1:{port}");
+    let mnt = f.mnt.clone();
+    let args = [
+        "--no-copy",
+        "--workers-listen",
+        addr.as_str(),
+        "--workers-token-file",
+        t.to_str().unwrap(),
+    ];
+    f.mount_env(
+        &mnt,
+        &args,
+        &[
+            ("FERRYFS_LEASE_SECS", "3"),
+            ("FERRYFS_RANGE_BYTES", "4194304"),
+        ],
+    );
+    let mut dying = doomed.then(|| worker(&f, port, &t, workers, &["--bwlimit", "4k"]));
+    let mut ws: Vec<Child> = (0..workers).map(|i| worker(&f, port, &t, i, &[])).collect();
+    let all = workers as usize + usize::from(doomed);
+    wait_for("the workers to say hello", 30, || {
+        workers_status(&f).len() == all
+    });
+    ok(f.cmd("execute", &[]));
+    if let Some(d) = dying.as_mut() {
+        wait_for("the doomed worker's uploads begun", 30, || {
+            !bucket_store(&nb).unfinished_uploads().unwrap().is_empty()
+        });
+        d.kill().unwrap();
+        d.wait().unwrap();
+    }
+    ok(f.cmd("execute", &["--wait"]));
+    for (i, w) in ws.iter_mut().enumerate() {
+        let st = wait_exit(&f, w, i as u32, 120);
+        assert!(
+            st.success(),
+            "worker {i}: {st}: {}",
+            worker_log(&f, i as u32)
+        );
+    }
+    let ws = workers_status(&f);
+    println!("workers: {ws:?}");
+    let copied: u64 = ws.iter().map(|w| w.1).sum();
+    assert_eq!(copied, files, "files copied by workers, once each: {ws:?}");
+    assert!(
+        ws.iter().filter(|w| w.1 > 0).count() >= 2.min(workers as usize),
+        "the work was spread: {ws:?}"
+    );
+    if new == Side::S3 {
+        let left = bucket_store(&nb).unfinished_uploads().unwrap();
+        assert!(left.is_empty(), "uploads left unfinished in NEW: {left:?}");
+    }
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    assert!(log.contains("a big file copied by ranges"), "{log}");
+    if doomed {
+        assert!(log.contains("lease expired"), "{log}");
+    }
+    trees::assert_same("the view", &trees::tree_of_dir(&f.mnt), &want);
+    let out = ok(f.cmd("verify", &["--checksum"]));
+    assert!(out.contains("0 mismatches"), "{out}");
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    let got = match new {
+        Side::S3 => trees::tree_of_bucket(&bucket_store(&nb)),
+        Side::Posix => trees::tree_of_dir(&f.new),
+    };
+    trees::assert_same("NEW after commit", &got, &want);
+}
+
+/// Four workers copy an S3 OLD into an S3 NEW of the same service (every part copied by the
+/// server, conditional on OLD's ETag), started as an Indexed Job starts them.
+#[test]
+fn four_workers_copy_an_s3_to_s3_migration_exactly() {
+    workers_across(Side::S3, Side::S3, "workers-s3s3", 4, false);
+}
+
+/// Workers send a POSIX OLD's bytes into an S3 NEW as multipart uploads; one killed with
+/// uploads begun leaves none behind.
+#[test]
+fn workers_upload_a_posix_old_into_an_s3_new_and_a_killed_one_leaves_no_upload() {
+    workers_across(Side::Posix, Side::S3, "workers-posix-s3", 2, true);
+}
+
+/// Workers read an S3 OLD's objects (at the ETag handed out) into a POSIX NEW.
+#[test]
+fn workers_copy_an_s3_old_into_a_posix_new() {
+    workers_across(Side::S3, Side::Posix, "workers-s3-posix", 2, false);
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, made by openssl: (cert, key).
+fn certificate(f: &Fixture) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        f.root.path().join("cert.pem"),
+        f.root.path().join("key.pem"),
+    );
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=ferryfs-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // (A server's certificate, not a CA's: rustls refuses a CA certificate as a server's.)
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is missing: run scripts/setup.sh (it installs Debian's openssl)");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// The coordinator over TLS (`--workers-tls-cert/--workers-tls-key`): a worker trusting its
+/// certificate (`--ca-file`) copies exactly; one that does not trust it stops at once, saying
+/// so; a plain-HTTP request gets no answer.
+#[test]
+fn workers_reach_a_tls_coordinator_and_a_certificate_not_trusted_is_refused() {
+    let mut f = Fixture::new();
+    dataset(&f.old, 200);
+    let old_before = full_manifest(&f.old);
+    let files = files_in(&f.old);
+    f.prepare();
+    let port = free_port();
+    let t = token(&f);
+    let (cert, key) = certificate(&f);
+    mount_coordinator(
+        &mut f,
+        port,
+        &t,
+        &[
+            "--workers-tls-cert",
+            cert.to_str().unwrap(),
+            "--workers-tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let https = format!("https://127.0.0.1:{port}");
+    // Not trusted: the system's roots do not know this certificate.
+    let t0 = std::time::Instant::now();
+    let out = Command::new(BIN)
+        .args(["worker", "--coordinator", &https, "--token-file"])
+        .arg(&t)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the worker retried a refused certificate"
+    );
+    // Plain HTTP: no HTTP answer.
+    let (s, _) = post(port, "x", "/v1/hello", r#"{"worker":"x"}"#);
+    assert_eq!(s, 0, "a plain request was answered over a TLS endpoint");
+    let mut w = Command::new(BIN)
+        .args(["worker", "--coordinator", &https, "--token-file"])
+        .arg(&t)
+        .arg("--ca-file")
+        .arg(&cert)
+        .env("JOB_COMPLETION_INDEX", "0")
+        .stderr(fs::File::create(f.root.path().join("worker-0.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the worker over TLS", 30, || workers_status(&f).len() == 1);
+    ok(f.cmd("execute", &["--wait"]));
+    let st = wait_exit(&f, &mut w, 0, 60);
+    assert!(st.success(), "{}", worker_log(&f, 0));
+    let ws = workers_status(&f);
+    assert_eq!(ws[0].1, files, "{ws:?}");
+    ok(f.cmd("commit", &[]));
+    f.unmount();
+    let new = full_manifest(&f.new);
+    assert!(new == old_before, "{}", diff(&old_before, &new));
 }

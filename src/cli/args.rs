@@ -101,6 +101,13 @@ pub enum Cmd {
         /// 128 random bits: `ferryfs workers-token > FILE`).
         #[arg(long, value_name = "FILE", requires = "workers_listen")]
         workers_token_file: Option<PathBuf>,
+        /// Serve workers over TLS with this certificate chain (PEM, the server's first; it
+        /// must name the address workers use). Needs --workers-tls-key.
+        #[arg(long, value_name = "FILE", requires_all = ["workers_listen", "workers_tls_key"])]
+        workers_tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --workers-tls-cert.
+        #[arg(long, value_name = "FILE", requires = "workers_tls_cert")]
+        workers_tls_key: Option<PathBuf>,
     },
     /// Copy files a coordinator hands out (a daemon mounted with --workers-listen), from OLD
     /// to NEW, until the copy is done. Each worker reaches both stores itself.
@@ -364,9 +371,14 @@ pub struct ExecuteArgs {
 // `worker`'s arguments.
 #[derive(clap::Args, Clone)]
 pub struct WorkerArgs {
-    /// The coordinator: http://IP:PORT, the mount's --workers-listen address.
+    /// The coordinator: http://IP:PORT, the mount's --workers-listen address (https:// when
+    /// it serves TLS: --workers-tls-cert).
     #[arg(long)]
     pub coordinator: String,
+    /// The CA certificates (PEM) that signed an https:// coordinator's certificate [default:
+    /// the system's].
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// The file holding the coordinator's token (its --workers-token-file's content).
     #[arg(long, value_name = "FILE")]
     pub token_file: PathBuf,
@@ -374,11 +386,13 @@ pub struct WorkerArgs {
     /// Indexed Job, else HOST-PID].
     #[arg(long)]
     pub id: Option<String>,
-    /// Where this host sees OLD, when not at the path the coordinator's migration names.
-    #[arg(long, value_name = "PATH")]
+    /// Where this host sees OLD (a path), or reaches its bucket (an s3:// URL), when not as
+    /// the coordinator's migration names it.
+    #[arg(long, value_name = "PATH|URL")]
     pub old: Option<PathBuf>,
-    /// Where this host sees NEW, when not at the path the coordinator's migration names.
-    #[arg(long, value_name = "PATH")]
+    /// Where this host sees NEW (a path), or reaches its bucket (an s3:// URL), when not as
+    /// the coordinator's migration names it.
+    #[arg(long, value_name = "PATH|URL")]
     pub new: Option<PathBuf>,
     /// Files copied at once.
     #[arg(long, default_value_t = 8)]

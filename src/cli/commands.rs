@@ -634,6 +634,7 @@ pub fn worker(w: &super::args::WorkerArgs) -> Result<(), CliError> {
     let bwlimit = copier::limits::parse_rate(&w.bwlimit).map_err(CliError::Usage)?;
     let o = worker::Options {
         coordinator: w.coordinator.clone(),
+        ca_file: w.ca_file.clone(),
         token: String::from_utf8_lossy(&token).into_owned(),
         id: w.id.clone().unwrap_or_else(worker::default_id),
         old: w.old.clone(),

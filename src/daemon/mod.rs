@@ -53,8 +53,18 @@ pub struct MountArgs {
     pub readdirplus: crate::fuse::ReaddirPlus,
     /// An S3 NEW: the bound on its staging tree (`None`: the default).
     pub stage_max: Option<u64>,
-    /// Serve remote copy workers at this address, with the token in this file.
-    pub workers: Option<(std::net::SocketAddr, PathBuf)>,
+    /// Serve remote copy workers.
+    pub workers: Option<WorkersArgs>,
+}
+
+/// How the daemon serves remote copy workers (`--workers-listen` and its companions).
+#[derive(Debug, Clone)]
+pub struct WorkersArgs {
+    pub listen: std::net::SocketAddr,
+    /// The file holding the token every request carries.
+    pub token_file: PathBuf,
+    /// TLS: the certificate chain and the private key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// What [`serve`] has built so far, handed from step to step.
@@ -114,9 +124,7 @@ pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
         tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
     }
     let coordinator = match &args.workers {
-        Some((addr, token)) => {
-            Some(serve_workers(&s, &copying.copier, *addr, token).map_err(|e| ready.fail(e))?)
-        }
+        Some(w) => Some(serve_workers(&s, &copying.copier, w).map_err(|e| ready.fail(e))?),
         None => None,
     };
     let session = mount_view(&mut s, fs, &plan).map_err(|e| ready.fail(e))?;
@@ -309,17 +317,17 @@ fn open_stores(args: &MountArgs, m: &Migration, state_abs: &Path) -> Result<Open
 fn serve_workers(
     s: &Serving<'_>,
     copier: &Arc<Copier>,
-    addr: std::net::SocketAddr,
-    token_file: &std::path::Path,
+    w: &WorkersArgs,
 ) -> Result<Arc<crate::workers::coordinator::Coordinator>, String> {
     use crate::workers::protocol::Store;
-    let token = crate::workers::coordinator::read_token(token_file)?;
+    let token = crate::workers::coordinator::read_token(&w.token_file)?;
+    let tls = match &w.tls {
+        Some((cert, key)) => Some(crate::workers::tls::server_config(cert, key)?),
+        None => None,
+    };
+    let addr = w.listen;
     if !s.opened.view.takes_remote_copies() {
-        return Err(
-            "--workers-listen: remote workers copy between a POSIX OLD and a POSIX NEW; this \
-             migration has an S3 store (its copier copies in the daemon)"
-                .into(),
-        );
+        return Err("--workers-listen: this view has no OLD to copy from".into());
     }
     let store = |spec: &crate::store::StoreSpec| match spec {
         crate::store::StoreSpec::Posix { path } => Store::Posix(path.display().to_string()),
@@ -333,11 +341,12 @@ fn serve_workers(
         store(&s.migration.config.old),
         store(&s.migration.config.new),
     );
+    let secure = tls.is_some();
     let bound = c
-        .serve(addr)
+        .serve(addr, tls)
         .map_err(|e| format!("--workers-listen {addr}: {e}"))?;
     copier.set_remote(c.clone());
-    tracing::info!(addr = %bound, "serving remote copy workers");
+    tracing::info!(addr = %bound, tls = secure, "serving remote copy workers");
     Ok(c)
 }
 

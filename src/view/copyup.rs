@@ -610,7 +610,7 @@ impl View {
 
     /// The NEW directory a copy of `inode` is built in (the copy is named later, wherever the
     /// entry is then). Usually in NEW already: a shared lock is enough to find it.
-    fn copy_dir_for(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
+    pub(super) fn copy_dir_for(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
         let existing = {
             let _ns = self.ns.read().unwrap_or_else(|p| p.into_inner());
             let (parent, _) = self.placement(inode)?;
@@ -965,21 +965,23 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// A remote worker's copy `tmp` of OLD's file `src` (stat `st`, path `origin`).
+    /// A remote worker's copy `tmp` of OLD's file `src` (`None`: an S3 OLD's object; stat
+    /// `st`, path `origin`); `stream`: sent into an S3 NEW's bucket (`tmp` its evicted file).
     pub(crate) fn remote(
         inode: Arc<Inode>,
-        src: File,
+        src: Option<File>,
         st: rustix::fs::Stat,
         tmp: Scratch,
         origin: Vec<u8>,
+        stream: Option<Box<(crate::journal::PartialFile, super::stream::Streamed)>>,
     ) -> Pending {
         Pending {
             inode,
-            src: Some(src),
+            src,
             st,
             tmp,
             origin,
-            stream: None,
+            stream,
         }
     }
 

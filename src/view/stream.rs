@@ -38,6 +38,19 @@ pub(crate) struct Streamed {
     _hold: KeyHold,
 }
 
+impl Streamed {
+    /// A copy sent to `key` (whose hold is `hold`) as an object of ETag `etag`, MD5 unknown
+    /// (a multipart upload's).
+    pub(crate) fn new(key: &str, etag: String, hold: KeyHold) -> Streamed {
+        Streamed {
+            key: key.to_string(),
+            etag,
+            md5: String::new(),
+            _hold: hold,
+        }
+    }
+}
+
 /// How a copy into the bucket went.
 pub(crate) enum Stream {
     Sent(Streamed),
@@ -134,13 +147,34 @@ impl View {
         st: &rustix::fs::Stat,
     ) -> Result<Stream> {
         let bucket = self.bucket.get().expect("a bucket to stream to").clone();
-        let tst = posix::stat_fd(std::os::fd::AsFd::as_fd(tmp)).ctx("stat the evicted copy")?;
         // Another copy of the entry sent to the key waits for its name, or the publisher is
         // deleting what was there: this copy gives way (the next pass takes the entry).
         let Some(hold) = self.hold_key(key) else {
             return Ok(Stream::Busy);
         };
         // Known before the first request: after a crash, a key no entry holds is deleted.
+        self.record_pending_key(key, tmp, st)?;
+        Ok(match self.send(&bucket, key, src, obj, st)? {
+            Some((etag, md5)) => Stream::Sent(Streamed {
+                key: key.to_string(),
+                etag,
+                md5,
+                _hold: hold,
+            }),
+            None => Stream::Changed,
+        })
+    }
+
+    /// Record `key` as `pending` in the publisher's records, for the evicted file `tmp` of
+    /// OLD's file of stat `st`, before a request may put an object under it: after a crash, a
+    /// key no entry holds is deleted.
+    pub(crate) fn record_pending_key(
+        &self,
+        key: &str,
+        tmp: &File,
+        st: &rustix::fs::Stat,
+    ) -> Result<()> {
+        let tst = posix::stat_fd(std::os::fd::AsFd::as_fd(tmp)).ctx("stat the evicted copy")?;
         let mut b = Batch::new();
         #[allow(clippy::unnecessary_cast)]
         b.published(
@@ -160,15 +194,7 @@ impl View {
             },
         );
         self.journal.commit(b, false)?;
-        Ok(match self.send(&bucket, key, src, obj, st)? {
-            Some((etag, md5)) => Stream::Sent(Streamed {
-                key: key.to_string(),
-                etag,
-                md5,
-                _hold: hold,
-            }),
-            None => Stream::Changed,
-        })
+        Ok(())
     }
 
     fn send(

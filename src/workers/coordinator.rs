@@ -32,7 +32,7 @@ use super::protocol::{self, Grant, Item, Store, Verdict};
 use crate::copier::Copier;
 use crate::journal::{Batch, CopyError, Fingerprint, Records};
 use crate::view::inode::Inode;
-use crate::view::{Copied, View};
+use crate::view::{Copied, RemoteItem, View};
 
 /// Files the walk may have offered and not yet handed out.
 const QUEUE_MAX: usize = 100_000;
@@ -45,6 +45,11 @@ const LEASE_FILES: (usize, usize) = (16, 10_000);
 const LEASE_BYTES: (u64, u64) = (64 << 20, 8 << 30);
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 128;
+/// The bytes of a big file's range: files of twice this or more are copied by ranges, by
+/// several workers at once.
+pub const RANGE_BYTES: u64 = 1 << 30;
+/// Uploads a report's copies into an S3 NEW are completed at once.
+const UPLOADS_COMPLETED_AT_ONCE: usize = 16;
 /// Expired leases whose temporary names are remembered, to remove a late worker's copies.
 const EXPIRED_KEPT: usize = 4096;
 
@@ -74,7 +79,33 @@ struct Worker {
 struct Leased {
     inode: Arc<Inode>,
     item: Item,
-    fp: Fingerprint,
+    /// OLD's file as offered.
+    remote: RemoteItem,
+    /// A big file's range: its number.
+    range: Option<u32>,
+    /// A big file whose ranges are all in (not handed out: taken as a whole).
+    assembled: bool,
+}
+
+/// What the queue holds: a file, or a range of a big file copied by ranges.
+enum Queued {
+    File(Arc<Inode>, Box<RemoteItem>),
+    Range(u64, u32),
+}
+
+/// A big file copied by ranges, by several workers at once: where the ranges go (a file the
+/// coordinator made in NEW's work dir, or an upload it began), and which are in.
+struct Ranged {
+    inode: Arc<Inode>,
+    remote: RemoteItem,
+    /// The file's name in the work dir (a POSIX NEW), or the copy's name (an S3 NEW).
+    tmp: String,
+    upload: Option<String>,
+    /// (offset, length) of each range.
+    ranges: Vec<(u64, u64)>,
+    done: Vec<bool>,
+    /// An S3 NEW: the parts the ranges sent.
+    parts: Vec<crate::store::s3::SentPart>,
 }
 
 struct Lease {
@@ -86,7 +117,9 @@ struct Lease {
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Arc<Inode>>,
+    queue: VecDeque<Queued>,
+    /// Big files copied by ranges, by inode number.
+    ranged: HashMap<u64, Ranged>,
     /// Inode numbers queued or leased, and the inodes held for each (see `View::hold`).
     taken: HashMap<u64, Vec<Arc<Inode>>>,
     leases: HashMap<u64, Lease>,
@@ -110,6 +143,10 @@ pub struct Coordinator {
     pass_named: std::sync::atomic::AtomicU64,
     pass_bytes: std::sync::atomic::AtomicU64,
     pass_other: std::sync::atomic::AtomicU64,
+    /// The bytes of a big file's range.
+    range_bytes: u64,
+    /// Big files split so far (their copies' names).
+    next_big: std::sync::atomic::AtomicU64,
     /// Handed out and acknowledged (named, refused or failed) since the start: the bench's.
     pub handed: std::sync::atomic::AtomicU64,
     pub settled: std::sync::atomic::AtomicU64,
@@ -123,6 +160,15 @@ pub fn recorded_workers(journal: &Records) -> Vec<WorkerStatus> {
         .flatten()
         .and_then(|v| serde_json::from_slice(&v).ok())
         .unwrap_or_default()
+}
+
+/// A big file's range: [`RANGE_BYTES`], or `FERRYFS_RANGE_BYTES` (for tests: whole MiB).
+fn range_bytes() -> u64 {
+    std::env::var("FERRYFS_RANGE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&b: &u64| b >= 1 << 20)
+        .map_or(RANGE_BYTES, |b| b & !((1 << 20) - 1))
 }
 
 /// A lease's length: [`LEASE_SECS`], or `FERRYFS_LEASE_SECS` (for tests of expiry).
@@ -206,6 +252,8 @@ impl Coordinator {
             pass_other: Default::default(),
             handed: Default::default(),
             settled: Default::default(),
+            range_bytes: range_bytes(),
+            next_big: Default::default(),
         })
     }
 
@@ -213,9 +261,13 @@ impl Coordinator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bind `addr` now (so `mount` fails with the reason) and serve from background threads;
-    /// a reaper expires leases. Gives the address bound.
-    pub fn serve(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    /// Bind `addr` now (so `mount` fails with the reason) and serve from background threads,
+    /// over TLS with `tls`; a reaper expires leases. Gives the address bound.
+    pub fn serve(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr)?;
         let bound = listener.local_addr()?;
         let active = Arc::new(AtomicUsize::new(0));
@@ -230,14 +282,17 @@ impl Coordinator {
                     let Ok(conn) = conn else { continue };
                     if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
                         active.fetch_sub(1, Ordering::AcqRel);
-                        let _ = http::write_response(&conn, 503, br#"{"error":"busy"}"#);
+                        // (Over TLS, the connection is dropped: the worker retries alike.)
+                        if tls.is_none() {
+                            let _ = http::write_response(&conn, 503, br#"{"error":"busy"}"#);
+                        }
                         continue;
                     }
-                    let (c, active) = (me.clone(), active.clone());
+                    let (c, active, tls) = (me.clone(), active.clone(), tls.clone());
                     let spawned = std::thread::Builder::new()
                         .name("workers-conn".into())
                         .spawn(move || {
-                            c.answer(conn);
+                            c.answer(conn, tls.as_ref());
                             active.fetch_sub(1, Ordering::AcqRel);
                         });
                     if spawned.is_err() {
@@ -264,17 +319,32 @@ impl Coordinator {
         self.changed.notify_all();
     }
 
-    fn answer(&self, conn: TcpStream) {
+    fn answer(&self, conn: TcpStream, tls: Option<&Arc<rustls::ServerConfig>>) {
         let _ = conn.set_read_timeout(Some(http::IO_TIMEOUT));
         let _ = conn.set_write_timeout(Some(http::IO_TIMEOUT));
-        let (status, body) = match http::read_request(&conn) {
+        match tls {
+            None => self.exchange(&conn),
+            Some(cfg) => match super::tls::server(cfg, conn) {
+                Ok(mut s) => {
+                    self.exchange(&mut s);
+                    s.conn.send_close_notify();
+                    let _ = s.flush();
+                }
+                Err(e) => tracing::debug!(error = %e, "a worker's TLS session"),
+            },
+        }
+    }
+
+    /// One request read from `conn` and answered.
+    fn exchange(&self, mut conn: impl std::io::Read + Write) {
+        let (status, body) = match http::read_request(&mut conn) {
             Ok(req) => self.handle(req),
             Err(Refused(status, why)) => (status, failure(&why)),
         };
-        if let Err(e) = http::write_response(&conn, status, &body) {
+        if let Err(e) = http::write_response(&mut conn, status, &body) {
             tracing::debug!(error = %e, "answering a worker");
         }
-        let _ = (&conn).flush();
+        let _ = conn.flush();
     }
 
     /// One request: authenticated, routed, its body parsed. (status, JSON body)
@@ -403,12 +473,49 @@ impl Coordinator {
         if s.taken.contains_key(&inode.ino) {
             return true;
         }
-        // Known to the view until it is settled (the walk, which holds it now, lets go).
-        let Some(held) = self.view.hold(inode) else {
+        drop(s);
+        // (Hard links, metadata changes, names no key holds...: the copier's own.)
+        let Ok(Some(item)) = self.view.remote_item(inode) else {
             return false;
         };
+        #[allow(clippy::unnecessary_cast)]
+        let big = item.st.st_size as u64 >= 2 * self.range_bytes;
+        // A big file: its copy's file or upload made now, its ranges queued.
+        let ranged = if big {
+            match self.split(inode, &item) {
+                Some(r) => Some(r),
+                None => return false,
+            }
+        } else {
+            None
+        };
+        let mut s = self.lock();
+        let held = if s.taken.contains_key(&inode.ino) {
+            None
+        } else {
+            // Known to the view until it is settled (the walk, which holds it now, lets go).
+            self.view.hold(inode)
+        };
+        let Some(held) = held else {
+            let queued = s.taken.contains_key(&inode.ino);
+            drop(s);
+            if let Some(r) = ranged {
+                self.discard_ranged(&r);
+            }
+            return queued;
+        };
         s.taken.insert(inode.ino, held);
-        s.queue.push_back(inode.clone());
+        match ranged {
+            Some(r) => {
+                for i in 0..r.ranges.len() {
+                    s.queue.push_back(Queued::Range(inode.ino, i as u32));
+                }
+                s.ranged.insert(inode.ino, r);
+            }
+            None => s
+                .queue
+                .push_back(Queued::File(inode.clone(), Box::new(item))),
+        }
         true
     }
 
@@ -419,11 +526,24 @@ impl Coordinator {
         while !s.taken.is_empty() && !stopping() && !self.stop.load(Ordering::Acquire) {
             if s.leases.is_empty() && !self.has_workers_locked(&s) {
                 // Nobody left to take them: the copier's next pass copies them itself.
-                let dropped: Vec<Arc<Inode>> = s.queue.drain(..).collect();
+                let dropped: HashSet<u64> = s
+                    .queue
+                    .drain(..)
+                    .map(|q| match q {
+                        Queued::File(i, _) => i.ino,
+                        Queued::Range(ino, _) => ino,
+                    })
+                    .collect();
                 self.pass_other
                     .fetch_add(dropped.len() as u64, Ordering::Relaxed);
-                for i in dropped {
-                    self.settle(&mut s, i.ino);
+                let mut gone = Vec::new();
+                for ino in dropped {
+                    gone.extend(s.ranged.remove(&ino));
+                    self.settle(&mut s, ino);
+                }
+                drop(s);
+                for r in &gone {
+                    self.discard_ranged(r);
                 }
                 break;
             }
@@ -509,36 +629,62 @@ impl Coordinator {
         let mut items = Vec::new();
         let mut bytes = 0;
         while items.len() < max_files && bytes < max_bytes {
-            let Some(inode) = self.lock().queue.pop_front() else {
+            let Some(q) = self.lock().queue.pop_front() else {
                 break;
             };
-            let item = match self.view.remote_item(&inode) {
-                Ok(Some(i)) => i,
-                // The view or the copier took it meanwhile, or it is not a worker's.
-                Ok(None) | Err(_) => {
-                    self.settle(&mut self.lock(), inode.ino);
-                    self.pass_other.fetch_add(1, Ordering::Relaxed);
-                    self.changed.notify_all();
-                    continue;
+            let n = items.len() as u32;
+            let leased = match q {
+                Queued::File(inode, remote) => {
+                    #[allow(clippy::unnecessary_cast)]
+                    let size = remote.st.st_size as u64;
+                    let leased = Leased {
+                        item: item_of(
+                            n,
+                            &remote,
+                            format!("{}{id}-{n}", crate::view::REMOTE_FILE_PREFIX),
+                            None,
+                        ),
+                        remote: *remote,
+                        inode,
+                        range: None,
+                        assembled: false,
+                    };
+                    (leased, size)
+                }
+                Queued::Range(ino, r) => {
+                    let s = self.lock();
+                    // (Given up meanwhile: its ranges are nobody's.)
+                    let Some(g) = s.ranged.get(&ino) else {
+                        continue;
+                    };
+                    let (offset, len) = g.ranges[r as usize];
+                    let range = protocol::Range {
+                        offset,
+                        len,
+                        upload: g.upload.clone(),
+                    };
+                    let leased = Leased {
+                        item: item_of(n, &g.remote, g.tmp.clone(), Some(range)),
+                        remote: g.remote.clone(),
+                        inode: g.inode.clone(),
+                        range: Some(r),
+                        assembled: false,
+                    };
+                    (leased, len)
                 }
             };
-            #[allow(clippy::unnecessary_cast)]
-            let size = item.st.st_size as u64;
+            let (leased, size) = leased;
+            // The view took it meanwhile: not a worker's any more.
+            let taken_over = {
+                let n = leased.inode.node();
+                n.new.is_some() || n.meta.is_some()
+            };
+            if taken_over {
+                self.give_up(leased.inode.ino);
+                continue;
+            }
             bytes += size;
-            let n = items.len() as u32;
-            items.push(Leased {
-                item: Item {
-                    n,
-                    path: item.path,
-                    size,
-                    #[allow(clippy::unnecessary_cast)]
-                    mtime: (item.st.st_mtime as i64, item.st.st_mtime_nsec as u32),
-                    etag: None,
-                    tmp: format!("{}{id}-{n}", crate::view::REMOTE_FILE_PREFIX),
-                },
-                fp: Fingerprint::of(&item.st),
-                inode,
-            });
+            items.push(leased);
         }
         self.changed.notify_all();
         if items.is_empty() {
@@ -616,7 +762,7 @@ impl Coordinator {
                 let Some(it) = l.items.get(o.n as usize) else {
                     return Err((400, format!("item {} is not in lease {}", o.n, r.lease)));
                 };
-                if it.item.path != o.path || it.item.tmp != o.tmp {
+                if it.item.path != o.path || it.item.tmp != o.tmp || it.item.key != o.key {
                     return Err((
                         400,
                         format!(
@@ -641,21 +787,26 @@ impl Coordinator {
         let mut verdict = Verdict::default();
         let mut by_n: HashMap<u32, &protocol::Outcome> =
             r.outcomes.iter().map(|o| (o.n, o)).collect();
-        let mut pendings = Vec::new();
-        let mut sizes: HashMap<u64, (u32, u64)> = HashMap::new();
         let mut back = Vec::new();
         let mut errors = Batch::new();
+        let mut to_take: Vec<(&Leased, &protocol::Outcome)> = Vec::new();
+        let mut ranges_in: Vec<(&Leased, &protocol::Outcome)> = Vec::new();
+        // Files settled without a copy; big files whose ranges failed.
+        let mut other = 0u64;
+        let mut failed_big = Vec::new();
         for l in &lease.items {
             let Some(o) = by_n.remove(&l.item.n) else {
                 // Not reported: handed out again.
-                back.push(l.inode.clone());
-                self.view.remove_remote_copy(&l.item.tmp);
+                back.push(match l.range {
+                    Some(i) => Queued::Range(l.inode.ino, i),
+                    None => Queued::File(l.inode.clone(), Box::new(l.remote.clone())),
+                });
+                self.discard(&l.item, None);
                 continue;
             };
-            if let Some(e) = &o.error {
+            let refused = if let Some(e) = &o.error {
                 // (A worker's words: kept short in the log and the journal.)
                 let e: String = e.chars().take(500).collect();
-                self.view.remove_remote_copy(&l.item.tmp);
                 let path = self.view.view_path(&l.inode);
                 tracing::warn!(
                     worker = %r.worker,
@@ -673,44 +824,138 @@ impl Coordinator {
                         conflict: false,
                     },
                 );
-                verdict.refused.push((o.n, format!("failed: {e}")));
-                continue;
-            }
-            if (o.size, o.mtime) != (l.item.size, l.item.mtime) {
-                self.view.remove_remote_copy(&l.item.tmp);
-                verdict
-                    .refused
-                    .push((o.n, "OLD's file changed while it was copied".into()));
-                continue;
-            }
-            match self
-                .view
-                .remote_pending(&l.inode, &l.fp, &work, &l.item.tmp)
-            {
-                Ok(Ok(p)) => {
-                    sizes.insert(l.inode.ino, (o.n, l.item.size));
-                    pendings.push(p);
+                Some(format!("failed: {e}"))
+            } else if o.changed || (o.size, o.mtime) != (l.item.size, l.item.mtime) {
+                Some("OLD's file changed while it was copied".to_string())
+            } else {
+                None
+            };
+            match (refused, l.range) {
+                (Some(why), None) => {
+                    self.discard(&l.item, Some(o));
+                    verdict.refused.push((o.n, why));
+                    other += 1;
                 }
-                Ok(Err(why)) => verdict.refused.push((o.n, why)),
-                Err(e) => {
-                    self.view.remove_remote_copy(&l.item.tmp);
-                    verdict.refused.push((o.n, e.to_string()));
+                // A range that failed: the whole big file is given up (the next pass offers
+                // it again).
+                (Some(why), Some(_)) => {
+                    failed_big.push(l.inode.ino);
+                    verdict.refused.push((o.n, why));
+                }
+                (None, None) => to_take.push((l, o)),
+                (None, Some(_)) => ranges_in.push((l, o)),
+            }
+        }
+        for ino in failed_big {
+            if self.lock().ranged.contains_key(&ino) {
+                self.give_up(ino);
+            }
+        }
+        // Ranges in: recorded; a big file whose ranges are all in is taken whole.
+        let mut range_bytes = 0u64;
+        let mut assembled: Vec<(Leased, protocol::Outcome)> = Vec::new();
+        {
+            let mut s = self.lock();
+            for (l, o) in ranges_in {
+                let i = l.range.expect("a range") as usize;
+                let Some(g) = s
+                    .ranged
+                    .get_mut(&l.inode.ino)
+                    .filter(|g| g.tmp == l.item.tmp)
+                else {
+                    verdict
+                        .refused
+                        .push((o.n, "the big file's copy was given up".into()));
+                    continue;
+                };
+                if !g.done[i] {
+                    g.done[i] = true;
+                    range_bytes += g.ranges[i].1;
+                }
+                for p in &o.parts {
+                    g.parts.retain(|q| q.number != p.number);
+                    g.parts.push(p.clone());
+                }
+                verdict.accepted.push(o.n);
+                if g.done.iter().all(|d| *d) {
+                    let g = s.ranged.remove(&l.inode.ino).expect("found");
+                    let mut parts = g.parts;
+                    parts.sort_by_key(|p| p.number);
+                    let whole = Leased {
+                        item: item_of(u32::MAX, &g.remote, g.tmp, None),
+                        inode: g.inode,
+                        remote: g.remote,
+                        range: None,
+                        assembled: true,
+                    };
+                    let out = protocol::Outcome {
+                        n: u32::MAX,
+                        path: whole.item.path.clone(),
+                        tmp: whole.item.tmp.clone(),
+                        error: None,
+                        errno: 0,
+                        size: whole.item.size,
+                        mtime: whole.item.mtime,
+                        changed: false,
+                        key: whole.item.key.clone(),
+                        upload: g.upload,
+                        parts,
+                    };
+                    assembled.push((whole, out));
                 }
             }
         }
-        let mut named = (0u64, 0u64);
+        to_take.extend(assembled.iter().map(|(l, o)| (l, o)));
+        let mut pendings = Vec::new();
+        let mut taking: HashMap<u64, (&Leased, &protocol::Outcome)> = HashMap::new();
+        for ((l, o), taken) in to_take.iter().zip(self.take_all(&work, &to_take)) {
+            match taken {
+                Ok(Ok(p)) => {
+                    taking.insert(l.inode.ino, (l, o));
+                    pendings.push(p);
+                }
+                Ok(Err(why)) => {
+                    other += 1;
+                    if !l.assembled {
+                        verdict.refused.push((o.n, why));
+                    }
+                }
+                Err(e) => {
+                    other += 1;
+                    self.discard(&l.item, Some(o));
+                    if !l.assembled {
+                        verdict.refused.push((o.n, e.to_string()));
+                    }
+                }
+            }
+        }
+        // (files named, their bytes, bytes copied by this lease)
+        let mut named = (0u64, 0u64, range_bytes);
         for (inode, res) in self.view.finish_copies(pendings) {
-            let Some(&(n, size)) = sizes.get(&inode.ino) else {
+            let Some(&(l, o)) = taking.get(&inode.ino) else {
                 continue;
             };
             match res {
                 Ok(Copied::File { .. }) => {
-                    verdict.accepted.push(n);
                     named.0 += 1;
-                    named.1 += size;
+                    named.1 += l.item.size;
+                    if !l.assembled {
+                        verdict.accepted.push(o.n);
+                        named.2 += l.item.size;
+                    }
                 }
-                Ok(other) => verdict.refused.push((n, format!("{other:?}"))),
-                Err(e) => verdict.refused.push((n, e.to_string())),
+                Ok(other_outcome) => {
+                    other += 1;
+                    if !l.assembled {
+                        verdict.refused.push((o.n, format!("{other_outcome:?}")));
+                    }
+                }
+                Err(e) => {
+                    other += 1;
+                    if !l.assembled {
+                        verdict.refused.push((o.n, e.to_string()));
+                    }
+                }
             }
         }
         if !errors.is_empty()
@@ -721,25 +966,29 @@ impl Coordinator {
         let elapsed = lease.granted.elapsed().as_secs_f64().max(0.001);
         self.pass_named.fetch_add(named.0, Ordering::Relaxed);
         self.pass_bytes.fetch_add(named.1, Ordering::Relaxed);
-        self.pass_other.fetch_add(
-            (lease.items.len() - back.len()) as u64 - named.0,
-            Ordering::Relaxed,
-        );
+        self.pass_other.fetch_add(other, Ordering::Relaxed);
         let mut s = self.lock();
-        let back_inos: HashSet<u64> = back.iter().map(|i| i.ino).collect();
-        for l in &lease.items {
-            if !back_inos.contains(&l.inode.ino) {
+        let again: HashSet<u64> = back
+            .iter()
+            .map(|q| match q {
+                Queued::File(i, _) => i.ino,
+                Queued::Range(ino, _) => *ino,
+            })
+            .collect();
+        // Files settled (a big file's: once taken whole, or given up).
+        for l in lease.items.iter().chain(assembled.iter().map(|(l, _)| l)) {
+            if l.range.is_none() && !again.contains(&l.inode.ino) {
                 self.settle(&mut s, l.inode.ino);
             }
         }
-        for i in back {
-            s.queue.push_front(i);
+        for q in back {
+            s.queue.push_front(q);
         }
         if let Some(w) = s.workers.get_mut(&r.worker) {
             w.status.files += named.0;
-            w.status.bytes += named.1;
+            w.status.bytes += named.2;
             w.status.refused += verdict.refused.len() as u64;
-            w.status.rate = (named.1 as f64 / elapsed) as u64;
+            w.status.rate = (named.2 as f64 / elapsed) as u64;
             w.files_rate = r.outcomes.len() as f64 / elapsed;
         }
         drop(s);
@@ -748,6 +997,132 @@ impl Coordinator {
         self.changed.notify_all();
         self.record_workers();
         Ok(verdict)
+    }
+
+    /// Take the copies of `list` (checked, in NEW's work dir `work` or in uploads), each
+    /// ready to be named or refused; uploads (a request each to complete them) a few at once.
+    fn take_all(
+        &self,
+        work: &Arc<std::os::fd::OwnedFd>,
+        list: &[(&Leased, &protocol::Outcome)],
+    ) -> Vec<crate::view::error::Result<Result<crate::view::Pending, String>>> {
+        let take = |(l, o): &(&Leased, &protocol::Outcome)| {
+            let fp = Fingerprint::of(&l.remote.st);
+            let etag = l.item.etag.as_deref();
+            match (&l.item.key, &o.upload) {
+                (Some(key), Some(upload)) => self
+                    .view
+                    .remote_upload(&l.inode, &fp, etag, key, upload, &o.parts),
+                (Some(_), None) => Ok(Err("reported without its upload".into())),
+                (None, _) => {
+                    self.view
+                        .remote_pending(&l.inode, &fp, etag, work, &l.item.tmp, l.assembled)
+                }
+            }
+        };
+        if list.iter().all(|(l, _)| l.item.key.is_none()) {
+            return list.iter().map(take).collect();
+        }
+        let next = AtomicUsize::new(0);
+        let out = Mutex::new((0..list.len()).map(|_| None).collect::<Vec<_>>());
+        std::thread::scope(|sc| {
+            for _ in 0..UPLOADS_COMPLETED_AT_ONCE.min(list.len()) {
+                sc.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(one) = list.get(i) else { break };
+                        let r = take(one);
+                        out.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                    }
+                });
+            }
+        });
+        out.into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .map(|r| r.expect("every item taken"))
+            .collect()
+    }
+
+    /// Drop a copy not taken: its temporary file, or its upload (when reported: `o`).
+    fn discard(&self, item: &Item, o: Option<&protocol::Outcome>) {
+        // (A big file's range: its copy is the file's, dropped with it.)
+        if item.range.is_some() {
+            return;
+        }
+        match &item.key {
+            None => self.view.remove_remote_copy(&item.tmp),
+            Some(key) => {
+                if let Some(id) = o.and_then(|o| o.upload.as_deref()) {
+                    self.view.abort_remote_upload(key, id);
+                }
+            }
+        }
+    }
+
+    /// A big file's copy made ready for its ranges: a file of its size in NEW's work dir, or
+    /// an upload begun to its key; `None` when that fails (the copier copies it itself).
+    fn split(&self, inode: &Arc<Inode>, item: &RemoteItem) -> Option<Ranged> {
+        #[allow(clippy::unnecessary_cast)]
+        let size = item.st.st_size as u64;
+        let big = self.next_big.fetch_add(1, Ordering::Relaxed);
+        let tmp = format!("{}big-{}-{big}", crate::view::REMOTE_FILE_PREFIX, inode.ino);
+        let made = match &item.key {
+            Some(key) => self
+                .view
+                .begin_remote_upload(key, &item.st)
+                .map(|id| (Some(id), crate::store::s3::part_size(size))),
+            None => self
+                .view
+                .make_remote_file(&tmp, size)
+                .map(|()| (None, 1 << 20)),
+        };
+        let (upload, unit) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(path = %item.path, error = %e, "a big file's copy for workers; the daemon copies it");
+                return None;
+            }
+        };
+        let len = (self.range_bytes / unit).max(1) * unit;
+        let ranges: Vec<(u64, u64)> = (0..size)
+            .step_by(len as usize)
+            .map(|o| (o, len.min(size - o)))
+            .collect();
+        tracing::info!(path = %item.path, size, ranges = ranges.len(), "a big file copied by ranges");
+        Some(Ranged {
+            inode: inode.clone(),
+            remote: item.clone(),
+            tmp,
+            upload,
+            done: vec![false; ranges.len()],
+            ranges,
+            parts: Vec::new(),
+        })
+    }
+
+    /// Drop a big file's copy: its file in the work dir, or its upload.
+    fn discard_ranged(&self, r: &Ranged) {
+        match (&r.remote.key, &r.upload) {
+            (Some(key), Some(id)) => self.view.abort_remote_upload(key, id),
+            _ => self.view.remove_remote_copy(&r.tmp),
+        }
+    }
+
+    /// `ino` is no worker's to copy any more (the view took it, a range failed): settled as
+    /// not copied, a big file's copy dropped (its ranges still leased are refused).
+    fn give_up(&self, ino: u64) {
+        let gone = {
+            let mut s = self.lock();
+            let gone = s.ranged.remove(&ino);
+            self.settle(&mut s, ino);
+            gone
+        };
+        if let Some(r) = gone {
+            self.discard_ranged(&r);
+        }
+        self.pass_other.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_all();
     }
 
     /// `ino` is settled: no longer queued or leased, its inodes let go.
@@ -766,8 +1141,12 @@ impl Coordinator {
         };
         let tmps: HashSet<&String> = tmps.iter().collect();
         for o in outcomes {
-            if tmps.contains(&o.tmp) {
-                self.view.remove_remote_copy(&o.tmp);
+            match (&o.key, &o.upload) {
+                (Some(key), Some(id)) if tmps.contains(key) => {
+                    self.view.abort_remote_upload(key, id)
+                }
+                (None, _) if tmps.contains(&o.tmp) => self.view.remove_remote_copy(&o.tmp),
+                _ => {}
             }
         }
     }
@@ -781,6 +1160,7 @@ impl Coordinator {
             .filter(|(_, l)| l.expires <= now)
             .map(|(id, _)| *id)
             .collect();
+        let mut keys = Vec::new();
         for id in gone {
             let l = s.leases.remove(&id).expect("listed");
             tracing::warn!(
@@ -789,10 +1169,25 @@ impl Coordinator {
                 files = l.items.len(),
                 "a worker's lease expired: its files go to another worker"
             );
-            let tmps: Vec<String> = l.items.iter().map(|i| i.item.tmp.clone()).collect();
+            // (Names of the copies: temporary names, or keys.)
+            // (A big file's ranges: its copy stays, for the workers of its other ranges.)
+            let tmps: Vec<String> = l
+                .items
+                .iter()
+                .filter(|i| i.range.is_none())
+                .map(|i| i.item.key.clone().unwrap_or_else(|| i.item.tmp.clone()))
+                .collect();
             for i in l.items.into_iter().rev() {
-                self.view.remove_remote_copy(&i.item.tmp);
-                s.queue.push_front(i.inode);
+                match (i.range, &i.item.key) {
+                    (Some(r), _) => {
+                        s.queue.push_front(Queued::Range(i.inode.ino, r));
+                        continue;
+                    }
+                    (None, None) => self.view.remove_remote_copy(&i.item.tmp),
+                    (None, Some(key)) => keys.push(key.clone()),
+                }
+                s.queue
+                    .push_front(Queued::File(i.inode, Box::new(i.remote)));
             }
             s.expired.push_back((id, tmps));
             if s.expired.len() > EXPIRED_KEPT {
@@ -801,6 +1196,10 @@ impl Coordinator {
         }
         drop(s);
         self.changed.notify_all();
+        // The uploads the worker began for them (its ids unknown here: found by key).
+        for key in keys {
+            self.view.abort_uploads_of(&key);
+        }
     }
 
     /// Every worker's status.
@@ -935,6 +1334,25 @@ impl crate::copier::Remote for Coordinator {
     }
     fn render_metrics(&self, out: &mut String) {
         self.metrics_into(out)
+    }
+}
+
+/// The item `n` of a lease for OLD's file `remote`: its copy under `tmp` (a POSIX NEW) or
+/// its key (an S3 NEW); `range`: a big file's range only.
+fn item_of(n: u32, remote: &RemoteItem, tmp: String, range: Option<protocol::Range>) -> Item {
+    #[allow(clippy::unnecessary_cast)]
+    Item {
+        n,
+        path: remote.path.clone(),
+        size: remote.st.st_size as u64,
+        mtime: (remote.st.st_mtime as i64, remote.st.st_mtime_nsec as u32),
+        etag: remote.etag.clone(),
+        tmp,
+        key: remote.key.clone(),
+        mode: remote.st.st_mode,
+        uid: remote.st.st_uid,
+        gid: remote.st.st_gid,
+        range,
     }
 }
 

@@ -4,4 +4,5 @@
 pub mod coordinator;
 pub mod http;
 pub mod protocol;
+pub mod tls;
 pub mod worker;

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::store::s3::SentPart;
+
 /// The protocol's version, in every path (`/v1/...`).
 pub const VERSION: &str = "v1";
 
@@ -56,8 +58,36 @@ pub struct Item {
     /// An S3 OLD's object: the ETag to read it at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
-    /// The name to make the copy under in NEW's work dir.
+    /// The name to make the copy under in NEW's work dir (a POSIX NEW).
     pub tmp: String,
+    /// An S3 NEW: the key (below NEW's prefix) to upload the copy to, as a multipart upload
+    /// the worker begins and never completes (the coordinator does, once it takes the copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// OLD's permission bits (and type), owner and group: what the copy carries.
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    /// A big file's range: copy these bytes only, into the file (`tmp`) or upload the
+    /// coordinator made for the whole file, which other workers fill too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<Range>,
+}
+
+/// The bytes of a big file one worker copies (DistCp's chunks, AFM's split of big files
+/// across gateways): `[offset, offset + len)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Range {
+    pub offset: u64,
+    pub len: u64,
+    /// An S3 NEW: the multipart upload of the whole file, which the coordinator began (and
+    /// completes once every range is in). The range's parts are numbered as in the whole
+    /// file (parts of `crate::store::s3::part_size(size)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<String>,
 }
 
 /// The coordinator's answer to a lease request.
@@ -90,7 +120,8 @@ pub struct Outcome {
     /// The item's path and temporary name, as handed out (checked).
     pub path: String,
     pub tmp: String,
-    /// `None`: copied, made durable (fsync) under `tmp`. Else why not.
+    /// `None`: copied, made durable (fsync) under `tmp`, or sent as the parts of `upload`.
+    /// Else why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The error's errno, when it had one.
@@ -99,6 +130,17 @@ pub struct Outcome {
     /// OLD's size and mtime as the copy read them (a copy of another version is refused).
     pub size: u64,
     pub mtime: (i64, u32),
+    /// OLD's file changed since it was handed out (or while it was copied): nothing to take.
+    #[serde(default)]
+    pub changed: bool,
+    /// An S3 NEW: the item's key, as handed out (checked), the id of the multipart upload
+    /// holding the copy, and its parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<SentPart>,
 }
 
 /// `POST /v1/report`: the outcomes of (some of) a lease's items. The lease ends with it.

@@ -15,6 +15,7 @@ pub mod garage;
 pub mod moto;
 pub mod s3double;
 pub mod stores;
+pub mod trees;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferryfs");
 
@@ -130,6 +131,12 @@ impl Fixture {
     /// Mount with extra `mount` arguments (no `--no-copy`: the copier runs unless told not to).
     pub fn mount_with(&mut self, mp: &Path, extra: &[&str]) {
         ok(self.try_mount(mp, extra));
+        self.mounted = true;
+    }
+
+    /// `mount` at `mp` with extra arguments and environment variables.
+    pub fn mount_env(&mut self, mp: &Path, extra: &[&str], env: &[(&str, &str)]) {
+        ok(self.try_mount_env(mp, extra, env));
         self.mounted = true;
     }
 

@@ -23,7 +23,7 @@ pub mod tree;
 pub mod url;
 
 pub use meta::{MetaStyle, PosixMeta, file_md5, format_time, md5_etag, parse_mode, parse_time};
-pub use multipart::{BUFFER_BUDGET, BUFFERS};
+pub use multipart::{BUFFER_BUDGET, BUFFERS, SentPart, part_size};
 pub use reader::ObjectReader;
 pub use url::{Defaults, S3Url, wants_path_style};
 

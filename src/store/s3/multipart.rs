@@ -10,6 +10,44 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 use super::*;
 
+/// The size of the parts of a multipart upload of `size` bytes: [`MULTIPART_PART`], or more
+/// (a multiple of 1 MiB) where S3's 10,000 parts would not hold it.
+pub fn part_size(size: u64) -> u64 {
+    MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20))
+}
+
+/// The parts ((offset, length) each) of `[offset, offset + len)` of an object of `size` bytes,
+/// in parts of [`part_size`]`(size)`; one empty part for an empty object.
+fn part_ranges(size: u64, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let part = part_size(size);
+    let end = (offset + len).min(size);
+    let mut out: Vec<(u64, u64)> = (offset..end)
+        .step_by(part as usize)
+        .map(|o| (o, part.min(end - o)))
+        .collect();
+    if out.is_empty() {
+        out.push((offset, 0));
+    }
+    out
+}
+
+/// One part of a multipart upload, sent: its number (from 1), ETag and length.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SentPart {
+    pub number: i32,
+    pub etag: String,
+    pub len: u64,
+}
+
+impl SentPart {
+    fn completed(&self) -> CompletedPart {
+        CompletedPart::builder()
+            .part_number(self.number)
+            .e_tag(&self.etag)
+            .build()
+    }
+}
+
 impl S3Store {
     /// A multipart upload of `file` (`size` bytes), parts of [`MULTIPART_PART`] or more (S3
     /// takes at most 10,000), each read once, [`MULTIPART_IN_FLIGHT`] at a time, each with
@@ -139,32 +177,79 @@ impl S3Store {
                 copy_source(src, rel)
             )),
         };
+        let id = self.begin_upload(&key, &what, meta)?;
+        let sent = self
+            .upload_parts(
+                &key,
+                &id,
+                &what,
+                &part_ranges(size, 0, size),
+                1,
+                source,
+                from_source,
+                read,
+            )
+            .and_then(|(parts, copied)| {
+                if still() {
+                    Ok((parts, copied))
+                } else {
+                    Err(S3Error::new(
+                        &what,
+                        libc::ESTALE,
+                        "changed while it was sent",
+                    ))
+                }
+            });
+        let (sent, copied) = match sent {
+            Ok((parts, copied)) => (
+                Ok(parts.into_iter().map(|p| p.completed()).collect()),
+                copied,
+            ),
+            Err(e) => (Err(e), 0),
+        };
+        let etag = self.finish_multipart(&key, &id, &what, sent)?;
+        Ok((ObjectInfo::written(rel, size, etag, meta), copied))
+    }
+
+    /// Send the parts `ranges` ((offset, length) each) of the upload `id` of `key`, numbered
+    /// from `first`: where `from_source(offset, len)` says so copied by the server from
+    /// `source`, elsewhere what `read(offset, buf)` gives, with its Content-MD5; a sliding
+    /// window of [`MULTIPART_IN_FLIGHT`]: the next part is read (on the caller's thread) as
+    /// soon as one in flight is done. Neither completes nor aborts the upload. Gives the parts
+    /// sent and the bytes the server copied.
+    #[allow(clippy::too_many_arguments)]
+    fn upload_parts(
+        &self,
+        key: &str,
+        id: &str,
+        what: &str,
+        ranges: &[(u64, u64)],
+        first: i32,
+        source: Option<(&S3Store, &str, &str)>,
+        from_source: &dyn Fn(u64, u64) -> bool,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(Vec<SentPart>, u64)> {
         let (source, src_etag) = match source {
             Some((src, rel, etag)) => (copy_source(src, rel), etag),
             None => (String::new(), ""),
         };
-        let part = MULTIPART_PART.max(size.div_ceil(10_000).next_multiple_of(1 << 20));
-        let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part).max(1))
-            .map(|i| (i * part, part.min(size - (i * part).min(size))))
-            .collect();
+        let part = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let window = MULTIPART_IN_FLIGHT.min(ranges.len());
         // The bytes the window may hold, counted against every upload's (see `BUFFERS`), all
         // at once (a taker never waits holding a share), given back at the end.
-        let _held = BUFFERS.take((window as u64 * part).min(size));
-        let id = self.begin_upload(&key, &what, meta)?;
+        let _held = BUFFERS.take(window as u64 * part);
         let io = |e: std::io::Error| {
-            S3Error::new(&what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+            S3Error::new(what, e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
         };
         type Sent = std::result::Result<(i32, Option<String>), S3Error>;
-        let joined =
-            |r: std::result::Result<Sent, tokio::task::JoinError>| -> Result<CompletedPart> {
-                let (number, etag) =
-                    r.map_err(|e| S3Error::new(&what, libc::EIO, e.to_string()))??;
-                Ok(CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(etag)
-                    .build())
-            };
+        let joined = |r: std::result::Result<Sent, tokio::task::JoinError>| -> Result<SentPart> {
+            let (number, etag) = r.map_err(|e| S3Error::new(what, libc::EIO, e.to_string()))??;
+            Ok(SentPart {
+                number,
+                etag: etag.unwrap_or_default(),
+                len: ranges[(number - first) as usize].1,
+            })
+        };
         let mut set: tokio::task::JoinSet<Sent> = tokio::task::JoinSet::new();
         let mut done = Vec::with_capacity(ranges.len());
         let mut failed: Option<S3Error> = None;
@@ -180,16 +265,16 @@ impl S3Store {
                     None => {}
                 }
             }
-            let number = i as i32 + 1;
-            let what = what.clone();
+            let number = first + i as i32;
+            let what = what.to_string();
             if len > 0 && !source.is_empty() && from_source(off, len) {
                 copied += len;
                 let req = self
                     .client
                     .upload_part_copy()
                     .bucket(&self.url.bucket)
-                    .key(&key)
-                    .upload_id(&id)
+                    .key(key)
+                    .upload_id(id)
                     .part_number(number)
                     .copy_source(&source)
                     .copy_source_range(format!("bytes={off}-{}", off + len - 1))
@@ -214,8 +299,8 @@ impl S3Store {
                     .client
                     .upload_part()
                     .bucket(&self.url.bucket)
-                    .key(&key)
-                    .upload_id(&id)
+                    .key(key)
+                    .upload_id(id)
                     .part_number(number);
                 let _rt = self.rt.enter();
                 set.spawn(async move {
@@ -245,25 +330,114 @@ impl S3Store {
                 Err(e) => failed = Some(e),
             }
         }
-        if failed.is_none() && !still() {
-            failed = Some(S3Error::new(
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((done, copied)),
+        }
+    }
+
+    /// Begin a multipart upload of `rel` carrying the POSIX metadata `meta`: its id. Nothing
+    /// is under the key until the upload is completed ([`Self::complete_upload`]); one never
+    /// completed is freed by [`Self::abort_upload`].
+    pub fn begin_multipart(&self, rel: &str, meta: &PosixMeta) -> Result<String> {
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        let key = self.url.key(rel);
+        let what = self.at(format!("CreateMultipartUpload {key}"));
+        self.begin_upload(&key, &what, meta)
+    }
+
+    /// Send the `size` bytes of the upload `id` of `rel` begun with [`Self::begin_multipart`]
+    /// (see [`Self::put_patched`] for `source`, `from_source` and `read`), without completing
+    /// it: the parts sent, and the bytes the server copied. On failure the upload is left as
+    /// it is (the caller aborts it).
+    pub fn send_parts(
+        &self,
+        rel: &str,
+        id: &str,
+        size: u64,
+        source: Option<(&S3Store, &str, &str)>,
+        from_source: &dyn Fn(u64, u64) -> bool,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(Vec<SentPart>, u64)> {
+        self.send_parts_of(rel, id, size, (0, size), source, from_source, read)
+    }
+
+    /// [`Self::send_parts`] of the bytes `[offset, offset + len)` only (`span`) of an object
+    /// of `size` bytes: the parts of [`part_size`] that hold them, numbered as in the whole
+    /// object (`span` starts on a part's boundary), so that several senders can fill one
+    /// upload.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_parts_of(
+        &self,
+        rel: &str,
+        id: &str,
+        size: u64,
+        span: (u64, u64),
+        source: Option<(&S3Store, &str, &str)>,
+        from_source: &dyn Fn(u64, u64) -> bool,
+        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> Result<(Vec<SentPart>, u64)> {
+        let key = self.url.key(rel);
+        let what = self.at(format!("UploadPart {key}"));
+        let part = part_size(size);
+        if span.0 % part != 0 || span.0 + span.1 > size {
+            return Err(S3Error::new(
                 &what,
-                libc::ESTALE,
-                "changed while it was sent",
+                libc::EINVAL,
+                format!("bytes {}+{} are not parts of {size}", span.0, span.1),
             ));
         }
-        let sent = match failed {
-            Some(e) => Err(e),
-            None => Ok(done),
-        };
-        let etag = self.finish_multipart(&key, &id, &what, sent)?;
-        Ok((ObjectInfo::written(rel, size, etag, meta), copied))
+        let first = (span.0 / part) as i32 + 1;
+        let ranges = part_ranges(size, span.0, span.1);
+        self.upload_parts(&key, id, &what, &ranges, first, source, from_source, read)
+    }
+
+    /// Complete the upload `id` of `rel` with `parts` (every part, as
+    /// [`Self::send_parts`] gave them): the object's ETag. Not aborted on failure.
+    pub fn complete_upload(&self, rel: &str, id: &str, parts: &[SentPart]) -> Result<String> {
+        let key = self.url.key(rel);
+        let what = self.at(format!("CompleteMultipartUpload {key}"));
+        let mut parts: Vec<CompletedPart> = parts.iter().map(SentPart::completed).collect();
+        parts.sort_by_key(|p| p.part_number());
+        let o = self
+            .block(
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.url.bucket)
+                    .key(&key)
+                    .upload_id(id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send(),
+            )
+            .map_err(|e| sdk_err(&what, e))?;
+        Ok(o.e_tag().unwrap_or_default().to_string())
     }
 
     /// The multipart uploads begun and neither completed nor aborted below the store's
     /// prefix: (key below the prefix, upload id), in key order.
     pub fn unfinished_uploads(&self) -> Result<Vec<(String, String)>> {
-        let what = self.at(format!("ListMultipartUploads {}", self.url.key("")));
+        self.uploads_below(&self.url.prefix.clone())
+    }
+
+    /// The ids of the multipart uploads of `rel` begun and neither completed nor aborted.
+    pub fn unfinished_uploads_of(&self, rel: &str) -> Result<Vec<String>> {
+        let key = self.url.key(rel);
+        Ok(self
+            .uploads_below(&key)?
+            .into_iter()
+            .filter(|(k, _)| self.url.key(k) == key)
+            .map(|(_, id)| id)
+            .collect())
+    }
+
+    /// The unfinished multipart uploads of the keys that begin with `below` (a key below the
+    /// store's prefix, or the prefix itself): (key below the store's prefix, upload id).
+    fn uploads_below(&self, below: &str) -> Result<Vec<(String, String)>> {
+        let what = self.at(format!("ListMultipartUploads {below}"));
         let root = self.url.prefix.clone();
         let mut out = Vec::new();
         let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
@@ -273,7 +447,7 @@ impl S3Store {
                     self.client
                         .list_multipart_uploads()
                         .bucket(&self.url.bucket)
-                        .prefix(&root)
+                        .prefix(below)
                         .set_key_marker(key_marker.take())
                         .set_upload_id_marker(id_marker.take())
                         .send(),
@@ -502,5 +676,31 @@ impl Drop for Share<'_> {
         let mut h = self.budget.held.lock().unwrap_or_else(|p| p.into_inner());
         *h -= self.n;
         self.budget.freed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_of_a_span_are_numbered_and_cut_as_in_the_whole_object() {
+        let size = 40 << 20;
+        let part = part_size(size);
+        assert_eq!(part, MULTIPART_PART);
+        assert_eq!(
+            part_ranges(size, 0, size),
+            vec![(0, part), (part, part), (2 * part, size - 2 * part)]
+        );
+        // The second range of two parts: the object's second and third.
+        assert_eq!(
+            part_ranges(size, part, 2 * part),
+            vec![(part, part), (2 * part, size - 2 * part)]
+        );
+        assert_eq!(part_ranges(0, 0, 0), vec![(0, 0)]);
+        // More than 10,000 parts of 16 MiB: bigger parts, whole MiB.
+        let huge: u64 = 200 << 30;
+        assert!(huge.div_ceil(part_size(huge)) <= 10_000);
+        assert_eq!(part_size(huge) % (1 << 20), 0);
     }
 }
