@@ -16,6 +16,11 @@ workers against the daemon's own copier, on this machine.
 2. `throughput`: OLD holds `--data-files` files of `--data-size` (2000 of 256 KiB) on
    `--scratch` (a real disk, /var/tmp by default; page cache dropped before each run), copied
    by the daemon's copier alone, then by 1, 2 and 4 workers (each `--threads 8`).
+3. `s3` (with `--s3`): OLD and NEW are two buckets of one Garage server on 127.0.0.1 (its
+   binary from scripts/setup.sh), OLD filled by rclone with `--s3-files` objects of
+   `--s3-size` (1000 of 256 KiB): the daemon's copier (server-side CopyObject) against 1, 2
+   and 4 workers (`--threads 32`; multipart uploads the coordinator completes, parts of 5 MiB
+   or more copied by the server, smaller objects through the workers).
 
 Each row is the median of `--reps` runs (fresh migration each), with the daemon's CPU seconds
 during the copy: with workers, files per daemon CPU second is what one coordinator could name
@@ -84,32 +89,46 @@ def fill(old, files, size):
             f.write(data)
 
 
-def one_run(binary, base, files, size, workers, threads=8):
-    """A fresh migration of `files` files of `size` bytes under `base`, copied by `workers`
-    workers (0: the daemon's copier). (Seconds from execute to executed, the daemon's CPU
-    seconds meanwhile.)"""
+RUNS = [0]
+
+
+def one_run(binary, base, files, size, workers, threads=8, s3=None):
+    """A fresh migration of `files` files of `size` bytes under `base` (or in a bucket of the
+    Garage `s3`, into another), copied by `workers` workers (0: the daemon's copier).
+    (Seconds from execute to executed, the daemon's CPU seconds meanwhile.)"""
     root = tempfile.mkdtemp(prefix="ferryfs-wbench-", dir=base)
     old, new, state, mnt = (os.path.join(root, d) for d in ("old", "new", "state", "mnt"))
     for d in (old, new, mnt):
         os.makedirs(d)
     fill(old, files, size)
+    env = dict(os.environ)
+    old_arg, new_arg = old, new
+    if s3:
+        RUNS[0] += 1
+        ob, nb = f"wbench-old-{RUNS[0]}", f"wbench-new-{RUNS[0]}"
+        s3.bucket(ob)
+        s3.bucket(nb)
+        subprocess.run(["rclone", "copy", "--transfers", "32", old, f"g:{ob}"], check=True,
+                       env=s3.rclone_env(), capture_output=True)
+        old_arg, new_arg = f"s3://{ob}", f"s3://{nb}"
+        env = s3.aws_env()
     token = os.path.join(root, "token")
     with open(token, "w") as f:
         f.write(secrets.token_urlsafe(32))
-    subprocess.run([binary, "prepare", "--old", old, "--new", new, "--state", state],
-                   check=True, capture_output=True)
+    subprocess.run([binary, "prepare", "--old", old_arg, "--new", new_arg, "--state", state],
+                   check=True, capture_output=True, env=env)
     port = free_port()
     mount = [binary, "mount", "--state", state, mnt, "--no-copy"]
     if workers:
         mount += ["--workers-listen", f"127.0.0.1:{port}", "--workers-token-file", token]
-    subprocess.run(mount, check=True, capture_output=True)
+    subprocess.run(mount, check=True, capture_output=True, env=env)
     procs = []
     try:
         for i in range(workers):
             procs.append(subprocess.Popen(
                 [binary, "worker", "--coordinator", f"http://127.0.0.1:{port}",
                  "--token-file", token, "--threads", str(threads)],
-                env=dict(os.environ, JOB_COMPLETION_INDEX=str(i), FERRYFS_LOG="warn"),
+                env=dict(env, JOB_COMPLETION_INDEX=str(i), FERRYFS_LOG="warn"),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         if workers:
             # Every worker has said hello before the copy starts.
@@ -120,7 +139,7 @@ def one_run(binary, base, files, size, workers, threads=8):
                 if len(json.loads(st).get("workers", [])) == workers:
                     break
                 time.sleep(0.1)
-        if size:
+        if size and not s3:
             drop_caches()
         # (`execute --wait` looks once a second: the phase is polled here every 20 ms.)
         pid = daemon_pid(state)
@@ -162,6 +181,9 @@ def main():
     ap.add_argument("--scratch", default="/var/tmp")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bin", default=default_bin())
+    ap.add_argument("--s3", action="store_true", help="also S3 to S3 through one Garage")
+    ap.add_argument("--s3-files", type=int, default=1000)
+    ap.add_argument("--s3-size", default="256K")
     a = ap.parse_args()
     if not os.path.exists(a.bin):
         sys.exit(f"no ferryfs binary at {a.bin}: build with `cargo build --release` or set FERRYFS_BIN")
@@ -187,6 +209,26 @@ def main():
         rows.append((f"{a.data_files} x {a.data_size}, {a.scratch}", label, m, mib / m,
                      base / m, cpu, a.data_files / cpu))
         print(f"throughput: {label}: {m:.2f} s, {mib / m:.0f} MiB/s", file=sys.stderr)
+    if a.s3:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        from s3bench import Garage
+        g = Garage(a.scratch)
+        try:
+            s3size = size_of(a.s3_size)
+            base = None
+            for label, workers in (("daemon's copier", 0), ("1 worker", 1), ("2 workers", 2),
+                                   ("4 workers", 4)):
+                runs = [one_run(a.bin, a.scratch, a.s3_files, s3size, workers, threads=32, s3=g)
+                        for _ in range(a.reps)]
+                m = statistics.median(r[0] for r in runs)
+                cpu = statistics.median(r[1] for r in runs)
+                base = base or m
+                mib = a.s3_files * s3size / (1 << 20)
+                rows.append((f"S3 to S3, {a.s3_files} x {a.s3_size}, one Garage", label, m,
+                             mib / m, base / m, cpu, a.s3_files / cpu))
+                print(f"s3: {label}: {m:.2f} s, {mib / m:.0f} MiB/s", file=sys.stderr)
+        finally:
+            g.stop()
     out = ["| dataset | copied by | seconds | rate | vs the daemon's copier | daemon CPU s | "
            "files per daemon CPU s |",
            "|---|---|---:|---:|---:|---:|---:|"]
@@ -199,7 +241,9 @@ def main():
     print(text)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "workers-latest.md"), "w") as f:
-        f.write(f"`python3 bench/workersbench.py --reps {a.reps}` ({time.strftime('%Y-%m-%d')})\n\n")
+        s3 = " --s3" if a.s3 else ""
+        f.write(f"`python3 bench/workersbench.py --reps {a.reps}{s3}` "
+                f"({time.strftime('%Y-%m-%d')})\n\n")
         f.write(text)
 
 

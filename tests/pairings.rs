@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::garage::Garage;
-use common::trees::{Entry, assert_same, tree_of_bucket, tree_of_dir};
+use common::trees::{Entry, assert_same, set_mtime, tree_of_bucket, tree_of_dir};
 use common::{Fixture, ferryfs, ok};
 use ferryfs::store::s3::{ObjectReader, PosixMeta, S3Store, S3Url};
 
@@ -88,23 +88,6 @@ fn fill_old(f: &Fixture, side: Side, bucket: &str) -> String {
             format!("s3://{bucket}")
         }
     }
-}
-
-fn set_mtime(p: &Path, secs: i64) {
-    let t = rustix::fs::Timespec {
-        tv_sec: secs,
-        tv_nsec: 0,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        p,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
 }
 
 /// The NEW store argument (the bucket made empty, or the fixture's directory).

@@ -108,6 +108,34 @@ fn wait_exit(f: &Fixture, c: &mut Child, index: u32, secs: u64) -> std::process:
     })
 }
 
+/// Wait for the workers `ws` (indexes from 0) to exit 0 by themselves, then check that
+/// together they copied `files` files, each once, spread over at least `spread` of them:
+/// the workers' status.
+fn all_copied(
+    f: &Fixture,
+    ws: &mut [Child],
+    files: u64,
+    spread: usize,
+) -> Vec<(String, u64, u64, u64)> {
+    for (i, w) in ws.iter_mut().enumerate() {
+        let st = wait_exit(f, w, i as u32, 120);
+        assert!(
+            st.success(),
+            "worker {i}: {st}: {}",
+            worker_log(f, i as u32)
+        );
+    }
+    let ws = workers_status(f);
+    println!("workers: {ws:?}");
+    let copied: u64 = ws.iter().map(|w| w.1).sum();
+    assert_eq!(copied, files, "files copied by workers, once each: {ws:?}");
+    assert!(
+        ws.iter().filter(|w| w.1 > 0).count() >= spread,
+        "the work was spread: {ws:?}"
+    );
+    ws
+}
+
 /// The workers' entries in `status --json`, by id: (files, batches, refused).
 fn workers_status(f: &Fixture) -> Vec<(String, u64, u64, u64)> {
     let st = f.status_json();
@@ -160,22 +188,7 @@ fn four_workers_copy_a_posix_migration_exactly() {
         workers_status(&f).len() == 4
     });
     ok(f.cmd("execute", &["--wait"]));
-    for (i, w) in ws.iter_mut().enumerate() {
-        let st = wait_exit(&f, w, i as u32, 60);
-        assert!(
-            st.success(),
-            "worker {i}: {st}: {}",
-            worker_log(&f, i as u32)
-        );
-    }
-    let ws = workers_status(&f);
-    println!("workers: {ws:?}");
-    let copied: u64 = ws.iter().map(|w| w.1).sum();
-    assert_eq!(copied, files, "files copied by workers, once each: {ws:?}");
-    assert!(
-        ws.iter().filter(|w| w.1 > 0).count() >= 2,
-        "the work was spread: {ws:?}"
-    );
+    let ws = all_copied(&f, &mut ws, files, 2);
     assert!(ws.iter().any(|w| w.0 == "index-3"), "{ws:?}");
     // The big files went by ranges, to several workers.
     let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
@@ -549,31 +562,14 @@ fn plain_dataset(dir: &Path, small: usize) {
             std::os::unix::fs::PermissionsExt::from_mode([0o644, 0o600, 0o640][i % 3]),
         )
         .unwrap();
-        set_mtime(&p, 1_600_000_000 + i as i64);
+        trees::set_mtime(&p, 1_600_000_000 + i as i64);
     }
     for (i, mib) in [40usize, 9].into_iter().enumerate() {
         let data: Vec<u8> = (0..mib << 20).map(|j| (j * 13 + i) as u8).collect();
         let p = dir.join(format!("big/b{i}.bin"));
         write(&p, &data);
-        set_mtime(&p, 1_650_000_000 + i as i64);
+        trees::set_mtime(&p, 1_650_000_000 + i as i64);
     }
-}
-
-fn set_mtime(p: &Path, secs: i64) {
-    let t = rustix::fs::Timespec {
-        tv_sec: secs,
-        tv_nsec: 0,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        p,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::empty(),
-    )
-    .unwrap();
 }
 
 /// Every file below `dir` put into `bucket` as an object carrying its mode and mtime
@@ -672,22 +668,7 @@ fn workers_across(old: Side, new: Side, name: &str, workers: u32, doomed: bool) 
         d.wait().unwrap();
     }
     ok(f.cmd("execute", &["--wait"]));
-    for (i, w) in ws.iter_mut().enumerate() {
-        let st = wait_exit(&f, w, i as u32, 120);
-        assert!(
-            st.success(),
-            "worker {i}: {st}: {}",
-            worker_log(&f, i as u32)
-        );
-    }
-    let ws = workers_status(&f);
-    println!("workers: {ws:?}");
-    let copied: u64 = ws.iter().map(|w| w.1).sum();
-    assert_eq!(copied, files, "files copied by workers, once each: {ws:?}");
-    assert!(
-        ws.iter().filter(|w| w.1 > 0).count() >= 2.min(workers as usize),
-        "the work was spread: {ws:?}"
-    );
+    all_copied(&f, &mut ws, files, 2.min(workers as usize));
     if new == Side::S3 {
         let left = bucket_store(&nb).unfinished_uploads().unwrap();
         assert!(left.is_empty(), "uploads left unfinished in NEW: {left:?}");

@@ -251,6 +251,8 @@ pub trait Remote: Send + Sync {
     /// Gives what was settled since the last drain: (files named in NEW, their bytes, files
     /// not named: refused, failed, or taken back).
     fn drain(&self, stopping: &dyn Fn() -> bool) -> (u64, u64, u64);
+    /// Whether workers were heard from lately (the walk offers them files).
+    fn active(&self) -> bool;
     /// The coordinator's series for /metrics.
     fn render_metrics(&self, out: &mut String);
 }

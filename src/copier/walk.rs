@@ -164,7 +164,9 @@ impl Copier {
         }
         // An S3 OLD: the lookup's request (and a small object's copy) made here, outside the
         // view's locks.
-        self.view.prefetch_old(&job.dir.inode, &job.name);
+        // (While remote workers copy, a small object's bytes are theirs to fetch.)
+        let workers = self.remote().is_some_and(|r| r.active());
+        self.view.prefetch_old(&job.dir.inode, &job.name, !workers);
         let inode = match self.view.child(&job.dir.inode, &job.name) {
             Ok(Some(i)) => i,
             Ok(None) => return,

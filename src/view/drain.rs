@@ -356,8 +356,9 @@ impl View {
 
     /// For the copier, before its lookup of `name` in `dir`: an S3 OLD's object that NEW does
     /// not hold yet is asked for now, outside the namespace lock (the lookup and the copy then
-    /// find the answer; see `S3Tree::prefetch`).
-    pub fn prefetch_old(&self, dir: &Inode, name: &std::ffi::OsStr) {
+    /// find the answer; see `S3Tree::prefetch`); `data`: a small one's bytes too (not when
+    /// remote workers copy it).
+    pub fn prefetch_old(&self, dir: &Inode, name: &std::ffi::OsStr, data: bool) {
         if self.is_single() || !self.old_is_s3() {
             return;
         }
@@ -378,7 +379,7 @@ impl View {
         }) = old
             && e.is_dir()
         {
-            e.tree.prefetch(&e.rel, name);
+            e.tree.prefetch(&e.rel, name, data);
         }
     }
 

@@ -1332,6 +1332,9 @@ impl crate::copier::Remote for Coordinator {
     fn drain(&self, stopping: &dyn Fn() -> bool) -> (u64, u64, u64) {
         self.drain_offered(stopping)
     }
+    fn active(&self) -> bool {
+        !self.stop.load(Ordering::Acquire) && self.has_workers_locked(&self.lock())
+    }
     fn render_metrics(&self, out: &mut String) {
         self.metrics_into(out)
     }

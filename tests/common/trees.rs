@@ -113,3 +113,21 @@ pub fn assert_same(what: &str, got: &BTreeMap<String, Entry>, want: &BTreeMap<St
     }
     assert!(diffs.is_empty(), "{what}:\n{}", diffs.join("\n"));
 }
+
+/// Set `p`'s mtime (and atime) to `secs` seconds, not following a symlink.
+pub fn set_mtime(p: &Path, secs: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}

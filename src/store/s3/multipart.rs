@@ -397,14 +397,29 @@ impl S3Store {
     pub fn complete_upload(&self, rel: &str, id: &str, parts: &[SentPart]) -> Result<String> {
         let key = self.url.key(rel);
         let what = self.at(format!("CompleteMultipartUpload {key}"));
-        let mut parts: Vec<CompletedPart> = parts.iter().map(SentPart::completed).collect();
+        self.complete(
+            &key,
+            id,
+            &what,
+            parts.iter().map(SentPart::completed).collect(),
+        )
+    }
+
+    /// CompleteMultipartUpload of `id` of `key` with `parts` (in any order): the ETag.
+    fn complete(
+        &self,
+        key: &str,
+        id: &str,
+        what: &str,
+        mut parts: Vec<CompletedPart>,
+    ) -> Result<String> {
         parts.sort_by_key(|p| p.part_number());
         let o = self
             .block(
                 self.client
                     .complete_multipart_upload()
                     .bucket(&self.url.bucket)
-                    .key(&key)
+                    .key(key)
                     .upload_id(id)
                     .multipart_upload(
                         CompletedMultipartUpload::builder()
@@ -413,7 +428,7 @@ impl S3Store {
                     )
                     .send(),
             )
-            .map_err(|e| sdk_err(&what, e))?;
+            .map_err(|e| sdk_err(what, e))?;
         Ok(o.e_tag().unwrap_or_default().to_string())
     }
 
@@ -594,25 +609,8 @@ impl S3Store {
         what: &str,
         sent: Result<Vec<CompletedPart>>,
     ) -> Result<String> {
-        let done = sent.and_then(|mut parts| {
-            parts.sort_by_key(|p| p.part_number());
-            self.block(
-                self.client
-                    .complete_multipart_upload()
-                    .bucket(&self.url.bucket)
-                    .key(key)
-                    .upload_id(id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(parts))
-                            .build(),
-                    )
-                    .send(),
-            )
-            .map_err(|e| sdk_err(what, e))
-        });
-        match done {
-            Ok(o) => Ok(o.e_tag().unwrap_or_default().to_string()),
+        match sent.and_then(|parts| self.complete(key, id, what, parts)) {
+            Ok(etag) => Ok(etag),
             Err(e) => {
                 let _ = self.block(
                     self.client

@@ -282,9 +282,10 @@ impl S3Tree {
 
     /// Ask S3 now, from the caller's thread and outside the view's locks, what a lookup of
     /// `name` in `dir` will ask: when a fresh listing of `dir` holds `name` as an object, a
-    /// GET of the whole object if it is small (its bytes kept for the copy), else a HEAD. The
+    /// GET of the whole object if it is small and `data` (its bytes kept for the copy), else
+    /// a HEAD. The
     /// answer serves lookups for as long as a listing does. Errors are left to the lookup.
-    pub fn prefetch(&self, dir: &str, name: &OsStr) {
+    pub fn prefetch(&self, dir: &str, name: &OsStr, data: bool) {
         let Some(name) = name.to_str() else { return };
         // The listing only says whether to GET or HEAD; the answer is what counts. The copier
         // queues names up to a thousand ahead of its workers: an older listing serves.
@@ -302,7 +303,7 @@ impl S3Tree {
         if self.fresh_prefetch(&rel).is_some() {
             return;
         }
-        let got = if o.size <= PREFETCH_WHOLE {
+        let got = if data && o.size <= PREFETCH_WHOLE {
             self.store
                 .get_small(&rel)
                 .map(|r| r.map(|(i, d)| (i, Some(Arc::new(d)))))
