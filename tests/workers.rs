@@ -653,21 +653,33 @@ fn workers_across(old: Side, new: Side, name: &str, workers: u32, doomed: bool) 
             ("FERRYFS_RANGE_BYTES", "4194304"),
         ],
     );
-    let mut dying = doomed.then(|| worker(&f, port, &t, workers, &["--bwlimit", "4k"]));
-    let mut ws: Vec<Child> = (0..workers).map(|i| worker(&f, port, &t, i, &[])).collect();
-    let all = workers as usize + usize::from(doomed);
-    wait_for("the workers to say hello", 30, || {
-        workers_status(&f).len() == all
-    });
-    ok(f.cmd("execute", &[]));
-    if let Some(d) = dying.as_mut() {
+    if doomed {
+        // The doomed worker alone first, so slow that it dies with its first lease in hand
+        // and its uploads begun (every unfinished upload then is its own).
+        let mut d = worker(&f, port, &t, workers, &["--bwlimit", "4k"]);
+        wait_for("the doomed worker to say hello", 30, || {
+            workers_status(&f).len() == 1
+        });
+        ok(f.cmd("execute", &[]));
         wait_for("the doomed worker's uploads begun", 30, || {
             !bucket_store(&nb).unfinished_uploads().unwrap().is_empty()
         });
         d.kill().unwrap();
         d.wait().unwrap();
     }
+    let mut ws: Vec<Child> = (0..workers).map(|i| worker(&f, port, &t, i, &[])).collect();
+    let all = workers as usize + usize::from(doomed);
+    wait_for("the workers to say hello", 30, || {
+        workers_status(&f).len() == all
+    });
     ok(f.cmd("execute", &["--wait"]));
+    if doomed {
+        let dead = workers_status(&f)
+            .into_iter()
+            .find(|w| w.0 == format!("index-{workers}"))
+            .unwrap();
+        assert_eq!((dead.1, dead.2), (0, 1), "the killed worker: {dead:?}");
+    }
     all_copied(&f, &mut ws, files, 2.min(workers as usize));
     if new == Side::S3 {
         let left = bucket_store(&nb).unfinished_uploads().unwrap();
