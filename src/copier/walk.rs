@@ -163,10 +163,12 @@ impl Copier {
             return;
         }
         // An S3 OLD: the lookup's request (and a small object's copy) made here, outside the
-        // view's locks.
-        // (While remote workers copy, a small object's bytes are theirs to fetch.)
-        let workers = self.remote().is_some_and(|r| r.active());
-        self.view.prefetch_old(&job.dir.inode, &job.name, !workers);
+        // view's locks. (While remote workers copy, a small object's bytes are theirs to
+        // fetch.)
+        if self.view.old_is_s3() {
+            let workers = self.remote().is_some_and(|r| r.active());
+            self.view.prefetch_old(&job.dir.inode, &job.name, !workers);
+        }
         let inode = match self.view.child(&job.dir.inode, &job.name) {
             Ok(Some(i)) => i,
             Ok(None) => return,

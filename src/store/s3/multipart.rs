@@ -346,26 +346,13 @@ impl S3Store {
         self.begin_upload(&key, &what, meta)
     }
 
-    /// Send the `size` bytes of the upload `id` of `rel` begun with [`Self::begin_multipart`]
-    /// (see [`Self::put_patched`] for `source`, `from_source` and `read`), without completing
-    /// it: the parts sent, and the bytes the server copied. On failure the upload is left as
-    /// it is (the caller aborts it).
-    pub fn send_parts(
-        &self,
-        rel: &str,
-        id: &str,
-        size: u64,
-        source: Option<(&S3Store, &str, &str)>,
-        from_source: &dyn Fn(u64, u64) -> bool,
-        read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-    ) -> Result<(Vec<SentPart>, u64)> {
-        self.send_parts_of(rel, id, size, (0, size), source, from_source, read)
-    }
-
-    /// [`Self::send_parts`] of the bytes `[offset, offset + len)` only (`span`) of an object
-    /// of `size` bytes: the parts of [`part_size`] that hold them, numbered as in the whole
-    /// object (`span` starts on a part's boundary), so that several senders can fill one
-    /// upload.
+    /// Send the bytes `[offset, offset + len)` (`span`) of an object of `size` bytes into the
+    /// upload `id` of `rel` begun with [`Self::begin_multipart`] (see [`Self::put_patched`]
+    /// for `source`, `from_source` and `read`), without completing it: the parts of
+    /// [`part_size`] that hold them, numbered as in the whole object (`span` starts on a
+    /// part's boundary), so that several senders can fill one upload. Gives the parts sent
+    /// and the bytes the server copied; on failure the upload is left as it is (the caller
+    /// aborts it).
     #[allow(clippy::too_many_arguments)]
     pub fn send_parts_of(
         &self,
@@ -393,7 +380,7 @@ impl S3Store {
     }
 
     /// Complete the upload `id` of `rel` with `parts` (every part, as
-    /// [`Self::send_parts`] gave them): the object's ETag. Not aborted on failure.
+    /// [`Self::send_parts_of`] gave them): the object's ETag. Not aborted on failure.
     pub fn complete_upload(&self, rel: &str, id: &str, parts: &[SentPart]) -> Result<String> {
         let key = self.url.key(rel);
         let what = self.at(format!("CompleteMultipartUpload {key}"));
