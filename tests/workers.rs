@@ -593,7 +593,7 @@ fn upload_tree(dir: &Path, s: &S3Store) {
 /// copied by a worker, no upload left unfinished in NEW's bucket (a worker's copy into a
 /// bucket is an upload only the coordinator completes). With `doomed`, a worker dies (kill
 /// -9) with uploads begun: its lease expires, the coordinator aborts them, another worker
-/// copies its files.
+/// copies its files (no file is split then: every upload begun is a worker's).
 fn workers_across(old: Side, new: Side, name: &str, workers: u32, doomed: bool) {
     let g = common::garage::shared();
     let mut f = Fixture::new();
@@ -650,7 +650,11 @@ fn workers_across(old: Side, new: Side, name: &str, workers: u32, doomed: bool) 
         &args,
         &[
             ("FERRYFS_LEASE_SECS", "3"),
-            ("FERRYFS_RANGE_BYTES", "4194304"),
+            // (Big files by ranges, but not with a doomed worker: see below.)
+            (
+                "FERRYFS_RANGE_BYTES",
+                if doomed { "1073741824" } else { "4194304" },
+            ),
         ],
     );
     if doomed {
@@ -661,9 +665,16 @@ fn workers_across(old: Side, new: Side, name: &str, workers: u32, doomed: bool) 
             workers_status(&f).len() == 1
         });
         ok(f.cmd("execute", &[]));
-        wait_for("the doomed worker's uploads begun", 30, || {
-            !bucket_store(&nb).unfinished_uploads().unwrap().is_empty()
-        });
+        // (No file is split here, so every upload begun is the worker's: the coordinator
+        // begins a split file's upload itself, at offer time, before any lease.)
+        wait_for(
+            "the doomed worker's lease and its uploads begun",
+            30,
+            || {
+                workers_status(&f).iter().all(|w| w.2 == 1)
+                    && !bucket_store(&nb).unfinished_uploads().unwrap().is_empty()
+            },
+        );
         d.kill().unwrap();
         d.wait().unwrap();
     }
@@ -686,7 +697,11 @@ fn workers_across(old: Side, new: Side, name: &str, workers: u32, doomed: bool) 
         assert!(left.is_empty(), "uploads left unfinished in NEW: {left:?}");
     }
     let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
-    assert!(log.contains("a big file copied by ranges"), "{log}");
+    assert_eq!(
+        log.contains("a big file copied by ranges"),
+        !doomed,
+        "{log}"
+    );
     if doomed {
         assert!(log.contains("lease expired"), "{log}");
     }
