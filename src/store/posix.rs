@@ -121,6 +121,19 @@ impl PosixStore {
 }
 
 /// `lstat` of `name` inside the directory `dir`.
+/// Fill `buf` from OLD's file `f` at `off`; a file cut short since it was looked at (its
+/// size handed out) is a changed file: ESTALE, as a replaced S3 object is.
+pub fn read_old_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.read_exact_at(buf, off).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::from_raw_os_error(libc::ESTALE)
+        } else {
+            e
+        }
+    })
+}
+
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<rustix::fs::Stat> {
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
     Ok(st)

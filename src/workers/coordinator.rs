@@ -43,6 +43,9 @@ const LEASE_WORK: Duration = Duration::from_secs(10);
 /// Bounds of a lease: files, and bytes.
 const LEASE_FILES: (usize, usize) = (16, 10_000);
 const LEASE_BYTES: (u64, u64) = (64 << 20, 8 << 30);
+/// The JSON a lease's report and its verdict may take, at worst: each must fit in one body
+/// ([`http::MAX_BODY`]), so a lease of many short-named files ends at some thousands.
+const LEASE_JSON: usize = http::MAX_BODY * 3 / 4;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 128;
 /// The bytes of a big file's range: files of twice this or more are copied by ranges, by
@@ -627,7 +630,7 @@ impl Coordinator {
             id
         };
         let mut items = Vec::new();
-        let mut bytes = 0;
+        let (mut bytes, mut json) = (0, 0);
         while items.len() < max_files && bytes < max_bytes {
             let Some(q) = self.lock().queue.pop_front() else {
                 break;
@@ -683,6 +686,17 @@ impl Coordinator {
                 self.give_up(leased.inode.ino);
                 continue;
             }
+            let cost = protocol::report_bound(&leased.item, protocol::json_len(&leased.item));
+            if !items.is_empty() && json + cost > LEASE_JSON {
+                // (Its report would not fit: the next lease's.)
+                let q = match leased.range {
+                    Some(r) => Queued::Range(leased.inode.ino, r),
+                    None => Queued::File(leased.inode, Box::new(leased.remote)),
+                };
+                self.lock().queue.push_front(q);
+                break;
+            }
+            json += cost;
             bytes += size;
             items.push(leased);
         }
@@ -996,6 +1010,9 @@ impl Coordinator {
             .fetch_add(r.outcomes.len() as u64, Ordering::Relaxed);
         self.changed.notify_all();
         self.record_workers();
+        for (_, why) in &mut verdict.refused {
+            *why = protocol::short_error(why);
+        }
         Ok(verdict)
     }
 

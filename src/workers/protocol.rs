@@ -166,6 +166,56 @@ pub struct Failure {
     pub error: String,
 }
 
+/// The most bytes of an error message an outcome or a verdict carries (longer ones are cut):
+/// a lease is sized so that its report and the verdict on it each fit in one body
+/// ([`super::http::MAX_BODY`]), errors and all.
+pub const ERROR_MAX: usize = 256;
+
+/// `why` as an outcome or a verdict carries it: at most [`ERROR_MAX`] bytes (cut at a
+/// character), control characters as spaces (so that JSON escapes none of them as six bytes).
+pub fn short_error(why: &str) -> String {
+    let mut end = why.len().min(ERROR_MAX);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    why[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Bytes of JSON `v` encodes to.
+pub fn json_len<T: Serialize>(v: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    serde_json::to_writer(&mut c, v).expect("serializes");
+    c.0
+}
+
+/// The most bytes of JSON that `item` (`item_json` bytes itself) and what comes back for it
+/// take in a report and its verdict: its names again, an error of [`ERROR_MAX`] bytes (each
+/// escaped: twice that), an upload id and the other fields, and a part per
+/// `part_size(size)` of its bytes.
+pub fn report_bound(item: &Item, item_json: usize) -> usize {
+    let parts = match (&item.key, &item.range) {
+        (None, _) => 0,
+        (Some(_), r) => {
+            let len = r.as_ref().map_or(item.size, |r| r.len);
+            len.div_ceil(crate::store::s3::part_size(item.size)) as usize + 1
+        }
+    };
+    item_json + 2 * (2 * ERROR_MAX) + 512 + parts * 160
+}
+
 /// Whether `path` may name an entry of the migration: relative, no empty, `.` or `..`
 /// component, no NUL, at most 4,096 bytes.
 pub fn check_path(path: &str) -> Result<(), String> {
@@ -225,5 +275,60 @@ mod tests {
         assert!(check_tmp("remote-1-2").is_ok());
         assert!(check_tmp("../remote-1").is_err());
         assert!(check_tmp("file-1").is_err());
+    }
+
+    #[test]
+    fn errors_are_cut_short_and_stay_one_json_byte_per_character() {
+        let long = "é\n".repeat(400);
+        let e = short_error(&long);
+        assert!(e.len() <= ERROR_MAX, "{}", e.len());
+        assert!(!e.contains('\n'));
+        assert_eq!(json_len(&e), e.len() + 2);
+        assert_eq!(short_error("short"), "short");
+    }
+
+    /// The worst report on a lease's item, and the verdict on it, stay within its bound.
+    #[test]
+    fn an_items_report_stays_within_its_bound() {
+        let item = Item {
+            n: u32::MAX,
+            path: "d/".repeat(2000) + "f",
+            size: 1 << 30,
+            mtime: (i64::MIN, u32::MAX),
+            etag: Some("\"0123456789abcdef0123456789abcdef-100\"".into()),
+            tmp: "remote-18446744073709551615-4294967295".into(),
+            key: Some("k\\\"".repeat(300)),
+            mode: u32::MAX,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            range: None,
+        };
+        let bound = report_bound(&item, json_len(&item));
+        let parts = (1u64 << 30).div_ceil(crate::store::s3::part_size(1 << 30));
+        let outcome = Outcome {
+            n: u32::MAX,
+            path: item.path.clone(),
+            tmp: item.tmp.clone(),
+            error: Some(short_error(&"\"\\".repeat(1000))),
+            errno: i32::MIN,
+            size: u64::MAX,
+            mtime: (i64::MIN, u32::MAX),
+            changed: true,
+            key: item.key.clone(),
+            upload: Some("u".repeat(256)),
+            parts: (0..parts as i32)
+                .map(|i| SentPart {
+                    number: i32::MAX - i,
+                    etag: "\"0123456789abcdef0123456789abcdef\"".into(),
+                    len: u64::MAX,
+                })
+                .collect(),
+        };
+        let verdict = json_len(&(u32::MAX, short_error(&"\"".repeat(1000))));
+        assert!(
+            json_len(&outcome) + verdict <= bound,
+            "{} + {verdict} > {bound}",
+            json_len(&outcome)
+        );
     }
 }

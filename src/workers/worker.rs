@@ -455,15 +455,17 @@ fn copy_all(items: &[Item], c: &Copying<'_>, threads: usize) -> Vec<Outcome> {
 }
 
 fn failed(mut out: Outcome, what: &str, e: io::Error) -> Outcome {
+    tracing::warn!(path = %out.path, error = %e, "{what}");
     out.errno = e.raw_os_error().unwrap_or(libc::EIO);
-    out.error = Some(format!("{what}: {e}"));
+    out.error = Some(protocol::short_error(&format!("{what}: {e}")));
     out
 }
 
-/// [`failed`] with an S3 error, its request and message kept.
+/// [`failed`] with an S3 error, its request and message kept (as far as they fit).
 fn failed_s3(mut out: Outcome, what: &str, e: crate::store::s3::S3Error) -> Outcome {
+    tracing::warn!(path = %out.path, error = %e, "{what}");
     out.errno = e.errno;
-    out.error = Some(format!("{what}: {e}"));
+    out.error = Some(protocol::short_error(&format!("{what}: {e}")));
     out
 }
 
@@ -672,7 +674,7 @@ fn range_to_work(
             return out;
         }
         let read = match (src, c.old) {
-            (Some((f, _)), _) => f.read_exact_at(&mut buf[..n], off),
+            (Some((f, _)), _) => posix::read_old_at(f, &mut buf[..n], off),
             (None, Reached::S3(old)) => old
                 .get_range_into(&item.path, etag, off, &mut buf[..n])
                 .map_err(io::Error::from),
@@ -681,8 +683,7 @@ fn range_to_work(
         match read {
             Ok(()) => {}
             Err(e)
-                if e.kind() == io::ErrorKind::UnexpectedEof
-                    || e.raw_os_error() == Some(libc::ESTALE)
+                if e.raw_os_error() == Some(libc::ESTALE)
                     || (src.is_none() && e.raw_os_error() == Some(libc::ENOENT)) =>
             {
                 // Cut short, or replaced: OLD's file changed.
@@ -711,7 +712,6 @@ fn to_bucket(
     new: &S3Store,
     mut out: Outcome,
 ) -> Outcome {
-    use std::os::unix::fs::FileExt;
     let Some(key) = item.key.as_deref() else {
         out.errno = libc::EINVAL;
         out.error = Some("an item for an S3 NEW without its key".into());
@@ -759,14 +759,7 @@ fn to_bucket(
             &|_, _| false,
             &mut |off, buf| {
                 pace(buf.len())?;
-                f.read_exact_at(buf, off).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        // Cut short since it was looked at.
-                        io::Error::from_raw_os_error(libc::ESTALE)
-                    } else {
-                        e
-                    }
-                })
+                posix::read_old_at(f, buf, off)
             },
         ),
         (None, Reached::S3(old)) => {

@@ -62,7 +62,6 @@ impl S3Store {
         still: &dyn Fn() -> bool,
     ) -> Result<(ObjectInfo, [u8; 16])> {
         use md5::Digest;
-        use std::os::unix::fs::FileExt;
         // The parts are read in order, once: the whole file's MD5 on the way.
         let mut whole = md5::Md5::new();
         let (o, _) = self.put_parts(
@@ -72,14 +71,7 @@ impl S3Store {
             None,
             &|_, _| false,
             &mut |off, buf| {
-                file.read_exact_at(buf, off).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        // Cut short since it was looked at.
-                        std::io::Error::from_raw_os_error(libc::ESTALE)
-                    } else {
-                        e
-                    }
-                })?;
+                crate::store::posix::read_old_at(file, buf, off)?;
                 whole.update(&*buf);
                 Ok(())
             },
