@@ -727,3 +727,34 @@ pub fn ferryfs_with_profiles(dir: &Path, profiles: &[(String, String)]) -> Comma
         .env("AWS_CONFIG_FILE", aws.join("config"));
     c
 }
+
+/// A self-signed server certificate for 127.0.0.1 and its key, made by openssl in `dir`:
+/// (cert, key). Trusted as its own CA (`worker --ca-file`).
+pub fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=ferryfs-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // (A server's certificate, not a CA's: rustls refuses a CA certificate as a server's.)
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is missing: run scripts/setup.sh (it installs Debian's openssl)");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
