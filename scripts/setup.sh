@@ -49,7 +49,7 @@ declare -A WHY=(
     [fuse-overlayfs]="benchmark peer (bench/run.sh)"
     [unionfs-fuse]="benchmark peer (bench/run.sh)"
     [systemd]="systemd-analyze, which checks packaging/systemd's unit (tests/packaging.rs)"
-    [kubernetes-client]="kubectl kustomize, which renders packaging/container/kubernetes (tests/packaging.rs)"
+    [kubernetes-client]="kubectl kustomize, which renders packaging/kubernetes (tests/packaging.rs)"
     [openssl]="a certificate for the remote workers' TLS test (tests/workers.rs)"
 )
 PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync rclone python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client openssl)

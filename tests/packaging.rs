@@ -388,7 +388,7 @@ fn strings(y: &Yaml) -> Vec<String> {
 
 #[test]
 fn the_kubernetes_example_adds_a_sidecar_and_leaves_the_app_unchanged() {
-    let dir = repo().join("packaging/container/kubernetes/pvc-migration");
+    let dir = repo().join("packaging/kubernetes/pvc-migration");
     let docs = kustomize(&dir);
     let before = load_yaml(&dir.join("app.yaml"));
     let app_before = find(&before, "Deployment", "shop");
@@ -619,8 +619,21 @@ impl Drop for EndViewOnPanic {
 /// Job's pod 0 runs it and one as the unit runs it, and the migration gets executed by them.
 #[test]
 fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinator() {
-    let dir = repo().join("packaging/container/kubernetes/copier-workers");
+    copier_job_runs("copier-workers", false);
+}
+
+/// The same over TLS (`copier-workers-tls`): the sidecar serves its workers with the
+/// certificate of the Secret cert-manager makes, the workers connect with https and trust its
+/// CA; run here with a certificate made by openssl in place of the Secret's.
+#[test]
+fn the_copier_job_over_tls_runs_workers_against_the_sidecar_coordinator() {
+    copier_job_runs("copier-workers-tls", true);
+}
+
+fn copier_job_runs(example: &str, tls: bool) {
+    let dir = repo().join("packaging/kubernetes").join(example);
     let docs = kustomize(&dir);
+    let scheme = if tls { "https" } else { "http" };
     let job = find(&docs, "Job", "shop-copier");
     let js = &job["spec"];
     assert_eq!(js["completionMode"].as_str(), Some("Indexed"));
@@ -659,7 +672,7 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
     let token_at = &wargs[wargs.iter().position(|a| a == "--token-file").unwrap() + 1];
     let svc = find(&docs, "Service", "ferryfs-coordinator");
     let svc_port = svc["spec"]["ports"][0]["port"].as_i64().unwrap();
-    assert_eq!(*coord, format!("http://ferryfs-coordinator:{svc_port}"));
+    assert_eq!(*coord, format!("{scheme}://ferryfs-coordinator:{svc_port}"));
     assert_eq!(
         by_name(&pod["volumes"], "token")["secret"]["secretName"].as_str(),
         Some("ferryfs-workers-token")
@@ -695,6 +708,50 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
         .as_i64()
         .unwrap();
     assert_eq!(listen.rsplit(':').next().unwrap(), port.to_string());
+    // Over TLS: the sidecar's certificate and key, and the workers' CA, from one Secret that
+    // cert-manager makes for the Service's name.
+    let arg_after = |args: &[String], flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args[i + 1].clone())
+    };
+    let secret_file = |c: &Yaml, volumes: &Yaml, file: &str| -> Option<String> {
+        let m = c["volumeMounts"]
+            .as_vec()?
+            .iter()
+            .find(|m| file.starts_with(m["mountPath"].as_str().unwrap()))?;
+        by_name(volumes, m["name"].as_str().unwrap())["secret"]["secretName"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let tls_files = [
+        arg_after(&args, "--workers-tls-cert"),
+        arg_after(&args, "--workers-tls-key"),
+        arg_after(&wargs, "--ca-file"),
+    ];
+    if tls {
+        let secret = "ferryfs-coordinator-tls";
+        for (i, f) in tls_files.iter().enumerate() {
+            let f = f
+                .as_ref()
+                .unwrap_or_else(|| panic!("TLS file {i} not given"));
+            let (c, vols) = if i < 2 {
+                (side, &spec["volumes"])
+            } else {
+                (worker, &pod["volumes"])
+            };
+            assert_eq!(secret_file(c, vols, f).as_deref(), Some(secret), "{f}");
+        }
+        let cert = find(&docs, "Certificate", "ferryfs-coordinator");
+        assert_eq!(cert["spec"]["secretName"].as_str(), Some(secret));
+        assert_eq!(cert["spec"]["isCA"].as_bool(), Some(false));
+        assert!(
+            strings(&cert["spec"]["dnsNames"]).contains(&"ferryfs-coordinator".to_string()),
+            "the certificate does not name the Service"
+        );
+    } else {
+        assert!(tls_files.iter().all(Option::is_none), "{tls_files:?}");
+    }
     assert_eq!(svc["spec"]["selector"]["app"].as_str(), Some("shop"));
     assert_eq!(
         by_name(&spec["volumes"], "ferryfs-workers-token")["secret"]["secretName"].as_str(),
@@ -739,7 +796,13 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
                 m["name"].as_str().unwrap(),
                 m["mountPath"].as_str().unwrap(),
             );
-            if name == "dev-fuse" || name == "ferryfs-workers-token" {
+            if [
+                "dev-fuse",
+                "ferryfs-workers-token",
+                "ferryfs-coordinator-tls",
+            ]
+            .contains(&name)
+            {
                 continue;
             }
             let local = t.path().join(name);
@@ -756,13 +819,23 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
     }
     let (metrics_port, workers_port) = (free_port(), free_port());
     let metrics_addr = args[args.iter().position(|a| a == "--metrics-addr").unwrap() + 1].clone();
-    let subs = [
+    let mut subs = vec![
         (metrics_addr, format!("127.0.0.1:{metrics_port}")),
         (listen.clone(), format!("127.0.0.1:{workers_port}")),
         (side_token.clone(), token.display().to_string()),
         (token_at.clone(), token.display().to_string()),
-        (coord.clone(), format!("http://127.0.0.1:{workers_port}")),
+        (
+            coord.clone(),
+            format!("{scheme}://127.0.0.1:{workers_port}"),
+        ),
     ];
+    // (The Secret's files: a self-signed certificate for 127.0.0.1, its own CA.)
+    let (cert, key) = certificate(t.path());
+    if tls {
+        for (f, local) in tls_files.iter().zip([&cert, &key, &cert]) {
+            subs.push((f.clone().unwrap(), local.display().to_string()));
+        }
+    }
     let remap = |args: Vec<String>| remap_args(args, &subs, &mounts);
     ok(run(Command::new(BIN).args(remap(prep.clone()))));
     // The sidecar, but with the copier held back until both workers are there.
@@ -797,8 +870,16 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
     let mut env = conf.clone();
     env.insert(
         "FERRYFS_COORDINATOR".into(),
-        format!("http://127.0.0.1:{workers_port}"),
+        format!("{scheme}://127.0.0.1:{workers_port}"),
     );
+    if tls {
+        let more = format!(
+            "{} --ca-file {}",
+            env["FERRYFS_WORKER_ARGS"],
+            cert.display()
+        );
+        env.insert("FERRYFS_WORKER_ARGS".into(), more);
+    }
     let exec = unit_value(&unit, "Service", "ExecStart")
         .replace("/etc/ferryfs/%i.token", &token.display().to_string())
         .replace("/usr/local/bin/ferryfs", BIN);
@@ -852,6 +933,11 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
         status.success(),
         "the coordinator exited {status} on SIGTERM"
     );
+    let log = fs::read_to_string(t.path().join("sidecar.log")).unwrap();
+    assert!(
+        log.contains(&format!("\"tls\":{tls}")) || log.contains(&format!("tls={tls}")),
+        "the coordinator's log does not say tls={tls}: {log}"
+    );
 }
 
 /// ferryfs in JuiceFS CSI Driver's mount pods (issue 26): the ConfigMap's mount pod patch is
@@ -860,7 +946,7 @@ fn the_copier_job_and_the_worker_unit_run_workers_against_the_sidecar_coordinato
 /// over it (OLD's data there, writes going to NEW) and unmount it cleanly.
 #[test]
 fn the_juicefs_mount_pod_patch_mounts_the_view_over_the_drivers_mount() {
-    let dir = repo().join("packaging/container/kubernetes/juicefs-mount-pod");
+    let dir = repo().join("packaging/kubernetes/juicefs-mount-pod");
     let docs = kustomize(&dir);
     let cm = find(&docs, "ConfigMap", "juicefs-csi-driver-config");
     assert_eq!(cm["metadata"]["namespace"].as_str(), Some("kube-system"));
