@@ -120,7 +120,6 @@ impl PosixStore {
     }
 }
 
-/// `lstat` of `name` inside the directory `dir`.
 /// Fill `buf` from OLD's file `f` at `off`; a file cut short since it was looked at (its
 /// size handed out) is a changed file: ESTALE, as a replaced S3 object is.
 pub fn read_old_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -134,6 +133,7 @@ pub fn read_old_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     })
 }
 
+/// `lstat` of `name` inside the directory `dir`.
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<rustix::fs::Stat> {
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
     Ok(st)

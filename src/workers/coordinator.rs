@@ -44,7 +44,7 @@ const LEASE_WORK: Duration = Duration::from_secs(10);
 const LEASE_FILES: (usize, usize) = (16, 10_000);
 const LEASE_BYTES: (u64, u64) = (64 << 20, 8 << 30);
 /// The JSON a lease's report and its verdict may take, at worst: each must fit in one body
-/// ([`http::MAX_BODY`]), so a lease of many short-named files ends at some thousands.
+/// ([`http::MAX_BODY`]), so a lease of many short-named files ends at some hundreds.
 const LEASE_JSON: usize = http::MAX_BODY * 3 / 4;
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 128;
