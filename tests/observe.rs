@@ -507,6 +507,35 @@ fn listings_with_attributes_count_lookups_exactly_as_the_kernel_does() {
     f.unmount();
 }
 
+/// A warm `ls -l` reads no ACL from the daemon: the kernel keeps each entry's ACL
+/// (FUSE_POSIX_ACL). Of what `ls -l` reads per entry (Debian 12's coreutils: the security
+/// label, then the access ACL), only the label, which no kernel cache holds for FUSE, comes
+/// to the daemon: one GETXATTR per entry at most, not two.
+#[test]
+fn a_warm_ls_l_reads_no_acl_from_the_daemon() {
+    let (mut f, port) = mount_dir_with_metrics((0..500).map(|i| format!("f{i:03}")), &[]);
+    let ls = || {
+        let out = run(std::process::Command::new("ls").arg("-l").arg(f.v("d")));
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 501);
+    };
+    let getxattrs = || {
+        get(
+            &scrape(port),
+            "ferryfs_fuse_requests_total{op=\"getxattr\"}",
+        )
+    };
+    ls();
+    let before = settled(getxattrs);
+    ls();
+    let asked = settled(getxattrs) - before;
+    assert!(
+        asked <= 501.0,
+        "{asked} GETXATTR requests for a warm ls -l of 500 entries: ACLs were not kept by the kernel"
+    );
+    f.unmount();
+}
+
 #[test]
 fn an_unchanged_directory_is_listed_from_the_kernel_cache_until_it_changes() {
     let (mut f, port) = mount_dir_with_metrics((0..200).map(|i| format!("f{i}")), &[]);

@@ -434,6 +434,123 @@ fn rule08_permissions_are_checked_and_new_entries_belong_to_the_caller() {
     f.unmount();
 }
 
+/// `system.posix_acl_access` holding `entries` (tag, permission bits, id), as setfacl writes
+/// it: version 2, then 8 bytes per entry.
+fn acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend(tag.to_le_bytes());
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+    }
+    v
+}
+
+/// Rule 8 with POSIX ACLs: the kernel checks an entry's ACL, as on a local file system. The
+/// ACL `u::rw, u:65534:rw, g::r, m::rw, o::-` of a 0640 file shows as mode 0660 (the group
+/// bits are the mask): the named user reads it, and a member of the owning group reads it but
+/// may not write it (the mode bits alone would let it). For a file only in OLD, and for one
+/// made through the view and given its ACL there.
+#[test]
+fn rule08_acls_are_enforced_as_on_a_local_file_system() {
+    const ANY: u32 = u32::MAX;
+    let acl = acl_xattr(&[
+        (0x01, 6, ANY),   // owner: rw
+        (0x02, 6, 65534), // user 65534: rw
+        (0x04, 4, ANY),   // owning group: r
+        (0x10, 6, ANY),   // mask: rw
+        (0x20, 0, ANY),   // others: none
+    ]);
+    let set_acl = |p: &Path| {
+        rustix::fs::setxattr(
+            p,
+            "system.posix_acl_access",
+            &acl,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap_or_else(|e| panic!("setting an ACL on {}: {e}", p.display()))
+    };
+    let mut f = Fixture::new();
+    write(&f.old.join("old-only"), b"data");
+    fs::set_permissions(f.old.join("old-only"), fs::Permissions::from_mode(0o640)).unwrap();
+    set_acl(&f.old.join("old-only"));
+    f.start();
+    fs::set_permissions(&f.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    write(&f.v("made"), b"data");
+    fs::set_permissions(f.v("made"), fs::Permissions::from_mode(0o640)).unwrap();
+    set_acl(&f.v("made"));
+    for name in ["old-only", "made"] {
+        let p = f.v(name).display().to_string();
+        assert_eq!(
+            fs::metadata(&p).unwrap().mode() & 0o7777,
+            0o660,
+            "{name}: the group bits are the mask"
+        );
+        let out = sh_as(65534, 65534, &format!("cat {p}"));
+        assert!(
+            out.status.success() && out.stdout == b"data",
+            "{name}: the user the ACL names could not read it: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = sh_as(1234, 0, &format!("cat {p}"));
+        assert!(
+            out.status.success(),
+            "{name}: the owning group could not read it: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = sh_as(1234, 0, &format!("echo more >> {p}"));
+        assert!(
+            !out.status.success(),
+            "{name}: the owning group wrote to it, which its ACL entry (r) refuses"
+        );
+        assert_eq!(fs::read(f.v(name)).unwrap(), b"data", "{name}");
+        let out = sh_as(4321, 4321, &format!("cat {p}"));
+        assert!(!out.status.success(), "{name}: others read it");
+    }
+    // The refused writer changed nothing: the file only in OLD is still only there.
+    assert!(
+        !f.new.join("old-only").exists(),
+        "a refused write copied it"
+    );
+    f.unmount();
+}
+
+/// An entry of a store that holds no xattrs (ramfs: every getxattr is EOPNOTSUPP) has no
+/// ACL: the kernel checks its mode bits, and nobody is refused for the store's lack of ACLs.
+#[test]
+fn rule08_an_entry_of_a_store_without_xattrs_has_no_acl() {
+    struct Ramfs(std::path::PathBuf);
+    impl Drop for Ramfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let mut f = Fixture::new();
+    let out = run(Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(&f.old));
+    assert!(out.status.success(), "mount -t ramfs: {out:?}");
+    let _old = Ramfs(f.old.clone());
+    write(&f.old.join("open"), b"data");
+    fs::set_permissions(f.old.join("open"), fs::Permissions::from_mode(0o644)).unwrap();
+    let mut buf = [0u8; 64];
+    let e = rustix::fs::getxattr(f.old.join("open"), "system.posix_acl_access", &mut buf)
+        .expect_err("ramfs answered an ACL");
+    assert_eq!(e.raw_os_error(), libc::EOPNOTSUPP, "{e}");
+    f.start();
+    fs::set_permissions(&f.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+    let p = f.v("open").display().to_string();
+    let out = sh_as(65534, 65534, &format!("cat {p}"));
+    assert!(
+        out.status.success() && out.stdout == b"data",
+        "reading a 0644 file of a store without xattrs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sh_as(65534, 65534, &format!("echo x >> {p}"));
+    assert!(!out.status.success(), "nobody wrote to a 0644 root file");
+    f.unmount();
+}
+
 #[test]
 fn rule09_symlinks_inside_stores_are_never_followed() {
     let mut f = Fixture::new();

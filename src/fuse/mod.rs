@@ -472,6 +472,20 @@ impl Filesystem for FerryFs {
         });
         // O_TRUNC arrives with open, so an O_TRUNC open of an OLD-only file copies no data.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // POSIX ACLs: the kernel checks permissions with an entry's ACL (read through
+        // getxattr, cached until its attributes are refreshed), as it does on a local file
+        // system. Without it `default_permissions` checks the mode bits alone, whose group
+        // bits are an ACL's mask: named users refused, and the owning group granted the
+        // mask's rights where the ACL grants it fewer.
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL)
+            .is_err()
+        {
+            tracing::warn!(
+                "the kernel does not offer FUSE_POSIX_ACL: permissions are checked by mode bits \
+                 only, ACLs are not enforced"
+            );
+        }
         let _ = config.set_max_write(1 << 20);
         // Listings with attributes: one request per listing chunk instead of a lookup per
         // name afterwards. `auto` sends attributes only for the first chunk of a directory

@@ -991,7 +991,16 @@ impl View {
             return Self::xattr_reply(size, |buf| copy_out(&value, buf));
         }
         let loc = self.backing_loc(&inode)?;
-        Self::xattr_reply(size, |buf| loc.getxattr(name, buf))
+        Self::xattr_reply(size, |buf| loc.getxattr(name, buf)).map_err(|e| {
+            // The kernel checks permissions with the ACL it reads here: a store that holds no
+            // ACLs (no xattrs at all, an object) gives an entry none, not an error that would
+            // refuse every access to it.
+            if e.errno() == libc::EOPNOTSUPP && is_acl_name(name) {
+                Error::refused(libc::ENODATA, "getxattr")
+            } else {
+                e
+            }
+        })
     }
 
     pub fn listxattr(&self, ino: u64, size: u32) -> Result<XattrReply> {
@@ -1094,4 +1103,10 @@ struct RenameAt<'a> {
 pub enum XattrReply {
     Size(u32),
     Data(Vec<u8>),
+}
+
+/// Whether `name` is one of the POSIX ACL xattrs, which the kernel reads to check permissions.
+fn is_acl_name(name: &OsStr) -> bool {
+    let n = name.as_bytes();
+    n == b"system.posix_acl_access" || n == b"system.posix_acl_default"
 }
