@@ -12,6 +12,11 @@
 #   ferryfs-old-pt  the same with `mount --passthrough all`: the kernel reads OLD's files itself
 #   ferryfs-new  a second ferryfs migration of the same OLD whose NEW got a copy of the big
 #                file after `prepare` and before `mount`: reads are served from NEW
+#   passthrough_hp, passthrough_hp-uring   libfuse's high-performance pass-through of OLD
+#                (example/passthrough_hp), over /dev/fuse and over io_uring: the fastest FUSE
+#                pass-through on this kernel. Only with BENCH_LIBFUSE_SRC (below); the
+#                -uring variant turns on /sys/module/fuse/parameters/enable_uring for the run
+#                and puts back its value afterwards.
 # Workloads: first byte of files not read yet (cold, right after the mount), seq read
 # cold/warm, seq write + fsync, 4 KiB random read (warm, QD1 psync and QD16 io_uring),
 # small-file creates, untar of small files and rm -rf of them, and recursive stat of a
@@ -39,6 +44,10 @@
 #   BENCH_MOUNT_ARGS   extra `ferryfs mount` arguments for every ferryfs variant, e.g.
 #                      "--metadata-ttl 30"
 #   BENCH_ALLOW_DEBUG  set to measure a FERRYFS_BIN under target/debug (refused otherwise)
+#   BENCH_LIBFUSE_SRC  a libfuse source tree (3.18 or later): adds the passthrough_hp
+#                      variants, built with meson and ninja into BENCH_LIBFUSE_BUILD (default
+#                      ~/.cache/ferryfs/libfuse-build; needs meson, ninja-build, g++,
+#                      pkg-config, liburing-dev)
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -58,7 +67,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 # The exact command, with the environment overrides that change what it measures.
 CMD=""
 for v in FERRYFS_BIN CARGO_TARGET_DIR BENCH_VARIANTS BENCH_FILE_MB BENCH_TREE_N BENCH_CREATE_N \
-    BENCH_REPS BENCH_OUT BENCH_SCRATCH BENCH_MOUNT_ARGS; do
+    BENCH_REPS BENCH_OUT BENCH_SCRATCH BENCH_MOUNT_ARGS BENCH_LIBFUSE_SRC; do
     if [[ -n "${!v:-}" ]]; then CMD+="$v=$(printf '%q' "${!v}") "; fi
 done
 CMD+="bash bench/run.sh"
@@ -108,13 +117,26 @@ SIZE="${FILE_MB}m" # fio sizes are base 2: 1024m = 1 GiB
 TREE_ENTRIES=$((TREE_N + (TREE_N + 999) / 1000))
 
 ALL_VARIANTS="plain bindfs mergerfs fuse-overlayfs unionfs-fuse ferryfs-old ferryfs-old-pt ferryfs-new"
+LIBFUSE_SRC="${BENCH_LIBFUSE_SRC:-}"
+DEFAULT_VARIANTS="$ALL_VARIANTS"
+ALL_VARIANTS+=" passthrough_hp passthrough_hp-uring"
+[[ -z "$LIBFUSE_SRC" ]] || DEFAULT_VARIANTS+=" passthrough_hp passthrough_hp-uring"
 VARIANTS=(plain)
-for v in ${BENCH_VARIANTS:-$ALL_VARIANTS}; do
+for v in ${BENCH_VARIANTS:-$DEFAULT_VARIANTS}; do
     case " $ALL_VARIANTS " in *" $v "*) ;; *) die "unknown variant '$v' (known: $ALL_VARIANTS)" ;; esac
+    if [[ "$v" == passthrough_hp* && -z "$LIBFUSE_SRC" ]]; then
+        die "variant $v needs BENCH_LIBFUSE_SRC=<a libfuse source tree> (it is built from source)"
+    fi
     [[ "$v" == plain ]] || VARIANTS+=("$v")
 done
 NEED_FERRYFS=0
 case " ${VARIANTS[*]} " in *" ferryfs-"*) NEED_FERRYFS=1 ;; esac
+NEED_PHP=0
+case " ${VARIANTS[*]} " in *" passthrough_hp"*) NEED_PHP=1 ;; esac
+NEED_URING=0
+case " ${VARIANTS[*]} " in *" passthrough_hp-uring "*) NEED_URING=1 ;; esac
+URING_PARAM=/sys/module/fuse/parameters/enable_uring
+URING_WAS="" # enable_uring's value before the run, put back on exit
 
 # ---------------------------------------------------------------------------------------------
 # Scratch dir, mounts and cleanup.
@@ -144,6 +166,10 @@ cleanup() {
     local rc=$?
     set +e
     trap - INT TERM
+    if [[ -n "$URING_WAS" ]]; then
+        echo "$URING_WAS" >"$URING_PARAM" 2>/dev/null ||
+            printf 'bench/run.sh: WARNING: could not put %s back to %s\n' "$URING_PARAM" "$URING_WAS" >&2
+    fi
     if [[ -n "$S" && -d "$S" ]]; then
         if ((rc != 0)); then
             local f
@@ -229,6 +255,36 @@ if ((NEED_FERRYFS)) && [[ ! -x "$BIN" ]]; then
     command -v cargo >/dev/null 2>&1 || die "cargo not found and no ferryfs binary at $BIN"
     (cd "$ROOT" && cargo build --release) || die "cargo build --release failed"
     [[ -x "$BIN" ]] || die "no ferryfs binary at $BIN after the build (check FERRYFS_BIN / CARGO_TARGET_DIR)"
+fi
+
+# libfuse's passthrough_hp, built from the given source tree (again only when it changed).
+PHP=""
+if ((NEED_PHP)); then
+    STEP="building libfuse's passthrough_hp"
+    [[ -f "$LIBFUSE_SRC/example/passthrough_hp.cc" ]] ||
+        die "BENCH_LIBFUSE_SRC=$LIBFUSE_SRC is not a libfuse source tree (no example/passthrough_hp.cc)"
+    for t in meson ninja g++ pkg-config; do
+        command -v "$t" >/dev/null 2>&1 ||
+            die "$t is missing: passthrough_hp is built with meson and ninja (apt-get install meson ninja-build g++ pkg-config liburing-dev)"
+    done
+    LIBFUSE_BUILD="${BENCH_LIBFUSE_BUILD:-$HOME/.cache/ferryfs/libfuse-build}"
+    if [[ ! -f "$LIBFUSE_BUILD/build.ninja" ]]; then
+        mkdir -p "$(dirname "$LIBFUSE_BUILD")"
+        meson setup --buildtype=release -Dexamples=true -Dtests=false -Dutils=false \
+            "$LIBFUSE_BUILD" "$LIBFUSE_SRC" >"$LIBFUSE_BUILD.setup.log" 2>&1 ||
+            die "meson setup of $LIBFUSE_SRC failed: $LIBFUSE_BUILD.setup.log"
+    fi
+    ninja -C "$LIBFUSE_BUILD" example/passthrough_hp >"$LIBFUSE_BUILD.ninja.log" 2>&1 ||
+        die "building passthrough_hp failed: $LIBFUSE_BUILD.ninja.log"
+    PHP="$LIBFUSE_BUILD/example/passthrough_hp"
+    [[ -x "$PHP" ]] || die "no passthrough_hp at $PHP after the build"
+    if ((NEED_URING)); then
+        grep -qs '^#define HAVE_URING' "$LIBFUSE_BUILD/fuse_config.h" ||
+            die "libfuse was built without io_uring (liburing-dev missing at its meson setup?): install it and rm -rf $LIBFUSE_BUILD"
+        [[ -w "$URING_PARAM" ]] || die "$URING_PARAM is missing: this kernel has no FUSE over io_uring"
+        URING_WAS="$(cat "$URING_PARAM")"
+        echo Y >"$URING_PARAM" || die "cannot turn on $URING_PARAM"
+    fi
 fi
 
 need_mb=$((FILE_MB * 3 + (TREE_N + CREATE_N) * 5 / 1000 + 512))
@@ -317,8 +373,18 @@ mount_variant() {
         ferryfs-old-pt) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --passthrough all ${BENCH_MOUNT_ARGS:-} ;;
         # shellcheck disable=SC2086
         ferryfs-*) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other ${BENCH_MOUNT_ARGS:-} ;;
+        # (It goes to the background once mounted, as bindfs does.)
+        passthrough_hp) run "mount-$v" env -u FUSE_URING_ENABLE "$PHP" -o allow_other "$OLD" "$mnt" ;;
+        passthrough_hp-uring) run "mount-$v" env FUSE_URING_ENABLE=1 "$PHP" -o allow_other "$OLD" "$mnt" ;;
     esac
     mountpoint -q "$mnt" || die "$v: $mnt is not a mount point after mounting"
+    if [[ "$v" == passthrough_hp-uring ]]; then
+        # Its io_uring rings, or it is not what the column says.
+        local pid
+        pid="$(pgrep -nf "passthrough_hp.* $mnt\$")" || die "$v: its process is not found"
+        [[ "$(find "/proc/$pid/fd" -lname 'anon_inode:\[io_uring\]' 2>/dev/null | wc -l)" -gt 0 ]] ||
+            die "$v: passthrough_hp (pid $pid) serves without io_uring (kernel or libfuse refused it)"
+    fi
     TARGET="$mnt"
 }
 
@@ -327,7 +393,7 @@ unmount_variant() {
     STEP="unmounting $v"
     case "$v" in
         plain) return 0 ;;
-        bindfs | mergerfs | fuse-overlayfs | unionfs-fuse) run "unmount-$v" fusermount3 -u "$mnt" ;;
+        bindfs | mergerfs | fuse-overlayfs | unionfs-fuse | passthrough_hp*) run "unmount-$v" fusermount3 -u "$mnt" ;;
         ferryfs-*) run "unmount-$v" timeout 120 "$BIN" unmount "$mnt" ;;
     esac
     ! is_listed_mount "$mnt" || die "$v: $mnt is still mounted after unmounting"
@@ -528,6 +594,11 @@ mkdir -p "$(dirname "$OUT")"
     printf -- '- peers: %s; %s; %s\n' "$(mergerfs --version 2>&1 | head -n 1)" \
         "$(fuse-overlayfs --version 2>&1 | grep -m 1 '^fuse-overlayfs')" \
         "unionfs-fuse with $(unionfs-fuse --version 2>&1 | grep -m 1 '^FUSE library')"
+    if ((NEED_PHP)); then
+        printf -- '- libfuse passthrough_hp: %s (version %s%s), built in %s\n' "$LIBFUSE_SRC" \
+            "$(sed -n "s/^ *version *: *'\([^']*\)'.*/\1/p" "$LIBFUSE_SRC/meson.build" | head -n 1)" \
+            "$(git -C "$LIBFUSE_SRC" rev-parse --short HEAD 2>/dev/null | sed 's/^/, git /')" "$LIBFUSE_BUILD"
+    fi
     printf -- '- runs per cell: %d (cells are medians); wall time %d s\n\n' "$REPS" "$elapsed"
     cat "$TABLE"
     printf '\n'
@@ -535,6 +606,8 @@ mkdir -p "$(dirname "$OUT")"
 Higher "x plain" is better: variant/plain for MiB/s and IOPS, plain/variant for seconds
 (the ratio of ops/s). plain = the OLD directory itself; bindfs = bindfs of OLD; mergerfs,
 fuse-overlayfs, unionfs-fuse = union of an empty NEW (writes) over OLD (read-only);
+passthrough_hp, passthrough_hp-uring = libfuse's high-performance pass-through example over
+OLD, over /dev/fuse and over FUSE io_uring (enable_uring on for the run);
 ferryfs-old = the view reading files that are only in OLD (default `--passthrough new`: through
 the daemon); ferryfs-old-pt = the same with `--passthrough all` (the kernel reads OLD's file
 itself); ferryfs-new = a view whose NEW

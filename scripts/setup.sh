@@ -51,8 +51,11 @@ declare -A WHY=(
     [systemd]="systemd-analyze, which checks packaging/systemd's unit (tests/packaging.rs)"
     [kubernetes-client]="kubectl kustomize, which renders packaging/kubernetes (tests/packaging.rs)"
     [openssl]="a certificate for the remote workers' TLS test (tests/workers.rs)"
+    [meson]="builds libfuse's passthrough_hp, a bench/run.sh peer (BENCH_LIBFUSE_SRC)"
+    [ninja-build]="builds libfuse's passthrough_hp, a bench/run.sh peer (BENCH_LIBFUSE_SRC)"
+    [liburing-dev]="libfuse's FUSE over io_uring, for the passthrough_hp-uring bench peer"
 )
-PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync rclone python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client openssl)
+PKGS=(libclang-dev g++ fuse3 pkg-config attr bindfs fio rsync rclone python3 mergerfs fuse-overlayfs unionfs-fuse systemd kubernetes-client openssl meson ninja-build liburing-dev)
 # The demo: build ferryfs (RocksDB's C++ and bindgen), mount (fusermount3), xattrs (attr),
 # and python3 for its JSON check.
 if ((DEMO)); then
