@@ -67,7 +67,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 # The exact command, with the environment overrides that change what it measures.
 CMD=""
 for v in FERRYFS_BIN CARGO_TARGET_DIR BENCH_VARIANTS BENCH_FILE_MB BENCH_TREE_N BENCH_CREATE_N \
-    BENCH_REPS BENCH_OUT BENCH_SCRATCH BENCH_MOUNT_ARGS BENCH_LIBFUSE_SRC; do
+    BENCH_UNTAR_N BENCH_REPS BENCH_OUT BENCH_SCRATCH BENCH_MOUNT_ARGS BENCH_LIBFUSE_SRC; do
     if [[ -n "${!v:-}" ]]; then CMD+="$v=$(printf '%q' "${!v}") "; fi
 done
 CMD+="bash bench/run.sh"
@@ -278,6 +278,12 @@ if ((NEED_PHP)); then
         die "building passthrough_hp failed: $LIBFUSE_BUILD.ninja.log"
     PHP="$LIBFUSE_BUILD/example/passthrough_hp"
     [[ -x "$PHP" ]] || die "no passthrough_hp at $PHP after the build"
+    # It holds an O_PATH fd for every inode the kernel knows (raising its soft limit to the
+    # hard one): the tree, or the untarred files, must fit under the hard limit.
+    nofile="$(ulimit -Hn)"
+    if [[ "$nofile" != unlimited ]] && ((TREE_N + UNTAR_N + 1000 > nofile)); then
+        die "passthrough_hp needs an open file per entry it serves: the hard limit of open files here is $nofile, the tree and the untar need $((TREE_N + UNTAR_N + 1000)) (raise it: ulimit -Hn, or smaller BENCH_TREE_N/BENCH_UNTAR_N)"
+    fi
     if ((NEED_URING)); then
         grep -qs '^#define HAVE_URING' "$LIBFUSE_BUILD/fuse_config.h" ||
             die "libfuse was built without io_uring (liburing-dev missing at its meson setup?): install it and rm -rf $LIBFUSE_BUILD"
