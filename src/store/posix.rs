@@ -18,12 +18,33 @@ use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
 /// The first `user.` extended attribute of `f`, if it has one (what no S3 object can hold).
 pub fn first_user_xattr(f: &std::fs::File) -> Option<String> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = rustix::fs::flistxattr(f, &mut buf).ok()?;
-    buf[..n]
-        .split(|b| *b == 0)
-        .find(|n| n.starts_with(b"user."))
-        .map(|n| String::from_utf8_lossy(n).into_owned())
+    first_user_name(|buf| rustix::fs::flistxattr(f, buf).map_err(io_err))
+        .ok()
+        .flatten()
+}
+
+/// The first `user.` name of the xattr names `list` gives (listxattr's calling convention).
+/// Most entries have a few names or none: a small buffer on the stack first, the largest list
+/// the kernel returns only when that is too small (ERANGE).
+pub fn first_user_name(
+    list: impl Fn(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<Option<String>> {
+    let first = |names: &[u8]| {
+        names
+            .split(|b| *b == 0)
+            .find(|n| n.starts_with(b"user."))
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+    };
+    let mut small = [0u8; 1024];
+    match list(&mut small) {
+        Ok(n) => Ok(first(&small[..n])),
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
+            let mut buf = vec![0u8; 64 << 10];
+            let n = list(&mut buf)?;
+            Ok(first(&buf[..n]))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// An open store root. The fd is taken before the view is mounted, so the view may be mounted

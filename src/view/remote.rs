@@ -400,22 +400,11 @@ impl View {
 
 /// Whether OLD's file at `loc` has `user.` extended attributes (which no object holds).
 fn has_user_xattrs(loc: &posix::Loc) -> bool {
-    // (Most files have a few names or none: a small buffer on the stack first, the largest
-    // list the kernel returns only when that is too small.)
-    let any = |names: &[u8]| names.split(|&b| b == 0).any(|n| n.starts_with(b"user."));
-    let mut small = [0u8; 1024];
-    match loc.listxattr(&mut small) {
-        Ok(n) => any(&small[..n]),
-        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
-            let mut buf = vec![0u8; 64 << 10];
-            match loc.listxattr(&mut buf) {
-                Ok(n) => any(&buf[..n]),
-                // (Too many to list here: not a worker's to copy.)
-                Err(_) => true,
-            }
-        }
+    match posix::first_user_name(|buf| loc.listxattr(buf)) {
+        Ok(found) => found.is_some(),
         // (No xattrs on this file system.)
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
+        // (Too many to list here: not a worker's to copy.)
         Err(_) => true,
     }
 }
