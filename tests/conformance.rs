@@ -147,10 +147,20 @@ fn counts(f: &Fixture) -> (String, u64, u64) {
 }
 
 #[test]
-fn pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree() {
-    let mut f = Fixture::new();
+fn pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree_over_dev() {
+    pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree("dev");
+}
+
+#[test]
+fn pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree_over_io_uring() {
+    pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree("uring");
+}
+
+fn pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree(transport: &'static str) {
+    let mut f = Fixture::new().over(transport);
     large_old_tree(&f.old, 40, 500);
     f.start(); // copier off: every name still comes from OLD
+    f.assert_transport();
     // Run inside an OLD-only directory, so every case works in a merged directory.
     let dir = f.v("data/d000/pjd");
     fs::create_dir(&dir).unwrap();
@@ -162,14 +172,24 @@ fn pjdfstest_passes_in_a_fresh_migration_over_a_large_old_tree() {
 }
 
 #[test]
-fn pjdfstest_passes_mid_migration_with_the_copier_running() {
-    let mut f = Fixture::new();
+fn pjdfstest_passes_mid_migration_with_the_copier_running_over_dev() {
+    pjdfstest_passes_mid_migration_with_the_copier_running("dev");
+}
+
+#[test]
+fn pjdfstest_passes_mid_migration_with_the_copier_running_over_io_uring() {
+    pjdfstest_passes_mid_migration_with_the_copier_running("uring");
+}
+
+fn pjdfstest_passes_mid_migration_with_the_copier_running(transport: &'static str) {
+    let mut f = Fixture::new().over(transport);
     large_old_tree(&f.old, 40, 500);
     // The smallest chunk size: pjdfstest's files must behave the same with it.
     ok(f.cmd_prepare_with(&["--chunk-size".as_ref(), "4k".as_ref()]));
     let mp = f.mnt.clone();
     // Throttled so that it is still copying when the suite ends.
     f.mount_with(&mp, &["--ops-limit", "100"]);
+    f.assert_transport();
     wait_for("the copier to start copying", 60, || counts(&f).1 > 0);
     let dir = f.v("data/d001/pjd");
     fs::create_dir(&dir).unwrap();
@@ -184,12 +204,22 @@ fn pjdfstest_passes_mid_migration_with_the_copier_running() {
 }
 
 #[test]
-fn pjdfstest_passes_after_commit() {
-    let mut f = Fixture::new();
+fn pjdfstest_passes_after_commit_over_dev() {
+    pjdfstest_passes_after_commit("dev");
+}
+
+#[test]
+fn pjdfstest_passes_after_commit_over_io_uring() {
+    pjdfstest_passes_after_commit("uring");
+}
+
+fn pjdfstest_passes_after_commit(transport: &'static str) {
+    let mut f = Fixture::new().over(transport);
     large_old_tree(&f.old, 10, 200);
     f.prepare();
     let mp = f.mnt.clone();
     f.mount_with(&mp, &[]);
+    f.assert_transport();
     ok(f.cmd("execute", &["--wait"]));
     ok(f.cmd("commit", &[]));
     let dir = f.v("data/d002/pjd");
@@ -237,10 +267,19 @@ fn link_count_max_that_pjdfstest_skips_on_fuse_gives_emlink_at_news_limit() {
 }
 
 #[test]
-fn fsx_full_profile_on_old_only_files_while_the_copier_runs() {
+fn fsx_full_profile_on_old_only_files_while_the_copier_runs_over_dev() {
+    fsx_full_profile_on_old_only_files_while_the_copier_runs("dev");
+}
+
+#[test]
+fn fsx_full_profile_on_old_only_files_while_the_copier_runs_over_io_uring() {
+    fsx_full_profile_on_old_only_files_while_the_copier_runs("uring");
+}
+
+fn fsx_full_profile_on_old_only_files_while_the_copier_runs(transport: &'static str) {
     const SEEDS: [u64; 4] = [1, 2, 3, 4];
     const OPS: u64 = 25_000;
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over(transport);
     for seed in SEEDS {
         let data: Vec<u8> = (0..3 << 20)
             .map(|i: u32| (i * 7 + seed as u32) as u8)
@@ -253,6 +292,7 @@ fn fsx_full_profile_on_old_only_files_while_the_copier_runs() {
     ok(f.cmd_prepare_with(&["--chunk-size".as_ref(), "4k".as_ref()]));
     let mp = f.mnt.clone();
     f.mount_with(&mp, &["--bwlimit", "2M"]);
+    f.assert_transport();
     let art = f.root.path().join("fsx-artifacts");
     fs::create_dir(&art).unwrap();
     let runs: Vec<_> = SEEDS
@@ -686,12 +726,21 @@ fn check_against_model(what: &str, root: &Path, workers: &[Worker], shared: &[St
 }
 
 #[test]
-fn parallel_stress_view_new_after_commit_and_model_agree() {
+fn parallel_stress_view_new_after_commit_and_model_agree_over_dev() {
+    parallel_stress_view_new_after_commit_and_model_agree("dev");
+}
+
+#[test]
+fn parallel_stress_view_new_after_commit_and_model_agree_over_io_uring() {
+    parallel_stress_view_new_after_commit_and_model_agree("uring");
+}
+
+fn parallel_stress_view_new_after_commit_and_model_agree(transport: &'static str) {
     const WORKERS: usize = 4;
     const STEPS: usize = 1500;
     const SHARED: usize = 6;
     const OLD_PER_DIR: usize = 60;
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over(transport);
     let shared: Vec<String> = (0..SHARED).map(|d| format!("stress/s{d}")).collect();
     // OLD: files in the shared dirs, each owned by one worker (so the model stays exact),
     // all of them still only in OLD when the workers start.
@@ -747,6 +796,7 @@ fn parallel_stress_view_new_after_commit_and_model_agree() {
     let mp = f.mnt.clone();
     // Throttled so that it copies all through the workers' run.
     f.mount_with(&mp, &["--ops-limit", "100"]);
+    f.assert_transport();
     wait_for("the copier to start copying", 60, || counts(&f).1 > 0);
     let workers: Vec<Worker> = std::thread::scope(|s| {
         let hs: Vec<_> = workers

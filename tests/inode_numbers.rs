@@ -56,7 +56,7 @@ fn run_ok(o: std::process::Output) {
 
 #[test]
 fn a_thousand_entries_keep_their_st_ino_across_unmount_kill_9_takeover_copy_and_commit() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     // Copied by the copier first: 300 files, and 50 files with a second name each.
     for i in 0..300 {
         write(

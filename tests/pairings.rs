@@ -527,7 +527,7 @@ fn an_s3_new_lists_what_it_cannot_hold_and_survives_kill_9() {
 /// and what was written before and after the handover reaches the bucket.
 #[test]
 fn an_s3_new_keeps_publishing_across_a_takeover() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     let old_arg = fill_old(&f, Side::Posix, "unused");
     let nb = "takeover-new";
     let new_arg = new_arg(&f, Side::S3, nb);

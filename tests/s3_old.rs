@@ -647,7 +647,7 @@ fn an_object_held_open_across_a_takeover_keeps_its_position_and_bytes() {
     let s = store("s3-old-takeover");
     let data = pattern((12 << 20) + 77, 5);
     s.put("held", data.clone(), &PosixMeta::default()).unwrap();
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     prepare(&f, "s3://s3-old-takeover");
     f.mount();
     let mut h = fs::File::open(f.v("held")).unwrap();

@@ -147,7 +147,7 @@ fn fill_old(f: &Fixture) {
 
 #[test]
 fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     fill_old(&f);
     f.prepare();
     // The copier runs, slowly, so each handover also finds a copy under way.
@@ -204,7 +204,7 @@ fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts() {
 
 #[test]
 fn files_held_open_across_a_takeover_keep_their_position_and_data() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     fill_old(&f);
     f.start();
     // Open before: a read-only OLD file (through the daemon), a NEW file open for writing
@@ -258,7 +258,7 @@ fn files_held_open_across_a_takeover_keep_their_position_and_data() {
 
 #[test]
 fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     fill_old(&f);
     f.start();
     fs::write(f.v("log"), b"").unwrap();
@@ -299,7 +299,7 @@ fn a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon() {
     // daemon held its exit for ever (a thread waiting on a FUSE request already read cannot
     // be killed), the new daemon waited for that exit, and the mount hung. A probe that never
     // rests is in flight at nearly every handover.
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     fill_old(&f);
     f.prepare();
     let mount = |f: &Fixture, takeover: bool, restless: bool| {
@@ -349,7 +349,7 @@ fn takeover_with_no_daemon_serving_says_so() {
 
 #[test]
 fn a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open() {
-    let mut f = Fixture::new();
+    let mut f = Fixture::new().over("dev");
     fill_old(&f);
     f.start();
     let before = f.daemon_pid().unwrap();

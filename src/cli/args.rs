@@ -84,6 +84,13 @@ pub enum Cmd {
         /// keeps the first daemon's choice (it is negotiated at mount).
         #[arg(long, value_enum, default_value_t = crate::fuse::ReaddirPlus::Always)]
         readdirplus: crate::fuse::ReaddirPlus,
+        /// How the kernel hands requests to the daemon: `auto` (FUSE over io_uring when the
+        /// kernel offers it, Linux 6.14+ with the fuse module's enable_uring on, else
+        /// /dev/fuse), `uring` (io_uring or the mount fails), `dev` (/dev/fuse). Shown in
+        /// status and /metrics. A mount served over io_uring cannot be taken over
+        /// (--takeover): mount with `dev` where restarts without unmount matter.
+        #[arg(long, value_enum, default_value_t = crate::fuse::Transport::Auto)]
+        transport: crate::fuse::Transport,
         /// An S3 NEW: the most bytes its staging tree (in the state dir) holds of what
         /// applications write through the view before it is uploaded (k, M, G, T suffixes).
         /// Writes that would go past it wait for uploads to make room (a file still open is

@@ -179,6 +179,17 @@ pub fn print_status(s: &Status) {
         s.phase,
         if s.mounted { " (view mounted)" } else { "" }
     );
+    if let Some(t) = &s.transport {
+        if t.transport == "io_uring" {
+            println!(
+                "transport:  io_uring ({} queues, {} KiB per entry)",
+                t.queues,
+                t.payload_bytes >> 10
+            );
+        } else {
+            println!("transport:  {} (/dev/fuse)", t.transport);
+        }
+    }
     println!("OLD:        {}", s.old);
     println!("NEW:        {}", s.new);
     println!("dirs:       {} of {} copied", s.dirs.done, s.dirs.total);

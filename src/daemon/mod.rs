@@ -51,6 +51,8 @@ pub struct MountArgs {
     pub takeover: bool,
     /// Whether listings carry attributes.
     pub readdirplus: crate::fuse::ReaddirPlus,
+    /// How the kernel hands requests to the daemon.
+    pub transport: crate::fuse::Transport,
     /// An S3 NEW: the bound on its staging tree (`None`: the default).
     pub stage_max: Option<u64>,
     /// Serve remote copy workers.
@@ -89,10 +91,14 @@ struct Copying {
 /// Serve the view in this process until it is unmounted. `ready` is told once the kernel has
 /// accepted the mount (or why it was not).
 pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
+    if !args.takeover {
+        args.transport.check().map_err(|e| ready.fail(e))?;
+    }
     let s = open(args).map_err(|e| ready.fail(e))?;
     let copying = start_copier(&s).map_err(|e| ready.fail(e))?;
     let fs = FerryFs::new(s.opened.view.clone(), args.passthrough, args.metadata_ttl)
-        .with_readdirplus(args.readdirplus);
+        .with_readdirplus(args.readdirplus)
+        .with_transport(args.transport);
     let parts = fs.takeover_parts();
     let mut plan = MountPlan::parse(&args.options);
     let mut s = s;
@@ -128,6 +134,7 @@ pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
         None => None,
     };
     let session = mount_view(&mut s, fs, &plan).map_err(|e| ready.fail(e))?;
+    record_transport(&s, &session, &parts).map_err(|e| ready.fail(e))?;
     let view = s.opened.view.clone();
     if let Some(dev) = mount::mount_dev(&args.mountpoint, &s.state_abs) {
         view.set_mount_dev(dev);
@@ -220,6 +227,49 @@ fn open(args: &MountArgs) -> Result<Serving<'_>, String> {
         taken,
         notifier: Arc::new(notifier),
     })
+}
+
+/// The FUSE transport the session got: for the takeover (which cannot hand over io_uring
+/// entries), the log, status and /metrics.
+fn record_transport(
+    s: &Serving<'_>,
+    session: &Session,
+    parts: &crate::fuse::takeover::Parts,
+) -> Result<(), String> {
+    use crate::journal::Meta;
+    let t = session.transport();
+    let on_uring = t.transport == "io_uring";
+    if !on_uring && s.args.transport == crate::fuse::Transport::Uring && !s.args.takeover {
+        // The kernel offered it, but this process could not make rings (io_uring disabled
+        // by seccomp or sysctl, out of memory): fuser logged why.
+        return Err(
+            "--transport uring: the kernel offered FUSE over io_uring but this process \
+             cannot use io_uring (see the log; seccomp profiles of container runtimes block \
+             it); use --transport auto or dev"
+                .into(),
+        );
+    }
+    parts.gate.set_on_uring(on_uring);
+    crate::metrics::METRICS.set_fuse_transport(on_uring);
+    if on_uring {
+        tracing::info!(
+            queues = t.queues,
+            entry_payload_bytes = t.payload_bytes,
+            threads = s.args.threads.max(t.queues),
+            "FUSE requests come over io_uring"
+        );
+    } else {
+        tracing::info!(asked = ?s.args.transport, "FUSE requests come through /dev/fuse");
+    }
+    let mut b = crate::journal::Batch::new();
+    b.meta(
+        Meta::FuseTransport,
+        &serde_json::to_vec(&t).expect("serializes"),
+    );
+    if let Err(e) = s.migration.journal.commit(b, false) {
+        tracing::warn!(error = %e, "recording the FUSE transport for status");
+    }
+    Ok(())
 }
 
 /// An S3 NEW's staging tree bounded: `--stage-max`, or half of the room for it on the state

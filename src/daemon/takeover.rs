@@ -266,6 +266,14 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
                 .into(),
         );
     }
+    if src.parts.gate.on_uring() {
+        return refuse(
+            "the mount is served over FUSE io_uring, whose requests held in ring entries \
+             cannot be handed to another process; remount with --transport dev to restart \
+             without unmount"
+                .into(),
+        );
+    }
     let Some(kernel) = src.parts.gate.kernel() else {
         return refuse("the FUSE session is not initialised yet".into());
     };

@@ -31,6 +31,8 @@ pub struct FerryFs {
     /// Parks requests while the mount is handed to a new daemon (`mount --takeover`).
     gate: Arc<takeover::Gate>,
     readdirplus: ReaddirPlus,
+    /// How requests reach the daemon (`mount --transport`).
+    transport: Transport,
     /// How long the kernel may trust attributes and names without asking (`mount
     /// --metadata-ttl`). Every change made through the view is seen by the kernel directly;
     /// this only bounds how late a change made in OLD behind the view's back shows.
@@ -44,6 +46,7 @@ impl FerryFs {
             view,
             ttl,
             readdirplus: ReaddirPlus::Always,
+            transport: Transport::Auto,
             passthrough: Arc::new(Passthrough {
                 wanted: passthrough,
                 refused: [AtomicBool::new(false), AtomicBool::new(false)],
@@ -60,6 +63,12 @@ impl FerryFs {
         self
     }
 
+    /// How requests reach the daemon (`mount --transport`).
+    pub fn with_transport(mut self, t: Transport) -> FerryFs {
+        self.transport = t;
+        self
+    }
+
     /// What a takeover needs of this adapter once it serves: its request gate and its
     /// passthrough state.
     pub fn takeover_parts(&self) -> takeover::Parts {
@@ -69,6 +78,64 @@ impl FerryFs {
         }
     }
 }
+
+/// How the kernel hands requests to the daemon (`mount --transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// FUSE over io_uring when the kernel offers it, else /dev/fuse.
+    Auto,
+    /// FUSE over io_uring, or the mount fails.
+    Uring,
+    /// read(2) and writev(2) on /dev/fuse.
+    Dev,
+}
+
+impl Transport {
+    /// Before mounting: whether this kernel can give what `--transport` asks (`uring` only).
+    pub fn check(self) -> Result<(), String> {
+        if self != Transport::Uring {
+            return Ok(());
+        }
+        uring_offered(
+            std::fs::read_to_string(ENABLE_URING).ok().as_deref(),
+            std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+                .ok()
+                .as_deref(),
+        )
+    }
+}
+
+/// Whether the kernel offers FUSE over io_uring, from the fuse module's `enable_uring` and
+/// the `io_uring_disabled` sysctl (`None`: absent).
+fn uring_offered(enable: Option<&str>, disabled: Option<&str>) -> Result<(), String> {
+    match enable.map(str::trim) {
+        Some("Y") => {}
+        Some(_) => {
+            return Err(format!(
+                "--transport uring: FUSE over io_uring is off on this host ({ENABLE_URING} is \
+                 N; `echo Y > {ENABLE_URING}` turns it on, see docs/OPERATIONS.md), or use \
+                 --transport auto"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "--transport uring: this kernel has no FUSE over io_uring ({ENABLE_URING} is \
+                 missing: Linux 6.14 or later built with CONFIG_FUSE_IO_URING); use \
+                 --transport auto or dev"
+            ));
+        }
+    }
+    match disabled.map(str::trim) {
+        Some(v) if v != "0" => Err(format!(
+            "--transport uring: io_uring is disabled on this host \
+             (/proc/sys/kernel/io_uring_disabled is {v})"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The module parameter that lets the kernel offer FUSE over io_uring.
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// Whether listings carry each entry's attributes (`mount --readdirplus`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -487,6 +554,19 @@ impl Filesystem for FerryFs {
             );
         }
         let _ = config.set_max_write(1 << 20);
+        // FUSE over io_uring: fuser serves ring entries when the kernel accepts it (and drops
+        // the flag from its INIT reply if this process cannot make rings).
+        if self.transport != Transport::Dev {
+            let granted = config
+                .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            if !granted && self.transport == Transport::Uring {
+                return Err(std::io::Error::other(
+                    "--transport uring: the kernel does not offer FUSE over io_uring",
+                ));
+            }
+            self.gate.set_on_uring(granted);
+        }
         // Listings with attributes: one request per listing chunk instead of a lookup per
         // name afterwards. `auto` sends attributes only for the first chunk of a directory
         // that is read whole before its entries are stat'ed (Python's scandir, big `ls -l`),
@@ -1132,6 +1212,22 @@ impl Filesystem for FerryFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transport_uring_is_refused_with_the_reason_where_the_kernel_does_not_offer_it() {
+        assert!(uring_offered(Some("Y\n"), Some("0\n")).is_ok());
+        assert!(uring_offered(Some("Y\n"), None).is_ok());
+        let off = uring_offered(Some("N\n"), Some("0")).unwrap_err();
+        assert!(off.contains("is N") && off.contains("echo Y"), "{off}");
+        let old = uring_offered(None, None).unwrap_err();
+        assert!(
+            old.contains("6.14") && old.contains("--transport auto"),
+            "{old}"
+        );
+        let disabled = uring_offered(Some("Y"), Some("2\n")).unwrap_err();
+        assert!(disabled.contains("io_uring_disabled is 2"), "{disabled}");
+        assert!(Transport::Auto.check().is_ok() && Transport::Dev.check().is_ok());
+    }
 
     fn open_file(on_new: bool) -> crate::view::OpenFile {
         crate::view::OpenFile {

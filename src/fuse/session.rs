@@ -11,6 +11,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use super::FerryFs;
 use super::takeover::KernelInit;
+use crate::state::status::FuseTransport;
 use crate::view::View;
 
 /// The `-o` options of a mount, parsed: what goes to the kernel, and who may use the mount.
@@ -158,6 +159,22 @@ impl Session {
                 }
             })
             .map(drop)
+    }
+
+    /// How the kernel hands this session its requests, as negotiated at INIT.
+    pub fn transport(&self) -> FuseTransport {
+        match self.0.io_uring() {
+            Some(u) => FuseTransport {
+                transport: "io_uring".into(),
+                queues: u.queues(),
+                payload_bytes: u.payload_bytes(),
+            },
+            None => FuseTransport {
+                transport: "dev".into(),
+                queues: 0,
+                payload_bytes: 0,
+            },
+        }
     }
 
     /// Answer requests until the kernel detaches the mount.

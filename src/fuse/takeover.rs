@@ -27,6 +27,8 @@ pub struct Gate {
     unparked: std::sync::Condvar,
     /// What the kernel offered at INIT, replayed to the next daemon's fuser session.
     kernel: OnceLock<KernelInit>,
+    /// Whether the connection is served over io_uring (a takeover cannot hand it over).
+    on_uring: AtomicBool,
     /// The daemon's own requests through its mount (the health probe's statfs).
     own: std::sync::Mutex<OwnUses>,
     own_done: std::sync::Condvar,
@@ -133,6 +135,16 @@ impl Gate {
         self.own.lock().unwrap_or_else(|p| p.into_inner()).held = false;
     }
 
+    pub(crate) fn set_on_uring(&self, on: bool) {
+        self.on_uring.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether requests come through io_uring rings, whose held requests a takeover cannot
+    /// pass on (see `mount --takeover` in docs/OPERATIONS.md).
+    pub fn on_uring(&self) -> bool {
+        self.on_uring.load(Ordering::SeqCst)
+    }
+
     pub(super) fn set_kernel(&self, k: KernelInit) {
         let _ = self.kernel.set(k);
     }
@@ -237,6 +249,7 @@ pub(super) fn close_backing(dev: &OwnedFd, raw: u32) {
 /// FUSE_INIT's opcode, and the INIT_EXT flag (the high 32 flag bits are in flags2).
 const FUSE_INIT: u32 = 26;
 const FUSE_INIT_EXT: u64 = 1 << 30;
+const FUSE_OVER_IO_URING: u64 = 1 << 41;
 
 /// A fuser session for a connection that is already initialised: fuser gets a replay of the
 /// kernel's INIT over a socketpair (its answer is dropped: the kernel negotiated with the
@@ -262,8 +275,9 @@ pub fn session_on(
     init.extend_from_slice(&1u64.to_le_bytes()); // unique
     init.extend_from_slice(&0u64.to_le_bytes()); // nodeid
     init.extend_from_slice(&[0u8; 16]); // uid, gid, pid, total_extlen, padding
-    // fuse_init_in
-    let flags = kernel.flags | FUSE_INIT_EXT;
+    // fuse_init_in; never io_uring (a connection served over it is not handed over), so the
+    // session serves /dev/fuse as the first daemon did.
+    let flags = (kernel.flags | FUSE_INIT_EXT) & !FUSE_OVER_IO_URING;
     init.extend_from_slice(&kernel.major.to_le_bytes());
     init.extend_from_slice(&kernel.minor.to_le_bytes());
     init.extend_from_slice(&(128u32 << 10).to_le_bytes()); // max_readahead

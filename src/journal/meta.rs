@@ -51,6 +51,9 @@ pub enum Meta {
     BwLimit,
     /// prepare's filter rules, in order (JSON of `[copier::filter::Rule]`); none: no filter.
     Filter,
+    /// The FUSE transport the daemon serving the view uses (JSON of
+    /// `state::status::FuseTransport`; not synced: it is only news).
+    FuseTransport,
     /// The chunk size of copy-before-write (`prepare --chunk-size`; 8 bytes LE; 0: whole
     /// files only). Absent: [`DEFAULT_CHUNK_SIZE`].
     ChunkSize,
@@ -84,6 +87,7 @@ impl Meta {
             Meta::Filter => "filter",
             Meta::ChunkSize => "chunk_size",
             Meta::BwLimit => "bwlimit",
+            Meta::FuseTransport => "fuse_transport",
         }
     }
 }

@@ -190,6 +190,8 @@ pub struct Metrics {
     copy_rate: AtomicU64,
     /// Entries of the view an abort has written back into OLD so far (its progress line).
     abort_written: AtomicU64,
+    /// The FUSE transport the mount is served over: 0 not mounted, 1 /dev/fuse, 2 io_uring.
+    fuse_transport: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics::new();
@@ -218,6 +220,7 @@ impl Metrics {
             journal_writes: [const { Histogram::new() }; 2],
             copy_rate: AtomicU64::new(0),
             abort_written: AtomicU64::new(0),
+            fuse_transport: AtomicU64::new(0),
         }
     }
 
@@ -281,6 +284,12 @@ impl Metrics {
 
     pub fn journal_write(&self, durable: bool, took: Duration) {
         self.journal_writes[usize::from(durable)].observe(took);
+    }
+
+    /// The mount is served over io_uring (`true`) or /dev/fuse.
+    pub fn set_fuse_transport(&self, io_uring: bool) {
+        self.fuse_transport
+            .store(if io_uring { 2 } else { 1 }, Relaxed);
     }
 
     pub fn set_copy_rate(&self, bytes_per_sec: u64) {
@@ -437,6 +446,19 @@ impl Metrics {
              ferryfs_copy_rate_bytes_per_second {}",
             self.copy_rate.load(Relaxed)
         );
+        let transport = self.fuse_transport.load(Relaxed);
+        if transport != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP ferryfs_fuse_transport How the kernel hands FUSE requests to the daemon: 1 \
+                 on the transport in use (io_uring, or dev: read/writev on /dev/fuse).\n\
+                 # TYPE ferryfs_fuse_transport gauge\n\
+                 ferryfs_fuse_transport{{transport=\"io_uring\"}} {}\n\
+                 ferryfs_fuse_transport{{transport=\"dev\"}} {}",
+                u8::from(transport == 2),
+                u8::from(transport == 1)
+            );
+        }
     }
 }
 

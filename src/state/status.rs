@@ -97,6 +97,21 @@ pub struct Status {
     /// Remote copy workers the coordinator (`mount --workers-listen`) has known: what each
     /// copied, its pace, when it was last heard from.
     pub workers: Vec<crate::workers::coordinator::WorkerStatus>,
+    /// While mounted: how the kernel hands the view's requests to the daemon (`mount
+    /// --transport`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<FuseTransport>,
+}
+
+/// The FUSE transport a mount is served over (`mount --transport`), as its daemon recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FuseTransport {
+    /// `io_uring` or `dev` (read/writev on /dev/fuse).
+    pub transport: String,
+    /// io_uring: the kernel's queues (one per possible CPU).
+    pub queues: usize,
+    /// io_uring: bytes of each ring entry's payload buffer.
+    pub payload_bytes: usize,
 }
 
 #[derive(Debug, Serialize, Clone, Copy, Default)]
@@ -347,5 +362,9 @@ pub fn status_of(journal: &Records, state: &Path, count_local: bool) -> Result<S
         eta_seconds,
         published,
         workers: crate::workers::coordinator::recorded_workers(&journal),
+        transport: mounted
+            .then(|| journal.meta(Meta::FuseTransport).ok().flatten())
+            .flatten()
+            .and_then(|v| serde_json::from_slice(&v).ok()),
     })
 }

@@ -74,7 +74,24 @@ pub struct Fixture {
     pub new: PathBuf,
     pub state: PathBuf,
     pub mnt: PathBuf,
+    /// `mount --transport` for every mount of this fixture (`None`: the default, `auto`).
+    pub transport: Option<&'static str>,
     mounted: bool,
+}
+
+/// The fuse module's switch for FUSE over io_uring.
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// A test of the io_uring transport needs the kernel to offer it; scripts/test.sh turns it on
+/// for its run.
+pub fn require_io_uring() {
+    let on = fs::read_to_string(ENABLE_URING).map(|v| v.trim() == "Y");
+    assert!(
+        matches!(on, Ok(true)),
+        "FUSE over io_uring is not offered by this kernel ({ENABLE_URING}: {on:?}); this test \
+         needs Linux 6.14+ with it on (`echo Y > {ENABLE_URING}`; scripts/test.sh does so for \
+         its run and puts it back)"
+    );
 }
 
 impl Fixture {
@@ -95,6 +112,7 @@ impl Fixture {
             state: p.join("state"),
             mnt: p.join("mnt"),
             root,
+            transport: None,
             mounted: false,
         }
     }
@@ -155,6 +173,9 @@ impl Fixture {
             "-o".as_ref(),
             "allow_other".as_ref(),
         ];
+        if let Some(t) = self.transport {
+            args.extend(["--transport".as_ref(), OsStr::new(t)]);
+        }
         args.extend(extra.iter().map(|a| OsStr::new(*a)));
         run(Command::new(BIN).args(&args).envs(env.iter().copied()))
     }
@@ -190,6 +211,32 @@ impl Fixture {
     /// A path inside the view.
     pub fn v(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
+    }
+
+    /// Use `mount --transport` `transport` ("dev" or "uring") for this fixture's mounts; the
+    /// io_uring one needs the kernel to offer it.
+    pub fn over(mut self, transport: &'static str) -> Fixture {
+        if transport == "uring" {
+            require_io_uring();
+        }
+        self.transport = Some(transport);
+        self
+    }
+
+    /// The mounted view is served over the transport this fixture asked for.
+    pub fn assert_transport(&self) {
+        let want = match self.transport {
+            Some("uring") => "io_uring",
+            Some(t) => t,
+            None => return,
+        };
+        let st = self.status_json();
+        assert_eq!(
+            st["transport"]["transport"].as_str(),
+            Some(want),
+            "the view is not served over {want}: status {}",
+            st["transport"]
+        );
     }
 
     pub fn status_json(&self) -> serde_json::Value {

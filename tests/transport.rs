@@ -1,0 +1,241 @@
+//! `mount --transport`: FUSE over io_uring when the kernel offers it, /dev/fuse otherwise, and
+//! what the operator sees of it (status, /metrics, the daemon's rings). The conformance suites
+//! run over both transports in tests/conformance.rs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use common::*;
+
+fn scrape(port: u16) -> BTreeMap<String, f64> {
+    let (code, body) = http_get(port, "/metrics").expect("GET /metrics");
+    assert_eq!(code, 200, "/metrics: {body}");
+    parse_metrics(&body)
+}
+
+/// The daemon's io_uring instances, and its threads by name.
+fn rings_and_threads(pid: i32) -> (usize, Vec<String>) {
+    let rings = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy() == "anon_inode:[io_uring]")
+        .count();
+    let threads = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    (rings, threads)
+}
+
+fn possible_cpus() -> usize {
+    let s = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    s.trim()
+        .split(',')
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// Some work through the view: names, metadata, data both ways (1 MiB requests), a listing.
+fn exercise(f: &Fixture) {
+    for i in 0..200 {
+        fs::write(f.v(&format!("new/f{i}")), format!("file {i}")).unwrap();
+    }
+    assert_eq!(fs::read_dir(f.v("new")).unwrap().count(), 200);
+    assert_eq!(fs::read(f.v("new/f123")).unwrap(), b"file 123");
+    let big: Vec<u8> = (0..(9 << 20) + 17).map(|i: u32| (i % 251) as u8).collect();
+    fs::write(f.v("new/big"), &big).unwrap();
+    assert!(fs::read(f.v("new/big")).unwrap() == big);
+    assert!(fs::read(f.v("old-big")).unwrap() == pattern_old());
+    fs::rename(f.v("new/f1"), f.v("new/g1")).unwrap();
+    fs::remove_file(f.v("new/f2")).unwrap();
+    assert!(fs::metadata(f.v("new/f2")).is_err());
+}
+
+fn pattern_old() -> Vec<u8> {
+    (0..(5 << 20) + 3).map(|i: u32| (i % 241) as u8).collect()
+}
+
+fn fixture() -> Fixture {
+    let f = Fixture::new();
+    write(&f.old.join("old-big"), &pattern_old());
+    fs::create_dir(f.old.join("new")).unwrap();
+    f.prepare();
+    f
+}
+
+#[test]
+fn a_view_over_io_uring_serves_from_rings_and_says_so_in_status_and_metrics() {
+    let mut f = fixture().over("uring");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
+    f.assert_transport();
+    let st = f.status_json();
+    assert_eq!(
+        st["transport"]["queues"].as_u64(),
+        Some(possible_cpus() as u64)
+    );
+    assert_eq!(st["transport"]["payload_bytes"].as_u64(), Some(1 << 20));
+    let m = scrape(port);
+    assert_eq!(m["ferryfs_fuse_transport{transport=\"io_uring\"}"], 1.0);
+    assert_eq!(m["ferryfs_fuse_transport{transport=\"dev\"}"], 0.0);
+    let pid = f.daemon_pid().expect("a daemon serves");
+    let (rings, threads) = rings_and_threads(pid);
+    let ring_threads = threads
+        .iter()
+        .filter(|t| t.starts_with("fuser-ring"))
+        .count();
+    // --threads 8 by default, and at least one per queue.
+    assert_eq!(ring_threads, 8.max(possible_cpus()), "threads: {threads:?}");
+    assert_eq!(rings, ring_threads, "one io_uring per ring thread");
+    exercise(&f);
+    let text = ok(f.cmd("status", &[]));
+    assert!(
+        text.contains("transport:  io_uring"),
+        "status does not show the transport: {text}"
+    );
+    f.unmount();
+}
+
+#[test]
+fn a_view_over_dev_fuse_makes_no_ring() {
+    let mut f = fixture().over("dev");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
+    f.assert_transport();
+    let m = scrape(port);
+    assert_eq!(m["ferryfs_fuse_transport{transport=\"dev\"}"], 1.0);
+    assert_eq!(m["ferryfs_fuse_transport{transport=\"io_uring\"}"], 0.0);
+    let (rings, threads) = rings_and_threads(f.daemon_pid().unwrap());
+    assert_eq!(rings, 0);
+    assert!(!threads.iter().any(|t| t.starts_with("fuser-ring")));
+    exercise(&f);
+    f.unmount();
+}
+
+/// seccomp: io_uring_setup fails with EPERM in the mount command and the daemon it forks, as
+/// under a container runtime's default profile.
+fn without_io_uring(cmd: &mut Command) -> &mut Command {
+    // SAFETY: between fork and exec only prctl is called, with a filter that lives on the
+    // child's stack for the call.
+    unsafe {
+        cmd.pre_exec(|| {
+            const IO_URING_SETUP: u32 = 425;
+            const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+            let ld = |k| libc::sock_filter {
+                code: 0x20, // BPF_LD | BPF_W | BPF_ABS
+                jt: 0,
+                jf: 0,
+                k,
+            };
+            let jeq = |k, jt, jf| libc::sock_filter {
+                code: 0x15, // BPF_JMP | BPF_JEQ | BPF_K
+                jt,
+                jf,
+                k,
+            };
+            let ret = |k| libc::sock_filter {
+                code: 0x06, // BPF_RET | BPF_K
+                jt: 0,
+                jf: 0,
+                k,
+            };
+            let prog = [
+                ld(4), // seccomp_data.arch
+                jeq(AUDIT_ARCH_X86_64, 0, 3),
+                ld(0), // seccomp_data.nr
+                jeq(IO_URING_SETUP, 0, 1),
+                ret(0x0005_0000 | libc::EPERM as u32), // SECCOMP_RET_ERRNO
+                ret(0x7fff_0000),                      // SECCOMP_RET_ALLOW
+            ];
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr() as *mut _,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, 2, &fprog as *const _) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+fn mount_cmd(f: &Fixture, transport: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["mount", "--no-copy", "--transport", transport, "--state"])
+        .arg(&f.state)
+        .arg(&f.mnt);
+    c
+}
+
+#[test]
+fn auto_falls_back_to_dev_fuse_where_io_uring_is_blocked_and_uring_refuses_to_mount() {
+    require_io_uring();
+    assert!(
+        std::env::consts::ARCH == "x86_64",
+        "this test's seccomp filter is written for x86_64"
+    );
+    let f = fixture();
+    // `uring`, demanded: the mount fails with the reason, and nothing stays mounted.
+    let out = run(without_io_uring(&mut mount_cmd(&f, "uring")));
+    assert!(!out.status.success(), "mounted without io_uring");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--transport uring") && err.contains("cannot use io_uring"),
+        "unclear error: {err}"
+    );
+    assert!(
+        !fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(f.mnt.to_str().unwrap()),
+        "a failed mount left the view mounted"
+    );
+    // `auto`: served through /dev/fuse, said in the log, and it works.
+    ok(run(without_io_uring(&mut mount_cmd(&f, "auto"))));
+    let mut f = f;
+    f.transport = Some("dev");
+    f.assert_transport();
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    assert!(
+        log.contains("FUSE over io_uring cannot be used"),
+        "the fall-back is not logged: {log}"
+    );
+    exercise(&f);
+    f.unmount();
+}
+
+#[test]
+fn a_takeover_of_a_view_over_io_uring_is_refused_and_the_old_daemon_serves_on() {
+    let mut f = fixture().over("uring");
+    f.mount();
+    let pid = f.daemon_pid().unwrap();
+    fs::write(f.v("new/before"), b"1").unwrap();
+    let out = f.try_mount(&f.mnt.clone(), &["--takeover"]);
+    assert!(
+        !out.status.success(),
+        "a takeover of an io_uring view went through"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("io_uring")
+            && err.contains("--transport dev")
+            && err.contains("keeps serving"),
+        "unclear refusal: {err}"
+    );
+    assert_eq!(f.daemon_pid(), Some(pid), "the old daemon was replaced");
+    f.assert_transport();
+    fs::write(f.v("new/after"), b"2").unwrap();
+    assert_eq!(fs::read(f.v("new/before")).unwrap(), b"1");
+    f.unmount();
+}

@@ -1,0 +1,586 @@
+//! FUSE over io_uring (Linux 6.14 and later, protocol 7.42): requests and replies pass through
+//! ring entries instead of read(2)/writev(2) on /dev/fuse.
+//!
+//! The kernel keeps one queue per possible CPU and puts a request on the queue of the CPU its
+//! caller runs on. A server gives it *entries*: a 288-byte header buffer and a payload buffer,
+//! registered with an `IORING_OP_URING_CMD` (`FUSE_IO_URING_CMD_REGISTER`) on the /dev/fuse
+//! fd. A request fills a free entry of its queue and completes that command; the server
+//! answers in the same buffers and hands the entry back with `COMMIT_AND_FETCH`, which also
+//! waits for the next request. Forgets, interrupts and notifications stay on /dev/fuse, and
+//! backing files (passthrough) are still opened with ioctls on it.
+//!
+//! Here every ring thread owns one io_uring and one entry, and answers its requests itself,
+//! as a /dev/fuse thread does: handlers may block (a thread per entry), the ring has one
+//! submitter (`SINGLE_ISSUER`, `DEFER_TASKRUN`: the kernel copies the next request into the
+//! entry when the thread waits for it, never interrupting a handler). Threads are spread
+//! over the queues round robin; there are at least as many as queues, since the kernel holds
+//! every request until each queue has an entry.
+//!
+//! Negotiating the flag commits the connection: once the kernel has the INIT reply with
+//! `FUSE_OVER_IO_URING`, requests wait for ring entries. So the rings are tried before the
+//! reply (`probe`), and the flag is dropped from it when they cannot be made. If the kernel
+//! refuses the first registration it serves the connection through /dev/fuse again, and the
+//! thread becomes a /dev/fuse thread.
+
+use std::io;
+use std::io::IoSlice;
+use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+
+use io_uring::IoUring;
+use io_uring::cqueue;
+use io_uring::opcode;
+use io_uring::squeue;
+use io_uring::types;
+use log::debug;
+use log::warn;
+use parking_lot::Condvar;
+use parking_lot::Mutex;
+
+use crate::Filesystem;
+use crate::ll::Operation;
+use crate::reply::ReplyEmpty;
+use crate::request::RequestWithSender;
+use crate::session::SessionEventLoop;
+
+/// `enum fuse_uring_cmd`.
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// `struct fuse_uring_req_header`: `in_out[128]`, `op_in[128]`, `ring_ent_in_out` (32 bytes).
+const HEADER_SIZE: usize = 288;
+const OP_IN: usize = 128;
+const ENT_IN_OUT: usize = 256;
+/// `ring_ent_in_out.commit_id` and `.payload_sz`.
+const COMMIT_ID: usize = ENT_IN_OUT + 8;
+const PAYLOAD_SZ: usize = ENT_IN_OUT + 16;
+/// `struct fuse_in_header` and `struct fuse_out_header`.
+const IN_HEADER: usize = 40;
+const OUT_HEADER: usize = 16;
+/// `FUSE_MIN_READ_BUFFER`: the smallest payload the kernel takes.
+const MIN_PAYLOAD: usize = 8192;
+/// Where the header buffer ends and the payload begins in an entry's memory (a page).
+const PAYLOAD_AT: usize = 4096;
+/// The SQE's `len` (the iovec count of a registration), which `UringCmd80` cannot set.
+const SQE_LEN_OFFSET: usize = 24;
+
+/// FUSE over io_uring on a session, as the kernel and the threads have it.
+#[derive(Debug)]
+pub struct IoUringState {
+    queues: usize,
+    payload: usize,
+    serving: AtomicUsize,
+    refused: AtomicBool,
+}
+
+impl IoUringState {
+    /// The kernel's queues: one per possible CPU.
+    pub fn queues(&self) -> usize {
+        self.queues
+    }
+
+    /// Bytes of each entry's payload buffer.
+    pub fn payload_bytes(&self) -> usize {
+        self.payload
+    }
+
+    /// Ring threads serving now.
+    pub fn threads(&self) -> usize {
+        self.serving.load(Ordering::Relaxed)
+    }
+
+    /// Whether the kernel refused a registration (the connection is then served through
+    /// /dev/fuse).
+    pub fn refused(&self) -> bool {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether requests pass through the rings.
+    pub fn active(&self) -> bool {
+        !self.refused()
+    }
+}
+
+/// How many queues the kernel makes for a connection: `num_possible_cpus()`, counted from
+/// `/sys/devices/system/cpu/possible` (which `sysconf` may undercount on hot-plug machines).
+pub(crate) fn possible_cpus() -> io::Result<usize> {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    count_cpu_list(s.trim()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("cannot parse /sys/devices/system/cpu/possible: {s:?}"),
+        )
+    })
+}
+
+fn count_cpu_list(s: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
+}
+
+fn new_ring() -> io::Result<IoUring<squeue::Entry128, cqueue::Entry>> {
+    IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(8)
+        .build(4)
+}
+
+/// Check, before the INIT reply commits the connection, that this process can make the
+/// rings (io_uring may be disabled by sysctl or seccomp) and how many queues to serve.
+pub(crate) fn probe(max_write: u32, max_pages: u16) -> io::Result<Arc<IoUringState>> {
+    let queues = possible_cpus()?;
+    drop(new_ring()?);
+    let payload = MIN_PAYLOAD
+        .max(max_write as usize)
+        .max(usize::from(max_pages) * page_size::get());
+    Ok(Arc::new(IoUringState {
+        queues,
+        payload,
+        serving: AtomicUsize::new(0),
+        refused: AtomicBool::new(false),
+    }))
+}
+
+/// An entry's memory: the header buffer, then (page aligned) the payload buffer.
+/// Unmapped when the last reference to its slot goes, after the ring that registered it.
+struct EntryMem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl EntryMem {
+    fn new(payload: usize) -> io::Result<EntryMem> {
+        let len = PAYLOAD_AT + payload;
+        // SAFETY: an anonymous private mapping, owned by the returned value.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(EntryMem {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for EntryMem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; the kernel no longer writes to it (the ring that
+        // registered it is closed before its slot goes).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// The reply side of an entry: a reply, from whichever thread makes it, is written into the
+/// entry's buffers; the ring thread then commits it.
+pub(crate) struct Slot {
+    mem: EntryMem,
+    payload_len: usize,
+    state: Mutex<SlotState>,
+    replied: Condvar,
+}
+
+// SAFETY: the buffers are only written under `state`'s lock, while the kernel does not touch
+// them (between a request's arrival and its commit); the mapping lives as long as the slot.
+unsafe impl Send for Slot {}
+unsafe impl Sync for Slot {}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("payload_len", &self.payload_len)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The request being answered, 0 between requests.
+    unique: u64,
+    replied: bool,
+}
+
+impl Slot {
+    fn new(payload_len: usize) -> io::Result<Slot> {
+        Ok(Slot {
+            mem: EntryMem::new(payload_len)?,
+            payload_len,
+            state: Mutex::new(SlotState::default()),
+            replied: Condvar::new(),
+        })
+    }
+
+    fn header(&self) -> *mut u8 {
+        self.mem.ptr
+    }
+
+    fn payload(&self) -> *mut u8 {
+        // SAFETY: within the mapping (PAYLOAD_AT + payload_len bytes).
+        unsafe { self.mem.ptr.add(PAYLOAD_AT) }
+    }
+
+    /// Write a reply (`fuse_out_header` and its payload, as a /dev/fuse writev would take
+    /// them) into the entry.
+    pub(crate) fn reply(&self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total < OUT_HEADER || total - OUT_HEADER > self.payload_len {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut st = self.state.lock();
+        let mut head = [0u8; OUT_HEADER];
+        let mut at = 0;
+        for b in bufs {
+            for (i, byte) in b.iter().enumerate().take(OUT_HEADER.saturating_sub(at)) {
+                head[at + i] = *byte;
+            }
+            at += b.len();
+            if at >= OUT_HEADER {
+                break;
+            }
+        }
+        let unique = u64::from_ne_bytes(head[8..16].try_into().expect("8 bytes"));
+        if st.unique == 0 || unique != st.unique || st.replied {
+            // Not the request this entry holds (answered already, or a stale reply).
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        // SAFETY: the buffers are the entry's (`header` HEADER_SIZE bytes, `payload`
+        // `payload_len`), written under the lock while the kernel waits for the commit.
+        unsafe {
+            std::ptr::copy_nonoverlapping(head.as_ptr(), self.header(), OUT_HEADER);
+            let mut skip = OUT_HEADER;
+            let mut out = 0;
+            for b in bufs {
+                let s = &b[skip.min(b.len())..];
+                skip -= skip.min(b.len());
+                std::ptr::copy_nonoverlapping(s.as_ptr(), self.payload().add(out), s.len());
+                out += s.len();
+            }
+            self.header()
+                .add(PAYLOAD_SZ)
+                .cast::<u32>()
+                .write_unaligned(out as u32);
+        }
+        st.replied = true;
+        self.replied.notify_all();
+        Ok(())
+    }
+
+    fn begin(&self, unique: u64) {
+        let mut st = self.state.lock();
+        st.unique = unique;
+        st.replied = false;
+    }
+
+    /// Wait until the request has its reply (handlers may answer from another thread).
+    fn wait(&self) {
+        let mut st = self.state.lock();
+        while !st.replied {
+            self.replied.wait(&mut st);
+        }
+        st.unique = 0;
+    }
+}
+
+/// How a ring thread ended.
+pub(crate) enum Served {
+    /// The connection ended (unmount, abort).
+    Ended,
+    /// The kernel refused the entry before any request came: it serves the connection through
+    /// /dev/fuse now.
+    Refused(io::Error),
+}
+
+/// Serve queue `qid` with one entry until the connection ends.
+pub(crate) fn serve<FS: Filesystem>(
+    se: &SessionEventLoop<FS>,
+    qid: u16,
+    state: &IoUringState,
+) -> io::Result<Served> {
+    // Declared before the ring, so dropped after it: the kernel holds the entry's buffers
+    // (and the registration's iovec) while the ring is open.
+    let slot = Arc::new(Slot::new(state.payload)?);
+    let (header, payload) = (slot.header(), slot.payload());
+    let iov = Box::new([
+        libc::iovec {
+            iov_base: header.cast(),
+            iov_len: HEADER_SIZE,
+        },
+        libc::iovec {
+            iov_base: payload.cast(),
+            iov_len: state.payload,
+        },
+    ]);
+    let mut ring = new_ring()?;
+    ring.submitter()
+        .register_files(&[se.ch.as_fd().as_raw_fd()])?;
+    // The request, made contiguous as /dev/fuse would give it (8-byte aligned).
+    let mut buf = vec![0u64; (IN_HEADER + OP_IN + state.payload).div_ceil(8)];
+
+    let mut cmd = [0u8; 80];
+    cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
+    let mut register = opcode::UringCmd80::new(types::Fixed(0), CMD_REGISTER)
+        .addr(Some(iov.as_ptr() as u64))
+        .cmd(cmd)
+        .build()
+        .user_data(u64::from(CMD_REGISTER));
+    // SAFETY: an Entry128 is a 128-byte `io_uring_sqe`; `len` is the u32 at byte 24.
+    unsafe {
+        (&mut register as *mut squeue::Entry128)
+            .cast::<u8>()
+            .add(SQE_LEN_OFFSET)
+            .cast::<u32>()
+            .write_unaligned(2);
+    }
+    let mut last = register.clone();
+    let mut fetched = false;
+    state.serving.fetch_add(1, Ordering::Relaxed);
+    let _serving = Serving(state);
+    // SAFETY: `register`'s iovec (`iov`) lives until the end of this function.
+    unsafe { push(&mut ring, &register)? };
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        let Some(cqe) = ring.completion().next() else {
+            continue;
+        };
+        let res = cqe.result();
+        if res < 0 {
+            match -res {
+                libc::EINTR | libc::EAGAIN => {
+                    // SAFETY: as above: the iovec and the entry memory are alive.
+                    unsafe { push(&mut ring, &last)? };
+                    continue;
+                }
+                libc::ENOTCONN | libc::ECONNABORTED | libc::ENODEV => return Ok(Served::Ended),
+                e if !fetched => {
+                    state.refused.store(true, Ordering::Relaxed);
+                    return Ok(Served::Refused(io::Error::from_raw_os_error(e)));
+                }
+                e => return Err(io::Error::from_raw_os_error(e)),
+            }
+        }
+        fetched = true;
+        // SAFETY: the kernel wrote the request into the entry and waits for its commit.
+        let (commit_id, len) = unsafe { copy_request(header, payload, state.payload, &mut buf)? };
+        slot.begin(commit_id);
+        // SAFETY: `buf` is a Vec<u64>, so viewing `len` of its bytes is in bounds and aligned.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) };
+        match RequestWithSender::new(se.ch.ring_sender(slot.clone()), bytes) {
+            Some(req) => {
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                } else {
+                    req.dispatch(se);
+                }
+            }
+            None => {
+                // Unparseable: answer EIO so that the entry goes back to the kernel.
+                let mut h = [0u8; OUT_HEADER];
+                h[0..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
+                h[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+                h[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+                slot.reply(&[IoSlice::new(&h)])?;
+            }
+        }
+        slot.wait();
+        let mut cmd = [0u8; 80];
+        cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+        cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
+        last = opcode::UringCmd80::new(types::Fixed(0), CMD_COMMIT_AND_FETCH)
+            .cmd(cmd)
+            .build()
+            .user_data(u64::from(CMD_COMMIT_AND_FETCH));
+        // SAFETY: the entry memory is alive; the commit reads the reply written into it.
+        unsafe { push(&mut ring, &last)? };
+    }
+}
+
+struct Serving<'a>(&'a IoUringState);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.serving.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// # Safety
+/// Whatever the entry points to must stay valid until its completion.
+unsafe fn push(
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+    e: &squeue::Entry128,
+) -> io::Result<()> {
+    // SAFETY: the caller's promise; the queue has room (one entry in flight per ring).
+    unsafe { ring.submission().push(e) }
+        .map_err(|_| io::Error::other("io_uring submission queue full"))
+}
+
+/// Copy the request in an entry into `buf` as /dev/fuse would give it: `fuse_in_header`, the
+/// operation's fixed argument (in the header buffer), then the payload. Returns its unique
+/// (the commit id) and length.
+///
+/// # Safety
+/// `header` and `payload` are an entry's buffers (`HEADER_SIZE` and `payload_len` bytes)
+/// holding a request the kernel delivered.
+unsafe fn copy_request(
+    header: *const u8,
+    payload: *const u8,
+    payload_len: usize,
+    buf: &mut [u64],
+) -> io::Result<(u64, usize)> {
+    // SAFETY: the caller's promise.
+    let (commit_id, payload_sz, len) = unsafe {
+        (
+            header.add(COMMIT_ID).cast::<u64>().read_unaligned(),
+            header.add(PAYLOAD_SZ).cast::<u32>().read_unaligned() as usize,
+            header.cast::<u32>().read_unaligned() as usize,
+        )
+    };
+    let op_len = len
+        .checked_sub(IN_HEADER + payload_sz)
+        .filter(|l| *l <= OP_IN && payload_sz <= payload_len)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("io_uring entry: request of {len} bytes with a payload of {payload_sz}"),
+            )
+        })?;
+    if commit_id == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "io_uring entry: a request without a commit id",
+        ));
+    }
+    let out = buf.as_mut_ptr().cast::<u8>();
+    debug_assert!(len <= buf.len() * 8);
+    // SAFETY: `buf` holds IN_HEADER + OP_IN + payload_len bytes; the sources are the caller's.
+    unsafe {
+        std::ptr::copy_nonoverlapping(header, out, IN_HEADER);
+        std::ptr::copy_nonoverlapping(header.add(OP_IN), out.add(IN_HEADER), op_len);
+        std::ptr::copy_nonoverlapping(payload, out.add(IN_HEADER + op_len), payload_sz);
+    }
+    Ok((commit_id, len))
+}
+
+/// Run a ring thread; if the kernel refuses its entry, serve /dev/fuse instead.
+pub(crate) fn ring_thread<FS: Filesystem>(
+    se: SessionEventLoop<FS>,
+    qid: u16,
+    state: Arc<IoUringState>,
+) -> io::Result<()> {
+    match serve(&se, qid, &state) {
+        Ok(Served::Ended) => Ok(()),
+        Ok(Served::Refused(e)) => {
+            warn!(
+                "FUSE over io_uring: the kernel refused queue {qid}'s entry ({e}); serving through /dev/fuse"
+            );
+            se.event_loop()
+        }
+        Err(e) => {
+            debug!("FUSE over io_uring: queue {qid}: {e}");
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_count_as_the_kernel_counts_possible_cpus() {
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-1"), Some(2));
+        assert_eq!(count_cpu_list("0-3,8-11"), Some(8));
+        assert_eq!(count_cpu_list("0,2,4"), Some(3));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("x"), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+    }
+
+    #[test]
+    fn a_request_is_rebuilt_as_dev_fuse_gives_it_and_a_reply_lands_in_the_entry() {
+        let payload_len = 8192;
+        let slot = Slot::new(payload_len).unwrap();
+        let (header, payload) = (slot.header(), slot.payload());
+        // A WRITE: in_header (len = 40 + 40 + 5), fuse_write_in (40 bytes), 5 data bytes.
+        unsafe {
+            header.cast::<u32>().write_unaligned(85);
+            header.add(4).cast::<u32>().write_unaligned(16);
+            header.add(8).cast::<u64>().write_unaligned(42);
+            for i in 0..40 {
+                *header.add(OP_IN + i) = i as u8;
+            }
+            std::ptr::copy_nonoverlapping(b"hello".as_ptr(), payload, 5);
+            header.add(COMMIT_ID).cast::<u64>().write_unaligned(42);
+            header.add(PAYLOAD_SZ).cast::<u32>().write_unaligned(5);
+        }
+        let mut buf = vec![0u64; (IN_HEADER + OP_IN + payload_len).div_ceil(8)];
+        let (id, len) = unsafe { copy_request(header, payload, payload_len, &mut buf).unwrap() };
+        assert_eq!((id, len), (42, 85));
+        let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) };
+        assert_eq!(&bytes[0..4], &85u32.to_ne_bytes());
+        assert_eq!(bytes[IN_HEADER + 39], 39);
+        assert_eq!(&bytes[80..85], b"hello");
+        // A header claiming more than fits is refused.
+        unsafe { header.cast::<u32>().write_unaligned(40 + 200 + 5) };
+        assert!(unsafe { copy_request(header, payload, payload_len, &mut buf) }.is_err());
+
+        slot.begin(42);
+        let mut out = [0u8; OUT_HEADER];
+        out[0..4].copy_from_slice(&24u32.to_ne_bytes());
+        out[8..16].copy_from_slice(&7u64.to_ne_bytes());
+        // Another request's reply is refused.
+        assert!(
+            slot.reply(&[IoSlice::new(&out), IoSlice::new(b"12345678")])
+                .is_err()
+        );
+        out[8..16].copy_from_slice(&42u64.to_ne_bytes());
+        // The header split across slices, as a caller may give it.
+        slot.reply(&[
+            IoSlice::new(&out[..10]),
+            IoSlice::new(&out[10..]),
+            IoSlice::new(b"1234"),
+            IoSlice::new(b"5678"),
+        ])
+        .unwrap();
+        slot.wait();
+        unsafe {
+            assert_eq!(header.cast::<u32>().read_unaligned(), 24);
+            assert_eq!(header.add(8).cast::<u64>().read_unaligned(), 42);
+            assert_eq!(header.add(PAYLOAD_SZ).cast::<u32>().read_unaligned(), 8);
+            assert_eq!(std::slice::from_raw_parts(payload, 8), b"12345678");
+        }
+        // A second reply to the same request is refused.
+        assert!(slot.reply(&[IoSlice::new(&out)]).is_err());
+    }
+}
