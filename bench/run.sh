@@ -10,6 +10,9 @@
 #                on top taking writes (mount options as ../shared/conformance/README.md)
 #   ferryfs-old  a ferryfs view whose NEW is empty: reads fall through to OLD
 #   ferryfs-old-pt  the same with `mount --passthrough all`: the kernel reads OLD's files itself
+#   ferryfs-old-uring  ferryfs-old served over FUSE io_uring (`mount --transport uring`; the
+#                other ferryfs variants mount with `--transport dev`); turns on enable_uring
+#                for the run as passthrough_hp-uring does
 #   ferryfs-new  a second ferryfs migration of the same OLD whose NEW got a copy of the big
 #                file after `prepare` and before `mount`: reads are served from NEW
 #   passthrough_hp, passthrough_hp-uring   libfuse's high-performance pass-through of OLD
@@ -119,6 +122,9 @@ TREE_ENTRIES=$((TREE_N + (TREE_N + 999) / 1000))
 ALL_VARIANTS="plain bindfs mergerfs fuse-overlayfs unionfs-fuse ferryfs-old ferryfs-old-pt ferryfs-new"
 LIBFUSE_SRC="${BENCH_LIBFUSE_SRC:-}"
 DEFAULT_VARIANTS="$ALL_VARIANTS"
+# Over io_uring when this kernel has it (the module parameter exists).
+ALL_VARIANTS+=" ferryfs-old-uring"
+[[ ! -e /sys/module/fuse/parameters/enable_uring ]] || DEFAULT_VARIANTS+=" ferryfs-old-uring"
 ALL_VARIANTS+=" passthrough_hp passthrough_hp-uring"
 [[ -z "$LIBFUSE_SRC" ]] || DEFAULT_VARIANTS+=" passthrough_hp passthrough_hp-uring"
 VARIANTS=(plain)
@@ -134,7 +140,7 @@ case " ${VARIANTS[*]} " in *" ferryfs-"*) NEED_FERRYFS=1 ;; esac
 NEED_PHP=0
 case " ${VARIANTS[*]} " in *" passthrough_hp"*) NEED_PHP=1 ;; esac
 NEED_URING=0
-case " ${VARIANTS[*]} " in *" passthrough_hp-uring "*) NEED_URING=1 ;; esac
+case " ${VARIANTS[*]} " in *"-uring "*) NEED_URING=1 ;; esac
 URING_PARAM=/sys/module/fuse/parameters/enable_uring
 URING_WAS="" # enable_uring's value before the run, put back on exit
 
@@ -284,13 +290,17 @@ if ((NEED_PHP)); then
     if [[ "$nofile" != unlimited ]] && ((TREE_N + UNTAR_N + 1000 > nofile)); then
         die "passthrough_hp needs an open file per entry it serves: the hard limit of open files here is $nofile, the tree and the untar need $((TREE_N + UNTAR_N + 1000)) (raise it: ulimit -Hn, or smaller BENCH_TREE_N/BENCH_UNTAR_N)"
     fi
-    if ((NEED_URING)); then
-        grep -qs '^#define HAVE_URING' "$LIBFUSE_BUILD/fuse_config.h" ||
-            die "libfuse was built without io_uring (liburing-dev missing at its meson setup?): install it and rm -rf $LIBFUSE_BUILD"
-        [[ -w "$URING_PARAM" ]] || die "$URING_PARAM is missing: this kernel has no FUSE over io_uring"
-        URING_WAS="$(cat "$URING_PARAM")"
-        echo Y >"$URING_PARAM" || die "cannot turn on $URING_PARAM"
-    fi
+    case " ${VARIANTS[*]} " in
+        *" passthrough_hp-uring "*)
+            grep -qs '^#define HAVE_URING' "$LIBFUSE_BUILD/fuse_config.h" ||
+                die "libfuse was built without io_uring (liburing-dev missing at its meson setup?): install it and rm -rf $LIBFUSE_BUILD"
+            ;;
+    esac
+fi
+if ((NEED_URING)); then
+    [[ -w "$URING_PARAM" ]] || die "$URING_PARAM is missing: this kernel has no FUSE over io_uring"
+    URING_WAS="$(cat "$URING_PARAM")"
+    echo Y >"$URING_PARAM" || die "cannot turn on $URING_PARAM"
 fi
 
 need_mb=$((FILE_MB * 3 + (TREE_N + CREATE_N) * 5 / 1000 + 512))
@@ -348,7 +358,7 @@ for v in "${VARIANTS[@]}"; do
             # Union peers: OLD read-only below, an empty NEW on top taking every write.
             mkdir "$S/new-$v" "$S/work-$v"
             ;;
-        ferryfs-old | ferryfs-old-pt | ferryfs-new)
+        ferryfs-old | ferryfs-old-pt | ferryfs-new | ferryfs-old-uring)
             STEP="ferryfs prepare ($v)"
             mkdir "$S/new-$v"
             run "prepare-$v" "$BIN" prepare --old "$OLD" --new "$S/new-$v" --state "$S/state-$v"
@@ -376,20 +386,26 @@ mount_variant() {
         fuse-overlayfs) run "mount-$v" fuse-overlayfs -o "lowerdir=$OLD,upperdir=$S/new-$v,workdir=$S/work-$v,allow_other" "$mnt" ;;
         unionfs-fuse) run "mount-$v" unionfs-fuse -o cow,allow_other,use_ino "$S/new-$v=RW:$OLD=RO" "$mnt" ;;
         # shellcheck disable=SC2086 # BENCH_MOUNT_ARGS is a list of words
-        ferryfs-old-pt) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --passthrough all ${BENCH_MOUNT_ARGS:-} ;;
+        ferryfs-old-pt) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --transport dev --passthrough all ${BENCH_MOUNT_ARGS:-} ;;
         # shellcheck disable=SC2086
-        ferryfs-*) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other ${BENCH_MOUNT_ARGS:-} ;;
+        ferryfs-*-uring) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --transport uring ${BENCH_MOUNT_ARGS:-} ;;
+        # shellcheck disable=SC2086
+        ferryfs-*) run "mount-$v" "$BIN" mount --state "$S/state-$v" "$mnt" -o allow_other --transport dev ${BENCH_MOUNT_ARGS:-} ;;
         # (It goes to the background once mounted, as bindfs does.)
         passthrough_hp) run "mount-$v" env -u FUSE_URING_ENABLE "$PHP" -o allow_other "$OLD" "$mnt" ;;
         passthrough_hp-uring) run "mount-$v" env FUSE_URING_ENABLE=1 "$PHP" -o allow_other "$OLD" "$mnt" ;;
     esac
     mountpoint -q "$mnt" || die "$v: $mnt is not a mount point after mounting"
-    if [[ "$v" == passthrough_hp-uring ]]; then
+    if [[ "$v" == *-uring ]]; then
         # Its io_uring rings, or it is not what the column says.
         local pid
-        pid="$(pgrep -nf "passthrough_hp.* $mnt\$")" || die "$v: its process is not found"
+        case "$v" in
+            passthrough_hp-uring) pid="$(pgrep -nf "passthrough_hp.* $mnt\$")" ;;
+            *) pid="$(pgrep -nf "ferryfs mount --state $S/state-$v ")" ;;
+        esac
+        [[ -n "$pid" ]] || die "$v: its process is not found"
         [[ "$(find "/proc/$pid/fd" -lname 'anon_inode:\[io_uring\]' 2>/dev/null | wc -l)" -gt 0 ]] ||
-            die "$v: passthrough_hp (pid $pid) serves without io_uring (kernel or libfuse refused it)"
+            die "$v: pid $pid serves without io_uring (kernel or the FUSE library refused it)"
     fi
     TARGET="$mnt"
 }
@@ -616,7 +632,8 @@ passthrough_hp, passthrough_hp-uring = libfuse's high-performance pass-through e
 OLD, over /dev/fuse and over FUSE io_uring (enable_uring on for the run);
 ferryfs-old = the view reading files that are only in OLD (default `--passthrough new`: through
 the daemon); ferryfs-old-pt = the same with `--passthrough all` (the kernel reads OLD's file
-itself); ferryfs-new = a view whose NEW
+itself); ferryfs-old-uring = ferryfs-old served over FUSE io_uring (`--transport uring`; the
+other ferryfs columns use `--transport dev`); ferryfs-new = a view whose NEW
 holds a copy of the big file (stat still runs over the OLD tree; writes and creates land in
 NEW for both ferryfs variants). Every variant is mounted afresh for each run. "cold" =
 `sync; echo 3 > /proc/sys/vm/drop_caches` just before; "warm" seq read = measured right
