@@ -96,6 +96,23 @@ fn a_view_over_io_uring_serves_from_rings_and_says_so_in_status_and_metrics() {
     // --threads 8 by default, and at least one per queue.
     assert_eq!(ring_threads, 8.max(possible_cpus()), "threads: {threads:?}");
     assert_eq!(rings, ring_threads, "one io_uring per ring thread");
+    // Each ring thread runs on its queue's CPU (where its requests' callers run), as this test
+    // process may run on every CPU.
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let comm = fs::read_to_string(t.join("comm")).unwrap();
+        let Some(q) = comm.trim().strip_prefix("fuser-ring") else {
+            continue;
+        };
+        let q = q.split('-').next().unwrap();
+        let status = fs::read_to_string(t.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        assert_eq!(cpus, q, "{} is not pinned to CPU {q}", comm.trim());
+    }
     exercise(&f);
     let text = ok(f.cmd("status", &[]));
     assert!(
