@@ -71,13 +71,19 @@ fn fixture() -> Fixture {
     f
 }
 
-#[test]
-fn a_view_over_io_uring_serves_from_rings_and_says_so_in_status_and_metrics() {
-    let mut f = fixture().over("uring");
+/// A view over `transport` with the copier off and its metrics on the port returned.
+fn mounted_over(transport: &'static str) -> (Fixture, u16) {
+    let mut f = fixture().over(transport);
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
     f.assert_transport();
+    (f, port)
+}
+
+#[test]
+fn a_view_over_io_uring_serves_from_rings_and_says_so_in_status_and_metrics() {
+    let (mut f, port) = mounted_over("uring");
     let st = f.status_json();
     assert_eq!(
         st["transport"]["queues"].as_u64(),
@@ -124,11 +130,7 @@ fn a_view_over_io_uring_serves_from_rings_and_says_so_in_status_and_metrics() {
 
 #[test]
 fn a_view_over_dev_fuse_makes_no_ring() {
-    let mut f = fixture().over("dev");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    f.mount_with(&f.mnt.clone(), &["--no-copy", "--metrics-addr", &addr]);
-    f.assert_transport();
+    let (mut f, port) = mounted_over("dev");
     let m = scrape(port);
     assert_eq!(m["ferryfs_fuse_transport{transport=\"dev\"}"], 1.0);
     assert_eq!(m["ferryfs_fuse_transport{transport=\"io_uring\"}"], 0.0);
@@ -254,5 +256,20 @@ fn a_takeover_of_a_view_over_io_uring_is_refused_and_the_old_daemon_serves_on() 
     f.assert_transport();
     fs::write(f.v("new/after"), b"2").unwrap();
     assert_eq!(fs::read(f.v("new/before")).unwrap(), b"1");
+    f.unmount();
+}
+
+#[test]
+fn a_takeover_asked_for_io_uring_serves_what_the_first_daemon_negotiated() {
+    require_io_uring();
+    let mut f = fixture().over("dev");
+    f.mount();
+    let pid = f.daemon_pid().unwrap();
+    f.transport = None;
+    ok(f.try_mount(&f.mnt.clone(), &["--takeover", "--transport", "uring"]));
+    assert_ne!(f.daemon_pid(), Some(pid), "the daemon was not replaced");
+    f.transport = Some("dev");
+    f.assert_transport();
+    exercise(&f);
     f.unmount();
 }

@@ -98,7 +98,13 @@ pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
     let copying = start_copier(&s).map_err(|e| ready.fail(e))?;
     let fs = FerryFs::new(s.opened.view.clone(), args.passthrough, args.metadata_ttl)
         .with_readdirplus(args.readdirplus)
-        .with_transport(args.transport);
+        // A takeover serves the transport the first daemon negotiated (always /dev/fuse: an
+        // io_uring connection is not handed over), whatever this command line asks.
+        .with_transport(if args.takeover {
+            crate::fuse::Transport::Dev
+        } else {
+            args.transport
+        });
     let parts = fs.takeover_parts();
     let mut plan = MountPlan::parse(&args.options);
     let mut s = s;
