@@ -391,11 +391,32 @@ pub(crate) fn serve<FS: Filesystem>(
         }
         fetched = true;
         // SAFETY: the kernel wrote the request into the entry and waits for its commit.
-        let (commit_id, len) = unsafe { copy_request(header, payload, state.payload, &mut buf)? };
+        let (commit_id, len) =
+            match unsafe { copy_request(header, payload, state.payload, &mut buf) } {
+                Ok(r) => r,
+                // A request this code cannot rebuild: answered EIO below (its commit id is still
+                // the kernel's), never left holding the entry and its caller.
+                Err(e) => {
+                    warn!("FUSE over io_uring: queue {qid}: {e}");
+                    // SAFETY: as above.
+                    (
+                        unsafe { header.add(COMMIT_ID).cast::<u64>().read_unaligned() },
+                        0,
+                    )
+                }
+            };
+        if commit_id == 0 {
+            return Err(io::Error::other(
+                "FUSE over io_uring: a request without a commit id",
+            ));
+        }
         slot.begin(commit_id);
         // SAFETY: `buf` is a Vec<u64>, so viewing `len` of its bytes is in bounds and aligned.
         let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) };
-        match RequestWithSender::new(se.ch.ring_sender(slot.clone()), bytes) {
+        let parsed = (len > 0)
+            .then(|| RequestWithSender::new(se.ch.ring_sender(slot.clone()), bytes))
+            .flatten();
+        match parsed {
             Some(req) => {
                 if let Ok(Operation::Destroy(_)) = req.request.operation() {
                     req.reply::<ReplyEmpty>().ok();
