@@ -499,6 +499,14 @@ bench_variant() {
         "stat-warm.$tag" stat "$t/tree")
     log "$v run $r: stat warm: $val s"
 
+    STEP="$v run $r: ls -lR tree, warm"
+    # ls -l asks each entry's xattrs (security label, ACL) besides its attributes: one unmeasured
+    # listing warms what a FUSE view can keep.
+    smallfiles "lslr-warmup.$tag" lslr "$t/tree" >/dev/null
+    val=$(smallfiles_checked ls_lr_warm "$v" "$r" entries "$TREE_ENTRIES" seconds \
+        "lslr.$tag" lslr "$t/tree")
+    log "$v run $r: ls -lR warm: $val s"
+
     STEP="$v run $r: seq read, cold"
     drop_caches
     val=$(fio_job "seq-read-cold.$tag" seq_read_1g.fio "$t/big.bin" read mibs --readonly)
@@ -587,6 +595,7 @@ SPEC="$S/spec.tsv"
     printf 'rm_rf\tsecs\trm -rf of those %d files (s)\n' "$UNTAR_N"
     printf 'stat_cold\tsecs\tstat %d entries, cold (s)\n' "$TREE_ENTRIES"
     printf 'stat_warm\tsecs\tstat %d entries, warm (s)\n' "$TREE_ENTRIES"
+    printf 'ls_lr_warm\tsecs\tls -lR of those entries, warm (s)\n'
 } >"$SPEC"
 TABLE="$S/table.md"
 python3 "$REPORT" table "$SPEC" "$SAMPLES" "${VARIANTS[@]}" >"$TABLE" || die "report.py table failed"

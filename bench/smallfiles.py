@@ -8,6 +8,7 @@ Usage:
   smallfiles.py mktar TAR N    write TAR holding N files of 1-8 KiB, 1000 per directory
   smallfiles.py untar TAR DIR  `tar -xf TAR -C DIR` (DIR must not exist; created)
   smallfiles.py rmtree DIR     `rm -rf DIR`
+  smallfiles.py lslr DIR       `ls -lR DIR` (output counted, not kept): the entries listed
   smallfiles.py firstbyte DIR  open each file in DIR and read its first byte; the median
                                and p90 of the per-file time (open + 1-byte read + close)
 
@@ -96,6 +97,17 @@ def timed(what, argv):
     print("%s seconds=%.6f" % (what, time.perf_counter() - t0))
 
 
+def lslr(d):
+    import subprocess
+
+    t0 = time.perf_counter()
+    out = subprocess.run(["ls", "-lR", "--", d], check=True, stdout=subprocess.PIPE).stdout
+    elapsed = time.perf_counter() - t0
+    # One line per entry, "total N" per directory, "DIR:" and a blank line between them.
+    entries = sum(1 for l in out.splitlines() if l[:1] in (b"-", b"d", b"l", b"c", b"b", b"p", b"s"))
+    print("lslr entries=%d seconds=%.6f" % (entries, elapsed))
+
+
 def firstbyte(d):
     names = sorted(os.listdir(d))
     times = []
@@ -128,6 +140,8 @@ def main(argv):
             timed("untar", ["tar", "-xf", argv[2], "-C", argv[3]])
         elif len(argv) == 3 and argv[1] == "rmtree":
             timed("rmtree", ["rm", "-rf", "--", argv[2]])
+        elif len(argv) == 3 and argv[1] == "lslr":
+            lslr(argv[2])
         elif len(argv) == 3 and argv[1] == "firstbyte":
             firstbyte(argv[2])
         else:

@@ -507,33 +507,100 @@ fn listings_with_attributes_count_lookups_exactly_as_the_kernel_does() {
     f.unmount();
 }
 
-/// A warm `ls -l` reads no ACL from the daemon: the kernel keeps each entry's ACL
-/// (FUSE_POSIX_ACL). Of what `ls -l` reads per entry (Debian 12's coreutils: the security
-/// label, then the access ACL), only the label, which no kernel cache holds for FUSE, comes
-/// to the daemon: one GETXATTR per entry at most, not two.
+/// A warm `ls -lR` costs the daemon almost nothing per entry. Of what `ls -l` reads per entry
+/// (Debian 12's coreutils: the security label, then the access ACL), the kernel keeps each
+/// entry's ACL (FUSE_POSIX_ACL), and an entry without a label answers EOPNOTSUPP, after which
+/// `ls` stops asking that device (`--selinux-absent eopnotsupp`, the default). With
+/// `--selinux-absent enodata` the label is asked for every entry (and the ACL still is not).
 #[test]
-fn a_warm_ls_l_reads_no_acl_from_the_daemon() {
-    let (mut f, port) = mount_dir_with_metrics((0..500).map(|i| format!("f{i:03}")), &[]);
-    let ls = || {
-        let out = run(std::process::Command::new("ls").arg("-l").arg(f.v("d")));
-        assert!(out.status.success());
-        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 501);
-    };
-    let getxattrs = || {
-        get(
-            &scrape(port),
-            "ferryfs_fuse_requests_total{op=\"getxattr\"}",
+fn a_warm_ls_lr_asks_the_daemon_for_no_xattr_per_entry() {
+    for (args, most) in [
+        (&[][..], 8.0),
+        (&["--selinux-absent", "enodata"][..], 520.0),
+    ] {
+        let names = (0..500).map(|i| format!("s{}/f{i:03}", i % 10));
+        let (mut f, port) = mount_dir_with_metrics(names, args);
+        let ls = || {
+            let out = run(std::process::Command::new("ls").arg("-lR").arg(f.v("d")));
+            assert!(out.status.success());
+            let files = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with('-'))
+                .count();
+            assert_eq!(files, 500);
+        };
+        let getxattrs = || {
+            get(
+                &scrape(port),
+                "ferryfs_fuse_requests_total{op=\"getxattr\"}",
+            )
+        };
+        ls();
+        let before = settled(getxattrs);
+        ls();
+        let asked = settled(getxattrs) - before;
+        assert!(
+            asked <= most,
+            "{asked} GETXATTR requests for a warm ls -lR of 510 entries with {args:?} \
+             (at most {most}): the kernel did not keep ACLs, or ls kept asking for labels"
+        );
+        if !args.is_empty() {
+            // Each entry's label asked for, and no ACL.
+            assert!(
+                asked >= 500.0,
+                "{asked} GETXATTRs with {args:?}: labels were not asked"
+            );
+        }
+        f.unmount();
+    }
+}
+
+/// A security label is a label whatever `--selinux-absent` says; only an entry without one
+/// answers EOPNOTSUPP (default) or ENODATA.
+#[test]
+fn selinux_absent_changes_only_what_an_unlabeled_entry_answers() {
+    for (args, absent) in [
+        (&[][..], rustix::io::Errno::OPNOTSUPP),
+        (
+            &["--selinux-absent", "enodata"][..],
+            rustix::io::Errno::NODATA,
+        ),
+    ] {
+        let (mut f, _port) = mount_dir_with_metrics(["a", "b"].map(String::from).into_iter(), args);
+        let label = b"system_u:object_r:var_t:s0";
+        rustix::fs::setxattr(
+            f.old.join("d/a"),
+            "security.selinux",
+            label,
+            rustix::fs::XattrFlags::empty(),
         )
-    };
-    ls();
-    let before = settled(getxattrs);
-    ls();
-    let asked = settled(getxattrs) - before;
-    assert!(
-        asked <= 501.0,
-        "{asked} GETXATTR requests for a warm ls -l of 500 entries: ACLs were not kept by the kernel"
-    );
-    f.unmount();
+        .expect("the test's OLD holds security labels (root, a file system with xattrs)");
+        let mut buf = [0u8; 256];
+        let n = rustix::fs::getxattr(f.v("d/a"), "security.selinux", &mut buf).unwrap();
+        assert_eq!(&buf[..n], label, "{args:?}");
+        assert_eq!(
+            rustix::fs::getxattr(f.v("d/b"), "security.selinux", &mut buf),
+            Err(absent),
+            "{args:?}"
+        );
+        // Other names are what the stores say.
+        assert_eq!(
+            rustix::fs::getxattr(f.v("d/b"), "security.other", &mut buf),
+            Err(rustix::io::Errno::NODATA),
+            "{args:?}"
+        );
+        // A label set through the view is read back.
+        rustix::fs::setxattr(
+            f.v("d/b"),
+            "security.selinux",
+            label,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let n = rustix::fs::getxattr(f.v("d/b"), "security.selinux", &mut buf).unwrap();
+        assert_eq!(&buf[..n], label, "{args:?}");
+        f.unmount();
+    }
 }
 
 #[test]

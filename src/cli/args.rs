@@ -91,6 +91,12 @@ pub enum Cmd {
         /// (--takeover): mount with `dev` where restarts without unmount matter.
         #[arg(long, value_enum, default_value_t = crate::fuse::Transport::Auto)]
         transport: crate::fuse::Transport,
+        /// What getxattr of `security.selinux` answers for an entry without a label (on hosts
+        /// where no security module answers for it): `eopnotsupp` (as a file system without
+        /// labels: `ls -l` then asks once per listing, not once per entry, and lists at native
+        /// speed when warm) or `enodata` (what the stores answer). Entries with a label give it.
+        #[arg(long, value_enum, default_value_t = crate::fuse::SelinuxAbsent::Eopnotsupp)]
+        selinux_absent: crate::fuse::SelinuxAbsent,
         /// An S3 NEW: the most bytes its staging tree (in the state dir) holds of what
         /// applications write through the view before it is uploaded (k, M, G, T suffixes).
         /// Writes that would go past it wait for uploads to make room (a file still open is

@@ -53,6 +53,8 @@ pub struct MountArgs {
     pub readdirplus: crate::fuse::ReaddirPlus,
     /// How the kernel hands requests to the daemon.
     pub transport: crate::fuse::Transport,
+    /// What an unlabeled entry answers for `security.selinux`.
+    pub selinux_absent: crate::fuse::SelinuxAbsent,
     /// An S3 NEW: the bound on its staging tree (`None`: the default).
     pub stage_max: Option<u64>,
     /// Serve remote copy workers.
@@ -98,6 +100,7 @@ pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
     let copying = start_copier(&s).map_err(|e| ready.fail(e))?;
     let fs = FerryFs::new(s.opened.view.clone(), args.passthrough, args.metadata_ttl)
         .with_readdirplus(args.readdirplus)
+        .with_selinux_absent(args.selinux_absent)
         // A takeover serves the transport the first daemon negotiated (always /dev/fuse: an
         // io_uring connection is not handed over), whatever this command line asks.
         .with_transport(if args.takeover {

@@ -4,6 +4,7 @@
 
 use rustc_hash::FxHashMap as HashMap;
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,8 @@ pub struct FerryFs {
     readdirplus: ReaddirPlus,
     /// How requests reach the daemon (`mount --transport`).
     transport: Transport,
+    /// What an entry without a security label answers for it (`mount --selinux-absent`).
+    selinux_absent: SelinuxAbsent,
     /// How long the kernel may trust attributes and names without asking (`mount
     /// --metadata-ttl`). Every change made through the view is seen by the kernel directly;
     /// this only bounds how late a change made in OLD behind the view's back shows.
@@ -47,6 +50,7 @@ impl FerryFs {
             ttl,
             readdirplus: ReaddirPlus::Always,
             transport: Transport::Auto,
+            selinux_absent: SelinuxAbsent::Eopnotsupp,
             passthrough: Arc::new(Passthrough {
                 wanted: passthrough,
                 refused: [AtomicBool::new(false), AtomicBool::new(false)],
@@ -66,6 +70,12 @@ impl FerryFs {
     /// How requests reach the daemon (`mount --transport`).
     pub fn with_transport(mut self, t: Transport) -> FerryFs {
         self.transport = t;
+        self
+    }
+
+    /// What an unlabeled entry answers for `security.selinux` (`mount --selinux-absent`).
+    pub fn with_selinux_absent(mut self, s: SelinuxAbsent) -> FerryFs {
+        self.selinux_absent = s;
         self
     }
 
@@ -150,6 +160,23 @@ pub enum ReaddirPlus {
     /// Names only; every stat afterwards is a lookup.
     Off,
 }
+
+/// What `getxattr("security.selinux")` answers for an entry that has no such attribute
+/// (`mount --selinux-absent`). The daemon is only asked on a host where no security module
+/// answers for the label itself (with SELinux on, the kernel labels FUSE entries by policy).
+/// `ls -l` asks for every entry's label, and no kernel cache keeps a FUSE entry's xattrs;
+/// but coreutils stops asking a device once the label is not supported there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SelinuxAbsent {
+    /// EOPNOTSUPP, as a file system without security labels answers: `ls -l` then asks once
+    /// per listing instead of once per entry. Entries that have a label give it.
+    Eopnotsupp,
+    /// ENODATA, what the stores themselves answer.
+    Enodata,
+}
+
+/// The one security label `ls -l` asks for every entry (`--selinux-absent`).
+const SELINUX_XATTR: &[u8] = b"security.selinux";
 
 /// Which open files the kernel reads and writes directly (`mount --passthrough`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -1103,6 +1130,13 @@ impl Filesystem for FerryFs {
         match self.view.getxattr(ino.0, name, size) {
             Ok(XattrReply::Size(n)) => reply.size(n),
             Ok(XattrReply::Data(d)) => reply.data(&d),
+            Err(e)
+                if e.errno() == libc::ENODATA
+                    && self.selinux_absent == SelinuxAbsent::Eopnotsupp
+                    && name.as_bytes() == SELINUX_XATTR =>
+            {
+                reply.error(Errno::EOPNOTSUPP)
+            }
             Err(e) => reply.error(self.fail(Op::Getxattr, ino.0, Some(name), &e)),
         }
     }
