@@ -146,8 +146,17 @@ fn fill_old(f: &Fixture) {
 }
 
 #[test]
-fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts() {
-    let mut f = Fixture::new().over("dev");
+fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts_over_dev() {
+    a_reader_and_a_writer_keep_going_across_three_daemon_restarts("dev");
+}
+
+#[test]
+fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts_over_io_uring() {
+    a_reader_and_a_writer_keep_going_across_three_daemon_restarts("uring");
+}
+
+fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts(transport: &'static str) {
+    let mut f = Fixture::new().over(transport);
     fill_old(&f);
     f.prepare();
     // The copier runs, slowly, so each handover also finds a copy under way.
@@ -172,6 +181,8 @@ fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts() {
         );
         let took = t.elapsed();
         wait_for("the old daemon to exit", 10, || process_gone(before));
+        f.assert_transport();
+        f.assert_transport();
         let after = f.daemon_pid().expect("the new daemon serves");
         assert_ne!(after, before, "round {round}: a new daemon serves");
         std::thread::sleep(Duration::from_millis(400));
@@ -203,8 +214,17 @@ fn a_reader_and_a_writer_keep_going_across_three_daemon_restarts() {
 }
 
 #[test]
-fn files_held_open_across_a_takeover_keep_their_position_and_data() {
-    let mut f = Fixture::new().over("dev");
+fn files_held_open_across_a_takeover_keep_their_position_and_data_over_dev() {
+    files_held_open_across_a_takeover_keep_their_position_and_data("dev");
+}
+
+#[test]
+fn files_held_open_across_a_takeover_keep_their_position_and_data_over_io_uring() {
+    files_held_open_across_a_takeover_keep_their_position_and_data("uring");
+}
+
+fn files_held_open_across_a_takeover_keep_their_position_and_data(transport: &'static str) {
+    let mut f = Fixture::new().over(transport);
     fill_old(&f);
     f.start();
     // Open before: a read-only OLD file (through the daemon), a NEW file open for writing
@@ -224,6 +244,7 @@ fn files_held_open_across_a_takeover_keep_their_position_and_data() {
     let before = f.daemon_pid().unwrap();
     ok(takeover(&f, &f.mnt));
     wait_for("the old daemon to exit", 10, || process_gone(before));
+    f.assert_transport();
     // The same open files go on where they were.
     let mut next = vec![0u8; 4096];
     old.read_exact(&mut next).unwrap();
@@ -248,6 +269,7 @@ fn files_held_open_across_a_takeover_keep_their_position_and_data() {
     let before = f.daemon_pid().unwrap();
     ok(takeover(&f, &f.mnt));
     wait_for("the old daemon to exit", 10, || process_gone(before));
+    f.assert_transport();
     let mut s = String::new();
     doomed.read_to_string(&mut s).unwrap();
     assert_eq!(s, "small 1");
@@ -257,8 +279,17 @@ fn files_held_open_across_a_takeover_keep_their_position_and_data() {
 }
 
 #[test]
-fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors() {
-    let mut f = Fixture::new().over("dev");
+fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors_over_dev() {
+    a_refused_takeover_leaves_the_old_daemon_serving_without_errors("dev");
+}
+
+#[test]
+fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors_over_io_uring() {
+    a_refused_takeover_leaves_the_old_daemon_serving_without_errors("uring");
+}
+
+fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors(transport: &'static str) {
+    let mut f = Fixture::new().over(transport);
     fill_old(&f);
     f.start();
     fs::write(f.v("log"), b"").unwrap();
@@ -282,6 +313,7 @@ fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(f.daemon_pid(), Some(pid), "the old daemon serves on");
+    f.assert_transport();
     let r0 = seen.reads.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(300));
     assert!(seen.reads.load(Ordering::Relaxed) > r0, "reads stalled");
@@ -294,12 +326,23 @@ fn a_refused_takeover_leaves_the_old_daemon_serving_without_errors() {
 }
 
 #[test]
-fn a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon() {
+fn a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon_over_dev() {
+    a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon("dev");
+}
+
+#[test]
+fn a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon_over_io_uring() {
+    a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon("uring");
+}
+
+fn a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon(
+    transport: &'static str,
+) {
     // The daemon's own health probe makes requests through its mount. One parked by the old
     // daemon held its exit for ever (a thread waiting on a FUSE request already read cannot
     // be killed), the new daemon waited for that exit, and the mount hung. A probe that never
     // rests is in flight at nearly every handover.
-    let mut f = Fixture::new().over("dev");
+    let mut f = Fixture::new().over(transport);
     fill_old(&f);
     f.prepare();
     let mount = |f: &Fixture, takeover: bool, restless: bool| {
@@ -328,6 +371,8 @@ fn a_takeover_while_the_health_probe_statfs_is_in_flight_ends_the_old_daemon() {
             String::from_utf8_lossy(&out.stderr)
         );
         wait_for("the old daemon to exit", 10, || process_gone(before));
+        f.assert_transport();
+        f.assert_transport();
         assert_eq!(fs::read(f.v("tree/f3")).unwrap(), b"small 3");
         eprintln!("round {round}: takeover took {:?}", t.elapsed());
     }
@@ -348,8 +393,19 @@ fn takeover_with_no_daemon_serving_says_so() {
 }
 
 #[test]
-fn a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open() {
-    let mut f = Fixture::new().over("dev");
+fn a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open_over_dev() {
+    a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open("dev");
+}
+
+#[test]
+fn a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open_over_io_uring() {
+    a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open("uring");
+}
+
+fn a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open(
+    transport: &'static str,
+) {
+    let mut f = Fixture::new().over(transport);
     fill_old(&f);
     f.start();
     let before = f.daemon_pid().unwrap();
@@ -363,5 +419,6 @@ fn a_takeover_started_from_a_shell_holding_view_files_does_not_keep_them_open() 
     );
     ok(run(std::process::Command::new("sh").args(["-c", &script])));
     wait_for("the old daemon to exit", 10, || process_gone(before));
+    f.assert_transport();
     f.unmount();
 }

@@ -258,7 +258,7 @@ fn record_transport(
                 .into(),
         );
     }
-    parts.gate.set_on_uring(on_uring);
+    parts.gate.set_transport(session.io_uring());
     crate::metrics::METRICS.set_fuse_transport(on_uring);
     if on_uring {
         tracing::info!(
@@ -549,10 +549,11 @@ fn mount_view(s: &mut Serving<'_>, fs: FerryFs, plan: &MountPlan) -> Result<Sess
     let fsname = format!("{FS_TYPE}:{}", s.state_abs.display());
     let threads = s.args.threads;
     match s.taken.take() {
-        Some(t) => Session::adopt(
+        Some(mut t) => Session::adopt(
             fs,
             t.fuse[0].as_fd(),
             t.handed.kernel,
+            t.rings.take(),
             plan,
             fsname,
             FS_TYPE,

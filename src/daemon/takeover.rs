@@ -35,6 +35,10 @@ use crate::view::{View, ViewState};
 /// directory handle may be handed over before its first listing (`listed`), which a daemon
 /// of format 1 would serve as an empty directory.
 pub const FORMAT: u32 = 2;
+/// The format of a mount served over FUSE io_uring: format 2 and its ring entries
+/// ([`Handed::uring`]). Daemons that know only format 2 refuse it (they cannot serve rings)
+/// and the old daemon serves on.
+pub const FORMAT_URING: u32 = 3;
 
 /// How long the old daemon waits for the requests being answered to finish.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -42,6 +46,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 const TAKEN_LIMIT: Duration = Duration::from_secs(60);
 /// How long the new daemon waits for the old one to exit.
 const EXIT_LIMIT: Duration = Duration::from_secs(30);
+/// How long the old daemon waits for its free ring entries to fill (io_uring).
+const FILL_LIMIT: Duration = Duration::from_secs(5);
+/// The most bytes of held requests a handover carries (every ring entry full: 1 MiB each).
+const MAX_RING_BYTES: u64 = 1 << 34;
 /// fds per SCM_RIGHTS message (the kernel takes at most 253).
 const FDS_PER_MESSAGE: usize = 200;
 
@@ -66,6 +74,23 @@ pub struct Handed {
     /// The systemd watchdog period the old daemon kept, which the new one keeps up.
     #[serde(default)]
     pub watchdog_usec: Option<u64>,
+    /// A mount served over io_uring (format 3): its ring entries. The requests they hold
+    /// follow the fds, in one frame.
+    #[serde(default)]
+    pub uring: Option<UringHanded>,
+}
+
+/// The ring entries of a mount served over io_uring (see `fuser::RingHandover`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UringHanded {
+    pub base: u64,
+    pub entry_len: u64,
+    pub entries_total: u32,
+    pub queues: u32,
+    pub payload: u64,
+    /// Each entry's place, queue and the length of the request it holds (in the frame that
+    /// follows the fds, in this order).
+    pub entries: Vec<(u32, u16, u64)>,
 }
 
 /// The copier's live settings, kept across the takeover.
@@ -266,16 +291,23 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
                 .into(),
         );
     }
-    if src.parts.gate.on_uring() {
-        return refuse(
-            "the mount is served over FUSE io_uring, whose requests held in ring entries \
-             cannot be handed to another process; remount with --transport dev to restart \
-             without unmount"
-                .into(),
-        );
-    }
-    let Some(kernel) = src.parts.gate.kernel() else {
-        return refuse("the FUSE session is not initialised yet".into());
+    let (Some(kernel), Some(rings)) = (src.parts.gate.kernel(), src.parts.gate.transport()) else {
+        return refuse("the FUSE session is not serving yet".into());
+    };
+    // Rings the kernel refused: the connection is served through /dev/fuse.
+    let rings = rings.filter(|r| r.active());
+    // Over io_uring, free ring entries are filled with requests of the daemon's own, made
+    // through the mount's root (opened now, while requests are answered).
+    let root = match &rings {
+        Some(_) => match rustix::fs::open(
+            &src.mountpoint,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => Some(fd),
+            Err(e) => return refuse(format!("opening the mount's root: {e}")),
+        },
+        None => None,
     };
     tracing::info!("takeover asked for: parking FUSE requests");
     // First: a cache notification must not wait on a page lock a parked request holds.
@@ -287,13 +319,43 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
         ));
     }
     let gate = &src.parts.gate;
+    let running = |what: &str| {
+        format!(
+            "{what} still running after {} s (a hung store?)",
+            DRAIN_LIMIT.as_secs()
+        )
+    };
+    // Over io_uring a request is held by its ring thread before it reaches the view, with
+    // its entry: the daemon's own requests stop first (a thread of this process waiting on
+    // a held request would keep it from exiting), then new requests are held, then the ones
+    // being answered finish.
+    let mut free = Vec::new();
+    if let Some(r) = &rings {
+        if !gate.hold_own(DRAIN_LIMIT) {
+            gate.unpark();
+            src.view.release_invalidations();
+            return refuse(running("the daemon's own requests through the mount"));
+        }
+        r.hold();
+        match r.settle(DRAIN_LIMIT) {
+            Ok(f) => free = f,
+            Err(e) => {
+                r.release();
+                gate.unpark();
+                src.view.release_invalidations();
+                return refuse(format!(
+                    "holding the io_uring requests: {e} (a hung store?)"
+                ));
+            }
+        }
+    }
     if !gate.park(DRAIN_LIMIT) {
+        if let Some(r) = &rings {
+            r.release();
+        }
         gate.unpark();
         src.view.release_invalidations();
-        return refuse(format!(
-            "requests still running after {} s (a hung store?)",
-            DRAIN_LIMIT.as_secs()
-        ));
+        return refuse(running("requests"));
     }
     let c = src.copier.state();
     let carry = CopierCarry {
@@ -308,14 +370,45 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     if let Some(p) = src.copier.publisher() {
         p.hold();
     }
+    let ring = match (&rings, &root) {
+        (Some(r), Some(root)) => match fill_and_hand_over(r, root.as_fd(), &free) {
+            Ok(h) => Some(h),
+            Err(e) => return cancel(conn, src, &carry, e),
+        },
+        _ => None,
+    };
     let fuse = match crate::fuse::takeover::fuse_fds() {
         Ok(f) if !f.is_empty() => f,
         Ok(_) => return cancel(conn, src, &carry, "no /dev/fuse fd found".into()),
         Err(e) => return cancel(conn, src, &carry, format!("listing fds: {e}")),
     };
     let (view, files) = src.view.export_state();
+    let (uring, blob) = match ring {
+        Some(h) => {
+            let meta = UringHanded {
+                base: h.base,
+                entry_len: h.entry_len,
+                entries_total: h.entries_total,
+                queues: h.queues,
+                payload: h.payload,
+                entries: h
+                    .entries
+                    .iter()
+                    .map(|e| (e.index, e.qid, e.bytes.len() as u64))
+                    .collect(),
+            };
+            let blob: Vec<u8> = h.entries.into_iter().flat_map(|e| e.bytes).collect();
+            (Some(meta), blob)
+        }
+        None => (None, Vec::new()),
+    };
     let handed = Handed {
-        format: FORMAT,
+        format: if uring.is_some() {
+            FORMAT_URING
+        } else {
+            FORMAT
+        },
+        uring,
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         mountpoint: src.mountpoint.clone(),
@@ -330,15 +423,24 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
         view,
     };
     let (inodes, nfiles) = (handed.view.inodes.len(), files.len());
+    let has_ring = handed.uring.is_some();
     let mut fds: Vec<BorrowedFd<'_>> = vec![src.lock.as_fd(), src.new_root.as_fd()];
     if let Some(o) = &src.old_root {
         fds.push(o.as_fd());
     }
     fds.extend(fuse.iter().copied());
     fds.extend(files.iter().map(|f| f.as_fd()));
-    if let Err(e) =
-        send_frame(conn, &Answer::Handed(Box::new(handed))).and_then(|()| send_fds(conn, &fds))
-    {
+    let sent = send_frame(conn, &Answer::Handed(Box::new(handed)))
+        .and_then(|()| send_fds(conn, &fds))
+        .and_then(|()| match has_ring {
+            true => {
+                let mut w = conn;
+                w.write_all(&(blob.len() as u64).to_le_bytes())?;
+                w.write_all(&blob)
+            }
+            false => Ok(()),
+        });
+    if let Err(e) = sent {
         return cancel(conn, src, &carry, format!("sending the state: {e}"));
     }
     if let Err(e) = conn.set_read_timeout(Some(TAKEN_LIMIT)) {
@@ -372,6 +474,41 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     std::process::exit(0);
 }
 
+/// Over io_uring: fill every free ring entry with a request (a statfs of the mount's root
+/// made from a child process on the entry's queue's CPU, which the held ring thread keeps),
+/// then take what the next daemon needs of the entries. A free entry left as this process
+/// exits would be cancelled, racing with a request being put into it (that request would then
+/// hang); an entry holding a request is left alone, and the next daemon answers it from its
+/// own ring. The children's requests are answered by whichever daemon serves next.
+fn fill_and_hand_over(
+    rings: &fuser::IoUringState,
+    root: BorrowedFd<'_>,
+    free: &[u16],
+) -> Result<fuser::RingHandover, String> {
+    let t = std::time::Instant::now();
+    if !free.is_empty() {
+        crate::fuse::takeover::fill_ring_entries(root, free)
+            .map_err(|e| format!("filling the free io_uring entries: {e}"))?;
+    }
+    loop {
+        match rings.settle(DRAIN_LIMIT) {
+            Ok(f) if f.is_empty() => break,
+            Ok(f) if t.elapsed() > FILL_LIMIT => {
+                return Err(format!(
+                    "io_uring entries of queues {f:?} still free after {} s: requests made on \
+                     those CPUs did not reach them (is this daemon allowed to run there?)",
+                    FILL_LIMIT.as_secs()
+                ));
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => return Err(format!("holding the io_uring requests: {e}")),
+        }
+    }
+    rings
+        .handover()
+        .map_err(|e| format!("handing the io_uring entries over: {e}"))
+}
+
 /// Back to serving: the parked requests go on.
 fn cancel(
     conn: &UnixStream,
@@ -380,6 +517,9 @@ fn cancel(
     why: String,
 ) -> std::io::Result<()> {
     tracing::warn!(reason = %why, "takeover failed; serving again");
+    if let Some(Some(r)) = src.parts.gate.transport() {
+        r.release();
+    }
     src.parts.gate.unpark();
     src.view.release_invalidations();
     if let Some(p) = src.copier.publisher() {
@@ -400,6 +540,8 @@ pub struct Taken {
     pub old_root: Option<OwnedFd>,
     pub fuse: Vec<OwnedFd>,
     pub files: Vec<std::fs::File>,
+    /// A mount served over io_uring: its entries, mapped where the kernel has them.
+    pub rings: Option<fuser::AdoptedRings>,
     conn: UnixStream,
     pidfd: OwnedFd,
 }
@@ -460,12 +602,18 @@ pub fn take(state: &Path, mountpoint: &Path) -> Result<Taken, String> {
     let mut fds = recv_fds(&conn, want)
         .map_err(|e| format!("receiving the mount's fds: {e}"))?
         .into_iter();
-    if handed.format != FORMAT {
+    if handed.format != FORMAT && !(handed.format == FORMAT_URING && handed.uring.is_some()) {
         return Err(format!(
-            "the serving daemon hands over in format {} and this one takes {FORMAT}; it keeps serving",
+            "the serving daemon hands over in format {} and this one takes {FORMAT} and \
+             {FORMAT_URING}; it keeps serving",
             handed.format
         ));
     }
+    // Mapped before the old daemon lets go: a failure leaves it serving.
+    let rings = match &handed.uring {
+        Some(u) => Some(adopt_rings(&conn, u)?),
+        None => None,
+    };
     let same = |a: &Path, b: &Path| {
         std::fs::canonicalize(a).unwrap_or(a.to_path_buf())
             == std::fs::canonicalize(b).unwrap_or(b.to_path_buf())
@@ -491,9 +639,50 @@ pub fn take(state: &Path, mountpoint: &Path) -> Result<Taken, String> {
         old_root,
         fuse,
         files,
+        rings,
         conn,
         pidfd,
     })
+}
+
+/// Read the requests the old daemon's ring entries hold, and map the entries here.
+fn adopt_rings(conn: &UnixStream, u: &UringHanded) -> Result<fuser::AdoptedRings, String> {
+    let mut len = [0u8; 8];
+    (&*conn)
+        .read_exact(&mut len)
+        .map_err(|e| format!("reading the io_uring requests: {e}"))?;
+    let len = u64::from_le_bytes(len);
+    let want: u64 = u.entries.iter().map(|e| e.2).sum();
+    if len != want || len > MAX_RING_BYTES {
+        return Err(format!(
+            "the serving daemon sent {len} bytes of io_uring requests for entries of {want}; \
+             it keeps serving"
+        ));
+    }
+    let mut blob = vec![0u8; len as usize];
+    (&*conn)
+        .read_exact(&mut blob)
+        .map_err(|e| format!("reading the io_uring requests: {e}"))?;
+    let mut at = 0usize;
+    let entries = u
+        .entries
+        .iter()
+        .map(|&(index, qid, n)| {
+            let bytes = blob[at..at + n as usize].to_vec();
+            at += n as usize;
+            fuser::HandedEntry { index, qid, bytes }
+        })
+        .collect();
+    let h = fuser::RingHandover {
+        base: u.base,
+        entry_len: u.entry_len,
+        entries_total: u.entries_total,
+        queues: u.queues,
+        payload: u.payload,
+        entries,
+    };
+    fuser::AdoptedRings::map(&h)
+        .map_err(|e| format!("taking the io_uring entries: {e}; the serving daemon keeps serving"))
 }
 
 impl Taken {

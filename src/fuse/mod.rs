@@ -592,7 +592,6 @@ impl Filesystem for FerryFs {
                     "--transport uring: the kernel does not offer FUSE over io_uring",
                 ));
             }
-            self.gate.set_on_uring(granted);
         }
         // Listings with attributes: one request per listing chunk instead of a lookup per
         // name afterwards. `auto` sends attributes only for the first chunk of a directory

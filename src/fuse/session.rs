@@ -113,22 +113,34 @@ impl Session {
     }
 
     /// Serve a mount a previous daemon handed over: `dev` is its /dev/fuse fd, `kernel` what
-    /// the kernel negotiated with the first daemon. The requests the old daemon parked are
-    /// queued again, for this session's threads.
+    /// the kernel negotiated with the first daemon, `rings` its io_uring entries (each holding
+    /// a request the old daemon parked, answered first by this session's ring threads). The
+    /// requests the old daemon parked after reading them from /dev/fuse are queued again, for
+    /// this session's threads.
+    #[allow(clippy::too_many_arguments)]
     pub fn adopt(
         fs: FerryFs,
         dev: BorrowedFd<'_>,
         kernel: KernelInit,
+        rings: Option<fuser::AdoptedRings>,
         plan: &MountPlan,
         fsname: String,
         subtype: &str,
         threads: usize,
     ) -> Result<Session, String> {
         let cfg = plan.config(fsname, subtype, threads);
-        let s = super::takeover::session_on(fs, dev, kernel, plan.acl, cfg)
+        let mut s = super::takeover::session_on(fs, dev, kernel, plan.acl, cfg)
             .map_err(|e| format!("taking the FUSE session: {e}"))?;
+        if let Some(r) = rings {
+            s.adopt_io_uring(r);
+        }
         super::takeover::resend(dev).map_err(|e| format!("FUSE_NOTIFY_RESEND: {e}"))?;
         Ok(Session(s))
+    }
+
+    /// The session's io_uring rings, when it is served over them.
+    pub fn io_uring(&self) -> Option<Arc<fuser::IoUringState>> {
+        self.0.io_uring()
     }
 
     /// The thread that tells the kernel to drop what it caches of an inode

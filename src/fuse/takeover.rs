@@ -27,8 +27,9 @@ pub struct Gate {
     unparked: std::sync::Condvar,
     /// What the kernel offered at INIT, replayed to the next daemon's fuser session.
     kernel: OnceLock<KernelInit>,
-    /// Whether the connection is served over io_uring (a takeover cannot hand it over).
-    on_uring: AtomicBool,
+    /// How the session gets its requests, once it serves: `Some(rings)` over io_uring (a
+    /// takeover hands the rings over), `None` through /dev/fuse.
+    transport: OnceLock<Option<Arc<fuser::IoUringState>>>,
     /// The daemon's own requests through its mount (the health probe's statfs).
     own: std::sync::Mutex<OwnUses>,
     own_done: std::sync::Condvar,
@@ -96,25 +97,34 @@ impl Gate {
         Some(OwnUse(self))
     }
 
+    /// Stop the daemon's own uses of the mount (a health probe's statfs): none starts from
+    /// here, and the running ones are waited for, up to `limit`, answered rather than parked.
+    /// False: some still run; the caller unparks.
+    pub fn hold_own(&self, limit: Duration) -> bool {
+        let t = Instant::now();
+        let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        o.held = true;
+        while o.running > 0 {
+            let Some(left) = limit.checked_sub(t.elapsed()) else {
+                return false;
+            };
+            o = self
+                .own_done
+                .wait_timeout(o, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// Park every new request and wait, up to `limit`, until the ones being answered are
     /// done. First the daemon's own uses of the mount stop, and the running ones are let
     /// finish (answered, not parked). False: some are still running (a hung store); the
     /// caller unparks.
     pub fn park(&self, limit: Duration) -> bool {
         let t = Instant::now();
-        {
-            let mut o = self.own.lock().unwrap_or_else(|p| p.into_inner());
-            o.held = true;
-            while o.running > 0 {
-                let Some(left) = limit.checked_sub(t.elapsed()) else {
-                    return false;
-                };
-                o = self
-                    .own_done
-                    .wait_timeout(o, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
+        if !self.hold_own(limit) {
+            return false;
         }
         self.parking.store(true, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) > 0 {
@@ -135,14 +145,15 @@ impl Gate {
         self.own.lock().unwrap_or_else(|p| p.into_inner()).held = false;
     }
 
-    pub(crate) fn set_on_uring(&self, on: bool) {
-        self.on_uring.store(on, Ordering::SeqCst);
+    /// How the session gets its requests (recorded once it serves).
+    pub fn set_transport(&self, rings: Option<Arc<fuser::IoUringState>>) {
+        let _ = self.transport.set(rings);
     }
 
-    /// Whether requests come through io_uring rings, whose held requests a takeover cannot
-    /// pass on (see `mount --takeover` in docs/OPERATIONS.md).
-    pub fn on_uring(&self) -> bool {
-        self.on_uring.load(Ordering::SeqCst)
+    /// `None`: the session does not serve yet; `Some(None)`: through /dev/fuse;
+    /// `Some(Some(rings))`: over io_uring.
+    pub fn transport(&self) -> Option<Option<Arc<fuser::IoUringState>>> {
+        self.transport.get().cloned()
     }
 
     pub(super) fn set_kernel(&self, k: KernelInit) {
@@ -332,6 +343,59 @@ pub fn fuse_fds() -> std::io::Result<Vec<BorrowedFd<'static>>> {
     }
     out.sort_by_key(|f| f.as_raw_fd());
     Ok(out)
+}
+
+/// Make one request on each of `queues` (the kernel's io_uring queue of a request is the CPU
+/// its caller runs on): for each, a child process pinned to that CPU asks for a statfs of
+/// `root`, the mount's root. The children wait for their answers (from this daemon if the
+/// takeover fails, from the next one if not) and are reaped by a thread of this process
+/// meanwhile. A child that cannot run on its CPU exits without asking.
+pub fn fill_ring_entries(root: BorrowedFd<'_>, queues: &[u16]) -> std::io::Result<()> {
+    let fd = root.as_raw_fd();
+    let mut children = Vec::with_capacity(queues.len());
+    for &q in queues {
+        let cpu = usize::from(q);
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::other(format!("queue {q}: no such CPU")));
+        }
+        // SAFETY: the child only makes system calls (no allocation, no lock a thread of the
+        // parent may have held at the fork) and ends with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: the child, as above; cpu_set_t and statfs are plain values on its stack.
+            unsafe {
+                // Told apart from the daemon it was forked from (same command line) in `ps`.
+                libc::prctl(libc::PR_SET_NAME, c"ferryfs-fill".as_ptr());
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    libc::_exit(2);
+                }
+                // Hold none of the daemon's fds (its rings, /dev/fuse, the state lock)
+                // past its exit: only the root.
+                if fd > 3 {
+                    libc::syscall(libc::SYS_close_range, 3u32, (fd - 1) as u32, 0u32);
+                }
+                libc::syscall(libc::SYS_close_range, (fd + 1) as u32, u32::MAX, 0u32);
+                let mut st: libc::statfs = std::mem::zeroed();
+                libc::fstatfs(fd, &mut st);
+                libc::_exit(0);
+            }
+        }
+        children.push(pid);
+    }
+    std::thread::Builder::new()
+        .name("takeover-fill".into())
+        .spawn(move || {
+            for pid in children {
+                // SAFETY: waits for our own child; the status is not needed.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            }
+        })
+        .map(drop)
 }
 
 /// Whether the running kernel has FUSE_NOTIFY_RESEND (Linux 6.9 and later).

@@ -160,15 +160,27 @@ pub struct ErrorEntry {
 /// Entries in NEW that are not plain copies of OLD (no copy record for their inode).
 fn local_entries(root: &Path, copies: &std::collections::HashSet<(u64, u64)>) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
+    // Applications change NEW while it is walked: an entry or directory gone by the time it
+    // is looked at is not counted, not an error.
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
     let mut n = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for ent in fs::read_dir(&dir)? {
+        let entries = match fs::read_dir(&dir) {
+            Ok(it) => it,
+            Err(e) if gone(&e) && dir != root => continue,
+            Err(e) => return Err(e),
+        };
+        for ent in entries {
             let ent = ent?;
             if dir == root && ent.file_name() == crate::view::WORK_DIR {
                 continue;
             }
-            let md = ent.metadata()?;
+            let md = match ent.metadata() {
+                Ok(md) => md,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
             if !copies.contains(&(md.dev(), md.ino())) {
                 n += 1;
             }

@@ -80,7 +80,7 @@ pub use crate::session::Session;
 pub use crate::session::SessionACL;
 pub use crate::session::SessionUnmounter;
 #[cfg(target_os = "linux")]
-pub use crate::uring::IoUringState;
+pub use crate::uring::{AdoptedRings, HandedEntry, IoUringState, RingHandover};
 
 mod access_flags;
 mod bsd_file_flags;

@@ -280,9 +280,15 @@ impl<FS: Filesystem> Session<FS> {
 
         // FUSE over io_uring: the threads serve ring entries, at least one per queue, and one
         // thread reads /dev/fuse for forgets and interrupts.
+        // Handed-over rings come with their entries, one thread each.
+        #[cfg(target_os = "linux")]
+        let slots = match &uring {
+            Some(u) => u.slots(n_threads.max(u.queues()))?.to_vec(),
+            None => Vec::new(),
+        };
         #[cfg(target_os = "linux")]
         let (n_threads, n_threads_minus_one) = match &uring {
-            Some(u) => (n_threads.max(u.queues()) + 1, n_threads.max(u.queues())),
+            Some(_) => (slots.len() + 1, slots.len()),
             None => (n_threads, n_threads_minus_one),
         };
 
@@ -312,12 +318,13 @@ impl<FS: Filesystem> Session<FS> {
             let ring = uring
                 .as_ref()
                 .filter(|_| i < n_threads_minus_one)
-                .map(|u| (u.clone(), (i % u.queues()) as u16));
+                .map(|u| (u.clone(), slots[i].clone()));
             #[cfg(not(target_os = "linux"))]
             let ring: Option<((), u16)> = None;
-            let thread_name = match ring {
-                Some((_, qid)) => format!("fuser-ring{qid}-{i}"),
-                None => format!("fuser-{i}"),
+            let thread_name = match &ring {
+                #[cfg(target_os = "linux")]
+                Some((_, slot)) => format!("fuser-ring{}-{i}", slot.qid()),
+                _ => format!("fuser-{i}"),
             };
             let event_loop = SessionEventLoop {
                 thread_name: thread_name.clone(),
@@ -331,7 +338,7 @@ impl<FS: Filesystem> Session<FS> {
                     .name(thread_name)
                     .spawn(move || match ring {
                         #[cfg(target_os = "linux")]
-                        Some((state, qid)) => crate::uring::ring_thread(event_loop, qid, state),
+                        Some((state, slot)) => crate::uring::ring_thread(event_loop, slot, state),
                         _ => event_loop.event_loop(),
                     })?,
             );
@@ -541,6 +548,14 @@ impl<FS: Filesystem> Session<FS> {
     #[cfg(target_os = "linux")]
     pub fn io_uring(&self) -> Option<Arc<crate::uring::IoUringState>> {
         self.uring.clone()
+    }
+
+    /// Serve the rings a previous server of this connection handed over (see
+    /// `IoUringState::handover`), on a session made with `from_fd` for that connection: each
+    /// entry's held request is answered first, then the entry serves on.
+    #[cfg(target_os = "linux")]
+    pub fn adopt_io_uring(&mut self, rings: crate::uring::AdoptedRings) {
+        self.uring = Some(rings.into_state());
     }
 
     /// Returns an object that can be used to send notifications to the kernel

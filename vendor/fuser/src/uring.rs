@@ -27,9 +27,12 @@ use std::io::IoSlice;
 use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
 
 use io_uring::IoUring;
 use io_uring::cqueue;
@@ -74,6 +77,13 @@ pub struct IoUringState {
     payload: usize,
     serving: AtomicUsize,
     refused: AtomicBool,
+    /// Every entry of the session, made when it starts serving (or handed over).
+    slots: OnceLock<Vec<Arc<Slot>>>,
+    /// The entries came from a previous server, each holding a request (`adopt`).
+    adopted: bool,
+    /// While set, a ring thread that gets a request keeps it without answering (`hold`).
+    hold: Mutex<bool>,
+    held: Condvar,
 }
 
 impl IoUringState {
@@ -101,6 +111,233 @@ impl IoUringState {
     /// Whether requests pass through the rings.
     pub fn active(&self) -> bool {
         !self.refused()
+    }
+
+    fn new(queues: usize, payload: usize, adopted: bool) -> IoUringState {
+        IoUringState {
+            queues,
+            payload,
+            serving: AtomicUsize::new(0),
+            refused: AtomicBool::new(false),
+            slots: OnceLock::new(),
+            adopted,
+            hold: Mutex::new(false),
+            held: Condvar::new(),
+        }
+    }
+
+    /// The entries to serve: `n` made now in one region (the first call), or the ones handed
+    /// over.
+    pub(crate) fn slots(&self, n: usize) -> io::Result<&[Arc<Slot>]> {
+        if let Some(s) = self.slots.get() {
+            return Ok(s);
+        }
+        let region = Arc::new(Region::new(n, self.payload)?);
+        let slots = (0..n)
+            .map(|i| Arc::new(Slot::new(region.clone(), i, (i % self.queues) as u16)))
+            .collect();
+        Ok(self.slots.get_or_init(|| slots))
+    }
+
+    /// Handing the rings over to another process, step 1: from now on a ring thread that gets
+    /// a request keeps it in its entry without answering it, until `release` (or the end of
+    /// this process). Requests already being answered go on.
+    pub fn hold(&self) {
+        *self.hold.lock() = true;
+    }
+
+    /// Serve again: held requests are answered.
+    pub fn release(&self) {
+        *self.hold.lock() = false;
+        self.held.notify_all();
+    }
+
+    /// Wait, up to `limit`, until no entry is being answered (each is held or free); the
+    /// queues of the free entries, one item per entry. Call after `hold`.
+    pub fn settle(&self, limit: Duration) -> io::Result<Vec<u16>> {
+        let t = Instant::now();
+        loop {
+            let (mut free, mut busy) = (Vec::new(), 0);
+            for slot in self.slots.get().map(|s| &s[..]).unwrap_or_default() {
+                let st = slot.state.lock();
+                if st.unique == 0 {
+                    free.push(slot.qid);
+                } else if !st.held {
+                    busy += 1;
+                }
+            }
+            if busy == 0 {
+                return Ok(free);
+            }
+            if t.elapsed() > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{busy} requests still being answered after {limit:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Handing the rings over, step 2: what the next server needs to answer the held
+    /// requests from its own rings. Every entry must hold a request (a free entry would be
+    /// cancelled as this process exits, racing with a request being put into it); fill free
+    /// entries first with requests made on their queues' CPUs.
+    pub fn handover(&self) -> io::Result<RingHandover> {
+        let slots = self
+            .slots
+            .get()
+            .ok_or_else(|| io::Error::other("the rings are not serving yet"))?;
+        let region = &slots
+            .first()
+            .ok_or_else(|| io::Error::other("no ring entries"))?
+            .region;
+        let mut entries = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let st = slot.state.lock();
+            if st.unique == 0 || !st.held {
+                return Err(io::Error::other(format!(
+                    "ring entry {} (queue {}) holds no request",
+                    slot.index, slot.qid
+                )));
+            }
+            // SAFETY: the entry holds a request the kernel delivered and waits for its commit:
+            // nobody writes to it while its thread is held.
+            let bytes = unsafe {
+                let header = slot.header();
+                let payload_sz = header.add(PAYLOAD_SZ).cast::<u32>().read_unaligned() as usize;
+                let mut b = Vec::with_capacity(HEADER_SIZE + payload_sz);
+                b.extend_from_slice(std::slice::from_raw_parts(header, HEADER_SIZE));
+                b.extend_from_slice(std::slice::from_raw_parts(
+                    slot.payload(),
+                    payload_sz.min(slot.payload_len),
+                ));
+                b
+            };
+            entries.push(HandedEntry {
+                index: slot.index as u32,
+                qid: slot.qid,
+                bytes,
+            });
+        }
+        Ok(RingHandover {
+            base: region.base as u64,
+            entry_len: region.entry_len as u64,
+            entries_total: slots.len() as u32,
+            queues: self.queues as u32,
+            payload: self.payload as u64,
+            entries,
+        })
+    }
+
+    /// Where a ring thread holds a request it got while `hold` is set.
+    fn hold_point(&self, slot: &Slot) {
+        let mut h = self.hold.lock();
+        if !*h {
+            return;
+        }
+        slot.state.lock().held = true;
+        while *h {
+            self.held.wait(&mut h);
+        }
+        slot.state.lock().held = false;
+    }
+}
+
+/// The rings of a session as one server hands them to the next (`IoUringState::handover`):
+/// the entries' memory (`entries_total` entries of `entry_len` bytes from `base`), and the
+/// request each entry holds. The kernel keeps the entries' addresses, so the next server maps
+/// its own memory at the same place, puts the requests back and answers them from its own
+/// rings: each entry is then its own.
+#[derive(Debug, Clone)]
+pub struct RingHandover {
+    /// The address of the first entry.
+    pub base: u64,
+    /// Bytes from one entry to the next (the header page and the payload buffer).
+    pub entry_len: u64,
+    /// Entries in the region.
+    pub entries_total: u32,
+    /// The kernel's queues (possible CPUs).
+    pub queues: u32,
+    /// Bytes of each entry's payload buffer as registered.
+    pub payload: u64,
+    /// Every entry, with the request it holds.
+    pub entries: Vec<HandedEntry>,
+}
+
+/// One entry of a [`RingHandover`]: its place, queue and the request it holds (the header
+/// buffer, then the payload the header announces).
+#[derive(Debug, Clone)]
+pub struct HandedEntry {
+    /// Its place in the region.
+    pub index: u32,
+    /// The queue it was registered on.
+    pub qid: u16,
+    /// The header buffer (288 bytes) and the payload it announces.
+    pub bytes: Vec<u8>,
+}
+
+/// Rings handed over, their memory mapped where the kernel expects it: for
+/// `Session::adopt_io_uring`. Made before the previous server lets go, so that a failure
+/// (the addresses taken in this process) leaves it serving.
+#[derive(Debug)]
+pub struct AdoptedRings(Arc<IoUringState>);
+
+impl AdoptedRings {
+    /// Map the entries' memory at the handed address and put each held request back.
+    pub fn map(h: &RingHandover) -> io::Result<AdoptedRings> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let payload = h.payload as usize;
+        if h.queues == 0
+            || h.entries.len() != h.entries_total as usize
+            || Region::entry_len(payload) != h.entry_len as usize
+            || payload < MIN_PAYLOAD
+        {
+            return Err(invalid(format!(
+                "io_uring handover: {} of {} entries, {} bytes each for a payload of {payload}",
+                h.entries.len(),
+                h.entries_total,
+                h.entry_len
+            )));
+        }
+        let region = Arc::new(Region::at(
+            h.base as usize,
+            h.entries_total as usize,
+            payload,
+        )?);
+        let state = IoUringState::new(h.queues as usize, payload, true);
+        let mut slots = Vec::with_capacity(h.entries.len());
+        for e in &h.entries {
+            if e.index >= h.entries_total
+                || u32::from(e.qid) >= h.queues
+                || e.bytes.len() < HEADER_SIZE
+                || e.bytes.len() > HEADER_SIZE + payload
+            {
+                return Err(invalid(format!(
+                    "io_uring handover: entry {} of queue {} with {} bytes",
+                    e.index,
+                    e.qid,
+                    e.bytes.len()
+                )));
+            }
+            let slot = Slot::new(region.clone(), e.index as usize, e.qid);
+            // SAFETY: the entry's memory, HEADER_SIZE + payload bytes of the fresh mapping.
+            unsafe {
+                std::ptr::copy_nonoverlapping(e.bytes.as_ptr(), slot.header(), HEADER_SIZE);
+                std::ptr::copy_nonoverlapping(
+                    e.bytes[HEADER_SIZE..].as_ptr(),
+                    slot.payload(),
+                    e.bytes.len() - HEADER_SIZE,
+                );
+            }
+            slots.push(Arc::new(slot));
+        }
+        state.slots.set(slots).expect("a fresh state has no slots");
+        Ok(AdoptedRings(Arc::new(state)))
+    }
+
+    pub(crate) fn into_state(self) -> Arc<IoUringState> {
+        self.0
     }
 }
 
@@ -151,31 +388,75 @@ pub(crate) fn probe(max_write: u32, max_pages: u16) -> io::Result<Arc<IoUringSta
     let payload = MIN_PAYLOAD
         .max(max_write as usize)
         .max(usize::from(max_pages) * page_size::get());
-    Ok(Arc::new(IoUringState {
-        queues,
-        payload,
-        serving: AtomicUsize::new(0),
-        refused: AtomicBool::new(false),
-    }))
+    Ok(Arc::new(IoUringState::new(queues, payload, false)))
 }
 
-/// An entry's memory: the header buffer, then (page aligned) the payload buffer.
-/// Unmapped when the last reference to its slot goes, after the ring that registered it.
-struct EntryMem {
-    ptr: *mut u8,
+/// The memory of all of a session's entries, one mapping: each entry is a header buffer, then
+/// (page aligned) its payload buffer. One mapping, at an address chosen away from where the
+/// kernel puts mappings by itself, so that the next server of a takeover can map its own at
+/// the same place. Unmapped when the last slot goes, after the rings that registered it.
+#[derive(Debug)]
+struct Region {
+    base: *mut u8,
     len: usize,
+    entry_len: usize,
 }
 
-impl EntryMem {
-    fn new(payload: usize) -> io::Result<EntryMem> {
-        let len = PAYLOAD_AT + payload;
-        // SAFETY: an anonymous private mapping, owned by the returned value.
+// SAFETY: a plain mapping; what is written where is ruled by the slots' locks.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn entry_len(payload: usize) -> usize {
+        PAYLOAD_AT + payload.next_multiple_of(page_size::get())
+    }
+
+    fn new(entries: usize, payload: usize) -> io::Result<Region> {
+        let len = entries * Region::entry_len(payload);
+        // A random place in [16 TiB, 48 TiB): x86-64 and arm64 processes (47- or 48-bit
+        // address spaces) keep their heap near the program, low, and their mappings near the
+        // top. Elsewhere (a smaller address space) wherever the kernel says.
+        for _ in 0..4 {
+            let mut r = [0u8; 8];
+            // SAFETY: fills the 8 bytes given.
+            if unsafe { libc::getrandom(r.as_mut_ptr().cast(), 8, 0) } != 8 {
+                break;
+            }
+            let hint = (0x1000_0000_0000 + u64::from_ne_bytes(r) % 0x2000_0000_0000) & !0x1f_ffff;
+            if let Ok(region) = Region::map(hint as usize, len, entries, payload) {
+                return Ok(region);
+            }
+        }
+        Region::map(0, len, entries, payload)
+    }
+
+    /// The region of a previous server, at its address.
+    fn at(base: usize, entries: usize, payload: usize) -> io::Result<Region> {
+        Region::map(base, entries * Region::entry_len(payload), entries, payload).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "mapping the ring entries at {base:#x} as the previous server had them: {e}"
+                ),
+            )
+        })
+    }
+
+    /// `at == 0`: anywhere; else exactly there, or an error.
+    fn map(at: usize, len: usize, entries: usize, payload: usize) -> io::Result<Region> {
+        let fixed = if at == 0 {
+            0
+        } else {
+            libc::MAP_FIXED_NOREPLACE
+        };
+        // SAFETY: an anonymous private mapping, owned by the returned value; with
+        // MAP_FIXED_NOREPLACE it never replaces an existing one.
         let ptr = unsafe {
             libc::mmap(
-                std::ptr::null_mut(),
+                at as *mut libc::c_void,
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
                 -1,
                 0,
             )
@@ -183,25 +464,41 @@ impl EntryMem {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(EntryMem {
-            ptr: ptr.cast(),
+        if at != 0 && ptr as usize != at {
+            // A kernel without MAP_FIXED_NOREPLACE (before 4.17) took it as a hint.
+            // SAFETY: the mapping just made.
+            unsafe { libc::munmap(ptr, len) };
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        Ok(Region {
+            base: ptr.cast(),
             len,
+            entry_len: len / entries.max(1),
         })
+        .inspect(|r| debug_assert_eq!(r.entry_len, Region::entry_len(payload)))
+    }
+
+    fn entry(&self, index: usize) -> *mut u8 {
+        debug_assert!((index + 1) * self.entry_len <= self.len);
+        // SAFETY: within the mapping.
+        unsafe { self.base.add(index * self.entry_len) }
     }
 }
 
-impl Drop for EntryMem {
+impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`; the kernel no longer writes to it (the ring that
-        // registered it is closed before its slot goes).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        // SAFETY: the mapping made in `map`; the kernel no longer writes to it (the rings that
+        // registered its entries are closed before the last slot goes).
+        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
 /// The reply side of an entry: a reply, from whichever thread makes it, is written into the
 /// entry's buffers; the ring thread then commits it.
 pub(crate) struct Slot {
-    mem: EntryMem,
+    region: Arc<Region>,
+    index: usize,
+    qid: u16,
     payload_len: usize,
     state: Mutex<SlotState>,
     replied: Condvar,
@@ -225,25 +522,34 @@ struct SlotState {
     /// The request being answered, 0 between requests.
     unique: u64,
     replied: bool,
+    /// Kept without an answer while the rings are handed over (`IoUringState::hold`).
+    held: bool,
 }
 
 impl Slot {
-    fn new(payload_len: usize) -> io::Result<Slot> {
-        Ok(Slot {
-            mem: EntryMem::new(payload_len)?,
+    fn new(region: Arc<Region>, index: usize, qid: u16) -> Slot {
+        let payload_len = region.entry_len - PAYLOAD_AT;
+        Slot {
+            region,
+            index,
+            qid,
             payload_len,
             state: Mutex::new(SlotState::default()),
             replied: Condvar::new(),
-        })
+        }
+    }
+
+    pub(crate) fn qid(&self) -> u16 {
+        self.qid
     }
 
     fn header(&self) -> *mut u8 {
-        self.mem.ptr
+        self.region.entry(self.index)
     }
 
     fn payload(&self) -> *mut u8 {
-        // SAFETY: within the mapping (PAYLOAD_AT + payload_len bytes).
-        unsafe { self.mem.ptr.add(PAYLOAD_AT) }
+        // SAFETY: within the entry (PAYLOAD_AT + payload_len bytes).
+        unsafe { self.header().add(PAYLOAD_AT) }
     }
 
     /// Write a reply (`fuse_out_header` and its payload, as a /dev/fuse writev would take
@@ -317,15 +623,16 @@ pub(crate) enum Served {
     Refused(io::Error),
 }
 
-/// Serve queue `qid` with one entry until the connection ends.
+/// Serve one entry (of queue `slot.qid`) until the connection ends. An entry handed over by a
+/// previous server starts with the request it holds; another is registered first.
 pub(crate) fn serve<FS: Filesystem>(
     se: &SessionEventLoop<FS>,
-    qid: u16,
+    slot: Arc<Slot>,
     state: &IoUringState,
 ) -> io::Result<Served> {
-    // Declared before the ring, so dropped after it: the kernel holds the entry's buffers
-    // (and the registration's iovec) while the ring is open.
-    let slot = Arc::new(Slot::new(state.payload)?);
+    // The slot (and its region) outlives the ring: the kernel holds the entry's buffers (and
+    // the registration's iovec) while the ring is open.
+    let qid = slot.qid;
     let (header, payload) = (slot.header(), slot.payload());
     let iov = Box::new([
         libc::iovec {
@@ -359,21 +666,30 @@ pub(crate) fn serve<FS: Filesystem>(
             .write_unaligned(2);
     }
     let mut last = register.clone();
-    let mut fetched = false;
+    // An adopted entry holds a request already, as if its fetch had just completed.
+    let mut fetched = state.adopted;
+    let mut pending = state.adopted.then_some(0);
     state.serving.fetch_add(1, Ordering::Relaxed);
     let _serving = Serving(state);
-    // SAFETY: `register`'s iovec (`iov`) lives until the end of this function.
-    unsafe { push(&mut ring, &register)? };
+    if !state.adopted {
+        // SAFETY: `register`'s iovec (`iov`) lives until the end of this function.
+        unsafe { push(&mut ring, &register)? };
+    }
     loop {
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
-        let Some(cqe) = ring.completion().next() else {
-            continue;
+        let res = match pending.take() {
+            Some(res) => res,
+            None => {
+                match ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+                let Some(cqe) = ring.completion().next() else {
+                    continue;
+                };
+                cqe.result()
+            }
         };
-        let res = cqe.result();
         if res < 0 {
             match -res {
                 libc::EINTR | libc::EAGAIN => {
@@ -411,6 +727,7 @@ pub(crate) fn serve<FS: Filesystem>(
             ));
         }
         slot.begin(commit_id);
+        state.hold_point(&slot);
         // SAFETY: `buf` is a Vec<u64>, so viewing `len` of its bytes is in bounds and aligned.
         let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) };
         let parsed = (len > 0)
@@ -544,11 +861,12 @@ fn pin_to_queue_cpu(qid: u16) {
 /// Run a ring thread; if the kernel refuses its entry, serve /dev/fuse instead.
 pub(crate) fn ring_thread<FS: Filesystem>(
     se: SessionEventLoop<FS>,
-    qid: u16,
+    slot: Arc<Slot>,
     state: Arc<IoUringState>,
 ) -> io::Result<()> {
+    let qid = slot.qid;
     pin_to_queue_cpu(qid);
-    match serve(&se, qid, &state) {
+    match serve(&se, slot, &state) {
         Ok(Served::Ended) => Ok(()),
         Ok(Served::Refused(e)) => {
             warn!(
@@ -581,7 +899,7 @@ mod tests {
     #[test]
     fn a_request_is_rebuilt_as_dev_fuse_gives_it_and_a_reply_lands_in_the_entry() {
         let payload_len = 8192;
-        let slot = Slot::new(payload_len).unwrap();
+        let slot = Slot::new(Arc::new(Region::new(1, payload_len).unwrap()), 0, 0);
         let (header, payload) = (slot.header(), slot.payload());
         // A WRITE: in_header (len = 40 + 40 + 5), fuse_write_in (40 bytes), 5 data bytes.
         unsafe {
