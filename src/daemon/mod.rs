@@ -258,7 +258,7 @@ fn record_transport(
                 .into(),
         );
     }
-    parts.gate.set_transport(session.io_uring());
+    parts.gate.set_transport(session.rings());
     crate::metrics::METRICS.set_fuse_transport(on_uring);
     if on_uring {
         tracing::info!(

@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::copier::Copier;
-use crate::fuse::takeover::{KernelInit, Parts, PassthroughState};
+use crate::fuse::takeover::{AdoptedRings, KernelInit, Parts, PassthroughState, UringHanded};
 use crate::journal::{Meta, Records};
 use crate::view::{View, ViewState};
 
@@ -78,19 +78,6 @@ pub struct Handed {
     /// follow the fds, in one frame.
     #[serde(default)]
     pub uring: Option<UringHanded>,
-}
-
-/// The ring entries of a mount served over io_uring (see `fuser::RingHandover`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct UringHanded {
-    pub base: u64,
-    pub entry_len: u64,
-    pub entries_total: u32,
-    pub queues: u32,
-    pub payload: u64,
-    /// Each entry's place, queue and the length of the request it holds (in the frame that
-    /// follows the fds, in this order).
-    pub entries: Vec<(u32, u16, u64)>,
 }
 
 /// The copier's live settings, kept across the takeover.
@@ -371,10 +358,12 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
         p.hold();
     }
     let ring = match (&rings, &root) {
-        (Some(r), Some(root)) => match fill_and_hand_over(r, root.as_fd(), &free) {
-            Ok(h) => Some(h),
-            Err(e) => return cancel(conn, src, &carry, e),
-        },
+        (Some(r), Some(root)) => {
+            match r.fill_and_hand_over(root.as_fd(), &free, DRAIN_LIMIT, FILL_LIMIT) {
+                Ok(h) => Some(h),
+                Err(e) => return cancel(conn, src, &carry, e),
+            }
+        }
         _ => None,
     };
     let fuse = match crate::fuse::takeover::fuse_fds() {
@@ -384,22 +373,7 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     };
     let (view, files) = src.view.export_state();
     let (uring, blob) = match ring {
-        Some(h) => {
-            let meta = UringHanded {
-                base: h.base,
-                entry_len: h.entry_len,
-                entries_total: h.entries_total,
-                queues: h.queues,
-                payload: h.payload,
-                entries: h
-                    .entries
-                    .iter()
-                    .map(|e| (e.index, e.qid, e.bytes.len() as u64))
-                    .collect(),
-            };
-            let blob: Vec<u8> = h.entries.into_iter().flat_map(|e| e.bytes).collect();
-            (Some(meta), blob)
-        }
+        Some((meta, blob)) => (Some(meta), blob),
         None => (None, Vec::new()),
     };
     let handed = Handed {
@@ -474,41 +448,6 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     std::process::exit(0);
 }
 
-/// Over io_uring: fill every free ring entry with a request (a statfs of the mount's root
-/// made from a child process on the entry's queue's CPU, which the held ring thread keeps),
-/// then take what the next daemon needs of the entries. A free entry left as this process
-/// exits would be cancelled, racing with a request being put into it (that request would then
-/// hang); an entry holding a request is left alone, and the next daemon answers it from its
-/// own ring. The children's requests are answered by whichever daemon serves next.
-fn fill_and_hand_over(
-    rings: &fuser::IoUringState,
-    root: BorrowedFd<'_>,
-    free: &[u16],
-) -> Result<fuser::RingHandover, String> {
-    let t = std::time::Instant::now();
-    if !free.is_empty() {
-        crate::fuse::takeover::fill_ring_entries(root, free)
-            .map_err(|e| format!("filling the free io_uring entries: {e}"))?;
-    }
-    loop {
-        match rings.settle(DRAIN_LIMIT) {
-            Ok(f) if f.is_empty() => break,
-            Ok(f) if t.elapsed() > FILL_LIMIT => {
-                return Err(format!(
-                    "io_uring entries of queues {f:?} still free after {} s: requests made on \
-                     those CPUs did not reach them (is this daemon allowed to run there?)",
-                    FILL_LIMIT.as_secs()
-                ));
-            }
-            Ok(_) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(format!("holding the io_uring requests: {e}")),
-        }
-    }
-    rings
-        .handover()
-        .map_err(|e| format!("handing the io_uring entries over: {e}"))
-}
-
 /// Back to serving: the parked requests go on.
 fn cancel(
     conn: &UnixStream,
@@ -541,7 +480,7 @@ pub struct Taken {
     pub fuse: Vec<OwnedFd>,
     pub files: Vec<std::fs::File>,
     /// A mount served over io_uring: its entries, mapped where the kernel has them.
-    pub rings: Option<fuser::AdoptedRings>,
+    pub rings: Option<AdoptedRings>,
     conn: UnixStream,
     pidfd: OwnedFd,
 }
@@ -646,7 +585,7 @@ pub fn take(state: &Path, mountpoint: &Path) -> Result<Taken, String> {
 }
 
 /// Read the requests the old daemon's ring entries hold, and map the entries here.
-fn adopt_rings(conn: &UnixStream, u: &UringHanded) -> Result<fuser::AdoptedRings, String> {
+fn adopt_rings(conn: &UnixStream, u: &UringHanded) -> Result<AdoptedRings, String> {
     let mut len = [0u8; 8];
     (&*conn)
         .read_exact(&mut len)
@@ -663,25 +602,7 @@ fn adopt_rings(conn: &UnixStream, u: &UringHanded) -> Result<fuser::AdoptedRings
     (&*conn)
         .read_exact(&mut blob)
         .map_err(|e| format!("reading the io_uring requests: {e}"))?;
-    let mut at = 0usize;
-    let entries = u
-        .entries
-        .iter()
-        .map(|&(index, qid, n)| {
-            let bytes = blob[at..at + n as usize].to_vec();
-            at += n as usize;
-            fuser::HandedEntry { index, qid, bytes }
-        })
-        .collect();
-    let h = fuser::RingHandover {
-        base: u.base,
-        entry_len: u.entry_len,
-        entries_total: u.entries_total,
-        queues: u.queues,
-        payload: u.payload,
-        entries,
-    };
-    fuser::AdoptedRings::map(&h)
+    AdoptedRings::map(u, &blob)
         .map_err(|e| format!("taking the io_uring entries: {e}; the serving daemon keeps serving"))
 }
 

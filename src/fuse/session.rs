@@ -122,7 +122,7 @@ impl Session {
         fs: FerryFs,
         dev: BorrowedFd<'_>,
         kernel: KernelInit,
-        rings: Option<fuser::AdoptedRings>,
+        rings: Option<super::takeover::AdoptedRings>,
         plan: &MountPlan,
         fsname: String,
         subtype: &str,
@@ -132,15 +132,15 @@ impl Session {
         let mut s = super::takeover::session_on(fs, dev, kernel, plan.acl, cfg)
             .map_err(|e| format!("taking the FUSE session: {e}"))?;
         if let Some(r) = rings {
-            s.adopt_io_uring(r);
+            s.adopt_io_uring(r.0);
         }
         super::takeover::resend(dev).map_err(|e| format!("FUSE_NOTIFY_RESEND: {e}"))?;
         Ok(Session(s))
     }
 
     /// The session's io_uring rings, when it is served over them.
-    pub fn io_uring(&self) -> Option<Arc<fuser::IoUringState>> {
-        self.0.io_uring()
+    pub fn rings(&self) -> Option<super::takeover::Rings> {
+        self.0.io_uring().map(super::takeover::Rings::new)
     }
 
     /// The thread that tells the kernel to drop what it caches of an inode

@@ -29,7 +29,7 @@ pub struct Gate {
     kernel: OnceLock<KernelInit>,
     /// How the session gets its requests, once it serves: `Some(rings)` over io_uring (a
     /// takeover hands the rings over), `None` through /dev/fuse.
-    transport: OnceLock<Option<Arc<fuser::IoUringState>>>,
+    transport: OnceLock<Option<Rings>>,
     /// The daemon's own requests through its mount (the health probe's statfs).
     own: std::sync::Mutex<OwnUses>,
     own_done: std::sync::Condvar,
@@ -146,13 +146,13 @@ impl Gate {
     }
 
     /// How the session gets its requests (recorded once it serves).
-    pub fn set_transport(&self, rings: Option<Arc<fuser::IoUringState>>) {
+    pub fn set_transport(&self, rings: Option<Rings>) {
         let _ = self.transport.set(rings);
     }
 
     /// `None`: the session does not serve yet; `Some(None)`: through /dev/fuse;
     /// `Some(Some(rings))`: over io_uring.
-    pub fn transport(&self) -> Option<Option<Arc<fuser::IoUringState>>> {
+    pub fn transport(&self) -> Option<Option<Rings>> {
         self.transport.get().cloned()
     }
 
@@ -162,6 +162,129 @@ impl Gate {
 
     pub fn kernel(&self) -> Option<KernelInit> {
         self.kernel.get().copied()
+    }
+}
+
+/// A session's FUSE io_uring rings, as its threads serve them.
+#[derive(Clone)]
+pub struct Rings(Arc<fuser::IoUringState>);
+
+impl Rings {
+    pub(super) fn new(s: Arc<fuser::IoUringState>) -> Rings {
+        Rings(s)
+    }
+
+    /// Whether requests pass through them (the kernel did not refuse them).
+    pub fn active(&self) -> bool {
+        self.0.active()
+    }
+
+    /// Ring threads keep new requests in their entries, unanswered, until `release`.
+    pub fn hold(&self) {
+        self.0.hold();
+    }
+
+    pub fn release(&self) {
+        self.0.release();
+    }
+
+    /// Wait until no entry is being answered; the queues of the free entries.
+    pub fn settle(&self, limit: Duration) -> std::io::Result<Vec<u16>> {
+        self.0.settle(limit)
+    }
+
+    /// Fill every free ring entry with a request (`fill_ring_entries`), wait until each holds
+    /// one (up to `fill_limit`), and take what the next daemon needs: the entries, and the
+    /// requests they hold in one frame. A free entry left as this process exits would be
+    /// cancelled, racing with a request being put into it (that request would then hang); an
+    /// entry holding a request is left alone, and the next daemon answers it from its own ring.
+    pub fn fill_and_hand_over(
+        &self,
+        root: BorrowedFd<'_>,
+        free: &[u16],
+        drain: Duration,
+        fill_limit: Duration,
+    ) -> Result<(UringHanded, Vec<u8>), String> {
+        let t = Instant::now();
+        if !free.is_empty() {
+            fill_ring_entries(root, free)
+                .map_err(|e| format!("filling the free io_uring entries: {e}"))?;
+        }
+        loop {
+            match self.settle(drain) {
+                Ok(f) if f.is_empty() => break,
+                Ok(f) if t.elapsed() > fill_limit => {
+                    return Err(format!(
+                        "io_uring entries of queues {f:?} still free after {} s: requests made \
+                         on those CPUs did not reach them (is this daemon allowed to run there?)",
+                        fill_limit.as_secs()
+                    ));
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => return Err(format!("holding the io_uring requests: {e}")),
+            }
+        }
+        let h = self
+            .0
+            .handover()
+            .map_err(|e| format!("handing the io_uring entries over: {e}"))?;
+        let meta = UringHanded {
+            base: h.base,
+            entry_len: h.entry_len,
+            entries_total: h.entries_total,
+            queues: h.queues,
+            payload: h.payload,
+            entries: h
+                .entries
+                .iter()
+                .map(|e| (e.index, e.qid, e.bytes.len() as u64))
+                .collect(),
+        };
+        Ok((meta, h.entries.into_iter().flat_map(|e| e.bytes).collect()))
+    }
+}
+
+/// The ring entries of a mount served over io_uring, as one daemon hands them to the next
+/// (see `fuser::RingHandover`); the requests they hold travel apart, in one frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UringHanded {
+    pub base: u64,
+    pub entry_len: u64,
+    pub entries_total: u32,
+    pub queues: u32,
+    pub payload: u64,
+    /// Each entry's place, queue and the length of the request it holds (in the frame, in
+    /// this order).
+    pub entries: Vec<(u32, u16, u64)>,
+}
+
+/// Handed-over rings, their entries mapped in this process where the kernel has them.
+pub struct AdoptedRings(pub(super) fuser::AdoptedRings);
+
+impl AdoptedRings {
+    /// Map the entries at the old daemon's address and put back the requests they hold
+    /// (`blob`, in the order of `u.entries`).
+    pub fn map(u: &UringHanded, blob: &[u8]) -> std::io::Result<AdoptedRings> {
+        let mut at = 0usize;
+        let mut entries = Vec::with_capacity(u.entries.len());
+        for &(index, qid, n) in &u.entries {
+            let bytes = at
+                .checked_add(n as usize)
+                .and_then(|end| blob.get(at..end))
+                .ok_or_else(|| std::io::Error::other("io_uring requests cut short"))?
+                .to_vec();
+            at += n as usize;
+            entries.push(fuser::HandedEntry { index, qid, bytes });
+        }
+        let h = fuser::RingHandover {
+            base: u.base,
+            entry_len: u.entry_len,
+            entries_total: u.entries_total,
+            queues: u.queues,
+            payload: u.payload,
+            entries,
+        };
+        fuser::AdoptedRings::map(&h).map(AdoptedRings)
     }
 }
 

@@ -886,6 +886,78 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handed_entries_are_mapped_at_the_same_address_with_their_requests() {
+        let payload = 8192;
+        let state = IoUringState::new(2, payload, false);
+        let slots = state.slots(3).unwrap().to_vec();
+        assert_eq!(
+            slots.iter().map(|s| s.qid).collect::<Vec<_>>(),
+            [0, 1, 0],
+            "round robin over the queues"
+        );
+        let region = slots[0].region.clone();
+        let base = region.base as usize;
+        assert!(
+            (0x1000_0000_0000..0x3000_0000_0000).contains(&base),
+            "the region is placed away from the kernel's own choices: {base:#x}"
+        );
+        // Nothing to hand over while an entry is free or being answered.
+        state.hold();
+        assert_eq!(state.settle(Duration::from_millis(10)).unwrap(), [0, 1, 0]);
+        assert!(state.handover().is_err());
+        for (i, slot) in slots.iter().enumerate() {
+            unsafe {
+                slot.header().cast::<u32>().write_unaligned(40 + 3);
+                slot.header()
+                    .add(COMMIT_ID)
+                    .cast::<u64>()
+                    .write_unaligned(100 + i as u64);
+                slot.header()
+                    .add(PAYLOAD_SZ)
+                    .cast::<u32>()
+                    .write_unaligned(3);
+                std::ptr::copy_nonoverlapping(b"abc".as_ptr(), slot.payload(), 3);
+            }
+            slot.begin(100 + i as u64);
+        }
+        // Being answered (not held yet): settle waits, then gives up.
+        assert!(state.settle(Duration::from_millis(10)).is_err());
+        for slot in &slots {
+            slot.state.lock().held = true;
+        }
+        assert!(state.settle(Duration::from_millis(10)).unwrap().is_empty());
+        let h = state.handover().unwrap();
+        assert_eq!((h.base as usize, h.entries_total, h.queues), (base, 3, 2));
+        assert!(h.entries.iter().all(|e| e.bytes.len() == HEADER_SIZE + 3));
+        // The address is taken here: mapping the entries again fails, and changes nothing.
+        let err = AdoptedRings::map(&h).unwrap_err();
+        assert!(err.to_string().contains("previous server"), "{err}");
+        drop((slots, region));
+        state.release();
+        drop(state);
+        // Free again (the old server gone): the entries come back where they were, with the
+        // requests they held.
+        let adopted = AdoptedRings::map(&h).unwrap().into_state();
+        let slots = adopted.slots(99).unwrap();
+        assert_eq!(slots.len(), 3, "the handed entries, whatever was asked");
+        assert!(adopted.adopted);
+        for (i, slot) in slots.iter().enumerate() {
+            assert_eq!(slot.header() as usize, base + i * h.entry_len as usize);
+            unsafe {
+                assert_eq!(
+                    slot.header().add(COMMIT_ID).cast::<u64>().read_unaligned(),
+                    100 + i as u64
+                );
+                assert_eq!(std::slice::from_raw_parts(slot.payload(), 3), b"abc");
+            }
+        }
+        // A handover that does not add up is refused.
+        let mut bad = h.clone();
+        bad.entries.pop();
+        assert!(AdoptedRings::map(&bad).is_err());
+    }
+
+    #[test]
     fn cpu_lists_count_as_the_kernel_counts_possible_cpus() {
         assert_eq!(count_cpu_list("0"), Some(1));
         assert_eq!(count_cpu_list("0-1"), Some(2));
