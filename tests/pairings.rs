@@ -594,7 +594,7 @@ fn crash_resume(old: Side, new: Side, name: &str) {
     };
     let new_arg = new_arg(&f, new, &nb);
     prepare(&f, &old_arg, &new_arg);
-    f.mount_with(&f.mnt.clone(), &["--ops-limit", "150"]);
+    f.mount_with(&f.mnt.clone(), &["--ops-limit", "50"]);
     common::wait_for("the copier to copy some files", 30, || {
         f.status_json()["files"]["done"].as_u64().unwrap_or(0) >= 60
     });

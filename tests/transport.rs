@@ -233,12 +233,7 @@ fn auto_falls_back_to_dev_fuse_where_io_uring_is_blocked_and_uring_refuses_to_mo
         err.contains("--transport uring") && err.contains("cannot use io_uring"),
         "unclear error: {err}"
     );
-    assert!(
-        !fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .contains(f.mnt.to_str().unwrap()),
-        "a failed mount left the view mounted"
-    );
+    assert_not_mounted(&f.mnt, "a failed mount left the view mounted");
     // `auto`: served through /dev/fuse, said in the log, and it works.
     ok(run(without_io_uring(&mut mount_cmd(&f, "auto"))));
     let mut f = f;

@@ -180,14 +180,13 @@ pub fn print_status(s: &Status) {
         if s.mounted { " (view mounted)" } else { "" }
     );
     if let Some(t) = &s.transport {
-        if t.transport == "io_uring" {
-            println!(
+        match t.transport {
+            crate::state::status::TransportKind::IoUring => println!(
                 "transport:  io_uring ({} queues, {} KiB per entry)",
                 t.queues,
                 t.payload_bytes >> 10
-            );
-        } else {
-            println!("transport:  {} (/dev/fuse)", t.transport);
+            ),
+            crate::state::status::TransportKind::Dev => println!("transport:  dev (/dev/fuse)"),
         }
     }
     println!("OLD:        {}", s.old);

@@ -247,7 +247,7 @@ fn record_transport(
 ) -> Result<(), String> {
     use crate::journal::Meta;
     let t = session.transport();
-    let on_uring = t.transport == "io_uring";
+    let on_uring = t.transport == crate::state::status::TransportKind::IoUring;
     if !on_uring && s.args.transport == crate::fuse::Transport::Uring && !s.args.takeover {
         // The kernel offered it, but this process could not make rings (io_uring disabled
         // by seccomp or sysctl, out of memory): fuser logged why.

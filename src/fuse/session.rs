@@ -11,7 +11,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use super::FerryFs;
 use super::takeover::KernelInit;
-use crate::state::status::FuseTransport;
+use crate::state::status::{FuseTransport, TransportKind};
 use crate::view::View;
 
 /// The `-o` options of a mount, parsed: what goes to the kernel, and who may use the mount.
@@ -177,12 +177,12 @@ impl Session {
     pub fn transport(&self) -> FuseTransport {
         match self.0.io_uring() {
             Some(u) => FuseTransport {
-                transport: "io_uring".into(),
+                transport: TransportKind::IoUring,
                 queues: u.queues(),
                 payload_bytes: u.payload_bytes(),
             },
             None => FuseTransport {
-                transport: "dev".into(),
+                transport: TransportKind::Dev,
                 queues: 0,
                 payload_bytes: 0,
             },

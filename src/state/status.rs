@@ -106,12 +106,22 @@ pub struct Status {
 /// The FUSE transport a mount is served over (`mount --transport`), as its daemon recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FuseTransport {
-    /// `io_uring` or `dev` (read/writev on /dev/fuse).
-    pub transport: String,
+    pub transport: TransportKind,
     /// io_uring: the kernel's queues (one per possible CPU).
     pub queues: usize,
     /// io_uring: bytes of each ring entry's payload buffer.
     pub payload_bytes: usize,
+}
+
+/// How the kernel hands a mount's requests to its daemon; `io_uring` or `dev` in status JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub enum TransportKind {
+    /// FUSE over io_uring.
+    #[serde(rename = "io_uring")]
+    IoUring,
+    /// read/writev on /dev/fuse.
+    #[serde(rename = "dev")]
+    Dev,
 }
 
 #[derive(Debug, Serialize, Clone, Copy, Default)]

@@ -84,6 +84,16 @@ pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// A test of the io_uring transport needs the kernel to offer it; scripts/test.sh turns it on
 /// for its run.
+/// Nothing is mounted at `mp` (in this process's mount table).
+pub fn assert_not_mounted(mp: &Path, why: &str) {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !table.contains(mp.to_str().unwrap()),
+        "{why}: {} is in /proc/self/mountinfo",
+        mp.display()
+    );
+}
+
 pub fn require_io_uring() {
     let on = fs::read_to_string(ENABLE_URING).map(|v| v.trim() == "Y");
     assert!(
