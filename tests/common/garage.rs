@@ -91,14 +91,15 @@ impl Garage {
         .unwrap();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         // The server must not outlive the test process, which may never drop a Garage (one
-        // kept in a static): a shell starts it and ends it as soon as this process is gone,
-        // or on SIGTERM (Drop).
+        // kept in a static): a shell starts it and ends it as soon as this process is gone
+        // (removing its directory, which no Drop will), or on SIGTERM (Drop).
         let watch = r#"
             "$2" -c "$3" server & g=$!
             trap 'kill $g 2>/dev/null; wait $g; exit 0' TERM
             while kill -0 "$1" 2>/dev/null && kill -0 $g 2>/dev/null; do sleep 0.2; done
             kill $g 2>/dev/null
             wait $g
+            kill -0 "$1" 2>/dev/null || rm -rf -- "$4"
         "#;
         let child = Command::new("sh")
             .arg("-c")
@@ -107,6 +108,7 @@ impl Garage {
             .arg(std::process::id().to_string())
             .arg(&bin)
             .arg(&config)
+            .arg(dir.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
