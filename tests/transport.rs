@@ -296,6 +296,81 @@ fn a_takeover_of_a_view_over_io_uring_hands_its_rings_to_the_new_daemon() {
     f.unmount();
 }
 
+/// Requests held in ring entries at a takeover carry their payloads to the new daemon: 1 MiB
+/// writes served by the daemon (`--passthrough off`) from three writers on two entries (so
+/// entries hold writes whenever the rings are handed over) land exactly, across five
+/// takeovers.
+#[test]
+fn writes_held_in_ring_entries_at_a_takeover_land_exactly() {
+    let mut f = fixture().over("uring");
+    f.mount_with(
+        &f.mnt.clone(),
+        &["--no-copy", "--passthrough", "off", "--threads", "1"],
+    );
+    let chunk = |w: usize, i: usize| -> Vec<u8> {
+        (0..1usize << 20)
+            .map(|k| (k.wrapping_mul(31) ^ w.wrapping_mul(7) ^ i) as u8)
+            .collect()
+    };
+    const CHUNKS: usize = 64;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let path = f.v(&format!("w{w}"));
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                let file = fs::File::create(&path).unwrap();
+                let mut rounds = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds == 0 {
+                    for i in 0..CHUNKS {
+                        file.write_all_at(&chunk(w, i ^ rounds), (i << 20) as u64)
+                            .unwrap();
+                    }
+                    rounds += 1;
+                }
+                rounds - 1
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut before = f.daemon_pid().unwrap();
+    for _ in 0..5 {
+        f.transport = None;
+        ok(f.try_mount(&f.mnt.clone(), &["--takeover"]));
+        f.transport = Some("uring");
+        wait_for("the old daemon to exit", 10, || process_gone(before));
+        before = f.daemon_pid().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (w, t) in writers.into_iter().enumerate() {
+        let last = t.join().unwrap();
+        let got = fs::read(f.v(&format!("w{w}"))).unwrap();
+        assert_eq!(got.len(), CHUNKS << 20);
+        for i in 0..CHUNKS {
+            assert!(
+                got[i << 20..(i + 1) << 20] == chunk(w, i ^ last),
+                "writer {w}: chunk {i} is not what its last round wrote"
+            );
+        }
+    }
+    f.assert_transport();
+    // The rings carried writes: at least one takeover handed over a held request's payload.
+    let log = fs::read_to_string(f.state.join("ferryfs.log")).unwrap();
+    let most = log
+        .lines()
+        .filter_map(|l| l.split("held_request_bytes=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most >= 1 << 20,
+        "no takeover handed over a held write (largest: {most} bytes):\n{log}"
+    );
+    f.unmount();
+}
+
 #[test]
 fn a_takeover_asked_for_io_uring_serves_what_the_first_daemon_negotiated() {
     require_io_uring();

@@ -398,6 +398,7 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     };
     let (inodes, nfiles) = (handed.view.inodes.len(), files.len());
     let has_ring = handed.uring.is_some();
+    let ring_entries = handed.uring.as_ref().map_or(0, |u| u.entries.len());
     let mut fds: Vec<BorrowedFd<'_>> = vec![src.lock.as_fd(), src.new_root.as_fd()];
     if let Some(o) = &src.old_root {
         fds.push(o.as_fd());
@@ -442,6 +443,8 @@ fn give_inner(conn: &UnixStream, src: &Source) -> std::io::Result<()> {
     tracing::info!(
         inodes,
         open_files = nfiles,
+        ring_entries,
+        held_request_bytes = blob.len(),
         "mount handed over to the new daemon; exiting without unmount"
     );
     // No destructor runs: nothing may unmount, close backing ids or touch the journal now.
