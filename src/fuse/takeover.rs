@@ -206,6 +206,9 @@ impl Rings {
         fill_limit: Duration,
     ) -> Result<(UringHanded, Vec<u8>), String> {
         let t = Instant::now();
+        if let Some(why) = unreachable_queues(free) {
+            return Err(why);
+        }
         if !free.is_empty() {
             fill_ring_entries(root, free)
                 .map_err(|e| format!("filling the free io_uring entries: {e}"))?;
@@ -521,6 +524,67 @@ pub fn fill_ring_entries(root: BorrowedFd<'_>, queues: &[u16]) -> std::io::Resul
         .map(drop)
 }
 
+/// Why some of `queues` cannot be filled from here, if so: the kernel's queue of a request is
+/// the CPU its caller runs on, so a queue whose CPU is offline, or outside this daemon's
+/// allowed CPUs (a cpuset), gets no request from a child of this process.
+fn unreachable_queues(queues: &[u16]) -> Option<String> {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| cpu_list(s.trim()));
+    // SAFETY: a cpu_set_t on the stack, filled by the kernel for this thread.
+    let allowed = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+            .then_some(set)
+    };
+    let mut offline: Vec<u16> = Vec::new();
+    let mut denied: Vec<u16> = Vec::new();
+    for &q in queues {
+        let cpu = usize::from(q);
+        if online.as_ref().is_some_and(|o| !o.contains(&cpu)) {
+            offline.push(q);
+        } else if cpu >= libc::CPU_SETSIZE as usize
+            // SAFETY: CPU_ISSET reads the set at an index below CPU_SETSIZE.
+            || allowed.is_some_and(|a| !unsafe { libc::CPU_ISSET(cpu, &a) })
+        {
+            denied.push(q);
+        }
+    }
+    offline.dedup();
+    denied.dedup();
+    match (offline.is_empty(), denied.is_empty()) {
+        (true, true) => None,
+        (false, _) => Some(format!(
+            "CPUs {offline:?} are offline and their io_uring queues have free entries, which \
+             only a request made on those CPUs can fill: a takeover over io_uring needs every \
+             possible CPU online (or mount with --transport dev)"
+        )),
+        (true, false) => Some(format!(
+            "this daemon may not run on CPUs {denied:?} (its CPU affinity or cpuset), whose \
+             io_uring queues have free entries that only a request made there can fill: allow \
+             it every CPU, or mount with --transport dev"
+        )),
+    }
+}
+
+/// A kernel CPU list (`0-3,8,10-11`), as in /sys/devices/system/cpu/online.
+fn cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
+                if b < a {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    Some(out)
+}
+
 /// Whether the running kernel has FUSE_NOTIFY_RESEND (Linux 6.9 and later).
 pub fn kernel_can_resend() -> bool {
     let Ok(rel) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
@@ -537,6 +601,21 @@ pub fn kernel_can_resend() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_read_as_the_kernel_writes_them_and_reachable_queues_pass() {
+        assert_eq!(cpu_list("0"), Some(vec![0]));
+        assert_eq!(cpu_list("0-2,5,7-8"), Some(vec![0, 1, 2, 5, 7, 8]));
+        assert_eq!(cpu_list("3-1"), None);
+        assert_eq!(cpu_list("x"), None);
+        // The CPU this test runs on is online and allowed.
+        // SAFETY: no arguments.
+        let here = unsafe { libc::sched_getcpu() };
+        assert!(here >= 0);
+        assert_eq!(unreachable_queues(&[here as u16, here as u16]), None);
+        let why = unreachable_queues(&[u16::MAX]).expect("CPU 65535 is nowhere");
+        assert!(why.contains("--transport dev"), "{why}");
+    }
 
     #[test]
     fn a_takeover_waits_for_the_daemons_own_request_and_then_lets_none_start() {
