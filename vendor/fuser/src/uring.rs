@@ -81,8 +81,10 @@ pub struct IoUringState {
     slots: OnceLock<Vec<Arc<Slot>>>,
     /// The entries came from a previous server, each holding a request (`adopt`).
     adopted: bool,
-    /// While set, a ring thread that gets a request keeps it without answering (`hold`).
-    hold: Mutex<bool>,
+    /// While set, a ring thread that gets a request keeps it without answering (`hold`):
+    /// read without a lock by every request, so set and cleared under `hold`'s lock.
+    holding: AtomicBool,
+    hold: Mutex<()>,
     held: Condvar,
 }
 
@@ -121,7 +123,8 @@ impl IoUringState {
             refused: AtomicBool::new(false),
             slots: OnceLock::new(),
             adopted,
-            hold: Mutex::new(false),
+            holding: AtomicBool::new(false),
+            hold: Mutex::new(()),
             held: Condvar::new(),
         }
     }
@@ -143,12 +146,14 @@ impl IoUringState {
     /// a request keeps it in its entry without answering it, until `release` (or the end of
     /// this process). Requests already being answered go on.
     pub fn hold(&self) {
-        *self.hold.lock() = true;
+        let _g = self.hold.lock();
+        self.holding.store(true, Ordering::SeqCst);
     }
 
     /// Serve again: held requests are answered.
     pub fn release(&self) {
-        *self.hold.lock() = false;
+        let _g = self.hold.lock();
+        self.holding.store(false, Ordering::SeqCst);
         self.held.notify_all();
     }
 
@@ -230,15 +235,20 @@ impl IoUringState {
         })
     }
 
-    /// Where a ring thread holds a request it got while `hold` is set.
+    /// Where a ring thread holds a request it got while `hold` is set. Every request passes
+    /// here: one atomic load unless a takeover runs (a request that saw it clear just before
+    /// `hold` is answered, and `settle` waits for it).
     fn hold_point(&self, slot: &Slot) {
-        let mut h = self.hold.lock();
-        if !*h {
+        if !self.holding.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut g = self.hold.lock();
+        if !self.holding.load(Ordering::SeqCst) {
             return;
         }
         slot.state.lock().held = true;
-        while *h {
-            self.held.wait(&mut h);
+        while self.holding.load(Ordering::SeqCst) {
+            self.held.wait(&mut g);
         }
         slot.state.lock().held = false;
     }
