@@ -101,8 +101,8 @@ pub fn serve(args: &MountArgs, mut ready: Ready) -> Result<(), String> {
     let fs = FerryFs::new(s.opened.view.clone(), args.passthrough, args.metadata_ttl)
         .with_readdirplus(args.readdirplus)
         .with_selinux_absent(args.selinux_absent)
-        // A takeover serves the transport the first daemon negotiated (always /dev/fuse: an
-        // io_uring connection is not handed over), whatever this command line asks.
+        // A takeover serves the transport the first daemon negotiated, whatever this command
+        // line asks: INIT is only replayed (without io_uring), and handed rings are adopted.
         .with_transport(if args.takeover {
             crate::fuse::Transport::Dev
         } else {
@@ -238,8 +238,8 @@ fn open(args: &MountArgs) -> Result<Serving<'_>, String> {
     })
 }
 
-/// The FUSE transport the session got: for the takeover (which cannot hand over io_uring
-/// entries), the log, status and /metrics.
+/// The FUSE transport the session got: for the takeover (which hands rings over when there
+/// are), the log, status and /metrics.
 fn record_transport(
     s: &Serving<'_>,
     session: &Session,

@@ -412,8 +412,8 @@ pub fn session_on(
     init.extend_from_slice(&1u64.to_le_bytes()); // unique
     init.extend_from_slice(&0u64.to_le_bytes()); // nodeid
     init.extend_from_slice(&[0u8; 16]); // uid, gid, pid, total_extlen, padding
-    // fuse_init_in; never io_uring (a connection served over it is not handed over), so the
-    // session serves /dev/fuse as the first daemon did.
+    // fuse_init_in; never io_uring (fuser would make rings of its own): a connection served
+    // over io_uring gets its handed rings afterwards (`Session::adopt`).
     let flags = (kernel.flags | FUSE_INIT_EXT) & !FUSE_OVER_IO_URING;
     init.extend_from_slice(&kernel.major.to_le_bytes());
     init.extend_from_slice(&kernel.minor.to_le_bytes());
